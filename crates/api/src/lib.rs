@@ -1,0 +1,34 @@
+//! The HTTP side of m2mhub: health, Prometheus metrics, MQTT over WebSocket
+//! at `/mqtt`, and the versioned JSON API under `/api/v1`.
+//!
+//! Every error leaves as an RFC 9457 problem document (`problem.rs`), so API
+//! clients handle one error shape everywhere. The WebSocket endpoint hands
+//! the byte stream to the broker exactly like a TCP connection.
+#![forbid(unsafe_code)]
+
+mod problem;
+mod routes;
+mod websocket;
+
+pub use problem::Problem;
+pub use routes::router;
+
+use m2mhub_broker::Broker;
+use std::future::Future;
+use std::net::SocketAddr;
+use tokio::net::TcpListener;
+
+/// Serve HTTP on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    broker: Broker,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = router(broker);
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
+}

@@ -1,0 +1,1088 @@
+//! One client connection: CONNECT, then packets in and messages out until
+//! the connection ends, then the will and the session's fate.
+//!
+//! The task reads and writes the same stream. Responses (PUBACK, SUBACK…)
+//! and queued messages are encoded into one output buffer and written with
+//! one system call per batch. Publishers never wait for this task: they
+//! push into the session queue (bounded) and wake it.
+
+use crate::auth::{AuthDecision, ClientIdentity, ConnectInfo};
+use crate::broker::Inner;
+use crate::message::Message;
+use crate::metrics::Metrics;
+use crate::outbound::PublishOut;
+use crate::session::{InFlight, Outgoing, Session, Stage};
+use crate::topic_tree::Delivery;
+use crate::transport::Transport;
+use bytes::BytesMut;
+use m2mhub_store::Op;
+use mqtt_codec::{
+    decode, decode_connect_protocol, encode, reason, AckProperties, ConnAck, ConnAckProperties,
+    Connect, DecodeError, Disconnect, DisconnectProperties, LastWill, Packet, Protocol,
+    PubResponse, Publish, QoS, RetainHandling, SubAck, Subscribe, UnsubAck, Unsubscribe,
+};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::Notify;
+use tokio::time::{Instant, Sleep};
+
+/// Messages moved from the session queue per batch.
+const BATCH: usize = 512;
+/// Output buffers above this size are released once written.
+const KEEP_WBUF: usize = 64 * 1024;
+
+/// Why the packet loop stopped.
+#[derive(Debug)]
+enum End {
+    /// The client sent DISCONNECT; `publish_will` for reason 0x04.
+    ClientDisconnect {
+        publish_will: bool,
+    },
+    /// The socket closed or failed.
+    Lost,
+    /// We closed it with this reason (sent as DISCONNECT to MQTT 5 clients).
+    Server(u8),
+    /// Another connection took the session (or an operator kicked it).
+    Kicked(u8),
+    Shutdown,
+}
+
+pub(crate) struct Connection<S: Transport> {
+    inner: Arc<Inner>,
+    stream: S,
+    peer: SocketAddr,
+    conn_id: u64,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+    protocol: Protocol,
+    client_id: Arc<str>,
+    session: Option<Arc<Session>>,
+    waker: Arc<Notify>,
+    identity: ClientIdentity,
+    keep_alive: Duration,
+    last_rx: Instant,
+    ka_sleep: Option<Pin<Box<Sleep>>>,
+    will: Option<LastWill>,
+    session_expiry_at_connect: u32,
+    client_receive_max: usize,
+    client_max_packet: usize,
+    client_alias_max: u16,
+    alias_out: HashMap<String, u16>,
+    alias_in: HashMap<u16, String>,
+    more_pending: bool,
+    scratch: Vec<Delivery>,
+}
+
+/// Serve one accepted stream until it closes.
+pub(crate) async fn serve<S: Transport>(
+    inner: Arc<Inner>,
+    stream: S,
+    peer: SocketAddr,
+    transport: &'static str,
+    tls_identity: Option<String>,
+) {
+    Metrics::inc(&inner.metrics.connections_accepted);
+    inner.connections.fetch_add(1, Ordering::SeqCst);
+    let mut conn = Box::new(Connection {
+        conn_id: inner.next_id(),
+        inner: inner.clone(),
+        stream,
+        peer,
+        rbuf: BytesMut::new(),
+        wbuf: BytesMut::new(),
+        protocol: Protocol::V311,
+        client_id: "".into(),
+        session: None,
+        waker: Arc::new(Notify::new()),
+        identity: ClientIdentity::default(),
+        keep_alive: Duration::ZERO,
+        last_rx: Instant::now(),
+        ka_sleep: None,
+        will: None,
+        session_expiry_at_connect: 0,
+        client_receive_max: 65_535,
+        client_max_packet: usize::MAX,
+        client_alias_max: 0,
+        alias_out: HashMap::new(),
+        alias_in: HashMap::new(),
+        more_pending: false,
+        scratch: Vec::new(),
+    });
+    let end = conn.run(transport, tls_identity.as_deref()).await;
+    conn.finish(end).await;
+    if inner.connections.fetch_sub(1, Ordering::SeqCst) == 1 {
+        inner.connections_closed.notify_waiters();
+    }
+}
+
+impl<S: Transport> Connection<S> {
+    fn v5(&self) -> bool {
+        self.protocol.is_v5()
+    }
+
+    fn send(&mut self, packet: &Packet) {
+        if let Err(e) = encode(packet, self.protocol, &mut self.wbuf) {
+            tracing::warn!(error = %e, packet = packet.name(), "cannot encode packet");
+        }
+    }
+
+    async fn write_out(&mut self) -> Result<(), End> {
+        if self.wbuf.is_empty() {
+            return Ok(());
+        }
+        let n = self.wbuf.len();
+        let timeout = self.inner.config.write_timeout;
+        match tokio::time::timeout(timeout, self.stream.write_all(&self.wbuf)).await {
+            Ok(Ok(())) => {
+                Metrics::add(&self.inner.metrics.bytes_sent, n as u64);
+                self.wbuf.clear();
+                if self.wbuf.capacity() > KEEP_WBUF {
+                    self.wbuf = BytesMut::new();
+                }
+                Ok(())
+            }
+            Ok(Err(_)) => Err(End::Lost),
+            Err(_) => {
+                tracing::debug!(client_id = %self.client_id, "client stopped reading; closing");
+                Err(End::Lost)
+            }
+        }
+    }
+
+    async fn run(&mut self, transport: &'static str, tls_identity: Option<&str>) -> End {
+        let connect = match self.read_connect().await {
+            Ok(c) => c,
+            Err(end) => return end,
+        };
+        if let Err(end) = self.accept_connect(*connect, transport, tls_identity).await {
+            return end;
+        }
+        let mut shutdown = self.inner.shutdown.subscribe();
+        if *shutdown.borrow() {
+            return End::Shutdown;
+        }
+        loop {
+            if let Err(end) = self.flush().await {
+                return end;
+            }
+            if self.rbuf.is_empty() && self.rbuf.capacity() > 0 {
+                // Idle connections hold no read buffer.
+                self.rbuf = BytesMut::new();
+            }
+            let waker = self.waker.clone();
+            let more = self.more_pending;
+            tokio::select! {
+                biased;
+                _ = shutdown.changed() => return End::Shutdown,
+                r = self.stream.read_some(&mut self.rbuf) => match r {
+                    Ok(0) | Err(_) => return End::Lost,
+                    Ok(n) => {
+                        Metrics::add(&self.inner.metrics.bytes_received, n as u64);
+                        self.last_rx = Instant::now();
+                        if let Err(end) = self.process_input().await {
+                            return end;
+                        }
+                    }
+                },
+                _ = waker.notified() => {
+                    if let Some(end) = self.check_kicked() {
+                        return end;
+                    }
+                }
+                _ = async {
+                    match self.ka_sleep.as_mut() {
+                        Some(s) => s.await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    let limit = self.keep_alive.mul_f32(1.5);
+                    let now = Instant::now();
+                    if now.duration_since(self.last_rx) >= limit {
+                        Metrics::inc(&self.inner.metrics.keepalive_timeouts);
+                        return End::Server(reason::KEEP_ALIVE_TIMEOUT);
+                    }
+                    if let Some(s) = self.ka_sleep.as_mut() {
+                        s.as_mut().reset(self.last_rx + limit);
+                    }
+                }
+                _ = std::future::ready(()), if more => {}
+            }
+        }
+    }
+
+    fn check_kicked(&mut self) -> Option<End> {
+        let session = self.session.as_ref()?;
+        let st = session.state.lock();
+        let mine = st.conn.as_ref().is_some_and(|c| c.conn_id == self.conn_id);
+        if mine {
+            return None;
+        }
+        let reason = match st.kicked {
+            Some((id, r)) if id == self.conn_id => r,
+            _ => reason::SESSION_TAKEN_OVER,
+        };
+        Some(End::Kicked(reason))
+    }
+
+    /// Wait for the first packet, which must be CONNECT.
+    async fn read_connect(&mut self) -> Result<Box<Connect>, End> {
+        let deadline = Instant::now() + self.inner.config.connect_timeout;
+        let max = self.inner.config.max_packet_size as usize;
+        loop {
+            match decode(&mut self.rbuf, Protocol::V5, max) {
+                Ok(Some(Packet::Connect(c))) => return Ok(c),
+                Ok(Some(_)) => {
+                    Metrics::inc(&self.inner.metrics.connections_rejected);
+                    return Err(End::Lost);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    Metrics::inc(&self.inner.metrics.connections_rejected);
+                    Metrics::inc(&self.inner.metrics.malformed_packets);
+                    tracing::debug!(peer = %self.peer, error = %e, "bad CONNECT");
+                    if let Some(p) = decode_connect_protocol(&self.rbuf) {
+                        self.protocol = p;
+                        let code = match e {
+                            DecodeError::UnsupportedProtocolVersion(_) => {
+                                reason::UNSUPPORTED_PROTOCOL_VERSION
+                            }
+                            other => other.reason_code(),
+                        };
+                        self.refuse_connect(code).await;
+                    }
+                    return Err(End::Lost);
+                }
+            }
+            match tokio::time::timeout_at(deadline, self.stream.read_some(&mut self.rbuf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return Err(End::Lost),
+                Ok(Ok(n)) => Metrics::add(&self.inner.metrics.bytes_received, n as u64),
+                Err(_) => {
+                    Metrics::inc(&self.inner.metrics.connections_rejected);
+                    tracing::debug!(peer = %self.peer, "no CONNECT within the connect timeout");
+                    return Err(End::Lost);
+                }
+            }
+        }
+    }
+
+    async fn refuse_connect(&mut self, code: u8) {
+        let p = Packet::ConnAck(ConnAck {
+            session_present: false,
+            reason_code: code,
+            properties: ConnAckProperties::default(),
+        });
+        self.send(&p);
+        let _ = self.write_out().await;
+    }
+
+    async fn accept_connect(
+        &mut self,
+        c: Connect,
+        transport: &'static str,
+        tls_identity: Option<&str>,
+    ) -> Result<(), End> {
+        let cfg = &self.inner.config;
+        self.protocol = c.protocol;
+        let v5 = c.protocol.is_v5();
+        if v5 && c.properties.authentication_method.is_some() {
+            self.refuse_connect(reason::BAD_AUTHENTICATION_METHOD).await;
+            return Err(End::Lost);
+        }
+        if cfg.max_connections > 0
+            && self.inner.connections.load(Ordering::Relaxed) as usize > cfg.max_connections
+        {
+            Metrics::inc(&self.inner.metrics.connections_rejected);
+            self.refuse_connect(reason::SERVER_BUSY).await;
+            return Err(End::Lost);
+        }
+        let mut assigned = None;
+        let client_id: String = if c.client_id.is_empty() {
+            if !v5 && !c.clean_start {
+                self.refuse_connect(reason::CLIENT_IDENTIFIER_NOT_VALID)
+                    .await;
+                return Err(End::Lost);
+            }
+            let id = format!("auto-{:016x}", self.conn_id ^ random_u64());
+            assigned = Some(id.clone());
+            id
+        } else {
+            c.client_id.clone()
+        };
+        let decision = self.inner.authn.authenticate(&ConnectInfo {
+            client_id: &client_id,
+            username: c.username.as_deref(),
+            password: c.password.as_deref(),
+            peer: self.peer,
+            transport,
+            tls_identity,
+        });
+        match decision {
+            AuthDecision::Allow(identity) => self.identity = identity,
+            AuthDecision::Deny(code) => {
+                Metrics::inc(&self.inner.metrics.auth_failures);
+                tracing::info!(peer = %self.peer, client_id = %client_id, reason = reason::name(code), "connection refused");
+                self.refuse_connect(code).await;
+                return Err(End::Lost);
+            }
+        }
+        if let Some(w) = &c.will {
+            if !self
+                .inner
+                .authz
+                .can_publish(&client_id, &self.identity, &w.topic)
+            {
+                Metrics::inc(&self.inner.metrics.authz_denials);
+                self.refuse_connect(reason::NOT_AUTHORIZED).await;
+                return Err(End::Lost);
+            }
+        }
+        self.client_id = client_id.as_str().into();
+
+        // Session expiry: MQTT 5 says it; 3.1.1 persistent sessions never expire.
+        let expiry = if v5 {
+            c.properties.session_expiry_interval.unwrap_or(0)
+        } else if c.clean_start {
+            0
+        } else {
+            u32::MAX
+        };
+        let expiry = expiry.min(cfg.max_session_expiry);
+        self.session_expiry_at_connect = expiry;
+
+        let mut server_keep_alive = None;
+        let mut ka = c.keep_alive;
+        if cfg.max_keep_alive > 0 && (ka == 0 || ka > cfg.max_keep_alive) {
+            ka = cfg.max_keep_alive;
+            server_keep_alive = Some(ka);
+        }
+        self.keep_alive = Duration::from_secs(u64::from(ka));
+        if ka > 0 {
+            self.ka_sleep = Some(Box::pin(tokio::time::sleep(self.keep_alive.mul_f32(1.5))));
+        }
+        self.client_receive_max = usize::from(c.properties.receive_maximum.unwrap_or(65_535));
+        self.client_max_packet = c
+            .properties
+            .maximum_packet_size
+            .map(|m| m as usize)
+            .unwrap_or(usize::MAX);
+        self.client_alias_max = if v5 {
+            c.properties.topic_alias_maximum.unwrap_or(0)
+        } else {
+            0
+        };
+        self.will = c.will;
+
+        let (session, present) = self.inner.attach(
+            &client_id,
+            c.clean_start,
+            c.protocol,
+            self.conn_id,
+            self.waker.clone(),
+        );
+        let put = {
+            let mut st = session.state.lock();
+            st.expiry_interval = expiry;
+            st.persistent = expiry > 0;
+            st.persistent
+        };
+        self.session = Some(session.clone());
+        if put {
+            if let Some(op) = self.inner.session_put_op(&session) {
+                self.inner.submit(vec![op]);
+            }
+        } else if present {
+            // A session that was persistent and is now connected with
+            // expiry 0 leaves the store.
+            self.inner.submit(vec![Op::SessionDelete {
+                client_id: client_id.clone(),
+            }]);
+        }
+        Metrics::inc(&self.inner.metrics.connects_succeeded);
+        tracing::debug!(client_id = %client_id, peer = %self.peer, protocol = ?c.protocol, present, "client connected");
+
+        let mut props = ConnAckProperties::default();
+        if v5 {
+            props.receive_maximum = (cfg.receive_maximum != 65_535).then_some(cfg.receive_maximum);
+            props.maximum_packet_size = Some(cfg.max_packet_size);
+            props.topic_alias_maximum =
+                (cfg.topic_alias_maximum > 0).then_some(cfg.topic_alias_maximum);
+            props.assigned_client_identifier = assigned;
+            props.server_keep_alive = server_keep_alive;
+            if !cfg.retain_available {
+                props.retain_available = Some(0);
+            }
+            if c.properties.session_expiry_interval.unwrap_or(0) != expiry {
+                props.session_expiry_interval = Some(expiry);
+            }
+        }
+        self.send(&Packet::ConnAck(ConnAck {
+            session_present: present,
+            reason_code: reason::SUCCESS,
+            properties: props,
+        }));
+        if present {
+            self.resend_inflight();
+        }
+        self.write_out().await
+    }
+
+    /// After reconnecting to an existing session, repeat the unacknowledged
+    /// PUBLISH packets (with DUP) and PUBRELs, in packet-id order.
+    fn resend_inflight(&mut self) {
+        let Some(session) = self.session.clone() else {
+            return;
+        };
+        let st = session.state.lock();
+        let v5 = self.v5();
+        let now = Instant::now();
+        for (pid, f) in &st.inflight {
+            match f.stage {
+                Stage::Published => {
+                    let m = &f.out.msg;
+                    PublishOut {
+                        topic: &m.topic,
+                        packet_id: Some(*pid),
+                        qos: f.out.qos,
+                        retain: f.out.retain,
+                        dup: true,
+                        properties: &m.properties,
+                        expiry: m.remaining_expiry(now),
+                        topic_alias: None,
+                        sub_ids: &f.out.sub_ids,
+                        payload: &m.payload,
+                    }
+                    .encode(v5, &mut self.wbuf);
+                }
+                Stage::Released => {
+                    let p = Packet::PubRel(PubResponse::new(*pid, 0));
+                    if let Err(e) = encode(&p, self.protocol, &mut self.wbuf) {
+                        tracing::warn!(error = %e, "cannot encode PUBREL");
+                    }
+                }
+            }
+        }
+    }
+
+    async fn flush(&mut self) -> Result<(), End> {
+        self.fill_from_queue();
+        self.write_out().await
+    }
+
+    /// Move messages from the session queue to the output buffer, within the
+    /// client's receive maximum and maximum packet size.
+    fn fill_from_queue(&mut self) {
+        let Some(session) = self.session.clone() else {
+            return;
+        };
+        let now = Instant::now();
+        let mut batch: Vec<(Outgoing, Option<u16>)> = Vec::new();
+        let mut acks: Vec<Op> = Vec::new();
+        {
+            let mut st = session.state.lock();
+            if st.conn.as_ref().map(|c| c.conn_id) != Some(self.conn_id) {
+                self.more_pending = false;
+                return;
+            }
+            let v5 = self.v5();
+            while batch.len() < BATCH {
+                let Some(front) = st.queue.front() else { break };
+                if front.msg.is_expired(now) {
+                    if let Some(o) = st.queue.pop_front() {
+                        Metrics::inc(&self.inner.metrics.messages_expired);
+                        if let Some(seq) = o.seq {
+                            acks.push(Op::Ack {
+                                client_id: self.client_id.to_string(),
+                                seq,
+                            });
+                        }
+                    }
+                    continue;
+                }
+                if front.qos != QoS::AtMostOnce && st.inflight.len() >= self.client_receive_max {
+                    break;
+                }
+                let Some(o) = st.queue.pop_front() else { break };
+                if self.client_max_packet != usize::MAX {
+                    let size = PublishOut {
+                        topic: &o.msg.topic,
+                        packet_id: (o.qos != QoS::AtMostOnce).then_some(1),
+                        qos: o.qos,
+                        retain: o.retain,
+                        dup: false,
+                        properties: &o.msg.properties,
+                        expiry: o.msg.remaining_expiry(now),
+                        topic_alias: None,
+                        sub_ids: &o.sub_ids,
+                        payload: &o.msg.payload,
+                    }
+                    .len(v5);
+                    if size > self.client_max_packet {
+                        st.dropped += 1;
+                        Metrics::inc(&self.inner.metrics.messages_dropped_too_large);
+                        if let Some(seq) = o.seq {
+                            acks.push(Op::Ack {
+                                client_id: self.client_id.to_string(),
+                                seq,
+                            });
+                        }
+                        continue;
+                    }
+                }
+                let pid = if o.qos != QoS::AtMostOnce {
+                    let Some(id) = st.allocate_packet_id() else {
+                        st.queue.push_front(o);
+                        break;
+                    };
+                    st.inflight.insert(
+                        id,
+                        InFlight {
+                            out: o.clone(),
+                            stage: Stage::Published,
+                        },
+                    );
+                    Some(id)
+                } else {
+                    None
+                };
+                batch.push((o, pid));
+            }
+            self.more_pending = batch.len() == BATCH && !st.queue.is_empty();
+        }
+        self.inner.submit(acks);
+        if batch.is_empty() {
+            return;
+        }
+        Metrics::add(&self.inner.metrics.messages_sent, batch.len() as u64);
+        let v5 = self.v5();
+        for (o, pid) in &batch {
+            let m = &o.msg;
+            let mut topic: &str = &m.topic;
+            let mut alias = None;
+            if self.client_alias_max > 0 {
+                if let Some(a) = self.alias_out.get(&m.topic) {
+                    alias = Some(*a);
+                    topic = "";
+                } else if self.alias_out.len() < usize::from(self.client_alias_max) {
+                    let a = self.alias_out.len() as u16 + 1;
+                    self.alias_out.insert(m.topic.clone(), a);
+                    alias = Some(a);
+                }
+            }
+            PublishOut {
+                topic,
+                packet_id: *pid,
+                qos: o.qos,
+                retain: o.retain,
+                dup: false,
+                properties: &m.properties,
+                expiry: m.remaining_expiry(now),
+                topic_alias: alias,
+                sub_ids: &o.sub_ids,
+                payload: &m.payload,
+            }
+            .encode(v5, &mut self.wbuf);
+        }
+    }
+
+    /// Decode and handle every complete packet in the read buffer.
+    async fn process_input(&mut self) -> Result<(), End> {
+        let max = self.inner.config.max_packet_size as usize;
+        loop {
+            match decode(&mut self.rbuf, self.protocol, max) {
+                Ok(Some(p)) => self.handle(p).await?,
+                Ok(None) => return Ok(()),
+                Err(e) => {
+                    Metrics::inc(&self.inner.metrics.malformed_packets);
+                    tracing::debug!(client_id = %self.client_id, error = %e, "closing connection");
+                    return Err(End::Server(e.reason_code()));
+                }
+            }
+        }
+    }
+
+    async fn handle(&mut self, packet: Packet) -> Result<(), End> {
+        match packet {
+            Packet::Publish(p) => self.on_publish(p).await,
+            Packet::PubAck(r) => {
+                self.on_puback(r.packet_id);
+                Ok(())
+            }
+            Packet::PubRec(r) => {
+                self.on_pubrec(r);
+                Ok(())
+            }
+            Packet::PubRel(r) => {
+                self.on_pubrel(r.packet_id);
+                Ok(())
+            }
+            Packet::PubComp(r) => {
+                self.on_pubcomp(r.packet_id);
+                Ok(())
+            }
+            Packet::Subscribe(s) => self.on_subscribe(s).await,
+            Packet::Unsubscribe(u) => self.on_unsubscribe(u).await,
+            Packet::PingReq => {
+                self.send(&Packet::PingResp);
+                Ok(())
+            }
+            Packet::Disconnect(d) => self.on_disconnect(d),
+            Packet::Connect(_) => Err(End::Server(reason::PROTOCOL_ERROR)),
+            Packet::Auth(_) => Err(End::Server(reason::PROTOCOL_ERROR)),
+            Packet::ConnAck(_) | Packet::SubAck(_) | Packet::UnsubAck(_) | Packet::PingResp => {
+                Err(End::Server(reason::PROTOCOL_ERROR))
+            }
+        }
+    }
+
+    fn ack(&mut self, qos: QoS, packet_id: Option<u16>, code: u8) {
+        let Some(id) = packet_id else { return };
+        let r = PubResponse::new(id, if self.v5() { code } else { 0 });
+        match qos {
+            QoS::AtMostOnce => {}
+            QoS::AtLeastOnce => self.send(&Packet::PubAck(r)),
+            QoS::ExactlyOnce => self.send(&Packet::PubRec(r)),
+        }
+    }
+
+    async fn on_publish(&mut self, mut p: Publish) -> Result<(), End> {
+        Metrics::inc(&self.inner.metrics.messages_received);
+        let cfg = &self.inner.config;
+        let v5 = self.v5();
+        if v5 {
+            if !p.properties.subscription_identifiers.is_empty() {
+                return Err(End::Server(reason::PROTOCOL_ERROR));
+            }
+            if let Some(a) = p.properties.topic_alias.take() {
+                if a == 0 || a > cfg.topic_alias_maximum {
+                    return Err(End::Server(reason::TOPIC_ALIAS_INVALID));
+                }
+                if p.topic.is_empty() {
+                    match self.alias_in.get(&a) {
+                        Some(t) => p.topic = t.clone(),
+                        None => return Err(End::Server(reason::PROTOCOL_ERROR)),
+                    }
+                } else {
+                    self.alias_in.insert(a, p.topic.clone());
+                }
+            }
+        }
+        if p.topic.is_empty() {
+            return Err(End::Server(reason::PROTOCOL_ERROR));
+        }
+        if p.retain && !cfg.retain_available {
+            return Err(End::Server(reason::RETAIN_NOT_SUPPORTED));
+        }
+        let session = self.session.clone().ok_or(End::Lost)?;
+        if p.qos == QoS::ExactlyOnce {
+            let id = p.packet_id.unwrap_or(0);
+            let mut st = session.state.lock();
+            if st.incoming_qos2.contains(&id) {
+                // A retransmission of a message we already have.
+                drop(st);
+                self.ack(p.qos, p.packet_id, reason::SUCCESS);
+                return Ok(());
+            }
+            if st.incoming_qos2.len() >= usize::from(cfg.receive_maximum) {
+                return Err(End::Server(reason::RECEIVE_MAXIMUM_EXCEEDED));
+            }
+            st.incoming_qos2.insert(id);
+        }
+        let allowed = !p.topic.starts_with('$')
+            && self
+                .inner
+                .authz
+                .can_publish(&self.client_id, &self.identity, &p.topic);
+        if !allowed {
+            Metrics::inc(&self.inner.metrics.authz_denials);
+            tracing::debug!(client_id = %self.client_id, topic = %p.topic, "publish not authorized");
+            if p.qos == QoS::ExactlyOnce && v5 {
+                // A refused QoS 2 message ends its flow at PUBREC.
+                session
+                    .state
+                    .lock()
+                    .incoming_qos2
+                    .remove(&p.packet_id.unwrap_or(0));
+            }
+            self.ack(p.qos, p.packet_id, reason::NOT_AUTHORIZED);
+            return Ok(());
+        }
+        let expires_at = p
+            .properties
+            .message_expiry_interval
+            .map(|s| Instant::now() + Duration::from_secs(u64::from(s)));
+        let qos = p.qos;
+        let packet_id = p.packet_id;
+        let msg = Arc::new(Message {
+            topic: p.topic,
+            payload: p.payload,
+            qos,
+            retain: p.retain,
+            properties: p.properties,
+            expires_at,
+            publisher: session.id,
+        });
+        let mut ops = Vec::new();
+        let matched = self.inner.publish(&msg, &mut self.scratch, &mut ops);
+        let mut code = if matched == 0 {
+            reason::NO_MATCHING_SUBSCRIBERS
+        } else {
+            reason::SUCCESS
+        };
+        if qos == QoS::AtMostOnce {
+            self.inner.submit(ops);
+        } else if let Err(e) = self.inner.commit(ops).await {
+            tracing::error!(error = %e, "cannot persist an incoming message");
+            code = reason::IMPLEMENTATION_SPECIFIC_ERROR;
+        }
+        self.ack(qos, packet_id, code);
+        Ok(())
+    }
+
+    fn on_puback(&mut self, id: u16) {
+        let Some(session) = self.session.clone() else {
+            return;
+        };
+        let mut st = session.state.lock();
+        let done = matches!(st.inflight.get(&id), Some(f) if f.out.qos == QoS::AtLeastOnce);
+        if done {
+            if let Some(f) = st.inflight.remove(&id) {
+                drop(st);
+                self.ack_store(f.out.seq);
+            }
+        }
+    }
+
+    fn ack_store(&self, seq: Option<u64>) {
+        if let Some(seq) = seq {
+            self.inner.submit(vec![Op::Ack {
+                client_id: self.client_id.to_string(),
+                seq,
+            }]);
+        }
+    }
+
+    fn on_pubrec(&mut self, r: PubResponse) {
+        let Some(session) = self.session.clone() else {
+            return;
+        };
+        let mut st = session.state.lock();
+        let seq = match st.inflight.get_mut(&r.packet_id) {
+            Some(f) if f.out.qos == QoS::ExactlyOnce && f.stage == Stage::Published => {
+                if r.reason_code >= 0x80 {
+                    let seq = f.out.seq;
+                    st.inflight.remove(&r.packet_id);
+                    drop(st);
+                    self.ack_store(seq);
+                    return;
+                }
+                f.stage = Stage::Released;
+                f.out.seq.take()
+            }
+            Some(f) if f.stage == Stage::Released => None,
+            _ => {
+                drop(st);
+                let code = if self.v5() {
+                    reason::PACKET_IDENTIFIER_NOT_FOUND
+                } else {
+                    0
+                };
+                self.send(&Packet::PubRel(PubResponse::new(r.packet_id, code)));
+                return;
+            }
+        };
+        drop(st);
+        self.send(&Packet::PubRel(PubResponse::new(r.packet_id, 0)));
+        self.ack_store(seq);
+    }
+
+    fn on_pubcomp(&mut self, id: u16) {
+        let Some(session) = self.session.clone() else {
+            return;
+        };
+        let mut st = session.state.lock();
+        if matches!(st.inflight.get(&id), Some(f) if f.stage == Stage::Released) {
+            st.inflight.remove(&id);
+        }
+    }
+
+    fn on_pubrel(&mut self, id: u16) {
+        let Some(session) = self.session.clone() else {
+            return;
+        };
+        let known = session.state.lock().incoming_qos2.remove(&id);
+        let code = if known || !self.v5() {
+            0
+        } else {
+            reason::PACKET_IDENTIFIER_NOT_FOUND
+        };
+        self.send(&Packet::PubComp(PubResponse::new(id, code)));
+    }
+
+    async fn on_subscribe(&mut self, s: Subscribe) -> Result<(), End> {
+        let session = self.session.clone().ok_or(End::Lost)?;
+        let v5 = self.v5();
+        let sub_id = s.properties.subscription_identifier;
+        let mut codes = Vec::with_capacity(s.filters.len());
+        let mut retained = Vec::new();
+        let now = Instant::now();
+        for (filter, mut opts) in s.filters {
+            let shared = mqtt_codec::topic::parse_shared(&filter).is_some();
+            if shared && opts.no_local && v5 {
+                return Err(End::Server(reason::PROTOCOL_ERROR));
+            }
+            if !self
+                .inner
+                .authz
+                .can_subscribe(&self.client_id, &self.identity, &filter)
+            {
+                Metrics::inc(&self.inner.metrics.authz_denials);
+                codes.push(if v5 {
+                    reason::NOT_AUTHORIZED
+                } else {
+                    reason::UNSPECIFIED_ERROR
+                });
+                continue;
+            }
+            if !v5 {
+                opts.no_local = false;
+                opts.retain_as_published = false;
+                opts.retain_handling = RetainHandling::SendAtSubscribe;
+            }
+            let is_new = self.inner.subscribe(&session, &filter, opts, sub_id);
+            codes.push(opts.qos as u8);
+            let send_retained = !shared
+                && self.inner.config.retain_available
+                && match opts.retain_handling {
+                    RetainHandling::SendAtSubscribe => true,
+                    RetainHandling::SendIfNew => is_new,
+                    RetainHandling::DoNotSend => false,
+                };
+            if send_retained {
+                let mut found = Vec::new();
+                self.inner
+                    .retained
+                    .read()
+                    .matching(&filter, now, &mut found);
+                for m in found {
+                    retained.push(Outgoing {
+                        qos: m.qos.min(opts.qos),
+                        retain: true,
+                        msg: m,
+                        sub_ids: sub_id.into_iter().collect(),
+                        seq: None,
+                        share: None,
+                    });
+                }
+            }
+        }
+        if let Some(op) = self.inner.session_put_op(&session) {
+            if self.inner.commit(vec![op]).await.is_err() {
+                tracing::error!(client_id = %self.client_id, "cannot persist subscriptions");
+            }
+        }
+        self.send(&Packet::SubAck(SubAck {
+            packet_id: s.packet_id,
+            properties: AckProperties::default(),
+            reason_codes: codes,
+        }));
+        let mut ops = Vec::new();
+        for out in retained {
+            self.inner.enqueue(&session, out, &mut ops, &mut None);
+        }
+        self.inner.submit(ops);
+        Ok(())
+    }
+
+    async fn on_unsubscribe(&mut self, u: Unsubscribe) -> Result<(), End> {
+        let session = self.session.clone().ok_or(End::Lost)?;
+        let mut codes = Vec::with_capacity(u.filters.len());
+        for filter in &u.filters {
+            let existed = self.inner.unsubscribe(&session, filter);
+            codes.push(if existed {
+                reason::SUCCESS
+            } else {
+                reason::NO_SUBSCRIPTION_EXISTED
+            });
+        }
+        if let Some(op) = self.inner.session_put_op(&session) {
+            let _ = self.inner.commit(vec![op]).await;
+        }
+        self.send(&Packet::UnsubAck(UnsubAck {
+            packet_id: u.packet_id,
+            properties: AckProperties::default(),
+            reason_codes: if self.v5() { codes } else { Vec::new() },
+        }));
+        Ok(())
+    }
+
+    fn on_disconnect(&mut self, d: Disconnect) -> Result<(), End> {
+        if let Some(expiry) = d.properties.session_expiry_interval {
+            if self.session_expiry_at_connect == 0 && expiry != 0 {
+                return Err(End::Server(reason::PROTOCOL_ERROR));
+            }
+            if let Some(session) = &self.session {
+                let mut st = session.state.lock();
+                st.expiry_interval = expiry.min(self.inner.config.max_session_expiry);
+                st.persistent = st.expiry_interval > 0;
+            }
+        }
+        Err(End::ClientDisconnect {
+            publish_will: d.reason_code == reason::DISCONNECT_WITH_WILL,
+        })
+    }
+
+    /// After the packet loop: tell the client why (MQTT 5), publish the will
+    /// if due, and detach from the session (ending it if it does not persist).
+    async fn finish(&mut self, end: End) {
+        let code = match &end {
+            End::Server(c) | End::Kicked(c) => Some(*c),
+            End::Shutdown => Some(reason::SERVER_SHUTTING_DOWN),
+            _ => None,
+        };
+        if let (Some(code), true, true) = (code, self.v5(), self.session.is_some()) {
+            self.wbuf.clear();
+            self.send(&Packet::Disconnect(Disconnect {
+                reason_code: code,
+                properties: DisconnectProperties {
+                    reason_string: Some(reason::name(code).to_string()),
+                    ..Default::default()
+                },
+            }));
+            let _ = tokio::time::timeout(Duration::from_secs(1), self.write_out()).await;
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.stream.shutdown()).await;
+        let Some(session) = self.session.take() else {
+            return;
+        };
+        tracing::debug!(client_id = %self.client_id, end = ?end, "connection closed");
+
+        let publish_will = match end {
+            End::ClientDisconnect { publish_will } => publish_will,
+            End::Shutdown => false,
+            _ => true,
+        };
+        if !publish_will {
+            self.will = None;
+        }
+
+        // Detach, unless another connection already owns the session.
+        let (owner, expiry, generation, handover) = {
+            let mut st = session.state.lock();
+            let owner = st.conn.as_ref().map(|c| c.conn_id) == Some(self.conn_id);
+            let mut handover = Vec::new();
+            if owner {
+                st.conn = None;
+                session.set_online(false);
+                st.disconnected_at = Some(Instant::now());
+                // Shared-subscription messages not yet acknowledged go to
+                // another member instead of waiting for this client.
+                if !matches!(end, End::Shutdown) {
+                    let (shared, rest): (Vec<_>, Vec<_>) =
+                        st.queue.drain(..).partition(|o| o.share.is_some());
+                    st.queue.extend(rest);
+                    handover = shared;
+                    let ids: Vec<u16> = st
+                        .inflight
+                        .iter()
+                        .filter(|(_, f)| {
+                            f.out.share.is_some()
+                                && f.stage == Stage::Published
+                                && f.out.qos == QoS::AtLeastOnce
+                        })
+                        .map(|(id, _)| *id)
+                        .collect();
+                    for id in ids {
+                        if let Some(f) = st.inflight.remove(&id) {
+                            handover.push(f.out);
+                        }
+                    }
+                }
+            }
+            (owner, st.expiry_interval, st.generation, handover)
+        };
+        if let Some(will) = self.will.take() {
+            self.schedule_will(&session, will, expiry, generation);
+        }
+        if !owner {
+            return;
+        }
+        self.inner.hand_over_shared(session.id, handover);
+        if expiry == 0 {
+            self.inner.end_session(&session);
+        } else if let Some(op) = self.inner.session_put_op(&session) {
+            self.inner.submit(vec![op]);
+        }
+    }
+
+    fn schedule_will(&self, session: &Arc<Session>, will: LastWill, expiry: u32, generation: u64) {
+        let delay = if self.v5() {
+            will.properties.will_delay_interval.unwrap_or(0).min(expiry)
+        } else {
+            0
+        };
+        let msg = will_message(will, session.id);
+        let inner = self.inner.clone();
+        if delay == 0 {
+            publish_will(&inner, msg);
+            return;
+        }
+        let session = session.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(u64::from(delay))).await;
+            let due = {
+                let st = session.state.lock();
+                st.ended || (st.generation == generation && st.conn.is_none())
+            };
+            if due {
+                publish_will(&inner, msg);
+            }
+        });
+    }
+}
+
+fn will_message(will: LastWill, publisher: u64) -> Arc<Message> {
+    let p = will.properties;
+    Arc::new(Message {
+        topic: will.topic,
+        payload: will.payload,
+        qos: will.qos,
+        retain: will.retain,
+        expires_at: p
+            .message_expiry_interval
+            .map(|s| Instant::now() + Duration::from_secs(u64::from(s))),
+        properties: mqtt_codec::PublishProperties {
+            payload_format_indicator: p.payload_format_indicator,
+            message_expiry_interval: None,
+            topic_alias: None,
+            response_topic: p.response_topic,
+            correlation_data: p.correlation_data,
+            user_properties: p.user_properties,
+            subscription_identifiers: Vec::new(),
+            content_type: p.content_type,
+        },
+        publisher,
+    })
+}
+
+fn publish_will(inner: &Arc<Inner>, msg: Arc<Message>) {
+    Metrics::inc(&inner.metrics.wills_published);
+    let mut scratch = Vec::new();
+    let mut ops = Vec::new();
+    inner.publish(&msg, &mut scratch, &mut ops);
+    inner.submit(ops);
+}
+
+/// Unpredictable enough for assigned client identifiers.
+fn random_u64() -> u64 {
+    use ring::rand::SecureRandom;
+    let mut b = [0u8; 8];
+    if ring::rand::SystemRandom::new().fill(&mut b).is_err() {
+        return Instant::now().elapsed().as_nanos() as u64;
+    }
+    u64::from_le_bytes(b)
+}

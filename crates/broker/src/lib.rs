@@ -1,0 +1,34 @@
+//! The m2mhub MQTT broker.
+//!
+//! Model: every accepted stream becomes one task (`connection.rs`) that owns
+//! the stream and, after CONNECT, a [`Session`] shared with publishers. A
+//! PUBLISH is decoded once into an `Arc<Message>`, matched against the
+//! subscription trie (`topic_tree.rs`, read-locked: publishers on different
+//! cores never block each other) and pushed into each matching session's
+//! bounded queue; the owning connection drains its queue in batches and
+//! writes them with one system call. Retained messages and persistent
+//! sessions are written to `m2mhub-store` (group commit) before the
+//! publisher is acknowledged. Authentication and authorization go through
+//! the traits in [`auth`], so the device registry plugs in from outside.
+#![forbid(unsafe_code)]
+
+pub mod auth;
+mod broker;
+pub mod config;
+mod connection;
+mod listener;
+pub mod message;
+pub mod metrics;
+mod outbound;
+mod persist;
+mod retained;
+pub mod session;
+mod sys;
+pub mod tls;
+mod topic_tree;
+mod transport;
+
+pub use broker::{store_dir, Broker, BrokerError, BrokerParts};
+pub use config::BrokerConfig;
+pub use session::Session;
+pub use transport::Transport;

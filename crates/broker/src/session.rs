@@ -1,0 +1,190 @@
+//! A client's session: what outlives a single network connection.
+//!
+//! The session holds the subscriptions, the queue of messages waiting to be
+//! sent, the QoS 1/2 messages in flight and the packet identifiers of
+//! incoming QoS 2 messages. Publishers on other tasks push into the queue
+//! under the session's own mutex (no global lock) and wake the connection
+//! that currently owns the session, which drains the queue in batches.
+
+use crate::message::Message;
+use mqtt_codec::{Protocol, QoS, SubscriptionOptions};
+use parking_lot::Mutex;
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+pub struct Session {
+    /// Unique for this session instance (a new clean session gets a new id).
+    pub id: u64,
+    pub client_id: Arc<str>,
+    online: AtomicBool,
+    pub(crate) state: Mutex<SessionState>,
+}
+
+/// The connection that currently owns a session.
+pub(crate) struct ConnLink {
+    pub conn_id: u64,
+    /// Wakes the connection: new messages to send, or it has been kicked.
+    pub waker: Arc<Notify>,
+}
+
+/// A message waiting in a session's queue or in flight.
+#[derive(Clone)]
+pub(crate) struct Outgoing {
+    pub msg: Arc<Message>,
+    pub qos: QoS,
+    pub retain: bool,
+    pub sub_ids: Vec<u32>,
+    /// Sequence number in the persistent store, if the message is stored.
+    pub seq: Option<u64>,
+    /// Shared group (`group/filter`) the message was routed through.
+    pub share: Option<Arc<str>>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Stage {
+    /// PUBLISH sent; waiting for PUBACK (QoS 1) or PUBREC (QoS 2).
+    Published,
+    /// PUBREL sent; waiting for PUBCOMP.
+    Released,
+}
+
+pub(crate) struct InFlight {
+    pub out: Outgoing,
+    pub stage: Stage,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct SubscriptionRecord {
+    pub options: SubscriptionOptions,
+    pub sub_id: Option<u32>,
+}
+
+pub(crate) struct SessionState {
+    pub protocol: Protocol,
+    pub conn: Option<ConnLink>,
+    /// Set when another connection took the session over (or an operator
+    /// kicked it): `(connection id, reason code)`.
+    pub kicked: Option<(u64, u8)>,
+    pub subscriptions: HashMap<String, SubscriptionRecord>,
+    pub queue: VecDeque<Outgoing>,
+    pub inflight: BTreeMap<u16, InFlight>,
+    pub next_packet_id: u16,
+    /// Packet ids of received QoS 2 messages awaiting PUBREL.
+    pub incoming_qos2: HashSet<u16>,
+    /// Session Expiry Interval in seconds (0: ends with the connection).
+    pub expiry_interval: u32,
+    /// Whether the session is written to the persistent store.
+    pub persistent: bool,
+    pub disconnected_at: Option<Instant>,
+    /// Bumped on every (re)connection, so a delayed will can tell whether
+    /// the client came back in the meantime.
+    pub generation: u64,
+    /// Messages dropped because the queue was full or too large for the client.
+    pub dropped: u64,
+    /// The session was discarded; late deliveries are ignored.
+    pub ended: bool,
+}
+
+impl Session {
+    pub(crate) fn new(id: u64, client_id: Arc<str>, protocol: Protocol) -> Self {
+        Session {
+            id,
+            client_id,
+            online: AtomicBool::new(false),
+            state: Mutex::new(SessionState {
+                protocol,
+                conn: None,
+                kicked: None,
+                subscriptions: HashMap::new(),
+                queue: VecDeque::new(),
+                inflight: BTreeMap::new(),
+                next_packet_id: 1,
+                incoming_qos2: HashSet::new(),
+                expiry_interval: 0,
+                persistent: false,
+                disconnected_at: None,
+                generation: 0,
+                dropped: 0,
+                ended: false,
+            }),
+        }
+    }
+
+    pub fn is_online(&self) -> bool {
+        self.online.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_online(&self, online: bool) {
+        self.online.store(online, Ordering::Relaxed);
+    }
+
+    /// Queued plus in-flight messages and the drop count, for the API.
+    pub fn queue_stats(&self) -> (usize, usize, u64) {
+        let st = self.state.lock();
+        (st.queue.len(), st.inflight.len(), st.dropped)
+    }
+}
+
+impl SessionState {
+    /// Next free packet identifier (1..=65535, skipping ids in flight).
+    pub fn allocate_packet_id(&mut self) -> Option<u16> {
+        if self.inflight.len() >= usize::from(u16::MAX) {
+            return None;
+        }
+        loop {
+            let id = self.next_packet_id;
+            self.next_packet_id = if id == u16::MAX { 1 } else { id + 1 };
+            if !self.inflight.contains_key(&id) {
+                return Some(id);
+            }
+        }
+    }
+
+    /// Wake the owning connection, if any.
+    pub fn wake(&self) {
+        if let Some(c) = &self.conn {
+            c.waker.notify_one();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packet_ids_wrap_and_skip_in_flight() {
+        let s = Session::new(1, "c".into(), Protocol::V5);
+        let mut st = s.state.lock();
+        st.next_packet_id = u16::MAX;
+        assert_eq!(st.allocate_packet_id(), Some(u16::MAX));
+        assert_eq!(st.allocate_packet_id(), Some(1));
+        let msg = Arc::new(Message {
+            topic: "t".into(),
+            payload: Default::default(),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            properties: Default::default(),
+            expires_at: None,
+            publisher: 0,
+        });
+        st.inflight.insert(
+            2,
+            InFlight {
+                out: Outgoing {
+                    msg,
+                    qos: QoS::AtLeastOnce,
+                    retain: false,
+                    sub_ids: vec![],
+                    seq: None,
+                    share: None,
+                },
+                stage: Stage::Published,
+            },
+        );
+        assert_eq!(st.allocate_packet_id(), Some(3));
+    }
+}

@@ -1,0 +1,92 @@
+//! TLS server configuration from PEM files (rustls, ring provider).
+
+use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{RootCertStore, ServerConfig, ServerConnection};
+use std::path::Path;
+use std::sync::Arc;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read certificate file {path}: {reason}")]
+    Certificate { path: String, reason: String },
+    #[error("cannot read private key file {path}: {reason}")]
+    Key { path: String, reason: String },
+    #[error("invalid TLS configuration: {0}")]
+    Config(String),
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Build a server configuration. With `client_ca`, clients must present a
+/// certificate signed by that CA (mutual TLS).
+pub fn server_config(
+    cert: &Path,
+    key: &Path,
+    client_ca: Option<&Path>,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| TlsError::Certificate {
+            path: cert.display().to_string(),
+            reason: e.to_string(),
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::Certificate {
+            path: cert.display().to_string(),
+            reason: "no PEM certificate found".into(),
+        });
+    }
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::Key {
+        path: key.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    let builder = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = RootCertStore::empty();
+            for c in CertificateDer::pem_file_iter(ca).map_err(|e| TlsError::Certificate {
+                path: ca.display().to_string(),
+                reason: e.to_string(),
+            })? {
+                let c = c.map_err(|e| TlsError::Certificate {
+                    path: ca.display().to_string(),
+                    reason: e.to_string(),
+                })?;
+                roots.add(c).map_err(|e| TlsError::Config(e.to_string()))?;
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+                .build()
+                .map_err(|e| TlsError::Config(e.to_string()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let config = builder
+        .with_single_cert(certs, key)
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    Ok(Arc::new(config))
+}
+
+/// The subject common name of the client's verified certificate, if any.
+///
+/// A minimal DER walk: find the commonName OID (2.5.4.3) and read the string
+/// that follows. Good enough to name a device; full X.509 parsing arrives
+/// with device identity.
+pub(crate) fn peer_common_name(conn: &ServerConnection) -> Option<String> {
+    let cert = conn.peer_certificates()?.first()?;
+    let der = cert.as_ref();
+    const CN_OID: [u8; 5] = [0x06, 0x03, 0x55, 0x04, 0x03];
+    let pos = der.windows(CN_OID.len()).rposition(|w| w == CN_OID)?;
+    let rest = der.get(pos + CN_OID.len()..)?;
+    let (_tag, len) = (rest.first()?, *rest.get(1)? as usize);
+    if len >= 0x80 {
+        return None;
+    }
+    let value = rest.get(2..2 + len)?;
+    String::from_utf8(value.to_vec()).ok()
+}

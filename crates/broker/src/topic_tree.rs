@@ -1,0 +1,256 @@
+//! The subscription index: a trie over topic levels.
+//!
+//! Publishing walks the trie once per message under a read lock (readers never
+//! block each other; only SUBSCRIBE/UNSUBSCRIBE take the write lock), so the
+//! publish path scales across cores. Each match names the session, the
+//! subscription options and identifier; a session matched by several
+//! filters receives one copy with the highest QoS and all identifiers.
+//! Shared subscriptions (`$share/group/filter`) are stored per filter node
+//! and pick one member per message, round-robin, preferring online members.
+
+use crate::session::Session;
+use mqtt_codec::{QoS, SubscriptionOptions};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+#[derive(Clone)]
+pub(crate) struct Subscriber {
+    pub session: Arc<Session>,
+    pub options: SubscriptionOptions,
+    pub sub_id: Option<u32>,
+}
+
+struct SharedGroup {
+    name: Arc<str>,
+    members: Vec<Subscriber>,
+    next: AtomicUsize,
+}
+
+#[derive(Default)]
+struct Node {
+    children: HashMap<Box<str>, Node>,
+    subscribers: Vec<Subscriber>,
+    shared: Vec<SharedGroup>,
+}
+
+impl Node {
+    fn is_empty(&self) -> bool {
+        self.children.is_empty() && self.subscribers.is_empty() && self.shared.is_empty()
+    }
+}
+
+/// One delivery decided by a match.
+pub(crate) struct Delivery {
+    pub session: Arc<Session>,
+    pub qos: QoS,
+    pub retain_as_published: bool,
+    pub sub_ids: Vec<u32>,
+    /// `Some(group/filter)` when it came through a shared subscription, so
+    /// that unacknowledged messages can be handed to another member.
+    pub share: Option<Arc<str>>,
+}
+
+#[derive(Default)]
+pub(crate) struct TopicTree {
+    root: Node,
+    count: usize,
+}
+
+impl TopicTree {
+    /// Number of subscriptions (shared members included).
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    /// Add or replace `session`'s subscription to `filter` (already
+    /// validated; may be `$share/…`). Returns true if it was new.
+    pub fn subscribe(&mut self, filter: &str, sub: Subscriber) -> bool {
+        let (share, inner) = split_share(filter);
+        let mut node = &mut self.root;
+        for level in inner.split('/') {
+            node = node.children.entry(level.into()).or_default();
+        }
+        let list = match share {
+            None => &mut node.subscribers,
+            Some(group) => {
+                let key: Arc<str> = format!("{group}/{inner}").into();
+                let pos = match node.shared.iter().position(|g| g.name == key) {
+                    Some(p) => p,
+                    None => {
+                        node.shared.push(SharedGroup {
+                            name: key,
+                            members: Vec::new(),
+                            next: AtomicUsize::new(0),
+                        });
+                        node.shared.len() - 1
+                    }
+                };
+                &mut node.shared[pos].members
+            }
+        };
+        if let Some(existing) = list.iter_mut().find(|s| s.session.id == sub.session.id) {
+            *existing = sub;
+            false
+        } else {
+            list.push(sub);
+            self.count += 1;
+            true
+        }
+    }
+
+    /// Remove `session_id`'s subscription to `filter`; true if it existed.
+    pub fn unsubscribe(&mut self, filter: &str, session_id: u64) -> bool {
+        let (share, inner) = split_share(filter);
+        let levels: Vec<&str> = inner.split('/').collect();
+        let removed = remove_rec(&mut self.root, &levels, share, inner, session_id);
+        if removed {
+            self.count -= 1;
+        }
+        removed
+    }
+
+    /// Collect the deliveries for a message published on `topic` into `out`
+    /// (cleared first), skipping No Local subscriptions of `publisher`.
+    pub fn matches(&self, topic: &str, publisher: u64, out: &mut Vec<Delivery>) {
+        out.clear();
+        let dollar = topic.starts_with('$');
+        let mut stack: Vec<(&Node, usize)> = Vec::new();
+        let levels: Vec<&str> = topic.split('/').collect();
+        stack.push((&self.root, 0));
+        while let Some((node, depth)) = stack.pop() {
+            if depth == levels.len() {
+                collect(node, topic, publisher, out);
+                // `a/#` also matches `a`.
+                if let Some(hash) = node.children.get("#") {
+                    collect(hash, topic, publisher, out);
+                }
+                continue;
+            }
+            let wild_ok = !(dollar && depth == 0);
+            if wild_ok {
+                if let Some(hash) = node.children.get("#") {
+                    collect(hash, topic, publisher, out);
+                }
+                if let Some(plus) = node.children.get("+") {
+                    stack.push((plus, depth + 1));
+                }
+            }
+            if let Some(child) = node.children.get(levels[depth]) {
+                stack.push((child, depth + 1));
+            }
+        }
+    }
+}
+
+fn split_share(filter: &str) -> (Option<&str>, &str) {
+    match mqtt_codec::topic::parse_shared(filter) {
+        Some(Ok((group, inner))) => (Some(group), inner),
+        _ => (None, filter),
+    }
+}
+
+fn remove_rec(
+    node: &mut Node,
+    levels: &[&str],
+    share: Option<&str>,
+    inner: &str,
+    session_id: u64,
+) -> bool {
+    let Some((first, rest)) = levels.split_first() else {
+        return match share {
+            None => {
+                let before = node.subscribers.len();
+                node.subscribers.retain(|s| s.session.id != session_id);
+                before != node.subscribers.len()
+            }
+            Some(group) => {
+                let key = format!("{group}/{inner}");
+                let Some(pos) = node.shared.iter().position(|g| *g.name == *key) else {
+                    return false;
+                };
+                let g = &mut node.shared[pos];
+                let before = g.members.len();
+                g.members.retain(|s| s.session.id != session_id);
+                let removed = before != g.members.len();
+                if g.members.is_empty() {
+                    node.shared.swap_remove(pos);
+                }
+                removed
+            }
+        };
+    };
+    let Some(child) = node.children.get_mut(*first) else {
+        return false;
+    };
+    let removed = remove_rec(child, rest, share, inner, session_id);
+    if child.is_empty() {
+        node.children.remove(*first);
+    }
+    removed
+}
+
+fn collect(node: &Node, topic: &str, publisher: u64, out: &mut Vec<Delivery>) {
+    let _ = topic;
+    for s in &node.subscribers {
+        if s.options.no_local && s.session.id == publisher {
+            continue;
+        }
+        if let Some(d) = out
+            .iter_mut()
+            .find(|d| d.share.is_none() && d.session.id == s.session.id)
+        {
+            d.qos = d.qos.max(s.options.qos);
+            d.retain_as_published |= s.options.retain_as_published;
+            if let Some(id) = s.sub_id {
+                d.sub_ids.push(id);
+            }
+            continue;
+        }
+        out.push(Delivery {
+            session: s.session.clone(),
+            qos: s.options.qos,
+            retain_as_published: s.options.retain_as_published,
+            sub_ids: s.sub_id.into_iter().collect(),
+            share: None,
+        });
+    }
+    for g in &node.shared {
+        let n = g.members.len();
+        if n == 0 {
+            continue;
+        }
+        let start = g.next.fetch_add(1, Ordering::Relaxed);
+        let pick = (0..n)
+            .map(|i| &g.members[(start + i) % n])
+            .find(|m| m.session.is_online())
+            .unwrap_or(&g.members[start % n]);
+        out.push(Delivery {
+            session: pick.session.clone(),
+            qos: pick.options.qos,
+            retain_as_published: pick.options.retain_as_published,
+            sub_ids: pick.sub_id.into_iter().collect(),
+            share: Some(g.name.clone()),
+        });
+    }
+}
+
+impl TopicTree {
+    /// Pick an online member of a shared group other than `except`, to hand
+    /// over a message that `except` will never acknowledge.
+    pub fn pick_shared_member(&self, group_filter: &str, except: u64) -> Option<Subscriber> {
+        let (group, inner) = group_filter.split_once('/')?;
+        let _ = group;
+        let mut node = &self.root;
+        for level in inner.split('/') {
+            node = node.children.get(level)?;
+        }
+        let g = node.shared.iter().find(|g| &*g.name == group_filter)?;
+        let n = g.members.len();
+        let start = g.next.fetch_add(1, Ordering::Relaxed);
+        (0..n)
+            .map(|i| &g.members[(start + i) % n])
+            .find(|m| m.session.id != except && m.session.is_online())
+            .cloned()
+    }
+}

@@ -1,0 +1,51 @@
+//! The byte streams a connection can run over (TCP, TLS, WebSocket).
+//!
+//! Plain TCP waits for readability *before* it needs a read buffer, so an
+//! idle connection holds no buffer at all: that is what keeps memory per
+//! idle connection near the size of the session itself.
+
+use bytes::BytesMut;
+use std::future::Future;
+use std::io;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+
+/// Bytes read per system call.
+pub(crate) const READ_CHUNK: usize = 16 * 1024;
+
+pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// Read at least one byte into `buf` (0 means end of stream).
+    fn read_some<'a>(
+        &'a mut self,
+        buf: &'a mut BytesMut,
+    ) -> impl Future<Output = io::Result<usize>> + Send + 'a;
+}
+
+impl Transport for tokio::net::TcpStream {
+    async fn read_some(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
+        loop {
+            self.readable().await?;
+            buf.reserve(READ_CHUNK);
+            match self.try_read_buf(buf) {
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+macro_rules! buffered_transport {
+    ($($t:ty),*) => {$(
+        impl Transport for $t {
+            async fn read_some(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
+                buf.reserve(READ_CHUNK);
+                self.read_buf(buf).await
+            }
+        }
+    )*};
+}
+
+buffered_transport!(
+    tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+    tokio::io::DuplexStream
+);

@@ -1,0 +1,6 @@
+//! The m2mhub binary's library half: configuration and wiring, so that the
+//! integration tests start exactly what `m2mhub serve` starts.
+#![forbid(unsafe_code)]
+
+pub mod server;
+pub mod settings;

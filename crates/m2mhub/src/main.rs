@@ -1,0 +1,378 @@
+//! `m2mhub`: the command line. Thin by design — parsing and wiring only;
+//! everything else lives in the library crates.
+#![forbid(unsafe_code)]
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use m2mhub::server::Server;
+use m2mhub::settings::{Settings, DEFAULT_CONFIG};
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// Exit code for invalid configuration (sysexits EX_CONFIG).
+const EXIT_CONFIG: u8 = 78;
+
+#[derive(Parser)]
+#[command(
+    name = "m2mhub",
+    version,
+    about = "One-binary machine-to-machine platform: MQTT broker, device data and rules"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start the platform (MQTT, MQTT over TLS and WebSocket, HTTP).
+    Serve(ServeArgs),
+    /// Configuration helpers.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Print a password-file line for USER (password read from stdin).
+    Passwd {
+        user: String,
+        /// The password; read from the first line of stdin when absent.
+        #[arg(long)]
+        password: Option<String>,
+    },
+    /// Load generator: measure any MQTT broker (this one or another).
+    Bench(BenchArgs),
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Print the commented default configuration.
+    Default,
+    /// Load and validate a configuration (file, environment), print the result.
+    Check {
+        #[arg(long, env = "M2MHUB_CONFIG")]
+        config: Option<PathBuf>,
+    },
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// TOML configuration file (see `m2mhub config default`).
+    #[arg(long, env = "M2MHUB_CONFIG")]
+    config: Option<PathBuf>,
+    /// Folder for all data (default ./m2mhub-data).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// MQTT listener, HOST:PORT (default 0.0.0.0:1883).
+    #[arg(long)]
+    mqtt_listen: Option<String>,
+    /// MQTT over TLS listener, HOST:PORT (default 0.0.0.0:8883; needs --tls-cert and --tls-key).
+    #[arg(long)]
+    mqtts_listen: Option<String>,
+    /// HTTP listener, HOST:PORT (default 0.0.0.0:8080).
+    #[arg(long)]
+    http_listen: Option<String>,
+    /// Server certificate chain (PEM) for MQTT over TLS.
+    #[arg(long)]
+    tls_cert: Option<PathBuf>,
+    /// Private key (PEM) for MQTT over TLS.
+    #[arg(long)]
+    tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA (PEM) on the TLS listener.
+    #[arg(long)]
+    tls_client_ca: Option<PathBuf>,
+    /// Accept clients without credentials (off by default).
+    #[arg(long)]
+    allow_anonymous: bool,
+    /// Password file written with `m2mhub passwd`.
+    #[arg(long)]
+    password_file: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ScenarioArg {
+    FanIn,
+    FanOut,
+    Pairs,
+    Idle,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// Broker address HOST:PORT.
+    #[arg(long, default_value = "127.0.0.1:1883")]
+    host: String,
+    #[arg(long, value_enum, default_value = "fan-in")]
+    scenario: ScenarioArg,
+    #[arg(long, default_value_t = 10)]
+    publishers: usize,
+    #[arg(long, default_value_t = 1)]
+    subscribers: usize,
+    /// Connections for the idle scenario.
+    #[arg(long, default_value_t = 1000)]
+    connections: usize,
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=2))]
+    qos: u8,
+    /// Payload bytes (at least 16: a timestamp and a sequence number).
+    #[arg(long, default_value_t = 64)]
+    payload: usize,
+    /// Measured seconds.
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Warm-up seconds (not measured).
+    #[arg(long, default_value_t = 2.0)]
+    warmup: f64,
+    /// Total publish rate in messages/s (0 = as fast as possible).
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
+    /// QoS 1/2 in-flight window per publisher.
+    #[arg(long, default_value_t = 64)]
+    inflight: usize,
+    /// Use MQTT 5 (default 3.1.1).
+    #[arg(long)]
+    v5: bool,
+    #[arg(long)]
+    username: Option<String>,
+    #[arg(long)]
+    password: Option<String>,
+    /// PID of the broker, to report its memory per connection.
+    #[arg(long)]
+    broker_pid: Option<u32>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Config { command } => config_command(command),
+        Command::Passwd { user, password } => passwd(&user, password),
+        Command::Serve(args) => serve(args),
+        Command::Bench(args) => bench(args),
+    }
+}
+
+fn process_env() -> Vec<(String, String)> {
+    std::env::vars().collect()
+}
+
+fn config_command(command: ConfigCommand) -> ExitCode {
+    match command {
+        ConfigCommand::Default => {
+            print!("{DEFAULT_CONFIG}");
+            ExitCode::SUCCESS
+        }
+        ConfigCommand::Check { config } => {
+            match Settings::load(config.as_deref(), &process_env()).and_then(|s| {
+                s.validate()?;
+                Ok(s)
+            }) {
+                Ok(s) => {
+                    print!("{}", toml::to_string(&s).unwrap_or_default());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("m2mhub: {e:#}");
+                    ExitCode::from(EXIT_CONFIG)
+                }
+            }
+        }
+    }
+}
+
+fn passwd(user: &str, password: Option<String>) -> ExitCode {
+    if user.is_empty() || user.contains(':') {
+        eprintln!("m2mhub: the user name must be non-empty and must not contain ':'");
+        return ExitCode::from(2);
+    }
+    let password = match password {
+        Some(p) => p,
+        None => {
+            let mut line = String::new();
+            if std::io::stdin().lock().read_line(&mut line).is_err() || line.trim_end().is_empty() {
+                eprintln!("m2mhub: give the password with --password or on stdin");
+                return ExitCode::from(2);
+            }
+            line.trim_end_matches(['\r', '\n']).to_string()
+        }
+    };
+    println!(
+        "{}",
+        m2mhub_broker::auth::hash_password_line(user, &password)
+    );
+    ExitCode::SUCCESS
+}
+
+fn serve(args: ServeArgs) -> ExitCode {
+    let settings = match load_serve_settings(&args) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("m2mhub: {e:#}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    init_logging(&settings.log_level, settings.log_json);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("m2mhub: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run_server(settings)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("m2mhub: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load_serve_settings(args: &ServeArgs) -> Result<m2mhub::settings::Validated> {
+    let mut s = Settings::load(args.config.as_deref(), &process_env())?;
+    if let Some(d) = &args.data_dir {
+        s.data_dir = d.clone();
+    }
+    if let Some(a) = &args.mqtt_listen {
+        s.mqtt.listen = a.clone();
+    }
+    if let Some(a) = &args.mqtts_listen {
+        s.mqtt.tls_listen = a.clone();
+    }
+    if let Some(a) = &args.http_listen {
+        s.http.listen = a.clone();
+    }
+    let path = |p: &PathBuf| p.display().to_string();
+    if let Some(p) = &args.tls_cert {
+        s.mqtt.tls_cert = path(p);
+    }
+    if let Some(p) = &args.tls_key {
+        s.mqtt.tls_key = path(p);
+    }
+    if let Some(p) = &args.tls_client_ca {
+        s.mqtt.tls_client_ca = path(p);
+    }
+    if args.allow_anonymous {
+        s.mqtt.allow_anonymous = true;
+    }
+    if let Some(p) = &args.password_file {
+        s.mqtt.password_file = path(p);
+    }
+    s.validate()
+}
+
+fn init_logging(level: &str, json: bool) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(format!("{level},hyper=warn,tower=warn")));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn run_server(settings: m2mhub::settings::Validated) -> Result<()> {
+    let server = Server::start(&settings).await?;
+    if !settings.broker.allow_anonymous && settings.broker.password_file.is_none() {
+        tracing::warn!("no client can connect yet: anonymous access is off and no password file is set; use --allow-anonymous or --password-file (see `m2mhub passwd`)");
+    }
+    tracing::info!(data_dir = %settings.data_dir.display(), "m2mhub started");
+    // One machine-readable line on stdout, for scripts and tests.
+    println!(
+        "m2mhub ready mqtt={} mqtts={} http={} ws=ws://{}/mqtt",
+        server.mqtt_addr,
+        server
+            .mqtts_addr
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| "-".into()),
+        server.http_addr,
+        server.http_addr
+    );
+    let _ = std::io::stdout().flush();
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    server.shutdown().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+fn bench(args: BenchArgs) -> ExitCode {
+    use m2mhub_sim::{BenchOptions, Scenario};
+    let opts = BenchOptions {
+        host: args.host,
+        scenario: match args.scenario {
+            ScenarioArg::FanIn => Scenario::FanIn,
+            ScenarioArg::FanOut => Scenario::FanOut,
+            ScenarioArg::Pairs => Scenario::Pairs,
+            ScenarioArg::Idle => Scenario::Idle,
+        },
+        publishers: args.publishers,
+        subscribers: args.subscribers,
+        connections: args.connections,
+        qos: args.qos,
+        payload_size: args.payload,
+        duration: Duration::from_secs_f64(args.duration),
+        warmup: Duration::from_secs_f64(args.warmup),
+        rate: args.rate,
+        inflight: args.inflight,
+        protocol_v5: args.v5,
+        username: args.username,
+        password: args.password,
+        broker_pid: args.broker_pid,
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("m2mhub: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(m2mhub_sim::run(opts)) {
+        Ok(report) => {
+            if args.json {
+                println!("{}", serde_json::to_string(&report).unwrap_or_default());
+            } else {
+                println!("{}", report.to_table());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("m2mhub bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

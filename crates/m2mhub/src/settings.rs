@@ -1,0 +1,426 @@
+//! Configuration: the TOML file, then `M2MHUB_*` environment variables, then
+//! command-line flags, parsed in two phases — raw [`Settings`] (what the
+//! user wrote) and [`Validated`] (what the server runs with) — so the
+//! runtime never sees an invalid value, and every error names its key.
+
+use anyhow::{anyhow, bail, Context, Result};
+use m2mhub_broker::BrokerConfig;
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The commented default configuration printed by `m2mhub config default`.
+/// A unit test checks that it parses to `Settings::default()`.
+pub const DEFAULT_CONFIG: &str = r#"# m2mhub configuration.
+# Every key can also be set by an environment variable: M2MHUB_<SECTION>_<KEY>
+# in upper case, e.g. M2MHUB_MQTT_LISTEN=0.0.0.0:1883 or M2MHUB_DATA_DIR=/var/lib/m2mhub.
+# Command-line flags of `m2mhub serve` override both.
+
+# All state (retained messages, persistent sessions, later the device
+# registry and time series) lives under this one folder.
+data_dir = "./m2mhub-data"
+
+[mqtt]
+# Plain MQTT (3.1.1 and 5.0) listener.
+listen = "0.0.0.0:1883"
+# MQTT over TLS; only started when tls_cert and tls_key are set.
+tls_listen = "0.0.0.0:8883"
+# PEM files for the TLS listener (server certificate chain and private key).
+tls_cert = ""
+tls_key = ""
+# PEM file of a CA: when set, TLS clients must present a certificate it signed.
+tls_client_ca = ""
+# Accept clients without credentials. Off by default: enable it explicitly
+# (flag --allow-anonymous) for a closed network or a quick try.
+allow_anonymous = false
+# Users allowed to connect: lines written by `m2mhub passwd USER`.
+password_file = ""
+# Largest packet accepted from a client, in bytes.
+max_packet_size = 1048576
+# QoS 1/2 messages a client may have in flight toward the broker.
+receive_maximum = 128
+# Messages queued per session (offline or slow clients); beyond this they are dropped and counted.
+max_queued_messages = 10000
+# Topic aliases an MQTT 5 client may use toward the broker.
+topic_alias_maximum = 64
+# Upper bound of client keep-alive in seconds (0 = accept any).
+max_keep_alive = 0
+# Upper bound of session expiry in seconds.
+max_session_expiry_secs = 4294967295
+# Drop connections that send no CONNECT within this many seconds.
+connect_timeout_secs = 10
+# Drop clients whose socket accepts no data for this many seconds.
+write_timeout_secs = 30
+# Interval of $SYS/broker statistics in seconds (0 = off).
+sys_interval_secs = 10
+# Support retained messages.
+retain_available = true
+# Maximum simultaneous connections (0 = unlimited).
+max_connections = 0
+# fsync every group commit of the broker store (survives power loss).
+# When false, acknowledged messages survive a crash of the process (kill -9)
+# but not of the machine.
+fsync = false
+
+[http]
+# HTTP server: /healthz, /metrics, MQTT over WebSocket at /mqtt, API at /api/v1.
+listen = "0.0.0.0:8080"
+
+[log]
+# trace, debug, info, warn or error (RUST_LOG overrides it).
+level = "info"
+# text or json
+format = "text"
+"#;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    pub data_dir: PathBuf,
+    pub mqtt: MqttSettings,
+    pub http: HttpSettings,
+    pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttSettings {
+    pub listen: String,
+    pub tls_listen: String,
+    pub tls_cert: String,
+    pub tls_key: String,
+    pub tls_client_ca: String,
+    pub allow_anonymous: bool,
+    pub password_file: String,
+    pub max_packet_size: u32,
+    pub receive_maximum: u16,
+    pub max_queued_messages: u32,
+    pub topic_alias_maximum: u16,
+    pub max_keep_alive: u16,
+    pub max_session_expiry_secs: u32,
+    pub connect_timeout_secs: u32,
+    pub write_timeout_secs: u32,
+    pub sys_interval_secs: u32,
+    pub retain_available: bool,
+    pub max_connections: u32,
+    pub fsync: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpSettings {
+    pub listen: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSettings {
+    pub level: String,
+    pub format: String,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            data_dir: PathBuf::from("./m2mhub-data"),
+            mqtt: MqttSettings::default(),
+            http: HttpSettings::default(),
+            log: LogSettings::default(),
+        }
+    }
+}
+
+impl Default for MqttSettings {
+    fn default() -> Self {
+        MqttSettings {
+            listen: "0.0.0.0:1883".into(),
+            tls_listen: "0.0.0.0:8883".into(),
+            tls_cert: String::new(),
+            tls_key: String::new(),
+            tls_client_ca: String::new(),
+            allow_anonymous: false,
+            password_file: String::new(),
+            max_packet_size: 1_048_576,
+            receive_maximum: 128,
+            max_queued_messages: 10_000,
+            topic_alias_maximum: 64,
+            max_keep_alive: 0,
+            max_session_expiry_secs: u32::MAX,
+            connect_timeout_secs: 10,
+            write_timeout_secs: 30,
+            sys_interval_secs: 10,
+            retain_available: true,
+            max_connections: 0,
+            fsync: false,
+        }
+    }
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        HttpSettings {
+            listen: "0.0.0.0:8080".into(),
+        }
+    }
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        LogSettings {
+            level: "info".into(),
+            format: "text".into(),
+        }
+    }
+}
+
+/// The sections of the file; an environment variable `M2MHUB_MQTT_LISTEN`
+/// is the key `listen` of section `mqtt`.
+const SECTIONS: [&str; 3] = ["mqtt", "http", "log"];
+
+/// Environment variables that are not config keys.
+const NOT_KEYS: [&str; 1] = ["M2MHUB_CONFIG"];
+
+impl Settings {
+    /// Load from an optional file and an environment (a list of variables,
+    /// so tests never touch the process environment).
+    pub fn load(file: Option<&Path>, env: &[(String, String)]) -> Result<Settings> {
+        let mut table: toml::Table = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read config file {}", path.display()))?;
+                text.parse().map_err(|e: toml::de::Error| {
+                    anyhow!("config file {}: {}", path.display(), e.message())
+                })?
+            }
+            None => toml::Table::new(),
+        };
+        let defaults = toml::Table::try_from(Settings::default())?;
+        for (name, value) in env {
+            let Some(rest) = name.strip_prefix("M2MHUB_") else {
+                continue;
+            };
+            if NOT_KEYS.contains(&name.as_str()) {
+                continue;
+            }
+            let lower = rest.to_ascii_lowercase();
+            let (section, key) = match SECTIONS
+                .iter()
+                .find(|s| lower.starts_with(&format!("{s}_")))
+            {
+                Some(s) => (Some(*s), lower[s.len() + 1..].to_string()),
+                None => (None, lower.clone()),
+            };
+            let expected = match section {
+                Some(s) => defaults
+                    .get(s)
+                    .and_then(|t| t.as_table())
+                    .and_then(|t| t.get(&key)),
+                None => defaults.get(&key),
+            };
+            let dotted = match section {
+                Some(s) => format!("{s}.{key}"),
+                None => key.clone(),
+            };
+            let Some(expected) = expected else {
+                bail!("environment variable {name} names no config key (`{dotted}`); see `m2mhub config default`");
+            };
+            let parsed = match expected {
+                toml::Value::Integer(_) => value.trim().parse::<i64>().map(toml::Value::Integer).map_err(|_| {
+                    anyhow!("environment variable {name}: `{dotted}` must be a whole number, got {value:?}")
+                })?,
+                toml::Value::Boolean(_) => match value.trim() {
+                    "true" | "1" | "yes" | "on" => toml::Value::Boolean(true),
+                    "false" | "0" | "no" | "off" => toml::Value::Boolean(false),
+                    _ => bail!("environment variable {name}: `{dotted}` must be true or false, got {value:?}"),
+                },
+                _ => toml::Value::String(value.clone()),
+            };
+            match section {
+                Some(s) => {
+                    let entry = table
+                        .entry(s.to_string())
+                        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+                    let Some(t) = entry.as_table_mut() else {
+                        bail!("config key `{s}` must be a section");
+                    };
+                    t.insert(key, parsed);
+                }
+                None => {
+                    table.insert(key, parsed);
+                }
+            }
+        }
+        // Round-trip through text so serde's errors carry the key path.
+        let text = toml::to_string(&table)?;
+        toml::from_str(&text).map_err(|e| {
+            anyhow!(
+                "invalid configuration: {} (see `m2mhub config default` for every key and its default)",
+                e.message().trim()
+            )
+        })
+    }
+
+    /// Check every value and produce what the server runs with.
+    pub fn validate(&self) -> Result<Validated> {
+        let m = &self.mqtt;
+        let addr = |key: &str, v: &str| -> Result<SocketAddr> {
+            v.parse().map_err(|_| {
+                anyhow!("invalid value for `{key}`: {v:?} is not HOST:PORT (e.g. 0.0.0.0:1883; use port 0 for any free port)")
+            })
+        };
+        let mqtt_listen = addr("mqtt.listen", &m.listen)?;
+        let http_listen = addr("http.listen", &self.http.listen)?;
+        let opt_path = |s: &str| (!s.is_empty()).then(|| PathBuf::from(s));
+        let tls = match (opt_path(&m.tls_cert), opt_path(&m.tls_key)) {
+            (Some(cert), Some(key)) => Some(TlsFiles {
+                listen: addr("mqtt.tls_listen", &m.tls_listen)?,
+                cert,
+                key,
+                client_ca: opt_path(&m.tls_client_ca),
+            }),
+            (None, None) => None,
+            (Some(_), None) => bail!("invalid value for `mqtt.tls_key`: tls_cert is set, so tls_key must name the private key file too"),
+            (None, Some(_)) => bail!("invalid value for `mqtt.tls_cert`: tls_key is set, so tls_cert must name the certificate file too"),
+        };
+        if !["trace", "debug", "info", "warn", "error"].contains(&self.log.level.as_str()) {
+            bail!(
+                "invalid value for `log.level`: {:?}; use trace, debug, info, warn or error",
+                self.log.level
+            );
+        }
+        if !["text", "json"].contains(&self.log.format.as_str()) {
+            bail!(
+                "invalid value for `log.format`: {:?}; use text or json",
+                self.log.format
+            );
+        }
+        let secs = |v: u32| Duration::from_secs(u64::from(v));
+        let broker = BrokerConfig {
+            allow_anonymous: m.allow_anonymous,
+            password_file: opt_path(&m.password_file),
+            max_packet_size: m.max_packet_size,
+            receive_maximum: m.receive_maximum,
+            max_queued_messages: m.max_queued_messages as usize,
+            topic_alias_maximum: m.topic_alias_maximum,
+            max_keep_alive: m.max_keep_alive,
+            max_session_expiry: m.max_session_expiry_secs,
+            connect_timeout: secs(m.connect_timeout_secs),
+            write_timeout: secs(m.write_timeout_secs),
+            sys_interval: secs(m.sys_interval_secs),
+            retain_available: m.retain_available,
+            max_connections: m.max_connections as usize,
+        };
+        broker.validate().map_err(|e| anyhow!("{e}"))?;
+        Ok(Validated {
+            data_dir: self.data_dir.clone(),
+            mqtt_listen,
+            http_listen,
+            tls,
+            fsync: m.fsync,
+            broker,
+            log_level: self.log.level.clone(),
+            log_json: self.log.format == "json",
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub listen: SocketAddr,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: Option<PathBuf>,
+}
+
+/// Settings the server can run with.
+#[derive(Debug, Clone)]
+pub struct Validated {
+    pub data_dir: PathBuf,
+    pub mqtt_listen: SocketAddr,
+    pub http_listen: SocketAddr,
+    pub tls: Option<TlsFiles>,
+    pub fsync: bool,
+    pub broker: BrokerConfig,
+    pub log_level: String,
+    pub log_json: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn default_config_text_matches_defaults() {
+        let parsed: Settings = toml::from_str(DEFAULT_CONFIG).expect("default config parses");
+        assert_eq!(parsed, Settings::default());
+    }
+
+    #[test]
+    fn environment_overrides_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("m2mhub.toml");
+        std::fs::write(
+            &file,
+            "[mqtt]\nlisten = \"127.0.0.1:1\"\nmax_packet_size = 5000\n",
+        )
+        .expect("write");
+        let s = Settings::load(
+            Some(&file),
+            &env(&[
+                ("M2MHUB_MQTT_LISTEN", "127.0.0.1:2"),
+                ("M2MHUB_MQTT_ALLOW_ANONYMOUS", "true"),
+                ("M2MHUB_DATA_DIR", "/tmp/x"),
+                ("PATH", "/bin"),
+            ]),
+        )
+        .expect("load");
+        assert_eq!(s.mqtt.listen, "127.0.0.1:2");
+        assert_eq!(s.mqtt.max_packet_size, 5000);
+        assert!(s.mqtt.allow_anonymous);
+        assert_eq!(s.data_dir, PathBuf::from("/tmp/x"));
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = Settings::load(None, &env(&[("M2MHUB_MQTT_MAX_PACKET_SIZE", "big")]))
+            .expect_err("bad number");
+        assert!(e.to_string().contains("mqtt.max_packet_size"), "{e}");
+        let e = Settings::load(None, &env(&[("M2MHUB_MQTT_NOPE", "1")])).expect_err("unknown");
+        assert!(e.to_string().contains("M2MHUB_MQTT_NOPE"), "{e}");
+        let mut s = Settings::default();
+        s.mqtt.listen = "localhost".into();
+        let e = s.validate().expect_err("bad addr");
+        assert!(e.to_string().contains("mqtt.listen"), "{e}");
+        let mut s = Settings::default();
+        s.mqtt.receive_maximum = 0;
+        assert!(s
+            .validate()
+            .expect_err("zero")
+            .to_string()
+            .contains("receive_maximum"));
+        let mut s = Settings::default();
+        s.mqtt.tls_cert = "c.pem".into();
+        assert!(s
+            .validate()
+            .expect_err("half tls")
+            .to_string()
+            .contains("mqtt.tls_key"));
+    }
+
+    #[test]
+    fn unknown_file_keys_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("m2mhub.toml");
+        std::fs::write(&file, "[mqtt]\nlisten_port = 1883\n").expect("write");
+        let e = Settings::load(Some(&file), &[]).expect_err("unknown key");
+        assert!(e.to_string().contains("listen_port"), "{e}");
+    }
+}
