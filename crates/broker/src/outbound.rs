@@ -151,3 +151,65 @@ impl PublishOut<'_> {
         out.put_slice(self.payload);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use mqtt_codec::{decode, Packet, Protocol};
+
+    /// The hand-written encoder must produce exactly what the codec decodes.
+    #[test]
+    fn matches_the_codec() {
+        let props = PublishProperties {
+            payload_format_indicator: Some(1),
+            message_expiry_interval: Some(99),
+            content_type: Some("application/json".into()),
+            response_topic: Some("r/t".into()),
+            correlation_data: Some(Bytes::from_static(b"\x00\x01")),
+            user_properties: vec![("k".into(), "v".into()), ("k".into(), "w".into())],
+            ..Default::default()
+        };
+        for v5 in [false, true] {
+            for (qos, pid) in [(QoS::AtMostOnce, None), (QoS::ExactlyOnce, Some(7))] {
+                let out = PublishOut {
+                    topic: "a/b",
+                    packet_id: pid,
+                    qos,
+                    retain: true,
+                    dup: pid.is_some(),
+                    properties: &props,
+                    expiry: Some(42),
+                    topic_alias: Some(3),
+                    sub_ids: &[1, 300_000],
+                    payload: b"{\"x\":1}",
+                };
+                let mut buf = BytesMut::new();
+                out.encode(v5, &mut buf);
+                assert_eq!(buf.len(), out.len(v5));
+                let protocol = if v5 { Protocol::V5 } else { Protocol::V311 };
+                let Ok(Some(Packet::Publish(p))) = decode(&mut buf, protocol, usize::MAX) else {
+                    panic!("does not decode (v5 = {v5})");
+                };
+                assert!(buf.is_empty());
+                assert_eq!(p.topic, "a/b");
+                assert_eq!(p.packet_id, pid);
+                assert_eq!(p.qos, qos);
+                assert!(p.retain);
+                assert_eq!(p.payload, Bytes::from_static(b"{\"x\":1}"));
+                if v5 {
+                    assert_eq!(p.properties.message_expiry_interval, Some(42));
+                    assert_eq!(p.properties.topic_alias, Some(3));
+                    assert_eq!(p.properties.subscription_identifiers, vec![1, 300_000]);
+                    assert_eq!(p.properties.user_properties, props.user_properties);
+                    assert_eq!(p.properties.correlation_data, props.correlation_data);
+                    assert_eq!(p.properties.content_type, props.content_type);
+                    assert_eq!(p.properties.response_topic, props.response_topic);
+                    assert_eq!(p.properties.payload_format_indicator, Some(1));
+                } else {
+                    assert!(p.properties.is_empty());
+                }
+            }
+        }
+    }
+}

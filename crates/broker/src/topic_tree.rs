@@ -254,3 +254,107 @@ impl TopicTree {
             .cloned()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mqtt_codec::Protocol;
+
+    fn session(id: u64) -> Arc<Session> {
+        let s = Arc::new(Session::new(id, format!("c{id}").into(), Protocol::V5));
+        s.set_online(true);
+        s
+    }
+
+    fn sub(s: &Arc<Session>, qos: QoS, sub_id: Option<u32>, no_local: bool) -> Subscriber {
+        Subscriber {
+            session: s.clone(),
+            options: SubscriptionOptions {
+                qos,
+                no_local,
+                ..Default::default()
+            },
+            sub_id,
+        }
+    }
+
+    fn matched(tree: &TopicTree, topic: &str, publisher: u64) -> Vec<(u64, QoS, Vec<u32>)> {
+        let mut out = Vec::new();
+        tree.matches(topic, publisher, &mut out);
+        let mut v: Vec<_> = out
+            .into_iter()
+            .map(|mut d| {
+                d.sub_ids.sort_unstable();
+                (d.session.id, d.qos, d.sub_ids)
+            })
+            .collect();
+        v.sort_by_key(|x| x.0);
+        v
+    }
+
+    #[test]
+    fn wildcards_dedup_and_no_local() {
+        let (a, b) = (session(1), session(2));
+        let mut t = TopicTree::default();
+        assert!(t.subscribe("x/+/z", sub(&a, QoS::AtMostOnce, Some(1), false)));
+        assert!(t.subscribe("x/#", sub(&a, QoS::ExactlyOnce, Some(2), false)));
+        assert!(t.subscribe("#", sub(&b, QoS::AtLeastOnce, None, true)));
+        assert!(
+            !t.subscribe("#", sub(&b, QoS::AtLeastOnce, None, true)),
+            "replaced, not added"
+        );
+        assert_eq!(t.len(), 3);
+        assert_eq!(
+            matched(&t, "x/y/z", 9),
+            vec![
+                (1, QoS::ExactlyOnce, vec![1, 2]),
+                (2, QoS::AtLeastOnce, vec![])
+            ]
+        );
+        assert_eq!(
+            matched(&t, "x", 9),
+            vec![
+                (1, QoS::ExactlyOnce, vec![2]),
+                (2, QoS::AtLeastOnce, vec![])
+            ]
+        );
+        // No Local: b's own message is not sent back to it.
+        assert_eq!(matched(&t, "q", 2), vec![]);
+        // `$` topics are not matched by a leading wildcard.
+        assert_eq!(matched(&t, "$SYS/x", 9), vec![]);
+        assert!(t.unsubscribe("x/#", 1));
+        assert!(!t.unsubscribe("x/#", 1));
+        assert_eq!(matched(&t, "x/y/z", 9)[0], (1, QoS::AtMostOnce, vec![1]));
+    }
+
+    #[test]
+    fn shared_groups_round_robin_over_online_members() {
+        let (a, b, c) = (session(1), session(2), session(3));
+        let mut t = TopicTree::default();
+        t.subscribe("$share/g/s/+", sub(&a, QoS::AtLeastOnce, None, false));
+        t.subscribe("$share/g/s/+", sub(&b, QoS::AtLeastOnce, None, false));
+        t.subscribe("s/+", sub(&c, QoS::AtMostOnce, None, false));
+        let mut counts = [0usize; 4];
+        for _ in 0..10 {
+            for (id, _, _) in matched(&t, "s/1", 9) {
+                counts[id as usize] += 1;
+            }
+        }
+        assert_eq!(counts[1..], [5, 5, 10]);
+        b.set_online(false);
+        let mut only_a = 0;
+        for _ in 0..4 {
+            only_a += matched(&t, "s/1", 9).iter().filter(|m| m.0 == 1).count();
+        }
+        assert_eq!(only_a, 4, "offline members are skipped");
+        assert_eq!(t.pick_shared_member("g/s/+", 1).map(|s| s.session.id), None);
+        b.set_online(true);
+        assert_eq!(
+            t.pick_shared_member("g/s/+", 1).map(|s| s.session.id),
+            Some(2)
+        );
+        assert!(t.unsubscribe("$share/g/s/+", 1));
+        assert!(t.unsubscribe("$share/g/s/+", 2));
+        assert_eq!(t.len(), 1);
+    }
+}

@@ -1,0 +1,127 @@
+#!/usr/bin/env bash
+# Interoperability check against clients nobody on this project wrote:
+# Debian's mosquitto_pub/mosquitto_sub (MQTT 3.1.1 and 5, QoS 0/1/2,
+# retained, will) and Python paho-mqtt (MQTT 5 properties, WebSocket).
+# Installs what it needs, starts m2mhub on free loopback ports, stops it.
+#
+# Usage: scripts/interop.sh [path/to/m2mhub]   (default: builds target/debug/m2mhub)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '\033[1minterop:\033[0m %s\n' "$*"; }
+fail() { printf '\033[31minterop FAILED:\033[0m %s\n' "$*" >&2; exit 1; }
+
+SUDO=""
+if [[ $(id -u) -ne 0 ]] && command -v sudo >/dev/null; then SUDO="sudo"; fi
+if ! command -v mosquitto_pub >/dev/null || ! command -v openssl >/dev/null; then
+  log "installing mosquitto-clients and openssl"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq mosquitto-clients openssl >/dev/null
+fi
+VENV=target/interop-venv
+if [[ ! -x $VENV/bin/python ]]; then
+  log "installing paho-mqtt into $VENV"
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check paho-mqtt==2.1.0
+fi
+
+BIN=${1:-}
+if [[ -z $BIN ]]; then
+  cargo build --quiet -p m2mhub
+  BIN=target/debug/m2mhub
+fi
+
+WORK=$(mktemp -d)
+SERVER_PID=""
+cleanup() {
+  [[ -n $SERVER_PID ]] && kill "$SERVER_PID" 2>/dev/null || true
+  jobs -p | xargs -r kill 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+# A self-signed CA and a server certificate for the TLS listener.
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+  -subj "/CN=m2mhub interop CA" -keyout "$WORK/ca.key" -out "$WORK/ca.pem" 2>/dev/null
+openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+  -subj "/CN=localhost" -keyout "$WORK/server.key" -out "$WORK/server.csr" 2>/dev/null
+printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\n' > "$WORK/ext.cnf"
+openssl x509 -req -in "$WORK/server.csr" -CA "$WORK/ca.pem" -CAkey "$WORK/ca.key" -CAcreateserial \
+  -days 2 -extfile "$WORK/ext.cnf" -out "$WORK/server.pem" 2>/dev/null
+
+"$BIN" serve --data-dir "$WORK/data" --allow-anonymous \
+  --mqtt-listen 127.0.0.1:0 --http-listen 127.0.0.1:0 --mqtts-listen 127.0.0.1:0 \
+  --tls-cert "$WORK/server.pem" --tls-key "$WORK/server.key" \
+  >"$WORK/stdout" 2>"$WORK/stderr" &
+SERVER_PID=$!
+for _ in $(seq 1 100); do
+  grep -q '^m2mhub ready' "$WORK/stdout" 2>/dev/null && break
+  kill -0 "$SERVER_PID" 2>/dev/null || { cat "$WORK/stderr"; fail "server exited at start"; }
+  sleep 0.1
+done
+READY=$(grep '^m2mhub ready' "$WORK/stdout") || fail "server did not become ready"
+MQTT=$(sed -E 's/.* mqtt=([^ ]+).*/\1/' <<<"$READY")
+MQTTS=$(sed -E 's/.* mqtts=([^ ]+).*/\1/' <<<"$READY")
+HTTP=$(sed -E 's/.* http=([^ ]+).*/\1/' <<<"$READY")
+PORT=${MQTT##*:}
+TLS_PORT=${MQTTS##*:}
+log "server up: mqtt=$MQTT mqtts=$MQTTS http=$HTTP"
+
+# sub_then_pub VERSION QOS RETAIN: a subscriber receives what a publisher sends.
+check_roundtrip() {
+  local v=$1 q=$2 topic="interop/v$1/q$2" msg="hello-v$1-q$2"
+  mosquitto_sub -h 127.0.0.1 -p "$PORT" -V "$v" -q "$q" -t "$topic" -C 1 -W 5 >"$WORK/out.$v.$q" &
+  local sub=$!
+  sleep 0.3
+  mosquitto_pub -h 127.0.0.1 -p "$PORT" -V "$v" -q "$q" -t "$topic" -m "$msg" || fail "publish v$v qos$q"
+  wait "$sub" || fail "subscriber v$v qos$q got nothing"
+  [[ $(cat "$WORK/out.$v.$q") == "$msg" ]] || fail "v$v qos$q: got '$(cat "$WORK/out.$v.$q")'"
+  log "mosquitto v$v QoS $q round trip ok"
+}
+for v in 311 5; do for q in 0 1 2; do check_roundtrip "$v" "$q"; done; done
+
+# Retained: published first, received by a later subscriber with the retain flag.
+for v in 311 5; do
+  mosquitto_pub -h 127.0.0.1 -p "$PORT" -V "$v" -q 1 -r -t "interop/retained/$v" -m "kept-$v"
+  out=$(mosquitto_sub -h 127.0.0.1 -p "$PORT" -V "$v" -t "interop/retained/$v" -C 1 -W 5 -v --retained-only)
+  [[ $out == "interop/retained/$v kept-$v" ]] || fail "retained v$v: '$out'"
+  mosquitto_pub -h 127.0.0.1 -p "$PORT" -V "$v" -r -t "interop/retained/$v" -n
+  if mosquitto_sub -h 127.0.0.1 -p "$PORT" -V "$v" -t "interop/retained/$v" -C 1 -W 1 --retained-only >/dev/null 2>&1; then
+    fail "retained v$v: not deleted by an empty payload"
+  fi
+  log "mosquitto v$v retained set/delete ok"
+done
+
+# Will: a client killed without DISCONNECT has its will published.
+for v in 311 5; do
+  mosquitto_sub -h 127.0.0.1 -p "$PORT" -V "$v" -t "interop/will/$v" -C 1 -W 8 >"$WORK/will.$v" &
+  watcher=$!
+  sleep 0.3
+  mosquitto_sub -h 127.0.0.1 -p "$PORT" -V "$v" -t "interop/nothing" -k 5 \
+    --will-topic "interop/will/$v" --will-payload "gone-$v" --will-qos 1 &
+  victim=$!
+  sleep 0.5
+  kill -9 "$victim"; wait "$victim" 2>/dev/null || true
+  wait "$watcher" || fail "will v$v not received"
+  [[ $(cat "$WORK/will.$v") == "gone-$v" ]] || fail "will v$v: '$(cat "$WORK/will.$v")'"
+  log "mosquitto v$v will ok"
+done
+
+# TLS: mosquitto clients verify the server certificate.
+mosquitto_sub -h localhost -p "$TLS_PORT" --cafile "$WORK/ca.pem" -V 5 -t interop/tls -C 1 -W 5 >"$WORK/tls" &
+sub=$!
+sleep 0.5
+mosquitto_pub -h localhost -p "$TLS_PORT" --cafile "$WORK/ca.pem" -V 311 -q 1 -t interop/tls -m over-tls
+wait "$sub" || fail "TLS subscriber got nothing"
+[[ $(cat "$WORK/tls") == "over-tls" ]] || fail "TLS: '$(cat "$WORK/tls")'"
+log "mosquitto over TLS ok"
+
+# MQTT 5 properties and WebSocket with paho-mqtt.
+"$VENV/bin/python" scripts/interop_paho.py --host 127.0.0.1 --port "$PORT" --http "$HTTP" \
+  || fail "paho-mqtt checks"
+
+# Graceful shutdown: SIGTERM, exit code 0.
+kill -TERM "$SERVER_PID"
+if wait "$SERVER_PID"; then log "graceful shutdown ok"; else fail "server exited non-zero on SIGTERM"; fi
+SERVER_PID=""
+log "all interop checks passed"
