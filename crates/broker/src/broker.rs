@@ -407,7 +407,7 @@ impl Inner {
                 return;
             }
             st.ended = true;
-            let filters: Vec<String> = st.subscriptions.drain().map(|(f, _)| f).collect();
+            let filters: Vec<String> = std::mem::take(&mut st.subscriptions).into_keys().collect();
             let mut handover: Vec<Outgoing> =
                 st.queue.drain(..).filter(|o| o.share.is_some()).collect();
             let inflight = std::mem::take(&mut st.inflight);
@@ -574,24 +574,27 @@ impl Inner {
                         .map(|ms| persist::unix_ms_to_instant(ms, now, now_ms))
                         .unwrap_or(now),
                 );
+            }
+            let subs: Vec<(String, SubscriptionOptions, Option<u32>)> = s
+                .subscriptions
+                .iter()
+                .filter_map(|sub| match SubscriptionOptions::from_byte(sub.options) {
+                    Some(o) => Some((sub.filter.clone(), o, sub.subscription_id)),
+                    None => {
+                        tracing::warn!(client_id = %s.client_id, filter = %sub.filter, "skipping a stored subscription with invalid options");
+                        None
+                    }
+                })
+                .collect();
+            {
+                let mut st = session.state.lock();
                 for (seq, m) in &rs.queue {
                     let msg = Arc::new(persist::from_stored(m, now, now_ms));
-                    st.queue.push_back(Outgoing {
-                        qos: msg.qos,
-                        retain: m.retain,
-                        msg,
-                        sub_ids: Vec::new(),
-                        seq: Some(*seq),
-                        share: None,
-                    });
+                    st.queue.push_back(redelivery(msg, &subs, *seq));
                 }
             }
-            for sub in &s.subscriptions {
-                let Some(options) = SubscriptionOptions::from_byte(sub.options) else {
-                    tracing::warn!(client_id = %s.client_id, filter = %sub.filter, "skipping a stored subscription with invalid options");
-                    continue;
-                };
-                self.subscribe(&session, &sub.filter, options, sub.subscription_id);
+            for (filter, options, sub_id) in &subs {
+                self.subscribe(&session, filter, *options, *sub_id);
             }
             self.sessions
                 .lock()
@@ -603,6 +606,46 @@ impl Inner {
             sessions = restored,
             "recovered broker state"
         );
+    }
+}
+
+/// Rebuild the per-subscriber form of a stored queued message from the
+/// session's own subscriptions: the store keeps one copy of a message for
+/// all sessions, so granted QoS, retain-as-published and subscription
+/// identifiers are derived again, exactly as routing derived them.
+fn redelivery(
+    msg: Arc<Message>,
+    subs: &[(String, SubscriptionOptions, Option<u32>)],
+    seq: u64,
+) -> Outgoing {
+    let mut qos = None;
+    let mut retain = false;
+    let mut sub_ids = Vec::new();
+    let mut share = None;
+    for (filter, o, id) in subs {
+        let (group, inner) = match mqtt_codec::topic::parse_shared(filter) {
+            Some(Ok((g, f))) => (Some(g), f),
+            _ => (None, filter.as_str()),
+        };
+        if !mqtt_codec::topic::matches(inner, &msg.topic) {
+            continue;
+        }
+        qos = Some(qos.map_or(o.qos, |q: QoS| q.max(o.qos)));
+        retain |= o.retain_as_published && msg.retain;
+        sub_ids.extend(*id);
+        if let Some(g) = group {
+            share = Some(Arc::from(format!("{g}/{inner}")));
+        }
+    }
+    Outgoing {
+        // A message no longer matching any subscription keeps its own QoS:
+        // it was accepted for this session and is still owed.
+        qos: qos.map_or(msg.qos, |q| q.min(msg.qos)),
+        retain,
+        msg,
+        sub_ids,
+        seq: Some(seq),
+        share,
     }
 }
 

@@ -13,7 +13,7 @@ use crate::metrics::Metrics;
 use crate::outbound::PublishOut;
 use crate::session::{InFlight, Outgoing, Session, Stage};
 use crate::topic_tree::Delivery;
-use crate::transport::Transport;
+use crate::transport::{Transport, READ_CHUNK};
 use bytes::BytesMut;
 use m2mhub_store::Op;
 use mqtt_codec::{
@@ -52,10 +52,21 @@ enum End {
     Shutdown,
 }
 
+#[derive(Default)]
+struct Aliases {
+    /// Topic → alias we assigned toward the client.
+    outbound: HashMap<String, u16>,
+    /// Alias → topic the client assigned toward us.
+    inbound: HashMap<u16, String>,
+}
+
 pub(crate) struct Connection<S: Transport> {
     inner: Arc<Inner>,
     stream: S,
     peer: SocketAddr,
+    transport: &'static str,
+    /// Common name of the client certificate, until CONNECT uses it.
+    tls_identity: Option<String>,
     conn_id: u64,
     rbuf: BytesMut,
     wbuf: BytesMut,
@@ -67,32 +78,37 @@ pub(crate) struct Connection<S: Transport> {
     keep_alive: Duration,
     last_rx: Instant,
     ka_sleep: Option<Pin<Box<Sleep>>>,
-    will: Option<LastWill>,
+    will: Option<Box<LastWill>>,
     session_expiry_at_connect: u32,
     client_receive_max: usize,
     client_max_packet: usize,
     client_alias_max: u16,
-    alias_out: HashMap<String, u16>,
-    alias_in: HashMap<u16, String>,
+    /// Topic aliases, allocated only for clients that use them.
+    aliases: Option<Box<Aliases>>,
     more_pending: bool,
     scratch: Vec<Delivery>,
 }
 
-/// Serve one accepted stream until it closes.
-pub(crate) async fn serve<S: Transport>(
+/// Set up one accepted stream; the returned future serves it until it
+/// closes. Not an `async fn`: the arguments move straight into the boxed
+/// connection instead of also occupying the task's future, which is what
+/// every idle connection costs in memory.
+pub(crate) fn serve<S: Transport>(
     inner: Arc<Inner>,
     stream: S,
     peer: SocketAddr,
     transport: &'static str,
     tls_identity: Option<String>,
-) {
+) -> impl std::future::Future<Output = ()> + Send + 'static {
     Metrics::inc(&inner.metrics.connections_accepted);
     inner.connections.fetch_add(1, Ordering::SeqCst);
-    let mut conn = Box::new(Connection {
+    let conn = Box::new(Connection {
         conn_id: inner.next_id(),
-        inner: inner.clone(),
+        inner,
         stream,
         peer,
+        transport,
+        tls_identity,
         rbuf: BytesMut::new(),
         wbuf: BytesMut::new(),
         protocol: Protocol::V311,
@@ -108,19 +124,24 @@ pub(crate) async fn serve<S: Transport>(
         client_receive_max: 65_535,
         client_max_packet: usize::MAX,
         client_alias_max: 0,
-        alias_out: HashMap::new(),
-        alias_in: HashMap::new(),
+        aliases: None,
         more_pending: false,
         scratch: Vec::new(),
     });
-    let end = conn.run(transport, tls_identity.as_deref()).await;
-    conn.finish(end).await;
-    if inner.connections.fetch_sub(1, Ordering::SeqCst) == 1 {
-        inner.connections_closed.notify_waiters();
-    }
+    conn.serve()
 }
 
 impl<S: Transport> Connection<S> {
+    async fn serve(mut self: Box<Self>) {
+        let end = self.run().await;
+        Box::pin(self.finish(end)).await;
+        let inner = self.inner.clone();
+        drop(self);
+        if inner.connections.fetch_sub(1, Ordering::SeqCst) == 1 {
+            inner.connections_closed.notify_waiters();
+        }
+    }
+
     fn v5(&self) -> bool {
         self.protocol.is_v5()
     }
@@ -154,12 +175,14 @@ impl<S: Transport> Connection<S> {
         }
     }
 
-    async fn run(&mut self, transport: &'static str, tls_identity: Option<&str>) -> End {
-        let connect = match self.read_connect().await {
+    async fn run(&mut self) -> End {
+        // The CONNECT phase runs once: its futures live on the heap only
+        // while it lasts, keeping the per-connection task small.
+        let connect = match Box::pin(self.read_connect()).await {
             Ok(c) => c,
             Err(end) => return end,
         };
-        if let Err(end) = self.accept_connect(*connect, transport, tls_identity).await {
+        if let Err(end) = Box::pin(self.accept_connect(connect)).await {
             return end;
         }
         let mut shutdown = self.inner.shutdown.subscribe();
@@ -167,24 +190,28 @@ impl<S: Transport> Connection<S> {
             return End::Shutdown;
         }
         loop {
-            if let Err(end) = self.flush().await {
+            if let Err(end) = Box::pin(self.flush()).await {
                 return end;
             }
             if self.rbuf.is_empty() && self.rbuf.capacity() > 0 {
-                // Idle connections hold no read buffer.
+                // Idle connections hold no read buffer...
                 self.rbuf = BytesMut::new();
+            }
+            if !self.more_pending && self.wbuf.is_empty() && self.wbuf.capacity() > 0 {
+                // ...and no write buffer.
+                self.wbuf = BytesMut::new();
             }
             let waker = self.waker.clone();
             let more = self.more_pending;
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => return End::Shutdown,
-                r = self.stream.read_some(&mut self.rbuf) => match r {
+                r = self.stream.read_some(&mut self.rbuf, READ_CHUNK) => match r {
                     Ok(0) | Err(_) => return End::Lost,
                     Ok(n) => {
                         Metrics::add(&self.inner.metrics.bytes_received, n as u64);
                         self.last_rx = Instant::now();
-                        if let Err(end) = self.process_input().await {
+                        if let Err(end) = Box::pin(self.process_input()).await {
                             return end;
                         }
                     }
@@ -234,6 +261,9 @@ impl<S: Transport> Connection<S> {
         let deadline = Instant::now() + self.inner.config.connect_timeout;
         let max = self.inner.config.max_packet_size as usize;
         loop {
+            // Known before decoding: the decoder consumes a bad packet, and
+            // the refusal must go out in the client's own version.
+            let announced = decode_connect_protocol(&self.rbuf);
             match decode(&mut self.rbuf, Protocol::V5, max) {
                 Ok(Some(Packet::Connect(c))) => return Ok(c),
                 Ok(Some(_)) => {
@@ -245,7 +275,7 @@ impl<S: Transport> Connection<S> {
                     Metrics::inc(&self.inner.metrics.connections_rejected);
                     Metrics::inc(&self.inner.metrics.malformed_packets);
                     tracing::debug!(peer = %self.peer, error = %e, "bad CONNECT");
-                    if let Some(p) = decode_connect_protocol(&self.rbuf) {
+                    if let Some(p) = announced {
                         self.protocol = p;
                         let code = match e {
                             DecodeError::UnsupportedProtocolVersion(_) => {
@@ -258,7 +288,12 @@ impl<S: Transport> Connection<S> {
                     return Err(End::Lost);
                 }
             }
-            match tokio::time::timeout_at(deadline, self.stream.read_some(&mut self.rbuf)).await {
+            // Start small (a CONNECT is rarely more than a few hundred
+            // bytes) and grow only for a large one.
+            let chunk = (self.rbuf.len() * 2).clamp(256, READ_CHUNK);
+            match tokio::time::timeout_at(deadline, self.stream.read_some(&mut self.rbuf, chunk))
+                .await
+            {
                 Ok(Ok(0)) | Ok(Err(_)) => return Err(End::Lost),
                 Ok(Ok(n)) => Metrics::add(&self.inner.metrics.bytes_received, n as u64),
                 Err(_) => {
@@ -280,12 +315,10 @@ impl<S: Transport> Connection<S> {
         let _ = self.write_out().await;
     }
 
-    async fn accept_connect(
-        &mut self,
-        c: Connect,
-        transport: &'static str,
-        tls_identity: Option<&str>,
-    ) -> Result<(), End> {
+    async fn accept_connect(&mut self, c: Box<Connect>) -> Result<(), End> {
+        let c = *c;
+        let tls_identity = self.tls_identity.take();
+        let transport = self.transport;
         let cfg = &self.inner.config;
         self.protocol = c.protocol;
         let v5 = c.protocol.is_v5();
@@ -319,7 +352,7 @@ impl<S: Transport> Connection<S> {
             password: c.password.as_deref(),
             peer: self.peer,
             transport,
-            tls_identity,
+            tls_identity: tls_identity.as_deref(),
         });
         match decision {
             AuthDecision::Allow(identity) => self.identity = identity,
@@ -375,7 +408,12 @@ impl<S: Transport> Connection<S> {
         } else {
             0
         };
-        self.will = c.will;
+        // Own the will's bytes: a slice would pin the whole read buffer for
+        // the life of the connection.
+        self.will = c.will.map(|mut w| {
+            w.payload = bytes::Bytes::copy_from_slice(&w.payload);
+            Box::new(w)
+        });
 
         let (session, present) = self.inner.attach(
             &client_id,
@@ -564,12 +602,13 @@ impl<S: Transport> Connection<S> {
             let mut topic: &str = &m.topic;
             let mut alias = None;
             if self.client_alias_max > 0 {
-                if let Some(a) = self.alias_out.get(&m.topic) {
+                let out = &mut self.aliases.get_or_insert_with(Default::default).outbound;
+                if let Some(a) = out.get(&m.topic) {
                     alias = Some(*a);
                     topic = "";
-                } else if self.alias_out.len() < usize::from(self.client_alias_max) {
-                    let a = self.alias_out.len() as u16 + 1;
-                    self.alias_out.insert(m.topic.clone(), a);
+                } else if out.len() < usize::from(self.client_alias_max) {
+                    let a = out.len() as u16 + 1;
+                    out.insert(m.topic.clone(), a);
                     alias = Some(a);
                 }
             }
@@ -662,12 +701,15 @@ impl<S: Transport> Connection<S> {
                     return Err(End::Server(reason::TOPIC_ALIAS_INVALID));
                 }
                 if p.topic.is_empty() {
-                    match self.alias_in.get(&a) {
+                    match self.aliases.as_ref().and_then(|x| x.inbound.get(&a)) {
                         Some(t) => p.topic = t.clone(),
                         None => return Err(End::Server(reason::PROTOCOL_ERROR)),
                     }
                 } else {
-                    self.alias_in.insert(a, p.topic.clone());
+                    self.aliases
+                        .get_or_insert_with(Default::default)
+                        .inbound
+                        .insert(a, p.topic.clone());
                 }
             }
         }
@@ -945,7 +987,11 @@ impl<S: Transport> Connection<S> {
             _ => None,
         };
         if let (Some(code), true, true) = (code, self.v5(), self.session.is_some()) {
-            self.wbuf.clear();
+            // Acks already encoded go out first, unless the client stopped
+            // reading and the buffer is full of undeliverable messages.
+            if self.wbuf.len() > KEEP_WBUF {
+                self.wbuf.clear();
+            }
             self.send(&Packet::Disconnect(Disconnect {
                 reason_code: code,
                 properties: DisconnectProperties {
@@ -1006,7 +1052,7 @@ impl<S: Transport> Connection<S> {
             (owner, st.expiry_interval, st.generation, handover)
         };
         if let Some(will) = self.will.take() {
-            self.schedule_will(&session, will, expiry, generation);
+            self.schedule_will(&session, *will, expiry, generation);
         }
         if !owner {
             return;
@@ -1085,4 +1131,38 @@ fn random_u64() -> u64 {
         return Instant::now().elapsed().as_nanos() as u64;
     }
     u64::from_le_bytes(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::{AllowAll, StaticAuth};
+    use crate::{Broker, BrokerConfig, BrokerParts};
+
+    /// Every idle connection is one of these futures: keep it small.
+    #[tokio::test]
+    async fn idle_connection_state_is_small() {
+        let broker = Broker::open(BrokerParts {
+            config: BrokerConfig::default(),
+            data_dir: None,
+            fsync: false,
+            authenticator: Arc::new(StaticAuth::new(true)),
+            authorizer: Arc::new(AllowAll),
+        })
+        .expect("broker");
+        let (a, _b) = tokio::io::duplex(64);
+        let fut = serve(
+            broker.inner.clone(),
+            a,
+            "127.0.0.1:1".parse().expect("addr"),
+            "test",
+            None,
+        );
+        let size = std::mem::size_of_val(&fut);
+        drop(fut);
+        let conn = std::mem::size_of::<Connection<tokio::io::DuplexStream>>();
+        let session = std::mem::size_of::<Session>();
+        println!("serve future {size} B, Connection {conn} B, Session {session} B");
+        assert!(size <= 512, "serve future is {size} bytes");
+    }
 }

@@ -10,14 +10,14 @@ use tokio_rustls::TlsAcceptor;
 impl Broker {
     /// Serve one connection over any transport (the HTTP server hands
     /// WebSocket connections in here).
-    pub async fn serve_connection<S: crate::Transport>(
+    pub fn serve_connection<S: crate::Transport>(
         &self,
         stream: S,
         peer: SocketAddr,
         transport: &'static str,
         tls_identity: Option<String>,
-    ) {
-        crate::connection::serve(self.inner.clone(), stream, peer, transport, tls_identity).await
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        crate::connection::serve(self.inner.clone(), stream, peer, transport, tls_identity)
     }
 
     /// Accept plain MQTT connections until shutdown.
@@ -31,10 +31,7 @@ impl Broker {
             match accepted {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
-                    let broker = self.clone();
-                    tokio::spawn(async move {
-                        broker.serve_connection(stream, peer, "tcp", None).await;
-                    });
+                    tokio::spawn(self.serve_connection(stream, peer, "tcp", None));
                 }
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.

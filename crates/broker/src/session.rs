@@ -9,7 +9,7 @@
 use crate::message::Message;
 use mqtt_codec::{Protocol, QoS, SubscriptionOptions};
 use parking_lot::Mutex;
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use tokio::sync::Notify;
@@ -68,12 +68,12 @@ pub(crate) struct SessionState {
     /// Set when another connection took the session over (or an operator
     /// kicked it): `(connection id, reason code)`.
     pub kicked: Option<(u64, u8)>,
-    pub subscriptions: HashMap<String, SubscriptionRecord>,
+    pub subscriptions: BTreeMap<String, SubscriptionRecord>,
     pub queue: VecDeque<Outgoing>,
     pub inflight: BTreeMap<u16, InFlight>,
     pub next_packet_id: u16,
     /// Packet ids of received QoS 2 messages awaiting PUBREL.
-    pub incoming_qos2: HashSet<u16>,
+    pub incoming_qos2: BTreeSet<u16>,
     /// Session Expiry Interval in seconds (0: ends with the connection).
     pub expiry_interval: u32,
     /// Whether the session is written to the persistent store.
@@ -98,11 +98,11 @@ impl Session {
                 protocol,
                 conn: None,
                 kicked: None,
-                subscriptions: HashMap::new(),
+                subscriptions: BTreeMap::new(),
                 queue: VecDeque::new(),
                 inflight: BTreeMap::new(),
                 next_packet_id: 1,
-                incoming_qos2: HashSet::new(),
+                incoming_qos2: BTreeSet::new(),
                 expiry_interval: 0,
                 persistent: false,
                 disconnected_at: None,

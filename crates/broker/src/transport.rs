@@ -9,25 +9,34 @@ use std::future::Future;
 use std::io;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 
-/// Bytes read per system call.
+/// Bytes read per system call once a connection is established.
 pub(crate) const READ_CHUNK: usize = 16 * 1024;
 
 pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {
-    /// Read at least one byte into `buf` (0 means end of stream).
+    /// Read at least one byte into `buf` (0 means end of stream), making
+    /// room for at least `chunk` bytes first.
     fn read_some<'a>(
         &'a mut self,
         buf: &'a mut BytesMut,
+        chunk: usize,
     ) -> impl Future<Output = io::Result<usize>> + Send + 'a;
 }
 
 impl Transport for tokio::net::TcpStream {
-    async fn read_some(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
+    async fn read_some(&mut self, buf: &mut BytesMut, chunk: usize) -> io::Result<usize> {
         loop {
             self.readable().await?;
-            buf.reserve(READ_CHUNK);
+            buf.reserve(chunk);
             match self.try_read_buf(buf) {
                 Ok(n) => return Ok(n),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // Readiness was stale: give the buffer back before
+                    // waiting, or every idle connection would hold one.
+                    if buf.is_empty() {
+                        *buf = BytesMut::new();
+                    }
+                    continue;
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -37,8 +46,8 @@ impl Transport for tokio::net::TcpStream {
 macro_rules! buffered_transport {
     ($($t:ty),*) => {$(
         impl Transport for $t {
-            async fn read_some(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
-                buf.reserve(READ_CHUNK);
+            async fn read_some(&mut self, buf: &mut BytesMut, chunk: usize) -> io::Result<usize> {
+                buf.reserve(chunk);
                 self.read_buf(buf).await
             }
         }

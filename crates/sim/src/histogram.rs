@@ -120,13 +120,19 @@ impl Histogram {
 
     /// The value below which `p` percent of the recorded values fall
     /// (nearest-rank, reported as the bucket midpoint clamped to the exact
-    /// min/max). 0 when empty.
+    /// min/max; p0 and p100 are the exact min and max). 0 when empty.
     pub fn percentile(&self, p: f64) -> u64 {
         if self.total == 0 {
             return 0;
         }
         let p = p.clamp(0.0, 100.0);
         let rank = ((p / 100.0) * self.total as f64).ceil().max(1.0) as u64;
+        if rank >= self.total {
+            return self.max;
+        }
+        if p == 0.0 {
+            return self.min;
+        }
         let mut seen = 0u64;
         for (idx, &c) in self.counts.iter().enumerate() {
             if c == 0 {

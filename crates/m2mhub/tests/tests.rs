@@ -1,0 +1,37 @@
+//! Integration tests of m2mhub: the real server (in-process, or the binary)
+//! on ephemeral loopback ports, driven by rumqttc (MQTT 3.1.1 and 5) and by
+//! raw sockets speaking bytes crafted with `mqtt-codec`.
+//!
+//! One test binary; the modules live in `tests/tests/`.
+
+#[path = "tests/common.rs"]
+mod common;
+
+#[path = "tests/auth.rs"]
+mod auth;
+#[path = "tests/bad_input.rs"]
+mod bad_input;
+#[path = "tests/cli.rs"]
+mod cli;
+#[path = "tests/flow.rs"]
+mod flow;
+#[path = "tests/http.rs"]
+mod http;
+#[path = "tests/persistence.rs"]
+mod persistence;
+#[path = "tests/process.rs"]
+mod process;
+#[path = "tests/retained.rs"]
+mod retained;
+#[path = "tests/sessions.rs"]
+mod sessions;
+#[path = "tests/shared.rs"]
+mod shared;
+#[path = "tests/transports.rs"]
+mod transports;
+#[path = "tests/v311.rs"]
+mod v311;
+#[path = "tests/v5.rs"]
+mod v5;
+#[path = "tests/will.rs"]
+mod will;

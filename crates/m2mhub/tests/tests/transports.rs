@@ -1,0 +1,332 @@
+//! MQTT over TLS (server authentication and mutual TLS) and over WebSocket.
+
+use crate::common::*;
+use bytes::BytesMut;
+use futures_util::{SinkExt, StreamExt};
+use mqtt_codec::{decode, Packet, Protocol, QoS};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    KeyUsagePurpose,
+};
+use std::path::Path;
+use std::sync::Arc;
+use tokio_rustls::rustls;
+use tokio_rustls::rustls::pki_types::{
+    CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName,
+};
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn client_config(
+    trust: &CertificateDer<'static>,
+    identity: Option<(CertificateDer<'static>, PrivateKeyDer<'static>)>,
+) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(trust.clone()).expect("trust anchor");
+    let b = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions")
+        .with_root_certificates(roots);
+    Arc::new(match identity {
+        Some((cert, key)) => b
+            .with_client_auth_cert(vec![cert], key)
+            .expect("client cert"),
+        None => b.with_no_client_auth(),
+    })
+}
+
+fn key_der(k: &KeyPair) -> PrivateKeyDer<'static> {
+    PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(k.serialize_der()))
+}
+
+fn write(dir: &Path, name: &str, pem: &str) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, pem).expect("write PEM");
+    p.display().to_string()
+}
+
+/// TLS handshake, then MQTT CONNECT; returns the CONNACK reason code, or
+/// None if the TLS session or the connection failed first.
+async fn tls_connect(
+    addr: std::net::SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+    client_id: &str,
+) -> Option<u8> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("TCP");
+    let connector = tokio_rustls::TlsConnector::from(config);
+    let name = ServerName::try_from("localhost").expect("name");
+    let tls = within("TLS handshake", connector.connect(name, tcp))
+        .await
+        .ok()?;
+    let mut raw = Raw::over(Box::new(tls), Protocol::V5);
+    let connect = bytes_of(&Packet::Connect(Box::new(v5(client_id))), Protocol::V5);
+    if !raw.try_send_raw(&connect).await {
+        return None;
+    }
+    match raw.next(WAIT).await {
+        Next::Packet(Packet::ConnAck(a)) => Some(a.reason_code),
+        Next::Packet(other) => panic!("expected CONNACK, got {other:?}"),
+        Next::Closed => None,
+        Next::Timeout => panic!("no answer over TLS"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_listener_accepts_mqtt_with_a_self_signed_certificate() {
+    let pems = tempfile::tempdir().expect("tempdir");
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("cert");
+    let cert = write(pems.path(), "cert.pem", &ck.cert.pem());
+    let key = write(pems.path(), "key.pem", &ck.key_pair.serialize_pem());
+    let srv = TestServer::with(|s| {
+        s.mqtt.tls_cert = cert;
+        s.mqtt.tls_key = key;
+    })
+    .await;
+    let mqtts = srv.get().mqtts_addr.expect("TLS listener");
+    let code = tls_connect(mqtts, client_config(ck.cert.der(), None), "tls-1").await;
+    assert_eq!(code, Some(0), "CONNACK success over TLS");
+
+    // A full round trip over TLS, to a plain TCP subscriber.
+    let (mut sub, _) = Raw::connect_ok(srv.mqtt(), v5("tls-sub")).await;
+    sub.subscribe(1, "tls/t", QoS::AtLeastOnce).await;
+    let tcp = tokio::net::TcpStream::connect(mqtts).await.expect("TCP");
+    let tls = tokio_rustls::TlsConnector::from(client_config(ck.cert.der(), None))
+        .connect(ServerName::try_from("localhost").expect("name"), tcp)
+        .await
+        .expect("TLS");
+    let mut p = Raw::over(Box::new(tls), Protocol::V5);
+    assert_eq!(p.handshake(v5("tls-pub")).await.reason_code, 0);
+    p.publish(publish("tls/t", QoS::AtLeastOnce, 1, "secret"))
+        .await;
+    assert_eq!(text(&sub.recv_publish().await), "secret");
+
+    // A client that does not trust the certificate fails the handshake.
+    let other = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("cert");
+    assert_eq!(
+        tls_connect(
+            mqtts,
+            client_config(other.cert.der(), None),
+            "tls-untrusted"
+        )
+        .await,
+        None
+    );
+}
+
+struct Pki {
+    ca_cert: rcgen::Certificate,
+    ca_key: KeyPair,
+}
+
+impl Pki {
+    fn new(name: &str) -> Pki {
+        let mut p = CertificateParams::new(Vec::<String>::new()).expect("params");
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.distinguished_name.push(DnType::CommonName, name);
+        p.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let ca_key = KeyPair::generate().expect("key");
+        let ca_cert = p.self_signed(&ca_key).expect("CA cert");
+        Pki { ca_cert, ca_key }
+    }
+
+    fn issue(&self, cn: &str, server: bool) -> (rcgen::Certificate, KeyPair) {
+        let sans = if server {
+            vec!["localhost".to_string()]
+        } else {
+            Vec::new()
+        };
+        let mut p = CertificateParams::new(sans).expect("params");
+        p.distinguished_name.push(DnType::CommonName, cn);
+        p.extended_key_usages = vec![if server {
+            ExtendedKeyUsagePurpose::ServerAuth
+        } else {
+            ExtendedKeyUsagePurpose::ClientAuth
+        }];
+        let key = KeyPair::generate().expect("key");
+        let cert = p
+            .signed_by(&key, &self.ca_cert, &self.ca_key)
+            .expect("sign");
+        (cert, key)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_requires_a_client_certificate_signed_by_the_ca() {
+    let pems = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new("m2mhub test CA");
+    let (server_cert, server_key) = pki.issue("localhost", true);
+    let cert = write(pems.path(), "server.pem", &server_cert.pem());
+    let key = write(pems.path(), "server-key.pem", &server_key.serialize_pem());
+    let ca = write(pems.path(), "ca.pem", &pki.ca_cert.pem());
+    let srv = TestServer::with(|s| {
+        s.mqtt.tls_cert = cert;
+        s.mqtt.tls_key = key;
+        s.mqtt.tls_client_ca = ca;
+    })
+    .await;
+    let mqtts = srv.get().mqtts_addr.expect("TLS listener");
+    let trust = pki.ca_cert.der().clone();
+
+    // No client certificate: refused.
+    assert_eq!(
+        tls_connect(mqtts, client_config(&trust, None), "mtls-none").await,
+        None,
+        "a client without a certificate must not get a CONNACK"
+    );
+    // A certificate from another CA: refused.
+    let rogue = Pki::new("rogue CA");
+    let (rc, rk) = rogue.issue("device-rogue", false);
+    assert_eq!(
+        tls_connect(
+            mqtts,
+            client_config(&trust, Some((rc.der().clone(), key_der(&rk)))),
+            "mtls-rogue"
+        )
+        .await,
+        None
+    );
+    // A certificate signed by the configured CA: accepted.
+    let (dc, dk) = pki.issue("device-1", false);
+    assert_eq!(
+        tls_connect(
+            mqtts,
+            client_config(&trust, Some((dc.der().clone(), key_der(&dk)))),
+            "mtls-ok"
+        )
+        .await,
+        Some(0)
+    );
+}
+
+/// MQTT over a WebSocket: binary frames carry the byte stream.
+struct Ws {
+    ws: tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+    buf: BytesMut,
+}
+
+impl Ws {
+    async fn connect(http: std::net::SocketAddr) -> Ws {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        use tokio_tungstenite::tungstenite::http::HeaderValue;
+        let mut req = format!("ws://{http}/mqtt")
+            .into_client_request()
+            .expect("request");
+        req.headers_mut()
+            .insert("Sec-WebSocket-Protocol", HeaderValue::from_static("mqtt"));
+        let (ws, resp) = within("WebSocket upgrade", tokio_tungstenite::connect_async(req))
+            .await
+            .expect("WebSocket connect");
+        assert_eq!(
+            resp.headers()
+                .get("sec-websocket-protocol")
+                .and_then(|v| v.to_str().ok()),
+            Some("mqtt"),
+            "subprotocol mqtt negotiated"
+        );
+        Ws {
+            ws,
+            buf: BytesMut::new(),
+        }
+    }
+
+    async fn send(&mut self, p: &Packet) {
+        let b = bytes_of(p, Protocol::V5).freeze();
+        within(
+            "WebSocket send",
+            self.ws
+                .send(tokio_tungstenite::tungstenite::Message::Binary(b)),
+        )
+        .await
+        .expect("send");
+    }
+
+    async fn recv(&mut self) -> Packet {
+        within("packet over WebSocket", async {
+            loop {
+                if let Some(p) = decode(&mut self.buf, Protocol::V5, usize::MAX).expect("decode") {
+                    return p;
+                }
+                match self.ws.next().await {
+                    Some(Ok(tokio_tungstenite::tungstenite::Message::Binary(b))) => {
+                        self.buf.extend_from_slice(&b)
+                    }
+                    Some(Ok(tokio_tungstenite::tungstenite::Message::Ping(_)))
+                    | Some(Ok(tokio_tungstenite::tungstenite::Message::Pong(_))) => {}
+                    other => panic!("unexpected WebSocket message {other:?}"),
+                }
+            }
+        })
+        .await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_mqtt_round_trip() {
+    let srv = TestServer::start().await;
+    let mut ws = Ws::connect(srv.http()).await;
+    ws.send(&Packet::Connect(Box::new(v5("ws-client")))).await;
+    match ws.recv().await {
+        Packet::ConnAck(a) => assert_eq!(a.reason_code, 0),
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+    ws.send(&Packet::Subscribe(mqtt_codec::Subscribe {
+        packet_id: 1,
+        properties: Default::default(),
+        filters: vec![(
+            "ws/#".into(),
+            mqtt_codec::SubscriptionOptions {
+                qos: QoS::AtLeastOnce,
+                ..Default::default()
+            },
+        )],
+    }))
+    .await;
+    match ws.recv().await {
+        Packet::SubAck(a) => assert_eq!(a.reason_codes, vec![1]),
+        other => panic!("expected SUBACK, got {other:?}"),
+    }
+    // Published over the WebSocket, received over the WebSocket.
+    ws.send(&Packet::Publish(publish(
+        "ws/self",
+        QoS::AtLeastOnce,
+        2,
+        "hello",
+    )))
+    .await;
+    let mut got_ack = false;
+    let mut got_msg = false;
+    while !(got_ack && got_msg) {
+        match ws.recv().await {
+            Packet::PubAck(a) => {
+                assert_eq!(a.packet_id, 2);
+                got_ack = true;
+            }
+            Packet::Publish(p) => {
+                assert_eq!((p.topic.as_str(), text(&p).as_str()), ("ws/self", "hello"));
+                ws.send(&Packet::PubAck(mqtt_codec::PubResponse::new(
+                    p.packet_id.expect("pid"),
+                    0,
+                )))
+                .await;
+                got_msg = true;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    // And from a TCP client to the WebSocket client.
+    let (mut p, _) = Raw::connect_ok(srv.mqtt(), v3("ws-tcp-pub")).await;
+    p.publish(publish("ws/tcp", QoS::AtMostOnce, 0, "from tcp"))
+        .await;
+    match ws.recv().await {
+        Packet::Publish(m) => assert_eq!(text(&m), "from tcp"),
+        other => panic!("expected PUBLISH, got {other:?}"),
+    }
+}
