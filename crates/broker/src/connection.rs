@@ -211,8 +211,15 @@ impl<S: Transport> Connection<S> {
                     Ok(n) => {
                         Metrics::add(&self.inner.metrics.bytes_received, n as u64);
                         self.last_rx = Instant::now();
+                        let drops = self.inner.metrics.messages_dropped_queue_full.load(Ordering::Relaxed);
                         if let Err(end) = Box::pin(self.process_input()).await {
                             return end;
+                        }
+                        if self.inner.metrics.messages_dropped_queue_full.load(Ordering::Relaxed) != drops {
+                            // Subscribers are falling behind: give the worker
+                            // thread to them (and to I/O polling) before
+                            // reading more, instead of reading only to drop.
+                            tokio::task::yield_now().await;
                         }
                     }
                 },
