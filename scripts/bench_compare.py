@@ -97,6 +97,12 @@ def main():
 
         res = {}
         for name, port, _ in brokers:
+            res[name] = bench(binary, port, dur, "--scenario", "fan-in", "--publishers", 10, "--qos", 0)
+            print(f"  QoS 0 unpaced {name}: {summary(res[name])}", file=sys.stderr)
+        rows.append(("QoS 0 fan-in, 10 → 1, unpaced (saturation: delivered/s, any loss and latency shown)", res))
+
+        res = {}
+        for name, port, _ in brokers:
             print(f"fan-in QoS 1 (unpaced, window 64), {name}", file=sys.stderr)
             res[name] = bench(binary, port, dur, "--scenario", "fan-in", "--publishers", 10, "--qos", 1)
             print(f"  {summary(res[name])}", file=sys.stderr)

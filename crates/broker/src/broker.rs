@@ -56,6 +56,45 @@ pub struct Broker {
     pub(crate) inner: Arc<Inner>,
 }
 
+/// What the API shows of a session.
+#[derive(Debug, Clone)]
+pub struct SessionInfo {
+    pub client_id: String,
+    pub online: bool,
+    pub protocol_v5: bool,
+    pub persistent: bool,
+    pub expiry_interval: u32,
+    /// Seconds since the client disconnected, while offline.
+    pub offline_secs: Option<u64>,
+    pub subscriptions: Vec<(String, u8)>,
+    pub queued: usize,
+    pub inflight: usize,
+    /// Messages dropped for this session (queue full or too large).
+    pub dropped: u64,
+}
+
+impl SessionInfo {
+    fn of(s: &Session) -> SessionInfo {
+        let st = s.state.lock();
+        SessionInfo {
+            client_id: s.client_id.to_string(),
+            online: st.conn.is_some(),
+            protocol_v5: st.protocol.is_v5(),
+            persistent: st.persistent,
+            expiry_interval: st.expiry_interval,
+            offline_secs: st.disconnected_at.map(|t| t.elapsed().as_secs()),
+            subscriptions: st
+                .subscriptions
+                .iter()
+                .map(|(f, r)| (f.clone(), r.options.qos as u8))
+                .collect(),
+            queued: st.queue.len(),
+            inflight: st.inflight.len(),
+            dropped: st.dropped,
+        }
+    }
+}
+
 /// Options for [`Broker::open`].
 pub struct BrokerParts {
     pub config: BrokerConfig,
@@ -186,6 +225,27 @@ impl Broker {
     /// Snapshot of the gauges, for the API.
     pub fn gauges(&self) -> Gauges {
         self.inner.gauges()
+    }
+
+    /// One page of sessions, ordered by client id, starting after `after`.
+    pub fn sessions(&self, after: Option<&str>, limit: usize) -> Vec<SessionInfo> {
+        let mut list: Vec<Arc<Session>> = {
+            let sessions = self.inner.sessions.lock();
+            sessions
+                .values()
+                .filter(|s| after.is_none_or(|a| &*s.client_id > a))
+                .cloned()
+                .collect()
+        };
+        list.sort_by(|a, b| a.client_id.cmp(&b.client_id));
+        list.truncate(limit);
+        list.iter().map(|s| SessionInfo::of(s)).collect()
+    }
+
+    /// One session by client id.
+    pub fn session(&self, client_id: &str) -> Option<SessionInfo> {
+        let s = self.inner.sessions.lock().get(client_id).cloned()?;
+        Some(SessionInfo::of(&s))
     }
 
     /// Publish a message from the platform itself (no authorization).

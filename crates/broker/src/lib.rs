@@ -28,7 +28,7 @@ pub mod tls;
 mod topic_tree;
 mod transport;
 
-pub use broker::{store_dir, Broker, BrokerError, BrokerParts};
+pub use broker::{store_dir, Broker, BrokerError, BrokerParts, SessionInfo};
 pub use config::BrokerConfig;
 pub use session::Session;
 pub use transport::Transport;

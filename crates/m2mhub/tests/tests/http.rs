@@ -78,3 +78,43 @@ async fn unknown_api_path_is_a_problem_document_404() {
     let j = http_get(srv.http(), "/api/v1/x").await.json();
     assert_eq!(j["instance"], "/api/v1/x", "{j}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_api_lists_pages_and_shows_sessions() {
+    let srv = TestServer::start().await;
+    let (mut a, _) = Raw::connect_ok(srv.mqtt(), v5("api-a")).await;
+    a.subscribe(1, "api/#", QoS::AtLeastOnce).await;
+    let (_b, _) = Raw::connect_ok(srv.mqtt(), v5("api-b")).await;
+
+    let r = http_get(srv.http(), "/api/v1/sessions?limit=1").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let page = r.json();
+    assert_eq!(page["items"].as_array().map(|a| a.len()), Some(1));
+    assert_eq!(page["items"][0]["client_id"], "api-a");
+    assert_eq!(page["items"][0]["subscriptions"][0]["filter"], "api/#");
+    assert_eq!(page["next"], "api-a");
+
+    let page = http_get(srv.http(), "/api/v1/sessions?limit=1&after=api-a")
+        .await
+        .json();
+    assert_eq!(page["items"][0]["client_id"], "api-b");
+    assert_eq!(page["items"][0]["online"], true);
+
+    let r = http_get(srv.http(), "/api/v1/sessions/api-b").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["queued"], 0);
+    for (path, status) in [
+        ("/api/v1/sessions/nobody", 404),
+        ("/api/v1/sessions?limit=abc", 400),
+        ("/api/v1/sessions?limit=0", 400),
+    ] {
+        let r = http_get(srv.http(), path).await;
+        assert_eq!(r.status, status, "{path}: {}", r.body);
+        assert!(
+            r.header("content-type")
+                .is_some_and(|v| v.starts_with("application/problem+json")),
+            "{path}"
+        );
+        assert_eq!(r.json()["status"], status);
+    }
+}
