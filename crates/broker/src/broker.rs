@@ -47,6 +47,8 @@ pub(crate) struct Inner {
     pub connections: AtomicU64,
     pub connections_closed: Notify,
     pub shutdown: watch::Sender<bool>,
+    /// Set when shutdown begins; connections check it when signalled.
+    pub shutting_down: std::sync::atomic::AtomicBool,
     pub started: Instant,
 }
 
@@ -145,6 +147,7 @@ impl Broker {
             connections: AtomicU64::new(0),
             connections_closed: Notify::new(),
             shutdown,
+            shutting_down: std::sync::atomic::AtomicBool::new(false),
             started: Instant::now(),
         });
         if let Some(rec) = recovered {
@@ -177,7 +180,12 @@ impl Broker {
     /// Ask every connection to close (MQTT 5 clients get DISCONNECT 0x8B),
     /// wait up to `grace` for them, then flush the store.
     pub async fn shutdown(&self, grace: Duration) {
+        self.inner.shutting_down.store(true, Ordering::SeqCst);
         let _ = self.inner.shutdown.send(true);
+        // Wake every connected client's task; each sees the flag and leaves.
+        for s in self.inner.sessions.lock().values() {
+            s.state.lock().wake();
+        }
         let deadline = Instant::now() + grace;
         while self.inner.connections.load(Ordering::SeqCst) > 0 {
             let wait = self.inner.connections_closed.notified();
@@ -419,7 +427,7 @@ impl Inner {
         clean_start: bool,
         protocol: Protocol,
         conn_id: u64,
-        waker: Arc<Notify>,
+        waker: Arc<crate::signal::Signal>,
     ) -> (Arc<Session>, bool) {
         let mut sessions = self.sessions.lock();
         if let Some(existing) = sessions.get(client_id).cloned() {
@@ -427,7 +435,7 @@ impl Inner {
                 let mut st = existing.state.lock();
                 if let Some(old) = st.conn.take() {
                     st.kicked = Some((old.conn_id, mqtt_codec::reason::SESSION_TAKEN_OVER));
-                    old.waker.notify_one();
+                    old.waker.notify();
                     Metrics::inc(&self.metrics.sessions_taken_over);
                 }
                 if !clean_start {

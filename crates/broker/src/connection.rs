@@ -12,6 +12,7 @@ use crate::message::Message;
 use crate::metrics::Metrics;
 use crate::outbound::PublishOut;
 use crate::session::{InFlight, Outgoing, Session, Stage};
+use crate::signal::Signal;
 use crate::topic_tree::Delivery;
 use crate::transport::{Transport, READ_CHUNK};
 use bytes::BytesMut;
@@ -28,7 +29,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
-use tokio::sync::Notify;
 use tokio::time::{Instant, Sleep};
 
 /// Messages moved from the session queue per batch.
@@ -73,7 +73,7 @@ pub(crate) struct Connection<S: Transport> {
     protocol: Protocol,
     client_id: Arc<str>,
     session: Option<Arc<Session>>,
-    waker: Arc<Notify>,
+    waker: Arc<Signal>,
     identity: ClientIdentity,
     keep_alive: Duration,
     last_rx: Instant,
@@ -114,7 +114,7 @@ pub(crate) fn serve<S: Transport>(
         protocol: Protocol::V311,
         client_id: "".into(),
         session: None,
-        waker: Arc::new(Notify::new()),
+        waker: Arc::new(Signal::default()),
         identity: ClientIdentity::default(),
         keep_alive: Duration::ZERO,
         last_rx: Instant::now(),
@@ -185,11 +185,10 @@ impl<S: Transport> Connection<S> {
         if let Err(end) = Box::pin(self.accept_connect(connect)).await {
             return end;
         }
-        let mut shutdown = self.inner.shutdown.subscribe();
-        if *shutdown.borrow() {
-            return End::Shutdown;
-        }
         loop {
+            if self.inner.shutting_down.load(Ordering::SeqCst) {
+                return End::Shutdown;
+            }
             if let Err(end) = Box::pin(self.flush()).await {
                 return end;
             }
@@ -201,11 +200,15 @@ impl<S: Transport> Connection<S> {
                 // ...and no write buffer.
                 self.wbuf = BytesMut::new();
             }
-            let waker = self.waker.clone();
             let more = self.more_pending;
+            let signal = self.waker.clone();
             tokio::select! {
                 biased;
-                _ = shutdown.changed() => return End::Shutdown,
+                _ = std::future::poll_fn(|cx| signal.poll_wait(cx)) => {
+                    if let Some(end) = self.check_kicked() {
+                        return end;
+                    }
+                }
                 r = self.stream.read_some(&mut self.rbuf, READ_CHUNK) => match r {
                     Ok(0) | Err(_) => return End::Lost,
                     Ok(n) => {
@@ -223,11 +226,6 @@ impl<S: Transport> Connection<S> {
                         }
                     }
                 },
-                _ = waker.notified() => {
-                    if let Some(end) = self.check_kicked() {
-                        return end;
-                    }
-                }
                 _ = async {
                     match self.ka_sleep.as_mut() {
                         Some(s) => s.await,
@@ -435,6 +433,8 @@ impl<S: Transport> Connection<S> {
             st.persistent = expiry > 0;
             st.persistent
         };
+        // Share the session's copy of the id rather than keep a second one.
+        self.client_id = session.client_id.clone();
         self.session = Some(session.clone());
         if put {
             if let Some(op) = self.inner.session_put_op(&session) {
@@ -1157,7 +1157,14 @@ mod tests {
             authorizer: Arc::new(AllowAll),
         })
         .expect("broker");
-        let (a, _b) = tokio::io::duplex(64);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let client = tokio::net::TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (a, _) = listener.accept().await.expect("accept");
+        drop(client);
         let fut = serve(
             broker.inner.clone(),
             a,
@@ -1167,9 +1174,9 @@ mod tests {
         );
         let size = std::mem::size_of_val(&fut);
         drop(fut);
-        let conn = std::mem::size_of::<Connection<tokio::io::DuplexStream>>();
+        let conn = std::mem::size_of::<Connection<tokio::net::TcpStream>>();
         let session = std::mem::size_of::<Session>();
         println!("serve future {size} B, Connection {conn} B, Session {session} B");
-        assert!(size <= 512, "serve future is {size} bytes");
+        assert!(size <= 256, "serve future is {size} bytes");
     }
 }

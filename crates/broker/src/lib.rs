@@ -23,6 +23,7 @@ mod outbound;
 mod persist;
 mod retained;
 pub mod session;
+mod signal;
 mod sys;
 pub mod tls;
 mod topic_tree;

@@ -12,7 +12,6 @@ use parking_lot::Mutex;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use tokio::sync::Notify;
 use tokio::time::Instant;
 
 pub struct Session {
@@ -27,7 +26,7 @@ pub struct Session {
 pub(crate) struct ConnLink {
     pub conn_id: u64,
     /// Wakes the connection: new messages to send, or it has been kicked.
-    pub waker: Arc<Notify>,
+    pub waker: Arc<crate::signal::Signal>,
 }
 
 /// A message waiting in a session's queue or in flight.
@@ -146,7 +145,7 @@ impl SessionState {
     /// Wake the owning connection, if any.
     pub fn wake(&self) {
         if let Some(c) = &self.conn {
-            c.waker.notify_one();
+            c.waker.notify();
         }
     }
 }

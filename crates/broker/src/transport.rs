@@ -25,7 +25,9 @@ pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {
 impl Transport for tokio::net::TcpStream {
     async fn read_some(&mut self, buf: &mut BytesMut, chunk: usize) -> io::Result<usize> {
         loop {
-            self.readable().await?;
+            // poll_read_ready keeps its waker in the socket's registration,
+            // so waiting stores no future state in the connection's task.
+            std::future::poll_fn(|cx| self.poll_read_ready(cx)).await?;
             buf.reserve(chunk);
             match self.try_read_buf(buf) {
                 Ok(n) => return Ok(n),
