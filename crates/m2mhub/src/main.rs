@@ -11,7 +11,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-
 /// mimalloc instead of the system allocator: fewer bytes per idle
 /// connection (1,546 vs 1,692) and ~10% more QoS 1 throughput in the same
 /// run (BENCHMARKS.md).
