@@ -11,6 +11,18 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
+/// The verified client certificate of a mutual-TLS connection.
+#[derive(Debug, Clone)]
+pub struct TlsPeer {
+    /// Subject common name, if the certificate has one.
+    pub common_name: Option<String>,
+    /// SHA-256 of the certificate's DER encoding: how the registry finds
+    /// (and revokes) an individual certificate.
+    pub fingerprint: [u8; 32],
+    /// The certificate itself (DER), for authenticators that need more.
+    pub der: Vec<u8>,
+}
+
 /// What a client presented when connecting.
 #[derive(Debug)]
 pub struct ConnectInfo<'a> {
@@ -20,8 +32,8 @@ pub struct ConnectInfo<'a> {
     pub peer: SocketAddr,
     /// `tcp`, `tls` or `ws`.
     pub transport: &'static str,
-    /// Subject common name of a verified client certificate (mutual TLS).
-    pub tls_identity: Option<&'a str>,
+    /// The verified client certificate (mutual TLS only).
+    pub tls: Option<&'a TlsPeer>,
 }
 
 /// The authenticated principal, kept for the life of the connection and
@@ -29,8 +41,13 @@ pub struct ConnectInfo<'a> {
 #[derive(Debug, Clone, Default)]
 pub struct ClientIdentity {
     pub username: Option<Arc<str>>,
-    /// Free-form attributes an authenticator attaches (device id, tenant…).
-    pub attributes: Vec<(Arc<str>, Arc<str>)>,
+    /// The registered device this connection speaks for.
+    pub device_id: Option<Arc<str>>,
+    pub tenant: Option<Arc<str>>,
+    pub group: Option<Arc<str>>,
+    /// Set for a client that holds only a fleet-provisioning claim token
+    /// (the claim token's id): it may use the provisioning topics only.
+    pub claim: Option<Arc<str>>,
     /// Internal clients (the platform itself) bypass authorization.
     pub internal: bool,
 }
@@ -222,7 +239,7 @@ mod tests {
             password: pw,
             peer: "127.0.0.1:1".parse().expect("addr"),
             transport: "tcp",
-            tls_identity: None,
+            tls: None,
         }
     }
 

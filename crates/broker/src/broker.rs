@@ -42,6 +42,8 @@ pub(crate) struct Inner {
     pub authn: Arc<dyn Authenticator>,
     pub authz: Arc<dyn Authorizer>,
     pub metrics: Metrics,
+    /// Shared identity of not-yet-authenticated connections.
+    pub anonymous: Arc<crate::auth::ClientIdentity>,
     ids: AtomicU64,
     seq: AtomicU64,
     pub connections: AtomicU64,
@@ -142,6 +144,7 @@ impl Broker {
             authn: parts.authenticator,
             authz: parts.authorizer,
             metrics: Metrics::default(),
+            anonymous: Arc::new(crate::auth::ClientIdentity::default()),
             ids: AtomicU64::new(1),
             seq: AtomicU64::new(1),
             connections: AtomicU64::new(0),

@@ -65,8 +65,8 @@ pub(crate) struct Connection<S: Transport> {
     stream: S,
     peer: SocketAddr,
     transport: &'static str,
-    /// Common name of the client certificate, until CONNECT uses it.
-    tls_identity: Option<String>,
+    /// The client certificate, until CONNECT uses it.
+    tls: Option<Box<crate::auth::TlsPeer>>,
     conn_id: u64,
     rbuf: BytesMut,
     wbuf: BytesMut,
@@ -74,7 +74,7 @@ pub(crate) struct Connection<S: Transport> {
     client_id: Arc<str>,
     session: Option<Arc<Session>>,
     waker: Arc<Signal>,
-    identity: ClientIdentity,
+    identity: Arc<ClientIdentity>,
     keep_alive: Duration,
     last_rx: Instant,
     ka_sleep: Option<Pin<Box<Sleep>>>,
@@ -98,24 +98,25 @@ pub(crate) fn serve<S: Transport>(
     stream: S,
     peer: SocketAddr,
     transport: &'static str,
-    tls_identity: Option<String>,
+    tls: Option<Box<crate::auth::TlsPeer>>,
 ) -> impl std::future::Future<Output = ()> + Send + 'static {
     Metrics::inc(&inner.metrics.connections_accepted);
     inner.connections.fetch_add(1, Ordering::SeqCst);
+    let anonymous = inner.anonymous.clone();
     let conn = Box::new(Connection {
         conn_id: inner.next_id(),
         inner,
         stream,
         peer,
         transport,
-        tls_identity,
+        tls,
         rbuf: BytesMut::new(),
         wbuf: BytesMut::new(),
         protocol: Protocol::V311,
         client_id: "".into(),
         session: None,
         waker: Arc::new(Signal::default()),
-        identity: ClientIdentity::default(),
+        identity: anonymous,
         keep_alive: Duration::ZERO,
         last_rx: Instant::now(),
         ka_sleep: None,
@@ -322,7 +323,7 @@ impl<S: Transport> Connection<S> {
 
     async fn accept_connect(&mut self, c: Box<Connect>) -> Result<(), End> {
         let c = *c;
-        let tls_identity = self.tls_identity.take();
+        let tls = self.tls.take();
         let transport = self.transport;
         let cfg = &self.inner.config;
         self.protocol = c.protocol;
@@ -357,10 +358,10 @@ impl<S: Transport> Connection<S> {
             password: c.password.as_deref(),
             peer: self.peer,
             transport,
-            tls_identity: tls_identity.as_deref(),
+            tls: tls.as_deref(),
         });
         match decision {
-            AuthDecision::Allow(identity) => self.identity = identity,
+            AuthDecision::Allow(identity) => self.identity = Arc::new(identity),
             AuthDecision::Deny(code) => {
                 Metrics::inc(&self.inner.metrics.auth_failures);
                 tracing::info!(peer = %self.peer, client_id = %client_id, reason = reason::name(code), "connection refused");

@@ -15,9 +15,15 @@ impl Broker {
         stream: S,
         peer: SocketAddr,
         transport: &'static str,
-        tls_identity: Option<String>,
+        tls: Option<crate::auth::TlsPeer>,
     ) -> impl std::future::Future<Output = ()> + Send + 'static {
-        crate::connection::serve(self.inner.clone(), stream, peer, transport, tls_identity)
+        crate::connection::serve(
+            self.inner.clone(),
+            stream,
+            peer,
+            transport,
+            tls.map(Box::new),
+        )
     }
 
     /// Accept plain MQTT connections until shutdown.
@@ -70,7 +76,7 @@ impl Broker {
                                 return;
                             }
                         };
-                        let identity = crate::tls::peer_common_name(tls.get_ref().1);
+                        let identity = crate::tls::peer(tls.get_ref().1);
                         broker.serve_connection(tls, peer, "tls", identity).await;
                     });
                 }

@@ -72,18 +72,30 @@ pub fn server_config(
     Ok(Arc::new(config))
 }
 
-/// The subject common name of the client's verified certificate, if any.
+/// The client's verified certificate, if any: its subject common name and
+/// fingerprint.
 ///
-/// A minimal DER walk: find the commonName OID (2.5.4.3) and read the string
-/// that follows. Good enough to name a device; full X.509 parsing arrives
-/// with device identity.
-pub(crate) fn peer_common_name(conn: &ServerConnection) -> Option<String> {
+/// The common name comes from a minimal DER walk (find the commonName OID
+/// 2.5.4.3 and read the string that follows): enough to name a device
+/// without a full X.509 parser on the connection path.
+pub(crate) fn peer(conn: &ServerConnection) -> Option<crate::auth::TlsPeer> {
     let cert = conn.peer_certificates()?.first()?;
     let der = cert.as_ref();
+    let digest = ring::digest::digest(&ring::digest::SHA256, der);
+    let mut fingerprint = [0u8; 32];
+    fingerprint.copy_from_slice(digest.as_ref());
+    Some(crate::auth::TlsPeer {
+        common_name: common_name(der),
+        fingerprint,
+        der: der.to_vec(),
+    })
+}
+
+fn common_name(der: &[u8]) -> Option<String> {
     const CN_OID: [u8; 5] = [0x06, 0x03, 0x55, 0x04, 0x03];
     let pos = der.windows(CN_OID.len()).rposition(|w| w == CN_OID)?;
     let rest = der.get(pos + CN_OID.len()..)?;
-    let (_tag, len) = (rest.first()?, *rest.get(1)? as usize);
+    let len = *rest.get(1)? as usize;
     if len >= 0x80 {
         return None;
     }
