@@ -6,14 +6,21 @@
 //! the byte stream to the broker exactly like a TCP connection.
 #![forbid(unsafe_code)]
 
+mod caller;
+mod devices;
+pub mod openapi;
+mod operators;
 mod problem;
+pub mod provision;
 mod routes;
+mod security;
+mod state;
 mod websocket;
 
 pub use problem::Problem;
 pub use routes::router;
+pub use state::AppState;
 
-use m2mhub_broker::Broker;
 use std::future::Future;
 use std::net::SocketAddr;
 use tokio::net::TcpListener;
@@ -21,10 +28,10 @@ use tokio::net::TcpListener;
 /// Serve HTTP on `listener` until `shutdown` resolves.
 pub async fn serve(
     listener: TcpListener,
-    broker: Broker,
+    state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let app = router(broker);
+    let app = router(state);
     axum::serve(
         listener,
         app.into_make_service_with_connect_info::<SocketAddr>(),

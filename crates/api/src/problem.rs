@@ -52,3 +52,27 @@ impl IntoResponse for Problem {
             .into_response()
     }
 }
+
+impl From<m2mhub_registry::RegistryError> for Problem {
+    /// The one place registry errors become HTTP statuses.
+    fn from(e: m2mhub_registry::RegistryError) -> Self {
+        use m2mhub_registry::RegistryError as E;
+        let (status, kind) = match &e {
+            E::NotFound(..) => (StatusCode::NOT_FOUND, "not-found"),
+            E::AlreadyExists(..) => (StatusCode::CONFLICT, "already-exists"),
+            E::Validation(..) => (StatusCode::UNPROCESSABLE_ENTITY, "validation"),
+            E::Conflict(..) => (StatusCode::CONFLICT, "conflict"),
+            E::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        };
+        if status == StatusCode::INTERNAL_SERVER_ERROR {
+            tracing::error!(error = %e, "registry error");
+        }
+        Problem::new(status, kind, e.to_string())
+    }
+}
+
+/// A JSON body that failed to parse: 400 with serde's reason.
+pub fn bad_json(e: axum::extract::rejection::JsonRejection) -> Problem {
+    Problem::new(StatusCode::BAD_REQUEST, "invalid-body", e.body_text())
+}

@@ -1,36 +1,112 @@
 //! Route table. New parts of the platform add their routes under `/api/v1`.
 
+use crate::openapi::ApiBuilder;
 use crate::problem::Problem;
+use crate::state::AppState;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode, Uri};
 use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
-use m2mhub_broker::Broker;
 use serde_json::json;
 
-pub fn router(broker: Broker) -> Router {
-    let api = Router::new()
-        .route("/", get(api_index))
-        .route("/broker", get(broker_stats))
-        .route("/sessions", get(list_sessions))
-        .route("/sessions/{client_id}", get(show_session))
-        .fallback(api_not_found);
+/// The whole HTTP surface. Every `/api/v1` route is added through
+/// [`ApiBuilder`], so it is in the OpenAPI document by construction.
+pub fn router(state: AppState) -> Router {
+    use crate::openapi::Access::{Admin, Operator, Public, Viewer};
+    use crate::{devices as d, operators as o, provision as p, security as s};
+    let (api, ops) = ApiBuilder::<AppState>::new()
+        .route("/", get(api_index), &[("GET", "API index", Public)])
+        .route("/openapi.json", get(openapi_doc), &[("GET", "This OpenAPI document", Public)])
+        .route("/broker", get(broker_stats), &[("GET", "Broker statistics", Viewer)])
+        .route("/sessions", get(list_sessions), &[("GET", "MQTT sessions, paged", Viewer)])
+        .route("/sessions/{client_id}", get(show_session), &[("GET", "One MQTT session", Viewer)])
+        .route("/auth/login", post(o::login), &[("POST", "Log in with user name and password; returns an API token", Public)])
+        .route("/auth/me", get(o::me), &[("GET", "Who the token belongs to", Viewer)])
+        .route("/auth/tokens", get(o::list_api_tokens).post(o::create_api_token), &[
+            ("GET", "The caller's API tokens", Viewer),
+            ("POST", "Create an API token (role at most the caller's)", Viewer),
+        ])
+        .route("/auth/tokens/{id}", delete(o::revoke_api_token), &[("DELETE", "Revoke an API token", Viewer)])
+        .route("/users", get(o::list_users).post(o::create_user), &[
+            ("GET", "Operator accounts", Admin),
+            ("POST", "Create an operator account", Admin),
+        ])
+        .route("/users/{username}", delete(o::delete_user), &[("DELETE", "Delete an operator account", Admin)])
+        .route("/tenants", get(o::list_tenants).post(o::create_tenant), &[
+            ("GET", "Tenants", Viewer),
+            ("POST", "Create a tenant", Admin),
+        ])
+        .route("/tenants/{tenant}/groups", get(o::list_groups).post(o::create_group), &[
+            ("GET", "Device groups of a tenant", Viewer),
+            ("POST", "Create a device group", Operator),
+        ])
+        .route("/tenants/{tenant}/policies", get(o::list_policies), &[("GET", "Authorization policies of a tenant", Viewer)])
+        .route("/tenants/{tenant}/policies/{name}", put(o::put_policy).delete(o::delete_policy), &[
+            ("PUT", "Create or replace a policy", Admin),
+            ("DELETE", "Delete a policy", Admin),
+        ])
+        .route("/devices", get(d::list).post(d::create), &[
+            ("GET", "Devices: filter by tenant, group, profile, label, search, enabled; paged by `after`", Viewer),
+            ("POST", "Register a device", Operator),
+        ])
+        .route("/devices/{id}", get(d::show).patch(d::update).delete(d::delete), &[
+            ("GET", "One device, with its MQTT session", Viewer),
+            ("PATCH", "Change a device (name, group, profile, labels, enabled)", Operator),
+            ("DELETE", "Delete a device and its credentials", Operator),
+        ])
+        .route("/devices/{id}/tokens", get(d::list_tokens).post(d::issue_token), &[
+            ("GET", "A device's token credentials (never the secrets)", Viewer),
+            ("POST", "Issue a token credential (secret shown once)", Operator),
+        ])
+        .route("/devices/{id}/tokens/{token_id}", delete(d::revoke_token), &[("DELETE", "Revoke a token; live sessions are dropped", Operator)])
+        .route("/devices/{id}/tokens/{token_id}/expire", post(d::expire_token), &[("POST", "Expire a token at a time (rollover)", Operator)])
+        .route("/devices/{id}/certificates", get(d::list_certs).post(d::issue_cert_route), &[
+            ("GET", "A device's certificates", Viewer),
+            ("POST", "Issue a certificate from a CSR, or with a generated key", Operator),
+        ])
+        .route("/devices/{id}/certificates/{fingerprint}", delete(d::revoke_cert), &[("DELETE", "Revoke a certificate; live sessions are dropped", Operator)])
+        .route("/claim-tokens", get(o::list_claims).post(o::create_claim), &[
+            ("GET", "Fleet-provisioning claim tokens", Viewer),
+            ("POST", "Create a claim token (secret shown once)", Operator),
+        ])
+        .route("/claim-tokens/{id}", delete(o::revoke_claim), &[("DELETE", "Revoke a claim token", Operator)])
+        .route("/provision", post(p::http), &[("POST", "A device redeems a claim token for its identity and credentials", Public)])
+        .route("/ca", get(s::ca), &[("GET", "The device CA certificate (PEM)", Public)])
+        .route("/ca/crl", get(s::crl), &[("GET", "The device CA's revocation list (PEM)", Public)])
+        .route("/audit", get(s::list_audit), &[("GET", "The audit log, paged", Admin)])
+        .route("/audit/verify", get(s::verify_audit), &[("GET", "Verify the audit log's hash chain", Admin)])
+        .route("/security/events", get(s::list_events), &[("GET", "Security events", Viewer)])
+        .route("/security/bans", get(s::list_bans).post(s::create_ban), &[
+            ("GET", "Active bans", Viewer),
+            ("POST", "Ban an IP address or a client id", Admin),
+        ])
+        .route("/security/bans/{key}", delete(s::delete_ban), &[("DELETE", "Lift a ban", Admin)])
+        .finish();
+    let doc = std::sync::Arc::new(crate::openapi::document(&ops));
+    let api = api.fallback(api_not_found).layer(axum::Extension(doc));
     Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/mqtt", get(crate::websocket::upgrade))
         .nest("/api/v1", api)
         .fallback(not_found)
-        .with_state(broker)
+        .with_state(state)
+}
+
+async fn openapi_doc(
+    axum::Extension(doc): axum::Extension<std::sync::Arc<serde_json::Value>>,
+) -> impl IntoResponse {
+    Json((*doc).clone())
 }
 
 async fn healthz() -> impl IntoResponse {
     Json(json!({ "status": "ok" }))
 }
 
-async fn metrics(State(broker): State<Broker>) -> impl IntoResponse {
+async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    let broker = &state.broker;
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         broker.metrics_text(),
@@ -45,23 +121,28 @@ async fn api_index() -> impl IntoResponse {
     }))
 }
 
-async fn broker_stats(State(broker): State<Broker>) -> impl IntoResponse {
+async fn broker_stats(
+    caller: crate::caller::Caller,
+    State(state): State<AppState>,
+) -> Result<impl IntoResponse, Problem> {
+    caller.require(m2mhub_registry::Role::Viewer)?;
+    let broker = &state.broker;
     let g = broker.gauges();
     let mut counters = serde_json::Map::new();
-    for (name, _, v) in broker_counters(&broker) {
+    for (name, _, v) in broker_counters(broker) {
         counters.insert(name.to_string(), json!(v));
     }
-    Json(json!({
+    Ok(Json(json!({
         "connections": g.connections,
         "sessions": g.sessions,
         "subscriptions": g.subscriptions,
         "retained_messages": g.retained,
         "uptime_seconds": g.uptime_secs,
         "counters": counters,
-    }))
+    })))
 }
 
-fn broker_counters(broker: &Broker) -> Vec<(&'static str, &'static str, u64)> {
+fn broker_counters(broker: &m2mhub_broker::Broker) -> Vec<(&'static str, &'static str, u64)> {
     broker.metrics().counters()
 }
 
@@ -91,9 +172,12 @@ fn session_json(s: &m2mhub_broker::SessionInfo) -> serde_json::Value {
 
 /// Sessions, online and offline, paged by client id.
 async fn list_sessions(
-    State(broker): State<Broker>,
+    caller: crate::caller::Caller,
+    State(state): State<AppState>,
     page: Result<Query<Page>, QueryRejection>,
 ) -> Result<impl IntoResponse, Problem> {
+    caller.require(m2mhub_registry::Role::Viewer)?;
+    let broker = &state.broker;
     let Query(page) = page
         .map_err(|e| Problem::new(StatusCode::BAD_REQUEST, "invalid-parameter", e.body_text()))?;
     let limit = page.limit.unwrap_or(100);
@@ -115,10 +199,12 @@ async fn list_sessions(
 }
 
 async fn show_session(
-    State(broker): State<Broker>,
+    caller: crate::caller::Caller,
+    State(state): State<AppState>,
     Path(client_id): Path<String>,
 ) -> Result<impl IntoResponse, Problem> {
-    match broker.session(&client_id) {
+    caller.require(m2mhub_registry::Role::Viewer)?;
+    match state.broker.session(&client_id) {
         Some(s) => Ok(Json(session_json(&s))),
         None => Err(Problem::new(
             StatusCode::NOT_FOUND,

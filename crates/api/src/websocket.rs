@@ -16,9 +16,10 @@ const PIPE: usize = 64 * 1024;
 
 pub(crate) async fn upgrade(
     ws: WebSocketUpgrade,
-    State(broker): State<Broker>,
+    State(state): State<crate::state::AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
 ) -> Response {
+    let broker = state.broker.clone();
     let max = broker.config().max_packet_size as usize + 8;
     ws.protocols(["mqtt"])
         .max_message_size(max)

@@ -117,6 +117,11 @@ impl StaticAuth {
         }
     }
 
+    /// Whether the password file has this user.
+    pub fn knows(&self, user: &str) -> bool {
+        self.users.contains_key(user)
+    }
+
     pub fn with_password_file(mut self, path: &Path) -> Result<Self, PasswordFileError> {
         let text = std::fs::read_to_string(path).map_err(|source| PasswordFileError::Read {
             path: path.display().to_string(),

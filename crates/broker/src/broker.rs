@@ -2,8 +2,11 @@
 //! subscribers. Connections (see `connection.rs`) call in here; nothing in
 //! this file does I/O except through the persistent store.
 
-use crate::auth::{Authenticator, Authorizer};
+use crate::auth::{Authenticator, Authorizer, ClientIdentity};
+use crate::ban::{BanInfo, BanKey, Bans};
 use crate::config::BrokerConfig;
+use crate::events::{ConnectionEvents, Hooks, SecurityEventKind, SecurityEvents};
+use crate::limits::Limits;
 use crate::message::Message;
 use crate::metrics::{Gauges, Metrics};
 use crate::persist;
@@ -15,11 +18,12 @@ use m2mhub_store::{Durability, Op, Store, StoreError, StoreOptions, StoredMessag
 use mqtt_codec::{Protocol, PublishProperties, QoS, SubscriptionOptions};
 use parking_lot::{Mutex, RwLock};
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{watch, Notify};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::Instant;
 
 /// Errors starting the broker.
@@ -52,6 +56,21 @@ pub(crate) struct Inner {
     /// Set when shutdown begins; connections check it when signalled.
     pub shutting_down: std::sync::atomic::AtomicBool,
     pub started: Instant,
+    pub bans: Bans,
+    pub limits: Limits,
+    pub hooks: Hooks,
+    /// Throttle of non-ban security events (see `events.rs`).
+    event_bucket: Mutex<crate::limits::TokenBucket>,
+    /// Platform subscriptions ([`Broker::subscribe_internal`]); the flag
+    /// keeps the routing path to one atomic load while there are none.
+    internal: RwLock<Vec<InternalSub>>,
+    has_internal: AtomicBool,
+}
+
+/// One platform subscription: a filter and a bounded channel.
+struct InternalSub {
+    filter: String,
+    tx: mpsc::Sender<Arc<Message>>,
 }
 
 /// A running broker. Cheap to clone; all clones share one state.
@@ -135,7 +154,22 @@ impl Broker {
             None => (None, None),
         };
         let (shutdown, _) = watch::channel(false);
+        let now = Instant::now();
         let inner = Arc::new(Inner {
+            bans: Bans::new(
+                parts.config.ban_base_duration,
+                parts.config.ban_max_duration,
+                parts.config.ban_forget_after,
+            ),
+            limits: Limits::new(&parts.config, now),
+            hooks: Hooks::default(),
+            event_bucket: Mutex::new(crate::limits::TokenBucket::new(
+                f64::from(crate::events::SECURITY_EVENT_RATE),
+                f64::from(2 * crate::events::SECURITY_EVENT_RATE),
+                now,
+            )),
+            internal: RwLock::new(Vec::new()),
+            has_internal: AtomicBool::new(false),
             config: parts.config,
             tree: RwLock::new(TopicTree::default()),
             retained: RwLock::new(RetainedStore::default()),
@@ -166,13 +200,20 @@ impl Broker {
         let mut shutdown = self.inner.shutdown.subscribe();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
+            let mut n = 0u64;
             loop {
                 tokio::select! {
                     _ = tick.tick() => {}
                     _ = shutdown.changed() => return,
                 }
                 let Some(inner) = weak.upgrade() else { return };
-                inner.expire_sessions(Instant::now());
+                let now = Instant::now();
+                inner.expire_sessions(now);
+                n += 1;
+                if n.is_multiple_of(10) {
+                    inner.limits.purge(now);
+                    inner.bans.purge(now);
+                }
             }
         });
         if !self.inner.config.sys_interval.is_zero() {
@@ -284,7 +325,240 @@ impl Broker {
     }
 }
 
+/// Bans, kicks, platform subscriptions and hooks.
+impl Broker {
+    /// Ban a source address (IPv6: its /64 prefix). `duration: None`
+    /// escalates from `ban_base_duration` (doubling per repeat ban, up to
+    /// `ban_max_duration`). New connections from it are refused; live ones
+    /// are left alone (sessions do not record their address: close them
+    /// with [`Broker::kick`] using the address from
+    /// [`crate::ConnectionEvents::connected`]). Returns the duration applied.
+    pub fn ban_ip(&self, ip: IpAddr, reason: &str, duration: Option<Duration>) -> Duration {
+        self.ban(BanKey::ip(ip), reason, duration)
+    }
+
+    /// Ban a client id (refused at CONNECT with 0x8A); a live connection
+    /// with it is closed. See [`Broker::ban_ip`] for `duration`.
+    pub fn ban_client(
+        &self,
+        client_id: &str,
+        reason: &str,
+        duration: Option<Duration>,
+    ) -> Duration {
+        self.ban(BanKey::ClientId(client_id.to_string()), reason, duration)
+    }
+
+    /// Ban a registered device (`ClientIdentity::device_id`) whatever client
+    /// id it uses; its live connections are closed.
+    pub fn ban_device(
+        &self,
+        device_id: &str,
+        reason: &str,
+        duration: Option<Duration>,
+    ) -> Duration {
+        self.ban(BanKey::Device(device_id.to_string()), reason, duration)
+    }
+
+    /// Ban any key (administrative). Live connections of a banned client id
+    /// or device are closed (MQTT 5: DISCONNECT 0x98 Administrative action).
+    pub fn ban(&self, key: BanKey, reason: &str, duration: Option<Duration>) -> Duration {
+        let d = self
+            .inner
+            .bans
+            .ban(key.clone(), reason, duration, false, Instant::now())
+            .unwrap_or_default();
+        Metrics::inc(&self.inner.metrics.bans_issued);
+        tracing::info!(key = %key, reason, secs = d.as_secs(), "banned");
+        let reason = mqtt_codec::reason::ADMINISTRATIVE_ACTION;
+        let n = match &key {
+            BanKey::Ip(_) => 0,
+            BanKey::ClientId(c) => self.inner.kick_matching(reason, |id, _| id == c.as_str()),
+            BanKey::Device(d) => self.inner.kick_matching(reason, |_, identity| {
+                identity.device_id.as_deref() == Some(d.as_str())
+            }),
+        };
+        if n > 0 {
+            tracing::info!(key = %key, connections = n, "closed connections of a banned key");
+        }
+        d
+    }
+
+    /// Lift a ban (and forget its escalation history). True if it existed.
+    pub fn unban(&self, key: &BanKey) -> bool {
+        self.inner.bans.unban(key)
+    }
+
+    /// Active bans, longest remaining first.
+    pub fn bans(&self) -> Vec<BanInfo> {
+        self.inner.bans.list(Instant::now())
+    }
+
+    /// Close the live connection of `client_id` now: MQTT 5 clients get
+    /// DISCONNECT with `reason` (use a DISCONNECT reason code, e.g. 0x98
+    /// Administrative action). The session itself follows its expiry as
+    /// after any disconnection. False if the client is not connected.
+    pub fn kick(&self, client_id: &str, reason: u8) -> bool {
+        let Some(s) = self.inner.sessions.lock().get(client_id).cloned() else {
+            return false;
+        };
+        let kicked = kick_session(&s, reason);
+        if kicked {
+            Metrics::inc(&self.inner.metrics.clients_kicked);
+        }
+        kicked
+    }
+
+    /// Close (DISCONNECT 0x98) every live connection whose identity matches
+    /// `pred`, e.g. all connections of a disabled device or tenant. Returns
+    /// how many. `pred` runs without broker locks held.
+    pub fn kick_where(&self, pred: impl Fn(&ClientIdentity) -> bool) -> usize {
+        self.inner
+            .kick_matching(mqtt_codec::reason::ADMINISTRATIVE_ACTION, |_, identity| {
+                pred(identity)
+            })
+    }
+
+    /// Receive every message published to a topic matching `filter` (after
+    /// the publisher was authorized): client publishes, wills and the
+    /// platform's own. At most `capacity` messages wait in the channel;
+    /// beyond that messages for this receiver are dropped and counted
+    /// (`internal_messages_dropped`), never blocking a publisher. Dropping
+    /// the receiver ends the subscription. Topics starting with `$` match
+    /// only filters that spell out their first level (`$provision/+/request`).
+    pub fn subscribe_internal(
+        &self,
+        filter: &str,
+        capacity: usize,
+    ) -> mpsc::Receiver<Arc<Message>> {
+        if let Err(e) = mqtt_codec::topic::validate_topic_filter(filter) {
+            tracing::warn!(filter, error = ?e, "internal subscription with an invalid filter matches nothing");
+        }
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        let mut subs = self.inner.internal.write();
+        subs.push(InternalSub {
+            filter: filter.to_string(),
+            tx,
+        });
+        self.inner.has_internal.store(true, Ordering::Release);
+        rx
+    }
+
+    /// Install the security event hook (replaces any previous one).
+    pub fn set_security_events(&self, hook: Arc<dyn SecurityEvents>) {
+        self.inner.hooks.set_security(hook);
+    }
+
+    /// Install the connection event hook (replaces any previous one).
+    pub fn set_connection_events(&self, hook: Arc<dyn ConnectionEvents>) {
+        self.inner.hooks.set_connection(hook);
+    }
+}
+
+/// Ask the connection that owns `s` to close with `reason`.
+fn kick_session(s: &Session, reason: u8) -> bool {
+    let mut st = s.state.lock();
+    let Some(conn) = st.conn.as_ref() else {
+        return false;
+    };
+    let (id, waker) = (conn.conn_id, conn.waker.clone());
+    st.kicked = Some((id, reason));
+    drop(st);
+    waker.notify();
+    true
+}
+
 impl Inner {
+    /// Kick every live connection for which `pred(client_id, identity)`
+    /// holds; `pred` runs without locks held. Returns how many.
+    pub fn kick_matching(&self, reason: u8, pred: impl Fn(&str, &ClientIdentity) -> bool) -> usize {
+        let sessions: Vec<Arc<Session>> = self.sessions.lock().values().cloned().collect();
+        let mut n = 0;
+        for s in sessions {
+            let link = {
+                let st = s.state.lock();
+                st.conn.as_ref().map(|c| (c.conn_id, c.identity.clone()))
+            };
+            let Some((conn_id, identity)) = link else {
+                continue;
+            };
+            if !pred(&s.client_id, &identity) {
+                continue;
+            }
+            let mut st = s.state.lock();
+            let Some(waker) = st
+                .conn
+                .as_ref()
+                .filter(|c| c.conn_id == conn_id)
+                .map(|c| c.waker.clone())
+            else {
+                continue;
+            };
+            st.kicked = Some((conn_id, reason));
+            drop(st);
+            waker.notify();
+            Metrics::inc(&self.metrics.clients_kicked);
+            n += 1;
+        }
+        n
+    }
+
+    /// Report a security event to the installed hook, throttled (except
+    /// automatic bans). Call without broker locks held.
+    pub fn security_event(
+        &self,
+        kind: SecurityEventKind,
+        client_id: Option<&str>,
+        ip: Option<IpAddr>,
+        detail: impl FnOnce() -> String,
+    ) {
+        if !self.hooks.has_security() {
+            return;
+        }
+        let always = matches!(
+            kind,
+            SecurityEventKind::AutoBanAuthFailures | SecurityEventKind::AutoBanFlapping
+        );
+        if !always && !self.event_bucket.lock().try_take(Instant::now()) {
+            Metrics::inc(&self.metrics.security_events_suppressed);
+            return;
+        }
+        self.hooks.security(kind, client_id, ip, detail);
+    }
+
+    /// Hand a routed message to the platform subscriptions it matches;
+    /// returns how many matched.
+    fn deliver_internal(&self, msg: &Arc<Message>) -> usize {
+        let mut n = 0;
+        let mut closed = false;
+        {
+            let subs = self.internal.read();
+            for s in subs.iter() {
+                if !mqtt_codec::topic::matches(&s.filter, &msg.topic) {
+                    continue;
+                }
+                // Counted as matched even when dropped, like a full session
+                // queue: the publisher's PUBACK says someone subscribed.
+                match s.tx.try_send(msg.clone()) {
+                    Ok(()) => {
+                        n += 1;
+                        Metrics::inc(&self.metrics.internal_messages_delivered);
+                    }
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        n += 1;
+                        Metrics::inc(&self.metrics.internal_messages_dropped);
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => closed = true,
+                }
+            }
+        }
+        if closed {
+            let mut subs = self.internal.write();
+            subs.retain(|s| !s.tx.is_closed());
+            self.has_internal.store(!subs.is_empty(), Ordering::Release);
+        }
+        n
+    }
+
     pub fn next_id(&self) -> u64 {
         self.ids.fetch_add(1, Ordering::Relaxed)
     }
@@ -339,8 +613,13 @@ impl Inner {
                 self.retained.write().set(&msg.topic, Some(kept));
             }
         }
+        let internal = if self.has_internal.load(Ordering::Acquire) {
+            self.deliver_internal(msg)
+        } else {
+            0
+        };
         self.tree.read().matches(&msg.topic, msg.publisher, scratch);
-        let n = scratch.len();
+        let n = scratch.len() + internal;
         for d in scratch.drain(..) {
             let qos = d.qos.min(msg.qos);
             let out = Outgoing {
@@ -431,6 +710,7 @@ impl Inner {
         protocol: Protocol,
         conn_id: u64,
         waker: Arc<crate::signal::Signal>,
+        identity: Arc<ClientIdentity>,
     ) -> (Arc<Session>, bool) {
         let mut sessions = self.sessions.lock();
         if let Some(existing) = sessions.get(client_id).cloned() {
@@ -445,6 +725,7 @@ impl Inner {
                     st.conn = Some(ConnLink {
                         conn_id,
                         waker: waker.clone(),
+                        identity: identity.clone(),
                     });
                     st.protocol = protocol;
                     st.generation += 1;
@@ -461,7 +742,11 @@ impl Inner {
         let session = Arc::new(Session::new(self.next_id(), client_id.into(), protocol));
         {
             let mut st = session.state.lock();
-            st.conn = Some(ConnLink { conn_id, waker });
+            st.conn = Some(ConnLink {
+                conn_id,
+                waker,
+                identity,
+            });
             st.generation = 1;
         }
         session.set_online(true);
@@ -538,30 +823,39 @@ impl Inner {
         self.submit(ops);
     }
 
-    /// Register a subscription in the index. Returns true if it is new.
+    /// Register a subscription in the index. Returns whether it is new, or
+    /// `None` if it is new and the session already holds `limit`
+    /// subscriptions (0 = unlimited; replacing an existing one is allowed).
     pub fn subscribe(
         &self,
         session: &Arc<Session>,
         filter: &str,
         options: SubscriptionOptions,
         sub_id: Option<u32>,
-    ) -> bool {
+        limit: usize,
+    ) -> Option<bool> {
         {
             let mut st = session.state.lock();
             if st.ended {
-                return false;
+                return Some(false);
+            }
+            if limit > 0
+                && st.subscriptions.len() >= limit
+                && !st.subscriptions.contains_key(filter)
+            {
+                return None;
             }
             st.subscriptions
                 .insert(filter.to_string(), SubscriptionRecord { options, sub_id });
         }
-        self.tree.write().subscribe(
+        Some(self.tree.write().subscribe(
             filter,
             Subscriber {
                 session: session.clone(),
                 options,
                 sub_id,
             },
-        )
+        ))
     }
 
     pub fn unsubscribe(&self, session: &Arc<Session>, filter: &str) -> bool {
@@ -665,7 +959,7 @@ impl Inner {
                 }
             }
             for (filter, options, sub_id) in &subs {
-                self.subscribe(&session, filter, *options, *sub_id);
+                self.subscribe(&session, filter, *options, *sub_id, 0);
             }
             self.sessions
                 .lock()

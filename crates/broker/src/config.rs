@@ -38,6 +38,59 @@ pub struct BrokerConfig {
     pub retain_available: bool,
     /// Maximum connections in total (0 = unlimited).
     pub max_connections: usize,
+
+    // --- DoS resistance (see `limits.rs` and `ban.rs`) ---------------------
+    /// Open connections per source IP (IPv6: per /64 prefix); a connection
+    /// beyond it is closed right after accept, before its CONNECT is read.
+    /// 0 = unlimited. Config key: `mqtt.max_connections_per_ip` (default 100).
+    pub max_connections_per_ip: usize,
+    /// Connection attempts per second over all clients (token bucket with a
+    /// burst of twice the rate); beyond it CONNECT is answered with 0x9F
+    /// Connection rate exceeded (3.1.1: return code 3). 0 = unlimited.
+    /// Config key: `mqtt.max_connect_rate` (default 0).
+    pub max_connect_rate: u32,
+    /// Connection attempts per second from one source IP (IPv6: per /64).
+    /// 0 = unlimited. Config key: `mqtt.max_connect_rate_per_ip` (default 20).
+    pub max_connect_rate_per_ip: u32,
+    /// Burst of the per-IP connection rate (attempts allowed at once after
+    /// a quiet period); at least 1 when the rate is set.
+    /// Config key: `mqtt.connect_burst_per_ip` (default 40).
+    pub connect_burst_per_ip: u32,
+    /// PUBLISH packets per second one client may send (token bucket, burst
+    /// twice the rate). Over it, QoS 1/2 are answered with 0x97 Quota
+    /// exceeded (MQTT 5; the message is not routed) and QoS 0 are dropped;
+    /// 3.1.1 clients are acknowledged as usual and the message dropped. A
+    /// client refused more than five bursts' worth within one second is
+    /// disconnected with 0x96 Message rate too high. 0 = unlimited.
+    /// Config key: `mqtt.max_publish_rate` (default 0).
+    pub max_publish_rate: u32,
+    /// Subscriptions one session may hold; a SUBSCRIBE beyond it gets 0x97
+    /// Quota exceeded for that filter (3.1.1: 0x80). 0 = unlimited.
+    /// Config key: `mqtt.max_subscriptions_per_session` (default 1000).
+    pub max_subscriptions_per_session: usize,
+    /// Duration of a first ban; every further ban of the same IP, client id
+    /// or device doubles it, up to `ban_max_duration`.
+    /// Config key: `mqtt.ban_base_secs` (default 60).
+    pub ban_base_duration: Duration,
+    /// Longest escalated ban. Config key: `mqtt.ban_max_secs` (default 86400).
+    pub ban_max_duration: Duration,
+    /// A key whose last ban ended this long ago starts over at the base
+    /// duration. Config key: `mqtt.ban_forget_secs` (default 86400).
+    pub ban_forget_after: Duration,
+    /// Failed authentications (CONNACK 0x85/0x86/0x87) from one IP within
+    /// `auth_failure_window` that ban the IP. 0 = never.
+    /// Config key: `mqtt.auth_failures_before_ban` (default 10).
+    pub auth_failures_before_ban: u32,
+    /// Window for `auth_failures_before_ban`.
+    /// Config key: `mqtt.auth_failure_window_secs` (default 60).
+    pub auth_failure_window: Duration,
+    /// Successful CONNECTs of one client id within `flapping_window` above
+    /// which the client id is banned (connect/disconnect flapping). 0 = never.
+    /// Config key: `mqtt.max_connects_per_client_id` (default 20).
+    pub max_connects_per_client_id: u32,
+    /// Window for `max_connects_per_client_id`.
+    /// Config key: `mqtt.flapping_window_secs` (default 60).
+    pub flapping_window: Duration,
 }
 
 impl Default for BrokerConfig {
@@ -56,6 +109,19 @@ impl Default for BrokerConfig {
             sys_interval: Duration::from_secs(10),
             retain_available: true,
             max_connections: 0,
+            max_connections_per_ip: 100,
+            max_connect_rate: 0,
+            max_connect_rate_per_ip: 20,
+            connect_burst_per_ip: 40,
+            max_publish_rate: 0,
+            max_subscriptions_per_session: 1000,
+            ban_base_duration: Duration::from_secs(60),
+            ban_max_duration: Duration::from_secs(24 * 3600),
+            ban_forget_after: Duration::from_secs(24 * 3600),
+            auth_failures_before_ban: 10,
+            auth_failure_window: Duration::from_secs(60),
+            max_connects_per_client_id: 20,
+            flapping_window: Duration::from_secs(60),
         }
     }
 }
@@ -104,6 +170,36 @@ impl BrokerConfig {
             return err(
                 "mqtt.write_timeout_secs",
                 "must be at least 1 second (default 30)",
+            );
+        }
+        if self.max_connect_rate_per_ip > 0 && self.connect_burst_per_ip == 0 {
+            return err(
+                "mqtt.connect_burst_per_ip",
+                "must be at least 1 when mqtt.max_connect_rate_per_ip is set (default 40)",
+            );
+        }
+        if self.ban_base_duration.is_zero() {
+            return err(
+                "mqtt.ban_base_secs",
+                "must be at least 1 second (default 60)",
+            );
+        }
+        if self.ban_max_duration < self.ban_base_duration {
+            return err(
+                "mqtt.ban_max_secs",
+                "must be at least mqtt.ban_base_secs (default 86400)",
+            );
+        }
+        if self.auth_failure_window.is_zero() {
+            return err(
+                "mqtt.auth_failure_window_secs",
+                "must be at least 1 second (default 60)",
+            );
+        }
+        if self.flapping_window.is_zero() {
+            return err(
+                "mqtt.flapping_window_secs",
+                "must be at least 1 second (default 60)",
             );
         }
         Ok(())

@@ -7,7 +7,10 @@
 //! push into the session queue (bounded) and wake it.
 
 use crate::auth::{AuthDecision, ClientIdentity, ConnectInfo};
+use crate::ban::BanKey;
 use crate::broker::Inner;
+use crate::events::SecurityEventKind;
+use crate::limits::{RateRefusal, TokenBucket};
 use crate::message::Message;
 use crate::metrics::Metrics;
 use crate::outbound::PublishOut;
@@ -35,6 +38,13 @@ use tokio::time::{Instant, Sleep};
 const BATCH: usize = 512;
 /// Output buffers above this size are released once written.
 const KEEP_WBUF: usize = 64 * 1024;
+/// `Connection::admit`: serve normally.
+const ADMIT_OK: u8 = 0;
+/// `Connection::admit`: close at once, without reading anything.
+const ADMIT_CLOSE: u8 = 0xFF;
+/// Longest wait for the CONNECT of a connection that will be refused anyway
+/// (banned, over the connection rate): just long enough to answer it.
+const REFUSE_WAIT: Duration = Duration::from_secs(3);
 
 /// Why the packet loop stopped.
 #[derive(Debug)]
@@ -86,7 +96,143 @@ pub(crate) struct Connection<S: Transport> {
     /// Topic aliases, allocated only for clients that use them.
     aliases: Option<Box<Aliases>>,
     more_pending: bool,
+    /// Admission decided at accept: [`ADMIT_OK`], [`ADMIT_CLOSE`] or the
+    /// CONNACK reason code to refuse the CONNECT with.
+    admit: u8,
+    /// The connection is counted in the per-IP connection limit (released
+    /// on drop).
+    ip_counted: bool,
     scratch: Vec<Delivery>,
+    /// Publish rate limiter, allocated only when a rate is configured.
+    publish_limit: Option<Box<PublishLimiter>>,
+}
+
+/// `mqtt.max_publish_rate` for one connection.
+struct PublishLimiter {
+    bucket: TokenBucket,
+    /// Start of the current one-second window of refusals.
+    window: Instant,
+    refused: u32,
+    /// Refusals within one second beyond which the client is disconnected.
+    disconnect_after: u32,
+}
+
+enum RateVerdict {
+    Pass,
+    /// Refuse this message; `first` if it is the first refusal this second.
+    Refuse {
+        first: bool,
+    },
+    Disconnect,
+}
+
+impl PublishLimiter {
+    fn new(rate: u32, now: Instant) -> PublishLimiter {
+        let burst = rate.saturating_mul(2);
+        PublishLimiter {
+            bucket: TokenBucket::new(f64::from(rate), f64::from(burst), now),
+            window: now,
+            refused: 0,
+            disconnect_after: burst.saturating_mul(5),
+        }
+    }
+
+    fn check(&mut self, now: Instant) -> RateVerdict {
+        if self.bucket.try_take(now) {
+            return RateVerdict::Pass;
+        }
+        if now.saturating_duration_since(self.window) >= Duration::from_secs(1) {
+            self.window = now;
+            self.refused = 0;
+        }
+        self.refused = self.refused.saturating_add(1);
+        if self.refused > self.disconnect_after {
+            RateVerdict::Disconnect
+        } else {
+            RateVerdict::Refuse {
+                first: self.refused == 1,
+            }
+        }
+    }
+}
+
+impl<S: Transport> Drop for Connection<S> {
+    fn drop(&mut self) {
+        if self.ip_counted {
+            self.inner.limits.close(self.peer.ip());
+        }
+    }
+}
+
+/// Decide at accept whether a connection from `ip` is served: the per-IP
+/// connection limit (close at once), bans of the IP and the connection
+/// rates (refuse its CONNECT). Returns the admission code and whether the
+/// connection was counted for its IP.
+fn admission(inner: &Inner, ip: std::net::IpAddr) -> (u8, bool) {
+    let now = Instant::now();
+    let limits = &inner.limits;
+    if !limits.open(ip, now) {
+        Metrics::inc(&inner.metrics.connections_rejected);
+        Metrics::inc(&inner.metrics.connections_refused_per_ip);
+        tracing::debug!(%ip, "too many connections from this address; closing");
+        inner.security_event(
+            SecurityEventKind::ConnectionsPerIpExceeded,
+            None,
+            Some(ip),
+            || {
+                format!(
+                    "more than {} open connections from this address",
+                    inner.config.max_connections_per_ip
+                )
+            },
+        );
+        return (ADMIT_CLOSE, false);
+    }
+    let counted = limits.counts_connections();
+    if !inner.bans.is_empty() {
+        if let Some((why, left)) = inner.bans.check(&BanKey::ip(ip), now) {
+            Metrics::inc(&inner.metrics.connections_rejected);
+            Metrics::inc(&inner.metrics.connections_refused_banned);
+            inner.security_event(
+                SecurityEventKind::BannedConnectRefused,
+                None,
+                Some(ip),
+                || format!("address banned ({why}); {} s left", left.as_secs()),
+            );
+            return (reason::BANNED, counted);
+        }
+    }
+    if let Err(r) = limits.attempt(ip, now) {
+        Metrics::inc(&inner.metrics.connections_rejected);
+        Metrics::inc(&inner.metrics.connections_refused_rate);
+        inner.security_event(
+            SecurityEventKind::ConnectRateExceeded,
+            None,
+            Some(ip),
+            || match r {
+                RateRefusal::Global => format!(
+                    "global connection rate of {}/s exceeded",
+                    inner.config.max_connect_rate
+                ),
+                RateRefusal::PerIp => format!(
+                    "connection rate of {}/s from this address exceeded",
+                    inner.config.max_connect_rate_per_ip
+                ),
+            },
+        );
+        return (reason::CONNECTION_RATE_EXCEEDED, counted);
+    }
+    (ADMIT_OK, counted)
+}
+
+/// How a connection ended, for [`crate::ConnectionEvents::disconnected`].
+fn end_reason(end: &End) -> &'static str {
+    match end {
+        End::ClientDisconnect { .. } => "client disconnect",
+        End::Lost => "connection lost",
+        End::Server(c) | End::Kicked(c) => reason::name(*c),
+        End::Shutdown => "server shutting down",
+    }
 }
 
 /// Set up one accepted stream; the returned future serves it until it
@@ -102,6 +248,7 @@ pub(crate) fn serve<S: Transport>(
 ) -> impl std::future::Future<Output = ()> + Send + 'static {
     Metrics::inc(&inner.metrics.connections_accepted);
     inner.connections.fetch_add(1, Ordering::SeqCst);
+    let (admit, ip_counted) = admission(&inner, peer.ip());
     let anonymous = inner.anonymous.clone();
     let conn = Box::new(Connection {
         conn_id: inner.next_id(),
@@ -127,7 +274,10 @@ pub(crate) fn serve<S: Transport>(
         client_alias_max: 0,
         aliases: None,
         more_pending: false,
+        admit,
+        ip_counted,
         scratch: Vec::new(),
+        publish_limit: None,
     });
     conn.serve()
 }
@@ -177,9 +327,15 @@ impl<S: Transport> Connection<S> {
     }
 
     async fn run(&mut self) -> End {
+        match self.admit {
+            ADMIT_OK => {}
+            ADMIT_CLOSE => return End::Lost,
+            _ => return Box::pin(self.refuse_admission()).await,
+        }
         // The CONNECT phase runs once: its futures live on the heap only
         // while it lasts, keeping the per-connection task small.
-        let connect = match Box::pin(self.read_connect()).await {
+        let deadline = Instant::now() + self.inner.config.connect_timeout;
+        let connect = match Box::pin(self.read_connect(deadline)).await {
             Ok(c) => c,
             Err(end) => return end,
         };
@@ -251,20 +407,37 @@ impl<S: Transport> Connection<S> {
     fn check_kicked(&mut self) -> Option<End> {
         let session = self.session.as_ref()?;
         let st = session.state.lock();
+        if let Some((id, r)) = st.kicked {
+            if id == self.conn_id {
+                // Taken over (no longer ours) or kicked by an operator
+                // (still ours: `finish` detaches as usual).
+                return Some(End::Kicked(r));
+            }
+        }
         let mine = st.conn.as_ref().is_some_and(|c| c.conn_id == self.conn_id);
         if mine {
             return None;
         }
-        let reason = match st.kicked {
-            Some((id, r)) if id == self.conn_id => r,
-            _ => reason::SESSION_TAKEN_OVER,
-        };
-        Some(End::Kicked(reason))
+        Some(End::Kicked(reason::SESSION_TAKEN_OVER))
     }
 
-    /// Wait for the first packet, which must be CONNECT.
-    async fn read_connect(&mut self) -> Result<Box<Connect>, End> {
-        let deadline = Instant::now() + self.inner.config.connect_timeout;
+    /// A connection refused at accept (banned address, connection rate):
+    /// read its CONNECT only to answer in the client's own protocol
+    /// version, waiting briefly, then close.
+    async fn refuse_admission(&mut self) -> End {
+        let code = self.admit;
+        let wait = self.inner.config.connect_timeout.min(REFUSE_WAIT);
+        if let Ok(c) = self.read_connect(Instant::now() + wait).await {
+            self.protocol = c.protocol;
+            tracing::debug!(peer = %self.peer, client_id = %c.client_id, reason = reason::name(code), "connection refused at accept");
+            self.refuse_connect(code).await;
+        }
+        End::Lost
+    }
+
+    /// Wait for the first packet, which must be CONNECT, until `deadline`
+    /// (however slowly its bytes trickle in).
+    async fn read_connect(&mut self, deadline: Instant) -> Result<Box<Connect>, End> {
         let max = self.inner.config.max_packet_size as usize;
         loop {
             // Known before decoding: the decoder consumes a bad packet, and
@@ -304,6 +477,7 @@ impl<S: Transport> Connection<S> {
                 Ok(Ok(n)) => Metrics::add(&self.inner.metrics.bytes_received, n as u64),
                 Err(_) => {
                     Metrics::inc(&self.inner.metrics.connections_rejected);
+                    Metrics::inc(&self.inner.metrics.connect_timeouts);
                     tracing::debug!(peer = %self.peer, "no CONNECT within the connect timeout");
                     return Err(End::Lost);
                 }
@@ -325,7 +499,8 @@ impl<S: Transport> Connection<S> {
         let c = *c;
         let tls = self.tls.take();
         let transport = self.transport;
-        let cfg = &self.inner.config;
+        let inner = self.inner.clone();
+        let cfg = &inner.config;
         self.protocol = c.protocol;
         let v5 = c.protocol.is_v5();
         if v5 && c.properties.authentication_method.is_some() {
@@ -352,6 +527,13 @@ impl<S: Transport> Connection<S> {
         } else {
             c.client_id.clone()
         };
+        if !self.inner.bans.is_empty()
+            && self
+                .refuse_if_banned(BanKey::ClientId(client_id.clone()), &client_id)
+                .await
+        {
+            return Err(End::Lost);
+        }
         let decision = self.inner.authn.authenticate(&ConnectInfo {
             client_id: &client_id,
             username: c.username.as_deref(),
@@ -365,8 +547,22 @@ impl<S: Transport> Connection<S> {
             AuthDecision::Deny(code) => {
                 Metrics::inc(&self.inner.metrics.auth_failures);
                 tracing::info!(peer = %self.peer, client_id = %client_id, reason = reason::name(code), "connection refused");
+                if let Some(h) = self.inner.hooks.connection() {
+                    h.auth_failed(&client_id, c.username.as_deref(), self.peer, code);
+                }
+                self.count_auth_failure(code, &client_id);
                 self.refuse_connect(code).await;
                 return Err(End::Lost);
+            }
+        }
+        if !self.inner.bans.is_empty() {
+            if let Some(dev) = self.identity.device_id.clone() {
+                if self
+                    .refuse_if_banned(BanKey::Device(dev.to_string()), &client_id)
+                    .await
+                {
+                    return Err(End::Lost);
+                }
             }
         }
         if let Some(w) = &c.will {
@@ -381,6 +577,49 @@ impl<S: Transport> Connection<S> {
             }
         }
         self.client_id = client_id.as_str().into();
+        // Flapping is counted per client id the client chose (an assigned
+        // one is new every time).
+        if assigned.is_none()
+            && self
+                .inner
+                .limits
+                .client_connected(&self.client_id, Instant::now())
+        {
+            let d = self.inner.bans.ban(
+                BanKey::ClientId(client_id.clone()),
+                "connect flapping",
+                None,
+                true,
+                Instant::now(),
+            );
+            if let Some(d) = d {
+                Metrics::inc(&self.inner.metrics.bans_automatic);
+                tracing::warn!(client_id = %client_id, peer = %self.peer, secs = d.as_secs(), "client id banned for connect flapping");
+                let n = cfg.max_connects_per_client_id;
+                let w = cfg.flapping_window.as_secs();
+                self.inner.security_event(
+                    SecurityEventKind::AutoBanFlapping,
+                    Some(&client_id),
+                    Some(self.peer.ip()),
+                    || {
+                        format!(
+                            "more than {n} connects within {w} s; client id banned for {} s",
+                            d.as_secs()
+                        )
+                    },
+                );
+            }
+            Metrics::inc(&self.inner.metrics.connections_rejected);
+            Metrics::inc(&self.inner.metrics.connections_refused_banned);
+            self.refuse_connect(reason::BANNED).await;
+            return Err(End::Lost);
+        }
+        if cfg.max_publish_rate > 0 {
+            self.publish_limit = Some(Box::new(PublishLimiter::new(
+                cfg.max_publish_rate,
+                Instant::now(),
+            )));
+        }
 
         // Session expiry: MQTT 5 says it; 3.1.1 persistent sessions never expire.
         let expiry = if v5 {
@@ -427,6 +666,7 @@ impl<S: Transport> Connection<S> {
             c.protocol,
             self.conn_id,
             self.waker.clone(),
+            self.identity.clone(),
         );
         let put = {
             let mut st = session.state.lock();
@@ -474,7 +714,73 @@ impl<S: Transport> Connection<S> {
         if present {
             self.resend_inflight();
         }
+        if let Some(h) = self.inner.hooks.connection() {
+            h.connected(&self.client_id, &self.identity, self.peer);
+        }
         self.write_out().await
+    }
+
+    /// Refuse the CONNECT with 0x8A if `key` is banned. True if refused.
+    async fn refuse_if_banned(&mut self, key: BanKey, client_id: &str) -> bool {
+        let Some((why, left)) = self.inner.bans.check(&key, Instant::now()) else {
+            return false;
+        };
+        Metrics::inc(&self.inner.metrics.connections_rejected);
+        Metrics::inc(&self.inner.metrics.connections_refused_banned);
+        tracing::debug!(peer = %self.peer, client_id, key = %key, "banned; connection refused");
+        self.inner.security_event(
+            SecurityEventKind::BannedConnectRefused,
+            Some(client_id),
+            Some(self.peer.ip()),
+            || format!("{key} banned ({why}); {} s left", left.as_secs()),
+        );
+        self.refuse_connect(reason::BANNED).await;
+        true
+    }
+
+    /// Count a failed authentication against the source address; enough of
+    /// them within the window ban it.
+    fn count_auth_failure(&self, code: u8, client_id: &str) {
+        if !matches!(
+            code,
+            reason::BAD_USER_NAME_OR_PASSWORD
+                | reason::NOT_AUTHORIZED
+                | reason::CLIENT_IDENTIFIER_NOT_VALID
+        ) {
+            return;
+        }
+        let now = Instant::now();
+        let ip = self.peer.ip();
+        if !self.inner.limits.auth_failed(ip, now) {
+            return;
+        }
+        let Some(d) = self.inner.bans.ban(
+            BanKey::ip(ip),
+            "repeated failed authentication",
+            None,
+            true,
+            now,
+        ) else {
+            return;
+        };
+        Metrics::inc(&self.inner.metrics.bans_automatic);
+        tracing::warn!(%ip, secs = d.as_secs(), "address banned after repeated failed authentication");
+        let cfg = &self.inner.config;
+        let (n, w) = (
+            cfg.auth_failures_before_ban,
+            cfg.auth_failure_window.as_secs(),
+        );
+        self.inner.security_event(
+            SecurityEventKind::AutoBanAuthFailures,
+            Some(client_id),
+            Some(ip),
+            || {
+                format!(
+                    "{n} failed authentications within {w} s; address banned for {} s",
+                    d.as_secs()
+                )
+            },
+        );
     }
 
     /// After reconnecting to an existing session, repeat the unacknowledged
@@ -727,6 +1033,40 @@ impl<S: Transport> Connection<S> {
         if p.retain && !cfg.retain_available {
             return Err(End::Server(reason::RETAIN_NOT_SUPPORTED));
         }
+        if let Some(l) = self.publish_limit.as_mut() {
+            match l.check(Instant::now()) {
+                RateVerdict::Pass => {}
+                RateVerdict::Refuse { first } => {
+                    Metrics::inc(&self.inner.metrics.publishes_rate_limited);
+                    if first {
+                        let rate = self.inner.config.max_publish_rate;
+                        self.inner.security_event(
+                            SecurityEventKind::PublishRateExceeded,
+                            Some(&self.client_id),
+                            Some(self.peer.ip()),
+                            || format!("publish rate of {rate}/s exceeded"),
+                        );
+                    }
+                    // MQTT 5: the message is refused (0x97: 0x96 is not a
+                    // PUBACK/PUBREC reason code). 3.1.1 has no refusal: the
+                    // acknowledgement looks normal and the message is dropped.
+                    self.ack(p.qos, p.packet_id, reason::QUOTA_EXCEEDED);
+                    return Ok(());
+                }
+                RateVerdict::Disconnect => {
+                    Metrics::inc(&self.inner.metrics.publishes_rate_limited);
+                    Metrics::inc(&self.inner.metrics.rate_limit_disconnects);
+                    let rate = self.inner.config.max_publish_rate;
+                    self.inner.security_event(
+                        SecurityEventKind::PublishRateDisconnect,
+                        Some(&self.client_id),
+                        Some(self.peer.ip()),
+                        || format!("kept exceeding the publish rate of {rate}/s; disconnected"),
+                    );
+                    return Err(End::Server(reason::MESSAGE_RATE_TOO_HIGH));
+                }
+            }
+        }
         let session = self.session.clone().ok_or(End::Lost)?;
         if p.qos == QoS::ExactlyOnce {
             let id = p.packet_id.unwrap_or(0);
@@ -742,7 +1082,10 @@ impl<S: Transport> Connection<S> {
             }
             st.incoming_qos2.insert(id);
         }
-        let allowed = !p.topic.starts_with('$')
+        // `$SYS/` is the broker's own; other `$` topics (`$provision/…`)
+        // are for the authorizer to decide.
+        let sys = p.topic == "$SYS" || p.topic.starts_with("$SYS/");
+        let allowed = !sys
             && self
                 .inner
                 .authz
@@ -880,6 +1223,7 @@ impl<S: Transport> Connection<S> {
         let mut codes = Vec::with_capacity(s.filters.len());
         let mut retained = Vec::new();
         let now = Instant::now();
+        let mut quota_reported = false;
         for (filter, mut opts) in s.filters {
             let shared = mqtt_codec::topic::parse_shared(&filter).is_some();
             if shared && opts.no_local && v5 {
@@ -903,7 +1247,25 @@ impl<S: Transport> Connection<S> {
                 opts.retain_as_published = false;
                 opts.retain_handling = RetainHandling::SendAtSubscribe;
             }
-            let is_new = self.inner.subscribe(&session, &filter, opts, sub_id);
+            let limit = self.inner.config.max_subscriptions_per_session;
+            let Some(is_new) = self.inner.subscribe(&session, &filter, opts, sub_id, limit) else {
+                Metrics::inc(&self.inner.metrics.subscriptions_quota_exceeded);
+                if !quota_reported {
+                    quota_reported = true;
+                    self.inner.security_event(
+                        SecurityEventKind::SubscriptionQuotaExceeded,
+                        Some(&self.client_id),
+                        Some(self.peer.ip()),
+                        || format!("session holds the maximum of {limit} subscriptions"),
+                    );
+                }
+                codes.push(if v5 {
+                    reason::QUOTA_EXCEEDED
+                } else {
+                    reason::UNSPECIFIED_ERROR
+                });
+                continue;
+            };
             codes.push(opts.qos as u8);
             let send_retained = !shared
                 && self.inner.config.retain_available
@@ -1014,6 +1376,9 @@ impl<S: Transport> Connection<S> {
             return;
         };
         tracing::debug!(client_id = %self.client_id, end = ?end, "connection closed");
+        if let Some(h) = self.inner.hooks.connection() {
+            h.disconnected(&self.client_id, &self.identity, end_reason(&end));
+        }
 
         let publish_will = match end {
             End::ClientDisconnect { publish_will } => publish_will,

@@ -13,9 +13,12 @@
 #![forbid(unsafe_code)]
 
 pub mod auth;
+pub mod ban;
 mod broker;
 pub mod config;
 mod connection;
+pub mod events;
+mod limits;
 mod listener;
 pub mod message;
 pub mod metrics;
@@ -29,7 +32,10 @@ pub mod tls;
 mod topic_tree;
 mod transport;
 
+pub use ban::{BanInfo, BanKey};
 pub use broker::{store_dir, Broker, BrokerError, BrokerParts, SessionInfo};
 pub use config::BrokerConfig;
+pub use events::{ConnectionEvents, SecurityEvent, SecurityEventKind, SecurityEvents};
+pub use limits::TokenBucket;
 pub use session::Session;
 pub use transport::Transport;

@@ -40,6 +40,19 @@ counters! {
     sessions_expired: "persistent sessions removed after their expiry interval",
     wills_published: "will messages published",
     store_errors: "persistent store writes that failed",
+    connect_timeouts: "connections closed because no complete CONNECT arrived within the connect timeout (idle or trickling sockets)",
+    connections_refused_per_ip: "connections closed right after accept because their source IP had mqtt.max_connections_per_ip open",
+    connections_refused_rate: "CONNECTs refused with 0x9F because the global or per-IP connection rate was exceeded",
+    connections_refused_banned: "CONNECTs refused with 0x8A because the IP, client id or device is banned",
+    publishes_rate_limited: "PUBLISH packets refused (QoS 1/2, 0x97) or dropped (QoS 0, MQTT 3.1.1) for exceeding mqtt.max_publish_rate",
+    rate_limit_disconnects: "clients disconnected (0x96) for persistently exceeding mqtt.max_publish_rate",
+    subscriptions_quota_exceeded: "subscriptions refused (0x97) because the session reached mqtt.max_subscriptions_per_session",
+    bans_issued: "administrative bans (Broker::ban_ip, ban_client, ban_device)",
+    bans_automatic: "automatic bans: repeated failed authentications from one IP, or connect flapping of one client id",
+    clients_kicked: "connections closed by an administrative kick or ban (DISCONNECT 0x98)",
+    internal_messages_delivered: "messages handed to platform-internal subscriptions",
+    security_events_suppressed: "security events (limit hits) not delivered to the platform hook because more than 100/s occurred",
+    internal_messages_dropped: "messages dropped because a platform-internal subscription's channel was full",
 }
 
 /// Current values that are not counters.

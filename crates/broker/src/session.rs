@@ -27,6 +27,8 @@ pub(crate) struct ConnLink {
     pub conn_id: u64,
     /// Wakes the connection: new messages to send, or it has been kicked.
     pub waker: Arc<crate::signal::Signal>,
+    /// Who is connected, for [`crate::Broker::kick_where`] and device bans.
+    pub identity: Arc<crate::auth::ClientIdentity>,
 }
 
 /// A message waiting in a session's queue or in flight.
@@ -65,7 +67,8 @@ pub(crate) struct SessionState {
     pub protocol: Protocol,
     pub conn: Option<ConnLink>,
     /// Set when another connection took the session over (or an operator
-    /// kicked it): `(connection id, reason code)`.
+    /// kicked it): `(connection id, reason code)`. A kicked connection that
+    /// still owns the session detaches from it like any ending connection.
     pub kicked: Option<(u64, u8)>,
     pub subscriptions: BTreeMap<String, SubscriptionRecord>,
     pub queue: VecDeque<Outgoing>,

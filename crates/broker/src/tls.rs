@@ -72,6 +72,60 @@ pub fn server_config(
     Ok(Arc::new(config))
 }
 
+/// Build a server configuration from PEM text. Client certificates signed
+/// by any of `client_roots` are verified; with `require_client_cert` false
+/// a client may also connect without one (and authenticate with a token),
+/// which is how devices with certificates and devices with tokens share
+/// one TLS listener.
+pub fn server_config_pem(
+    cert_chain_pem: &str,
+    key_pem: &str,
+    client_roots: &[String],
+    require_client_cert: bool,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let certs: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(cert_chain_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| TlsError::Certificate {
+                path: "(server certificate)".into(),
+                reason: e.to_string(),
+            })?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| TlsError::Key {
+        path: "(server key)".into(),
+        reason: e.to_string(),
+    })?;
+    let builder = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    let builder = if client_roots.is_empty() {
+        builder.with_no_client_auth()
+    } else {
+        let mut roots = RootCertStore::empty();
+        for pem in client_roots {
+            for c in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+                let c = c.map_err(|e| TlsError::Certificate {
+                    path: "(client CA)".into(),
+                    reason: e.to_string(),
+                })?;
+                roots.add(c).map_err(|e| TlsError::Config(e.to_string()))?;
+            }
+        }
+        let mut verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider());
+        if !require_client_cert {
+            verifier = verifier.allow_unauthenticated();
+        }
+        builder.with_client_cert_verifier(
+            verifier
+                .build()
+                .map_err(|e| TlsError::Config(e.to_string()))?,
+        )
+    };
+    let config = builder
+        .with_single_cert(certs, key)
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    Ok(Arc::new(config))
+}
+
 /// The client's verified certificate, if any: its subject common name and
 /// fingerprint.
 ///

@@ -2,5 +2,7 @@
 //! integration tests start exactly what `m2mhub serve` starts.
 #![forbid(unsafe_code)]
 
+pub mod admin;
+pub mod client;
 pub mod server;
 pub mod settings;

@@ -4,6 +4,7 @@
 
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use m2mhub::admin;
 use m2mhub::server::Server;
 use m2mhub::settings::{Settings, DEFAULT_CONFIG};
 use std::io::{BufRead, Write};
@@ -49,6 +50,65 @@ enum Command {
     },
     /// Load generator: measure any MQTT broker (this one or another).
     Bench(BenchArgs),
+    /// Log in to a server and save the API token in the CLI profile.
+    Login {
+        #[arg(long, default_value = "admin")]
+        user: String,
+        /// Read from stdin when absent.
+        #[arg(long)]
+        password: Option<String>,
+        #[command(flatten)]
+        conn: admin::Conn,
+    },
+    /// Devices and their credentials.
+    Device {
+        #[command(subcommand)]
+        cmd: admin::DeviceCmd,
+        #[command(flatten)]
+        conn: admin::Conn,
+    },
+    /// Fleet-provisioning claim tokens.
+    Claim {
+        #[command(subcommand)]
+        cmd: admin::ClaimCmd,
+        #[command(flatten)]
+        conn: admin::Conn,
+    },
+    /// Operator accounts.
+    User {
+        #[command(subcommand)]
+        cmd: admin::UserCmd,
+        #[command(flatten)]
+        conn: admin::Conn,
+    },
+    /// The tamper-evident audit log.
+    Audit {
+        #[command(subcommand)]
+        cmd: admin::AuditCmd,
+        #[command(flatten)]
+        conn: admin::Conn,
+    },
+    /// Security events and bans.
+    Security {
+        #[command(subcommand)]
+        cmd: admin::SecurityCmd,
+        #[command(flatten)]
+        conn: admin::Conn,
+    },
+    /// Tenants and device groups.
+    Tenant {
+        #[command(subcommand)]
+        cmd: admin::TenantCmd,
+        #[command(flatten)]
+        conn: admin::Conn,
+    },
+    /// Authorization policies.
+    Policy {
+        #[command(subcommand)]
+        cmd: admin::PolicyCmd,
+        #[command(flatten)]
+        conn: admin::Conn,
+    },
 }
 
 #[derive(Subcommand)]
@@ -157,6 +217,61 @@ fn main() -> ExitCode {
         Command::Passwd { user, password } => passwd(&user, password),
         Command::Serve(args) => serve(args),
         Command::Bench(args) => bench(args),
+        Command::Login {
+            user,
+            password,
+            conn,
+        } => run_admin(
+            |env| async move { admin::login(&conn, &user, password, &env).await.map(|_| 0) },
+        ),
+        Command::Device { cmd, conn } => {
+            run_admin(|env| async move { admin::device(&conn, cmd, &env).await.map(|_| 0) })
+        }
+        Command::Claim { cmd, conn } => {
+            run_admin(|env| async move { admin::claim(&conn, cmd, &env).await.map(|_| 0) })
+        }
+        Command::User { cmd, conn } => {
+            run_admin(|env| async move { admin::user(&conn, cmd, &env).await.map(|_| 0) })
+        }
+        Command::Audit { cmd, conn } => {
+            run_admin(|env| async move { admin::audit(&conn, cmd, &env).await })
+        }
+        Command::Security { cmd, conn } => {
+            run_admin(|env| async move { admin::security(&conn, cmd, &env).await.map(|_| 0) })
+        }
+        Command::Tenant { cmd, conn } => {
+            run_admin(|env| async move { admin::tenant(&conn, cmd, &env).await.map(|_| 0) })
+        }
+        Command::Policy { cmd, conn } => {
+            run_admin(|env| async move { admin::policy(&conn, cmd, &env).await.map(|_| 0) })
+        }
+    }
+}
+
+/// Run one operator command on a small runtime; errors print as
+/// `m2mhub: <reason>` and exit 1.
+fn run_admin<F, Fut>(f: F) -> ExitCode
+where
+    F: FnOnce(Vec<(String, String)>) -> Fut,
+    Fut: std::future::Future<Output = Result<i32>>,
+{
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("m2mhub: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(f(process_env())) {
+        Ok(0) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code.clamp(1, 255) as u8),
+        Err(e) => {
+            eprintln!("m2mhub: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -288,8 +403,15 @@ fn init_logging(level: &str, json: bool) {
 
 async fn run_server(settings: m2mhub::settings::Validated) -> Result<()> {
     let server = Server::start(&settings).await?;
-    if !settings.broker.allow_anonymous && settings.broker.password_file.is_none() {
-        tracing::warn!("no client can connect yet: anonymous access is off and no password file is set; use --allow-anonymous or --password-file (see `m2mhub passwd`)");
+    if let Some((user, password)) = &server.first_admin {
+        // Shown once: only its Argon2id hash is stored.
+        println!("m2mhub: created the administrator account (shown once, keep it safe):");
+        println!("  user:     {user}");
+        println!("  password: {password}");
+        println!(
+            "  log in:   m2mhub login --server http://{} --user {user}",
+            server.http_addr
+        );
     }
     tracing::info!(data_dir = %settings.data_dir.display(), "m2mhub started");
     // One machine-readable line on stdout, for scripts and tests.

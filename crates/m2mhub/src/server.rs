@@ -4,8 +4,13 @@
 
 use crate::settings::Validated;
 use anyhow::{Context, Result};
-use m2mhub_broker::auth::{AllowAll, StaticAuth};
-use m2mhub_broker::{Broker, BrokerParts};
+use m2mhub_api::AppState;
+use m2mhub_broker::auth::{
+    AuthDecision, Authenticator, Authorizer, ClientIdentity, ConnectInfo, StaticAuth,
+};
+use m2mhub_broker::{Broker, BrokerParts, SecurityEvent, SecurityEventKind, SecurityEvents};
+use m2mhub_pki::{DeviceCa, MasterKey};
+use m2mhub_registry::{Registry, RegistryAuth, SecurityKind};
 use std::fs::File;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,6 +21,10 @@ use tokio::task::JoinHandle;
 /// A running m2mhub.
 pub struct Server {
     pub broker: Broker,
+    pub registry: Registry,
+    /// `(user, password)` of the administrator created on this start, when
+    /// the registry had no user yet: shown once, never stored in clear.
+    pub first_admin: Option<(String, String)>,
     pub mqtt_addr: SocketAddr,
     pub mqtts_addr: Option<SocketAddr>,
     pub http_addr: SocketAddr,
@@ -43,17 +52,51 @@ impl Server {
                 v.data_dir.display()
             );
         }
-        let mut authn = StaticAuth::new(v.broker.allow_anonymous);
-        if let Some(path) = &v.broker.password_file {
-            authn = authn.with_password_file(path)?;
+        let registry = Registry::open(&v.data_dir.join("registry")).with_context(|| {
+            format!(
+                "cannot open the device registry under {}",
+                v.data_dir.display()
+            )
+        })?;
+        let env_key = std::env::var(m2mhub_pki::MASTER_KEY_ENV).ok();
+        let (master, source) = MasterKey::load_or_create(&v.data_dir, env_key.as_deref())?;
+        if let m2mhub_pki::KeySource::File { created: true } = source {
+            tracing::warn!(
+                path = %v.data_dir.join(m2mhub_pki::MASTER_KEY_FILE).display(),
+                "created a master key file: it decrypts the CA key; back it up, or move it into M2MHUB_MASTER_KEY and delete the file"
+            );
         }
+        let (ca, created) = DeviceCa::load_or_create(&v.data_dir, &master)?;
+        if created {
+            tracing::info!(ca = %m2mhub_pki::ca_cert_path(&v.data_dir).display(), "created the device CA");
+        }
+        let first_admin = registry.ensure_admin()?;
+
+        let registry_auth = Arc::new(RegistryAuth::new(
+            registry.clone(),
+            v.broker.allow_anonymous,
+            v.accept_unregistered_certs,
+        ));
+        let (authenticator, authorizer): (Arc<dyn Authenticator>, Arc<dyn Authorizer>) =
+            match &v.broker.password_file {
+                Some(path) => {
+                    let users = Arc::new(StaticAuth::new(false).with_password_file(path)?);
+                    let chain = Arc::new(PasswordUsersFirst {
+                        users,
+                        registry: registry_auth.clone(),
+                    });
+                    (chain.clone(), chain)
+                }
+                None => (registry_auth.clone(), registry_auth.clone()),
+            };
         let broker = Broker::open(BrokerParts {
             config: v.broker.clone(),
             data_dir: Some(v.data_dir.clone()),
             fsync: v.fsync,
-            authenticator: Arc::new(authn),
-            authorizer: Arc::new(AllowAll),
+            authenticator,
+            authorizer,
         })?;
+        broker.set_security_events(Arc::new(SecurityToRegistry(registry.clone())));
 
         let mut tasks = Vec::new();
         let mqtt = bind(v.mqtt_listen, "mqtt.listen", "--mqtt-listen").await?;
@@ -61,33 +104,66 @@ impl Server {
         let b = broker.clone();
         tasks.push(tokio::spawn(async move { b.run_tcp(mqtt).await }));
 
-        let mut mqtts_addr = None;
-        if let Some(tls) = &v.tls {
-            let config =
-                m2mhub_broker::tls::server_config(&tls.cert, &tls.key, tls.client_ca.as_deref())?;
-            let listener = bind(tls.listen, "mqtt.tls_listen", "--mqtts-listen").await?;
-            mqtts_addr = Some(listener.local_addr()?);
-            let b = broker.clone();
-            let acceptor = tokio_rustls::TlsAcceptor::from(config);
-            tasks.push(tokio::spawn(
-                async move { b.run_tls(listener, acceptor).await },
-            ));
+        // TLS: the configured certificate, else one from the built-in CA.
+        let (chain_pem, key_pem) = match &v.tls.files {
+            Some((cert, key)) => (
+                std::fs::read_to_string(cert)
+                    .with_context(|| format!("cannot read `mqtt.tls_cert` {}", cert.display()))?,
+                std::fs::read_to_string(key)
+                    .with_context(|| format!("cannot read `mqtt.tls_key` {}", key.display()))?,
+            ),
+            None => {
+                let mut names = vec!["localhost".to_string()];
+                let host = v.tls.listen.ip();
+                if !host.is_unspecified() {
+                    names.push(host.to_string());
+                }
+                ca.server_identity(&v.data_dir, &master, &names)?
+            }
+        };
+        let mut client_roots = vec![ca.ca_pem()];
+        if let Some(path) = &v.tls.client_ca {
+            client_roots.push(
+                std::fs::read_to_string(path).with_context(|| {
+                    format!("cannot read `mqtt.tls_client_ca` {}", path.display())
+                })?,
+            );
         }
+        let tls_config =
+            m2mhub_broker::tls::server_config_pem(&chain_pem, &key_pem, &client_roots, false)?;
+        let listener = bind(v.tls.listen, "mqtt.tls_listen", "--mqtts-listen").await?;
+        let mqtts_addr = Some(listener.local_addr()?);
+        let b = broker.clone();
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls_config);
+        tasks.push(tokio::spawn(
+            async move { b.run_tls(listener, acceptor).await },
+        ));
+
+        let state = AppState {
+            broker: broker.clone(),
+            registry: registry.clone(),
+            ca: Arc::new(ca),
+            cert_days: 365,
+        };
+        tasks.push(tokio::spawn(m2mhub_api::provision::serve_mqtt(
+            state.clone(),
+        )));
 
         let http = bind(v.http_listen, "http.listen", "--http-listen").await?;
         let http_addr = http.local_addr()?;
         let mut signal = broker.shutdown_signal();
-        let b = broker.clone();
         tasks.push(tokio::spawn(async move {
             let stop = async move {
                 let _ = signal.changed().await;
             };
-            if let Err(e) = m2mhub_api::serve(http, b, stop).await {
+            if let Err(e) = m2mhub_api::serve(http, state, stop).await {
                 tracing::error!(error = %e, "HTTP server failed");
             }
         }));
         Ok(Server {
             broker,
+            registry,
+            first_admin,
             mqtt_addr,
             mqtts_addr,
             http_addr,
@@ -100,7 +176,70 @@ impl Server {
     pub async fn shutdown(self) {
         self.broker.shutdown(Duration::from_secs(5)).await;
         for t in self.tasks {
+            t.abort();
             let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
         }
+        if let Err(e) = self.registry.flush() {
+            tracing::error!(error = %e, "flushing the registry failed");
+        }
+    }
+}
+
+/// MQTT users from the password file (bridges, tools) get full access;
+/// everyone else is decided by the device registry.
+struct PasswordUsersFirst {
+    users: Arc<StaticAuth>,
+    registry: Arc<RegistryAuth>,
+}
+
+impl Authenticator for PasswordUsersFirst {
+    fn authenticate(&self, info: &ConnectInfo<'_>) -> AuthDecision {
+        if info.tls.is_none() && info.username.is_some_and(|u| self.users.knows(u)) {
+            return self.users.authenticate(info);
+        }
+        self.registry.authenticate(info)
+    }
+}
+
+impl PasswordUsersFirst {
+    fn is_file_user(&self, identity: &ClientIdentity) -> bool {
+        identity.device_id.is_none()
+            && identity.claim.is_none()
+            && identity
+                .username
+                .as_deref()
+                .is_some_and(|u| self.users.knows(u))
+    }
+}
+
+impl Authorizer for PasswordUsersFirst {
+    fn can_publish(&self, client_id: &str, identity: &ClientIdentity, topic: &str) -> bool {
+        self.is_file_user(identity) || self.registry.can_publish(client_id, identity, topic)
+    }
+    fn can_subscribe(&self, client_id: &str, identity: &ClientIdentity, filter: &str) -> bool {
+        self.is_file_user(identity) || self.registry.can_subscribe(client_id, identity, filter)
+    }
+}
+
+/// The broker's limit hits and automatic bans, kept as security events.
+struct SecurityToRegistry(Registry);
+
+impl SecurityEvents for SecurityToRegistry {
+    fn event(&self, e: SecurityEvent) {
+        let kind = match e.kind {
+            SecurityEventKind::AutoBanAuthFailures => SecurityKind::AuthFailureBurst,
+            SecurityEventKind::AutoBanFlapping => SecurityKind::Flapping,
+            SecurityEventKind::BannedConnectRefused => SecurityKind::Ban,
+            _ => SecurityKind::RateAnomaly,
+        };
+        let _ = self
+            .0
+            .record_security_event(m2mhub_registry::SecurityEvent {
+                kind,
+                device_id: e.client_id,
+                addr: e.ip.map(|ip| ip.to_string()),
+                detail: serde_json::json!({"event": format!("{:?}", e.kind), "detail": e.detail}),
+                ts_ms: None,
+            });
     }
 }

@@ -24,17 +24,21 @@ data_dir = "./m2mhub-data"
 [mqtt]
 # Plain MQTT (3.1.1 and 5.0) listener.
 listen = "0.0.0.0:1883"
-# MQTT over TLS; only started when tls_cert and tls_key are set.
+# MQTT over TLS. Devices may present a client certificate from the built-in
+# device CA (or tls_client_ca) instead of a token: mutual TLS.
 tls_listen = "0.0.0.0:8883"
-# PEM files for the TLS listener (server certificate chain and private key).
+# PEM files of the TLS server certificate chain and key; when empty, a
+# certificate signed by the built-in CA (<data_dir>/pki/ca.pem) is used.
 tls_cert = ""
 tls_key = ""
-# PEM file of a CA: when set, TLS clients must present a certificate it signed.
+# PEM file of an extra CA whose client certificates are accepted too.
 tls_client_ca = ""
-# Accept clients without credentials. Off by default: enable it explicitly
-# (flag --allow-anonymous) for a closed network or a quick try.
+# Accept clients without credentials. Off by default: devices connect with
+# their id and a token, or a certificate (see `m2mhub device`). Enable it
+# explicitly (flag --allow-anonymous) for a closed network or a quick try.
 allow_anonymous = false
-# Users allowed to connect: lines written by `m2mhub passwd USER`.
+# Extra MQTT users with full access (bridges, tools): lines written by
+# `m2mhub passwd USER`. Devices use the registry instead.
 password_file = ""
 # Largest packet accepted from a client, in bytes.
 max_packet_size = 1048576
@@ -58,6 +62,31 @@ sys_interval_secs = 10
 retain_available = true
 # Maximum simultaneous connections (0 = unlimited).
 max_connections = 0
+# Open connections per source IP (IPv6: per /64); 0 = unlimited.
+max_connections_per_ip = 100
+# Connection attempts per second, all clients together (0 = unlimited)...
+max_connect_rate = 0
+# ...and per source IP, with a burst allowance.
+max_connect_rate_per_ip = 20
+connect_burst_per_ip = 40
+# PUBLISH packets per second per client (0 = unlimited); beyond it QoS 1/2
+# are refused with a reason code and QoS 0 dropped.
+max_publish_rate = 0
+# Subscriptions one session may hold (0 = unlimited).
+max_subscriptions_per_session = 1000
+# Failed authentications from one IP within auth_failure_window_secs that
+# ban the IP (0 = never); bans start at ban_base_secs and double per repeat.
+auth_failures_before_ban = 10
+auth_failure_window_secs = 60
+# Connections of one client id within flapping_window_secs that ban it (0 = never).
+max_connects_per_client_id = 20
+flapping_window_secs = 60
+ban_base_secs = 60
+ban_max_secs = 86400
+ban_forget_secs = 86400
+# Accept client certificates signed by tls_client_ca that were never
+# registered with a device (the device id is the certificate's common name).
+accept_unregistered_certs = false
 # fsync every group commit of the broker store (survives power loss).
 # When false, acknowledged messages survive a crash of the process (kill -9)
 # but not of the machine.
@@ -104,6 +133,20 @@ pub struct MqttSettings {
     pub sys_interval_secs: u32,
     pub retain_available: bool,
     pub max_connections: u32,
+    pub max_connections_per_ip: u32,
+    pub max_connect_rate: u32,
+    pub max_connect_rate_per_ip: u32,
+    pub connect_burst_per_ip: u32,
+    pub max_publish_rate: u32,
+    pub max_subscriptions_per_session: u32,
+    pub auth_failures_before_ban: u32,
+    pub auth_failure_window_secs: u32,
+    pub max_connects_per_client_id: u32,
+    pub flapping_window_secs: u32,
+    pub ban_base_secs: u32,
+    pub ban_max_secs: u32,
+    pub ban_forget_secs: u32,
+    pub accept_unregistered_certs: bool,
     pub fsync: bool,
 }
 
@@ -152,6 +195,20 @@ impl Default for MqttSettings {
             sys_interval_secs: 10,
             retain_available: true,
             max_connections: 0,
+            max_connections_per_ip: 100,
+            max_connect_rate: 0,
+            max_connect_rate_per_ip: 20,
+            connect_burst_per_ip: 40,
+            max_publish_rate: 0,
+            max_subscriptions_per_session: 1000,
+            auth_failures_before_ban: 10,
+            auth_failure_window_secs: 60,
+            max_connects_per_client_id: 20,
+            flapping_window_secs: 60,
+            ban_base_secs: 60,
+            ban_max_secs: 86400,
+            ban_forget_secs: 86400,
+            accept_unregistered_certs: false,
             fsync: false,
         }
     }
@@ -179,7 +236,14 @@ impl Default for LogSettings {
 const SECTIONS: [&str; 3] = ["mqtt", "http", "log"];
 
 /// Environment variables that are not config keys.
-const NOT_KEYS: [&str; 1] = ["M2MHUB_CONFIG"];
+const NOT_KEYS: [&str; 6] = [
+    "M2MHUB_CONFIG",
+    "M2MHUB_MASTER_KEY",
+    "M2MHUB_SERVER",
+    "M2MHUB_TOKEN",
+    "M2MHUB_CA_FILE",
+    "M2MHUB_PROFILE",
+];
 
 impl Settings {
     /// Load from an optional file and an environment (a list of variables,
@@ -272,16 +336,16 @@ impl Settings {
         let mqtt_listen = addr("mqtt.listen", &m.listen)?;
         let http_listen = addr("http.listen", &self.http.listen)?;
         let opt_path = |s: &str| (!s.is_empty()).then(|| PathBuf::from(s));
-        let tls = match (opt_path(&m.tls_cert), opt_path(&m.tls_key)) {
-            (Some(cert), Some(key)) => Some(TlsFiles {
-                listen: addr("mqtt.tls_listen", &m.tls_listen)?,
-                cert,
-                key,
-                client_ca: opt_path(&m.tls_client_ca),
-            }),
+        let files = match (opt_path(&m.tls_cert), opt_path(&m.tls_key)) {
+            (Some(cert), Some(key)) => Some((cert, key)),
             (None, None) => None,
             (Some(_), None) => bail!("invalid value for `mqtt.tls_key`: tls_cert is set, so tls_key must name the private key file too"),
             (None, Some(_)) => bail!("invalid value for `mqtt.tls_cert`: tls_key is set, so tls_cert must name the certificate file too"),
+        };
+        let tls = TlsFiles {
+            listen: addr("mqtt.tls_listen", &m.tls_listen)?,
+            files,
+            client_ca: opt_path(&m.tls_client_ca),
         };
         if !["trace", "debug", "info", "warn", "error"].contains(&self.log.level.as_str()) {
             bail!(
@@ -310,6 +374,19 @@ impl Settings {
             sys_interval: secs(m.sys_interval_secs),
             retain_available: m.retain_available,
             max_connections: m.max_connections as usize,
+            max_connections_per_ip: m.max_connections_per_ip as usize,
+            max_connect_rate: m.max_connect_rate,
+            max_connect_rate_per_ip: m.max_connect_rate_per_ip,
+            connect_burst_per_ip: m.connect_burst_per_ip,
+            max_publish_rate: m.max_publish_rate,
+            max_subscriptions_per_session: m.max_subscriptions_per_session as usize,
+            ban_base_duration: secs(m.ban_base_secs),
+            ban_max_duration: secs(m.ban_max_secs),
+            ban_forget_after: secs(m.ban_forget_secs),
+            auth_failures_before_ban: m.auth_failures_before_ban,
+            auth_failure_window: secs(m.auth_failure_window_secs),
+            max_connects_per_client_id: m.max_connects_per_client_id,
+            flapping_window: secs(m.flapping_window_secs),
         };
         broker.validate().map_err(|e| anyhow!("{e}"))?;
         Ok(Validated {
@@ -317,6 +394,7 @@ impl Settings {
             mqtt_listen,
             http_listen,
             tls,
+            accept_unregistered_certs: m.accept_unregistered_certs,
             fsync: m.fsync,
             broker,
             log_level: self.log.level.clone(),
@@ -328,8 +406,9 @@ impl Settings {
 #[derive(Debug, Clone)]
 pub struct TlsFiles {
     pub listen: SocketAddr,
-    pub cert: PathBuf,
-    pub key: PathBuf,
+    /// Server certificate and key files; `None`: issued by the built-in CA.
+    pub files: Option<(PathBuf, PathBuf)>,
+    /// An extra CA for client certificates.
     pub client_ca: Option<PathBuf>,
 }
 
@@ -339,7 +418,8 @@ pub struct Validated {
     pub data_dir: PathBuf,
     pub mqtt_listen: SocketAddr,
     pub http_listen: SocketAddr,
-    pub tls: Option<TlsFiles>,
+    pub tls: TlsFiles,
+    pub accept_unregistered_certs: bool,
     pub fsync: bool,
     pub broker: BrokerConfig,
     pub log_level: String,

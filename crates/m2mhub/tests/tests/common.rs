@@ -105,6 +105,15 @@ impl TestServer {
         self.get().http_addr
     }
 
+    /// An admin API token, made directly in the registry.
+    pub fn admin_token(&self) -> String {
+        self.get()
+            .registry
+            .create_api_token("admin", m2mhub_registry::Role::Admin, None, "tests")
+            .expect("admin token")
+            .1
+    }
+
     /// Value of a broker counter (name as in `Metrics`, e.g. `messages_received`).
     pub fn counter(&self, name: &str) -> u64 {
         self.get()
@@ -133,6 +142,74 @@ impl TestServer {
                 .await
                 .expect("server restarts"),
         );
+    }
+}
+
+/// A bare broker (TCP listener only, in-memory, no HTTP) on an ephemeral
+/// loopback port, configured through `BrokerConfig` directly: for broker
+/// settings the configuration file does not expose, and for the platform
+/// hooks (`Broker::kick`, `subscribe_internal`, bans…) on `broker`.
+pub struct BrokerServer {
+    pub broker: m2mhub_broker::Broker,
+    pub addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl BrokerServer {
+    /// Test defaults (anonymous access, no `$SYS`) adjusted by `f`; the
+    /// password file in the config, if any, is loaded.
+    pub async fn start(f: impl FnOnce(&mut m2mhub_broker::BrokerConfig)) -> BrokerServer {
+        Self::start_with(f, std::sync::Arc::new(m2mhub_broker::auth::AllowAll)).await
+    }
+
+    /// Like [`BrokerServer::start`] with a custom authorizer.
+    pub async fn start_with(
+        f: impl FnOnce(&mut m2mhub_broker::BrokerConfig),
+        authorizer: std::sync::Arc<dyn m2mhub_broker::auth::Authorizer>,
+    ) -> BrokerServer {
+        use m2mhub_broker::auth::StaticAuth;
+        let mut cfg = m2mhub_broker::BrokerConfig {
+            allow_anonymous: true,
+            sys_interval: Duration::ZERO,
+            ..Default::default()
+        };
+        f(&mut cfg);
+        let mut authn = StaticAuth::new(cfg.allow_anonymous);
+        if let Some(p) = &cfg.password_file {
+            authn = authn.with_password_file(p).expect("password file");
+        }
+        let broker = m2mhub_broker::Broker::open(m2mhub_broker::BrokerParts {
+            config: cfg,
+            data_dir: None,
+            fsync: false,
+            authenticator: std::sync::Arc::new(authn),
+            authorizer,
+        })
+        .expect("broker opens");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let b = broker.clone();
+        let task = tokio::spawn(async move { b.run_tcp(listener).await });
+        BrokerServer { broker, addr, task }
+    }
+
+    /// Value of a broker counter (name as in `Metrics`).
+    pub fn counter(&self, name: &str) -> u64 {
+        self.broker
+            .metrics()
+            .counters()
+            .into_iter()
+            .find(|(n, _, _)| *n == name)
+            .map(|(_, _, v)| v)
+            .unwrap_or_else(|| panic!("no counter {name}"))
+    }
+}
+
+impl Drop for BrokerServer {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 
@@ -818,9 +895,37 @@ impl HttpResponse {
 }
 
 pub async fn http_get(addr: SocketAddr, path: &str) -> HttpResponse {
-    within(&format!("GET {path}"), async {
+    http_request(addr, "GET", path, None, None).await
+}
+
+/// GET with `Authorization: Bearer <token>`.
+pub async fn http_get_as(addr: SocketAddr, path: &str, token: &str) -> HttpResponse {
+    http_request(addr, "GET", path, Some(token), None).await
+}
+
+/// Any request, optionally authenticated and with a JSON body.
+pub async fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&serde_json::Value>,
+) -> HttpResponse {
+    within(&format!("{method} {path}"), async {
         let mut s = TcpStream::connect(addr).await.expect("connect HTTP");
-        let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let payload = body.map(|b| b.to_string()).unwrap_or_default();
+        let mut req = format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n");
+        if let Some(t) = token {
+            req.push_str(&format!("Authorization: Bearer {t}\r\n"));
+        }
+        if body.is_some() {
+            req.push_str(&format!(
+                "Content-Type: application/json\r\nContent-Length: {}\r\n",
+                payload.len()
+            ));
+        }
+        req.push_str("\r\n");
+        req.push_str(&payload);
         s.write_all(req.as_bytes()).await.expect("write request");
         let mut raw = Vec::new();
         s.read_to_end(&mut raw).await.expect("read response");
@@ -914,6 +1019,8 @@ impl BinServer {
                 "127.0.0.1:0",
                 "--http-listen",
                 "127.0.0.1:0",
+                "--mqtts-listen",
+                "127.0.0.1:0",
                 "--allow-anonymous",
             ])
             .env_remove("M2MHUB_CONFIG")
@@ -925,10 +1032,15 @@ impl BinServer {
             .expect("spawn m2mhub");
         let stdout = child.stdout.take().expect("stdout");
         let read = tokio::task::spawn_blocking(move || {
+            // The first start prints the administrator's credentials first.
             let mut r = std::io::BufReader::new(stdout);
-            let mut line = String::new();
-            let n = r.read_line(&mut line).unwrap_or(0);
-            (r, line, n)
+            loop {
+                let mut line = String::new();
+                let n = r.read_line(&mut line).unwrap_or(0);
+                if n == 0 || line.starts_with("m2mhub ready") {
+                    return (r, line, n);
+                }
+            }
         });
         let (reader, line, n) = match tokio::time::timeout(Duration::from_secs(10), read).await {
             Ok(Ok(v)) => v,

@@ -41,7 +41,7 @@ async fn api_broker_returns_stats_json() {
     c.subscribe(1, "api/#", QoS::AtMostOnce).await;
     c.publish(retained("api/r", QoS::AtLeastOnce, 1, "kept"))
         .await;
-    let r = http_get(srv.http(), "/api/v1/broker").await;
+    let r = http_get_as(srv.http(), "/api/v1/broker", &srv.admin_token()).await;
     assert_eq!(r.status, 200);
     assert!(r
         .header("content-type")
@@ -82,11 +82,12 @@ async fn unknown_api_path_is_a_problem_document_404() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_api_lists_pages_and_shows_sessions() {
     let srv = TestServer::start().await;
+    let token = srv.admin_token();
     let (mut a, _) = Raw::connect_ok(srv.mqtt(), v5("api-a")).await;
     a.subscribe(1, "api/#", QoS::AtLeastOnce).await;
     let (_b, _) = Raw::connect_ok(srv.mqtt(), v5("api-b")).await;
 
-    let r = http_get(srv.http(), "/api/v1/sessions?limit=1").await;
+    let r = http_get_as(srv.http(), "/api/v1/sessions?limit=1", &token).await;
     assert_eq!(r.status, 200, "{}", r.body);
     let page = r.json();
     assert_eq!(page["items"].as_array().map(|a| a.len()), Some(1));
@@ -94,13 +95,13 @@ async fn sessions_api_lists_pages_and_shows_sessions() {
     assert_eq!(page["items"][0]["subscriptions"][0]["filter"], "api/#");
     assert_eq!(page["next"], "api-a");
 
-    let page = http_get(srv.http(), "/api/v1/sessions?limit=1&after=api-a")
+    let page = http_get_as(srv.http(), "/api/v1/sessions?limit=1&after=api-a", &token)
         .await
         .json();
     assert_eq!(page["items"][0]["client_id"], "api-b");
     assert_eq!(page["items"][0]["online"], true);
 
-    let r = http_get(srv.http(), "/api/v1/sessions/api-b").await;
+    let r = http_get_as(srv.http(), "/api/v1/sessions/api-b", &token).await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.json()["queued"], 0);
     for (path, status) in [
@@ -108,7 +109,7 @@ async fn sessions_api_lists_pages_and_shows_sessions() {
         ("/api/v1/sessions?limit=abc", 400),
         ("/api/v1/sessions?limit=0", 400),
     ] {
-        let r = http_get(srv.http(), path).await;
+        let r = http_get_as(srv.http(), path, &token).await;
         assert_eq!(r.status, status, "{path}: {}", r.body);
         assert!(
             r.header("content-type")

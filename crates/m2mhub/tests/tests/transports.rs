@@ -168,16 +168,26 @@ async fn mutual_tls_requires_a_client_certificate_signed_by_the_ca() {
         s.mqtt.tls_cert = cert;
         s.mqtt.tls_key = key;
         s.mqtt.tls_client_ca = ca;
+        s.mqtt.allow_anonymous = false;
+        s.mqtt.accept_unregistered_certs = true;
     })
     .await;
+    srv.get()
+        .registry
+        .create_device(m2mhub_registry::NewDevice {
+            id: Some("device-1".into()),
+            ..Default::default()
+        })
+        .expect("device");
     let mqtts = srv.get().mqtts_addr.expect("TLS listener");
     let trust = pki.ca_cert.der().clone();
 
-    // No client certificate: refused.
+    // No client certificate and no credentials: TLS works (token devices
+    // share the listener) but the CONNECT is refused.
     assert_eq!(
         tls_connect(mqtts, client_config(&trust, None), "mtls-none").await,
-        None,
-        "a client without a certificate must not get a CONNACK"
+        Some(0x87),
+        "a client without a certificate or credentials must be refused"
     );
     // A certificate from another CA: refused.
     let rogue = Pki::new("rogue CA");
@@ -197,7 +207,7 @@ async fn mutual_tls_requires_a_client_certificate_signed_by_the_ca() {
         tls_connect(
             mqtts,
             client_config(&trust, Some((dc.der().clone(), key_der(&dk)))),
-            "mtls-ok"
+            "device-1"
         )
         .await,
         Some(0)

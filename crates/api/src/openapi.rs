@@ -1,0 +1,140 @@
+//! The OpenAPI document, derived from the same table that builds the
+//! router: a route cannot exist without being documented, because adding
+//! it to the router *is* documenting it.
+
+use axum::routing::MethodRouter;
+use axum::Router;
+use serde_json::{json, Map, Value};
+
+/// Who may call a route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Access {
+    /// No credentials (health, login, device provisioning with a claim token).
+    Public,
+    Viewer,
+    Operator,
+    Admin,
+}
+
+impl Access {
+    fn describe(self) -> &'static str {
+        match self {
+            Access::Public => "no authentication",
+            Access::Viewer => "role viewer or above",
+            Access::Operator => "role operator or above",
+            Access::Admin => "role admin",
+        }
+    }
+}
+
+/// One documented operation.
+#[derive(Debug, Clone)]
+pub struct Operation {
+    pub method: &'static str,
+    /// Axum path syntax (`/devices/{id}`), which is also OpenAPI's.
+    pub path: &'static str,
+    pub summary: &'static str,
+    pub access: Access,
+}
+
+/// Builds the router and the document together.
+pub struct ApiBuilder<S> {
+    router: Router<S>,
+    ops: Vec<Operation>,
+}
+
+impl<S: Clone + Send + Sync + 'static> ApiBuilder<S> {
+    pub fn new() -> Self {
+        ApiBuilder {
+            router: Router::new(),
+            ops: Vec::new(),
+        }
+    }
+
+    /// Add a route: `methods` is the `MethodRouter` (e.g. `get(h).post(h2)`),
+    /// `docs` one `(method, summary, access)` per method it serves.
+    pub fn route(
+        mut self,
+        path: &'static str,
+        methods: MethodRouter<S>,
+        docs: &[(&'static str, &'static str, Access)],
+    ) -> Self {
+        self.router = self.router.route(path, methods);
+        for (method, summary, access) in docs {
+            self.ops.push(Operation {
+                method,
+                path,
+                summary,
+                access: *access,
+            });
+        }
+        self
+    }
+
+    pub fn finish(self) -> (Router<S>, Vec<Operation>) {
+        (self.router, self.ops)
+    }
+}
+
+impl<S: Clone + Send + Sync + 'static> Default for ApiBuilder<S> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The OpenAPI 3.1 document for `ops` (paths relative to `/api/v1`).
+pub fn document(ops: &[Operation]) -> Value {
+    let mut paths = Map::new();
+    for op in ops {
+        let entry = paths
+            .entry(op.path.to_string())
+            .or_insert_with(|| json!({}));
+        let params: Vec<Value> = op
+            .path
+            .split('/')
+            .filter_map(|seg| seg.strip_prefix('{')?.strip_suffix('}'))
+            .map(|name| json!({"name": name, "in": "path", "required": true, "schema": {"type": "string"}}))
+            .collect();
+        let mut operation = json!({
+            "summary": op.summary,
+            "description": format!("Access: {}.", op.access.describe()),
+            "parameters": params,
+            "responses": {
+                "2XX": {"description": "Success", "content": {"application/json": {}}},
+                "default": {"description": "An RFC 9457 problem document", "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}}
+            }
+        });
+        if op.access != Access::Public {
+            operation["security"] = json!([{"bearer": []}]);
+        }
+        if let Some(map) = entry.as_object_mut() {
+            map.insert(op.method.to_ascii_lowercase(), operation);
+        }
+    }
+    json!({
+        "openapi": "3.1.0",
+        "info": {
+            "title": "m2mhub API",
+            "version": env!("CARGO_PKG_VERSION"),
+            "description": "Fleet, identity and data API of m2mhub. Errors are RFC 9457 problem documents. Authenticate with `Authorization: Bearer <API token>` (POST /auth/login returns one)."
+        },
+        "servers": [{"url": "/api/v1"}],
+        "paths": paths,
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": {
+                "Problem": {
+                    "type": "object",
+                    "properties": {
+                        "type": {"type": "string"},
+                        "title": {"type": "string"},
+                        "status": {"type": "integer"},
+                        "detail": {"type": "string"},
+                        "instance": {"type": "string"}
+                    },
+                    "required": ["type", "title", "status"]
+                }
+            }
+        }
+    })
+}

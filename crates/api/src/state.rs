@@ -1,0 +1,15 @@
+//! What every handler can reach: the broker and the identity services.
+
+use m2mhub_broker::Broker;
+use m2mhub_pki::DeviceCa;
+use m2mhub_registry::Registry;
+use std::sync::Arc;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub broker: Broker,
+    pub registry: Registry,
+    pub ca: Arc<DeviceCa>,
+    /// Validity of certificates the API issues, in days.
+    pub cert_days: u32,
+}
