@@ -74,8 +74,12 @@ def main():
         f.write("listener 18931 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\n"
                 "max_inflight_messages 0\npersistence false\nlog_type error\n")
     mosq = start(["taskset", "-c", "0", "mosquitto", "-c", conf])
+    # All load comes from one address: lift the per-IP defences for the run.
+    env = dict(os.environ, M2MHUB_MQTT_MAX_CONNECTIONS_PER_IP="0", M2MHUB_MQTT_MAX_CONNECT_RATE_PER_IP="0",
+               M2MHUB_MQTT_MAX_CONNECTS_PER_CLIENT_ID="0")
     hub = start(["taskset", "-c", "0", binary, "serve", "--data-dir", os.path.join(work, "data"),
-                 "--allow-anonymous", "--mqtt-listen", "127.0.0.1:18932", "--http-listen", "127.0.0.1:18982"])
+                 "--allow-anonymous", "--mqtt-listen", "127.0.0.1:18932", "--http-listen", "127.0.0.1:18982",
+                 "--mqtts-listen", "127.0.0.1:18933"], env=env)
     time.sleep(1.5)
     brokers = [("Mosquitto", 18931, mosq.pid), ("m2mhub", 18932, hub.pid)]
     rows = []
