@@ -105,6 +105,8 @@ pub(crate) struct Connection<S: Transport> {
     scratch: Vec<Delivery>,
     /// Publish rate limiter, allocated only when a rate is configured.
     publish_limit: Option<Box<PublishLimiter>>,
+    /// This client's own publish-rate baseline, allocated on its first PUBLISH.
+    baseline: Option<Box<crate::rate_baseline::RateBaseline>>,
 }
 
 /// `mqtt.max_publish_rate` for one connection.
@@ -278,6 +280,7 @@ pub(crate) fn serve<S: Transport>(
         ip_counted,
         scratch: Vec::new(),
         publish_limit: None,
+        baseline: None,
     });
     conn.serve()
 }
@@ -1033,8 +1036,25 @@ impl<S: Transport> Connection<S> {
         if p.retain && !cfg.retain_available {
             return Err(End::Server(reason::RETAIN_NOT_SUPPORTED));
         }
+        let now = Instant::now();
+        let baseline = self
+            .baseline
+            .get_or_insert_with(|| Box::new(crate::rate_baseline::RateBaseline::new(now)));
+        if let Some(a) = baseline.record(now) {
+            self.inner.security_event(
+                SecurityEventKind::RateAnomaly,
+                Some(&self.client_id),
+                Some(self.peer.ip()),
+                || {
+                    format!(
+                        "published {:.1} msg/s against its own baseline of {:.2} msg/s",
+                        a.rate, a.baseline
+                    )
+                },
+            );
+        }
         if let Some(l) = self.publish_limit.as_mut() {
-            match l.check(Instant::now()) {
+            match l.check(now) {
                 RateVerdict::Pass => {}
                 RateVerdict::Refuse { first } => {
                     Metrics::inc(&self.inner.metrics.publishes_rate_limited);

@@ -38,6 +38,9 @@ pub enum SecurityEventKind {
     PublishRateDisconnect,
     /// A SUBSCRIBE hit `max_subscriptions_per_session`.
     SubscriptionQuotaExceeded,
+    /// A client published far above its own long-run rate (see
+    /// `rate_baseline.rs`): a compromised or malfunctioning device.
+    RateAnomaly,
     /// An IP was banned after repeated failed authentications.
     AutoBanAuthFailures,
     /// A client id was banned for connecting too often (flapping).

@@ -24,6 +24,7 @@ pub mod message;
 pub mod metrics;
 mod outbound;
 mod persist;
+mod rate_baseline;
 mod retained;
 pub mod session;
 mod signal;

@@ -1148,3 +1148,84 @@ pub async fn run_bin(args: &[&str], env: &[(&str, &str)]) -> (i32, String, Strin
         }
     }
 }
+
+// ---------------------------------------------------------------------------
+// The real binary with the secure defaults (identity tests)
+
+impl BinServer {
+    /// Start `m2mhub serve` on loopback port 0 with `data_dir` and the
+    /// secure defaults (no anonymous access), wait for its `m2mhub ready`
+    /// line, and return it with the stdout lines printed before that line
+    /// (on a first start: the administrator's credentials).
+    pub async fn start_secure(
+        data_dir: &std::path::Path,
+        log: &std::path::Path,
+    ) -> (BinServer, Vec<String>) {
+        use std::io::BufRead;
+        let log_file = std::fs::File::create(log).expect("log file");
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_m2mhub"))
+            .args(["serve", "--data-dir"])
+            .arg(data_dir)
+            .args([
+                "--mqtt-listen",
+                "127.0.0.1:0",
+                "--http-listen",
+                "127.0.0.1:0",
+                "--mqtts-listen",
+                "127.0.0.1:0",
+            ])
+            .env_remove("M2MHUB_CONFIG")
+            .env_remove("M2MHUB_MASTER_KEY")
+            .env("RUST_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(log_file)
+            .spawn()
+            .expect("spawn m2mhub");
+        let stdout = child.stdout.take().expect("stdout");
+        let read = tokio::task::spawn_blocking(move || {
+            let mut r = std::io::BufReader::new(stdout);
+            let mut before = Vec::new();
+            loop {
+                let mut line = String::new();
+                let n = r.read_line(&mut line).unwrap_or(0);
+                if n == 0 || line.starts_with("m2mhub ready") {
+                    return (r, line, n, before);
+                }
+                before.push(line.trim_end().to_string());
+            }
+        });
+        let (reader, line, n, before) =
+            match tokio::time::timeout(Duration::from_secs(10), read).await {
+                Ok(Ok(v)) => v,
+                _ => {
+                    let _ = child.kill();
+                    panic!(
+                        "no ready line from m2mhub; log:\n{}",
+                        std::fs::read_to_string(log).unwrap_or_default()
+                    );
+                }
+            };
+        if n == 0 {
+            let _ = child.kill();
+            panic!(
+                "m2mhub exited before it was ready; log:\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        let field = |key: &str| -> SocketAddr {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(key))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("no {key} in ready line {line:?}"))
+        };
+        let server = BinServer {
+            mqtt: field("mqtt="),
+            http: field("http="),
+            child,
+            log: log.to_path_buf(),
+            _stdout: Some(reader),
+        };
+        (server, before)
+    }
+}
