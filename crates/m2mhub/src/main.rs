@@ -169,15 +169,44 @@ struct BenchArgs {
     /// Broker address HOST:PORT.
     #[arg(long, default_value = "127.0.0.1:1883")]
     host: String,
-    #[arg(long, value_enum, default_value = "fan-in")]
-    scenario: ScenarioArg,
+    /// fan-in, fan-out, pairs, idle, or connect (connection rate).
+    #[arg(
+        long,
+        default_value = "fan-in",
+        value_parser = clap::builder::PossibleValuesParser::new(
+            ScenarioArg::value_variants()
+                .iter()
+                .filter_map(ValueEnum::to_possible_value)
+                .chain([clap::builder::PossibleValue::new("connect")]),
+        )
+    )]
+    scenario: String,
     #[arg(long, default_value_t = 10)]
     publishers: usize,
     #[arg(long, default_value_t = 1)]
     subscribers: usize,
-    /// Connections for the idle scenario.
+    /// Connections for the idle and connect scenarios.
     #[arg(long, default_value_t = 1000)]
     connections: usize,
+    /// Idle / connect: connection attempts in flight at most.
+    #[arg(long, default_value_t = 500)]
+    concurrency: usize,
+    /// Connect: then drop all connections at once and reconnect all at once.
+    #[arg(long)]
+    reconnect_storm: bool,
+    /// Idle / connect: file with one `client_id username password` line per
+    /// connection (`-` for none).
+    #[arg(long)]
+    credentials: Option<PathBuf>,
+    /// Idle / connect: PEM CA to verify the broker; enables TLS.
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
+    /// Name to verify in the broker's certificate (default localhost).
+    #[arg(long)]
+    tls_server_name: Option<String>,
+    /// Mutual TLS: directory with <client_id>.pem and <client_id>.key.
+    #[arg(long)]
+    tls_client_certs: Option<PathBuf>,
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=2))]
     qos: u8,
     /// Payload bytes (at least 16: a timestamp and a sequence number).
@@ -457,17 +486,25 @@ async fn wait_for_signal() {
 
 fn bench(args: BenchArgs) -> ExitCode {
     use m2mhub_sim::{BenchOptions, Scenario};
+    let scenario = match args.scenario.parse::<Scenario>() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("m2mhub bench: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let opts = BenchOptions {
         host: args.host,
-        scenario: match args.scenario {
-            ScenarioArg::FanIn => Scenario::FanIn,
-            ScenarioArg::FanOut => Scenario::FanOut,
-            ScenarioArg::Pairs => Scenario::Pairs,
-            ScenarioArg::Idle => Scenario::Idle,
-        },
+        scenario,
         publishers: args.publishers,
         subscribers: args.subscribers,
         connections: args.connections,
+        concurrency: args.concurrency,
+        reconnect_storm: args.reconnect_storm,
+        credentials: args.credentials,
+        tls_ca: args.tls_ca,
+        tls_server_name: args.tls_server_name,
+        tls_client_certs: args.tls_client_certs,
         qos: args.qos,
         payload_size: args.payload,
         duration: Duration::from_secs_f64(args.duration),

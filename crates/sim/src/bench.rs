@@ -2,8 +2,10 @@
 //! loops, and the report.
 
 use std::collections::hash_map::RandomState;
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::hash::{BuildHasher, Hasher};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -51,6 +53,11 @@ pub enum Scenario {
     /// `connections` idle connections, to measure the broker's memory per
     /// connection.
     Idle,
+    /// Connection rate: open `connections` connections with at most
+    /// `concurrency` CONNECTs in flight and report connects/s, connect
+    /// latency and failures by CONNACK reason; optionally followed by a
+    /// reconnect storm (`reconnect_storm`).
+    Connect,
 }
 
 impl Scenario {
@@ -60,6 +67,7 @@ impl Scenario {
             Scenario::FanOut => "fan-out",
             Scenario::Pairs => "pairs",
             Scenario::Idle => "idle",
+            Scenario::Connect => "connect",
         }
     }
 }
@@ -72,8 +80,9 @@ impl std::str::FromStr for Scenario {
             "fan-out" | "fanout" => Ok(Scenario::FanOut),
             "pairs" | "pair" => Ok(Scenario::Pairs),
             "idle" => Ok(Scenario::Idle),
+            "connect" | "connect-rate" => Ok(Scenario::Connect),
             other => Err(format!(
-                "unknown scenario {other:?} (fan-in, fan-out, pairs, idle)"
+                "unknown scenario {other:?} (fan-in, fan-out, pairs, idle, connect)"
             )),
         }
     }
@@ -89,8 +98,26 @@ pub struct BenchOptions {
     pub publishers: usize,
     /// Subscribers (FanOut); FanIn uses one, Pairs one per publisher.
     pub subscribers: usize,
-    /// Connections to open for [`Scenario::Idle`].
+    /// Connections to open for [`Scenario::Idle`] and [`Scenario::Connect`].
     pub connections: usize,
+    /// Connection attempts in flight at most (Idle, Connect).
+    pub concurrency: usize,
+    /// Connect: after opening all connections, drop them all at once and
+    /// reconnect all at once; report the time until all are back.
+    pub reconnect_storm: bool,
+    /// Idle / Connect: a file with one line per connection, `client_id
+    /// username password` (`-` for none); connection `i` uses line `i`.
+    /// Overrides `username` / `password`.
+    pub credentials: Option<PathBuf>,
+    /// Idle / Connect: PEM CA certificate(s) to verify the broker; enables
+    /// TLS.
+    pub tls_ca: Option<PathBuf>,
+    /// Name to verify in the broker's certificate (default `localhost`).
+    pub tls_server_name: Option<String>,
+    /// Mutual TLS: a directory with `<client_id>.pem` (certificate chain)
+    /// and `<client_id>.key` for each connection. Without a credentials
+    /// file client ids are then `bench-idle-<i>`.
+    pub tls_client_certs: Option<PathBuf>,
     /// QoS of publishes and subscriptions (0..=2).
     pub qos: u8,
     /// Payload bytes, at least 16: bytes 0..8 are the send time in
@@ -121,6 +148,12 @@ impl Default for BenchOptions {
             publishers: 10,
             subscribers: 10,
             connections: 1000,
+            concurrency: CONNECT_BATCH,
+            reconnect_storm: false,
+            credentials: None,
+            tls_ca: None,
+            tls_server_name: None,
+            tls_client_certs: None,
             qos: 0,
             payload_size: 64,
             duration: Duration::from_secs(10),
@@ -135,8 +168,9 @@ impl Default for BenchOptions {
     }
 }
 
-/// The outcome of one run.
-#[derive(Debug, Clone, Serialize)]
+/// The outcome of one run. Fields of the Connect scenario are `None` (and
+/// absent from the JSON) for the others.
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct BenchReport {
     pub scenario: String,
     pub qos: u8,
@@ -161,6 +195,56 @@ pub struct BenchReport {
     pub broker_rss_before_kb: Option<u64>,
     pub broker_rss_after_kb: Option<u64>,
     pub bytes_per_connection: Option<f64>,
+    /// Connect: attempts in flight at most.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<usize>,
+    /// `server-auth` or `mutual` when TLS was used.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<String>,
+    /// Connect: first attempt → last successful CONNACK.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connect_secs: Option<f64>,
+    /// Connect: successful connections / `connect_secs`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connects_per_sec: Option<f64>,
+    /// Connect: per connection TCP connect → CONNACK (incl. TLS).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connect_p50_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connect_p99_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connect_max_ms: Option<f64>,
+    /// Connect: failed attempts (of `connections`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failures: Option<u64>,
+    /// Connect: failures by CONNACK reason code in MQTT 5 terms (`0x86`,
+    /// `0x87`, ...; the codec maps 3.1.1 return codes to these) or category
+    /// (`timeout`, `tcp`, `tls`, `closed`, `protocol`, `io`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failure_reasons: Option<BTreeMap<String, u64>>,
+    /// Reconnect storm: all dropped at once → last successful CONNACK.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reconnect_secs: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reconnect_p50_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reconnect_p99_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reconnect_failures: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reconnect_failure_reasons: Option<BTreeMap<String, u64>>,
+}
+
+fn reasons_text(m: &BTreeMap<String, u64>) -> String {
+    if m.is_empty() {
+        return String::new();
+    }
+    let parts: Vec<String> = m.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+    format!(" ({})", parts.join(", "))
+}
+
+fn ms_text(v: Option<f64>) -> String {
+    v.map_or_else(|| "-".into(), |v| format!("{v:.1} ms"))
 }
 
 impl BenchReport {
@@ -169,8 +253,62 @@ impl BenchReport {
         use std::fmt::Write;
         let mut s = String::new();
         let _ = writeln!(s, "scenario          {}", self.scenario);
-        if self.scenario == Scenario::Idle.name() {
+        if self.scenario == Scenario::Connect.name() {
+            let failures = self.failures.unwrap_or(0);
+            let _ = writeln!(
+                s,
+                "connections       {} (concurrency {}{})",
+                self.connections,
+                self.concurrency.unwrap_or(0),
+                self.tls
+                    .as_deref()
+                    .map(|t| format!(", TLS {t}"))
+                    .unwrap_or_default()
+            );
+            let _ = writeln!(
+                s,
+                "connected         {}, failures {failures}{}",
+                (self.connections as u64).saturating_sub(failures),
+                self.failure_reasons
+                    .as_ref()
+                    .map(reasons_text)
+                    .unwrap_or_default()
+            );
+            let _ = writeln!(
+                s,
+                "connect time      {:.2} s ({:.0} connects/s)",
+                self.connect_secs.unwrap_or(0.0),
+                self.connects_per_sec.unwrap_or(0.0)
+            );
+            let _ = writeln!(
+                s,
+                "connect latency   p50 {}, p99 {}, max {}",
+                ms_text(self.connect_p50_ms),
+                ms_text(self.connect_p99_ms),
+                ms_text(self.connect_max_ms)
+            );
+            if let Some(secs) = self.reconnect_secs {
+                let _ = writeln!(
+                    s,
+                    "reconnect storm   all back in {secs:.2} s, failures {}{}",
+                    self.reconnect_failures.unwrap_or(0),
+                    self.reconnect_failure_reasons
+                        .as_ref()
+                        .map(reasons_text)
+                        .unwrap_or_default()
+                );
+                let _ = writeln!(
+                    s,
+                    "reconnect latency p50 {}, p99 {}",
+                    ms_text(self.reconnect_p50_ms),
+                    ms_text(self.reconnect_p99_ms)
+                );
+            }
+        } else if self.scenario == Scenario::Idle.name() {
             let _ = writeln!(s, "connections       {}", self.connections);
+            if let Some(t) = &self.tls {
+                let _ = writeln!(s, "tls               {t}");
+            }
             let _ = writeln!(s, "connect time      {:.2} s", self.duration_secs);
         } else {
             let _ = writeln!(
@@ -235,6 +373,12 @@ pub enum BenchError {
         "too many open files after {opened} connections: raise the limit (e.g. `ulimit -n 1048576`) before running"
     )]
     TooManyOpenFiles { opened: usize },
+    #[error("TLS handshake with {addr} failed: {source}")]
+    Tls {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("broker refused the connection (CONNACK reason code {reason_code:#04x})")]
     Refused { reason_code: u8 },
     #[error("broker rejected the subscription to {filter:?} (reason code {reason_code:#04x})")]
@@ -273,7 +417,7 @@ impl Timing {
     }
 }
 
-fn random_suffix() -> String {
+pub(crate) fn random_suffix() -> String {
     let mut h = RandomState::new().build_hasher();
     h.write_u32(std::process::id());
     h.write_u128(
@@ -293,8 +437,15 @@ fn qos_of(v: u8) -> Result<QoS, BenchError> {
 /// needs enough file descriptors (`ulimit -n`) for all connections.
 pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
     let qos = qos_of(opts.qos)?;
-    if opts.scenario == Scenario::Idle {
-        return run_idle(&opts).await;
+    match opts.scenario {
+        Scenario::Idle => return run_idle(&opts).await,
+        Scenario::Connect => return crate::connect::run_connect(&opts).await,
+        _ => {}
+    }
+    if opts.credentials.is_some() || opts.tls_ca.is_some() || opts.tls_client_certs.is_some() {
+        return Err(BenchError::InvalidOptions(
+            "credentials files and TLS are supported by the idle and connect scenarios only".into(),
+        ));
     }
     if opts.payload_size < 16 {
         return Err(BenchError::InvalidOptions(
@@ -308,7 +459,7 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
         Scenario::FanIn => (opts.publishers, 1, 1u64),
         Scenario::FanOut => (1, opts.subscribers, opts.subscribers as u64),
         Scenario::Pairs => (opts.publishers, opts.publishers, 1),
-        Scenario::Idle => unreachable!("handled above"),
+        Scenario::Idle | Scenario::Connect => unreachable!("handled above"),
     };
     if n_pub == 0 || n_sub == 0 {
         return Err(BenchError::InvalidOptions(
@@ -332,13 +483,14 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
         clean_start: true,
         username: opts.username.clone(),
         password: opts.password.clone(),
+        tls: None,
     };
 
     let rss_before = opts.broker_pid.and_then(memory::rss_kb);
 
     // Subscribers first, each subscribed before any publisher exists.
     let scenario = opts.scenario;
-    let subs = connect_many(n_sub, 0, |i| {
+    let subs = connect_many(n_sub, 0, CONNECT_BATCH, |i| {
         let cfg = config("sub", i);
         async move {
             let mut c = Conn::connect(&cfg).await?;
@@ -352,7 +504,7 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
         }
     })
     .await?;
-    let pubs = connect_many(n_pub, n_sub, |i| {
+    let pubs = connect_many(n_pub, n_sub, CONNECT_BATCH, |i| {
         let cfg = config("pub", i);
         async move { Conn::connect(&cfg).await }
     })
@@ -467,21 +619,23 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
         broker_rss_before_kb: rss_before,
         broker_rss_after_kb: rss_after,
         bytes_per_connection: per_connection(rss_before, rss_after, n_pub + n_sub),
+        ..Default::default()
     })
 }
 
-fn per_connection(before: Option<u64>, after: Option<u64>, n: usize) -> Option<f64> {
+pub(crate) fn per_connection(before: Option<u64>, after: Option<u64>, n: usize) -> Option<f64> {
     match (before, after) {
         (Some(b), Some(a)) if n > 0 => Some((a as f64 - b as f64) * 1024.0 / n as f64),
         _ => None,
     }
 }
 
-/// Establish `n` connections, at most [`CONNECT_BATCH`] at a time, keeping
-/// their order. `already_open` only serves the error message on EMFILE.
+/// Establish `n` connections, at most `batch` at a time, keeping their
+/// order. `already_open` only serves the error message on EMFILE.
 async fn connect_many<F, Fut>(
     n: usize,
     already_open: usize,
+    batch: usize,
     make: F,
 ) -> Result<Vec<Conn>, BenchError>
 where
@@ -493,7 +647,7 @@ where
     let mut opened = 0usize;
     let mut begin = 0;
     while begin < n {
-        let end = (begin + CONNECT_BATCH).min(n);
+        let end = (begin + batch.max(1)).min(n);
         let mut set = JoinSet::new();
         for i in begin..end {
             let fut = make(i);
@@ -522,31 +676,37 @@ where
 
 /// The Idle scenario: memory per idle connection.
 async fn run_idle(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
-    let protocol = if opts.protocol_v5 {
-        Protocol::V5
-    } else {
-        Protocol::V311
-    };
-    let suffix = random_suffix();
-    let config = |i: usize| ClientConfig {
-        host: opts.host.clone(),
-        client_id: format!("bench-idle-{i}-{suffix}"),
-        protocol,
-        keep_alive: 0,
-        clean_start: true,
-        username: opts.username.clone(),
-        password: opts.password.clone(),
-    };
+    let plan = crate::connect::Plan::new(opts, "idle", &random_suffix(), 0)?;
+    plan.check_count(opts.connections, opts.credentials.as_deref())?;
+    // Load everything (certificates, keys) before the clock starts.
+    let configs = plan.configs(opts.connections)?;
     // One baseline connection so that per-listener lazy allocations are
-    // already in the "before" figure.
-    let baseline = Conn::connect(&config(usize::MAX)).await?;
+    // already in the "before" figure. With per-connection identities it is
+    // connection `connections` (the next credentials line / certificate),
+    // and skipped when there is none.
+    let baseline_cfg = if plan.per_connection() {
+        if plan.has_line(opts.connections) {
+            plan.config(opts.connections).ok()
+        } else {
+            None
+        }
+    } else {
+        Some(plan.config(opts.connections)?)
+    };
+    if baseline_cfg.is_none() {
+        tracing::info!("no identity left for a baseline connection; measuring without one");
+    }
+    let baseline = match &baseline_cfg {
+        Some(cfg) => Some(Conn::connect(cfg).await?),
+        None => None,
+    };
     if opts.broker_pid.is_some() {
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     let rss_before = opts.broker_pid.and_then(memory::rss_kb);
     let started = Instant::now();
-    let mut conns = connect_many(opts.connections, 1, |i| {
-        let cfg = config(i);
+    let mut conns = connect_many(opts.connections, 1, opts.concurrency, |i| {
+        let cfg = configs[i].clone();
         async move {
             let mut c = Conn::connect(&cfg).await?;
             // Idle connections need no buffers.
@@ -564,9 +724,12 @@ async fn run_idle(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         tokio::time::sleep(rest).await;
     }
     // Any connection the broker closed meanwhile is readable with EOF.
-    for c in conns.iter_mut().chain(std::iter::once(&mut { baseline })) {
+    let mut baseline = baseline;
+    for c in conns.iter_mut().chain(baseline.as_mut()) {
+        // On TLS connections this reads raw bytes (e.g. session tickets);
+        // the connections are only closed afterwards.
         let mut probe = [0u8; 64];
-        match c.stream.try_read(&mut probe) {
+        match c.stream.tcp().try_read(&mut probe) {
             Ok(0) => return Err(c.lost("broker closed an idle connection".into())),
             Err(e) if e.kind() != std::io::ErrorKind::WouldBlock => {
                 return Err(c.lost(format!("idle connection failed: {e}")))
@@ -594,6 +757,8 @@ async fn run_idle(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         broker_rss_before_kb: rss_before,
         broker_rss_after_kb: rss_after,
         bytes_per_connection: per_connection(rss_before, rss_after, conns.len()),
+        tls: plan.tls_mode(),
+        ..Default::default()
     })
 }
 
@@ -998,10 +1163,39 @@ mod tests {
             broker_rss_before_kb: Some(1000),
             broker_rss_after_kb: Some(1100),
             bytes_per_connection: Some(25600.0),
+            ..Default::default()
         };
         let t = r.to_table();
         assert!(t.contains("lost   100 / 1"), "{t}");
         assert!(t.contains("25600 bytes"));
-        assert!(serde_json::to_string(&r).is_ok());
+        let json = serde_json::to_string(&r).expect("json");
+        assert!(!json.contains("connect_secs"), "{json}");
+
+        assert_eq!("connect".parse::<Scenario>(), Ok(Scenario::Connect));
+        let mut reasons = BTreeMap::new();
+        reasons.insert("0x87".to_string(), 3);
+        let r = BenchReport {
+            scenario: "connect".into(),
+            connections: 10,
+            concurrency: Some(5),
+            connect_secs: Some(0.5),
+            connects_per_sec: Some(14.0),
+            connect_p50_ms: Some(1.5),
+            connect_p99_ms: Some(3.0),
+            failures: Some(3),
+            failure_reasons: Some(reasons),
+            reconnect_secs: Some(0.7),
+            reconnect_failures: Some(0),
+            ..Default::default()
+        };
+        let t = r.to_table();
+        assert!(
+            t.contains("connected         7, failures 3 (0x87: 3)"),
+            "{t}"
+        );
+        assert!(t.contains("all back in 0.70 s"), "{t}");
+        let json = serde_json::to_string(&r).expect("json");
+        assert!(json.contains("\"failure_reasons\":{\"0x87\":3}"), "{json}");
+        assert!(json.contains("\"reconnect_secs\":0.7"), "{json}");
     }
 }

@@ -1,4 +1,5 @@
-//! A minimal MQTT client connection over plain TCP, built on the sans-IO codec.
+//! A minimal MQTT client connection over TCP or TLS, built on the sans-IO
+//! codec.
 //!
 //! [`Conn`] owns the socket plus one read and one write buffer. Packets are
 //! *queued* (encoded into the write buffer) and written in one go by
@@ -7,9 +8,13 @@
 //! awaiting helpers ([`Conn::connect`], [`Conn::subscribe`],
 //! [`Conn::publish`]) are for setup and ad-hoc use; the load generator drives
 //! the non-blocking [`Conn::try_fill`] / [`Conn::try_flush`] pair itself to
-//! pipeline thousands of messages.
+//! pipeline thousands of messages (those two work on plain TCP only; a TLS
+//! [`Conn`] supports the awaiting helpers).
 
 use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -18,7 +23,8 @@ use mqtt_codec::{
     PubResponse, Publish, PublishProperties, QoS, Subscribe, SubscribeProperties,
     SubscriptionOptions,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest, ReadBuf, Ready};
 use tokio::net::TcpStream;
 
 use crate::BenchError;
@@ -38,12 +44,122 @@ pub struct ClientConfig {
     pub clean_start: bool,
     pub username: Option<String>,
     pub password: Option<String>,
+    /// TLS on top of TCP, when set.
+    pub tls: Option<TlsClient>,
+}
+
+/// TLS settings of one client: a connector (server verification and, for
+/// mutual TLS, the client certificate) and the name to verify.
+#[derive(Clone)]
+pub struct TlsClient {
+    pub connector: tokio_rustls::TlsConnector,
+    pub server_name: ServerName<'static>,
+    /// A client certificate is presented.
+    pub mutual: bool,
+}
+
+impl TlsClient {
+    pub fn new(config: Arc<rustls::ClientConfig>, server_name: ServerName<'static>) -> Self {
+        TlsClient {
+            mutual: config.client_auth_cert_resolver.has_certs(),
+            connector: tokio_rustls::TlsConnector::from(config),
+            server_name,
+        }
+    }
+}
+
+impl std::fmt::Debug for TlsClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsClient")
+            .field("server_name", &self.server_name)
+            .field("mutual", &self.mutual)
+            .finish()
+    }
+}
+
+/// The transport of a [`Conn`].
+pub enum Stream {
+    Tcp(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl std::fmt::Debug for Stream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Stream::Tcp(s) => f.debug_tuple("Tcp").field(s).finish(),
+            Stream::Tls(s) => f.debug_tuple("Tls").field(s.get_ref().0).finish(),
+        }
+    }
+}
+
+impl Stream {
+    /// The TCP socket underneath.
+    pub fn tcp(&self) -> &TcpStream {
+        match self {
+            Stream::Tcp(s) => s,
+            Stream::Tls(s) => s.get_ref().0,
+        }
+    }
+
+    /// The socket for non-blocking raw I/O; an error for TLS streams.
+    pub fn plain(&self) -> io::Result<&TcpStream> {
+        match self {
+            Stream::Tcp(s) => Ok(s),
+            Stream::Tls(_) => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "non-blocking raw I/O is not available on a TLS connection",
+            )),
+        }
+    }
+
+    /// Readiness of the underlying socket.
+    pub async fn ready(&self, interest: Interest) -> io::Result<Ready> {
+        self.tcp().ready(interest).await
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
 }
 
 /// An established MQTT connection.
 #[derive(Debug)]
 pub struct Conn {
-    pub stream: TcpStream,
+    pub stream: Stream,
     pub rbuf: BytesMut,
     pub wbuf: BytesMut,
     pub protocol: Protocol,
@@ -58,13 +174,19 @@ pub fn is_fd_exhaustion(e: &io::Error) -> bool {
 }
 
 impl Conn {
-    /// Open a TCP connection, send CONNECT and wait for a successful CONNACK.
+    /// Open a TCP connection (and TLS session, if configured), send CONNECT
+    /// and wait for a successful CONNACK, within [`SETUP_TIMEOUT`].
     pub async fn connect(cfg: &ClientConfig) -> Result<Conn, BenchError> {
-        match tokio::time::timeout(SETUP_TIMEOUT, Self::connect_inner(cfg)).await {
+        Self::connect_within(cfg, SETUP_TIMEOUT).await
+    }
+
+    /// [`Conn::connect`] with its own time limit for the whole setup.
+    pub async fn connect_within(cfg: &ClientConfig, limit: Duration) -> Result<Conn, BenchError> {
+        match tokio::time::timeout(limit, Self::connect_inner(cfg)).await {
             Ok(r) => r,
             Err(_) => Err(BenchError::Timeout(format!(
                 "{}: no CONNACK from {} within {:?}",
-                cfg.client_id, cfg.host, SETUP_TIMEOUT
+                cfg.client_id, cfg.host, limit
             ))),
         }
     }
@@ -81,6 +203,18 @@ impl Conn {
             }
         })?;
         stream.set_nodelay(true)?;
+        let stream = match &cfg.tls {
+            None => Stream::Tcp(stream),
+            Some(tls) => Stream::Tls(Box::new(
+                tls.connector
+                    .connect(tls.server_name.clone(), stream)
+                    .await
+                    .map_err(|e| BenchError::Tls {
+                        addr: cfg.host.clone(),
+                        source: e,
+                    })?,
+            )),
+        };
         let mut conn = Conn {
             stream,
             rbuf: BytesMut::with_capacity(4096),
@@ -288,7 +422,11 @@ impl Conn {
             if self.rbuf.capacity() - self.rbuf.len() < chunk / 4 {
                 self.rbuf.reserve(chunk);
             }
-            match self.stream.try_read_buf(&mut self.rbuf) {
+            match self
+                .stream
+                .plain()
+                .and_then(|s| s.try_read_buf(&mut self.rbuf))
+            {
                 Ok(0) => return Err(self.lost("broker closed the connection".into())),
                 Ok(n) => {
                     total += n;
@@ -309,7 +447,7 @@ impl Conn {
     pub fn try_flush(&mut self) -> Result<usize, BenchError> {
         let mut total = 0;
         while !self.wbuf.is_empty() {
-            match self.stream.try_write(&self.wbuf) {
+            match self.stream.plain().and_then(|s| s.try_write(&self.wbuf)) {
                 Ok(0) => return Err(self.lost("write returned 0".into())),
                 Ok(n) => {
                     self.wbuf.advance(n);

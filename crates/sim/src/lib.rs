@@ -16,7 +16,10 @@
 //! and are either unpaced or paced in millisecond bursts; subscribers decode
 //! whatever one large read brought and answer with batched acks. The
 //! [`Scenario::Idle`] run instead holds many idle connections and reports
-//! the broker's resident memory per connection.
+//! the broker's resident memory per connection, and [`Scenario::Connect`]
+//! measures the connection rate (optionally a reconnect storm). Idle and
+//! Connect can use per-connection credentials from a file and TLS or mutual
+//! TLS (see [`BenchOptions`]); the traffic scenarios use plain TCP.
 //!
 //! The process must be allowed enough file descriptors (`ulimit -n`) for
 //! all its connections; running out is reported as
@@ -25,9 +28,11 @@
 
 pub mod bench;
 pub mod client;
+pub mod connect;
 pub mod histogram;
 pub mod memory;
 
 pub use bench::{run, BenchError, BenchOptions, BenchReport, Scenario};
-pub use client::{ClientConfig, Conn};
+pub use client::{ClientConfig, Conn, Stream, TlsClient};
+pub use connect::{parse_credentials, Credential};
 pub use histogram::Histogram;

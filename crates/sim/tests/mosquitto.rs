@@ -9,6 +9,13 @@ use std::time::{Duration, Instant};
 
 use m2mhub_sim::{run, BenchOptions, Scenario};
 
+fn credentials_file(dir: &std::path::Path, n: usize) -> PathBuf {
+    let path = dir.join("credentials.txt");
+    let text: String = (0..n).map(|i| format!("bench-c-{i} - -\n")).collect();
+    std::fs::write(&path, text).expect("write credentials");
+    path
+}
+
 struct Broker {
     child: Child,
     port: u16,
@@ -43,6 +50,10 @@ fn find_mosquitto() -> Option<PathBuf> {
 }
 
 fn start_mosquitto() -> Option<Broker> {
+    start_mosquitto_with("allow_anonymous true")
+}
+
+fn start_mosquitto_with(auth_conf: &str) -> Option<Broker> {
     let Some(bin) = find_mosquitto() else {
         eprintln!("note: mosquitto not installed, skipping the live benchmark test");
         return None;
@@ -57,7 +68,7 @@ fn start_mosquitto() -> Option<Broker> {
     std::fs::write(
         &conf,
         format!(
-            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 100000\n"
+            "listener {port} 127.0.0.1\n{auth_conf}\npersistence false\nmax_queued_messages 100000\n"
         ),
     )
     .expect("write config");
@@ -163,4 +174,71 @@ async fn connection_refused_is_reported() {
         matches!(err, m2mhub_sim::BenchError::Connect { .. }),
         "{err}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_rate_against_mosquitto() {
+    let Some(broker) = start_mosquitto() else {
+        return;
+    };
+    let creds = credentials_file(&broker._dir, 200);
+    let mut o = opts(broker.port, Scenario::Connect, 0);
+    o.connections = 200;
+    o.concurrency = 50;
+    o.credentials = Some(creds.clone());
+    o.broker_pid = Some(broker.child.id());
+    let r = run(o.clone()).await.expect("connect run");
+    println!("{}", r.to_table());
+    assert_eq!(r.connections, 200);
+    assert_eq!(r.failures, Some(0), "{:?}", r.failure_reasons);
+    assert!(r.connect_secs.is_some_and(|s| s > 0.0));
+    assert!(r.connects_per_sec.is_some_and(|v| v > 0.0));
+    assert!(r.connect_p50_ms.is_some() && r.connect_p99_ms >= r.connect_p50_ms);
+    assert!(r.reconnect_secs.is_none());
+
+    // Reconnect storm: all 200 back.
+    o.reconnect_storm = true;
+    let r = run(o.clone()).await.expect("storm run");
+    println!("{}", r.to_table());
+    assert_eq!(r.failures, Some(0));
+    assert_eq!(
+        r.reconnect_failures,
+        Some(0),
+        "{:?}",
+        r.reconnect_failure_reasons
+    );
+    assert!(r.reconnect_secs.is_some_and(|s| s > 0.0));
+
+    // Idle with the same credentials.
+    let mut o = opts(broker.port, Scenario::Idle, 0);
+    o.connections = 20;
+    o.duration = Duration::ZERO;
+    o.credentials = Some(creds);
+    let r = run(o).await.expect("idle run with credentials");
+    assert_eq!(r.connections, 20);
+
+    // Fewer lines than connections: a clear error.
+    let mut o = opts(broker.port, Scenario::Connect, 0);
+    o.connections = 300;
+    o.credentials = Some(credentials_file(&broker._dir, 200));
+    let err = run(o).await.expect_err("short credentials file");
+    assert!(err.to_string().contains("200 entries"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_refusals_are_counted() {
+    let Some(broker) = start_mosquitto_with("allow_anonymous false") else {
+        return;
+    };
+    let mut o = opts(broker.port, Scenario::Connect, 0);
+    o.connections = 30;
+    let started = Instant::now();
+    let r = run(o).await.expect("connect run");
+    println!("{}", r.to_table());
+    assert!(started.elapsed() < Duration::from_secs(20), "refusals hung");
+    assert_eq!(r.failures, Some(30));
+    let reasons = r.failure_reasons.expect("reasons");
+    // MQTT 3.1.1 return code 5 (not authorized), which the codec reports as
+    // the MQTT 5 reason code 0x87.
+    assert_eq!(reasons.get("0x87"), Some(&30), "{reasons:?}");
 }
