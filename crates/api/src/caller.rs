@@ -69,6 +69,34 @@ impl Caller {
     pub fn is_platform(&self) -> bool {
         self.tenant.is_none()
     }
+
+    /// Refuse with 403 unless the caller is a platform-wide admin (for
+    /// actions whose effect is not confined to one tenant, like IP bans).
+    pub fn require_platform_admin(&self) -> Result<(), Problem> {
+        self.require(Role::Admin)?;
+        if self.is_platform() {
+            Ok(())
+        } else {
+            Err(Problem::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "this affects every tenant: only platform administrators may do it",
+            ))
+        }
+    }
+
+    /// Whether `role` is no more than the caller's own.
+    pub fn covers(&self, role: Role) -> bool {
+        rank(role) <= rank(self.role)
+    }
+
+    /// Whether a client id (a device id) belongs to the caller's tenant.
+    pub fn sees_client(&self, registry: &m2mhub_registry::Registry, client_id: &str) -> bool {
+        match &self.tenant {
+            None => true,
+            Some(t) => registry.get_device(client_id).is_ok_and(|d| d.tenant == *t),
+        }
+    }
 }
 
 impl FromRequestParts<AppState> for Caller {

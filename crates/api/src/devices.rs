@@ -222,7 +222,9 @@ pub async fn delete(
     caller.require(Role::Operator)?;
     visible(&state, &caller, &id)?;
     state.registry.delete_device(&id)?;
-    state.broker.kick(&id, ADMINISTRATIVE_ACTION);
+    // Its session (subscriptions, queued messages) goes too: a later device
+    // with the same id must not inherit it.
+    state.broker.discard_session(&id);
     audit(&state, &caller, "device.delete", &id, json!({}));
     Ok(StatusCode::NO_CONTENT)
 }

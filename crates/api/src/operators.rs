@@ -190,6 +190,16 @@ pub async fn create_api_token(
         Some(r) => parse_role(r)?,
         None => caller.role,
     };
+    if !caller.covers(role) {
+        return Err(Problem::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!(
+                "a token cannot grant more than its own role ({})",
+                role_name(caller.role)
+            ),
+        ));
+    }
     let (info, secret) =
         state
             .registry
@@ -222,7 +232,15 @@ pub async fn revoke_api_token(
 ) -> Result<StatusCode, Problem> {
     let mine = state.registry.list_api_tokens(Some(&caller.username))?;
     if !mine.iter().any(|t| t.id == id) {
-        caller.require(Role::Admin)?;
+        // Someone else's token: only a platform administrator may revoke it;
+        // to anyone else it does not exist.
+        if !(caller.is_platform() && caller.require(Role::Admin).is_ok()) {
+            return Err(Problem::new(
+                StatusCode::NOT_FOUND,
+                "not-found",
+                format!("no API token {id:?}"),
+            ));
+        }
     }
     state.registry.revoke_api_token(&id)?;
     audit(&state, &caller, "api_token.revoke", &id, json!({}));

@@ -90,6 +90,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/mqtt", get(crate::websocket::upgrade))
+        .route("/api/v1/", get(api_index))
         .nest("/api/v1", api)
         .fallback(not_found)
         .with_state(state)
@@ -188,7 +189,9 @@ async fn list_sessions(
             format!("limit must be between 1 and {MAX_PAGE}"),
         ));
     }
-    let items = broker.sessions(page.after.as_deref(), limit);
+    // Tenant users see only their own devices' sessions.
+    let mut items = broker.sessions(page.after.as_deref(), limit);
+    items.retain(|s| caller.sees_client(&state.registry, &s.client_id));
     let next = (items.len() == limit)
         .then(|| items.last().map(|s| s.client_id.clone()))
         .flatten();
@@ -205,8 +208,8 @@ async fn show_session(
 ) -> Result<impl IntoResponse, Problem> {
     caller.require(m2mhub_registry::Role::Viewer)?;
     match state.broker.session(&client_id) {
-        Some(s) => Ok(Json(session_json(&s))),
-        None => Err(Problem::new(
+        Some(s) if caller.sees_client(&state.registry, &client_id) => Ok(Json(session_json(&s))),
+        _ => Err(Problem::new(
             StatusCode::NOT_FOUND,
             "not-found",
             format!("no session with client id {client_id:?}"),

@@ -71,7 +71,14 @@ pub async fn list_events(
     let Query(q) =
         q.map_err(|e| Problem::new(StatusCode::BAD_REQUEST, "invalid-parameter", e.body_text()))?;
     let limit = q.limit.unwrap_or(100).clamp(1, 1000);
-    let items = state.registry.list_security_events(q.after, limit)?;
+    let mut items = state.registry.list_security_events(q.after, limit)?;
+    // Tenant users see only events about their own devices.
+    items.retain(|e| {
+        caller.is_platform()
+            || e.device_id
+                .as_deref()
+                .is_some_and(|d| caller.sees_client(&state.registry, d))
+    });
     Ok(Json(json!({"items": items})))
 }
 
@@ -104,7 +111,7 @@ pub async fn create_ban(
     State(state): State<AppState>,
     body: Result<Json<BanBody>, JsonRejection>,
 ) -> Result<StatusCode, Problem> {
-    caller.require(Role::Admin)?;
+    caller.require_platform_admin()?;
     let Json(b) = body.map_err(bad_json)?;
     let reason = b
         .reason
@@ -154,7 +161,7 @@ pub async fn delete_ban(
     State(state): State<AppState>,
     Path(key): Path<String>,
 ) -> Result<StatusCode, Problem> {
-    caller.require(Role::Admin)?;
+    caller.require_platform_admin()?;
     let parsed: m2mhub_broker::BanKey = key.parse().map_err(|_| {
         Problem::new(StatusCode::BAD_REQUEST, "invalid-parameter", "a ban key is ip:<address>, client:<id> or device:<id> (as listed by GET /security/bans)")
     })?;

@@ -279,6 +279,11 @@ impl Broker {
         self.inner.gauges()
     }
 
+    /// End `client_id`'s session for good (its device was deleted).
+    pub fn discard_session(&self, client_id: &str) -> bool {
+        self.inner.discard_session(client_id)
+    }
+
     /// One page of sessions, ordered by client id, starting after `after`.
     pub fn sessions(&self, after: Option<&str>, limit: usize) -> Vec<SessionInfo> {
         let mut list: Vec<Arc<Session>> = {
@@ -702,7 +707,9 @@ impl Inner {
 
     /// Attach a new connection to the session of `client_id`, taking it
     /// over from any connection that holds it. Returns the session and
-    /// whether it existed before (Session Present).
+    /// whether it existed before (Session Present), or `Err` when the
+    /// session belongs to another principal: a client id is not a key that
+    /// lets one identity take over (or resume) another's session.
     pub fn attach(
         &self,
         client_id: &str,
@@ -711,11 +718,18 @@ impl Inner {
         conn_id: u64,
         waker: Arc<crate::signal::Signal>,
         identity: Arc<ClientIdentity>,
-    ) -> (Arc<Session>, bool) {
+    ) -> Result<(Arc<Session>, bool), ()> {
         let mut sessions = self.sessions.lock();
         if let Some(existing) = sessions.get(client_id).cloned() {
             {
                 let mut st = existing.state.lock();
+                if st
+                    .owner
+                    .as_ref()
+                    .is_some_and(|o| !same_principal(o, &identity))
+                {
+                    return Err(());
+                }
                 if let Some(old) = st.conn.take() {
                     st.kicked = Some((old.conn_id, mqtt_codec::reason::SESSION_TAKEN_OVER));
                     old.waker.notify();
@@ -730,8 +744,9 @@ impl Inner {
                     st.protocol = protocol;
                     st.generation += 1;
                     st.disconnected_at = None;
+                    st.owner = Some(identity);
                     existing.set_online(true);
-                    return (existing.clone(), true);
+                    return Ok((existing.clone(), true));
                 }
             }
             sessions.remove(client_id);
@@ -742,6 +757,7 @@ impl Inner {
         let session = Arc::new(Session::new(self.next_id(), client_id.into(), protocol));
         {
             let mut st = session.state.lock();
+            st.owner = Some(identity.clone());
             st.conn = Some(ConnLink {
                 conn_id,
                 waker,
@@ -751,7 +767,25 @@ impl Inner {
         }
         session.set_online(true);
         sessions.insert(session.client_id.clone(), session.clone());
-        (session, false)
+        Ok((session, false))
+    }
+
+    /// End a session for good (its device was deleted): the connection is
+    /// dropped with 0x98 and subscriptions and queued messages are discarded.
+    pub fn discard_session(&self, client_id: &str) -> bool {
+        let Some(session) = self.sessions.lock().get(client_id).cloned() else {
+            return false;
+        };
+        {
+            let mut st = session.state.lock();
+            if let Some(old) = st.conn.take() {
+                st.kicked = Some((old.conn_id, mqtt_codec::reason::ADMINISTRATIVE_ACTION));
+                old.waker.notify();
+            }
+        }
+        session.set_online(false);
+        self.end_session(&session);
+        true
     }
 
     /// Discard a session: its subscriptions, queue and stored state. Shared
@@ -1012,6 +1046,14 @@ fn redelivery(
         seq: Some(seq),
         share,
     }
+}
+
+/// Whether two identities are the same principal (for session ownership).
+fn same_principal(a: &ClientIdentity, b: &ClientIdentity) -> bool {
+    a.device_id == b.device_id
+        && a.tenant == b.tenant
+        && a.claim.is_some() == b.claim.is_some()
+        && a.username == b.username
 }
 
 /// Where the broker keeps its files inside the data directory.

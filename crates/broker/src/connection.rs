@@ -663,14 +663,19 @@ impl<S: Transport> Connection<S> {
             Box::new(w)
         });
 
-        let (session, present) = self.inner.attach(
+        let Ok((session, present)) = self.inner.attach(
             &client_id,
             c.clean_start,
             c.protocol,
             self.conn_id,
             self.waker.clone(),
             self.identity.clone(),
-        );
+        ) else {
+            tracing::info!(client_id = %client_id, peer = %self.peer, "refused: the client id's session belongs to another identity");
+            self.refuse_connect(reason::CLIENT_IDENTIFIER_NOT_VALID)
+                .await;
+            return Err(End::Lost);
+        };
         let put = {
             let mut st = session.state.lock();
             st.expiry_interval = expiry;

@@ -88,6 +88,9 @@ pub(crate) struct SessionState {
     pub dropped: u64,
     /// The session was discarded; late deliveries are ignored.
     pub ended: bool,
+    /// Who created the session; only the same principal may take it over or
+    /// resume it. `None` for sessions recovered from the store.
+    pub owner: Option<Arc<crate::auth::ClientIdentity>>,
 }
 
 impl Session {
@@ -111,6 +114,7 @@ impl Session {
                 generation: 0,
                 dropped: 0,
                 ended: false,
+                owner: None,
             }),
         }
     }

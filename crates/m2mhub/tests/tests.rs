@@ -17,6 +17,8 @@ mod cli;
 mod flow;
 #[path = "tests/http.rs"]
 mod http;
+#[path = "tests/identity.rs"]
+mod identity;
 #[path = "tests/limits.rs"]
 mod limits;
 #[path = "tests/persistence.rs"]

@@ -265,6 +265,11 @@ impl Authenticator for RegistryAuth {
             };
         }
         match (info.username, info.password) {
+            (Some(CLAIM_USERNAME), Some(_)) if self.registry.get_device(info.client_id).is_ok() => {
+                // A claim client must not speak as (or take over the session
+                // of) a registered device.
+                self.deny("claim", info, "claim", reason::CLIENT_IDENTIFIER_NOT_VALID)
+            }
             (Some(CLAIM_USERNAME), Some(secret)) => match self.registry.check_claim(secret, now) {
                 Ok(claim) => {
                     let identity = ClientIdentity {
