@@ -107,11 +107,43 @@ async fn healthz() -> impl IntoResponse {
 }
 
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
-    let broker = &state.broker;
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        broker.metrics_text(),
-    )
+    let mut text = state.broker.metrics_text();
+    if let Some(a) = &state.auth_stats {
+        use std::fmt::Write;
+        use std::sync::atomic::Ordering::Relaxed;
+        for (name, help, v) in [
+            (
+                "connect_allowed",
+                "CONNECTs the registry accepted",
+                a.connect_allowed.load(Relaxed),
+            ),
+            (
+                "connect_denied",
+                "CONNECTs the registry refused (bad or revoked credentials, disabled devices)",
+                a.connect_denied.load(Relaxed),
+            ),
+            (
+                "acl_denied",
+                "PUBLISH/SUBSCRIBE refused by device policies",
+                a.acl_denied.load(Relaxed),
+            ),
+            (
+                "acl_events_suppressed",
+                "ACL violations not recorded as security events (rate-limited)",
+                a.acl_events_suppressed.load(Relaxed),
+            ),
+            (
+                "audit_dropped",
+                "audit records dropped because the writer fell behind",
+                a.audit_dropped.load(Relaxed),
+            ),
+        ] {
+            let _ = writeln!(text, "# HELP m2mhub_registry_{name}_total {help}");
+            let _ = writeln!(text, "# TYPE m2mhub_registry_{name}_total counter");
+            let _ = writeln!(text, "m2mhub_registry_{name}_total {v}");
+        }
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
 }
 
 async fn api_index() -> impl IntoResponse {

@@ -12,4 +12,6 @@ pub struct AppState {
     pub ca: Arc<DeviceCa>,
     /// Validity of certificates the API issues, in days.
     pub cert_days: u32,
+    /// Counters of the registry's authenticator, for `/metrics`.
+    pub auth_stats: Option<Arc<m2mhub_registry::AuthStats>>,
 }

@@ -144,6 +144,7 @@ impl Server {
             registry: registry.clone(),
             ca: Arc::new(ca),
             cert_days: 365,
+            auth_stats: Some(registry_auth.stats()),
         };
         tasks.push(tokio::spawn(m2mhub_api::provision::serve_mqtt(
             state.clone(),
