@@ -759,6 +759,34 @@ impl<S: Transport> Connection<S> {
         }
         let now = Instant::now();
         let ip = self.peer.ip();
+        if self.inner.limits.auth_failed_client(client_id, now) {
+            // Guessing one device's credentials from many addresses.
+            if let Some(d) = self.inner.bans.ban(
+                BanKey::ClientId(client_id.to_string()),
+                "repeated failed authentication for this client id",
+                None,
+                true,
+                now,
+            ) {
+                Metrics::inc(&self.inner.metrics.bans_automatic);
+                tracing::warn!(
+                    client_id,
+                    secs = d.as_secs(),
+                    "client id banned after repeated failed authentication"
+                );
+                self.inner.security_event(
+                    SecurityEventKind::AutoBanAuthFailures,
+                    Some(client_id),
+                    Some(ip),
+                    || {
+                        format!(
+                            "repeated failed authentications for this client id; banned for {} s",
+                            d.as_secs()
+                        )
+                    },
+                );
+            }
+        }
         if !self.inner.limits.auth_failed(ip, now) {
             return;
         }

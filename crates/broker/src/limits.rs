@@ -135,6 +135,9 @@ pub(crate) enum RateRefusal {
 pub(crate) struct Limits {
     ips: Sharded<IpAddr, IpState>,
     clients: Sharded<Arc<str>, Window>,
+    /// Failed authentications per client id (a device id under attack from
+    /// many addresses).
+    client_auth: Sharded<Arc<str>, Window>,
     global: Option<Mutex<TokenBucket>>,
     max_per_ip: u32,
     rate_per_ip: u32,
@@ -150,6 +153,7 @@ impl Limits {
         Limits {
             ips: Sharded::new(),
             clients: Sharded::new(),
+            client_auth: Sharded::new(),
             global: (cfg.max_connect_rate > 0).then(|| {
                 let r = f64::from(cfg.max_connect_rate);
                 Mutex::new(TokenBucket::new(r, 2.0 * r, now))
@@ -252,6 +256,25 @@ impl Limits {
         false
     }
 
+    /// A failed authentication naming `client_id`: true when that client id
+    /// reached the threshold within the window (the count then starts over).
+    pub fn auth_failed_client(&self, client_id: &str, now: Instant) -> bool {
+        if self.auth_threshold == 0 || client_id.is_empty() {
+            return false;
+        }
+        let key: Arc<str> = client_id.into();
+        let mut map = self.client_auth.shard(&*key).lock();
+        let w = map.entry(key).or_insert(Window {
+            start: now,
+            count: 0,
+        });
+        if w.hit(now, self.auth_window) >= self.auth_threshold {
+            w.count = 0;
+            return true;
+        }
+        false
+    }
+
     /// A successful CONNECT of `client_id`. True when the client id has
     /// connected more than the flapping threshold within the window (the
     /// count then starts over).
@@ -280,6 +303,7 @@ impl Limits {
                 || !st.auth.expired(now, aw)
         });
         self.clients.retain(|w| !w.expired(now, fw));
+        self.client_auth.retain(|w| !w.expired(now, aw));
     }
 
     /// Tracked addresses and client ids.

@@ -1205,7 +1205,17 @@ async fn repeated_bad_tokens_ban_the_address_until_lifted() {
         "{events}"
     );
 
-    // Lifting the ban lets the device in again.
+    // The device id under attack is banned too (guessing from many
+    // addresses is caught the same way).
+    assert!(
+        bans["items"]
+            .as_array()
+            .is_some_and(|b| b.iter().any(|b| b["key"] == "client:ban-1")),
+        "{bans}"
+    );
+    api.expect("DELETE", "/security/bans/client:ban-1", None, 204)
+        .await;
+    // Lifting the address ban too lets the device in again.
     let key = ban["key"].as_str().expect("key");
     api.expect("DELETE", &format!("/security/bans/{key}"), None, 204)
         .await;
