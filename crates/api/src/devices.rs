@@ -195,6 +195,11 @@ pub async fn update(
             labels: b.labels.clone(),
         },
     )?;
+    if b.group.is_some() {
+        // The device's identity (and so its authorization) includes its
+        // group: make it reconnect under the new one.
+        state.broker.kick(&id, ADMINISTRATIVE_ACTION);
+    }
     if let Some(enabled) = b.enabled {
         state.registry.set_device_enabled(&id, enabled)?;
         if !enabled {

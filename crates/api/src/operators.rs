@@ -349,6 +349,7 @@ pub async fn put_policy(
         Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "validation", format!("a policy is {{\"group\": null, \"publish\": [filters], \"subscribe\": [filters]}}: {e}"))
     })?;
     state.registry.put_policy(&tenant, policy)?;
+    revalidate_tenant(&state, &tenant);
     audit(
         &state,
         &caller,
@@ -367,6 +368,7 @@ pub async fn delete_policy(
     caller.require(Role::Admin)?;
     let tenant = caller.scope(Some(&tenant))?.unwrap_or_default();
     state.registry.delete_policy(&tenant, &name)?;
+    revalidate_tenant(&state, &tenant);
     audit(
         &state,
         &caller,
@@ -375,6 +377,20 @@ pub async fn delete_policy(
         json!({}),
     );
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Subscriptions made under the old policy must not outlive it.
+fn revalidate_tenant(state: &AppState, tenant: &str) {
+    let removed = state
+        .broker
+        .revalidate_subscriptions(|id| id.tenant.as_deref() == Some(tenant));
+    if removed > 0 {
+        tracing::info!(
+            tenant,
+            removed,
+            "subscriptions removed after a policy change"
+        );
+    }
 }
 
 // ---- claim tokens ----

@@ -423,6 +423,21 @@ impl Broker {
             })
     }
 
+    /// Re-check the subscriptions of every session whose owner matches
+    /// `pred` (after a policy or group change) and drop the ones no longer
+    /// authorized. Returns how many subscriptions were removed.
+    pub fn revalidate_subscriptions(&self, pred: impl Fn(&ClientIdentity) -> bool) -> usize {
+        let sessions: Vec<Arc<Session>> = self.inner.sessions.lock().values().cloned().collect();
+        let mut n = 0;
+        for s in sessions {
+            let owner = s.state.lock().owner.clone();
+            if let Some(o) = owner.filter(|o| pred(o)) {
+                n += self.inner.revalidate(&s, &o);
+            }
+        }
+        n
+    }
+
     /// Receive every message published to a topic matching `filter` (after
     /// the publisher was authorized): client publishes, wills and the
     /// platform's own. At most `capacity` messages wait in the channel;
@@ -475,6 +490,26 @@ fn kick_session(s: &Session, reason: u8) -> bool {
 impl Inner {
     /// Kick every live connection for which `pred(client_id, identity)`
     /// holds; `pred` runs without locks held. Returns how many.
+    /// Ask the authorizer again about every subscription of `session`
+    /// (owned by `identity`) and drop those it now refuses. Returns how many.
+    pub fn revalidate(&self, session: &Arc<Session>, identity: &ClientIdentity) -> usize {
+        let filters: Vec<String> = session.state.lock().subscriptions.keys().cloned().collect();
+        let mut dropped = 0;
+        for f in filters {
+            if !self.authz.can_subscribe(&session.client_id, identity, &f) {
+                self.unsubscribe(session, &f);
+                dropped += 1;
+            }
+        }
+        if dropped > 0 {
+            if let Some(op) = self.session_put_op(session) {
+                self.submit(vec![op]);
+            }
+            tracing::info!(client_id = %session.client_id, dropped, "subscriptions no longer authorized were removed");
+        }
+        dropped
+    }
+
     pub fn kick_matching(&self, reason: u8, pred: impl Fn(&str, &ClientIdentity) -> bool) -> usize {
         let sessions: Vec<Arc<Session>> = self.sessions.lock().values().cloned().collect();
         let mut n = 0;

@@ -684,6 +684,11 @@ impl<S: Transport> Connection<S> {
         };
         // Share the session's copy of the id rather than keep a second one.
         self.client_id = session.client_id.clone();
+        if present {
+            // A resumed session keeps only what its owner may still subscribe
+            // to: policies may have changed while it was away.
+            self.inner.revalidate(&session, &self.identity);
+        }
         self.session = Some(session.clone());
         if put {
             if let Some(op) = self.inner.session_put_op(&session) {

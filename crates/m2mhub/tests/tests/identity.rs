@@ -1825,3 +1825,49 @@ async fn deleted_device_session_is_not_inherited_across_tenants() {
     assert!(!ack.session_present, "t2's device resumed t1's session");
     x.expect_nothing(QUIET).await;
 }
+
+/// A policy change takes effect on live subscriptions, not only on new ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_policy_removes_the_subscriptions_it_allowed() {
+    let srv = secure_server().await;
+    let api = two_tenants(&srv).await;
+    let mqtt = srv.mqtt();
+    let sa = api
+        .device_with_token(json!({"id": "pol-a", "tenant": "t1", "group": "g1"}))
+        .await;
+    let sb = api
+        .device_with_token(json!({"id": "pol-b", "tenant": "t1", "group": "g1"}))
+        .await;
+    let mut a = device_online(mqtt, "pol-a", &sa).await;
+    let mut b = device_online(mqtt, "pol-b", &sb).await;
+    assert_eq!(sub_code(&mut a, 1, "tenants/t1/groups/g1/#").await, 1);
+    assert_eq!(
+        pub_code(&mut b, 2, "tenants/t1/groups/g1/x", "before").await,
+        0
+    );
+    assert_eq!(recv_msg(&mut a).await.payload.as_ref(), b"before");
+
+    api.expect("DELETE", "/tenants/t1/policies/p", None, 204)
+        .await;
+    // The publisher is refused now, and the subscriber's subscription is gone:
+    // a platform-side publish to the group topic reaches nobody.
+    assert_eq!(
+        pub_code(&mut b, 3, "tenants/t1/groups/g1/x", "after").await,
+        0x87
+    );
+    srv.get()
+        .broker
+        .publish(
+            "tenants/t1/groups/g1/x",
+            bytes::Bytes::from_static(b"internal"),
+            mqtt_codec::QoS::AtLeastOnce,
+            false,
+        )
+        .await;
+    let s = srv.get().broker.session("pol-a").expect("session");
+    assert!(
+        s.subscriptions.is_empty(),
+        "subscriptions left: {:?}",
+        s.subscriptions
+    );
+}
