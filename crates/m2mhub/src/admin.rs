@@ -591,7 +591,7 @@ pub async fn device(conn: &Conn, cmd: DeviceCmd, env: &[(String, String)]) -> Re
                         )?;
                         std::fs::write(dir.join("ca.pem"), v["ca"].as_str().unwrap_or(""))?;
                         if let Some(k) = v["private_key"].as_str() {
-                            write_private(&dir.join(format!("{id}.key")), k)?;
+                            crate::client::write_owner_only(&dir.join(format!("{id}.key")), k)?;
                         }
                         println!(
                             "wrote {}/{id}.pem, ca.pem{}",
@@ -632,21 +632,6 @@ pub async fn device(conn: &Conn, cmd: DeviceCmd, env: &[(String, String)]) -> Re
             }
         },
     }
-    Ok(())
-}
-
-fn write_private(path: &std::path::Path, text: &str) -> Result<()> {
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
-    }
-    let mut f = opts
-        .open(path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    std::io::Write::write_all(&mut f, text.as_bytes())?;
     Ok(())
 }
 

@@ -50,19 +50,25 @@ impl Profile {
                 .with_context(|| format!("cannot create {}", dir.display()))?;
         }
         let text = toml::to_string(self)?;
-        let mut opts = std::fs::OpenOptions::new();
-        opts.write(true).create(true).truncate(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            opts.mode(0o600);
-        }
-        let mut f = opts
-            .open(path)
-            .with_context(|| format!("cannot write profile {}", path.display()))?;
-        std::io::Write::write_all(&mut f, text.as_bytes())?;
-        Ok(())
+        write_owner_only(path, &text)
     }
+}
+
+/// Write a file only its owner can read (it holds a secret: an API token or
+/// a private key).
+pub fn write_owner_only(path: &Path, text: &str) -> Result<()> {
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    std::io::Write::write_all(&mut f, text.as_bytes())?;
+    Ok(())
 }
 
 /// A parsed `http://host:port` or `https://host:port` base address.
