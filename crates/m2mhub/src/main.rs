@@ -3,7 +3,7 @@
 #![forbid(unsafe_code)]
 
 use anyhow::Result;
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 use m2mhub::admin;
 use m2mhub::server::Server;
 use m2mhub::settings::{Settings, DEFAULT_CONFIG};
@@ -156,14 +156,6 @@ struct ServeArgs {
     password_file: Option<PathBuf>,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum ScenarioArg {
-    FanIn,
-    FanOut,
-    Pairs,
-    Idle,
-}
-
 #[derive(Args)]
 struct BenchArgs {
     /// Broker address HOST:PORT.
@@ -173,12 +165,7 @@ struct BenchArgs {
     #[arg(
         long,
         default_value = "fan-in",
-        value_parser = clap::builder::PossibleValuesParser::new(
-            ScenarioArg::value_variants()
-                .iter()
-                .filter_map(ValueEnum::to_possible_value)
-                .chain([clap::builder::PossibleValue::new("connect")]),
-        )
+        value_parser = clap::builder::PossibleValuesParser::new(["fan-in", "fan-out", "pairs", "idle", "connect"])
     )]
     scenario: String,
     #[arg(long, default_value_t = 10)]
