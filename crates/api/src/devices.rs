@@ -74,8 +74,7 @@ pub async fn list(
     q: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Json<Value>, Problem> {
     caller.require(Role::Viewer)?;
-    let Query(q) =
-        q.map_err(|e| Problem::new(StatusCode::BAD_REQUEST, "invalid-parameter", e.body_text()))?;
+    let Query(q) = q.map_err(crate::problem::bad_query)?;
     let limit = q.limit.unwrap_or(100);
     if limit == 0 || limit > 1000 {
         return Err(Problem::new(
@@ -127,7 +126,7 @@ pub async fn create(
     let Json(b) = body.map_err(bad_json)?;
     let tenant = caller
         .scope(b.tenant.as_deref())?
-        .unwrap_or_else(|| "default".into());
+        .unwrap_or_else(|| m2mhub_registry::DEFAULT_TENANT.into());
     let d = state.registry.create_device(NewDevice {
         id: b.id,
         name: b.name,

@@ -427,7 +427,7 @@ pub async fn create_claim(
     let Json(b) = body.map_err(bad_json)?;
     let tenant = caller
         .scope(b.tenant.as_deref())?
-        .unwrap_or_else(|| "default".into());
+        .unwrap_or_else(|| m2mhub_registry::DEFAULT_TENANT.into());
     let (info, secret) = state.registry.create_claim_token(ClaimSpec {
         name: b.name.unwrap_or_default(),
         tenant: tenant.clone(),

@@ -76,3 +76,8 @@ impl From<m2mhub_registry::RegistryError> for Problem {
 pub fn bad_json(e: axum::extract::rejection::JsonRejection) -> Problem {
     Problem::new(StatusCode::BAD_REQUEST, "invalid-body", e.body_text())
 }
+
+/// Query parameters that failed to parse: 400 with serde's reason.
+pub fn bad_query(e: axum::extract::rejection::QueryRejection) -> Problem {
+    Problem::new(StatusCode::BAD_REQUEST, "invalid-parameter", e.body_text())
+}

@@ -211,8 +211,7 @@ async fn list_sessions(
 ) -> Result<impl IntoResponse, Problem> {
     caller.require(m2mhub_registry::Role::Viewer)?;
     let broker = &state.broker;
-    let Query(page) = page
-        .map_err(|e| Problem::new(StatusCode::BAD_REQUEST, "invalid-parameter", e.body_text()))?;
+    let Query(page) = page.map_err(crate::problem::bad_query)?;
     let limit = page.limit.unwrap_or(100);
     if limit == 0 || limit > MAX_PAGE {
         return Err(Problem::new(

@@ -29,8 +29,7 @@ pub async fn list_audit(
     q: Result<Query<AuditParams>, QueryRejection>,
 ) -> Result<Json<Value>, Problem> {
     caller.require(Role::Admin)?;
-    let Query(q) =
-        q.map_err(|e| Problem::new(StatusCode::BAD_REQUEST, "invalid-parameter", e.body_text()))?;
+    let Query(q) = q.map_err(crate::problem::bad_query)?;
     let limit = q.limit.unwrap_or(100).clamp(1, 1000);
     let items = state.registry.list_audit(&AuditQuery {
         after_seq: q.after,
@@ -68,8 +67,7 @@ pub async fn list_events(
     q: Result<Query<EventParams>, QueryRejection>,
 ) -> Result<Json<Value>, Problem> {
     caller.require(Role::Viewer)?;
-    let Query(q) =
-        q.map_err(|e| Problem::new(StatusCode::BAD_REQUEST, "invalid-parameter", e.body_text()))?;
+    let Query(q) = q.map_err(crate::problem::bad_query)?;
     let limit = q.limit.unwrap_or(100).clamp(1, 1000);
     let mut items = state.registry.list_security_events(q.after, limit)?;
     // Tenant users see only events about their own devices.
