@@ -336,7 +336,22 @@ pub async fn list_certs(
     caller.require(Role::Viewer)?;
     visible(&state, &caller, &id)?;
     let certs = state.registry.list_certificates(&id)?;
-    Ok(Json(json!({ "items": certs })))
+    // Fingerprints in hex: the form DELETE …/certificates/{fingerprint} takes.
+    let items: Vec<Value> = certs
+        .iter()
+        .map(|c| {
+            json!({
+                "device_id": c.device_id,
+                "fingerprint": hex(&c.fingerprint),
+                "serial_hex": c.serial_hex,
+                "not_after_ms": c.not_after_ms,
+                "issuer": c.issuer,
+                "created_ms": c.created_ms,
+                "revoked_ms": c.revoked_ms,
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "items": items })))
 }
 
 #[derive(Deserialize, Default)]

@@ -615,7 +615,7 @@ pub async fn device(conn: &Conn, cmd: DeviceCmd, env: &[(String, String)]) -> Re
                 table(
                     &v,
                     j,
-                    &["fingerprint", "serial_hex", "not_after_ms", "revoked"],
+                    &["fingerprint", "serial_hex", "not_after_ms", "revoked_ms"],
                 );
             }
             CertCmd::Revoke { id, fingerprint } => {

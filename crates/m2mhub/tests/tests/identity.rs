@@ -625,6 +625,12 @@ async fn certificate_from_the_builtin_ca_connects_and_revocation_kicks() {
         .expect("GET", "/devices/cert-1/certificates", None, 200)
         .await;
     assert!(certs["items"][0]["revoked_ms"].is_i64(), "{certs}");
+    assert!(
+        certs["items"][0]["fingerprint"]
+            .as_str()
+            .is_some_and(|f| f.len() == 64 && f.bytes().all(|b| b.is_ascii_hexdigit())),
+        "fingerprints are listed in the hex form DELETE takes: {certs}"
+    );
     let r = api
         .call("DELETE", "/devices/cert-1/certificates/xyz", None)
         .await;
