@@ -5,7 +5,7 @@
 use crate::auth::{Authenticator, Authorizer, ClientIdentity};
 use crate::ban::{BanInfo, BanKey, Bans};
 use crate::config::BrokerConfig;
-use crate::events::{ConnectionEvents, Hooks, SecurityEventKind, SecurityEvents};
+use crate::events::{ConnectionEvents, Hooks, PublishHook, SecurityEventKind, SecurityEvents};
 use crate::limits::Limits;
 use crate::message::Message;
 use crate::metrics::{Gauges, Metrics};
@@ -471,6 +471,14 @@ impl Broker {
     /// Install the connection event hook (replaces any previous one).
     pub fn set_connection_events(&self, hook: Arc<dyn ConnectionEvents>) {
         self.inner.hooks.set_connection(hook);
+    }
+
+    /// Install the publish hook (replaces any previous one): it sees every
+    /// authorized PUBLISH and may hold back its PUBACK/PUBREC until its own
+    /// work is done (see [`PublishHook`]). Connections pick up a replacement
+    /// at their next PUBLISH.
+    pub fn set_publish_hook(&self, hook: Arc<dyn PublishHook>) {
+        self.inner.hooks.set_publish(hook);
     }
 }
 

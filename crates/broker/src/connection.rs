@@ -5,11 +5,16 @@
 //! and queued messages are encoded into one output buffer and written with
 //! one system call per batch. Publishers never wait for this task: they
 //! push into the session queue (bounded) and wake it.
+//!
+//! When the platform's publish hook holds back an acknowledgement, it and
+//! every later one wait in an [`AckQueue`] (receive order, as MQTT
+//! requires) while the task keeps reading; a full queue stops the reading.
 
+use crate::ack_queue::{AckQueue, MAX_PENDING_ACKS};
 use crate::auth::{AuthDecision, ClientIdentity, ConnectInfo};
 use crate::ban::BanKey;
 use crate::broker::Inner;
-use crate::events::SecurityEventKind;
+use crate::events::{AckGate, PublishHook, SecurityEventKind};
 use crate::limits::{RateRefusal, TokenBucket};
 use crate::message::Message;
 use crate::metrics::Metrics;
@@ -107,6 +112,13 @@ pub(crate) struct Connection<S: Transport> {
     publish_limit: Option<Box<PublishLimiter>>,
     /// This client's own publish-rate baseline, allocated on its first PUBLISH.
     baseline: Option<Box<crate::rate_baseline::RateBaseline>>,
+    /// Acknowledgements waiting for the publish hook, in receive order;
+    /// allocated only while one waits.
+    acks: Option<Box<AckQueue>>,
+    /// The publish hook with its generation: a PUBLISH then costs one
+    /// atomic load instead of a lock and a reference count every core
+    /// shares.
+    publish_hook: Option<(u64, Arc<dyn PublishHook>)>,
 }
 
 /// `mqtt.max_publish_rate` for one connection.
@@ -281,6 +293,8 @@ pub(crate) fn serve<S: Transport>(
         scratch: Vec::new(),
         publish_limit: None,
         baseline: None,
+        acks: None,
+        publish_hook: None,
     });
     conn.serve()
 }
@@ -362,6 +376,9 @@ impl<S: Transport> Connection<S> {
             }
             let more = self.more_pending;
             let signal = self.waker.clone();
+            let acks_waiting = self.acks.is_some();
+            // Backpressure: a full acknowledgement queue stops the reading.
+            let reading = !self.acks_full();
             tokio::select! {
                 biased;
                 _ = std::future::poll_fn(|cx| signal.poll_wait(cx)) => {
@@ -369,7 +386,19 @@ impl<S: Transport> Connection<S> {
                         return end;
                     }
                 }
-                r = self.stream.read_some(&mut self.rbuf, READ_CHUNK) => match r {
+                _ = std::future::poll_fn(|cx| match self.acks.as_mut() {
+                    Some(q) => q.poll_head(cx),
+                    None => std::task::Poll::Pending,
+                }), if acks_waiting => {
+                    self.release_acks();
+                    if !self.rbuf.is_empty() {
+                        // Packets left unhandled while the queue was full.
+                        if let Err(end) = Box::pin(self.process_input()).await {
+                            return end;
+                        }
+                    }
+                }
+                r = self.stream.read_some(&mut self.rbuf, READ_CHUNK), if reading => match r {
                     Ok(0) | Err(_) => return End::Lost,
                     Ok(n) => {
                         Metrics::add(&self.inner.metrics.bytes_received, n as u64);
@@ -394,12 +423,15 @@ impl<S: Transport> Connection<S> {
                 } => {
                     let limit = self.keep_alive.mul_f32(1.5);
                     let now = Instant::now();
-                    if now.duration_since(self.last_rx) >= limit {
+                    // Not reading (waiting for the platform) is no fault
+                    // of the client's.
+                    if reading && now.duration_since(self.last_rx) >= limit {
                         Metrics::inc(&self.inner.metrics.keepalive_timeouts);
                         return End::Server(reason::KEEP_ALIVE_TIMEOUT);
                     }
+                    let next = if reading { self.last_rx + limit } else { now + limit };
                     if let Some(s) = self.ka_sleep.as_mut() {
-                        s.as_mut().reset(self.last_rx + limit);
+                        s.as_mut().reset(next);
                     }
                 }
                 _ = std::future::ready(()), if more => {}
@@ -987,6 +1019,11 @@ impl<S: Transport> Connection<S> {
     async fn process_input(&mut self) -> Result<(), End> {
         let max = self.inner.config.max_packet_size as usize;
         loop {
+            if self.acks_full() {
+                // The rest waits in the read buffer until acknowledgements
+                // go out (see `run`).
+                return Ok(());
+            }
             match decode(&mut self.rbuf, self.protocol, max) {
                 Ok(Some(p)) => self.handle(p).await?,
                 Ok(None) => return Ok(()),
@@ -1033,14 +1070,82 @@ impl<S: Transport> Connection<S> {
         }
     }
 
+    /// Acknowledge a PUBLISH now, or behind the acknowledgements that wait.
     fn ack(&mut self, qos: QoS, packet_id: Option<u16>, code: u8) {
         let Some(id) = packet_id else { return };
-        let r = PubResponse::new(id, if self.v5() { code } else { 0 });
+        match self.acks.as_mut() {
+            Some(q) => q.push(qos, id, code, None),
+            None => self.send_ack(qos, id, code),
+        }
+    }
+
+    fn send_ack(&mut self, qos: QoS, packet_id: u16, code: u8) {
+        let r = PubResponse::new(packet_id, if self.v5() { code } else { 0 });
         match qos {
             QoS::AtMostOnce => {}
             QoS::AtLeastOnce => self.send(&Packet::PubAck(r)),
             QoS::ExactlyOnce => self.send(&Packet::PubRec(r)),
         }
+    }
+
+    /// Whether the acknowledgement queue is full (stop reading).
+    fn acks_full(&self) -> bool {
+        self.acks.as_ref().is_some_and(|q| {
+            q.len() >= usize::from(self.inner.config.receive_maximum).min(MAX_PENDING_ACKS)
+        })
+    }
+
+    /// Send the acknowledgements at the front of the queue whose gates have
+    /// resolved; free the queue once it is empty.
+    fn release_acks(&mut self) {
+        let Some(mut q) = self.acks.take() else {
+            return;
+        };
+        while let Some(a) = q.pop_ready() {
+            match a.outcome {
+                Ok(code) => self.send_ack(a.qos, a.packet_id, code),
+                Err(code) => {
+                    Metrics::inc(&self.inner.metrics.publishes_refused_by_hook);
+                    tracing::debug!(client_id = %self.client_id, packet_id = a.packet_id, reason = reason::name(code), "publish refused by the platform");
+                    if a.qos == QoS::ExactlyOnce {
+                        // Its flow ends here: a resend is a new message.
+                        self.forget_qos2([a.packet_id]);
+                    }
+                    // MQTT 3.1.1 cannot refuse: no acknowledgement, so the
+                    // client sends the message again.
+                    if self.v5() {
+                        self.send_ack(a.qos, a.packet_id, code);
+                    }
+                }
+            }
+        }
+        if !q.is_empty() {
+            self.acks = Some(q);
+        }
+    }
+
+    fn forget_qos2(&self, ids: impl IntoIterator<Item = u16>) {
+        if let Some(session) = &self.session {
+            let mut st = session.state.lock();
+            for id in ids {
+                st.incoming_qos2.remove(&id);
+            }
+        }
+    }
+
+    /// Hand a routed message to the platform's publish hook, if one is
+    /// installed; returns the gate its acknowledgement waits for.
+    fn run_publish_hook(&mut self, msg: &Message) -> Option<AckGate> {
+        let generation = self.inner.hooks.publish_generation();
+        if generation == 0 {
+            return None;
+        }
+        if self.publish_hook.as_ref().map(|(g, _)| *g) != Some(generation) {
+            let (g, hook) = self.inner.hooks.publish();
+            self.publish_hook = hook.map(|h| (g, h));
+        }
+        let (_, hook) = self.publish_hook.as_ref()?;
+        hook.on_publish(&self.client_id, &self.identity, msg)
     }
 
     async fn on_publish(&mut self, mut p: Publish) -> Result<(), End> {
@@ -1130,9 +1235,12 @@ impl<S: Transport> Connection<S> {
             let id = p.packet_id.unwrap_or(0);
             let mut st = session.state.lock();
             if st.incoming_qos2.contains(&id) {
-                // A retransmission of a message we already have.
+                // A retransmission of a message we already have; if its
+                // PUBREC still waits for the platform, that one answers both.
                 drop(st);
-                self.ack(p.qos, p.packet_id, reason::SUCCESS);
+                if !self.acks.as_ref().is_some_and(|q| q.holds_pubrec(id)) {
+                    self.ack(p.qos, p.packet_id, reason::SUCCESS);
+                }
                 return Ok(());
             }
             if st.incoming_qos2.len() >= usize::from(cfg.receive_maximum) {
@@ -1179,6 +1287,8 @@ impl<S: Transport> Connection<S> {
         });
         let mut ops = Vec::new();
         let matched = self.inner.publish(&msg, &mut self.scratch, &mut ops);
+        // Before our own commit, so the platform's write overlaps it.
+        let gate = self.run_publish_hook(&msg);
         let mut code = if matched == 0 {
             reason::NO_MATCHING_SUBSCRIBERS
         } else {
@@ -1190,7 +1300,15 @@ impl<S: Transport> Connection<S> {
             tracing::error!(error = %e, "cannot persist an incoming message");
             code = reason::IMPLEMENTATION_SPECIFIC_ERROR;
         }
-        self.ack(qos, packet_id, code);
+        match (gate, packet_id) {
+            (Some(gate), Some(id)) => {
+                self.acks
+                    .get_or_insert_with(Default::default)
+                    .push(qos, id, code, Some(gate));
+            }
+            // QoS 0: nothing to hold back; the gate is dropped unpolled.
+            _ => self.ack(qos, packet_id, code),
+        }
         Ok(())
     }
 
@@ -1409,6 +1527,13 @@ impl<S: Transport> Connection<S> {
     /// After the packet loop: tell the client why (MQTT 5), publish the will
     /// if due, and detach from the session (ending it if it does not persist).
     async fn finish(&mut self, end: End) {
+        // Acknowledgements still waiting for the platform are dropped. A
+        // QoS 2 message among them is forgotten: the client resends it after
+        // reconnecting, and it must be stored then, not acknowledged as known.
+        self.release_acks();
+        if let Some(q) = self.acks.take() {
+            self.forget_qos2(q.unconfirmed_qos2());
+        }
         let code = match &end {
             End::Server(c) | End::Kicked(c) => Some(*c),
             End::Shutdown => Some(reason::SERVER_SHUTTING_DOWN),

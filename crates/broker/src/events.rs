@@ -1,7 +1,9 @@
 //! Hooks the platform installs to hear about security-relevant events
-//! (limits hit, automatic bans) and about connections (presence, audit).
+//! (limits hit, automatic bans) and about connections (presence, audit),
+//! and to hold back the acknowledgement of a PUBLISH until its own work on
+//! the message is durable ([`PublishHook`]).
 //!
-//! Both are called synchronously on broker tasks, never while the broker
+//! All are called synchronously on broker tasks, never while the broker
 //! holds a lock, and must not block: hand the event to a bounded channel
 //! with `try_send` (dropping when full) or update an in-memory structure.
 //!
@@ -11,8 +13,12 @@
 //! counted (`security_events_suppressed`) and not delivered.
 
 use crate::auth::ClientIdentity;
+use crate::message::Message;
 use parking_lot::RwLock;
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// Security events per second delivered to the hook (automatic bans are
@@ -81,11 +87,62 @@ pub trait ConnectionEvents: Send + Sync {
     );
 }
 
+/// Completion of the platform's work on one PUBLISH (see [`PublishHook`]):
+/// `Ok(())` to acknowledge it, `Err(reason_code)` to refuse it.
+pub type AckGate = Pin<Box<dyn Future<Output = Result<(), u8>> + Send>>;
+
+/// Work the platform does with an authorized PUBLISH, which may hold back
+/// its acknowledgement (e.g. telemetry acknowledged only once it is in the
+/// time-series store's write-ahead log).
+///
+/// The gate is only a completion signal: the hook must start its work
+/// eagerly (hand the message to a writer task and return the receiving end
+/// of a oneshot, say). The broker may poll a gate late (acknowledgements go
+/// out in the order the PUBLISHes arrived, so a gate is awaited only once
+/// the ones before it have resolved), drops a QoS 0 message's gate without
+/// polling it, and drops pending gates when the connection ends.
+///
+/// While gates are pending the connection keeps reading and routing further
+/// PUBLISHes (up to `receive_maximum`, at most 1024, unacknowledged ones;
+/// then it stops reading until the oldest resolves), so a device with many
+/// messages in flight shares one store commit among them.
+pub trait PublishHook: Send + Sync + 'static {
+    /// Called on the connection's task for every PUBLISH that passed
+    /// authorization (any QoS), after it was routed to subscribers and before
+    /// it is acknowledged. Must not block.
+    ///
+    /// Return `None` when the acknowledgement need not wait; `Some(gate)` to
+    /// hold the PUBACK/PUBREC until the gate resolves:
+    /// - `Ok(())`: acknowledged with the routing's reason code, as without a
+    ///   hook;
+    /// - `Err(code)`: MQTT 5 gets PUBACK/PUBREC with that reason code (e.g.
+    ///   0x80 unspecified error, 0x97 quota exceeded; codes below 0x80 are
+    ///   sent as 0x80). MQTT 3.1.1 has no negative acknowledgement, so the
+    ///   message gets no acknowledgement at all and the client will send it
+    ///   again (after reconnecting). Either way a QoS 2 message is forgotten,
+    ///   so its resend is processed anew.
+    ///
+    /// Subscribers already have the message: a refusal only tells the
+    /// publisher that the platform did not keep it.
+    fn on_publish(
+        &self,
+        client_id: &str,
+        identity: &ClientIdentity,
+        message: &Message,
+    ) -> Option<AckGate>;
+}
+
 /// The installed hooks (none by default).
 #[derive(Default)]
 pub(crate) struct Hooks {
     security: RwLock<Option<Arc<dyn SecurityEvents>>>,
     connection: RwLock<Option<Arc<dyn ConnectionEvents>>>,
+    publish: RwLock<Option<Arc<dyn PublishHook>>>,
+    /// Bumped every time the publish hook is set; 0 while there is none.
+    /// Connections cache the hook with its generation, so a PUBLISH costs
+    /// one uncontended atomic load instead of a lock and a reference count
+    /// shared by every core.
+    publish_generation: AtomicU64,
 }
 
 impl Hooks {
@@ -95,6 +152,27 @@ impl Hooks {
 
     pub fn set_connection(&self, h: Arc<dyn ConnectionEvents>) {
         *self.connection.write() = Some(h);
+    }
+
+    pub fn set_publish(&self, h: Arc<dyn PublishHook>) {
+        let mut slot = self.publish.write();
+        *slot = Some(h);
+        self.publish_generation.fetch_add(1, Ordering::Release);
+    }
+
+    /// The publish hook's generation: 0 while none is installed (the fast
+    /// path), otherwise compare with the one cached by [`Hooks::publish`].
+    pub fn publish_generation(&self) -> u64 {
+        self.publish_generation.load(Ordering::Acquire)
+    }
+
+    /// The publish hook and its generation, read together.
+    pub fn publish(&self) -> (u64, Option<Arc<dyn PublishHook>>) {
+        let slot = self.publish.read();
+        (
+            self.publish_generation.load(Ordering::Acquire),
+            slot.clone(),
+        )
     }
 
     /// Whether a security hook is installed.

@@ -10,8 +10,12 @@
 //! sessions are written to `m2mhub-store` (group commit) before the
 //! publisher is acknowledged. Authentication and authorization go through
 //! the traits in [`auth`], so the device registry plugs in from outside.
+//! A [`PublishHook`] lets the platform act on every authorized PUBLISH and
+//! hold its acknowledgement until that work is durable (acknowledgements
+//! stay in receive order; the connection keeps reading meanwhile).
 #![forbid(unsafe_code)]
 
+mod ack_queue;
 pub mod auth;
 pub mod ban;
 mod broker;
@@ -36,7 +40,9 @@ mod transport;
 pub use ban::{BanInfo, BanKey};
 pub use broker::{store_dir, Broker, BrokerError, BrokerParts, SessionInfo};
 pub use config::BrokerConfig;
-pub use events::{ConnectionEvents, SecurityEvent, SecurityEventKind, SecurityEvents};
+pub use events::{
+    AckGate, ConnectionEvents, PublishHook, SecurityEvent, SecurityEventKind, SecurityEvents,
+};
 pub use limits::TokenBucket;
 pub use session::Session;
 pub use transport::Transport;

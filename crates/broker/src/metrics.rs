@@ -53,6 +53,7 @@ counters! {
     internal_messages_delivered: "messages handed to platform-internal subscriptions",
     security_events_suppressed: "security events (limit hits) not delivered to the platform hook because more than 100/s occurred",
     internal_messages_dropped: "messages dropped because a platform-internal subscription's channel was full",
+    publishes_refused_by_hook: "QoS 1/2 PUBLISH packets the platform's publish hook refused (MQTT 5: PUBACK/PUBREC with its reason code; 3.1.1: not acknowledged)",
 }
 
 /// Current values that are not counters.

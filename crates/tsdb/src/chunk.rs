@@ -53,16 +53,16 @@ pub enum ChunkError {
 }
 
 #[inline]
-fn zigzag(v: i64) -> u64 {
+pub(crate) fn zigzag(v: i64) -> u64 {
     ((v << 1) ^ (v >> 63)) as u64
 }
 
 #[inline]
-fn unzigzag(v: u64) -> i64 {
+pub(crate) fn unzigzag(v: u64) -> i64 {
     ((v >> 1) as i64) ^ -((v & 1) as i64)
 }
 
-fn write_varint(out: &mut Vec<u8>, mut v: u64) {
+pub(crate) fn write_varint(out: &mut Vec<u8>, mut v: u64) {
     while v >= 0x80 {
         out.push((v as u8) | 0x80);
         v >>= 7;
@@ -183,6 +183,17 @@ impl ChunkEncoder {
         w.push_bits(u64::from(len & 63), 6);
         w.push_bits(xor >> trailing, len);
         self.window = Some(Window { leading, trailing });
+    }
+
+    /// The chunk as it would be serialised now, leaving the encoder open
+    /// (queries read a series' head while it is still being written).
+    pub fn snapshot(&self) -> Vec<u8> {
+        self.clone().finish()
+    }
+
+    /// Approximate heap bytes held (for memory accounting).
+    pub fn heap_bytes(&self) -> usize {
+        self.body.bit_len() / 8 + 1
     }
 
     /// Serialises the chunk (header + bit stream).

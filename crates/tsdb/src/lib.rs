@@ -1,10 +1,31 @@
-//! Compression core of m2mhub's embedded time-series store.
+//! m2mhub's embedded time-series store.
 //!
 //! # Model
 //!
-//! A series is a sequence of `(timestamp_ms: i64, value: f64)` points. Points
-//! are grouped into *chunks*, each an independent, self-describing byte string
-//! (a later layer adds the WAL, partitions and queries on top of them).
+//! A series is one metric of one device of one tenant: a sequence of
+//! `(timestamp_ms, value)` points, the value a float, a boolean (stored as
+//! 0/1) or text. Points are grouped into *chunks*, each an independent,
+//! self-describing byte string.
+//!
+//! # Layout and life of a point
+//!
+//! 1. [`Tsdb::append`] resolves series ids and queues the points; the WAL
+//!    writer thread writes everything queued as one group, `fdatasync`s it
+//!    (durable mode) and only then applies the points to the in-memory
+//!    *head* chunks and completes the appenders' [`Ticket`]s (`wal.rs`).
+//! 2. The maintenance thread periodically *flushes*: the WAL is rotated,
+//!    the heads frozen and written to *partitions* (one directory per day)
+//!    as sealed chunks plus 1 min / 1 h rollup blocks; a checkpoint file
+//!    then commits the flush and older WAL segments are deleted (`part.rs`).
+//! 3. Closed partitions are *compacted* into one sorted chunk run and one
+//!    rollup block per series; retention drops whole partitions, or the
+//!    series of a partition whose own retention has expired (`engine.rs`).
+//! 4. Queries gather chunk references under a short read lock and decode
+//!    without it (`query.rs`); hourly and per-minute aggregates come from
+//!    the rollups, so a month of a 10 Hz series costs a few hundred rows.
+//!
+//! The platform programs against [`TimeSeriesStore`], so another backend
+//! can take the engine's place.
 //!
 //! # Why Gorilla
 //!
@@ -34,5 +55,22 @@
 
 pub mod bits;
 pub mod chunk;
+mod codec;
+mod engine;
+mod error;
+mod head;
+pub mod model;
+mod part;
+mod query;
+mod rollup;
+mod series;
+mod store;
+mod text;
+mod wal;
 
 pub use chunk::{decode_chunk, ChunkEncoder, ChunkError, ChunkIter};
+pub use engine::{Appended, Options, Ticket, Tsdb, MAX_NAME};
+pub use error::TsdbError;
+pub use model::*;
+pub use query::MAX_PAGE;
+pub use store::TimeSeriesStore;

@@ -1,0 +1,484 @@
+//! The store end to end on a real directory: append, query, restart,
+//! flush, compact, retention, torn files, full disk.
+
+use m2mhub_tsdb::*;
+use std::sync::Arc;
+use std::time::Duration;
+
+const T0: i64 = 1_700_000_000_000 - 1_700_000_000_000 % 86_400_000; // a day boundary
+
+fn opts() -> Options {
+    Options {
+        // No background flushes during a test unless asked for.
+        flush_interval: Duration::from_secs(3600),
+        min_free_bytes: 0,
+        ..Options::default()
+    }
+}
+
+fn put(db: &Tsdb, dev: &str, metric: &str, pts: &[(i64, f64)]) {
+    let points: Vec<InPoint<'_>> = pts
+        .iter()
+        .map(|(t, v)| InPoint {
+            metric,
+            ts_ms: *t,
+            value: Value::F64(*v),
+        })
+        .collect();
+    for chunk in points.chunks(1000) {
+        let a = db.append("acme", dev, chunk).expect("append");
+        assert!(a.rejected.is_empty(), "{:?}", a.rejected);
+        a.ticket.wait_blocking().expect("durable");
+    }
+}
+
+fn raw_all(
+    db: &Tsdb,
+    dev: &str,
+    metric: &str,
+    from: i64,
+    to: i64,
+    page: usize,
+) -> Vec<(i64, Value)> {
+    let mut out = Vec::new();
+    let mut after = None;
+    loop {
+        let p = db
+            .raw(&RawQuery {
+                tenant: "acme",
+                device: dev,
+                metric,
+                from_ms: from,
+                to_ms: to,
+                limit: page,
+                after,
+            })
+            .expect("raw");
+        out.extend(p.points.into_iter().map(|p| (p.ts_ms, p.value)));
+        match p.next {
+            Some(c) => after = Some(c),
+            None => return out,
+        }
+    }
+}
+
+fn agg(
+    db: &Tsdb,
+    devs: &[String],
+    from: i64,
+    to: i64,
+    bucket: i64,
+) -> (Vec<SeriesBuckets>, AggSources) {
+    db.aggregate(&AggQuery {
+        tenant: "acme",
+        metric: "temp",
+        devices: devs,
+        from_ms: from,
+        to_ms: to,
+        bucket_ms: bucket,
+    })
+    .expect("aggregate")
+}
+
+/// The aggregate computed the slow way.
+fn brute(pts: &[(i64, f64)], from: i64, to: i64, bucket: i64) -> Vec<(i64, Agg)> {
+    let mut sorted: Vec<_> = pts
+        .iter()
+        .copied()
+        .filter(|p| p.0 >= from && p.0 < to)
+        .collect();
+    sorted.sort_by_key(|p| p.0);
+    let mut out: Vec<(i64, Agg)> = Vec::new();
+    for (t, v) in sorted {
+        let b = t.div_euclid(bucket) * bucket;
+        match out.last_mut() {
+            Some((lb, a)) if *lb == b => a.add(t, v),
+            _ => out.push((b, Agg::of(t, v))),
+        }
+    }
+    out
+}
+
+fn same(a: &[(i64, Agg)], b: &[(i64, Agg)]) {
+    assert_eq!(a.len(), b.len(), "bucket counts differ");
+    for ((b1, x), (b2, y)) in a.iter().zip(b) {
+        assert_eq!(b1, b2);
+        assert_eq!(x.count, y.count, "count at {b1}");
+        assert_eq!(x.min, y.min, "min at {b1}");
+        assert_eq!(x.max, y.max, "max at {b1}");
+        assert_eq!(
+            (x.first_ts, x.first),
+            (y.first_ts, y.first),
+            "first at {b1}"
+        );
+        assert_eq!((x.last_ts, x.last), (y.last_ts, y.last), "last at {b1}");
+        assert!(
+            (x.sum - y.sum).abs() < 1e-6 * x.sum.abs().max(1.0),
+            "sum at {b1}"
+        );
+    }
+}
+
+fn sensor(n: usize, step: i64, start: i64) -> Vec<(i64, f64)> {
+    (0..n)
+        .map(|i| {
+            (
+                start + i as i64 * step,
+                20.0 + ((i as f64) / 300.0).sin() * 5.0 + (i % 7) as f64 * 0.1,
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn points_survive_restart_from_wal_and_from_partitions() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pts = sensor(5_000, 1000, T0);
+    {
+        let db = Tsdb::open(dir.path(), opts()).expect("open");
+        put(&db, "m1", "temp", &pts);
+        assert_eq!(
+            raw_all(&db, "m1", "temp", i64::MIN, i64::MAX, 777).len(),
+            5_000
+        );
+        // Dropped without a flush: everything is in the WAL only.
+    }
+    {
+        let db = Tsdb::open(dir.path(), opts()).expect("reopen");
+        let back = raw_all(&db, "m1", "temp", i64::MIN, i64::MAX, 1000);
+        assert_eq!(back.len(), 5_000);
+        for ((t, v), (t2, v2)) in pts.iter().zip(&back) {
+            assert_eq!(*t, *t2);
+            assert_eq!(Value::F64(*v), *v2);
+        }
+        db.flush().expect("flush");
+        assert_eq!(db.stats().head_points, 0);
+        assert_eq!(
+            raw_all(&db, "m1", "temp", i64::MIN, i64::MAX, 1000).len(),
+            5_000
+        );
+    }
+    let db = Tsdb::open(dir.path(), opts()).expect("reopen after flush");
+    assert_eq!(db.stats().head_points, 0, "nothing left to replay");
+    assert_eq!(
+        raw_all(&db, "m1", "temp", i64::MIN, i64::MAX, 4096).len(),
+        5_000
+    );
+    // Latest comes back from the partition files.
+    let latest = db.latest("acme", "m1").expect("latest");
+    assert_eq!(latest.len(), 1);
+    assert_eq!(latest[0].ts_ms, pts[4_999].0);
+    assert_eq!(latest[0].value, Value::F64(pts[4_999].1));
+}
+
+#[test]
+fn aggregates_match_brute_force_in_every_state() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = Tsdb::open(dir.path(), opts()).expect("open");
+    // Two days of 10 s data, written in two halves with a flush between,
+    // plus late out-of-order points and a duplicate timestamp.
+    let mut pts = sensor(17_280, 10_000, T0);
+    put(&db, "m1", "temp", &pts[..9_000]);
+    db.flush().expect("flush");
+    put(&db, "m1", "temp", &pts[9_000..]);
+    let late = [(T0 + 123_456, 99.0), (T0 + 10_000, -5.0)];
+    put(&db, "m1", "temp", &late);
+    pts.extend_from_slice(&late);
+    let devs = vec!["m1".to_string()];
+    let ranges = [
+        (T0, T0 + 2 * 86_400_000),
+        (T0 + 1_234_567, T0 + 150_000_000),
+        (T0 - 5_000_000, T0 + 7_777_777),
+    ];
+    let check = |db: &Tsdb, expect_rollups: bool| {
+        for &(from, to) in &ranges {
+            for bucket in [3_600_000, 7_200_000, 60_000, 300_000, 45_000, 86_400_000] {
+                let (got, src) = agg(db, &devs, from, to, bucket);
+                let want = brute(&pts, from, to, bucket);
+                if want.is_empty() {
+                    assert!(got.is_empty());
+                    continue;
+                }
+                assert_eq!(got.len(), 1);
+                same(&got[0].buckets, &want);
+                if expect_rollups && bucket % 60_000 == 0 && to - from > 2 * bucket {
+                    assert!(src.rollup_rows > 0, "bucket {bucket} should use rollups");
+                }
+            }
+        }
+    };
+    check(&db, false);
+    db.flush().expect("flush");
+    check(&db, true);
+    db.compact().expect("compact");
+    check(&db, true);
+    drop(db);
+    let db = Tsdb::open(dir.path(), opts()).expect("reopen");
+    check(&db, true);
+    // A month-long hourly query over rollups reads rows, not points.
+    let (_, src) = agg(&db, &devs, T0, T0 + 2 * 86_400_000, 3_600_000);
+    assert!(src.raw_points == 0, "{src:?}");
+}
+
+#[test]
+fn group_aggregates_cover_every_device_or_the_chosen_ones() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = Tsdb::open(dir.path(), opts()).expect("open");
+    for d in ["a", "b", "c"] {
+        put(&db, d, "temp", &sensor(100, 60_000, T0));
+    }
+    put(&db, "d", "other", &sensor(10, 60_000, T0));
+    let (all, _) = agg(&db, &[], T0, T0 + 86_400_000, 3_600_000);
+    assert_eq!(
+        all.iter().map(|s| &*s.device).collect::<Vec<_>>(),
+        ["a", "b", "c"]
+    );
+    let (some, _) = agg(
+        &db,
+        &["b".into(), "zz".into()],
+        T0,
+        T0 + 86_400_000,
+        3_600_000,
+    );
+    assert_eq!(some.len(), 1);
+    assert_eq!(&*some[0].device, "b");
+    assert_eq!(some[0].buckets.iter().map(|b| b.1.count).sum::<u64>(), 100);
+}
+
+#[test]
+fn paging_handles_duplicate_timestamps_across_pages() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = Tsdb::open(dir.path(), opts()).expect("open");
+    let mut pts = Vec::new();
+    for i in 0..50 {
+        for k in 0..3 {
+            pts.push((T0 + i * 1000, (i * 10 + k) as f64));
+        }
+    }
+    put(&db, "m1", "temp", &pts[..70]);
+    db.flush().expect("flush");
+    put(&db, "m1", "temp", &pts[70..]);
+    for page in [1, 2, 4, 7, 1000] {
+        let got = raw_all(&db, "m1", "temp", T0, T0 + 10_000_000, page);
+        let want: Vec<(i64, Value)> = pts.iter().map(|(t, v)| (*t, Value::F64(*v))).collect();
+        assert_eq!(got, want, "page size {page}");
+    }
+}
+
+#[test]
+fn kinds_are_fixed_by_the_first_point() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = Tsdb::open(dir.path(), opts()).expect("open");
+    let a = db
+        .append(
+            "acme",
+            "m1",
+            &[
+                InPoint {
+                    metric: "fw",
+                    ts_ms: T0,
+                    value: Value::Str(Arc::from("1.2.3")),
+                },
+                InPoint {
+                    metric: "door",
+                    ts_ms: T0,
+                    value: Value::Bool(true),
+                },
+                InPoint {
+                    metric: "temp",
+                    ts_ms: T0,
+                    value: Value::F64(1.5),
+                },
+            ],
+        )
+        .expect("append");
+    a.ticket.wait_blocking().expect("ok");
+    let b = db
+        .append(
+            "acme",
+            "m1",
+            &[
+                InPoint {
+                    metric: "fw",
+                    ts_ms: T0 + 1,
+                    value: Value::F64(2.0),
+                },
+                InPoint {
+                    metric: "temp",
+                    ts_ms: T0 + 1,
+                    value: Value::Str(Arc::from("hot")),
+                },
+                InPoint {
+                    metric: "door",
+                    ts_ms: T0 + 1,
+                    value: Value::Bool(false),
+                },
+                InPoint {
+                    metric: "temp",
+                    ts_ms: T0 + 2,
+                    value: Value::Bool(true),
+                },
+            ],
+        )
+        .expect("append");
+    assert_eq!(b.accepted, 2);
+    assert_eq!(b.rejected.len(), 2);
+    assert!(b.rejected[0].1.contains("text"), "{:?}", b.rejected);
+    b.ticket.wait_blocking().expect("ok");
+    db.flush().expect("flush");
+    let fw = raw_all(&db, "m1", "fw", 0, i64::MAX, 10);
+    assert_eq!(fw, vec![(T0, Value::Str(Arc::from("1.2.3")))]);
+    let door = raw_all(&db, "m1", "door", 0, i64::MAX, 10);
+    assert_eq!(
+        door,
+        vec![(T0, Value::Bool(true)), (T0 + 1, Value::Bool(false))]
+    );
+    let temp = raw_all(&db, "m1", "temp", 0, i64::MAX, 10);
+    assert_eq!(temp, vec![(T0, Value::F64(1.5)), (T0 + 2, Value::F64(1.0))]);
+    let latest = db.latest("acme", "m1").expect("latest");
+    let names: Vec<_> = latest
+        .iter()
+        .map(|l| (&*l.metric, l.value.clone()))
+        .collect();
+    assert_eq!(
+        names,
+        vec![
+            ("door", Value::Bool(false)),
+            ("fw", Value::Str(Arc::from("1.2.3"))),
+            ("temp", Value::F64(1.0))
+        ]
+    );
+    let err = db
+        .aggregate(&AggQuery {
+            tenant: "acme",
+            metric: "fw",
+            devices: &[],
+            from_ms: T0,
+            to_ms: T0 + 86_400_000,
+            bucket_ms: 3_600_000,
+        })
+        .expect_err("text does not aggregate");
+    assert!(matches!(err, TsdbError::NotNumeric(_)));
+    db.compact().expect("compact");
+    drop(db);
+    let db = Tsdb::open(dir.path(), opts()).expect("reopen");
+    assert_eq!(raw_all(&db, "m1", "fw", 0, i64::MAX, 10).len(), 1);
+    assert_eq!(db.series("acme", Some("m1"), None).len(), 3);
+}
+
+#[test]
+fn a_torn_wal_tail_loses_only_the_torn_record() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let db = Tsdb::open(dir.path(), opts()).expect("open");
+        put(&db, "m1", "temp", &sensor(100, 1000, T0));
+    }
+    // Simulate a crash in the middle of the next group commit.
+    let wal = std::fs::read_dir(dir.path().join("wal"))
+        .expect("wal dir")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| std::fs::metadata(p).map(|m| m.len() > 0).unwrap_or(false))
+        .max()
+        .expect("a segment");
+    let mut bytes = std::fs::read(&wal).expect("read");
+    bytes.extend_from_slice(&[200, 0, 0, 0, 1, 2, 3, 4, 5, 6]);
+    std::fs::write(&wal, &bytes).expect("write");
+    let db = Tsdb::open(dir.path(), opts()).expect("reopen");
+    assert_eq!(raw_all(&db, "m1", "temp", 0, i64::MAX, 1000).len(), 100);
+    put(&db, "m1", "temp", &sensor(10, 1000, T0 + 100_000));
+    drop(db);
+    let db = Tsdb::open(dir.path(), opts()).expect("reopen again");
+    assert_eq!(raw_all(&db, "m1", "temp", 0, i64::MAX, 1000).len(), 110);
+}
+
+#[test]
+fn a_full_disk_refuses_points_cleanly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = Tsdb::open(dir.path(), opts()).expect("open");
+    put(&db, "m1", "temp", &sensor(10, 1000, T0));
+    drop(db);
+    let full = Options {
+        min_free_bytes: u64::MAX,
+        ..opts()
+    };
+    let db = Tsdb::open(dir.path(), full).expect("open on a full disk");
+    let first = db
+        .append(
+            "acme",
+            "m1",
+            &[InPoint {
+                metric: "temp",
+                ts_ms: T0 + 50_000,
+                value: Value::F64(1.0),
+            }],
+        )
+        .expect("queued");
+    let err = first.ticket.wait_blocking().expect_err("refused");
+    assert!(matches!(err, TsdbError::DiskFull { .. }), "{err}");
+    assert!(db.stats().disk_full);
+    // Later appends are refused at once, and what was stored is intact.
+    assert!(matches!(
+        db.append(
+            "acme",
+            "m1",
+            &[InPoint {
+                metric: "temp",
+                ts_ms: T0,
+                value: Value::F64(1.0)
+            }]
+        ),
+        Err(TsdbError::DiskFull { .. })
+    ));
+    assert_eq!(raw_all(&db, "m1", "temp", 0, i64::MAX, 100).len(), 10);
+    drop(db);
+    let db = Tsdb::open(dir.path(), opts()).expect("reopen with space");
+    assert_eq!(raw_all(&db, "m1", "temp", 0, i64::MAX, 100).len(), 10);
+}
+
+#[test]
+fn retention_hides_then_drops_old_data() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = Tsdb::open(dir.path(), opts()).expect("open");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as i64;
+    let old = now - 10 * 86_400_000;
+    put(&db, "m1", "temp", &sensor(10, 1000, old));
+    put(&db, "m1", "temp", &sensor(10, 1000, now - 1000 * 20));
+    put(&db, "m1", "hum", &sensor(10, 1000, old));
+    db.flush().expect("flush");
+    assert_eq!(db.stats().partitions, 2);
+    db.set_retention(Retention {
+        default: Some(Duration::from_secs(30 * 86_400)),
+        rules: vec![RetentionRule {
+            tenant: None,
+            metric: Some("temp".into()),
+            keep: Some(Duration::from_secs(86_400)),
+        }],
+    });
+    // Hidden at once...
+    assert_eq!(raw_all(&db, "m1", "temp", 0, i64::MAX, 100).len(), 10);
+    assert_eq!(raw_all(&db, "m1", "hum", 0, i64::MAX, 100).len(), 10);
+    // ...and removed from the files by compaction.
+    db.compact().expect("compact");
+    drop(db);
+    let db = Tsdb::open(
+        dir.path(),
+        Options {
+            retention: Retention::default(),
+            ..opts()
+        },
+    )
+    .expect("reopen");
+    assert_eq!(raw_all(&db, "m1", "temp", 0, i64::MAX, 100).len(), 10);
+    assert_eq!(raw_all(&db, "m1", "hum", 0, i64::MAX, 100).len(), 10);
+    // Whole partitions past the longest retention are dropped.
+    db.set_retention(Retention {
+        default: Some(Duration::from_secs(86_400)),
+        rules: vec![],
+    });
+    db.compact().expect("compact");
+    assert_eq!(db.stats().partitions, 1);
+}
