@@ -28,12 +28,118 @@
 //!    * `11` + 5 bits leading-zero count (capped at 31) + 6 bits meaningful
 //!      length (64 stored as 0) + the meaningful bits.
 
+//!
+//! # Format (version 2, decimal)
+//!
+//! Sensors report decimals (`21.37`), whose binary mantissas differ in
+//! nearly every bit from one reading to the next, which is where XOR
+//! encoding loses. When every value of a chunk is exactly `n / 10^e` for
+//! integers `n` (|n| < 2^53) and one `e` in `0..=9`, [`encode_best`] also
+//! tries storing the integers: the header holds `e` (1 byte) and the first
+//! `n` (zigzag varint) instead of the first value's bits, and each value
+//! becomes `zz = zigzag(n - prev_n)` coded as `0` (zero), `10` + 4 bits,
+//! `110` + 8 bits, `1110` + 16 bits or `1111` + 64 bits. Timestamps are
+//! coded as in version 1. The smaller encoding wins; decoding rebuilds
+//! each value as `n as f64 / 10^e`, which the encoder checked is the
+//! original bit pattern. This is the idea of ALP / `pco`'s float-mult mode
+//! in its simplest form.
+
 use crate::bits::{BitReader, BitWriter};
 
 /// First byte of every chunk.
 pub const MAGIC: u8 = 0xD7;
 /// Format version written by [`ChunkEncoder`].
 pub const VERSION: u8 = 1;
+/// Format version of decimal chunks (see [`encode_best`]).
+pub const VERSION_DECIMAL: u8 = 2;
+
+/// Exact powers of ten (all below 2^53, so exact as `f64`).
+const POW10: [f64; 10] = [1.0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9];
+
+/// The integers `n` with `v == n / 10^e` for every value, at the smallest
+/// such `e`, if there is one.
+fn as_decimal(points: &[(i64, f64)]) -> Option<(u8, Vec<i64>)> {
+    'scale: for (e, &p) in POW10.iter().enumerate() {
+        let mut out = Vec::with_capacity(points.len());
+        for &(_, v) in points {
+            let n = (v * p).round();
+            if n.is_nan() || n.abs() >= 9_007_199_254_740_992.0 {
+                continue 'scale;
+            }
+            let n = n as i64;
+            if (n as f64 / p).to_bits() != v.to_bits() {
+                continue 'scale;
+            }
+            out.push(n);
+        }
+        return Some((e as u8, out));
+    }
+    None
+}
+
+/// Encode `points` in whichever of the two formats is smaller (decimal
+/// only applies when every value is a short decimal, see the module docs).
+pub fn encode_best(points: &[(i64, f64)]) -> Vec<u8> {
+    let mut enc = ChunkEncoder::new();
+    for &(t, v) in points {
+        enc.push(t, v);
+    }
+    let gorilla = enc.finish();
+    match as_decimal(points) {
+        Some((e, ns)) if points.len() > 1 => {
+            let dec = encode_decimal(points, e, &ns);
+            if dec.len() < gorilla.len() {
+                dec
+            } else {
+                gorilla
+            }
+        }
+        _ => gorilla,
+    }
+}
+
+fn encode_decimal(points: &[(i64, f64)], e: u8, ns: &[i64]) -> Vec<u8> {
+    let mut enc = ChunkEncoder::new();
+    let mut prev_n = ns[0];
+    for (i, &(t, _)) in points.iter().enumerate() {
+        if i == 0 {
+            enc.first_ts = t;
+            enc.prev_ts = t;
+            enc.count = 1;
+            continue;
+        }
+        let delta = t.wrapping_sub(enc.prev_ts);
+        enc.encode_dod(delta.wrapping_sub(enc.prev_delta));
+        enc.prev_delta = delta;
+        enc.prev_ts = t;
+        let zz = zigzag(ns[i].wrapping_sub(prev_n));
+        prev_n = ns[i];
+        let w = &mut enc.body;
+        if zz == 0 {
+            w.push_bit(false);
+        } else if zz < 1 << 4 {
+            w.push_bits((0b10 << 4) | zz, 2 + 4);
+        } else if zz < 1 << 8 {
+            w.push_bits((0b110 << 8) | zz, 3 + 8);
+        } else if zz < 1 << 16 {
+            w.push_bits((0b1110 << 16) | zz, 4 + 16);
+        } else {
+            w.push_bits(0b1111, 4);
+            w.push_bits(zz, 64);
+        }
+        enc.count += 1;
+    }
+    let body = enc.body.finish();
+    let mut out = Vec::with_capacity(2 + 10 + 10 + 1 + 10 + body.len());
+    out.push(MAGIC);
+    out.push(VERSION_DECIMAL);
+    write_varint(&mut out, enc.count as u64);
+    write_varint(&mut out, zigzag(enc.first_ts));
+    out.push(e);
+    write_varint(&mut out, zigzag(ns[0]));
+    out.extend_from_slice(&body);
+    out
+}
 
 /// Why a chunk could not be decoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -237,6 +343,9 @@ pub struct ChunkIter<'a> {
     prev_value: u64,
     window: Option<Window>,
     done: bool,
+    /// Decimal chunks: the scale `10^e` and the previous integer.
+    decimal: Option<f64>,
+    prev_n: i64,
 }
 
 impl<'a> ChunkIter<'a> {
@@ -248,12 +357,27 @@ impl<'a> ChunkIter<'a> {
             return Err(ChunkError::BadMagic(magic));
         }
         let (&version, rest) = rest.split_first().ok_or(ChunkError::Truncated)?;
-        if version != VERSION {
+        if version != VERSION && version != VERSION_DECIMAL {
             return Err(ChunkError::UnsupportedVersion(version));
         }
         let mut pos = 0;
         let count = read_varint(rest, &mut pos)?;
-        let (first_ts, first_value) = if count > 0 {
+        let mut decimal = None;
+        let mut prev_n = 0;
+        let (first_ts, first_value) = if version == VERSION_DECIMAL {
+            if count == 0 {
+                return Err(ChunkError::Corrupt("empty decimal chunk"));
+            }
+            let ts = unzigzag(read_varint(rest, &mut pos)?);
+            let e = *rest.get(pos).ok_or(ChunkError::Truncated)?;
+            pos += 1;
+            let p = *POW10
+                .get(usize::from(e))
+                .ok_or(ChunkError::Corrupt("decimal scale out of range"))?;
+            prev_n = unzigzag(read_varint(rest, &mut pos)?);
+            decimal = Some(p);
+            (ts, (prev_n as f64 / p).to_bits())
+        } else if count > 0 {
             let ts = unzigzag(read_varint(rest, &mut pos)?);
             let raw = rest.get(pos..pos + 8).ok_or(ChunkError::Truncated)?;
             pos += 8;
@@ -279,6 +403,8 @@ impl<'a> ChunkIter<'a> {
             prev_value: first_value,
             window: None,
             done: false,
+            decimal,
+            prev_n,
         })
     }
 
@@ -315,7 +441,21 @@ impl<'a> ChunkIter<'a> {
         let ts = self.prev_ts.wrapping_add(delta);
 
         // Value.
-        if self.bit()? {
+        if let Some(p) = self.decimal {
+            let mut ones = 0;
+            while ones < 4 && self.bit()? {
+                ones += 1;
+            }
+            let zz = match ones {
+                0 => 0,
+                1 => self.bits(4)?,
+                2 => self.bits(8)?,
+                3 => self.bits(16)?,
+                _ => self.bits(64)?,
+            };
+            self.prev_n = self.prev_n.wrapping_add(unzigzag(zz));
+            self.prev_value = (self.prev_n as f64 / p).to_bits();
+        } else if self.bit()? {
             let xor = if self.bit()? {
                 let leading = self.bits(5)? as u32;
                 let len = match self.bits(6)? as u32 {

@@ -1042,10 +1042,11 @@ struct ChunkSrc {
     count: u32,
 }
 
-/// Build what one series writes into one partition. Without `merge` the
-/// chunks are kept as they are (a flush: each head chunk is already a
-/// finished Gorilla chunk); with it they are decoded, ordered by time and
-/// re-cut into chunks of [`COMPACT_CHUNK`] points (compaction).
+/// Build what one series writes into one partition: numeric points are
+/// decoded, ordered by time (stable: equal timestamps keep arrival order)
+/// and re-cut into chunks of [`COMPACT_CHUNK`] points with their rollups.
+/// Text chunks are kept as they are on a flush (`merge == false`) and
+/// merged the same way on compaction.
 fn series_write(sid: SeriesId, srcs: Vec<ChunkSrc>, merge: bool) -> Result<SeriesWrite, TsdbError> {
     let corrupt = |e: String| TsdbError::Corrupt(format!("series {sid}: {e}"));
     let text = matches!(srcs.first().map(|s| &s.bytes), Some(ChunkBytes::Text(_)));
@@ -1093,24 +1094,20 @@ fn series_write(sid: SeriesId, srcs: Vec<ChunkSrc>, merge: bool) -> Result<Serie
     pts.sort_by_key(|p| p.0);
     let r1m = rollup::encode(&rollup::rows(&pts, MINUTE));
     let r1h = rollup::encode(&rollup::rows(&pts, HOUR));
-    let chunks = if merge {
-        pts.chunks(COMPACT_CHUNK)
-            .map(|run| {
-                let mut e = crate::chunk::ChunkEncoder::new();
-                for (t, v) in run {
-                    e.push(*t, *v);
-                }
-                (e.finish(), run[0].0, run[run.len() - 1].0, run.len() as u32)
-            })
-            .collect()
-    } else {
-        srcs.into_iter()
-            .filter_map(|s| match s.bytes {
-                ChunkBytes::Num(b) => Some((b, s.min_ts, s.max_ts, s.count)),
-                ChunkBytes::Text(_) => None,
-            })
-            .collect()
-    };
+    // Sealed numeric chunks are always re-cut in time order and encoded
+    // in the smaller of the two chunk formats: a sorted chunk lets range
+    // reads stop early, and decimal readings shrink by more than half.
+    let chunks = pts
+        .chunks(COMPACT_CHUNK)
+        .map(|run| {
+            (
+                crate::chunk::encode_best(run),
+                run[0].0,
+                run[run.len() - 1].0,
+                run.len() as u32,
+            )
+        })
+        .collect();
     Ok(SeriesWrite {
         id: sid,
         chunks,

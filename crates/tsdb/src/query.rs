@@ -83,6 +83,57 @@ fn decode_num(p: &Piece, mut f: impl FnMut(i64, f64)) -> Result<(), TsdbError> {
     })
 }
 
+/// Accumulates points into buckets. Points mostly arrive in time order,
+/// so the current bucket is kept aside and the map is touched only when
+/// the bucket changes.
+struct Bucketer {
+    width: i64,
+    cur: Option<(i64, Agg)>,
+    map: BTreeMap<i64, Agg>,
+}
+
+impl Bucketer {
+    fn new(width: i64) -> Self {
+        Self {
+            width,
+            cur: None,
+            map: BTreeMap::new(),
+        }
+    }
+
+    #[inline]
+    fn merge(&mut self, t: i64, a: &Agg) {
+        let k = t.div_euclid(self.width) * self.width;
+        match &mut self.cur {
+            Some((ck, ca)) if *ck == k => ca.merge(a),
+            _ => {
+                if let Some((ck, ca)) = self.cur.take() {
+                    self.map
+                        .entry(ck)
+                        .and_modify(|x| x.merge(&ca))
+                        .or_insert(ca);
+                }
+                self.cur = Some((k, *a));
+            }
+        }
+    }
+
+    #[inline]
+    fn add(&mut self, t: i64, v: f64) {
+        self.merge(t, &Agg::of(t, v));
+    }
+
+    fn finish(mut self) -> Vec<(i64, Agg)> {
+        if let Some((ck, ca)) = self.cur.take() {
+            self.map
+                .entry(ck)
+                .and_modify(|x| x.merge(&ca))
+                .or_insert(ca);
+        }
+        self.map.into_iter().collect()
+    }
+}
+
 impl Tsdb {
     fn lookup(
         &self,
@@ -324,11 +375,7 @@ impl Tsdb {
             (0, 0)
         };
         let g = self.gather(id, from, to);
-        let mut map: BTreeMap<i64, Agg> = BTreeMap::new();
-        let add = |map: &mut BTreeMap<i64, Agg>, b: i64, a: &Agg| {
-            let k = b.div_euclid(bucket) * bucket;
-            map.entry(k).and_modify(|x| x.merge(a)).or_insert(*a);
-        };
+        let mut acc = Bucketer::new(bucket);
         let mut raw_points = 0u64;
         for (files, seg) in &g.segments {
             let use_rollup = i0 < i1 && seg.min_ts < i1 && seg.max_ts >= i0;
@@ -339,7 +386,7 @@ impl Tsdb {
                     .ok_or_else(|| TsdbError::Corrupt(format!("series {id}: rollup block")))?;
                 for (b, a) in rows {
                     if b >= i0 && b < i1 {
-                        add(&mut map, b, &a);
+                        acc.merge(b, &a);
                         sources.rollup_rows += 1;
                     }
                 }
@@ -363,7 +410,7 @@ impl Tsdb {
                     let inside = t >= from && t < to && !(use_rollup && t >= i0 && t < i1);
                     if inside {
                         raw_points += 1;
-                        add(&mut map, t, &Agg::of(t, v));
+                        acc.add(t, v);
                     }
                 })?;
             }
@@ -372,12 +419,12 @@ impl Tsdb {
             decode_num(piece, |t, v| {
                 if t >= from && t < to {
                     raw_points += 1;
-                    add(&mut map, t, &Agg::of(t, v));
+                    acc.add(t, v);
                 }
             })?;
         }
         sources.raw_points += raw_points;
-        Ok(map.into_iter().collect())
+        Ok(acc.finish())
     }
 
     /// The latest value of every series of a device, by metric name.

@@ -3,9 +3,10 @@
 //!
 //! A block is columnar so that it compresses like a chunk: bucket starts,
 //! counts and the first/last offsets as varints, then `sum`, `min`, `max`,
-//! `first` and `last` as five Gorilla chunks keyed by the bucket start.
+//! `first` and `last` as five chunks keyed by the bucket start (each in
+//! the smaller chunk format, see `chunk::encode_best`).
 
-use crate::chunk::{ChunkEncoder, ChunkIter};
+use crate::chunk::{encode_best, ChunkIter};
 use crate::codec::{put_blob, put_zz, write_varint, Reader};
 use crate::model::Agg;
 
@@ -45,12 +46,11 @@ pub(crate) fn encode(rows: &[(i64, Agg)]) -> Vec<u8> {
         put_zz(&mut out, a.last_ts.wrapping_sub(*b));
     }
     let cols: [fn(&Agg) -> f64; 5] = [|a| a.sum, |a| a.min, |a| a.max, |a| a.first, |a| a.last];
+    let mut column = Vec::with_capacity(rows.len());
     for col in cols {
-        let mut enc = ChunkEncoder::new();
-        for (b, a) in rows {
-            enc.push(*b, col(a));
-        }
-        put_blob(&mut out, &enc.finish());
+        column.clear();
+        column.extend(rows.iter().map(|(b, a)| (*b, col(a))));
+        put_blob(&mut out, &encode_best(&column));
     }
     out
 }

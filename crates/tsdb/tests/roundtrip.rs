@@ -94,3 +94,95 @@ proptest! {
         }
     }
 }
+
+/// Decimal sensor readings (the case the decimal format exists for), with
+/// occasional non-decimal values that must force the Gorilla fallback.
+fn decimal_points() -> impl Strategy<Value = Vec<(i64, f64)>> {
+    (
+        any::<i64>(),
+        0u32..10,
+        prop::collection::vec((-3000i64..3000, -50i64..50, 0u8..40), 1..300),
+    )
+        .prop_map(|(start, e, steps)| {
+            let p = 10f64.powi(e as i32);
+            let mut t = start;
+            let mut n = 2137i64;
+            steps
+                .into_iter()
+                .map(|(dt, dn, odd)| {
+                    t = t.wrapping_add(dt);
+                    n += if odd == 0 { dn * 1_000_000 } else { dn };
+                    let v = match odd {
+                        1 => f64::NAN,
+                        2 => f64::INFINITY,
+                        3 => -0.0,
+                        4 => 0.1 + 0.2,
+                        _ => n as f64 / p,
+                    };
+                    (t, v)
+                })
+                .collect()
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: 1024,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })]
+
+    #[test]
+    fn encode_best_roundtrips_bit_exactly(points in prop_oneof![
+        decimal_points(),
+        points().prop_map(|v| v.into_iter().map(|(t, b)| (t, f64::from_bits(b))).collect()),
+    ]) {
+        let bytes = m2mhub_tsdb::chunk::encode_best(&points);
+        let decoded = decode_chunk(&bytes).unwrap();
+        prop_assert_eq!(decoded.len(), points.len());
+        for (a, b) in points.iter().zip(&decoded) {
+            prop_assert_eq!(a.0, b.0);
+            prop_assert_eq!(a.1.to_bits(), b.1.to_bits());
+        }
+        // Never bigger than plain Gorilla.
+        let mut enc = ChunkEncoder::new();
+        for &(t, v) in &points {
+            enc.push(t, v);
+        }
+        prop_assert!(bytes.len() <= enc.finish().len());
+    }
+
+    #[test]
+    fn decimal_chunks_reject_corruption(points in decimal_points(), at in any::<prop::sample::Index>(), mask in 1u8..=255) {
+        let mut bytes = m2mhub_tsdb::chunk::encode_best(&points);
+        let len = at.index(bytes.len());
+        prop_assert!(decode_chunk(&bytes[..len]).is_err());
+        bytes[len] ^= mask;
+        if let Ok(iter) = ChunkIter::new(&bytes) {
+            prop_assert!(iter.count() <= 2 + bytes.len() * 4);
+        }
+    }
+}
+
+#[test]
+fn decimal_sensor_data_is_smaller_than_gorilla() {
+    let pts: Vec<(i64, f64)> = (0..86_400)
+        .map(|i| {
+            let raw = 21.0 + 4.0 * ((i as f64) / 7200.0).sin() + 0.3 * ((i as f64) / 97.0).sin();
+            (1_700_000_000_000 + i * 1000, (raw * 100.0).round() / 100.0)
+        })
+        .collect();
+    let best = m2mhub_tsdb::chunk::encode_best(&pts);
+    assert_eq!(best[1], m2mhub_tsdb::chunk::VERSION_DECIMAL);
+    let mut enc = ChunkEncoder::new();
+    for &(t, v) in &pts {
+        enc.push(t, v);
+    }
+    let gorilla = enc.finish();
+    assert!(
+        best.len() * 2 < gorilla.len(),
+        "decimal {} vs gorilla {}",
+        best.len(),
+        gorilla.len()
+    );
+}
