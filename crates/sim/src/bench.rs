@@ -58,6 +58,11 @@ pub enum Scenario {
     /// latency and failures by CONNACK reason; optionally followed by a
     /// reconnect storm (`reconnect_storm`).
     Connect,
+    /// Telemetry ingest: `publishers` devices (client ids
+    /// `<device_prefix><i>`) publish JSON readings of 10 metrics on
+    /// `devices/<id>/telemetry`; no subscribers. With `metrics_url`, the
+    /// server's stored-points counter is read at the window's start and end.
+    Telemetry,
 }
 
 impl Scenario {
@@ -68,6 +73,7 @@ impl Scenario {
             Scenario::Pairs => "pairs",
             Scenario::Idle => "idle",
             Scenario::Connect => "connect",
+            Scenario::Telemetry => "telemetry",
         }
     }
 }
@@ -81,8 +87,9 @@ impl std::str::FromStr for Scenario {
             "pairs" | "pair" => Ok(Scenario::Pairs),
             "idle" => Ok(Scenario::Idle),
             "connect" | "connect-rate" => Ok(Scenario::Connect),
+            "telemetry" => Ok(Scenario::Telemetry),
             other => Err(format!(
-                "unknown scenario {other:?} (fan-in, fan-out, pairs, idle, connect)"
+                "unknown scenario {other:?} (fan-in, fan-out, pairs, idle, connect, telemetry)"
             )),
         }
     }
@@ -138,6 +145,12 @@ pub struct BenchOptions {
     /// PID of the broker process: if set, read /proc/<pid>/status VmRSS
     /// before and after opening connections to report memory per connection.
     pub broker_pid: Option<u32>,
+    /// Telemetry: client id (= device id) prefix; device `i` is
+    /// `<device_prefix><i>`.
+    pub device_prefix: String,
+    /// Telemetry: the server's Prometheus endpoint
+    /// (`http://127.0.0.1:8080/metrics`), read for stored points.
+    pub metrics_url: Option<String>,
 }
 
 impl Default for BenchOptions {
@@ -164,6 +177,8 @@ impl Default for BenchOptions {
             username: None,
             password: None,
             broker_pid: None,
+            device_prefix: "bench-dev-".into(),
+            metrics_url: None,
         }
     }
 }
@@ -233,6 +248,12 @@ pub struct BenchReport {
     pub reconnect_failures: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reconnect_failure_reasons: Option<BTreeMap<String, u64>>,
+    /// Telemetry: points the server stored during the window (from its
+    /// `m2mhub_tsdb_points_appended_total`), and per second.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub points_stored: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub points_per_sec: Option<f64>,
 }
 
 fn reasons_text(m: &BTreeMap<String, u64>) -> String {
@@ -348,6 +369,13 @@ impl BenchReport {
                 self.latency_p50_us, self.latency_p99_us, self.latency_max_us
             );
         }
+        if let Some(p) = self.points_stored {
+            let _ = writeln!(
+                s,
+                "points stored     {p} ({:.0} points/s)",
+                self.points_per_sec.unwrap_or(0.0)
+            );
+        }
         if let (Some(b), Some(a)) = (self.broker_rss_before_kb, self.broker_rss_after_kb) {
             let _ = writeln!(s, "broker rss        {b} kB -> {a} kB");
         }
@@ -459,9 +487,11 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
         Scenario::FanIn => (opts.publishers, 1, 1u64),
         Scenario::FanOut => (1, opts.subscribers, opts.subscribers as u64),
         Scenario::Pairs => (opts.publishers, opts.publishers, 1),
+        Scenario::Telemetry => (opts.publishers, 0, 0),
         Scenario::Idle | Scenario::Connect => unreachable!("handled above"),
     };
-    if n_pub == 0 || n_sub == 0 {
+    let telemetry = opts.scenario == Scenario::Telemetry;
+    if n_pub == 0 || (n_sub == 0 && !telemetry) {
         return Err(BenchError::InvalidOptions(
             "need at least one publisher and one subscriber".into(),
         ));
@@ -477,7 +507,11 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
     let suffix = random_suffix();
     let config = |role: &str, i: usize| ClientConfig {
         host: opts.host.clone(),
-        client_id: format!("bench-{role}-{i}-{suffix}"),
+        client_id: if telemetry {
+            format!("{}{i}", opts.device_prefix)
+        } else {
+            format!("bench-{role}-{i}-{suffix}")
+        },
         protocol,
         keep_alive: KEEP_ALIVE,
         clean_start: true,
@@ -535,9 +569,28 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
     let per_pub_rate = opts.rate as f64 / n_pub as f64;
     let mut pub_tasks = Vec::with_capacity(n_pub);
     for (i, conn) in pubs.into_iter().enumerate() {
-        let publisher = Publisher::new(conn, i, qos, opts.payload_size, opts.inflight)?;
+        let publisher = if telemetry {
+            let topic = format!("devices/{}{i}/telemetry", opts.device_prefix);
+            Publisher::with_template(conn, i, qos, &topic, Payload::Telemetry, opts.inflight)?
+        } else {
+            Publisher::new(conn, i, qos, opts.payload_size, opts.inflight)?
+        };
         pub_tasks.push(tokio::spawn(publisher.run(timing, per_pub_rate)));
     }
+    // Stored points: the server's counter at the window's edges.
+    let points_probe = match (&opts.metrics_url, telemetry) {
+        (Some(url), true) => {
+            let url = url.clone();
+            Some(tokio::spawn(async move {
+                tokio::time::sleep_until(timing.at(timing.window_start_ns)).await;
+                let a = crate::metrics_probe::points_appended(&url).await?;
+                tokio::time::sleep_until(timing.at(timing.window_end_ns)).await;
+                let b = crate::metrics_probe::points_appended(&url).await?;
+                Ok::<u64, BenchError>(b.saturating_sub(a))
+            }))
+        }
+        _ => None,
+    };
 
     let abort_all = |subs: &[tokio::task::JoinHandle<_>], pubs: &[tokio::task::JoinHandle<_>]| {
         subs.iter()
@@ -599,7 +652,16 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
     }
 
     let secs = opts.duration.as_secs_f64();
+    let points_stored = match points_probe {
+        Some(h) => Some(
+            h.await
+                .map_err(|e| BenchError::Protocol(format!("metrics probe failed: {e}")))??,
+        ),
+        None => None,
+    };
     Ok(BenchReport {
+        points_stored,
+        points_per_sec: points_stored.map(|p| p as f64 / secs),
         scenario: opts.scenario.name().to_string(),
         qos: opts.qos,
         payload_size: opts.payload_size,
@@ -770,9 +832,40 @@ struct PubStats {
     sent_window: u64,
 }
 
+/// What a publisher's payload is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Payload {
+    /// Bytes 0..8: send time (ns), 8..16: sequence number, then padding.
+    Stamped,
+    /// A JSON reading of 10 metrics whose values change per message
+    /// (patched digits; the server stamps arrival time).
+    Telemetry,
+}
+
+/// The telemetry JSON; every `#` is a digit patched per message.
+const TELEMETRY_JSON: &str = r#"{"temperature":2#.##,"humidity":4#.#,"pressure":101#.#,"vibration":0.0##,"current":1#.##,"voltage":23#.#,"power":3###,"rpm":14##,"flow":#.##,"level":7#.#}"#;
+
+/// Write the digits of a scrambled counter at `digits` (offsets into `buf`):
+/// every message carries different, still valid, readings.
+fn patch_digits(buf: &mut [u8], digits: &[usize], seq: u64) {
+    let mut x = seq.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 20;
+    for &off in digits {
+        if let Some(b) = buf.get_mut(off) {
+            *b = b'0' + (x % 10) as u8;
+        }
+        x /= 10;
+        if x == 0 {
+            x = seq | 1;
+        }
+    }
+}
+
 /// One publishing connection: a pre-encoded PUBLISH that is copied into the
 /// write buffer and patched (packet id, timestamp, sequence) per message.
 struct Publisher {
+    payload: Payload,
+    /// Telemetry: offsets (in the template) of the digits to patch.
+    digits: Vec<usize>,
     conn: Conn,
     qos: QoS,
     template: Vec<u8>,
@@ -794,6 +887,16 @@ fn publish_template(
     payload_size: usize,
     protocol: Protocol,
 ) -> Result<(Vec<u8>, usize, usize), BenchError> {
+    publish_template_with(topic, qos, Bytes::from(vec![b'x'; payload_size]), protocol)
+}
+
+fn publish_template_with(
+    topic: &str,
+    qos: QoS,
+    payload: Bytes,
+    protocol: Protocol,
+) -> Result<(Vec<u8>, usize, usize), BenchError> {
+    let payload_size = payload.len();
     let publish = Publish {
         dup: false,
         qos,
@@ -801,7 +904,7 @@ fn publish_template(
         topic: topic.to_string(),
         packet_id: (qos != QoS::AtMostOnce).then_some(1),
         properties: PublishProperties::default(),
-        payload: Bytes::from(vec![b'x'; payload_size]),
+        payload,
     };
     let mut buf = BytesMut::new();
     mqtt_codec::encode(&Packet::Publish(publish), protocol, &mut buf)
@@ -817,7 +920,7 @@ fn publish_template(
 
 impl Publisher {
     fn new(
-        mut conn: Conn,
+        conn: Conn,
         idx: usize,
         qos: QoS,
         payload_size: usize,
@@ -826,12 +929,69 @@ impl Publisher {
         let topic = format!("bench/{idx}/data");
         let (template, pid_off, payload_off) =
             publish_template(&topic, qos, payload_size, conn.protocol)?;
+        Self::build(
+            conn,
+            idx,
+            qos,
+            template,
+            pid_off,
+            payload_off,
+            Payload::Stamped,
+            inflight,
+        )
+    }
+
+    fn with_template(
+        conn: Conn,
+        idx: usize,
+        qos: QoS,
+        topic: &str,
+        payload: Payload,
+        inflight: usize,
+    ) -> Result<Self, BenchError> {
+        let body = Bytes::from(TELEMETRY_JSON.replace('#', "0").into_bytes());
+        let (template, pid_off, payload_off) =
+            publish_template_with(topic, qos, body, conn.protocol)?;
+        Self::build(
+            conn,
+            idx,
+            qos,
+            template,
+            pid_off,
+            payload_off,
+            payload,
+            inflight,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn build(
+        mut conn: Conn,
+        idx: usize,
+        qos: QoS,
+        template: Vec<u8>,
+        pid_off: usize,
+        payload_off: usize,
+        payload: Payload,
+        inflight: usize,
+    ) -> Result<Self, BenchError> {
+        let digits = match payload {
+            Payload::Stamped => Vec::new(),
+            Payload::Telemetry => TELEMETRY_JSON
+                .bytes()
+                .enumerate()
+                .filter(|(_, b)| *b == b'#')
+                .map(|(i, _)| payload_off + i)
+                .collect(),
+        };
         let mut window = inflight.clamp(1, 65_535);
         if let Some(max) = conn.connack.properties.receive_maximum {
             window = window.min(max.max(1) as usize);
         }
         conn.wbuf.reserve(WBUF_HIGH + BATCH * template.len());
         Ok(Publisher {
+            payload,
+            digits,
             conn,
             qos,
             template,
@@ -879,9 +1039,16 @@ impl Publisher {
             let at = start + self.pid_off;
             self.conn.wbuf[at..at + 2].copy_from_slice(&id.to_be_bytes());
         }
-        let at = start + self.payload_off;
-        self.conn.wbuf[at..at + 8].copy_from_slice(&ts.to_be_bytes());
-        self.conn.wbuf[at + 8..at + 16].copy_from_slice(&self.seq.to_be_bytes());
+        match self.payload {
+            Payload::Stamped => {
+                let at = start + self.payload_off;
+                self.conn.wbuf[at..at + 8].copy_from_slice(&ts.to_be_bytes());
+                self.conn.wbuf[at + 8..at + 16].copy_from_slice(&self.seq.to_be_bytes());
+            }
+            Payload::Telemetry => {
+                patch_digits(&mut self.conn.wbuf[start..], &self.digits, self.seq)
+            }
+        }
         self.seq += 1;
     }
 
@@ -1111,6 +1278,25 @@ async fn run_subscriber(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn telemetry_payloads_stay_valid_json() {
+        let digits: Vec<usize> = TELEMETRY_JSON
+            .bytes()
+            .enumerate()
+            .filter(|(_, b)| *b == b'#')
+            .map(|(i, _)| i)
+            .collect();
+        let mut seen = std::collections::BTreeSet::new();
+        for seq in [0u64, 1, 2, 99, 1 << 40, u64::MAX] {
+            let mut buf = TELEMETRY_JSON.replace('#', "0").into_bytes();
+            patch_digits(&mut buf, &digits, seq);
+            let v: serde_json::Value = serde_json::from_slice(&buf).expect("valid JSON");
+            assert_eq!(v.as_object().map(|o| o.len()), Some(10));
+            seen.insert(buf);
+        }
+        assert!(seen.len() > 3, "values change from message to message");
+    }
 
     #[test]
     fn template_offsets_decode() {

@@ -31,6 +31,7 @@ pub mod client;
 pub mod connect;
 pub mod histogram;
 pub mod memory;
+pub mod metrics_probe;
 
 pub use bench::{run, BenchError, BenchOptions, BenchReport, Scenario};
 pub use client::{ClientConfig, Conn, Stream, TlsClient};
