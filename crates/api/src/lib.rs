@@ -7,14 +7,17 @@
 #![forbid(unsafe_code)]
 
 mod caller;
+mod device_events;
 mod devices;
 pub mod openapi;
 mod operators;
 mod problem;
+mod profiles;
 pub mod provision;
 mod routes;
 mod security;
 mod state;
+pub mod telemetry;
 mod websocket;
 
 pub use problem::Problem;

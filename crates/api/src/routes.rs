@@ -15,6 +15,7 @@ use serde_json::json;
 /// [`ApiBuilder`], so it is in the OpenAPI document by construction.
 pub fn router(state: AppState) -> Router {
     use crate::openapi::Access::{Admin, Operator, Public, Viewer};
+    use crate::{device_events as ev, profiles as pr, telemetry as t};
     use crate::{devices as d, operators as o, provision as p, security as s};
     let (api, ops) = ApiBuilder::<AppState>::new()
         .route("/", get(api_index), &[("GET", "API index", Public)])
@@ -67,6 +68,25 @@ pub fn router(state: AppState) -> Router {
             ("POST", "Issue a certificate from a CSR, or with a generated key", Operator),
         ])
         .route("/devices/{id}/certificates/{fingerprint}", delete(d::revoke_cert), &[("DELETE", "Revoke a certificate; live sessions are dropped", Operator)])
+        .route("/devices/{id}/events", get(ev::list), &[("GET", "A device's events (e.g. undecodable payloads), newest first: filter by kind; paged by `before`", Viewer)])
+        .route("/devices/{id}/telemetry", get(t::latest), &[("GET", "Latest value of every metric of a device", Viewer)])
+        .route("/devices/{id}/series", get(t::series), &[("GET", "The metrics a device has reported, with their kinds", Viewer)])
+        .route("/devices/{id}/telemetry/{metric}", get(t::raw), &[("GET", "Raw points of one metric in [from, to): paged by `cursor`; format=csv (with all=true: the whole range)", Viewer)])
+        .route("/telemetry/aggregate", get(t::aggregate), &[("GET", "Per-bucket avg/min/max/sum/count/first/last of a metric for devices, a group or a tenant; combine=true merges them; format=csv", Viewer)])
+        .route("/telemetry/retention", get(t::get_retention).put(t::put_retention), &[
+            ("GET", "Telemetry retention: the default and the per-tenant/per-metric rules", Viewer),
+            ("PUT", "Replace the per-tenant/per-metric retention rules", Admin),
+        ])
+        .route("/telemetry/stats", get(t::stats), &[("GET", "Time-series store and ingest figures", Viewer)])
+        .route("/profiles", get(pr::list).post(pr::create), &[
+            ("GET", "Device profiles (payload content type): filter by tenant", Viewer),
+            ("POST", "Create a device profile", Operator),
+        ])
+        .route("/profiles/{name}", get(pr::show).put(pr::update).delete(pr::delete), &[
+            ("GET", "One device profile (`?tenant=`)", Viewer),
+            ("PUT", "Change a device profile's content type or description", Operator),
+            ("DELETE", "Delete a device profile no device or claim token uses", Operator),
+        ])
         .route("/claim-tokens", get(o::list_claims).post(o::create_claim), &[
             ("GET", "Fleet-provisioning claim tokens", Viewer),
             ("POST", "Create a claim token (secret shown once)", Operator),
@@ -143,6 +163,7 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
             let _ = writeln!(text, "m2mhub_registry_{name}_total {v}");
         }
     }
+    crate::telemetry::metrics_text(&state, &mut text);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
 }
 

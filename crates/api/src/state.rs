@@ -1,4 +1,5 @@
-//! What every handler can reach: the broker and the identity services.
+//! What every handler can reach: the broker, the identity services and
+//! the time-series store.
 
 use m2mhub_broker::Broker;
 use m2mhub_pki::DeviceCa;
@@ -14,4 +15,8 @@ pub struct AppState {
     pub cert_days: u32,
     /// Counters of the registry's authenticator, for `/metrics`.
     pub auth_stats: Option<Arc<m2mhub_registry::AuthStats>>,
+    /// The time-series store queries read from.
+    pub tsdb: Arc<dyn m2mhub_tsdb::TimeSeriesStore>,
+    /// Counters of the MQTT telemetry ingest, for `/metrics`.
+    pub ingest: Option<Arc<crate::telemetry::IngestCounters>>,
 }

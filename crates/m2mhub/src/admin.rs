@@ -1,5 +1,5 @@
 //! Operator commands of the CLI (`m2mhub device …`, `claim …`, `user …`,
-//! `audit …`, `security …`, `tenant …`, `policy …`, `login`): each is one
+//! `audit …`, `security …`, `tenant …`, `policy …`, `profile …`, `login`): each is one
 //! or two calls to `/api/v1` on a running server. Human tables by default,
 //! `--json` for scripts.
 
@@ -9,6 +9,9 @@ use clap::{Args, Subcommand};
 use serde_json::{json, Value};
 use std::io::BufRead;
 use std::path::PathBuf;
+
+mod device_profiles;
+pub use device_profiles::{profile, ProfileCmd};
 
 /// Where the server is and who we are: flags, then `M2MHUB_SERVER`,
 /// `M2MHUB_TOKEN`, `M2MHUB_CA_FILE`, then the profile file written by
@@ -94,6 +97,22 @@ pub enum DeviceCmd {
     },
     Delete {
         id: String,
+    },
+    /// Give a device another profile (one of its tenant's, or `default`).
+    SetProfile {
+        id: String,
+        profile: String,
+    },
+    /// A device's events (e.g. undecodable payloads), newest first.
+    Events {
+        id: String,
+        #[arg(long)]
+        kind: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// Only events older than this id (paging).
+        #[arg(long)]
+        before: Option<u64>,
     },
     /// Token credentials.
     Token {
@@ -504,6 +523,15 @@ pub async fn device(conn: &Conn, cmd: DeviceCmd, env: &[(String, String)]) -> Re
                 println!("deleted {id}");
             }
         }
+        DeviceCmd::SetProfile { id, profile } => {
+            device_profiles::set_profile(&c, j, &id, &profile).await?
+        }
+        DeviceCmd::Events {
+            id,
+            kind,
+            limit,
+            before,
+        } => device_profiles::events(&c, j, &id, kind, limit, before).await?,
         DeviceCmd::Token { cmd } => match cmd {
             TokenCmd::Issue { id, expires_in } => {
                 let body = json!({"expires_ms": expires_in.map(|s| now_ms() + s * 1000)});

@@ -109,6 +109,13 @@ enum Command {
         #[command(flatten)]
         conn: admin::Conn,
     },
+    /// Device profiles: the payload content type of a kind of device.
+    Profile {
+        #[command(subcommand)]
+        cmd: admin::ProfileCmd,
+        #[command(flatten)]
+        conn: admin::Conn,
+    },
 }
 
 #[derive(Subcommand)]
@@ -161,11 +168,12 @@ struct BenchArgs {
     /// Broker address HOST:PORT.
     #[arg(long, default_value = "127.0.0.1:1883")]
     host: String,
-    /// fan-in, fan-out, pairs, idle, or connect (connection rate).
+    /// fan-in, fan-out, pairs, idle, connect (connection rate), or
+    /// telemetry (devices publishing 10-metric JSON readings).
     #[arg(
         long,
         default_value = "fan-in",
-        value_parser = clap::builder::PossibleValuesParser::new(["fan-in", "fan-out", "pairs", "idle", "connect"])
+        value_parser = clap::builder::PossibleValuesParser::new(["fan-in", "fan-out", "pairs", "idle", "connect", "telemetry"])
     )]
     scenario: String,
     #[arg(long, default_value_t = 10)]
@@ -221,6 +229,12 @@ struct BenchArgs {
     /// PID of the broker, to report its memory per connection.
     #[arg(long)]
     broker_pid: Option<u32>,
+    /// Telemetry: device id (= client id) prefix; device i is <prefix><i>.
+    #[arg(long, default_value = "bench-dev-")]
+    device_prefix: String,
+    /// Telemetry: the server's /metrics URL, to report stored points/s.
+    #[arg(long)]
+    metrics_url: Option<String>,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -260,6 +274,9 @@ fn main() -> ExitCode {
         }
         Command::Policy { cmd, conn } => {
             run_admin(|env| async move { admin::policy(&conn, cmd, &env).await.map(|_| 0) })
+        }
+        Command::Profile { cmd, conn } => {
+            run_admin(|env| async move { admin::profile(&conn, cmd, &env).await.map(|_| 0) })
         }
     }
 }
@@ -502,6 +519,8 @@ fn bench(args: BenchArgs) -> ExitCode {
         username: args.username,
         password: args.password,
         broker_pid: args.broker_pid,
+        device_prefix: args.device_prefix,
+        metrics_url: args.metrics_url,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -18,10 +18,15 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
+use crate::telemetry::{Ingest, IngestCounters};
+use m2mhub_tsdb::{Retention, Tsdb};
+
 /// A running m2mhub.
 pub struct Server {
     pub broker: Broker,
     pub registry: Registry,
+    pub tsdb: Arc<Tsdb>,
+    pub ingest: Arc<IngestCounters>,
     /// `(user, password)` of the administrator created on this start, when
     /// the registry had no user yet: shown once, never stored in clear.
     pub first_admin: Option<(String, String)>,
@@ -98,6 +103,40 @@ impl Server {
         })?;
         broker.set_security_events(Arc::new(SecurityToRegistry(registry.clone())));
 
+        let t = &v.telemetry;
+        let tsdb_dir = v.data_dir.join("tsdb");
+        let tsdb = Tsdb::open(
+            &tsdb_dir,
+            m2mhub_tsdb::Options {
+                durable: t.durable,
+                flush_interval: t.flush_interval,
+                min_free_bytes: t.min_free_bytes,
+                retention: Retention {
+                    default: t.retention,
+                    rules: Vec::new(),
+                },
+                ..Default::default()
+            },
+        )
+        .with_context(|| {
+            format!(
+                "cannot open the time-series store under {}",
+                tsdb_dir.display()
+            )
+        })?;
+        let tsdb = Arc::new(tsdb);
+        let ingest = Arc::new(IngestCounters::default());
+        broker.set_publish_hook(Arc::new(Ingest {
+            store: tsdb.clone(),
+            registry: registry.clone(),
+            durable: t.durable,
+            limits: m2mhub_telemetry::Limits {
+                max_points: t.max_points,
+                ..Default::default()
+            },
+            counters: ingest.clone(),
+        }));
+
         let mut tasks = Vec::new();
         let mqtt = bind(v.mqtt_listen, "mqtt.listen", "--mqtt-listen").await?;
         let mqtt_addr = mqtt.local_addr()?;
@@ -145,6 +184,8 @@ impl Server {
             ca: Arc::new(ca),
             cert_days: 365,
             auth_stats: Some(registry_auth.stats()),
+            tsdb: tsdb.clone(),
+            ingest: Some(ingest.clone()),
         };
         tasks.push(tokio::spawn(m2mhub_api::provision::serve_mqtt(
             state.clone(),
@@ -164,6 +205,8 @@ impl Server {
         Ok(Server {
             broker,
             registry,
+            tsdb,
+            ingest,
             first_admin,
             mqtt_addr,
             mqtts_addr,
@@ -183,6 +226,9 @@ impl Server {
         if let Err(e) = self.registry.flush() {
             tracing::error!(error = %e, "flushing the registry failed");
         }
+        // Commits what is queued; heads are rebuilt from the WAL next time.
+        let tsdb = self.tsdb.clone();
+        let _ = tokio::task::spawn_blocking(move || tsdb.close()).await;
     }
 }
 

@@ -92,6 +92,24 @@ accept_unregistered_certs = false
 # but not of the machine.
 fsync = false
 
+[telemetry]
+# Messages published on devices/{id}/telemetry are decoded into points and
+# stored in the embedded time-series store under <data_dir>/tsdb.
+# durable: a QoS 1/2 telemetry message is acknowledged only once its points
+# are fsynced in the write-ahead log (kill -9 or power loss lose nothing
+# acknowledged). fast: acknowledged at once, the log is fsynced every second
+# (a crash of the machine may lose the last second).
+mode = "durable"
+# Points older than this many days are dropped (0 = keep forever).
+# Shorter retention per tenant or metric: /api/v1/telemetry/retention.
+retention_days = 0
+# Refuse new points while the disk has less than this free (MiB).
+min_free_mb = 64
+# Flush in-memory head chunks to partition files at least this often.
+flush_interval_secs = 600
+# Most points one payload may carry.
+max_points_per_message = 10000
+
 [http]
 # HTTP server: /healthz, /metrics, MQTT over WebSocket at /mqtt, API at /api/v1.
 listen = "0.0.0.0:8080"
@@ -108,6 +126,7 @@ format = "text"
 pub struct Settings {
     pub data_dir: PathBuf,
     pub mqtt: MqttSettings,
+    pub telemetry: TelemetrySettings,
     pub http: HttpSettings,
     pub log: LogSettings,
 }
@@ -152,6 +171,38 @@ pub struct MqttSettings {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+pub struct TelemetrySettings {
+    pub mode: String,
+    pub retention_days: u32,
+    pub min_free_mb: u64,
+    pub flush_interval_secs: u32,
+    pub max_points_per_message: u32,
+}
+
+impl Default for TelemetrySettings {
+    fn default() -> Self {
+        TelemetrySettings {
+            mode: "durable".into(),
+            retention_days: 0,
+            min_free_mb: 64,
+            flush_interval_secs: 600,
+            max_points_per_message: 10_000,
+        }
+    }
+}
+
+/// Validated telemetry settings.
+#[derive(Debug, Clone)]
+pub struct TelemetryConfig {
+    pub durable: bool,
+    pub retention: Option<Duration>,
+    pub min_free_bytes: u64,
+    pub flush_interval: Duration,
+    pub max_points: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct HttpSettings {
     pub listen: String,
 }
@@ -168,6 +219,7 @@ impl Default for Settings {
         Settings {
             data_dir: PathBuf::from("./m2mhub-data"),
             mqtt: MqttSettings::default(),
+            telemetry: TelemetrySettings::default(),
             http: HttpSettings::default(),
             log: LogSettings::default(),
         }
@@ -233,7 +285,7 @@ impl Default for LogSettings {
 
 /// The sections of the file; an environment variable `M2MHUB_MQTT_LISTEN`
 /// is the key `listen` of section `mqtt`.
-const SECTIONS: [&str; 3] = ["mqtt", "http", "log"];
+const SECTIONS: [&str; 4] = ["mqtt", "telemetry", "http", "log"];
 
 /// Environment variables that are not config keys.
 const NOT_KEYS: [&str; 6] = [
@@ -389,7 +441,30 @@ impl Settings {
             flapping_window: secs(m.flapping_window_secs),
         };
         broker.validate().map_err(|e| anyhow!("{e}"))?;
+        let t = &self.telemetry;
+        let durable = match t.mode.as_str() {
+            "durable" => true,
+            "fast" => false,
+            other => bail!(
+                "invalid value for `telemetry.mode`: {other:?}; use durable (acknowledge after the WAL fsync) or fast (acknowledge at once)"
+            ),
+        };
+        if t.flush_interval_secs == 0 {
+            bail!("invalid value for `telemetry.flush_interval_secs`: 0; use at least 1 (seconds)");
+        }
+        if t.max_points_per_message == 0 {
+            bail!("invalid value for `telemetry.max_points_per_message`: 0; use at least 1");
+        }
+        let telemetry = TelemetryConfig {
+            durable,
+            retention: (t.retention_days > 0)
+                .then(|| Duration::from_secs(u64::from(t.retention_days) * 86_400)),
+            min_free_bytes: t.min_free_mb.saturating_mul(1 << 20),
+            flush_interval: secs(t.flush_interval_secs),
+            max_points: t.max_points_per_message as usize,
+        };
         Ok(Validated {
+            telemetry,
             data_dir: self.data_dir.clone(),
             mqtt_listen,
             http_listen,
@@ -416,6 +491,7 @@ pub struct TlsFiles {
 #[derive(Debug, Clone)]
 pub struct Validated {
     pub data_dir: PathBuf,
+    pub telemetry: TelemetryConfig,
     pub mqtt_listen: SocketAddr,
     pub http_listen: SocketAddr,
     pub tls: TlsFiles,

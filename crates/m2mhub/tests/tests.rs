@@ -25,12 +25,16 @@ mod limits;
 mod persistence;
 #[path = "tests/process.rs"]
 mod process;
+#[path = "tests/profiles.rs"]
+mod profiles;
 #[path = "tests/retained.rs"]
 mod retained;
 #[path = "tests/sessions.rs"]
 mod sessions;
 #[path = "tests/shared.rs"]
 mod shared;
+#[path = "tests/telemetry.rs"]
+mod telemetry;
 #[path = "tests/transports.rs"]
 mod transports;
 #[path = "tests/v311.rs"]

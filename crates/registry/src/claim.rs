@@ -201,7 +201,7 @@ impl Registry {
         if let Some(c) = st.claims.get_mut(&claim.id) {
             c.info = claim.clone();
         }
-        st.devices.insert(device.id.clone(), device.clone());
+        st.put_device(device.clone());
         Ok((device, claim))
     }
 }
@@ -226,6 +226,14 @@ mod tests {
         let (d, reg) = open();
         reg.create_tenant("acme", "Acme").expect("tenant");
         reg.create_group("acme", "line3", "Line 3").expect("group");
+        reg.create_profile(
+            "acme",
+            crate::NewProfile {
+                name: "sensor-v2".into(),
+                ..Default::default()
+            },
+        )
+        .expect("profile");
         (d, reg)
     }
 

@@ -114,6 +114,19 @@ fn validate_profile(p: &str) -> Result<()> {
     Ok(())
 }
 
+/// A device may only name a profile its tenant has (or the built-in
+/// `default`), so the ingest never has to guess what a misspelt profile
+/// meant.
+fn check_profile(st: &State, tenant: &str, profile: &str) -> Result<()> {
+    validate_profile(profile)?;
+    if !st.profile_exists(tenant, profile) {
+        return Err(RegistryError::Validation(format!(
+            "profile {profile:?} does not exist in tenant {tenant}: create it first, or use \"default\""
+        )));
+    }
+    Ok(())
+}
+
 fn check_group(st: &State, tenant: &str, group: Option<&str>) -> Result<()> {
     if let Some(g) = group {
         if !st.groups.contains_key(&(tenant.to_string(), g.to_string())) {
@@ -125,8 +138,8 @@ fn check_group(st: &State, tenant: &str, group: Option<&str>) -> Result<()> {
     Ok(())
 }
 
-/// Check where a device would be created: the tenant and group exist and
-/// the profile is well-formed. Claim tokens check the same at creation so a
+/// Check where a device would be created: the tenant, group and profile
+/// exist. Claim tokens check the same at creation so a
 /// claim can never be created that cannot be redeemed.
 pub(crate) fn check_placement(
     st: &State,
@@ -138,7 +151,7 @@ pub(crate) fn check_placement(
         return Err(RegistryError::NotFound(format!("tenant {tenant}")));
     }
     check_group(st, tenant, group)?;
-    validate_profile(profile)
+    check_profile(st, tenant, profile)
 }
 
 impl Registry {
@@ -184,7 +197,7 @@ impl Registry {
         let _w = s.write.lock();
         let d = Self::prepare_device(&s.state.read(), new, now_ms())?;
         s.store.insert_device(&d)?;
-        s.state.write().devices.insert(d.id.clone(), d.clone());
+        s.state.write().put_device(d.clone());
         Ok(d)
     }
 
@@ -231,7 +244,11 @@ impl Registry {
                 d.group = group;
             }
             if let Some(p) = u.profile {
-                validate_profile(&p)?;
+                // Re-stating the current profile is always fine, even one
+                // from before profiles had to exist.
+                if p != d.profile {
+                    check_profile(&st, &d.tenant, &p)?;
+                }
                 d.profile = p;
             }
             if let Some(l) = u.labels {
@@ -241,7 +258,7 @@ impl Registry {
             d
         };
         s.store.update_device(&d)?;
-        s.state.write().devices.insert(d.id.clone(), d.clone());
+        s.state.write().put_device(d.clone());
         self.overlay_seen(std::slice::from_mut(&mut d));
         Ok(d)
     }
@@ -260,13 +277,13 @@ impl Registry {
             .ok_or_else(|| RegistryError::NotFound(format!("device {id}")))?;
         d.enabled = enabled;
         s.store.update_device(&d)?;
-        s.state.write().devices.insert(d.id.clone(), d.clone());
+        s.state.write().put_device(d.clone());
         Ok(d)
     }
 
-    /// Delete a device and its tokens. Its certificates are kept, revoked,
-    /// so they stay in the CRL and can never authenticate a later device
-    /// that reuses the id.
+    /// Delete a device, its tokens and its device events. Its certificates
+    /// are kept, revoked, so they stay in the CRL and can never authenticate
+    /// a later device that reuses the id.
     pub fn delete_device(&self, id: &str) -> Result<()> {
         let s = &*self.shared;
         let _w = s.write.lock();
@@ -274,10 +291,16 @@ impl Registry {
             return Err(RegistryError::NotFound(format!("device {id}")));
         }
         let now = now_ms();
-        s.store.delete_device(id, now)?;
+        {
+            // No flush may be writing this device's events while they are
+            // deleted, or some would outlive it.
+            let _f = s.flush_lock.lock();
+            s.store.delete_device(id, now)?;
+            s.forget_device_events(id);
+        }
         {
             let mut st = s.state.write();
-            st.devices.remove(id);
+            st.remove_device(id);
             st.tokens.remove(id);
             for c in st.certs.values_mut() {
                 if c.device_id == id && c.revoked_ms.is_none() {
@@ -424,6 +447,14 @@ mod tests {
         ));
         reg.create_group("default", "pumps", "Pumps")
             .expect("group");
+        reg.create_profile(
+            "default",
+            crate::NewProfile {
+                name: "pump-v2".into(),
+                ..Default::default()
+            },
+        )
+        .expect("profile");
         let mut labels = BTreeMap::new();
         labels.insert("site".to_string(), "north".to_string());
         let u = reg
@@ -462,6 +493,18 @@ mod tests {
         let (_d, reg) = open();
         reg.create_tenant("acme", "Acme").expect("tenant");
         reg.create_group("acme", "g1", "G1").expect("group");
+        for t in ["acme", "default"] {
+            for p in ["p3", "px"] {
+                reg.create_profile(
+                    t,
+                    crate::NewProfile {
+                        name: p.into(),
+                        ..Default::default()
+                    },
+                )
+                .expect("profile");
+            }
+        }
         for i in 0..25 {
             let mut labels = BTreeMap::new();
             labels.insert("parity".to_string(), (i % 2).to_string());

@@ -6,7 +6,7 @@
 //!   exists. **Groups** belong to one tenant and gather devices for policies.
 //! - **Devices** have a unique id (`[A-Za-z0-9._-]{1,64}`, which is also their
 //!   MQTT client id and the root of their topic namespace `devices/{id}/…`),
-//!   a name, a tenant, an optional group, a free-text profile and labels.
+//!   a name, a tenant, an optional group, a profile and labels.
 //! - **Credentials** prove a device's identity on CONNECT: random *tokens*
 //!   (up to two active at once so a rollover never locks a device out) and
 //!   X.509 *certificates* (issued elsewhere; recorded here by fingerprint so
@@ -17,20 +17,25 @@
 //!   scoped **API tokens**; roles are Admin > Operator > Viewer.
 //! - **Policies** grant devices extra topics beyond their own namespace,
 //!   always within their own tenant (see [`policy`]).
+//! - **Device profiles** (per tenant) say what a kind of device sends: the
+//!   payload content type the telemetry ingest decodes (see [`profile`]).
 //! - The **audit log** is append-only and hash-chained (see [`audit`]);
-//!   **security events** record what the security monitor noticed.
+//!   **security events** record what the security monitor noticed;
+//!   **device events** record what went wrong with one device's data, rate
+//!   limited and capped per device (see [`device_event`]).
 //!
 //! # Storage and the hot path
 //!
 //! Everything lives in one SQLite file, `registry.db` (WAL, `synchronous =
 //! NORMAL`), behind the [`RegistryStore`] trait so another backend can follow;
-//! all SQL is in [`sqlite`]. Every record except the audit log and security
-//! events is also held in memory, loaded at open and updated on every write
-//! (write-through, under one writer lock), so the checks on every CONNECT,
-//! PUBLISH and SUBSCRIBE never touch the database. Audit records, security
-//! events and "last seen" updates are queued and written in batches by one
-//! background thread; their sequence numbers and hashes are assigned
-//! synchronously, in order.
+//! all SQL is in [`sqlite`]. Every record except the audit log, security
+//! events and device events is also held in memory, loaded at open and
+//! updated on every write (write-through, under one writer lock), so the
+//! checks on every CONNECT, PUBLISH and SUBSCRIBE, and the ingest's
+//! per-message lookup ([`Registry::ingest_info`]), never touch the database.
+//! Audit records, security events, device events and "last seen" updates
+//! are queued and written in batches by one background thread; their
+//! sequence numbers and hashes are assigned synchronously, in order.
 
 #![forbid(unsafe_code)]
 
@@ -39,8 +44,10 @@ pub mod broker_auth;
 pub mod certificate;
 pub mod claim;
 pub mod device;
+pub mod device_event;
 pub mod error;
 pub mod policy;
+pub mod profile;
 mod secret;
 pub mod security;
 pub mod sqlite;
@@ -54,8 +61,13 @@ pub use broker_auth::{AuthStats, RegistryAuth};
 pub use certificate::{CertCheck, CertInfo, CertRecord};
 pub use claim::{ClaimInfo, ClaimSpec};
 pub use device::{Device, DeviceFilter, DeviceUpdate, NewDevice};
+pub use device_event::{DeviceEvent, DeviceEventCounts};
 pub use error::{ClaimError, RegistryError, Result};
 pub use policy::{filter_is_subset, Action, DeviceScope, Policy};
+pub use profile::{
+    canonical_content_type, DeviceProfile, IngestInfo, NewProfile, ProfileUpdate, CONTENT_TYPES,
+    DEFAULT_PROFILE,
+};
 pub use security::{SecurityEvent, SecurityEventRecord, SecurityKind};
 pub use store::RegistryStore;
 pub use tenant::{Group, Tenant};
@@ -106,6 +118,11 @@ pub(crate) struct State {
     pub api_by_hash: HashMap<[u8; 32], String>,
     /// tenant → policy name → policy.
     pub policies: HashMap<String, BTreeMap<String, Policy>>,
+    /// Keyed by (tenant, name).
+    pub profiles: BTreeMap<(String, String), DeviceProfile>,
+    /// Device id → what the ingest needs, derived from `devices` and
+    /// `profiles` and kept in step with them (see [`profile`]).
+    pub ingest: HashMap<String, IngestInfo>,
 }
 
 /// Records waiting for the background writer, and the head of the audit
@@ -118,6 +135,8 @@ pub(crate) struct LogQueue {
     pub audit: Vec<store::AuditRow>,
     pub last_event_seq: u64,
     pub events: Vec<SecurityEventRecord>,
+    pub last_device_event_id: u64,
+    pub device_events: Vec<DeviceEvent>,
 }
 
 /// Last-seen information, kept apart from [`State`] so the per-CONNECT
@@ -138,6 +157,8 @@ pub(crate) struct Shared {
     pub write: Mutex<()>,
     pub seen: Mutex<HashMap<String, Seen>>,
     pub log: Mutex<LogQueue>,
+    /// Device-event counters and rate limits; taken before `log`.
+    pub device_events: Mutex<device_event::DeviceEventGate>,
     pub wake: Condvar,
     /// Serializes flushes so batches reach the store in sequence order.
     pub flush_lock: Mutex<()>,
@@ -240,6 +261,10 @@ impl Registry {
                 .or_default()
                 .insert(p.name.clone(), p);
         }
+        for p in snap.profiles {
+            state.profiles.insert((p.tenant.clone(), p.name.clone()), p);
+        }
+        state.rebuild_ingest();
         if !state.tenants.contains_key(DEFAULT_TENANT) {
             let t = Tenant {
                 id: DEFAULT_TENANT.into(),
@@ -253,6 +278,7 @@ impl Registry {
             last_seq: snap.audit_tail.0,
             last_hash: snap.audit_tail.1,
             last_event_seq: snap.security_seq,
+            last_device_event_id: snap.device_event_seq,
             ..Default::default()
         };
         let shared = Arc::new(Shared {
@@ -261,6 +287,7 @@ impl Registry {
             write: Mutex::new(()),
             seen: Mutex::new(seen),
             log: Mutex::new(log),
+            device_events: Mutex::new(device_event::DeviceEventGate::default()),
             wake: Condvar::new(),
             flush_lock: Mutex::new(()),
             shutdown: AtomicBool::new(false),
@@ -279,8 +306,8 @@ impl Registry {
         })
     }
 
-    /// Write everything queued (audit records, security events, last-seen
-    /// times) now. Reads of the logs call this first; call it before a
+    /// Write everything queued (audit records, security events, device
+    /// events, last-seen times) now. Reads of the logs call this first; call it before a
     /// planned shutdown if the handle may outlive the process's orderly exit.
     pub fn flush(&self) -> Result<()> {
         self.shared.flush(true)
@@ -296,12 +323,18 @@ fn writer_loop(shared: &Shared) {
     loop {
         {
             let mut q = shared.log.lock();
-            if !shared.shutdown.load(Ordering::SeqCst) && q.audit.is_empty() && q.events.is_empty()
+            if !shared.shutdown.load(Ordering::SeqCst)
+                && q.audit.is_empty()
+                && q.events.is_empty()
+                && q.device_events.is_empty()
             {
                 shared.wake.wait_for(&mut q, Duration::from_secs(1));
             }
         }
         let stop = shared.shutdown.load(Ordering::SeqCst);
+        // At most a second late; at shutdown, every open window's
+        // suppressed count is written rather than lost.
+        shared.roll_device_event_windows(now_ms(), stop);
         if let Err(e) = shared.flush(stop) {
             tracing::warn!(error = %e, "registry: background write failed; will retry");
             std::thread::sleep(Duration::from_millis(200));
@@ -317,9 +350,13 @@ impl Shared {
     /// otherwise only those not persisted for [`SEEN_PERSIST_INTERVAL_MS`].
     pub(crate) fn flush(&self, all_seen: bool) -> Result<()> {
         let _g = self.flush_lock.lock();
-        let (audit, events) = {
+        let (audit, events, device_events) = {
             let mut q = self.log.lock();
-            (std::mem::take(&mut q.audit), std::mem::take(&mut q.events))
+            (
+                std::mem::take(&mut q.audit),
+                std::mem::take(&mut q.events),
+                std::mem::take(&mut q.device_events),
+            )
         };
         let now = now_ms();
         let seen: Vec<store::SeenUpdate> = {
@@ -339,10 +376,17 @@ impl Shared {
                 })
                 .collect()
         };
-        if audit.is_empty() && events.is_empty() && seen.is_empty() {
+        if audit.is_empty() && events.is_empty() && seen.is_empty() && device_events.is_empty() {
             return Ok(());
         }
-        match self.store.append(&audit, &events, &seen) {
+        let batch = store::LogBatch {
+            audit: &audit,
+            events: &events,
+            seen: &seen,
+            device_events: &device_events,
+            device_events_kept: device_event::KEPT_PER_DEVICE,
+        };
+        match self.store.append(&batch) {
             Ok(()) => Ok(()),
             Err(e) => {
                 // Put everything back in front of what arrived meanwhile so
@@ -354,6 +398,9 @@ impl Shared {
                 let mut ev = events;
                 ev.append(&mut q.events);
                 q.events = ev;
+                let mut de = device_events;
+                de.append(&mut q.device_events);
+                q.device_events = de;
                 drop(q);
                 let mut s = self.seen.lock();
                 for u in seen {
@@ -417,6 +464,15 @@ mod tests {
             let reg = Registry::open(dir.path()).expect("open");
             reg.create_tenant("acme", "Acme").expect("tenant");
             reg.create_group("acme", "g1", "G1").expect("group");
+            reg.create_profile(
+                "acme",
+                NewProfile {
+                    name: "p".into(),
+                    content_type: Some("application/json".into()),
+                    description: "JSON".into(),
+                },
+            )
+            .expect("profile");
             let mut labels = BTreeMap::new();
             labels.insert("site".to_string(), "north".to_string());
             reg.create_device(NewDevice {
@@ -487,6 +543,14 @@ mod tests {
         assert_eq!(d.labels.get("site").map(String::as_str), Some("north"));
         assert_eq!(d.last_addr.as_deref(), Some("10.1.1.1"));
         assert_eq!(d.group.as_deref(), Some("g1"));
+        assert_eq!(
+            reg.get_profile("acme", "p").expect("profile").description,
+            "JSON"
+        );
+        assert_eq!(
+            reg.ingest_info("d1").and_then(|i| i.content_type),
+            Some("application/json")
+        );
         assert!(matches!(
             reg.verify_device_token("d1", tok_secret.as_bytes(), now),
             TokenCheck::Valid(_)

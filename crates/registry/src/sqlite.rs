@@ -13,11 +13,13 @@ use crate::audit::{AuditQuery, AuditRecord, GENESIS_HASH};
 use crate::certificate::CertInfo;
 use crate::claim::{ClaimInfo, ClaimRecord};
 use crate::device::Device;
+use crate::device_event::DeviceEvent;
 use crate::error::{RegistryError, Result};
 use crate::policy::Policy;
+use crate::profile::DeviceProfile;
 use crate::secret::{hex, unhex32};
 use crate::security::SecurityEventRecord;
-use crate::store::{AuditRow, RegistryStore, SeenUpdate, Snapshot};
+use crate::store::{AuditRow, LogBatch, RegistryStore, Snapshot};
 use crate::tenant::{Group, Tenant};
 use crate::token::{TokenInfo, TokenRecord};
 use crate::user::{ApiTokenInfo, ApiTokenRecord, User, UserRecord};
@@ -140,6 +142,23 @@ CREATE TABLE IF NOT EXISTS security_events (
     addr TEXT,
     detail TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS device_profiles (
+    tenant TEXT NOT NULL,
+    name TEXT NOT NULL,
+    content_type TEXT,
+    description TEXT NOT NULL,
+    created_ms BIGINT NOT NULL,
+    PRIMARY KEY (tenant, name)
+);
+CREATE TABLE IF NOT EXISTS device_events (
+    id BIGINT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    ts_ms BIGINT NOT NULL,
+    kind TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS device_events_device ON device_events (device_id, id);
 ";
 
 /// SQLite-backed [`RegistryStore`]. One connection behind a mutex: the
@@ -503,6 +522,21 @@ impl RegistryStore for SqliteStore {
             ));
         }
 
+        let mut st = c.prepare(
+            "SELECT tenant, name, content_type, description, created_ms FROM device_profiles",
+        )?;
+        for p in st.query_map([], |r| {
+            Ok(DeviceProfile {
+                tenant: r.get(0)?,
+                name: r.get(1)?,
+                content_type: r.get(2)?,
+                description: r.get(3)?,
+                created_ms: r.get(4)?,
+            })
+        })? {
+            snap.profiles.push(p?);
+        }
+
         drop(st);
         let tail: Option<(i64, String)> = c
             .query_row(
@@ -539,6 +573,8 @@ impl RegistryStore for SqliteStore {
             )
             .optional()?;
         snap.security_seq = ev.map_or(Ok(0), |s| u64_of(s, "security event seq"))?;
+        let de: Option<i64> = c.query_row("SELECT MAX(id) FROM device_events", [], |r| r.get(0))?;
+        snap.device_event_seq = de.map_or(Ok(0), |s| u64_of(s, "device event id"))?;
         Ok(snap)
     }
 
@@ -589,6 +625,7 @@ impl RegistryStore for SqliteStore {
         let mut c = self.conn.lock();
         let tx = c.transaction()?;
         tx.execute("DELETE FROM device_tokens WHERE device_id = ?", params![id])?;
+        tx.execute("DELETE FROM device_events WHERE device_id = ?", params![id])?;
         tx.execute(
             "UPDATE certificates SET revoked_ms = ? WHERE device_id = ? AND revoked_ms IS NULL",
             params![revoked_ms, id],
@@ -789,12 +826,38 @@ impl RegistryStore for SqliteStore {
         )
     }
 
-    fn append(
-        &self,
-        audit: &[AuditRow],
-        events: &[SecurityEventRecord],
-        seen: &[SeenUpdate],
-    ) -> Result<()> {
+    fn insert_profile(&self, p: &DeviceProfile) -> Result<()> {
+        self.exec(
+            "INSERT INTO device_profiles (tenant, name, content_type, description, created_ms) VALUES (?, ?, ?, ?, ?)",
+            params![p.tenant, p.name, p.content_type, p.description, p.created_ms],
+        )?;
+        Ok(())
+    }
+
+    fn update_profile(&self, p: &DeviceProfile) -> Result<()> {
+        self.exec_one(
+            "profile",
+            "UPDATE device_profiles SET content_type = ?, description = ? WHERE tenant = ? AND name = ?",
+            params![p.content_type, p.description, p.tenant, p.name],
+        )
+    }
+
+    fn delete_profile(&self, tenant: &str, name: &str) -> Result<()> {
+        self.exec_one(
+            "profile",
+            "DELETE FROM device_profiles WHERE tenant = ? AND name = ?",
+            params![tenant, name],
+        )
+    }
+
+    fn append(&self, batch: &LogBatch<'_>) -> Result<()> {
+        let LogBatch {
+            audit,
+            events,
+            seen,
+            device_events,
+            device_events_kept,
+        } = *batch;
         let mut c = self.conn.lock();
         let tx = c.transaction()?;
         {
@@ -837,6 +900,34 @@ impl RegistryStore for SqliteStore {
                 tx.prepare("UPDATE devices SET last_seen_ms = ?, last_addr = ? WHERE id = ?")?;
             for s in seen {
                 upd.execute(params![s.ms, s.addr, s.device_id])?;
+            }
+            let mut ins = tx.prepare(
+                "INSERT INTO device_events (id, tenant, device_id, ts_ms, kind, detail) VALUES (?, ?, ?, ?, ?, ?)",
+            )?;
+            for e in device_events {
+                ins.execute(params![
+                    i64_of(e.id)?,
+                    e.tenant,
+                    e.device_id,
+                    e.ts_ms,
+                    e.kind,
+                    e.detail
+                ])?;
+            }
+            // Keep the newest `device_events_kept` per device: everything
+            // below the id of the kept-th newest goes (nothing when a device
+            // has fewer, as the comparison with NULL is never true).
+            let mut trim = tx.prepare(
+                "DELETE FROM device_events WHERE device_id = ?1 AND id < \
+                 (SELECT id FROM device_events WHERE device_id = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2)",
+            )?;
+            let offset = i64::try_from(device_events_kept.saturating_sub(1)).unwrap_or(i64::MAX);
+            let mut trimmed: Vec<&str> = Vec::new();
+            for e in device_events {
+                if !trimmed.contains(&e.device_id.as_str()) {
+                    trim.execute(params![e.device_id, offset])?;
+                    trimmed.push(&e.device_id);
+                }
             }
         }
         tx.commit()?;
@@ -947,6 +1038,56 @@ impl RegistryStore for SqliteStore {
                 addr,
                 detail: serde_json::from_str(&detail)?,
             });
+        }
+        Ok(out)
+    }
+
+    fn list_device_events(
+        &self,
+        tenant: Option<&str>,
+        device_id: &str,
+        kind: Option<&str>,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<DeviceEvent>> {
+        let mut sql = String::from(
+            "SELECT id, tenant, device_id, ts_ms, kind, detail FROM device_events WHERE device_id = ?",
+        );
+        let mut vals: Vec<Value> = vec![Value::Text(device_id.into())];
+        if let Some(t) = tenant {
+            sql.push_str(" AND tenant = ?");
+            vals.push(Value::Text(t.into()));
+        }
+        if let Some(k) = kind {
+            sql.push_str(" AND kind = ?");
+            vals.push(Value::Text(k.into()));
+        }
+        if let Some(b) = before {
+            sql.push_str(" AND id < ?");
+            vals.push(Value::Integer(i64_of(b)?));
+        }
+        sql.push_str(" ORDER BY id DESC LIMIT ?");
+        vals.push(Value::Integer(i64::try_from(limit).unwrap_or(i64::MAX)));
+        let c = self.conn.lock();
+        let mut st = c.prepare(&sql)?;
+        let rows = st.query_map(params_from_iter(vals.iter()), |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                DeviceEvent {
+                    id: 0,
+                    tenant: r.get(1)?,
+                    device_id: r.get(2)?,
+                    ts_ms: r.get(3)?,
+                    kind: r.get(4)?,
+                    detail: r.get(5)?,
+                },
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, mut e) = row?;
+            e.id = u64_of(id, "device event id")?;
+            out.push(e);
         }
         Ok(out)
     }

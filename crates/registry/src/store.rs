@@ -10,8 +10,10 @@ use crate::audit::{AuditQuery, AuditRecord};
 use crate::certificate::CertInfo;
 use crate::claim::{ClaimInfo, ClaimRecord};
 use crate::device::Device;
+use crate::device_event::DeviceEvent;
 use crate::error::Result;
 use crate::policy::Policy;
+use crate::profile::DeviceProfile;
 use crate::security::SecurityEventRecord;
 use crate::tenant::{Group, Tenant};
 use crate::token::{TokenInfo, TokenRecord};
@@ -30,11 +32,14 @@ pub struct Snapshot {
     pub api_tokens: Vec<ApiTokenRecord>,
     /// (tenant, policy).
     pub policies: Vec<(String, Policy)>,
+    pub profiles: Vec<DeviceProfile>,
     /// The last audit record's sequence number and hash (0 and zeros when
     /// the log is empty), where the chain continues.
     pub audit_tail: (u64, [u8; 32]),
     /// The last security event's sequence number.
     pub security_seq: u64,
+    /// The largest device event id (0 when there are none).
+    pub device_event_seq: u64,
 }
 
 /// One audit record exactly as stored and hashed: `detail` is the JSON text
@@ -61,6 +66,19 @@ pub struct SeenUpdate {
     pub addr: String,
 }
 
+/// What the background writer appends in one transaction.
+#[derive(Debug, Clone, Copy)]
+pub struct LogBatch<'a> {
+    /// In sequence order; the anchor advances to the last one.
+    pub audit: &'a [AuditRow],
+    pub events: &'a [SecurityEventRecord],
+    pub seen: &'a [SeenUpdate],
+    pub device_events: &'a [DeviceEvent],
+    /// After inserting `device_events`, keep only this many of the newest
+    /// stored events of each device named in them.
+    pub device_events_kept: usize,
+}
+
 /// Durable storage for the registry.
 pub trait RegistryStore: Send + Sync + 'static {
     fn load(&self) -> Result<Snapshot>;
@@ -72,8 +90,8 @@ pub trait RegistryStore: Send + Sync + 'static {
     fn insert_device(&self, d: &Device) -> Result<()>;
     /// Update the mutable fields (name, group, profile, labels, enabled).
     fn update_device(&self, d: &Device) -> Result<()>;
-    /// Delete the device and its tokens; mark its certificates revoked at
-    /// `revoked_ms` (they stay listed for the CRL).
+    /// Delete the device, its tokens and its device events; mark its
+    /// certificates revoked at `revoked_ms` (they stay listed for the CRL).
     fn delete_device(&self, id: &str, revoked_ms: i64) -> Result<()>;
 
     fn insert_token(&self, t: &TokenRecord) -> Result<()>;
@@ -103,14 +121,13 @@ pub trait RegistryStore: Send + Sync + 'static {
     fn put_policy(&self, tenant: &str, p: &Policy) -> Result<()>;
     fn delete_policy(&self, tenant: &str, name: &str) -> Result<()>;
 
-    /// Append audit rows (in sequence order, advancing the anchor to the
-    /// last one), security events and last-seen updates in one transaction.
-    fn append(
-        &self,
-        audit: &[AuditRow],
-        events: &[SecurityEventRecord],
-        seen: &[SeenUpdate],
-    ) -> Result<()>;
+    fn insert_profile(&self, p: &DeviceProfile) -> Result<()>;
+    /// Update `content_type` and `description`.
+    fn update_profile(&self, p: &DeviceProfile) -> Result<()>;
+    fn delete_profile(&self, tenant: &str, name: &str) -> Result<()>;
+
+    /// Append everything in `batch` in one transaction.
+    fn append(&self, batch: &LogBatch<'_>) -> Result<()>;
     fn list_audit(&self, q: &AuditQuery) -> Result<Vec<AuditRecord>>;
     /// Every audit row in sequence order, for verification; `f` returns
     /// false to stop early.
@@ -122,4 +139,14 @@ pub trait RegistryStore: Send + Sync + 'static {
         after: Option<u64>,
         limit: usize,
     ) -> Result<Vec<SecurityEventRecord>>;
+    /// A device's events, newest first: of `tenant` and `kind` if given,
+    /// with an id below `before` if given, at most `limit`.
+    fn list_device_events(
+        &self,
+        tenant: Option<&str>,
+        device_id: &str,
+        kind: Option<&str>,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<DeviceEvent>>;
 }

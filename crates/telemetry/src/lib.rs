@@ -33,6 +33,12 @@
 mod cbor;
 pub mod fuzz;
 mod rfc3339;
+
+/// Parse an RFC 3339 timestamp into epoch milliseconds (the parser the
+/// JSON decoder uses for `ts`, shared with the query API).
+pub fn parse_rfc3339(s: &str) -> Result<i64, String> {
+    rfc3339::parse(s)
+}
 mod senml;
 
 /// Nesting beyond this is refused whatever [`Limits::max_depth`] says, to

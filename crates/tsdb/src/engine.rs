@@ -223,7 +223,10 @@ impl Tsdb {
         let wal = Wal::create(&wal_dir, next_seq)?;
 
         let (tx, rx) = mpsc::sync_channel(QUEUE);
-        let retention = opts.retention.clone();
+        let mut retention = opts.retention.clone();
+        if let Some(rules) = load_rules(dir)? {
+            retention.rules = rules;
+        }
         let shared = Arc::new(Shared {
             dir: dir.to_path_buf(),
             opts,
@@ -394,10 +397,35 @@ impl Tsdb {
         rx.recv().unwrap_or(Err(TsdbError::Closed))
     }
 
-    /// Replace the retention rules (applied at the next compaction pass;
-    /// queries stop returning expired points at once).
-    pub fn set_retention(&self, r: Retention) {
+    /// Replace the retention (applied at the next compaction pass; queries
+    /// stop returning expired points at once). The rules are saved in the
+    /// store and survive a restart; the default comes from [`Options`].
+    pub fn set_retention(&self, r: Retention) -> Result<(), TsdbError> {
+        for rule in &r.rules {
+            for name in [&rule.tenant, &rule.metric].into_iter().flatten() {
+                if name.is_empty() || name.contains(['\t', '\n', '\r']) {
+                    return Err(TsdbError::Invalid(format!(
+                        "retention rule name {name:?} must be non-empty, without tabs or line breaks"
+                    )));
+                }
+            }
+        }
+        let mut text = String::new();
+        for rule in &r.rules {
+            let keep = rule
+                .keep
+                .map(|k| k.as_millis().to_string())
+                .unwrap_or_else(|| "forever".into());
+            text.push_str(&format!(
+                "{}\t{}\t{}\n",
+                rule.tenant.as_deref().unwrap_or(""),
+                rule.metric.as_deref().unwrap_or(""),
+                keep
+            ));
+        }
+        write_atomic(&self.shared.dir, "retention.rules", text.as_bytes())?;
         *self.shared.retention.write() = r;
+        Ok(())
     }
 
     pub fn retention(&self) -> Retention {
@@ -520,6 +548,39 @@ fn partition_ms(dir: &Path, opts: &Options) -> Result<i64, TsdbError> {
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// The saved retention rules, if any (`tenant TAB metric TAB keep_ms`).
+fn load_rules(dir: &Path) -> Result<Option<Vec<crate::model::RetentionRule>>, TsdbError> {
+    let path = dir.join("retention.rules");
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let mut rules = Vec::new();
+    for line in text.lines().filter(|l| !l.is_empty()) {
+        let mut f = line.split('\t');
+        let (Some(t), Some(m), Some(k), None) = (f.next(), f.next(), f.next(), f.next()) else {
+            return Err(TsdbError::Corrupt(format!(
+                "{}: bad line {line:?}",
+                path.display()
+            )));
+        };
+        let keep = match k {
+            "forever" => None,
+            ms => Some(Duration::from_millis(ms.parse().map_err(|_| {
+                TsdbError::Corrupt(format!("{}: bad duration {ms:?}", path.display()))
+            })?)),
+        };
+        let opt = |s: &str| (!s.is_empty()).then(|| s.to_string());
+        rules.push(crate::model::RetentionRule {
+            tenant: opt(t),
+            metric: opt(m),
+            keep,
+        });
+    }
+    Ok(Some(rules))
 }
 
 fn read_checkpoint(dir: &Path) -> Result<(u64, u64), TsdbError> {

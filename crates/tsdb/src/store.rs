@@ -22,7 +22,7 @@ pub trait TimeSeriesStore: Send + Sync + 'static {
     fn aggregate(&self, q: &AggQuery<'_>) -> Result<(Vec<SeriesBuckets>, AggSources), TsdbError>;
     fn latest(&self, tenant: &str, device: &str) -> Result<Vec<Latest>, TsdbError>;
     fn series(&self, tenant: &str, device: Option<&str>, metric: Option<&str>) -> Vec<SeriesInfo>;
-    fn set_retention(&self, r: Retention);
+    fn set_retention(&self, r: Retention) -> Result<(), TsdbError>;
     fn retention(&self) -> Retention;
     fn stats(&self) -> Stats;
     /// Make everything appended so far part of the sealed store.
@@ -51,7 +51,7 @@ impl TimeSeriesStore for Tsdb {
     fn series(&self, tenant: &str, device: Option<&str>, metric: Option<&str>) -> Vec<SeriesInfo> {
         Tsdb::series(self, tenant, device, metric)
     }
-    fn set_retention(&self, r: Retention) {
+    fn set_retention(&self, r: Retention) -> Result<(), TsdbError> {
         Tsdb::set_retention(self, r)
     }
     fn retention(&self) -> Retention {

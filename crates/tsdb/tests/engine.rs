@@ -457,7 +457,8 @@ fn retention_hides_then_drops_old_data() {
             metric: Some("temp".into()),
             keep: Some(Duration::from_secs(86_400)),
         }],
-    });
+    })
+    .expect("set retention");
     // Hidden at once...
     assert_eq!(raw_all(&db, "m1", "temp", 0, i64::MAX, 100).len(), 10);
     assert_eq!(raw_all(&db, "m1", "hum", 0, i64::MAX, 100).len(), 10);
@@ -472,13 +473,16 @@ fn retention_hides_then_drops_old_data() {
         },
     )
     .expect("reopen");
+    // The rules were saved with the store.
+    assert_eq!(db.retention().rules.len(), 1);
     assert_eq!(raw_all(&db, "m1", "temp", 0, i64::MAX, 100).len(), 10);
     assert_eq!(raw_all(&db, "m1", "hum", 0, i64::MAX, 100).len(), 10);
     // Whole partitions past the longest retention are dropped.
     db.set_retention(Retention {
         default: Some(Duration::from_secs(86_400)),
         rules: vec![],
-    });
+    })
+    .expect("set retention");
     db.compact().expect("compact");
     assert_eq!(db.stats().partitions, 1);
 }
