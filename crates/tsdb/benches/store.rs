@@ -9,7 +9,10 @@
 //! * **query**: hourly averages over one day of 1 s data of one series
 //!   (from heads, then sealed), and over 30 days from rollups.
 //!
-//! Run with `cargo bench -p m2mhub-tsdb --bench store`. The data lives
+//! * **peer**: the same three measures on SQLite (see [`sqlite_peer`]).
+//!
+//! Run with `cargo bench -p m2mhub-tsdb --bench store` (or name one part:
+//! `-- ingest`, `size`, `query`, `sqlite`). The data lives
 //! under `target/` (set `TSDB_BENCH_DIR` to choose), not in a RAM disk.
 
 use m2mhub_tsdb::*;
@@ -263,6 +266,108 @@ fn query() {
     println!("  sources of the month query: {src:?}");
 }
 
+/// The peer: SQLite (bundled, as the registry uses it) in WAL mode with
+/// `synchronous=FULL`, one row per point in a `WITHOUT ROWID` table keyed by
+/// (series, ts), 10-point messages grouped into transactions of 4,096 —
+/// the same group-commit shape as the store above, on the same disk.
+fn sqlite_peer() {
+    use rusqlite::{params, Connection};
+    let secs: u64 = std::env::var("TSDB_BENCH_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5);
+    let dir = bench_dir("sqlite");
+    let path = dir.path().join("points.db");
+    let db = Connection::open(&path).expect("sqlite");
+    db.execute_batch(
+        "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;
+         CREATE TABLE points(series INTEGER NOT NULL, ts INTEGER NOT NULL, value REAL NOT NULL,
+                             PRIMARY KEY(series, ts)) WITHOUT ROWID;",
+    )
+    .expect("schema");
+    let start = Instant::now();
+    let mut n = 0u64;
+    let mut i = 0u64;
+    let mut ts = T0;
+    while start.elapsed() < Duration::from_secs(secs) {
+        let tx = db.unchecked_transaction().expect("tx");
+        {
+            let mut st = tx
+                .prepare_cached("INSERT INTO points VALUES (?1, ?2, ?3)")
+                .expect("prepare");
+            for _ in 0..4096 {
+                let dev = i % 10_000;
+                if dev == 0 {
+                    ts += 1000;
+                }
+                for k in 0..10u64 {
+                    st.execute(params![
+                        (dev * 10 + k) as i64,
+                        ts,
+                        (i % 1000) as f64 * 0.1 + k as f64
+                    ])
+                    .expect("insert");
+                }
+                n += 10;
+                i += 1;
+            }
+        }
+        tx.commit().expect("commit");
+    }
+    let el = start.elapsed().as_secs_f64();
+    println!("peer sqlite ingest (WAL, synchronous=FULL, 4,096 messages per transaction): {n} points in {el:.2} s = {:.0} points/s", n as f64 / el);
+    drop(db);
+
+    let path = dir.path().join("size.db");
+    let db = Connection::open(&path).expect("sqlite");
+    db.execute_batch(
+        "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;
+         CREATE TABLE points(series INTEGER NOT NULL, ts INTEGER NOT NULL, value REAL NOT NULL,
+                             PRIMARY KEY(series, ts)) WITHOUT ROWID;",
+    )
+    .expect("schema");
+    let tx = db.unchecked_transaction().expect("tx");
+    let mut n = 0u64;
+    {
+        let mut st = tx
+            .prepare_cached("INSERT INTO points VALUES (?1, ?2, ?3)")
+            .expect("prepare");
+        for s in 0..10i64 {
+            for (t, v) in sensor_day(0, 1) {
+                st.execute(params![s, t, v]).expect("insert");
+                n += 1;
+            }
+        }
+    }
+    tx.commit().expect("commit");
+    db.execute_batch("PRAGMA wal_checkpoint(TRUNCATE); VACUUM;")
+        .expect("vacuum");
+    let bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+    println!(
+        "peer sqlite size: {n} points of the same 1 s sensor data in {bytes} bytes = {:.2} B/point",
+        bytes as f64 / n as f64
+    );
+    let mut times = Vec::new();
+    let mut rows = 0;
+    for _ in 0..50 {
+        let t = Instant::now();
+        let mut st = db
+            .prepare_cached("SELECT ts / 3600000, avg(value) FROM points WHERE series = 3 AND ts >= ?1 AND ts < ?2 GROUP BY ts / 3600000")
+            .expect("prepare");
+        rows = st
+            .query_map(params![T0, T0 + DAY], |r| r.get::<_, f64>(1))
+            .expect("query")
+            .count();
+        times.push(t.elapsed());
+    }
+    times.sort();
+    println!(
+        "peer sqlite hourly avg, 1 day of 1 s data: p50 {:.3} ms, p99 {:.3} ms ({rows} buckets)",
+        times[25].as_secs_f64() * 1e3,
+        times[49].as_secs_f64() * 1e3
+    );
+}
+
 fn main() {
     let which = std::env::args().skip(1).find(|a| !a.starts_with('-'));
     let run = |name: &str| which.as_deref().is_none_or(|w| name.contains(w));
@@ -274,5 +379,8 @@ fn main() {
     }
     if run("query") {
         query();
+    }
+    if run("sqlite") {
+        sqlite_peer();
     }
 }
