@@ -1,7 +1,7 @@
 //! Operator commands of the CLI (`m2mhub device …`, `claim …`, `user …`,
-//! `audit …`, `security …`, `tenant …`, `policy …`, `profile …`, `login`): each is one
-//! or two calls to `/api/v1` on a running server. Human tables by default,
-//! `--json` for scripts.
+//! `audit …`, `security …`, `tenant …`, `policy …`, `profile …`, `query …`,
+//! `login`): each is one or a few calls to `/api/v1` on a running server.
+//! Human tables by default, `--json` for scripts.
 
 use crate::client::{ApiClient, Profile};
 use anyhow::{anyhow, bail, Context, Result};
@@ -11,7 +11,26 @@ use std::io::BufRead;
 use std::path::PathBuf;
 
 mod device_profiles;
+mod query;
 pub use device_profiles::{profile, ProfileCmd};
+pub use query::{query_telemetry, QueryCmd, RetentionCmd};
+
+/// A command line refused before any request (flags that do not go
+/// together, a value the API would refuse): reported with its fix, and
+/// with clap's usage exit code, [`EXIT_USAGE`].
+#[derive(Debug)]
+pub struct UsageError(pub String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+/// Exit code of usage errors (clap's, and `m2mhub passwd`'s).
+pub const EXIT_USAGE: u8 = 2;
 
 /// Where the server is and who we are: flags, then `M2MHUB_SERVER`,
 /// `M2MHUB_TOKEN`, `M2MHUB_CA_FILE`, then the profile file written by

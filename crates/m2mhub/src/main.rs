@@ -116,6 +116,14 @@ enum Command {
         #[command(flatten)]
         conn: admin::Conn,
     },
+    /// Telemetry: latest values, series, raw points, aggregates, CSV
+    /// export, retention rules (`query retention set`) and store figures.
+    Query {
+        #[command(subcommand)]
+        cmd: admin::QueryCmd,
+        #[command(flatten)]
+        conn: admin::Conn,
+    },
 }
 
 #[derive(Subcommand)]
@@ -278,11 +286,16 @@ fn main() -> ExitCode {
         Command::Profile { cmd, conn } => {
             run_admin(|env| async move { admin::profile(&conn, cmd, &env).await.map(|_| 0) })
         }
+        Command::Query { cmd, conn } => {
+            run_admin(
+                |env| async move { admin::query_telemetry(&conn, cmd, &env).await.map(|_| 0) },
+            )
+        }
     }
 }
 
 /// Run one operator command on a small runtime; errors print as
-/// `m2mhub: <reason>` and exit 1.
+/// `m2mhub: <reason>` and exit 1 (2 for a usage error).
 fn run_admin<F, Fut>(f: F) -> ExitCode
 where
     F: FnOnce(Vec<(String, String)>) -> Fut,
@@ -303,7 +316,11 @@ where
         Ok(code) => ExitCode::from(code.clamp(1, 255) as u8),
         Err(e) => {
             eprintln!("m2mhub: {e:#}");
-            ExitCode::FAILURE
+            if e.is::<admin::UsageError>() {
+                ExitCode::from(admin::EXIT_USAGE)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

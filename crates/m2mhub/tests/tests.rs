@@ -27,6 +27,8 @@ mod persistence;
 mod process;
 #[path = "tests/profiles.rs"]
 mod profiles;
+#[path = "tests/query_cli.rs"]
+mod query_cli;
 #[path = "tests/retained.rs"]
 mod retained;
 #[path = "tests/sessions.rs"]
