@@ -6,7 +6,9 @@
 //! the byte stream to the broker exactly like a TCP connection.
 #![forbid(unsafe_code)]
 
+mod alarms;
 mod caller;
+mod commands;
 mod device_events;
 mod devices;
 pub mod openapi;
@@ -15,6 +17,7 @@ mod problem;
 mod profiles;
 pub mod provision;
 mod routes;
+pub mod rules;
 mod security;
 mod state;
 pub mod telemetry;
@@ -22,6 +25,7 @@ mod websocket;
 
 pub use problem::Problem;
 pub use routes::router;
+pub use rules::{RuleProblem, RuleService};
 pub use state::AppState;
 
 use std::future::Future;

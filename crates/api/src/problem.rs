@@ -3,6 +3,7 @@
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
+use serde_json::{Map, Value};
 
 /// An error response: `application/problem+json`.
 #[derive(Debug, Serialize)]
@@ -16,6 +17,11 @@ pub struct Problem {
     pub detail: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub instance: Option<String>,
+    /// RFC 9457 extension members, serialized beside the standard ones
+    /// (e.g. `line` and `column` of a rule that does not parse); `None` for
+    /// most problems. Boxed so every `Result<_, Problem>` stays small.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub extensions: Option<Box<Map<String, Value>>>,
 }
 
 impl Problem {
@@ -26,7 +32,16 @@ impl Problem {
             status: status.as_u16(),
             detail: Some(detail.into()),
             instance: None,
+            extensions: None,
         }
+    }
+
+    /// Add an extension member.
+    pub fn with(mut self, name: &str, value: impl Into<Value>) -> Self {
+        self.extensions
+            .get_or_insert_with(Default::default)
+            .insert(name.to_string(), value.into());
+        self
     }
 
     pub fn not_found(path: &str) -> Self {
@@ -80,4 +95,32 @@ pub fn bad_json(e: axum::extract::rejection::JsonRejection) -> Problem {
 /// Query parameters that failed to parse: 400 with serde's reason.
 pub fn bad_query(e: axum::extract::rejection::QueryRejection) -> Problem {
     Problem::new(StatusCode::BAD_REQUEST, "invalid-parameter", e.body_text())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn extension_members_sit_beside_the_standard_ones() {
+        let plain = Problem::new(StatusCode::NOT_FOUND, "not-found", "no device");
+        assert_eq!(
+            serde_json::to_value(&plain).expect("json"),
+            json!({"type": "/problems/not-found", "title": "Not Found", "status": 404, "detail": "no device"})
+        );
+        let rule: Problem = crate::rules::RuleProblem {
+            message: "unexpected token".into(),
+            line: Some(2),
+            column: Some(7),
+        }
+        .into();
+        assert_eq!(
+            serde_json::to_value(&rule).expect("json"),
+            json!({
+                "type": "/problems/invalid-rule", "title": "Unprocessable Entity", "status": 422,
+                "detail": "unexpected token", "line": 2, "column": 7
+            })
+        );
+    }
 }

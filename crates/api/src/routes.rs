@@ -15,6 +15,7 @@ use serde_json::json;
 /// [`ApiBuilder`], so it is in the OpenAPI document by construction.
 pub fn router(state: AppState) -> Router {
     use crate::openapi::Access::{Admin, Operator, Public, Viewer};
+    use crate::{alarms as al, commands as cm, rules as ru};
     use crate::{device_events as ev, profiles as pr, telemetry as t};
     use crate::{devices as d, operators as o, provision as p, security as s};
     let (api, ops) = ApiBuilder::<AppState>::new()
@@ -69,6 +70,27 @@ pub fn router(state: AppState) -> Router {
         ])
         .route("/devices/{id}/certificates/{fingerprint}", delete(d::revoke_cert), &[("DELETE", "Revoke a certificate; live sessions are dropped", Operator)])
         .route("/devices/{id}/events", get(ev::list), &[("GET", "A device's events (e.g. undecodable payloads), newest first: filter by kind; paged by `before`", Viewer)])
+        .route("/devices/{id}/commands", get(cm::list).post(cm::send), &[
+            ("GET", "A device's commands and their status, newest first; paged by `before`", Viewer),
+            ("POST", "Send a command to a device (`name`, `params`, `timeout_secs`); 202 with the command", Operator),
+        ])
+        .route("/commands/{id}", get(cm::show), &[("GET", "One command and its status (pending, sent, delivered, answered, failed, timed_out)", Viewer)])
+        .route("/alarms", get(al::list), &[("GET", "Alarms, active and cleared, newest first: filter by tenant, device, status, severity, type; paged by `before`", Viewer)])
+        .route("/alarms/summary", get(al::summary), &[("GET", "Active alarms by severity (`?tenant=`)", Viewer)])
+        .route("/alarms/{id}", get(al::show), &[("GET", "One alarm", Viewer)])
+        .route("/alarms/{id}/ack", post(al::ack), &[("POST", "Acknowledge an alarm (it stays active until cleared)", Operator)])
+        .route("/alarms/{id}/clear", post(al::clear), &[("POST", "Clear an active alarm", Operator)])
+        .route("/rules", get(ru::list).post(ru::create), &[
+            ("GET", "Rules (SQL over the message stream, with actions) with their counters: filter by tenant", Viewer),
+            ("POST", "Create a rule; refused with the position of the fault if it does not validate", Operator),
+        ])
+        .route("/rules/{id}", get(ru::show).put(ru::update).delete(ru::delete), &[
+            ("GET", "One rule with its counters", Viewer),
+            ("PUT", "Change a rule (absent fields stay); takes effect at once", Operator),
+            ("DELETE", "Delete a rule", Operator),
+        ])
+        .route("/rules/{id}/enable", post(ru::enable), &[("POST", "Enable a rule", Operator)])
+        .route("/rules/{id}/disable", post(ru::disable), &[("POST", "Disable a rule", Operator)])
         .route("/devices/{id}/telemetry", get(t::latest), &[("GET", "Latest value of every metric of a device", Viewer)])
         .route("/devices/{id}/series", get(t::series), &[("GET", "The metrics a device has reported, with their kinds", Viewer)])
         .route("/devices/{id}/telemetry/{metric}", get(t::raw), &[("GET", "Raw points of one metric in [from, to): paged by `cursor`; format=csv (with all=true: the whole range)", Viewer)])

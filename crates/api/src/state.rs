@@ -1,5 +1,5 @@
-//! What every handler can reach: the broker, the identity services and
-//! the time-series store.
+//! What every handler can reach: the broker, the identity services, the
+//! time-series store and the rules engine.
 
 use m2mhub_broker::Broker;
 use m2mhub_pki::DeviceCa;
@@ -19,4 +19,8 @@ pub struct AppState {
     pub tsdb: Arc<dyn m2mhub_tsdb::TimeSeriesStore>,
     /// Counters of the MQTT telemetry ingest, for `/metrics`.
     pub ingest: Option<Arc<crate::telemetry::IngestCounters>>,
+    /// The rules engine: validates rules, reloads them after a change,
+    /// reports their counters and sends commands. `None` without one
+    /// (rules are then stored unvalidated, commands only recorded).
+    pub rules: Option<Arc<dyn crate::rules::RuleService>>,
 }

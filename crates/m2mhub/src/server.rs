@@ -186,6 +186,7 @@ impl Server {
             auth_stats: Some(registry_auth.stats()),
             tsdb: tsdb.clone(),
             ingest: Some(ingest.clone()),
+            rules: None,
         };
         tasks.push(tokio::spawn(m2mhub_api::provision::serve_mqtt(
             state.clone(),

@@ -7,6 +7,8 @@
 #[path = "tests/common.rs"]
 mod common;
 
+#[path = "tests/alarms.rs"]
+mod alarms;
 #[path = "tests/auth.rs"]
 mod auth;
 #[path = "tests/bad_input.rs"]

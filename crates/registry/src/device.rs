@@ -281,7 +281,7 @@ impl Registry {
         Ok(d)
     }
 
-    /// Delete a device, its tokens and its device events. Its certificates
+    /// Delete a device, its tokens, device events, alarms and commands. Its certificates
     /// are kept, revoked, so they stay in the CRL and can never authenticate
     /// a later device that reuses the id.
     pub fn delete_device(&self, id: &str) -> Result<()> {
@@ -297,6 +297,8 @@ impl Registry {
             let _f = s.flush_lock.lock();
             s.store.delete_device(id, now)?;
             s.forget_device_events(id);
+            s.alarms.lock().forget_device(id);
+            s.commands.lock().forget_device(id);
         }
         {
             let mut st = s.state.write();

@@ -19,6 +19,10 @@
 //!   always within their own tenant (see [`policy`]).
 //! - **Device profiles** (per tenant) say what a kind of device sends: the
 //!   payload content type the telemetry ingest decodes (see [`profile`]).
+//! - **Rules** (per tenant) are the rules engine's definitions, stored as
+//!   written (see [`rule`]); what they do leaves traces here too:
+//!   **alarms** with a lifecycle (see [`alarm`]) and **commands** sent to
+//!   devices with their status (see [`command`]).
 //! - The **audit log** is append-only and hash-chained (see [`audit`]);
 //!   **security events** record what the security monitor noticed;
 //!   **device events** record what went wrong with one device's data, rate
@@ -36,18 +40,24 @@
 //! Audit records, security events, device events and "last seen" updates
 //! are queued and written in batches by one background thread; their
 //! sequence numbers and hashes are assigned synchronously, in order.
+//! Alarms and commands, changed by rules at message rates, are held in
+//! memory while open and written by the same thread, once per change
+//! batch rather than once per change.
 
 #![forbid(unsafe_code)]
 
+pub mod alarm;
 pub mod audit;
 pub mod broker_auth;
 pub mod certificate;
 pub mod claim;
+pub mod command;
 pub mod device;
 pub mod device_event;
 pub mod error;
 pub mod policy;
 pub mod profile;
+pub mod rule;
 mod secret;
 pub mod security;
 pub mod sqlite;
@@ -56,10 +66,15 @@ pub mod tenant;
 pub mod token;
 pub mod user;
 
+pub use alarm::{
+    Alarm, AlarmChange, AlarmCounts, AlarmEvent, AlarmFilter, AlarmStatus, ClearedBy, RaiseOutcome,
+    Severity,
+};
 pub use audit::{AuditQuery, AuditRecord, AuditReport};
 pub use broker_auth::{AuthStats, RegistryAuth};
 pub use certificate::{CertCheck, CertInfo, CertRecord};
 pub use claim::{ClaimInfo, ClaimSpec};
+pub use command::{Command, CommandStatus, CommandUpdate, NewCommand};
 pub use device::{Device, DeviceFilter, DeviceUpdate, NewDevice};
 pub use device_event::{DeviceEvent, DeviceEventCounts};
 pub use error::{ClaimError, RegistryError, Result};
@@ -68,6 +83,7 @@ pub use profile::{
     canonical_content_type, DeviceProfile, IngestInfo, NewProfile, ProfileUpdate, CONTENT_TYPES,
     DEFAULT_PROFILE,
 };
+pub use rule::{NewRule, Rule, RuleUpdate};
 pub use security::{SecurityEvent, SecurityEventRecord, SecurityKind};
 pub use store::RegistryStore;
 pub use tenant::{Group, Tenant};
@@ -123,6 +139,8 @@ pub(crate) struct State {
     /// Device id → what the ingest needs, derived from `devices` and
     /// `profiles` and kept in step with them (see [`profile`]).
     pub ingest: HashMap<String, IngestInfo>,
+    /// By id.
+    pub rules: BTreeMap<String, Rule>,
 }
 
 /// Records waiting for the background writer, and the head of the audit
@@ -159,6 +177,11 @@ pub(crate) struct Shared {
     pub log: Mutex<LogQueue>,
     /// Device-event counters and rate limits; taken before `log`.
     pub device_events: Mutex<device_event::DeviceEventGate>,
+    /// Active alarms and unwritten alarm changes; taken after `flush_lock`.
+    pub alarms: Mutex<alarm::AlarmBook>,
+    pub alarm_events: tokio::sync::broadcast::Sender<AlarmEvent>,
+    /// Open commands and unwritten command changes; taken after `flush_lock`.
+    pub commands: Mutex<command::CommandBook>,
     pub wake: Condvar,
     /// Serializes flushes so batches reach the store in sequence order.
     pub flush_lock: Mutex<()>,
@@ -264,6 +287,9 @@ impl Registry {
         for p in snap.profiles {
             state.profiles.insert((p.tenant.clone(), p.name.clone()), p);
         }
+        for r in snap.rules {
+            state.rules.insert(r.id.clone(), r);
+        }
         state.rebuild_ingest();
         if !state.tenants.contains_key(DEFAULT_TENANT) {
             let t = Tenant {
@@ -288,6 +314,9 @@ impl Registry {
             seen: Mutex::new(seen),
             log: Mutex::new(log),
             device_events: Mutex::new(device_event::DeviceEventGate::default()),
+            alarms: Mutex::new(alarm::AlarmBook::load(snap.active_alarms, snap.alarm_seq)),
+            alarm_events: tokio::sync::broadcast::channel(alarm::EVENT_CAPACITY).0,
+            commands: Mutex::new(command::CommandBook::load(snap.open_commands)),
             wake: Condvar::new(),
             flush_lock: Mutex::new(()),
             shutdown: AtomicBool::new(false),
@@ -307,8 +336,9 @@ impl Registry {
     }
 
     /// Write everything queued (audit records, security events, device
-    /// events, last-seen times) now. Reads of the logs call this first; call it before a
-    /// planned shutdown if the handle may outlive the process's orderly exit.
+    /// events, last-seen times, alarm and command changes) now. Reads of
+    /// the logs call this first; call it before a planned shutdown if the
+    /// handle may outlive the process's orderly exit.
     pub fn flush(&self) -> Result<()> {
         self.shared.flush(true)
     }
@@ -376,7 +406,15 @@ impl Shared {
                 })
                 .collect()
         };
-        if audit.is_empty() && events.is_empty() && seen.is_empty() && device_events.is_empty() {
+        let alarms = self.alarms.lock().take_batch();
+        let commands = self.commands.lock().take_batch();
+        if audit.is_empty()
+            && events.is_empty()
+            && seen.is_empty()
+            && device_events.is_empty()
+            && alarms.is_empty()
+            && commands.is_empty()
+        {
             return Ok(());
         }
         let batch = store::LogBatch {
@@ -385,6 +423,10 @@ impl Shared {
             seen: &seen,
             device_events: &device_events,
             device_events_kept: device_event::KEPT_PER_DEVICE,
+            alarms: &alarms,
+            alarms_kept: alarm::CLEARED_KEPT_PER_DEVICE,
+            commands: &commands,
+            commands_kept: command::KEPT_PER_DEVICE,
         };
         match self.store.append(&batch) {
             Ok(()) => Ok(()),
@@ -408,6 +450,9 @@ impl Shared {
                         e.dirty = true;
                     }
                 }
+                drop(s);
+                self.alarms.lock().requeue(alarms);
+                self.commands.lock().requeue(commands);
                 Err(e)
             }
         }
