@@ -307,18 +307,34 @@ impl Broker {
 
     /// Publish a message from the platform itself (no authorization).
     pub async fn publish(&self, topic: &str, payload: Bytes, qos: QoS, retain: bool) {
+        self.publish_with(topic, payload, qos, retain, PublishProperties::default())
+            .await;
+    }
+
+    /// Publish from the platform with MQTT 5 properties (a command's
+    /// response topic and correlation data, a content type). Returns how
+    /// many subscriptions it was routed to (queued for offline persistent
+    /// sessions included), after it is in the store when it had to be.
+    pub async fn publish_with(
+        &self,
+        topic: &str,
+        payload: Bytes,
+        qos: QoS,
+        retain: bool,
+        properties: PublishProperties,
+    ) -> usize {
         let msg = Arc::new(Message {
             topic: topic.to_string(),
             payload,
             qos,
             retain,
-            properties: PublishProperties::default(),
+            properties,
             expires_at: None,
             publisher: 0,
         });
         let mut scratch = Vec::new();
         let mut ops = Vec::new();
-        self.inner.publish(&msg, &mut scratch, &mut ops);
+        let matched = self.inner.publish(&msg, &mut scratch, &mut ops);
         if !ops.is_empty() {
             if let Some(store) = &self.inner.store {
                 if let Err(e) = store.commit(ops).await {
@@ -327,6 +343,7 @@ impl Broker {
                 }
             }
         }
+        matched
     }
 }
 
