@@ -186,6 +186,14 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
         }
     }
     crate::telemetry::metrics_text(&state, &mut text);
+    if let Some(r) = &state.rules {
+        use std::fmt::Write;
+        for (name, help, v) in r.metrics() {
+            let _ = writeln!(text, "# HELP m2mhub_rules_{name}_total {help}");
+            let _ = writeln!(text, "# TYPE m2mhub_rules_{name}_total counter");
+            let _ = writeln!(text, "m2mhub_rules_{name}_total {v}");
+        }
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
 }
 

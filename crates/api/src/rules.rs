@@ -45,6 +45,11 @@ pub trait RuleService: Send + Sync {
         timeout_ms: u64,
         origin: &str,
     ) -> Result<String, String>;
+    /// Service counters for `/metrics`: `(name, help, value)`, rendered
+    /// as `m2mhub_rules_<name>_total`.
+    fn metrics(&self) -> Vec<(&'static str, &'static str, u64)> {
+        Vec::new()
+    }
 }
 
 /// Why the rule service refused a rule, and where (1-based positions in

@@ -67,10 +67,15 @@ pub(crate) struct Inner {
     has_internal: AtomicBool,
 }
 
-/// One platform subscription: a filter and a bounded channel.
+/// One platform subscription: filters and a bounded channel.
 struct InternalSub {
-    filter: String,
+    /// A message matching any of them is sent once.
+    filters: Vec<String>,
     tx: mpsc::Sender<Arc<Message>>,
+    /// An observer (the rule engine) watches traffic without being a
+    /// subscriber: it does not turn a PUBACK's "no matching subscribers"
+    /// into success.
+    observer: bool,
 }
 
 /// A running broker. Cheap to clone; all clones share one state.
@@ -473,8 +478,34 @@ impl Broker {
         let (tx, rx) = mpsc::channel(capacity.max(1));
         let mut subs = self.inner.internal.write();
         subs.push(InternalSub {
-            filter: filter.to_string(),
+            filters: vec![filter.to_string()],
             tx,
+            observer: false,
+        });
+        self.inner.has_internal.store(true, Ordering::Release);
+        rx
+    }
+
+    /// Watch every message whose topic matches any of `filters` — each
+    /// message once — without counting as a subscriber. Like
+    /// [`Broker::subscribe_internal`] otherwise: bounded, never blocks a
+    /// publisher, ends when the receiver is dropped. For the rule engine,
+    /// whose set of filters changes with its rules.
+    pub fn observe(&self, filters: &[String], capacity: usize) -> mpsc::Receiver<Arc<Message>> {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        let filters: Vec<String> = filters
+            .iter()
+            .filter(|f| mqtt_codec::topic::validate_topic_filter(f).is_ok())
+            .cloned()
+            .collect();
+        if filters.is_empty() {
+            return rx;
+        }
+        let mut subs = self.inner.internal.write();
+        subs.push(InternalSub {
+            filters,
+            tx,
+            observer: true,
         });
         self.inner.has_internal.store(true, Ordering::Release);
         rx
@@ -598,18 +629,23 @@ impl Inner {
         {
             let subs = self.internal.read();
             for s in subs.iter() {
-                if !mqtt_codec::topic::matches(&s.filter, &msg.topic) {
+                if !s
+                    .filters
+                    .iter()
+                    .any(|f| mqtt_codec::topic::matches(f, &msg.topic))
+                {
                     continue;
                 }
                 // Counted as matched even when dropped, like a full session
                 // queue: the publisher's PUBACK says someone subscribed.
+                let counted = usize::from(!s.observer);
                 match s.tx.try_send(msg.clone()) {
                     Ok(()) => {
-                        n += 1;
+                        n += counted;
                         Metrics::inc(&self.metrics.internal_messages_delivered);
                     }
                     Err(mpsc::error::TrySendError::Full(_)) => {
-                        n += 1;
+                        n += counted;
                         Metrics::inc(&self.metrics.internal_messages_dropped);
                     }
                     Err(mpsc::error::TrySendError::Closed(_)) => closed = true,

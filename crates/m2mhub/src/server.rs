@@ -19,6 +19,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 use crate::telemetry::{Ingest, IngestCounters};
+use m2mhub_automation::Automation;
 use m2mhub_tsdb::{Retention, Tsdb};
 
 /// A running m2mhub.
@@ -27,6 +28,8 @@ pub struct Server {
     pub registry: Registry,
     pub tsdb: Arc<Tsdb>,
     pub ingest: Arc<IngestCounters>,
+    /// The rule service (rules, alarms, commands, webhooks).
+    pub automation: Automation,
     /// `(user, password)` of the administrator created on this start, when
     /// the registry had no user yet: shown once, never stored in clear.
     pub first_admin: Option<(String, String)>,
@@ -178,6 +181,7 @@ impl Server {
             async move { b.run_tls(listener, acceptor).await },
         ));
 
+        let automation = Automation::start(broker.clone(), registry.clone());
         let state = AppState {
             broker: broker.clone(),
             registry: registry.clone(),
@@ -186,7 +190,7 @@ impl Server {
             auth_stats: Some(registry_auth.stats()),
             tsdb: tsdb.clone(),
             ingest: Some(ingest.clone()),
-            rules: None,
+            rules: Some(Arc::new(automation.clone())),
         };
         tasks.push(tokio::spawn(m2mhub_api::provision::serve_mqtt(
             state.clone(),
@@ -208,6 +212,7 @@ impl Server {
             registry,
             tsdb,
             ingest,
+            automation,
             first_admin,
             mqtt_addr,
             mqtts_addr,

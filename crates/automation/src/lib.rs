@@ -1,0 +1,19 @@
+//! The rule service: where the rule engine (`m2mhub-rules`, sans-IO) meets
+//! the running platform.
+//!
+//! * [`Automation`] subscribes to the broker's messages and the platform's
+//!   events (device connected/disconnected, alarm changes), runs each
+//!   tenant's rules on them, and ticks the rules' clocks;
+//! * what fires runs the rule's actions (`actions.rs`): alarms with their
+//!   lifecycle in the registry, device commands (MQTT 5 correlation data,
+//!   status tracked to answered or timed out), desired configuration as
+//!   retained messages, republish, signed webhooks (`webhook.rs`), logs;
+//! * it implements the API's `RuleService`, so rules created over HTTP are
+//!   validated (line and column of a mistake) and take effect at once.
+#![forbid(unsafe_code)]
+
+pub mod actions;
+mod service;
+pub mod webhook;
+
+pub use service::{command_topic, response_topic, Automation, AutomationStats};

@@ -1,0 +1,796 @@
+//! The rule service: feeds the broker's messages and the platform's events
+//! to the rule engine (one `Engine` per tenant, so a rule only ever sees
+//! its own tenant's devices), runs the actions of what fires, and sends
+//! and tracks device commands.
+//!
+//! One task owns the loop: messages come from an internal broker
+//! subscription on `#`, connection events from the broker's
+//! `ConnectionEvents` hook, alarm changes from the registry; a timer ticks
+//! the engines for windows, `FOR` durations and silence. Rule changes made
+//! through the API arrive as `reload` calls and take effect at once.
+
+use crate::actions::{self, Action, Kind, LogLevel};
+use crate::webhook::{Delivery, Outcome, Policy, Target, Webhooks};
+use bytes::Bytes;
+use m2mhub_api::rules::{RuleProblem, RuleService};
+use m2mhub_broker::auth::ClientIdentity;
+use m2mhub_broker::message::Message;
+use m2mhub_broker::{Broker, ConnectionEvents};
+use m2mhub_registry::{AlarmChange, ClearedBy, CommandStatus, CommandUpdate, NewCommand, Registry};
+use m2mhub_rules::{CompiledRule, Engine, Output, OutputKind, RuleOutput};
+use mqtt_codec::{PublishProperties, QoS};
+use parking_lot::Mutex;
+use serde_json::{json, Map, Value};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// Messages queued for the rule engine; beyond this they are dropped and
+/// counted (the broker never waits for rules).
+const QUEUE: usize = 65_536;
+
+fn now_ms() -> i64 {
+    m2mhub_registry::now_ms()
+}
+
+/// What the service knows about one rule besides its compiled form.
+struct Meta {
+    tenant: String,
+    actions: Vec<Action>,
+    action_failures: u64,
+    last_action_error: Option<(i64, String)>,
+}
+
+#[derive(Default)]
+struct Rules {
+    engines: HashMap<String, Engine>,
+    meta: HashMap<String, Meta>,
+}
+
+impl Rules {
+    /// The broker topics the rules read (event sources come from hooks),
+    /// plus command responses, which are always watched.
+    fn filters(&self) -> Vec<String> {
+        let mut set = std::collections::BTreeSet::new();
+        set.insert("devices/+/commands/response".to_string());
+        for e in self.engines.values() {
+            for id in e.ids() {
+                if let Some(r) = e.get(id) {
+                    if !r.source().is_event_source() {
+                        set.insert(r.source().as_str().to_string());
+                    }
+                }
+            }
+        }
+        set.into_iter().collect()
+    }
+}
+
+/// Service-wide counters.
+#[derive(Debug, Default)]
+pub struct AutomationStats {
+    pub messages: AtomicU64,
+    pub dropped: AtomicU64,
+    pub outputs: AtomicU64,
+    pub action_failures: AtomicU64,
+    pub commands_sent: AtomicU64,
+    pub commands_answered: AtomicU64,
+}
+
+struct Shared {
+    broker: Broker,
+    registry: Registry,
+    rules: Mutex<Rules>,
+    webhooks: Webhooks,
+    stats: AutomationStats,
+    events: mpsc::Sender<(String, Option<String>, Value)>,
+    /// The topic filters to observe; the loop re-subscribes on a change.
+    filters: tokio::sync::watch::Sender<Vec<String>>,
+}
+
+/// The running service; implements the API's [`RuleService`].
+#[derive(Clone)]
+pub struct Automation {
+    shared: Arc<Shared>,
+}
+
+impl Automation {
+    /// Load the enabled rules, install the hooks and start the loop.
+    pub fn start(broker: Broker, registry: Registry) -> Automation {
+        let (out_tx, out_rx) = mpsc::unbounded_channel();
+        let webhooks = Webhooks::start(Policy::default(), out_tx);
+        let (ev_tx, ev_rx) = mpsc::channel(QUEUE);
+        let (filters, filters_rx) = tokio::sync::watch::channel(Vec::new());
+        let shared = Arc::new(Shared {
+            filters,
+            broker: broker.clone(),
+            registry: registry.clone(),
+            rules: Mutex::new(Rules::default()),
+            webhooks,
+            stats: AutomationStats::default(),
+            events: ev_tx,
+        });
+        let svc = Automation { shared };
+        match registry.list_rules(None) {
+            Ok(rules) => {
+                for r in rules {
+                    svc.reload(&r.id);
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "cannot load rules"),
+        }
+        svc.refresh_filters();
+        broker.set_connection_events(Arc::new(ConnEvents(svc.shared.events.clone())));
+        tokio::spawn(run(svc.shared.clone(), filters_rx, ev_rx, out_rx));
+        svc
+    }
+
+    fn refresh_filters(&self) {
+        let f = self.shared.rules.lock().filters();
+        self.shared.filters.send_if_modified(|cur| {
+            if *cur == f {
+                false
+            } else {
+                *cur = f;
+                true
+            }
+        });
+    }
+
+    pub fn stats(&self) -> &AutomationStats {
+        &self.shared.stats
+    }
+
+    pub fn webhook_stats(&self) -> &crate::webhook::WebhookStats {
+        &self.shared.webhooks.stats
+    }
+}
+
+impl Automation {
+    fn reload_rule(&self, rule_id: &str) {
+        let def = self.shared.registry.get_rule(rule_id).ok();
+        let mut rules = self.shared.rules.lock();
+        // Drop the old version wherever it was.
+        if let Some(old) = rules.meta.remove(rule_id) {
+            if let Some(e) = rules.engines.get_mut(&old.tenant) {
+                e.remove(rule_id);
+            }
+        }
+        let Some(def) = def else { return };
+        let compiled = match CompiledRule::compile(&def.sql) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(rule = rule_id, error = %e.kind, "stored rule does not compile; not run");
+                return;
+            }
+        };
+        let acts = match actions::parse(&def.actions) {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::error!(rule = rule_id, error = %e, "stored rule has bad actions; not run");
+                return;
+            }
+        };
+        let engine = rules.engines.entry(def.tenant.clone()).or_default();
+        engine.insert(rule_id, compiled);
+        engine.set_enabled(rule_id, def.enabled);
+        rules.meta.insert(
+            rule_id.to_string(),
+            Meta {
+                tenant: def.tenant,
+                actions: acts,
+                action_failures: 0,
+                last_action_error: None,
+            },
+        );
+    }
+}
+
+impl RuleService for Automation {
+    fn validate(&self, _tenant: &str, sql: &str, acts: &Value) -> Result<(), RuleProblem> {
+        CompiledRule::compile(sql).map_err(|e| RuleProblem {
+            message: e.kind.to_string(),
+            line: Some(u64::from(e.position.line)),
+            column: Some(u64::from(e.position.column)),
+        })?;
+        actions::parse(acts).map_err(|message| RuleProblem {
+            message,
+            line: None,
+            column: None,
+        })?;
+        Ok(())
+    }
+
+    fn reload(&self, rule_id: &str) {
+        self.reload_rule(rule_id);
+        self.refresh_filters();
+    }
+
+    fn counters(&self, rule_id: &str) -> Option<Value> {
+        let rules = self.shared.rules.lock();
+        let meta = rules.meta.get(rule_id)?;
+        let engine = rules.engines.get(&meta.tenant)?;
+        let c = engine.get(rule_id)?.counters();
+        Some(json!({
+            "received": c.received,
+            "matched": c.matched,
+            "fired": c.fired,
+            "cleared": c.cleared,
+            "failed": c.failed,
+            "late": c.late,
+            "last_error": c.last_error.as_ref().map(|e| json!({"ts_ms": e.ts_ms, "error": e.error.to_string()})),
+            "action_failures": meta.action_failures,
+            "last_action_error": meta.last_action_error.as_ref().map(|(t, e)| json!({"ts_ms": t, "error": e})),
+            "enabled": engine.is_enabled(rule_id),
+        }))
+    }
+
+    fn metrics(&self) -> Vec<(&'static str, &'static str, u64)> {
+        let s = &self.shared.stats;
+        let w = &self.shared.webhooks.stats;
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        vec![
+            (
+                "messages",
+                "messages seen by the rule service",
+                l(&s.messages),
+            ),
+            (
+                "dropped",
+                "events the rule service could not keep up with",
+                l(&s.dropped),
+            ),
+            (
+                "outputs",
+                "rule outputs (fire, repeat, clear)",
+                l(&s.outputs),
+            ),
+            (
+                "action_failures",
+                "rule actions that failed",
+                l(&s.action_failures),
+            ),
+            (
+                "commands_sent",
+                "device commands published",
+                l(&s.commands_sent),
+            ),
+            (
+                "commands_answered",
+                "device commands answered",
+                l(&s.commands_answered),
+            ),
+            (
+                "webhooks_delivered",
+                "webhook deliveries that succeeded",
+                l(&w.delivered),
+            ),
+            (
+                "webhook_failed_attempts",
+                "webhook attempts that failed (retried or not)",
+                l(&w.failed_attempts),
+            ),
+            (
+                "webhooks_given_up",
+                "webhook deliveries abandoned after their retries",
+                l(&w.gave_up),
+            ),
+            (
+                "webhooks_dropped",
+                "webhook deliveries refused by a full queue",
+                l(&w.dropped_queue_full),
+            ),
+        ]
+    }
+
+    fn send_command(
+        &self,
+        tenant: &str,
+        device: &str,
+        name: &str,
+        params: Value,
+        timeout_ms: u64,
+        origin: &str,
+    ) -> Result<String, String> {
+        let cmd = self
+            .shared
+            .registry
+            .create_command(NewCommand {
+                tenant: tenant.into(),
+                device_id: device.into(),
+                name: name.into(),
+                params,
+                origin: origin.into(),
+                timeout_ms,
+            })
+            .map_err(|e| e.to_string())?;
+        let shared = self.shared.clone();
+        let id = cmd.id.clone();
+        tokio::spawn(async move { publish_command(&shared, &cmd).await });
+        Ok(id)
+    }
+}
+
+/// The topic a device receives commands on, and the one it answers on.
+pub fn command_topic(device: &str) -> String {
+    format!("devices/{device}/commands")
+}
+
+pub fn response_topic(device: &str) -> String {
+    format!("devices/{device}/commands/response")
+}
+
+async fn publish_command(shared: &Shared, cmd: &m2mhub_registry::Command) {
+    let body = json!({"id": cmd.id, "name": cmd.name, "params": cmd.params});
+    let props = PublishProperties {
+        response_topic: Some(response_topic(&cmd.device_id)),
+        correlation_data: Some(Bytes::from(cmd.id.clone().into_bytes())),
+        content_type: Some("application/json".into()),
+        ..Default::default()
+    };
+    let matched = shared
+        .broker
+        .publish_with(
+            &command_topic(&cmd.device_id),
+            Bytes::from(body.to_string()),
+            QoS::AtLeastOnce,
+            false,
+            props,
+        )
+        .await;
+    shared.stats.commands_sent.fetch_add(1, Ordering::Relaxed);
+    // Routed to the device's subscription (or queued for its offline
+    // persistent session): delivered to it as far as the platform can
+    // tell; nobody listening: sent, and it will time out.
+    let status = if matched > 0 {
+        CommandStatus::Delivered
+    } else {
+        CommandStatus::Sent
+    };
+    if let Err(e) = shared
+        .registry
+        .update_command(&cmd.id, CommandUpdate::status(status))
+    {
+        tracing::warn!(command = %cmd.id, error = %e, "cannot record a command's status");
+    }
+}
+
+/// A device's answer: correlation data (MQTT 5) or an `id` member in the
+/// JSON body (MQTT 3.1.1) names the command.
+fn on_response(shared: &Shared, device: &str, msg: &Message) {
+    let body: Value = serde_json::from_slice(&msg.payload)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&msg.payload).into_owned()));
+    let id = msg
+        .properties
+        .correlation_data
+        .as_ref()
+        .and_then(|c| std::str::from_utf8(c).ok().map(str::to_string))
+        .or_else(|| body.get("id").and_then(Value::as_str).map(str::to_string));
+    let Some(id) = id else {
+        tracing::debug!(device, "command response without a correlation id");
+        return;
+    };
+    match shared.registry.get_command(&id) {
+        Ok(c) if c.device_id == device => {
+            let failed = body.get("status").and_then(Value::as_str) == Some("failed");
+            let update = CommandUpdate {
+                status: if failed {
+                    CommandStatus::Failed
+                } else {
+                    CommandStatus::Answered
+                },
+                response: Some(body),
+                error: None,
+            };
+            if let Ok(Some(_)) = shared.registry.update_command(&id, update) {
+                shared
+                    .stats
+                    .commands_answered
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        // Another device's command id: ignored (a device cannot answer
+        // for another).
+        _ => tracing::debug!(device, command = %id, "response to an unknown command"),
+    }
+}
+
+struct ConnEvents(mpsc::Sender<(String, Option<String>, Value)>);
+
+impl ConnectionEvents for ConnEvents {
+    fn connected(&self, client_id: &str, identity: &ClientIdentity, peer: SocketAddr) {
+        let device = identity.device_id.as_deref().unwrap_or(client_id);
+        let _ = self.0.try_send((
+            "$events/device_connected".into(),
+            Some(device.to_string()),
+            json!({"device": device, "client_id": client_id, "addr": peer.ip().to_string()}),
+        ));
+    }
+
+    fn disconnected(&self, client_id: &str, identity: &ClientIdentity, reason: &str) {
+        let device = identity.device_id.as_deref().unwrap_or(client_id);
+        let _ = self.0.try_send((
+            "$events/device_disconnected".into(),
+            Some(device.to_string()),
+            json!({"device": device, "client_id": client_id, "reason": reason}),
+        ));
+    }
+
+    fn auth_failed(
+        &self,
+        _client_id: &str,
+        _username: Option<&str>,
+        _peer: SocketAddr,
+        _reason: u8,
+    ) {
+    }
+}
+
+/// `devices/{id}/…` → `id`.
+fn device_of(topic: &str) -> Option<&str> {
+    let rest = topic.strip_prefix("devices/")?;
+    let id = rest.split('/').next()?;
+    (!id.is_empty()).then_some(id)
+}
+
+/// A payload as the JSON the rules read: JSON as is; for telemetry in
+/// another format, the decoded points as `{metric: value}`.
+fn payload_json(topic: &str, payload: &[u8]) -> Option<Value> {
+    if let Ok(v) = serde_json::from_slice::<Value>(payload) {
+        // A bare telemetry number is the metric `value`, as stored.
+        if topic.ends_with("/telemetry") && !v.is_object() && !v.is_array() {
+            return Some(json!({ "value": v }));
+        }
+        return Some(v);
+    }
+    if !topic.ends_with("/telemetry") {
+        return None;
+    }
+    let points = m2mhub_telemetry::decode(payload, None, now_ms(), &Default::default()).ok()?;
+    let mut m = Map::new();
+    for p in points {
+        let v = match p.value {
+            m2mhub_telemetry::Value::F64(x) => json!(x),
+            m2mhub_telemetry::Value::Bool(b) => json!(b),
+            m2mhub_telemetry::Value::Str(s) => json!(s),
+        };
+        m.insert(p.metric, v);
+    }
+    Some(Value::Object(m))
+}
+
+async fn run(
+    shared: Arc<Shared>,
+    mut filters: tokio::sync::watch::Receiver<Vec<String>>,
+    mut events: mpsc::Receiver<(String, Option<String>, Value)>,
+    mut outcomes: mpsc::UnboundedReceiver<Outcome>,
+) {
+    let mut alarms = shared.registry.subscribe_alarms();
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut expiry = tokio::time::interval(Duration::from_secs(1));
+    let mut shutdown = shared.broker.shutdown_signal();
+    let mut msgs = shared.broker.observe(&filters.borrow_and_update(), QUEUE);
+    loop {
+        tokio::select! {
+            m = msgs.recv() => match m {
+                Some(m) => on_message(&shared, &m).await,
+                None => {
+                    // Only when there was no valid filter: wait for one.
+                    if filters.changed().await.is_err() {
+                        return;
+                    }
+                    msgs = shared.broker.observe(&filters.borrow_and_update(), QUEUE);
+                }
+            },
+            c = filters.changed() => {
+                if c.is_err() {
+                    return;
+                }
+                // Subscribe with the new set first, then finish what the
+                // old subscription already holds (a message published in
+                // between may be seen twice; rule changes are rare).
+                let next = shared.broker.observe(&filters.borrow_and_update(), QUEUE);
+                let mut old = std::mem::replace(&mut msgs, next);
+                old.close();
+                while let Some(m) = old.recv().await {
+                    on_message(&shared, &m).await;
+                }
+            },
+            e = events.recv() => if let Some((topic, device, body)) = e {
+                on_event(&shared, &topic, device.as_deref(), &body).await;
+            },
+            a = alarms.recv() => match a {
+                Ok(ev) => {
+                    let change = match ev.change {
+                        AlarmChange::Raised => "raised",
+                        AlarmChange::Updated => "updated",
+                        AlarmChange::Cleared => "cleared",
+                        AlarmChange::Acked => "acked",
+                    };
+                    let a = &ev.alarm;
+                    let body = json!({
+                        "change": change, "id": a.id, "device": a.device_id, "type": a.alarm_type,
+                        "severity": a.severity.as_str(), "acked": a.acked, "count": a.count,
+                    });
+                    on_event(&shared, "$events/alarm", Some(&a.device_id.clone()), &body).await;
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    shared.stats.dropped.fetch_add(n, Ordering::Relaxed);
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                    alarms = shared.registry.subscribe_alarms();
+                }
+            },
+            o = outcomes.recv() => if let Some(o) = o {
+                if let (Some(rule), Err(e)) = (&o.rule, &o.result) {
+                    action_failed(&shared, rule, format!("webhook {}: {e} after {} attempts", o.delivery, o.attempts));
+                }
+            },
+            _ = tick.tick() => {
+                let now = now_ms();
+                let outs: Vec<(String, Vec<RuleOutput>)> = {
+                    let mut rules = shared.rules.lock();
+                    rules
+                        .engines
+                        .iter_mut()
+                        .map(|(t, e)| (t.clone(), e.on_tick(now)))
+                        .filter(|(_, o)| !o.is_empty())
+                        .collect()
+                };
+                for (tenant, outs) in outs {
+                    act(&shared, &tenant, outs).await;
+                }
+            },
+            _ = expiry.tick() => {
+                for c in shared.registry.expire_commands(now_ms()) {
+                    tracing::info!(command = %c.id, device = %c.device_id, "command timed out");
+                }
+            },
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+async fn on_message(shared: &Shared, m: &Message) {
+    shared.stats.messages.fetch_add(1, Ordering::Relaxed);
+    let Some(device) = device_of(&m.topic) else {
+        return;
+    };
+    if m.topic.ends_with("/commands/response") && m.topic == response_topic(device) {
+        on_response(shared, device, m);
+    }
+    let Some(info) = shared.registry.ingest_info(device) else {
+        return;
+    };
+    let tenant: &str = &info.tenant;
+    // Only parse the payload when some rule of the tenant reads this topic.
+    let wanted = {
+        let rules = shared.rules.lock();
+        rules
+            .engines
+            .get(tenant)
+            .is_some_and(|e| e.ids().next().is_some())
+    };
+    if !wanted {
+        return;
+    }
+    let Some(payload) = payload_json(&m.topic, &m.payload) else {
+        return;
+    };
+    let outs = {
+        let mut rules = shared.rules.lock();
+        match rules.engines.get_mut(tenant) {
+            Some(e) => e.on_message(&m.topic, &payload, now_ms()),
+            None => return,
+        }
+    };
+    if !outs.is_empty() {
+        act(shared, tenant, outs).await;
+    }
+}
+
+async fn on_event(shared: &Shared, topic: &str, device: Option<&str>, body: &Value) {
+    let Some(tenant) = device
+        .and_then(|d| shared.registry.ingest_info(d))
+        .map(|i| i.tenant)
+    else {
+        return;
+    };
+    let outs = {
+        let mut rules = shared.rules.lock();
+        match rules.engines.get_mut(&*tenant) {
+            Some(e) => e.on_message(topic, body, now_ms()),
+            None => return,
+        }
+    };
+    if !outs.is_empty() {
+        act(shared, &tenant, outs).await;
+    }
+}
+
+fn action_failed(shared: &Shared, rule: &str, error: String) {
+    shared.stats.action_failures.fetch_add(1, Ordering::Relaxed);
+    tracing::warn!(rule, error = %error, "rule action failed");
+    let mut rules = shared.rules.lock();
+    if let Some(m) = rules.meta.get_mut(rule) {
+        m.action_failures += 1;
+        m.last_action_error = Some((now_ms(), error));
+    }
+}
+
+fn output_json(rule: &str, o: &Output) -> Value {
+    json!({
+        "rule": rule,
+        "event": match o.kind { OutputKind::Fire => "fire", OutputKind::Repeat => "repeat", OutputKind::Clear => "clear" },
+        "device": o.device.as_deref(),
+        "key": &*o.key,
+        "ts_ms": o.ts_ms,
+        "window": o.window.map(|w| json!({"start_ms": w.start_ms, "end_ms": w.end_ms})),
+        "row": o.row,
+    })
+}
+
+/// Run the actions of each output.
+async fn act(shared: &Shared, tenant: &str, outs: Vec<RuleOutput>) {
+    shared
+        .stats
+        .outputs
+        .fetch_add(outs.len() as u64, Ordering::Relaxed);
+    for RuleOutput { rule, output } in outs {
+        let acts = {
+            let rules = shared.rules.lock();
+            match rules.meta.get(&*rule) {
+                Some(m) => m.actions.clone(),
+                None => continue,
+            }
+        };
+        let device = output
+            .device
+            .as_deref()
+            .map(str::to_string)
+            .or_else(|| (!output.key.is_empty()).then(|| output.key.to_string()));
+        for a in acts.iter().filter(|a| a.on.wants(output.kind)) {
+            if let Err(e) = run_action(shared, tenant, &rule, device.as_deref(), &output, a).await {
+                action_failed(shared, &rule, e);
+            }
+        }
+    }
+}
+
+async fn run_action(
+    shared: &Shared,
+    tenant: &str,
+    rule: &str,
+    device: Option<&str>,
+    o: &Output,
+    a: &Action,
+) -> Result<(), String> {
+    let need_device = || {
+        device.ok_or(
+            "the rule's output names no device (GROUP BY device, or SELECT device)".to_string(),
+        )
+    };
+    match &a.kind {
+        Kind::Alarm {
+            alarm_type,
+            severity,
+        } => {
+            let d = need_device()?;
+            if o.kind == OutputKind::Clear {
+                shared
+                    .registry
+                    .clear_alarm(tenant, d, alarm_type, ClearedBy::Rule);
+            } else {
+                let details = json!({"row": o.row, "window": o.window.map(|w| json!({"start_ms": w.start_ms, "end_ms": w.end_ms})), "ts_ms": o.ts_ms});
+                shared
+                    .registry
+                    .raise_alarm(tenant, d, alarm_type, *severity, details, Some(rule))
+                    .map_err(|e| format!("alarm {alarm_type}: {e}"))?;
+            }
+        }
+        Kind::Command {
+            name,
+            params,
+            timeout_ms,
+        } => {
+            let d = need_device()?;
+            let cmd = shared
+                .registry
+                .create_command(NewCommand {
+                    tenant: tenant.into(),
+                    device_id: d.into(),
+                    name: name.clone(),
+                    params: params.clone(),
+                    origin: format!("rule:{rule}"),
+                    timeout_ms: *timeout_ms,
+                })
+                .map_err(|e| format!("command {name}: {e}"))?;
+            publish_command(shared, &cmd).await;
+        }
+        Kind::Config { key, value } => {
+            let d = need_device()?;
+            shared
+                .broker
+                .publish(
+                    &format!("devices/{d}/config/{key}"),
+                    Bytes::from(value.to_string()),
+                    QoS::AtLeastOnce,
+                    true,
+                )
+                .await;
+        }
+        Kind::Republish { topic, qos, retain } => {
+            let t = topic.replace("{device}", device.unwrap_or(""));
+            if mqtt_codec::topic::validate_topic_name(&t).is_err() {
+                return Err(format!("republish: {t:?} is not a valid topic"));
+            }
+            let qos = QoS::from_u8(*qos).unwrap_or(QoS::AtMostOnce);
+            shared
+                .broker
+                .publish(
+                    &t,
+                    Bytes::from(output_json(rule, o).to_string()),
+                    qos,
+                    *retain,
+                )
+                .await;
+        }
+        Kind::Webhook { url, secret } => {
+            let body = output_json(rule, o).to_string().into_bytes();
+            let id = format!(
+                "{rule}-{}-{}",
+                o.ts_ms,
+                shared.stats.outputs.load(Ordering::Relaxed)
+            );
+            shared
+                .webhooks
+                .send(Delivery {
+                    target: Target {
+                        url: url.clone(),
+                        secret: secret.clone(),
+                    },
+                    id,
+                    body,
+                    rule: Some(rule.to_string()),
+                })
+                .map_err(|e| format!("webhook: {e}"))?;
+        }
+        Kind::Log { level } => {
+            let j = output_json(rule, o);
+            match level {
+                LogLevel::Info => tracing::info!(rule, output = %j, "rule output"),
+                LogLevel::Warn => tracing::warn!(rule, output = %j, "rule output"),
+                LogLevel::Error => tracing::error!(rule, output = %j, "rule output"),
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn devices_come_from_the_topic() {
+        assert_eq!(device_of("devices/m1/telemetry"), Some("m1"));
+        assert_eq!(device_of("devices/m1"), Some("m1"));
+        assert_eq!(device_of("devices//x"), None);
+        assert_eq!(device_of("tenants/a/b"), None);
+    }
+
+    #[test]
+    fn non_json_telemetry_becomes_an_object() {
+        let v = payload_json("devices/m1/telemetry", b"42.5").expect("decoded");
+        assert_eq!(v, json!({"value": 42.5}));
+        assert_eq!(payload_json("devices/m1/state", b"on"), None);
+        assert_eq!(
+            payload_json("devices/m1/state", b"{\"a\":1}"),
+            Some(json!({"a": 1}))
+        );
+    }
+}
