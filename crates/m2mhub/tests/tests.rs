@@ -33,6 +33,8 @@ mod profiles;
 mod query_cli;
 #[path = "tests/retained.rs"]
 mod retained;
+#[path = "tests/rules.rs"]
+mod rules;
 #[path = "tests/sessions.rs"]
 mod sessions;
 #[path = "tests/shared.rs"]
