@@ -1,6 +1,7 @@
 //! Operator commands of the CLI (`m2mhub device …`, `claim …`, `user …`,
 //! `audit …`, `security …`, `tenant …`, `policy …`, `profile …`, `query …`,
-//! `login`): each is one or a few calls to `/api/v1` on a running server.
+//! `rule …`, `alarm …`, `command …`, `login`): each is one or a few calls
+//! to `/api/v1` on a running server.
 //! Human tables by default, `--json` for scripts.
 
 use crate::client::{ApiClient, Profile};
@@ -10,10 +11,16 @@ use serde_json::{json, Value};
 use std::io::BufRead;
 use std::path::PathBuf;
 
+mod alarms;
+mod commands;
 mod device_profiles;
 mod query;
+mod rules;
+pub use alarms::{alarm, AlarmCmd};
+pub use commands::{command, CommandCmd};
 pub use device_profiles::{profile, ProfileCmd};
 pub use query::{query_telemetry, QueryCmd, RetentionCmd};
+pub use rules::{rule, RuleCmd};
 
 /// A command line refused before any request (flags that do not go
 /// together, a value the API would refuse): reported with its fix, and
@@ -400,6 +407,41 @@ fn show(v: &Value, json_out: bool) {
         }
     } else {
         println!("{v}");
+    }
+}
+
+/// A value for a human: strings as they are, `-` for null or empty, JSON
+/// otherwise.
+fn text(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) if s.is_empty() => "-".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// Epoch milliseconds as RFC 3339 (`-` when absent).
+fn time_text(v: &Value) -> String {
+    v.as_i64()
+        .map(m2mhub_api::telemetry::format_time)
+        .unwrap_or_else(|| "-".into())
+}
+
+/// `key  value` lines in the given order, values aligned; further lines
+/// of a value are indented under its first.
+fn fields<K: AsRef<str>>(rows: &[(K, String)]) {
+    let w = rows
+        .iter()
+        .map(|(k, _)| k.as_ref().chars().count())
+        .max()
+        .unwrap_or(0);
+    for (k, v) in rows {
+        let mut lines = v.lines();
+        println!("{:<w$}  {}", k.as_ref(), lines.next().unwrap_or_default());
+        for l in lines {
+            println!("{:w$}  {l}", "");
+        }
     }
 }
 

@@ -124,6 +124,29 @@ enum Command {
         #[command(flatten)]
         conn: admin::Conn,
     },
+    /// Rules: SQL over the message stream with actions (alarms, commands,
+    /// webhooks…), and how often each fired.
+    Rule {
+        #[command(subcommand)]
+        cmd: admin::RuleCmd,
+        #[command(flatten)]
+        conn: admin::Conn,
+    },
+    /// Alarms: list, acknowledge, clear, count by severity.
+    Alarm {
+        #[command(subcommand)]
+        cmd: admin::AlarmCmd,
+        #[command(flatten)]
+        conn: admin::Conn,
+    },
+    /// Device commands: send one (and wait for the answer), follow them.
+    #[command(name = "command")]
+    DeviceCommands {
+        #[command(subcommand)]
+        cmd: admin::CommandCmd,
+        #[command(flatten)]
+        conn: admin::Conn,
+    },
 }
 
 #[derive(Subcommand)]
@@ -176,12 +199,13 @@ struct BenchArgs {
     /// Broker address HOST:PORT.
     #[arg(long, default_value = "127.0.0.1:1883")]
     host: String,
-    /// fan-in, fan-out, pairs, idle, connect (connection rate), or
-    /// telemetry (devices publishing 10-metric JSON readings).
+    /// fan-in, fan-out, pairs, idle, connect (connection rate), telemetry
+    /// (devices publishing 10-metric JSON readings), or command-latency
+    /// (hot/cold readings; time from a hot reading to the rule's command).
     #[arg(
         long,
         default_value = "fan-in",
-        value_parser = clap::builder::PossibleValuesParser::new(["fan-in", "fan-out", "pairs", "idle", "connect", "telemetry"])
+        value_parser = clap::builder::PossibleValuesParser::new(["fan-in", "fan-out", "pairs", "idle", "connect", "telemetry", "command-latency"])
     )]
     scenario: String,
     #[arg(long, default_value_t = 10)]
@@ -290,6 +314,15 @@ fn main() -> ExitCode {
             run_admin(
                 |env| async move { admin::query_telemetry(&conn, cmd, &env).await.map(|_| 0) },
             )
+        }
+        Command::Rule { cmd, conn } => {
+            run_admin(|env| async move { admin::rule(&conn, cmd, &env).await.map(|_| 0) })
+        }
+        Command::Alarm { cmd, conn } => {
+            run_admin(|env| async move { admin::alarm(&conn, cmd, &env).await.map(|_| 0) })
+        }
+        Command::DeviceCommands { cmd, conn } => {
+            run_admin(|env| async move { admin::command(&conn, cmd, &env).await })
         }
     }
 }

@@ -35,6 +35,8 @@ mod query_cli;
 mod retained;
 #[path = "tests/rules.rs"]
 mod rules;
+#[path = "tests/rules_cli.rs"]
+mod rules_cli;
 #[path = "tests/sessions.rs"]
 mod sessions;
 #[path = "tests/shared.rs"]
