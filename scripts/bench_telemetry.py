@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""End-to-end telemetry benchmark: MQTT publishers -> stored points.
+"""End-to-end benchmarks through a real server: telemetry (MQTT publishers ->
+stored points) and rules (a device's PUBLISH -> the rule's command at the device).
 
 Starts `m2mhub serve` on a fresh data directory (durable mode, the default),
 pinned to core 0, registers N devices through the API, and runs the load
@@ -11,6 +12,11 @@ before the device got its PUBACK.
 
 Usage: scripts/bench_telemetry.py [--bin target/release/m2mhub]
          [--devices 100] [--rates 10000,20000,30000,40000] [--qos 1] [--mode durable|fast]
+       scripts/bench_telemetry.py --commands [--rates 10000]
+With --commands a rule `WHERE temperature > 85` sends a `cool_down` command
+each time a device turns hot; devices alternate cold and hot readings, so
+half the messages trigger a command, and the load generator measures the
+time from the hot PUBLISH to the command's arrival.
 Prints one line per rate and a Markdown table.
 """
 
@@ -45,6 +51,7 @@ def main():
     ap.add_argument("--qos", type=int, default=1)
     ap.add_argument("--duration", type=float, default=10)
     ap.add_argument("--mode", default="durable", choices=["durable", "fast"])
+    ap.add_argument("--commands", action="store_true")
     args = ap.parse_args()
 
     data = tempfile.mkdtemp(prefix="m2mhub-bench-telemetry-", dir=os.path.abspath("target"))
@@ -74,9 +81,14 @@ def main():
         token = api(base, "POST", "/auth/login", body={"username": user, "password": password})["token"]
         for i in range(args.devices):
             api(base, "POST", "/devices", token, {"id": f"bench-dev-{i}"})
+        if args.commands:
+            api(base, "POST", "/rules", token, {
+                "id": "hot", "sql": "SELECT device, temperature FROM 'devices/+/telemetry' WHERE temperature > 85",
+                "actions": [{"type": "command", "name": "cool_down", "params": {"target": 60}}]})
         rows = []
         for rate in [int(r) for r in args.rates.split(",")]:
-            cmd = ["taskset", "-c", "1", args.bin, "bench", "--scenario", "telemetry",
+            scenario = "command-latency" if args.commands else "telemetry"
+            cmd = ["taskset", "-c", "1", args.bin, "bench", "--scenario", scenario,
                    "--host", mqtt, "--publishers", str(args.devices), "--qos", str(args.qos),
                    "--rate", str(rate), "--duration", str(args.duration), "--warmup", "2",
                    "--inflight", "64", "--metrics-url", f"http://{http}/metrics", "--json"]
@@ -85,16 +97,27 @@ def main():
                 print(f"rate {rate}: {out.stderr.strip()}", file=sys.stderr)
                 break
             r = json.loads(out.stdout)
-            print(f"rate {rate} msg/s: sent {r['sent_per_sec']:,.0f} msg/s, "
-                  f"stored {r['points_per_sec']:,.0f} points/s", file=sys.stderr)
+            line = f"rate {rate} msg/s: sent {r['sent_per_sec']:,.0f} msg/s, stored {r['points_per_sec']:,.0f} points/s"
+            if args.commands:
+                line += (f", {r['commands']:,} commands, latency p50 {r['command_p50_us'] / 1000:.2f} ms, "
+                         f"p99 {r['command_p99_us'] / 1000:.2f} ms, max {r['command_max_us'] / 1000:.2f} ms")
+            print(line, file=sys.stderr)
             rows.append((rate, r))
         stats = api(base, "GET", "/telemetry/stats", token)
         print(f"\nm2mhub {args.mode} mode, {args.devices} devices, QoS {args.qos}, 10 metrics/message, "
               f"server on core 0, load generator on core 1\n")
-        print("| offered msg/s | sent msg/s | stored points/s |")
-        print("|---|---|---|")
-        for rate, r in rows:
-            print(f"| {rate:,} | {r['sent_per_sec']:,.0f} | {r['points_per_sec']:,.0f} |")
+        if args.commands:
+            print("| offered msg/s | sent msg/s | commands | PUBLISH → command p50 | p99 | max |")
+            print("|---|---|---|---|---|---|")
+            for rate, r in rows:
+                print(f"| {rate:,} | {r['sent_per_sec']:,.0f} | {r['commands']:,} | "
+                      f"{r['command_p50_us'] / 1000:.2f} ms | {r['command_p99_us'] / 1000:.2f} ms | "
+                      f"{r['command_max_us'] / 1000:.2f} ms |")
+        else:
+            print("| offered msg/s | sent msg/s | stored points/s |")
+            print("|---|---|---|")
+            for rate, r in rows:
+                print(f"| {rate:,} | {r['sent_per_sec']:,.0f} | {r['points_per_sec']:,.0f} |")
         print(f"\nstore: {stats['series']} series, {stats['points_appended']:,} points, "
               f"{stats['wal_commits']:,} WAL commits, ingest {stats['ingest']}")
     finally:

@@ -325,7 +325,13 @@ impl Registry {
         let thread_shared = Arc::clone(&shared);
         let handle = std::thread::Builder::new()
             .name("registry-writer".into())
-            .spawn(move || writer_loop(&thread_shared))?;
+            .spawn(move || {
+                // Background work: its SQLite bursts (a second's audit,
+                // alarm and command changes) must not delay message
+                // handling on a small machine, so it yields the CPU to it.
+                let _ = rustix::process::setpriority_process(Some(rustix::thread::gettid()), 10);
+                writer_loop(&thread_shared)
+            })?;
         Ok(Registry {
             _flusher: Arc::new(FlusherGuard {
                 shared: Arc::clone(&shared),

@@ -63,6 +63,12 @@ pub enum Scenario {
     /// `devices/<id>/telemetry`; no subscribers. With `metrics_url`, the
     /// server's stored-points counter is read at the window's start and end.
     Telemetry,
+    /// Rule → command latency: like Telemetry, but every device also
+    /// subscribes to `devices/<id>/commands` and alternates cold and hot
+    /// readings (`{"temperature": 20.0}` / `90.0`); with a rule that sends
+    /// a command when a device turns hot, the latency from the hot
+    /// PUBLISH to the command's arrival at that device is measured.
+    Command,
 }
 
 impl Scenario {
@@ -74,6 +80,7 @@ impl Scenario {
             Scenario::Idle => "idle",
             Scenario::Connect => "connect",
             Scenario::Telemetry => "telemetry",
+            Scenario::Command => "command-latency",
         }
     }
 }
@@ -88,8 +95,9 @@ impl std::str::FromStr for Scenario {
             "idle" => Ok(Scenario::Idle),
             "connect" | "connect-rate" => Ok(Scenario::Connect),
             "telemetry" => Ok(Scenario::Telemetry),
+            "command-latency" | "command" => Ok(Scenario::Command),
             other => Err(format!(
-                "unknown scenario {other:?} (fan-in, fan-out, pairs, idle, connect, telemetry)"
+                "unknown scenario {other:?} (fan-in, fan-out, pairs, idle, connect, telemetry, command-latency)"
             )),
         }
     }
@@ -254,6 +262,16 @@ pub struct BenchReport {
     pub points_stored: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub points_per_sec: Option<f64>,
+    /// Command latency: commands received during the window and their
+    /// latency from the hot reading's PUBLISH (microseconds).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub commands: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub command_p50_us: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub command_p99_us: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub command_max_us: Option<f64>,
 }
 
 fn reasons_text(m: &BTreeMap<String, u64>) -> String {
@@ -367,6 +385,15 @@ impl BenchReport {
                 s,
                 "latency           p50 {:.1} us, p99 {:.1} us, max {:.1} us",
                 self.latency_p50_us, self.latency_p99_us, self.latency_max_us
+            );
+        }
+        if let Some(n) = self.commands {
+            let _ = writeln!(
+                s,
+                "commands          {n}, latency p50 {:.1} us, p99 {:.1} us, max {:.1} us",
+                self.command_p50_us.unwrap_or(0.0),
+                self.command_p99_us.unwrap_or(0.0),
+                self.command_max_us.unwrap_or(0.0)
             );
         }
         if let Some(p) = self.points_stored {
@@ -487,10 +514,11 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
         Scenario::FanIn => (opts.publishers, 1, 1u64),
         Scenario::FanOut => (1, opts.subscribers, opts.subscribers as u64),
         Scenario::Pairs => (opts.publishers, opts.publishers, 1),
-        Scenario::Telemetry => (opts.publishers, 0, 0),
+        Scenario::Telemetry | Scenario::Command => (opts.publishers, 0, 0),
         Scenario::Idle | Scenario::Connect => unreachable!("handled above"),
     };
-    let telemetry = opts.scenario == Scenario::Telemetry;
+    let commands = opts.scenario == Scenario::Command;
+    let telemetry = opts.scenario == Scenario::Telemetry || commands;
     if n_pub == 0 || (n_sub == 0 && !telemetry) {
         return Err(BenchError::InvalidOptions(
             "need at least one publisher and one subscriber".into(),
@@ -540,7 +568,17 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
     .await?;
     let pubs = connect_many(n_pub, n_sub, CONNECT_BATCH, |i| {
         let cfg = config("pub", i);
-        async move { Conn::connect(&cfg).await }
+        async move {
+            let mut c = Conn::connect(&cfg).await?;
+            if commands {
+                c.subscribe(
+                    &format!("devices/{}/commands", cfg.client_id),
+                    QoS::AtLeastOnce,
+                )
+                .await?;
+            }
+            Ok(c)
+        }
     })
     .await?;
     let rss_after = opts.broker_pid.and_then(memory::rss_kb);
@@ -571,7 +609,12 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
     for (i, conn) in pubs.into_iter().enumerate() {
         let publisher = if telemetry {
             let topic = format!("devices/{}{i}/telemetry", opts.device_prefix);
-            Publisher::with_template(conn, i, qos, &topic, Payload::Telemetry, opts.inflight)?
+            let kind = if commands {
+                Payload::HotCold
+            } else {
+                Payload::Telemetry
+            };
+            Publisher::with_template(conn, i, qos, &topic, kind, opts.inflight)?
         } else {
             Publisher::new(conn, i, qos, opts.payload_size, opts.inflight)?
         };
@@ -600,13 +643,17 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
     };
 
     let mut sent = 0u64;
+    let mut cmd_hist = Histogram::new();
     let mut pub_results = Vec::with_capacity(n_pub);
     for h in pub_tasks.iter_mut() {
         pub_results.push(h.await);
     }
     for r in pub_results {
         match r {
-            Ok(Ok(stats)) => sent += stats.sent_window,
+            Ok(Ok(stats)) => {
+                sent += stats.sent_window;
+                cmd_hist.merge(&stats.commands);
+            }
             Ok(Err(e)) => {
                 abort_all(&sub_tasks, &pub_tasks);
                 return Err(e);
@@ -659,7 +706,12 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
         ),
         None => None,
     };
+    let n_cmd = cmd_hist.count();
     Ok(BenchReport {
+        commands: commands.then_some(n_cmd),
+        command_p50_us: commands.then(|| cmd_hist.percentile(50.0) as f64 / 1000.0),
+        command_p99_us: commands.then(|| cmd_hist.percentile(99.0) as f64 / 1000.0),
+        command_max_us: commands.then(|| cmd_hist.max() as f64 / 1000.0),
         points_stored,
         points_per_sec: points_stored.map(|p| p as f64 / secs),
         scenario: opts.scenario.name().to_string(),
@@ -830,6 +882,8 @@ async fn run_idle(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
 #[derive(Debug, Default)]
 struct PubStats {
     sent_window: u64,
+    /// Command latency (ns) of commands received in the window.
+    commands: Histogram,
 }
 
 /// What a publisher's payload is.
@@ -840,7 +894,11 @@ enum Payload {
     /// A JSON reading of 10 metrics whose values change per message
     /// (patched digits; the server stamps arrival time).
     Telemetry,
+    /// `{"temperature": 20.0}` and `90.0` in turn (see Scenario::Command).
+    HotCold,
 }
+
+const HOT_COLD_JSON: &str = r#"{"temperature":20.0}"#;
 
 /// The telemetry JSON; every `#` is a digit patched per message.
 const TELEMETRY_JSON: &str = r#"{"temperature":2#.##,"humidity":4#.#,"pressure":101#.#,"vibration":0.0##,"current":1#.##,"voltage":23#.#,"power":3###,"rpm":14##,"flow":#.##,"level":7#.#}"#;
@@ -864,6 +922,11 @@ fn patch_digits(buf: &mut [u8], digits: &[usize], seq: u64) {
 /// write buffer and patched (packet id, timestamp, sequence) per message.
 struct Publisher {
     payload: Payload,
+    /// Command latency: when this device last turned hot, and the
+    /// latencies seen (recorded by `handle`).
+    last_hot_ns: Option<u64>,
+    commands: Histogram,
+    timing: Option<Timing>,
     /// Telemetry: offsets (in the template) of the digits to patch.
     digits: Vec<usize>,
     conn: Conn,
@@ -949,7 +1012,10 @@ impl Publisher {
         payload: Payload,
         inflight: usize,
     ) -> Result<Self, BenchError> {
-        let body = Bytes::from(TELEMETRY_JSON.replace('#', "0").into_bytes());
+        let body = match payload {
+            Payload::HotCold => Bytes::from_static(HOT_COLD_JSON.as_bytes()),
+            _ => Bytes::from(TELEMETRY_JSON.replace('#', "0").into_bytes()),
+        };
         let (template, pid_off, payload_off) =
             publish_template_with(topic, qos, body, conn.protocol)?;
         Self::build(
@@ -977,6 +1043,8 @@ impl Publisher {
     ) -> Result<Self, BenchError> {
         let digits = match payload {
             Payload::Stamped => Vec::new(),
+            // The temperature's first digit: 2 (cold) or 9 (hot).
+            Payload::HotCold => vec![payload_off + HOT_COLD_JSON.find('2').unwrap_or(0)],
             Payload::Telemetry => TELEMETRY_JSON
                 .bytes()
                 .enumerate()
@@ -990,6 +1058,9 @@ impl Publisher {
         }
         conn.wbuf.reserve(WBUF_HIGH + BATCH * template.len());
         Ok(Publisher {
+            last_hot_ns: None,
+            commands: Histogram::new(),
+            timing: None,
             payload,
             digits,
             conn,
@@ -1048,6 +1119,15 @@ impl Publisher {
             Payload::Telemetry => {
                 patch_digits(&mut self.conn.wbuf[start..], &self.digits, self.seq)
             }
+            Payload::HotCold => {
+                let hot = self.seq % 2 == 1;
+                if let Some(&off) = self.digits.first() {
+                    self.conn.wbuf[start + off] = if hot { b'9' } else { b'2' };
+                }
+                if hot {
+                    self.last_hot_ns = Some(ts);
+                }
+            }
         }
         self.seq += 1;
     }
@@ -1071,7 +1151,14 @@ impl Publisher {
                 )))
             }
             Packet::Publish(p) => {
-                // Not subscribed, but acknowledge anything that arrives.
+                // A command after a hot reading: its latency.
+                if let (Some(t), Some(hot)) = (self.timing, self.last_hot_ns.take()) {
+                    let now = t.now_ns();
+                    if t.in_window(hot) {
+                        self.commands.record(now.saturating_sub(hot));
+                    }
+                }
+                // Acknowledge anything that arrives.
                 if let Some(id) = p.packet_id {
                     let ack = if p.qos == QoS::AtLeastOnce {
                         Packet::PubAck(PubResponse::new(id, 0))
@@ -1091,6 +1178,7 @@ impl Publisher {
 
     async fn run(mut self, t: Timing, rate: f64) -> Result<PubStats, BenchError> {
         let mut stats = PubStats::default();
+        self.timing = Some(t);
         let paced = rate > 0.0;
         let interval_ns = if paced { 1e9 / rate } else { 0.0 };
         let mut next_due = t.start_ns as f64;
@@ -1177,6 +1265,7 @@ impl Publisher {
             }
         }
         let _ = tokio::time::timeout(Duration::from_secs(1), self.conn.disconnect()).await;
+        stats.commands = std::mem::take(&mut self.commands);
         Ok(stats)
     }
 }

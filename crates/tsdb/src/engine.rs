@@ -266,7 +266,13 @@ impl Tsdb {
             };
             std::thread::Builder::new()
                 .name("tsdb-maint".into())
-                .spawn(move || maint.run())?
+                .spawn(move || {
+                    // Flushes and compactions are bulk work: lower priority
+                    // than message handling and the WAL writer.
+                    let _ =
+                        rustix::process::setpriority_process(Some(rustix::thread::gettid()), 10);
+                    maint.run()
+                })?
         };
         Ok(Tsdb {
             shared,
