@@ -52,6 +52,7 @@ def main():
     ap.add_argument("--duration", type=float, default=10)
     ap.add_argument("--mode", default="durable", choices=["durable", "fast"])
     ap.add_argument("--commands", action="store_true")
+    ap.add_argument("--hot-every", type=int, default=2)
     args = ap.parse_args()
 
     data = tempfile.mkdtemp(prefix="m2mhub-bench-telemetry-", dir=os.path.abspath("target"))
@@ -88,10 +89,11 @@ def main():
         rows = []
         for rate in [int(r) for r in args.rates.split(",")]:
             scenario = "command-latency" if args.commands else "telemetry"
+            extra = ["--hot-every", str(args.hot_every)] if args.commands else []
             cmd = ["taskset", "-c", "1", args.bin, "bench", "--scenario", scenario,
                    "--host", mqtt, "--publishers", str(args.devices), "--qos", str(args.qos),
                    "--rate", str(rate), "--duration", str(args.duration), "--warmup", "2",
-                   "--inflight", "64", "--metrics-url", f"http://{http}/metrics", "--json"]
+                   "--inflight", "64", "--metrics-url", f"http://{http}/metrics", "--json", *extra]
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.duration + 120)
             if out.returncode != 0:
                 print(f"rate {rate}: {out.stderr.strip()}", file=sys.stderr)

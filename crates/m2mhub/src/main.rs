@@ -267,6 +267,9 @@ struct BenchArgs {
     /// Telemetry: the server's /metrics URL, to report stored points/s.
     #[arg(long)]
     metrics_url: Option<String>,
+    /// Command latency: every Nth reading of a device is hot (at least 2).
+    #[arg(long, default_value_t = 2)]
+    hot_every: u64,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -571,6 +574,7 @@ fn bench(args: BenchArgs) -> ExitCode {
         broker_pid: args.broker_pid,
         device_prefix: args.device_prefix,
         metrics_url: args.metrics_url,
+        hot_every: args.hot_every,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -159,6 +159,10 @@ pub struct BenchOptions {
     /// Telemetry: the server's Prometheus endpoint
     /// (`http://127.0.0.1:8080/metrics`), read for stored points.
     pub metrics_url: Option<String>,
+    /// Command latency: every `hot_every`-th reading of a device is hot
+    /// (2: cold and hot in turn); each hot one follows a cold one, so each
+    /// is a new rule firing.
+    pub hot_every: u64,
 }
 
 impl Default for BenchOptions {
@@ -187,6 +191,7 @@ impl Default for BenchOptions {
             broker_pid: None,
             device_prefix: "bench-dev-".into(),
             metrics_url: None,
+            hot_every: 2,
         }
     }
 }
@@ -614,7 +619,9 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
             } else {
                 Payload::Telemetry
             };
-            Publisher::with_template(conn, i, qos, &topic, kind, opts.inflight)?
+            let mut p = Publisher::with_template(conn, i, qos, &topic, kind, opts.inflight)?;
+            p.hot_every = opts.hot_every.max(2);
+            p
         } else {
             Publisher::new(conn, i, qos, opts.payload_size, opts.inflight)?
         };
@@ -925,6 +932,7 @@ struct Publisher {
     /// Command latency: when this device last turned hot, and the
     /// latencies seen (recorded by `handle`).
     last_hot_ns: Option<u64>,
+    hot_every: u64,
     commands: Histogram,
     timing: Option<Timing>,
     /// Telemetry: offsets (in the template) of the digits to patch.
@@ -1059,6 +1067,7 @@ impl Publisher {
         conn.wbuf.reserve(WBUF_HIGH + BATCH * template.len());
         Ok(Publisher {
             last_hot_ns: None,
+            hot_every: 2,
             commands: Histogram::new(),
             timing: None,
             payload,
@@ -1120,7 +1129,7 @@ impl Publisher {
                 patch_digits(&mut self.conn.wbuf[start..], &self.digits, self.seq)
             }
             Payload::HotCold => {
-                let hot = self.seq % 2 == 1;
+                let hot = self.seq % self.hot_every == self.hot_every - 1;
                 if let Some(&off) = self.digits.first() {
                     self.conn.wbuf[start + off] = if hot { b'9' } else { b'2' };
                 }
