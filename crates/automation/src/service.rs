@@ -89,6 +89,8 @@ struct Shared {
     events: mpsc::Sender<(String, Option<String>, Value)>,
     /// The topic filters to observe; the loop re-subscribes on a change.
     filters: tokio::sync::watch::Sender<Vec<String>>,
+    /// Device attributes by device id (see `device_meta`).
+    meta: Mutex<HashMap<String, (std::time::Instant, Value)>>,
 }
 
 /// The running service; implements the API's [`RuleService`].
@@ -106,6 +108,7 @@ impl Automation {
         let (filters, filters_rx) = tokio::sync::watch::channel(Vec::new());
         let shared = Arc::new(Shared {
             filters,
+            meta: Mutex::new(HashMap::new()),
             broker: broker.clone(),
             registry: registry.clone(),
             rules: Mutex::new(Rules::default()),
@@ -578,9 +581,17 @@ async fn on_message(shared: &Shared, m: &Message) {
     if !wanted {
         return;
     }
-    let Some(payload) = payload_json(&m.topic, &m.payload) else {
+    let Some(mut payload) = payload_json(&m.topic, &m.payload) else {
         return;
     };
+    // Device attributes, for rules like `WHERE meta.group = 'line-3'`.
+    if let Value::Object(obj) = &mut payload {
+        if !obj.contains_key("meta") {
+            if let Some(meta) = device_meta(shared, device) {
+                obj.insert("meta".into(), meta);
+            }
+        }
+    }
     let outs = {
         let mut rules = shared.rules.lock();
         match rules.engines.get_mut(tenant) {
@@ -591,6 +602,28 @@ async fn on_message(shared: &Shared, m: &Message) {
     if !outs.is_empty() {
         act(shared, tenant, outs).await;
     }
+}
+
+/// How long a device's attributes are reused before they are read again.
+const META_TTL: Duration = Duration::from_secs(10);
+
+/// `{name, group, profile, labels}` of a registered device, cached briefly
+/// (rules read them per message; operators change them rarely).
+fn device_meta(shared: &Shared, device: &str) -> Option<Value> {
+    let now = std::time::Instant::now();
+    if let Some((at, v)) = shared.meta.lock().get(device) {
+        if now.duration_since(*at) < META_TTL {
+            return Some(v.clone());
+        }
+    }
+    let d = shared.registry.get_device(device).ok()?;
+    let v = json!({"name": d.name, "group": d.group, "profile": d.profile, "labels": d.labels, "tenant": d.tenant});
+    let mut cache = shared.meta.lock();
+    if cache.len() > 100_000 {
+        cache.clear();
+    }
+    cache.insert(device.to_string(), (now, v.clone()));
+    Some(v)
 }
 
 async fn on_event(shared: &Shared, topic: &str, device: Option<&str>, body: &Value) {

@@ -442,3 +442,53 @@ async fn rules_see_only_their_own_tenant_and_bad_messages_are_counted() {
         "{shown}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_read_device_attributes() {
+    let srv = TestServer::start().await;
+    let reg = &srv.get().registry;
+    for (id, site) in [("n-1", "north"), ("s-1", "south")] {
+        reg.create_device(m2mhub_registry::NewDevice {
+            id: Some(id.into()),
+            tenant: m2mhub_registry::DEFAULT_TENANT.into(),
+            labels: [("site".to_string(), site.to_string())]
+                .into_iter()
+                .collect(),
+            ..Default::default()
+        })
+        .expect("device");
+    }
+    let token = srv.admin_token();
+    api(
+        &srv,
+        &token,
+        "POST",
+        "/rules",
+        Some(json!({
+            "sql": "SELECT device FROM 'devices/+/telemetry' WHERE meta.labels.site = 'north' AND temperature > 50",
+            "actions": [{"type": "alarm", "alarm_type": "north-hot"}]
+        })),
+    )
+    .await;
+    for id in ["s-1", "n-1"] {
+        let (mut c, _) = Raw::connect_ok(srv.mqtt(), v5(id)).await;
+        c.publish(publish(
+            &format!("devices/{id}/telemetry"),
+            QoS::AtLeastOnce,
+            1,
+            r#"{"temperature": 60}"#,
+        ))
+        .await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while alarms(&srv, &token, "status=active&device=n-1")
+        .await
+        .is_empty()
+    {
+        assert!(Instant::now() < deadline, "n-1 is north and hot");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(alarms(&srv, &token, "status=active&device=s-1")
+        .await
+        .is_empty());
+}
