@@ -9,73 +9,7 @@ use m2mhub_registry::{
     CommandStatus, CommandUpdate, NewCommand, NewDevice, Registry, Role, Severity,
 };
 use serde_json::{json, Value};
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-
-/// `/api/v1` as one caller.
-struct Api {
-    addr: SocketAddr,
-    token: String,
-}
-
-impl Api {
-    fn admin(srv: &TestServer) -> Api {
-        Api {
-            addr: srv.http(),
-            token: srv.admin_token(),
-        }
-    }
-
-    /// A user of `tenant` with `role`, made directly in the registry.
-    fn user(srv: &TestServer, name: &str, role: Role, tenant: &str) -> Api {
-        let reg = &srv.get().registry;
-        reg.create_user(name, "long enough password", role, Some(tenant))
-            .expect("user");
-        let (_, token) = reg
-            .create_api_token(name, role, None, "tests")
-            .expect("token");
-        Api {
-            addr: srv.http(),
-            token,
-        }
-    }
-
-    async fn call(&self, method: &str, path: &str, body: Option<Value>) -> HttpResponse {
-        http_request(
-            self.addr,
-            method,
-            &format!("/api/v1{path}"),
-            Some(&self.token),
-            body.as_ref(),
-        )
-        .await
-    }
-
-    async fn expect(&self, method: &str, path: &str, body: Option<Value>, status: u16) -> Value {
-        let r = self.call(method, path, body).await;
-        assert_eq!(
-            r.status, status,
-            "{method} {path}: expected {status}, got {}: {}",
-            r.status, r.body
-        );
-        if r.body.is_empty() {
-            Value::Null
-        } else {
-            r.json()
-        }
-    }
-}
-
-/// A problem document with `status` whose detail contains `needle`.
-fn assert_problem(r: &HttpResponse, status: u16, needle: &str) {
-    assert_eq!(r.status, status, "{}", r.body);
-    assert_eq!(r.header("content-type"), Some("application/problem+json"));
-    let detail = r.json()["detail"].as_str().unwrap_or_default().to_string();
-    assert!(
-        detail.contains(needle),
-        "{detail:?} should contain {needle:?}"
-    );
-}
 
 fn items(v: &Value) -> &Vec<Value> {
     v["items"].as_array().expect("items")

@@ -1229,3 +1229,82 @@ impl BinServer {
         (server, before)
     }
 }
+
+// ---------------------------------------------------------------------------
+// The JSON API as one caller
+
+/// `/api/v1` as one caller.
+pub struct Api {
+    pub addr: SocketAddr,
+    pub token: String,
+}
+
+impl Api {
+    pub fn admin(srv: &TestServer) -> Api {
+        Api {
+            addr: srv.http(),
+            token: srv.admin_token(),
+        }
+    }
+
+    /// A user of `tenant` with `role`, made directly in the registry.
+    pub fn user(srv: &TestServer, name: &str, role: m2mhub_registry::Role, tenant: &str) -> Api {
+        let reg = &srv.get().registry;
+        reg.create_user(name, "long enough password", role, Some(tenant))
+            .expect("user");
+        let (_, token) = reg
+            .create_api_token(name, role, None, "tests")
+            .expect("token");
+        Api {
+            addr: srv.http(),
+            token,
+        }
+    }
+
+    pub async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> HttpResponse {
+        http_request(
+            self.addr,
+            method,
+            &format!("/api/v1{path}"),
+            Some(&self.token),
+            body.as_ref(),
+        )
+        .await
+    }
+
+    pub async fn expect(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+        status: u16,
+    ) -> serde_json::Value {
+        let r = self.call(method, path, body).await;
+        assert_eq!(
+            r.status, status,
+            "{method} {path}: expected {status}, got {}: {}",
+            r.status, r.body
+        );
+        if r.body.is_empty() {
+            serde_json::Value::Null
+        } else {
+            r.json()
+        }
+    }
+}
+
+/// A problem document with `status` whose detail contains `needle`.
+pub fn assert_problem(r: &HttpResponse, status: u16, needle: &str) {
+    assert_eq!(r.status, status, "{}", r.body);
+    assert_eq!(r.header("content-type"), Some("application/problem+json"));
+    let detail = r.json()["detail"].as_str().unwrap_or_default().to_string();
+    assert!(
+        detail.contains(needle),
+        "{detail:?} should contain {needle:?}"
+    );
+}
