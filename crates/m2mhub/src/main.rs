@@ -2,6 +2,8 @@
 //! everything else lives in the library crates.
 #![forbid(unsafe_code)]
 
+mod sim_cmd;
+
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use m2mhub::admin;
@@ -50,6 +52,9 @@ enum Command {
     },
     /// Load generator: measure any MQTT broker (this one or another).
     Bench(BenchArgs),
+    /// Simulated fleet: provision devices by claim token and drive them
+    /// over MQTT with realistic signals, obeying commands.
+    Sim(sim_cmd::SimArgs),
     /// Log in to a server and save the API token in the CLI profile.
     Login {
         #[arg(long, default_value = "admin")]
@@ -282,6 +287,7 @@ fn main() -> ExitCode {
         Command::Passwd { user, password } => passwd(&user, password),
         Command::Serve(args) => serve(args),
         Command::Bench(args) => bench(args),
+        Command::Sim(args) => run_admin(|env| async move { sim_cmd::run(args, &env).await }),
         Command::Login {
             user,
             password,

@@ -29,6 +29,7 @@
 pub mod bench;
 pub mod client;
 pub mod connect;
+pub mod fleet;
 pub mod histogram;
 pub mod memory;
 pub mod metrics_probe;
