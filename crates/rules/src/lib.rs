@@ -40,6 +40,7 @@ mod duration;
 mod engine;
 mod error;
 mod eval;
+pub mod fuzz;
 mod geo;
 mod parse;
 mod plan;
