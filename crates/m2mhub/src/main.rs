@@ -2,6 +2,7 @@
 //! everything else lives in the library crates.
 #![forbid(unsafe_code)]
 
+mod demo;
 mod sim_cmd;
 
 use anyhow::Result;
@@ -55,6 +56,9 @@ enum Command {
     /// Simulated fleet: provision devices by claim token and drive them
     /// over MQTT with realistic signals, obeying commands.
     Sim(sim_cmd::SimArgs),
+    /// The whole platform with a few hundred simulated devices of every
+    /// profile and example rules, on a demo data directory.
+    Demo(demo::DemoArgs),
     /// Log in to a server and save the API token in the CLI profile.
     Login {
         #[arg(long, default_value = "admin")]
@@ -288,6 +292,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve(args),
         Command::Bench(args) => bench(args),
         Command::Sim(args) => run_admin(|env| async move { sim_cmd::run(args, &env).await }),
+        Command::Demo(args) => demo::main(args),
         Command::Login {
             user,
             password,

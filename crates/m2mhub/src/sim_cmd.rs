@@ -53,7 +53,7 @@ pub struct SimArgs {
 }
 
 /// `5s`, `200ms`, `2m`, `1h`, or plain seconds.
-fn parse_duration(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     let (num, unit) = s
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .map_or((s, ""), |i| s.split_at(i));
@@ -157,11 +157,11 @@ async fn progress(stats: Arc<FleetStats>, total: usize, every: u64) {
     }
 }
 
-fn state_file(dir: &Path, profile: Profile) -> PathBuf {
+pub(crate) fn state_file(dir: &Path, profile: Profile) -> PathBuf {
     dir.join(format!("{profile}.json"))
 }
 
-fn load_state(path: &Path) -> Result<Vec<DeviceCredential>> {
+pub(crate) fn load_state(path: &Path) -> Result<Vec<DeviceCredential>> {
     match std::fs::read_to_string(path) {
         Ok(text) => serde_json::from_str(&text)
             .with_context(|| format!("{} is not a fleet state file", path.display())),
@@ -235,11 +235,25 @@ async fn provision(
         }
     };
     eprintln!("sim: provisioning {missing} {profile} devices");
+    provision_by_claim(api, &claim, profile, &path, &mut devices, args.count).await?;
+    Ok(devices)
+}
+
+/// Provision `profile` devices with the claim token `claim` until
+/// `devices` holds `count`, saving them to `path` after each batch.
+pub(crate) async fn provision_by_claim(
+    api: Arc<ApiClient>,
+    claim: &str,
+    profile: Profile,
+    path: &Path,
+    devices: &mut Vec<DeviceCredential>,
+    count: usize,
+) -> Result<()> {
     let mut next = devices.len();
-    while devices.len() < args.count {
+    while devices.len() < count {
         // A few at a time; the state is saved after each batch, so an
         // interrupted run keeps what it got.
-        let batch = (args.count - devices.len()).min(16);
+        let batch = (count - devices.len()).min(16);
         let mut tasks = tokio::task::JoinSet::new();
         for i in next..next + batch {
             let api = api.clone();
@@ -260,7 +274,7 @@ async fn provision(
                 Err(e) => failure = Some(e),
             }
         }
-        save_state(&path, &devices)?;
+        save_state(path, devices)?;
         if let Some(e) = failure {
             return Err(e.context(format!(
                 "provisioning failed after {} devices (kept in {})",
@@ -269,7 +283,7 @@ async fn provision(
             )));
         }
     }
-    Ok(devices)
+    Ok(())
 }
 
 #[cfg(test)]
