@@ -1,5 +1,6 @@
 //! The HTTP side of m2mhub: health, Prometheus metrics, MQTT over WebSocket
-//! at `/mqtt`, and the versioned JSON API under `/api/v1`.
+//! at `/mqtt`, the versioned JSON API under `/api/v1`, and the operator
+//! console (static assets embedded in the binary, `console.rs`) at `/`.
 //!
 //! Every error leaves as an RFC 9457 problem document (`problem.rs`), so API
 //! clients handle one error shape everywhere. The WebSocket endpoint hands
@@ -9,6 +10,7 @@
 mod alarms;
 mod caller;
 mod commands;
+mod console;
 mod device_events;
 mod devices;
 pub mod openapi;

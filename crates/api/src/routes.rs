@@ -129,6 +129,9 @@ pub fn router(state: AppState) -> Router {
     let doc = std::sync::Arc::new(crate::openapi::document(&ops));
     let api = api.fallback(api_not_found).layer(axum::Extension(doc));
     Router::new()
+        // The operator console (outside `/api/v1`; it is a client of it).
+        .route("/", get(crate::console::index))
+        .route("/console/{file}", get(crate::console::file))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/mqtt", get(crate::websocket::upgrade))

@@ -15,6 +15,8 @@ mod auth;
 mod bad_input;
 #[path = "tests/cli.rs"]
 mod cli;
+#[path = "tests/console.rs"]
+mod console;
 #[path = "tests/demo.rs"]
 mod demo;
 #[path = "tests/fleet.rs"]

@@ -1,0 +1,777 @@
+// m2mhub operator console: a single-page app over /api/v1, no framework.
+//
+// Model: the URL fragment names the page (#/devices/abc); `render()` runs the
+// page function, which builds DOM nodes with `h()` (text always goes in as
+// text nodes: no data ever passes through innerHTML). Each page may start
+// timers with `every()`; they stop when the page changes. Async work checks
+// `current(gen)` so a slow answer never draws over a newer page.
+"use strict";
+
+const TOKEN_KEY = "m2mhub.token";
+const state = { me: null, gen: 0, timers: [] };
+
+// ---- DOM -------------------------------------------------------------------
+
+function h(tag, attrs, ...children) {
+  const el = document.createElement(tag);
+  setAttrs(el, attrs);
+  append(el, children);
+  return el;
+}
+
+const SVG_NS = "http://www.w3.org/2000/svg";
+function s(tag, attrs, ...children) {
+  const el = document.createElementNS(SVG_NS, tag);
+  setAttrs(el, attrs);
+  append(el, children);
+  return el;
+}
+
+function setAttrs(el, attrs) {
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (v === null || v === undefined || v === false) continue;
+    if (k.startsWith("on") && typeof v === "function") el.addEventListener(k.slice(2), v);
+    else if (k === "value") el.value = v;
+    else el.setAttribute(k, v === true ? "" : String(v));
+  }
+}
+
+function append(el, children) {
+  for (const c of children.flat(Infinity)) {
+    if (c === null || c === undefined || c === false) continue;
+    el.appendChild(c instanceof Node ? c : document.createTextNode(String(c)));
+  }
+}
+
+function replace(el, ...children) {
+  el.replaceChildren();
+  append(el, children);
+}
+
+const $ = (id) => document.getElementById(id);
+
+function table(headers, rows, empty) {
+  if (!rows.length) return h("p", { class: "muted" }, empty || "Nothing here.");
+  return h("table", {},
+    h("thead", {}, h("tr", {}, headers.map((t) => h("th", {}, t)))),
+    h("tbody", {}, rows));
+}
+
+function fmtTime(ms) {
+  if (ms === null || ms === undefined) return "—";
+  return new Date(ms).toLocaleString();
+}
+
+function ago(ms) {
+  if (!ms) return "never";
+  const s = Math.round((Date.now() - ms) / 1000);
+  if (s < 60) return s + " s ago";
+  if (s < 3600) return Math.round(s / 60) + " min ago";
+  if (s < 86400) return Math.round(s / 3600) + " h ago";
+  return Math.round(s / 86400) + " d ago";
+}
+
+function fmtValue(v) {
+  if (typeof v === "number") return Number.isInteger(v) ? String(v) : v.toPrecision(6).replace(/\.?0+$/, "");
+  if (typeof v === "string") return v;
+  return JSON.stringify(v);
+}
+
+function json(v) {
+  return v === null || v === undefined ? "" : JSON.stringify(v);
+}
+
+// ---- API -------------------------------------------------------------------
+
+class ApiError extends Error {
+  constructor(status, problem) {
+    super((problem && (problem.detail || problem.title)) || "HTTP " + status);
+    this.status = status;
+    this.problem = problem || {};
+  }
+}
+
+async function api(method, path, body) {
+  const headers = { Accept: "application/json" };
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  if (token) headers.Authorization = "Bearer " + token;
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  const resp = await fetch("/api/v1" + path, {
+    method,
+    headers,
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  if (resp.status === 401 && path !== "/auth/login") {
+    logout("Your session has ended; please log in again.");
+    throw new ApiError(401, { detail: "not logged in" });
+  }
+  const text = await resp.text();
+  let data = null;
+  if (text) {
+    try { data = JSON.parse(text); } catch (_) { data = { detail: text }; }
+  }
+  if (!resp.ok) throw new ApiError(resp.status, data);
+  return data;
+}
+
+const get = (path) => api("GET", path);
+
+function query(params) {
+  const q = new URLSearchParams();
+  for (const [k, v] of Object.entries(params)) if (v !== "" && v !== null && v !== undefined) q.set(k, v);
+  const t = q.toString();
+  return t ? "?" + t : "";
+}
+
+const enc = encodeURIComponent;
+
+function canWrite() {
+  return state.me && (state.me.role === "operator" || state.me.role === "admin");
+}
+
+function isAdmin() {
+  return state.me && state.me.role === "admin";
+}
+
+// Show an error at the top of the page (problem documents: their `detail`).
+function showError(e) {
+  if (e instanceof ApiError && e.status === 401) return;
+  const b = $("banner");
+  replace(b, String(e.message || e), " ", h("button", { type: "button", onclick: () => { b.hidden = true; } }, "×"));
+  b.hidden = false;
+}
+
+function clearError() {
+  $("banner").hidden = true;
+}
+
+// Run an action from a button; errors go to the banner.
+function act(fn) {
+  return async (ev) => {
+    const btn = ev && ev.currentTarget;
+    if (btn) btn.disabled = true;
+    try { clearError(); await fn(ev); } catch (e) { showError(e); } finally { if (btn) btn.disabled = false; }
+  };
+}
+
+// A write button: absent for viewers (the API refuses them anyway).
+function writeButton(label, fn, cls) {
+  return canWrite() ? h("button", { type: "button", class: cls, onclick: act(fn) }, label) : null;
+}
+
+// ---- Routing -----------------------------------------------------------------
+
+function every(ms, fn) {
+  const gen = state.gen;
+  const tick = async () => {
+    if (!current(gen)) return;
+    try { await fn(); } catch (e) { showError(e); }
+  };
+  state.timers.push(setInterval(tick, ms));
+  return tick();
+}
+
+function current(gen) {
+  return gen === state.gen;
+}
+
+function parseHash() {
+  const raw = location.hash.replace(/^#/, "") || "/";
+  const [path, qs] = raw.split("?");
+  return { parts: path.split("/").filter(Boolean).map(decodeURIComponent), params: new URLSearchParams(qs || "") };
+}
+
+function go(hash) {
+  if (location.hash === hash) render();
+  else location.hash = hash;
+}
+
+const NAV = [
+  ["#/", "Overview", () => true],
+  ["#/devices", "Devices", () => true],
+  ["#/map", "Map", () => true],
+  ["#/alarms", "Alarms", () => true],
+  ["#/rules", "Rules", () => true],
+  ["#/audit", "Audit", isAdmin],
+  ["#/security", "Security events", () => true],
+];
+
+async function render() {
+  state.gen += 1;
+  state.timers.forEach(clearInterval);
+  state.timers = [];
+  clearError();
+  const { parts, params } = parseHash();
+  if (!sessionStorage.getItem(TOKEN_KEY)) return renderLogin();
+  if (!state.me) {
+    try { state.me = await get("/auth/me"); } catch (e) { if (!(e instanceof ApiError && e.status === 401)) showError(e); return; }
+  }
+  renderBar(parts[0] || "");
+  const view = $("view");
+  replace(view);
+  const gen = state.gen;
+  const page = {
+    "": overview, devices: parts[1] ? device : devices, map: map, alarms: alarms,
+    rules: parts[1] ? ruleForm : rules, audit: audit, security: security,
+  }[parts[0] || ""];
+  try {
+    if (page) await page(view, gen, parts, params);
+    else replace(view, h("h1", {}, "Not found"), h("p", {}, h("a", { href: "#/" }, "Back to the overview")));
+  } catch (e) {
+    if (current(gen)) showError(e);
+  }
+}
+
+function renderBar(section) {
+  $("bar").hidden = false;
+  replace($("nav"), NAV.filter(([, , show]) => show()).map(([href, label]) =>
+    h("a", { href, class: href === "#/" + section ? "active" : null }, label)));
+  replace($("who"), state.me.username, " · ", state.me.role, state.me.tenant ? " · " + state.me.tenant : "");
+}
+
+function logout(message) {
+  sessionStorage.removeItem(TOKEN_KEY);
+  state.me = null;
+  renderLogin(message);
+}
+
+// ---- Login -------------------------------------------------------------------
+
+function renderLogin(message) {
+  state.gen += 1;
+  state.timers.forEach(clearInterval);
+  state.timers = [];
+  $("bar").hidden = true;
+  const err = h("p", { class: "error" }, message || "");
+  const user = h("input", { name: "username", autocomplete: "username", required: true, autofocus: true });
+  const pass = h("input", { name: "password", type: "password", autocomplete: "current-password", required: true });
+  const form = h("form", { class: "stack card login" },
+    h("h1", {}, "m2mhub console"),
+    h("label", {}, "User name", user),
+    h("label", {}, "Password", pass),
+    h("button", { class: "primary", type: "submit" }, "Log in"),
+    err);
+  form.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    replace(err);
+    try {
+      const r = await api("POST", "/auth/login", { username: user.value, password: pass.value });
+      sessionStorage.setItem(TOKEN_KEY, r.token);
+      state.me = { username: r.username, role: r.role, tenant: r.tenant };
+      if (!location.hash || location.hash === "#/login") location.hash = "#/";
+      else render();
+    } catch (e) {
+      replace(err, e.message);
+    }
+  });
+  replace($("view"), form);
+  user.focus();
+}
+
+// ---- Overview ----------------------------------------------------------------
+
+const SEVERITIES = ["critical", "major", "minor", "warning", "info"];
+
+async function overview(view, gen) {
+  const figures = {};
+  const card = (key, label) => {
+    figures[key] = h("div", { class: "figure" }, "…");
+    return h("div", { class: "card" }, h("div", { class: "muted" }, label), figures[key]);
+  };
+  const alarmsBox = h("div", { class: "cards" });
+  replace(view,
+    h("h1", {}, "Fleet overview ", h("span", { class: "muted live" }, "every 5 s")),
+    h("div", { class: "cards" },
+      card("total", "Devices"), card("online", "Online"), card("offline", "Offline"), card("rate", "Messages / s")),
+    h("h2", {}, "Active alarms"), alarmsBox);
+  let last = null;
+  const sample = async () => {
+    const [devs, broker, summary] = await Promise.all([
+      get("/devices?limit=1"), get("/broker"), get("/alarms/summary"),
+    ]);
+    if (!current(gen)) return;
+    // Online from the broker's live connections: counting `online` per
+    // device would need a scan of the whole fleet.
+    const online = broker.connections;
+    replace(figures.total, devs.total);
+    replace(figures.online, online);
+    replace(figures.offline, Math.max(0, devs.total - online));
+    const now = { t: performance.now(), n: broker.counters.messages_received };
+    if (last && now.t > last.t) replace(figures.rate, ((now.n - last.n) * 1000 / (now.t - last.t)).toFixed(1));
+    last = now;
+    replace(alarmsBox, SEVERITIES.map((sev) =>
+      h("a", { class: "card", href: "#/alarms?severity=" + sev },
+        h("span", { class: "badge sev-" + sev }, sev), h("div", { class: "figure" }, summary[sev] || 0))),
+    h("div", { class: "card" }, h("div", { class: "muted" }, "Not acknowledged"), h("div", { class: "figure" }, summary.unacked || 0)));
+  };
+  await every(5000, sample);
+  // A second sample soon, so the rate shows without waiting 5 s.
+  setTimeout(() => { if (current(gen)) sample().catch(showError); }, 1000);
+}
+
+// ---- Devices -----------------------------------------------------------------
+
+async function devices(view, gen, parts, params) {
+  const f = {
+    search: params.get("search") || "", group: params.get("group") || "",
+    profile: params.get("profile") || "", enabled: params.get("enabled") || "",
+  };
+  // Cursors of the pages before this one, for "Previous".
+  const trail = (params.get("trail") || "").split(",").filter(Boolean).map(decodeURIComponent);
+  const after = params.get("after") || "";
+  const hashFor = (extra) => "#/devices" + query({ ...f, ...extra });
+  const search = h("input", { type: "search", placeholder: "Search id or name", value: f.search });
+  const group = h("input", { placeholder: "Group", value: f.group, size: 12 });
+  const profile = h("input", { placeholder: "Profile", value: f.profile, size: 12 });
+  const enabled = h("select", {},
+    h("option", { value: "" }, "enabled or not"), h("option", { value: "true" }, "enabled"), h("option", { value: "false" }, "disabled"));
+  enabled.value = f.enabled;
+  const apply = () => go("#/devices" + query({
+    search: search.value.trim(), group: group.value.trim(), profile: profile.value.trim(), enabled: enabled.value,
+  }));
+  let debounce = null;
+  search.addEventListener("input", () => { clearTimeout(debounce); debounce = setTimeout(apply, 400); });
+  for (const el of [group, profile]) el.addEventListener("change", apply);
+  enabled.addEventListener("change", apply);
+  const body = h("div", {}, h("p", { class: "muted" }, "Loading…"));
+  replace(view, h("h1", {}, "Devices"), h("div", { class: "toolbar" }, search, group, profile, enabled), body);
+  const r = await get("/devices" + query({ ...f, limit: 50, after }));
+  if (!current(gen)) return;
+  const rows = r.items.map((d) => h("tr", {},
+    h("td", {}, h("a", { href: "#/devices/" + enc(d.id) }, d.id)),
+    h("td", {}, d.name || ""), h("td", {}, d.group || ""), h("td", {}, d.profile || ""),
+    h("td", {}, h("span", { class: "dot" + (d.online ? " on" : ""), title: d.online ? "online" : "offline" }), d.enabled ? "" : " disabled"),
+    h("td", { title: fmtTime(d.last_seen_ms) }, ago(d.last_seen_ms))));
+  const prev = trail.length ? trail[trail.length - 1] : null;
+  replace(body,
+    table(["Id", "Name", "Group", "Profile", "Online", "Last seen"], rows, "No device matches."),
+    h("div", { class: "pager" },
+      h("button", { type: "button", disabled: !after, onclick: () => go(hashFor({ after: prev, trail: trail.slice(0, -1).map(enc).join(",") })) }, "Previous"),
+      h("button", { type: "button", disabled: !r.next, onclick: () => go(hashFor({ after: r.next, trail: [...trail, after].map(enc).join(",") })) }, "Next"),
+      h("span", { class: "muted" }, r.total + " devices in all")));
+}
+
+// ---- One device ----------------------------------------------------------------
+
+const RANGES = { "1h": { from: "-1h", bucket: "1m" }, "24h": { from: "-24h", bucket: "15m" }, "7d": { from: "-7d", bucket: "2h" } };
+const TERMINAL = ["answered", "failed", "timed_out"];
+
+async function device(view, gen, parts, params) {
+  const id = parts[1];
+  const path = "/devices/" + enc(id);
+  const range = RANGES[params.get("range")] ? params.get("range") : "24h";
+  const meta = h("div", {}, "Loading…");
+  const creds = h("div", {});
+  const latest = h("div", {});
+  const charts = h("div", { class: "charts" });
+  const events = h("div", {});
+  const commands = h("div", {});
+  const rangeTabs = h("div", { class: "tabs" }, Object.keys(RANGES).map((k) =>
+    h("a", { href: "#/devices/" + enc(id) + "?range=" + k, class: k === range ? "active" : null }, k)));
+  replace(view,
+    h("h1", {}, "Device ", h("code", {}, id)), meta,
+    h("h2", {}, "Credentials"), creds,
+    h("h2", {}, "Latest values ", h("span", { class: "muted live" }, "live")), latest,
+    h("h2", {}, "History"), rangeTabs, charts,
+    h("h2", {}, "Commands"), commands,
+    h("h2", {}, "Events"), events);
+
+  const d = await get(path);
+  if (!current(gen)) return;
+  const labels = Object.entries(d.labels || {}).map(([k, v]) => k + "=" + v).join(", ");
+  const sess = d.session;
+  replace(meta, table(["Field", "Value"], [
+    ["Name", d.name], ["Tenant", d.tenant], ["Group", d.group || "—"], ["Profile", d.profile || "—"],
+    ["Labels", labels || "—"], ["Enabled", d.enabled ? "yes" : "no"],
+    ["Online", d.online ? "yes" : "no"], ["Created", fmtTime(d.created_ms)],
+    ["Last seen", d.last_seen_ms ? fmtTime(d.last_seen_ms) + " (" + ago(d.last_seen_ms) + ")" : "never"],
+    ["Last address", d.last_addr || "—"],
+    ["MQTT session", sess ? json(sess) : "none"],
+  ].map(([k, v]) => h("tr", {}, h("th", {}, k), h("td", {}, v)))));
+
+  const loadCreds = async () => {
+    const [tokens, certs] = await Promise.all([get(path + "/tokens"), get(path + "/certificates")]);
+    if (!current(gen)) return;
+    replace(creds,
+      h("div", { class: "toolbar" }, writeButton("Issue token", async () => {
+        const r = await api("POST", path + "/tokens", {});
+        await loadCreds();
+        replace(creds.querySelector(".issued"), h("div", { class: "secret" },
+          "New token ", h("code", {}, r.token.id), " — secret (shown once): ", h("code", {}, r.secret)));
+      })),
+      h("div", { class: "issued" }),
+      table(["Token", "Created", "Expires", "State", ""], tokens.items.map((t) => h("tr", {},
+        h("td", {}, h("code", {}, t.id)), h("td", {}, fmtTime(t.created_ms)),
+        h("td", {}, t.expires_ms ? fmtTime(t.expires_ms) : "never"), h("td", {}, t.revoked ? "revoked" : "valid"),
+        h("td", {}, t.revoked ? null : writeButton("Revoke", async () => {
+          if (!confirm("Revoke token " + t.id + "? Live sessions using it are dropped.")) return;
+          await api("DELETE", path + "/tokens/" + enc(t.id));
+          await loadCreds();
+        }, "danger")))), "No tokens."),
+      h("p", {}),
+      table(["Certificate (SHA-256)", "Serial", "Not after", "State", ""], certs.items.map((c) => h("tr", {},
+        h("td", {}, h("code", {}, c.fingerprint.slice(0, 16) + "…")), h("td", {}, h("code", {}, c.serial_hex)),
+        h("td", {}, fmtTime(c.not_after_ms)), h("td", {}, c.revoked_ms ? "revoked " + fmtTime(c.revoked_ms) : "valid"),
+        h("td", {}, c.revoked_ms ? null : writeButton("Revoke", async () => {
+          if (!confirm("Revoke this certificate? Live sessions using it are dropped.")) return;
+          await api("DELETE", path + "/certificates/" + enc(c.fingerprint));
+          await loadCreds();
+        }, "danger")))), "No certificates."));
+  };
+
+  let charted = "";
+  const loadLatest = async () => {
+    const r = await get(path + "/telemetry");
+    if (!current(gen)) return;
+    replace(latest, table(["Metric", "Value", "Kind", "Time"], r.items.map((m) => h("tr", {},
+      h("td", {}, m.metric), h("td", { class: "num" }, fmtValue(m.value)), h("td", { class: "muted" }, m.kind),
+      h("td", { title: m.time }, ago(m.ts_ms)))), "No telemetry yet."));
+    // (Re)draw the history charts when the set of numeric metrics changes.
+    const numeric = r.items.filter((m) => m.kind === "float").map((m) => m.metric).sort();
+    if (numeric.join("\n") !== charted) {
+      charted = numeric.join("\n");
+      await drawCharts(numeric);
+    }
+  };
+
+  const drawCharts = async (metrics) => {
+    const { from, bucket } = RANGES[range];
+    const results = await Promise.all(metrics.map((m) =>
+      get("/telemetry/aggregate" + query({ metric: m, device: id, from, bucket, fn: "avg,min,max" }))
+        .catch((e) => ({ error: e.message }))));
+    if (!current(gen)) return;
+    replace(charts, metrics.map((m, i) => h("div", { class: "card" },
+      h("strong", {}, m), " ", h("span", { class: "muted" }, "avg, min–max per " + bucket),
+      results[i].error ? h("p", { class: "error" }, results[i].error)
+        : lineChart(((results[i].series || [])[0] || { buckets: [] }).buckets, results[i].from_ms, results[i].to_ms))));
+    if (!metrics.length) replace(charts, h("p", { class: "muted" }, "No numeric metrics."));
+  };
+
+  const loadCommands = async () => {
+    const r = await get(path + "/commands?limit=20");
+    if (!current(gen)) return;
+    replace(commandList, table(["Sent", "Command", "Params", "Status", "Response / error"], r.items.map((c) => h("tr", {},
+      h("td", {}, fmtTime(c.created_ms)), h("td", {}, c.name), h("td", {}, h("code", {}, json(c.params))),
+      h("td", {}, c.status), h("td", {}, h("code", {}, c.error || json(c.response))))), "No commands."));
+  };
+  const commandList = h("div", {});
+  replace(commands, canWrite() ? commandForm(path, gen, loadCommands) : null, commandList);
+
+  const loadEvents = async () => {
+    const r = await get(path + "/events?limit=20");
+    if (!current(gen)) return;
+    replace(events, table(["Time", "Kind", "Detail"], r.items.map((e) => h("tr", {},
+      h("td", {}, fmtTime(e.ts_ms)), h("td", {}, e.kind), h("td", {}, h("pre", {}, e.detail)))), "No events."));
+  };
+
+  await Promise.all([loadCreds(), loadEvents(), every(2000, loadLatest), every(10000, loadCommands)]);
+  every(60000, () => drawCharts(charted ? charted.split("\n") : []));
+}
+
+function commandForm(path, gen, reload) {
+  const name = h("input", { placeholder: "name, e.g. reboot", required: true });
+  const params = h("textarea", { class: "code", rows: 3, placeholder: "{\"key\": \"value\"}" });
+  const timeout = h("input", { type: "number", min: 1, value: 30, size: 5 });
+  const status = h("p", {});
+  const form = h("form", { class: "stack card" },
+    h("label", {}, "Command", name),
+    h("label", {}, "Parameters (JSON)", params),
+    h("label", {}, "Timeout (s)", timeout),
+    h("div", {}, h("button", { class: "primary", type: "submit" }, "Send")), status);
+  form.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    let p = {};
+    try { p = params.value.trim() ? JSON.parse(params.value) : {}; } catch (e) {
+      replace(status, h("span", { class: "error" }, "Parameters are not JSON: " + e.message));
+      return;
+    }
+    try {
+      const c = await api("POST", path + "/commands", { name: name.value.trim(), params: p, timeout_secs: Number(timeout.value) || 30 });
+      replace(status, "Command ", h("code", {}, c.id), ": ", c.status || "pending");
+      await reload();
+      // Poll until the device answers or the command times out.
+      const poll = setInterval(async () => {
+        if (!current(gen)) return clearInterval(poll);
+        try {
+          const now = await get("/commands/" + enc(c.id));
+          if (!current(gen)) return;
+          replace(status, "Command ", h("code", {}, c.id), ": ", h("strong", {}, now.status),
+            now.error ? " — " + now.error : "", now.response !== null && now.response !== undefined ? " — " + json(now.response) : "");
+          if (TERMINAL.includes(now.status)) { clearInterval(poll); await reload(); }
+        } catch (e) { clearInterval(poll); showError(e); }
+      }, 1000);
+      state.timers.push(poll);
+    } catch (e) {
+      replace(status, h("span", { class: "error" }, e.message));
+    }
+  });
+  return form;
+}
+
+// An SVG line chart: the avg line over the min–max band.
+function lineChart(buckets, fromMs, toMs) {
+  const W = 360, H = 140, L = 44, R = 8, T = 8, B = 20;
+  const pts = buckets.filter((b) => typeof b.avg === "number");
+  if (!pts.length) return h("p", { class: "muted" }, "No data in this range.");
+  let lo = Math.min(...pts.map((b) => (typeof b.min === "number" ? b.min : b.avg)));
+  let hi = Math.max(...pts.map((b) => (typeof b.max === "number" ? b.max : b.avg)));
+  if (hi === lo) { hi += 1; lo -= 1; }
+  const t0 = fromMs || pts[0].ts_ms, t1 = toMs || pts[pts.length - 1].ts_ms;
+  const x = (t) => L + ((t - t0) / Math.max(1, t1 - t0)) * (W - L - R);
+  const y = (v) => T + (1 - (v - lo) / (hi - lo)) * (H - T - B);
+  const band = pts.map((b) => x(b.ts_ms) + "," + y(typeof b.max === "number" ? b.max : b.avg))
+    .concat(pts.slice().reverse().map((b) => x(b.ts_ms) + "," + y(typeof b.min === "number" ? b.min : b.avg)));
+  const grid = [lo, (lo + hi) / 2, hi].map((v) => [
+    s("line", { class: "grid", x1: L, x2: W - R, y1: y(v), y2: y(v) }),
+    s("text", { class: "axis", x: L - 4, y: y(v) + 3, "text-anchor": "end" }, fmtValue(Number(v.toPrecision(4)))),
+  ]);
+  const ticks = [t0, t1].map((t, i) =>
+    s("text", { class: "axis", x: i ? W - R : L, y: H - 5, "text-anchor": i ? "end" : "start" }, new Date(t).toLocaleString()));
+  return s("svg", { class: "chart", viewBox: `0 0 ${W} ${H}`, role: "img" },
+    grid, ticks,
+    s("polygon", { class: "band", points: band.join(" ") }),
+    s("polyline", { class: "avg", points: pts.map((b) => x(b.ts_ms) + "," + y(b.avg)).join(" ") }));
+}
+
+// ---- Map -----------------------------------------------------------------------
+
+async function map(view, gen) {
+  const box = h("div", {}, "Loading…");
+  replace(view, h("h1", {}, "Map ", h("span", { class: "muted live" }, "every 5 s")),
+    h("p", { class: "muted" }, "Devices that reported lat/lon in the last 24 h, at their latest position."), box);
+  // One aggregate per coordinate gives every device's last value at once,
+  // instead of one request per device.
+  const lastOf = async (metric) => {
+    const r = await get("/telemetry/aggregate" + query({ metric, from: "-24h", bucket: "1d", fn: "last" }));
+    const out = new Map();
+    for (const sr of r.series || []) {
+      const b = sr.buckets.filter((x) => typeof x.last === "number").sort((a, c) => a.ts_ms - c.ts_ms).pop();
+      if (b) out.set(sr.device, b.last);
+    }
+    return out;
+  };
+  await every(5000, async () => {
+    const [lat, lon] = await Promise.all([lastOf("lat"), lastOf("lon")]);
+    if (!current(gen)) return;
+    const pts = [...lat].filter(([d, v]) => lon.has(d) && Math.abs(v) <= 90 && Math.abs(lon.get(d)) <= 180)
+      .map(([d, v]) => ({ id: d, lat: v, lon: lon.get(d) }));
+    replace(box, pts.length ? mapSvg(pts) : h("p", { class: "muted" }, "No device reports a position."));
+  });
+}
+
+function mapSvg(pts) {
+  const W = 900, H = 520, P = 30;
+  let [x0, x1] = [Math.min(...pts.map((p) => p.lon)), Math.max(...pts.map((p) => p.lon))];
+  let [y0, y1] = [Math.min(...pts.map((p) => p.lat)), Math.max(...pts.map((p) => p.lat))];
+  const pad = Math.max(0.01, (x1 - x0) * 0.1, (y1 - y0) * 0.1);
+  x0 -= pad; x1 += pad; y0 -= pad; y1 += pad;
+  // Equirectangular with the longitude squeezed by cos(latitude): shapes
+  // stay about right over a city or a country.
+  const k = Math.cos(((y0 + y1) / 2) * Math.PI / 180) || 1;
+  const scale = Math.min((W - 2 * P) / ((x1 - x0) * k), (H - 2 * P) / (y1 - y0));
+  const x = (lon) => P + (lon - x0) * k * scale;
+  const y = (lat) => H - P - (lat - y0) * scale;
+  const step = niceStep((y1 - y0) / 5);
+  const grid = [];
+  for (let v = Math.ceil(y0 / step) * step; v <= y1; v += step) {
+    grid.push(s("line", { class: "grid", x1: 0, x2: W, y1: y(v), y2: y(v) }),
+      s("text", { class: "axis", x: 2, y: y(v) - 2 }, v.toFixed(3)));
+  }
+  for (let v = Math.ceil(x0 / step) * step; v <= x1; v += step) {
+    grid.push(s("line", { class: "grid", x1: x(v), x2: x(v), y1: 0, y2: H }),
+      s("text", { class: "axis", x: x(v) + 2, y: H - 2 }, v.toFixed(3)));
+  }
+  const pins = pts.map((p) => {
+    const c = s("circle", { class: "pin", cx: x(p.lon), cy: y(p.lat), r: 5 },
+      s("title", {}, p.id + " (" + p.lat.toFixed(5) + ", " + p.lon.toFixed(5) + ")"));
+    c.addEventListener("click", () => go("#/devices/" + enc(p.id)));
+    return c;
+  });
+  const labels = pts.length <= 50 ? pts.map((p) => s("text", { class: "label", x: x(p.lon) + 7, y: y(p.lat) + 3 }, p.id)) : [];
+  return s("svg", { class: "map", viewBox: `0 0 ${W} ${H}`, role: "img" }, grid, pins, labels);
+}
+
+function niceStep(raw) {
+  const p = Math.pow(10, Math.floor(Math.log10(raw || 1)));
+  const f = raw / p;
+  return (f < 2 ? 1 : f < 5 ? 2 : 5) * p;
+}
+
+// ---- Alarms --------------------------------------------------------------------
+
+async function alarms(view, gen, parts, params) {
+  const status = params.get("status") === "cleared" ? "cleared" : "active";
+  const severity = params.get("severity") || "";
+  const before = params.get("before") || "";
+  const body = h("div", {}, "Loading…");
+  replace(view, h("h1", {}, "Alarms"),
+    h("div", { class: "tabs" },
+      h("a", { href: "#/alarms" + query({ status: "active", severity }), class: status === "active" ? "active" : null }, "Active"),
+      h("a", { href: "#/alarms" + query({ status: "cleared", severity }), class: status === "cleared" ? "active" : null }, "History")),
+    severity ? h("p", {}, "Severity ", h("span", { class: "badge sev-" + severity }, severity), " ", h("a", { href: "#/alarms" + query({ status }) }, "(all)")) : null,
+    body);
+  const load = async () => {
+    const r = await get("/alarms" + query({ status, severity, before, limit: 50 }));
+    if (!current(gen)) return;
+    replace(body,
+      table(["Id", "Raised", "Device", "Type", "Severity", "Acknowledged", status === "cleared" ? "Cleared" : "", ""],
+        r.items.map((a) => h("tr", {},
+          h("td", {}, a.id), h("td", {}, fmtTime(a.created_ms)),
+          h("td", {}, h("a", { href: "#/devices/" + enc(a.device_id) }, a.device_id)),
+          h("td", {}, a.type), h("td", {}, h("span", { class: "badge sev-" + a.severity }, a.severity)),
+          h("td", {}, a.acked ? "by " + (a.acked_by || "?") + ", " + fmtTime(a.acked_ms) : "no"),
+          h("td", {}, a.cleared_ms ? fmtTime(a.cleared_ms) + (a.cleared_by ? " (" + a.cleared_by + ")" : "") : ""),
+          h("td", {},
+            a.status === "active" && !a.acked ? writeButton("Acknowledge", async () => { await api("POST", "/alarms/" + a.id + "/ack"); await load(); }) : null,
+            " ",
+            a.status === "active" ? writeButton("Clear", async () => { await api("POST", "/alarms/" + a.id + "/clear"); await load(); }, "danger") : null))),
+        status === "active" ? "No active alarms." : "No cleared alarms."),
+      h("div", { class: "pager" },
+        before ? h("a", { href: "#/alarms" + query({ status, severity }) }, "Newest") : null,
+        r.next ? h("a", { href: "#/alarms" + query({ status, severity, before: r.next }) }, "Older") : null));
+  };
+  await every(5000, load);
+}
+
+// ---- Rules ---------------------------------------------------------------------
+
+async function rules(view, gen) {
+  const body = h("div", {}, "Loading…");
+  replace(view, h("h1", {}, "Rules"),
+    h("div", { class: "toolbar" }, canWrite() ? h("button", { type: "button", class: "primary", onclick: () => go("#/rules/new") }, "New rule") : null),
+    body);
+  const load = async () => {
+    const r = await get("/rules");
+    if (!current(gen)) return;
+    replace(body, table(["Rule", "Enabled", "Counters", ""], r.items.map((rule) => h("tr", {},
+      h("td", {}, h("a", { href: "#/rules/" + enc(rule.id) }, rule.name || rule.id), h("div", { class: "muted" }, rule.description || "")),
+      h("td", {}, rule.enabled ? "yes" : "no"),
+      h("td", {}, rule.counters ? Object.entries(rule.counters).map(([k, v]) => h("div", {}, k + ": " + fmtValue(v))) : h("span", { class: "muted" }, "—")),
+      h("td", {}, writeButton(rule.enabled ? "Disable" : "Enable", async () => {
+        await api("POST", "/rules/" + enc(rule.id) + (rule.enabled ? "/disable" : "/enable"));
+        await load();
+      })))), "No rules yet."));
+  };
+  await every(5000, load);
+}
+
+async function ruleForm(view, gen, parts) {
+  const id = parts[1] === "new" ? null : parts[1];
+  const rule = id ? await get("/rules/" + enc(id)) : { name: "", description: "", sql: "", actions: [], enabled: true };
+  if (!current(gen)) return;
+  const name = h("input", { value: rule.name || "" });
+  const description = h("input", { value: rule.description || "" });
+  const sql = h("textarea", { class: "code", rows: 8, spellcheck: "false", value: rule.sql || "" });
+  const sqlError = h("div", {});
+  const actions = h("textarea", { class: "code", rows: 8, spellcheck: "false", value: JSON.stringify(rule.actions || [], null, 2) });
+  const actionsError = h("div", {});
+  const enabled = h("input", { type: "checkbox" });
+  enabled.checked = !!rule.enabled;
+  const readOnly = !canWrite();
+  for (const el of [name, description, sql, actions, enabled]) el.disabled = readOnly;
+  const form = h("form", { class: "stack" },
+    h("label", {}, "Name", name),
+    h("label", {}, "Description", description),
+    h("label", {}, "SQL", sql), sqlError,
+    h("label", {}, "Actions (JSON array)", actions), actionsError,
+    h("label", {}, h("span", {}, enabled, " enabled")),
+    readOnly ? null : h("div", { class: "toolbar" },
+      h("button", { class: "primary", type: "submit" }, id ? "Save" : "Create"),
+      id ? h("button", { type: "button", class: "danger", onclick: act(async () => {
+        if (!confirm("Delete rule " + (rule.name || id) + "?")) return;
+        await api("DELETE", "/rules/" + enc(id));
+        go("#/rules");
+      }) }, "Delete") : null));
+  form.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    replace(sqlError);
+    replace(actionsError);
+    let acts;
+    try { acts = JSON.parse(actions.value || "[]"); } catch (e) {
+      replace(actionsError, h("p", { class: "error" }, "Not JSON: " + e.message));
+      return;
+    }
+    const body = { name: name.value, description: description.value, sql: sql.value, actions: acts, enabled: enabled.checked };
+    try {
+      const saved = id ? await api("PUT", "/rules/" + enc(id), body) : await api("POST", "/rules", body);
+      go("#/rules/" + enc(saved.id));
+    } catch (e) {
+      if (e instanceof ApiError && e.status === 422) showRuleProblem(e.problem, sql, sqlError, actionsError);
+      else showError(e);
+    }
+  });
+  replace(view, h("h1", {}, id ? "Rule " + (rule.name || id) : "New rule"), form);
+}
+
+// A rule the service refused: the message under the SQL, the faulty line
+// with a caret under the column, and the position selected in the textarea.
+function showRuleProblem(problem, sql, sqlError, actionsError) {
+  const message = problem.detail || problem.title || "invalid rule";
+  if (!problem.line) {
+    replace(/action/i.test(message) ? actionsError : sqlError, h("p", { class: "error" }, message));
+    return;
+  }
+  const lines = sql.value.split("\n");
+  const line = Math.min(problem.line, lines.length);
+  const col = Math.max(1, problem.column || 1);
+  const text = lines[line - 1] || "";
+  replace(sqlError, h("div", { class: "caret" },
+    h("div", {}, "Line " + line + ", column " + col + ": " + message),
+    h("pre", {}, text + "\n" + " ".repeat(col - 1) + "^")));
+  let offset = 0;
+  for (let i = 0; i < line - 1; i++) offset += lines[i].length + 1;
+  const start = offset + Math.min(col - 1, text.length);
+  const word = /^\w+/.exec(text.slice(col - 1));
+  sql.focus();
+  sql.setSelectionRange(start, start + Math.max(1, word ? word[0].length : 1));
+}
+
+// ---- Audit and security events ---------------------------------------------------
+
+async function audit(view, gen, parts, params) {
+  const after = params.get("after") || "";
+  const verify = h("span", {});
+  const body = h("div", {}, "Loading…");
+  replace(view, h("h1", {}, "Audit log"),
+    h("div", { class: "toolbar" },
+      h("button", { type: "button", onclick: act(async () => {
+        const r = await get("/audit/verify");
+        replace(verify, h("code", {}, json(r)));
+      }) }, "Verify hash chain"), verify),
+    body);
+  const r = await get("/audit" + query({ after, limit: 100 }));
+  if (!current(gen)) return;
+  replace(body,
+    table(["#", "Time", "Actor", "Action", "Target", "Outcome", "Detail"], r.items.map((a) => h("tr", {},
+      h("td", {}, a.seq), h("td", {}, fmtTime(a.ts_ms)), h("td", {}, a.actor), h("td", {}, a.action),
+      h("td", {}, a.target), h("td", {}, a.outcome), h("td", {}, h("code", {}, json(a.detail))))), "No records."),
+    h("div", { class: "pager" },
+      after ? h("a", { href: "#/audit" }, "First page") : null,
+      r.next ? h("a", { href: "#/audit?after=" + r.next }, "Next page") : null));
+}
+
+async function security(view, gen, parts, params) {
+  const after = params.get("after") || "";
+  const limit = 100;
+  const body = h("div", {}, "Loading…");
+  replace(view, h("h1", {}, "Security events"), body);
+  const r = await get("/security/events" + query({ after, limit }));
+  if (!current(gen)) return;
+  const last = r.items.length === limit ? r.items[r.items.length - 1].seq : null;
+  replace(body,
+    table(["#", "Time", "Kind", "Device", "Address", "Detail"], r.items.map((e) => h("tr", {},
+      h("td", {}, e.seq), h("td", {}, fmtTime(e.ts_ms)), h("td", {}, e.kind),
+      h("td", {}, e.device_id ? h("a", { href: "#/devices/" + enc(e.device_id) }, e.device_id) : "—"),
+      h("td", {}, e.addr || "—"), h("td", {}, h("code", {}, json(e.detail))))), "No security events."),
+    h("div", { class: "pager" },
+      after ? h("a", { href: "#/security" }, "First page") : null,
+      last !== null ? h("a", { href: "#/security?after=" + last }, "Next page") : null));
+}
+
+// ---- Start -----------------------------------------------------------------------
+
+document.addEventListener("DOMContentLoaded", () => {
+  $("logout").addEventListener("click", () => logout());
+  window.addEventListener("hashchange", render);
+  render();
+});
