@@ -108,9 +108,11 @@ async fn an_overheating_machine_gets_an_alarm_and_a_shutdown_command() {
         );
     };
     let waited = start.elapsed();
-    // Hot for 3 s (from the first hot window's start), not for one reading.
+    // Hot for 3 s, not for one reading. The duration counts from the start
+    // of the first hot window, which is aligned to the second and so may
+    // begin up to 1 s before the first reading: at least 2 s after it.
     assert!(
-        waited >= Duration::from_millis(2_500),
+        waited >= Duration::from_millis(2_000),
         "fired after {waited:?}: too early"
     );
     assert_eq!(command.topic, "devices/press-1/commands");
