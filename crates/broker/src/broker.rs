@@ -628,12 +628,17 @@ impl Inner {
         let mut closed = false;
         {
             let subs = self.internal.read();
+            // Platform filters mostly start with a literal level
+            // (`$provision/…`, `devices/…`): compare that first, so the
+            // traffic they do not cover costs no full match.
+            let first = msg.topic.split('/').next().unwrap_or("");
             for s in subs.iter() {
-                if !s
-                    .filters
-                    .iter()
-                    .any(|f| mqtt_codec::topic::matches(f, &msg.topic))
-                {
+                let hit = s.filters.iter().any(|f| {
+                    let f_first = f.split('/').next().unwrap_or("");
+                    let literal = f_first != "+" && f_first != "#";
+                    (!literal || f_first == first) && mqtt_codec::topic::matches(f, &msg.topic)
+                });
+                if !hit {
                     continue;
                 }
                 // Counted as matched even when dropped, like a full session
