@@ -3,12 +3,13 @@
 // Model: the URL fragment names the page (#/devices/abc); `render()` runs the
 // page function, which builds DOM nodes with `h()` (text always goes in as
 // text nodes: no data ever passes through innerHTML). Each page may start
-// timers with `every()`; they stop when the page changes. Async work checks
+// timers with `every()` and live streams with `live()`; both stop when the
+// page changes. Async work checks
 // `current(gen)` so a slow answer never draws over a newer page.
 "use strict";
 
 const TOKEN_KEY = "m2mhub.token";
-const state = { me: null, gen: 0, timers: [] };
+const state = { me: null, gen: 0, timers: [], streams: [] };
 
 // ---- DOM -------------------------------------------------------------------
 
@@ -159,6 +160,78 @@ function writeButton(label, fn, cls) {
   return canWrite() ? h("button", { type: "button", class: cls, onclick: act(fn) }, label) : null;
 }
 
+
+// Stop what the current page started: timers and live streams.
+function stopPage() {
+  state.gen += 1;
+  state.timers.forEach(clearInterval);
+  state.timers = [];
+  state.streams.forEach((c) => c.abort());
+  state.streams = [];
+}
+
+// ---- Live updates ------------------------------------------------------------
+//
+// `/api/v1/live` is a server-sent-events stream. It is read with fetch (not
+// EventSource) so the token travels in the Authorization header, never in a
+// URL. The server ends a stream after a few minutes (so a revoked token stops
+// receiving); we reconnect with backoff while the page lasts. `badge` shows
+// the state: live, or reconnecting.
+
+function live(path, handlers, badge) {
+  const gen = state.gen;
+  const ctl = new AbortController();
+  state.streams.push(ctl);
+  const show = (text, cls) => { if (badge) { badge.className = "livebadge " + cls; replace(badge, text); } };
+  const dispatch = (block) => {
+    let name = "message", data = "";
+    for (const line of block.split("\n")) {
+      if (line.startsWith("event:")) name = line.slice(6).trim();
+      else if (line.startsWith("data:")) data += line.slice(5).trimStart();
+    }
+    if (!data || !current(gen) || !handlers[name]) return;
+    try { handlers[name](JSON.parse(data)); } catch (e) { console.error("live " + name, e); }
+  };
+  (async () => {
+    let backoff = 1000;
+    while (current(gen)) {
+      try {
+        const resp = await fetch("/api/v1/live" + path, {
+          headers: { Accept: "text/event-stream", Authorization: "Bearer " + sessionStorage.getItem(TOKEN_KEY) },
+          signal: ctl.signal,
+        });
+        if (resp.status === 401) { logout("Your session has ended; please log in again."); return; }
+        if (!resp.ok) throw new Error("HTTP " + resp.status);
+        show("live", "on");
+        backoff = 1000;
+        const reader = resp.body.pipeThrough(new TextDecoderStream()).getReader();
+        let buf = "";
+        for (;;) {
+          const { value, done } = await reader.read();
+          if (done) break;
+          buf += value.replace(/\r\n/g, "\n");
+          let i;
+          while ((i = buf.indexOf("\n\n")) >= 0) {
+            dispatch(buf.slice(0, i));
+            buf = buf.slice(i + 2);
+          }
+        }
+      } catch (e) {
+        if (ctl.signal.aborted) return;
+      }
+      if (!current(gen)) return;
+      show("reconnecting…", "off");
+      if (handlers.lagged) handlers.lagged({});
+      await new Promise((r) => setTimeout(r, backoff));
+      backoff = Math.min(backoff * 2, 30000);
+    }
+  })();
+}
+
+function liveBadge() {
+  return h("span", { class: "livebadge off" }, "connecting…");
+}
+
 // ---- Routing -----------------------------------------------------------------
 
 function every(ms, fn) {
@@ -197,9 +270,7 @@ const NAV = [
 ];
 
 async function render() {
-  state.gen += 1;
-  state.timers.forEach(clearInterval);
-  state.timers = [];
+  stopPage();
   clearError();
   const { parts, params } = parseHash();
   if (!sessionStorage.getItem(TOKEN_KEY)) return renderLogin();
@@ -238,9 +309,7 @@ function logout(message) {
 // ---- Login -------------------------------------------------------------------
 
 function renderLogin(message) {
-  state.gen += 1;
-  state.timers.forEach(clearInterval);
-  state.timers = [];
+  stopPage();
   $("bar").hidden = true;
   const err = h("p", { class: "error" }, message || "");
   const user = h("input", { name: "username", autocomplete: "username", required: true, autofocus: true });
@@ -279,8 +348,9 @@ async function overview(view, gen) {
     return h("div", { class: "card" }, h("div", { class: "muted" }, label), figures[key]);
   };
   const alarmsBox = h("div", { class: "cards" });
+  const badge = liveBadge();
   replace(view,
-    h("h1", {}, "Fleet overview ", h("span", { class: "muted live" }, "every 5 s")),
+    h("h1", {}, "Fleet overview ", badge),
     h("div", { class: "cards" },
       card("total", "Devices"), card("online", "Online"), card("offline", "Offline"), card("rate", "Messages / s")),
     h("h2", {}, "Active alarms"), alarmsBox);
@@ -304,6 +374,11 @@ async function overview(view, gen) {
         h("span", { class: "badge sev-" + sev }, sev), h("div", { class: "figure" }, summary[sev] || 0))),
     h("div", { class: "card" }, h("div", { class: "muted" }, "Not acknowledged"), h("div", { class: "figure" }, summary.unacked || 0)));
   };
+  // Alarm and connection changes arrive live and refresh the figures at
+  // once; the message rate is sampled every 5 s.
+  let pending = null;
+  const soon = () => { clearTimeout(pending); pending = setTimeout(() => { if (current(gen)) sample().catch(showError); }, 300); };
+  live("", { alarm: soon, connections: soon, lagged: soon }, badge);
   await every(5000, sample);
   // A second sample soon, so the rate shows without waiting 5 s.
   setTimeout(() => { if (current(gen)) sample().catch(showError); }, 1000);
@@ -362,32 +437,38 @@ async function device(view, gen, parts, params) {
   const range = RANGES[params.get("range")] ? params.get("range") : "24h";
   const meta = h("div", {}, "Loading…");
   const creds = h("div", {});
-  const latest = h("div", {});
+  const latest = h("div", {}, h("p", { class: "muted" }, "Loading…"));
   const charts = h("div", { class: "charts" });
   const events = h("div", {});
+  const connections = h("div", {});
+  const alarmBox = h("div", {});
   const commands = h("div", {});
+  const badge = liveBadge();
   const rangeTabs = h("div", { class: "tabs" }, Object.keys(RANGES).map((k) =>
     h("a", { href: "#/devices/" + enc(id) + "?range=" + k, class: k === range ? "active" : null }, k)));
   replace(view,
-    h("h1", {}, "Device ", h("code", {}, id)), meta,
-    h("h2", {}, "Credentials"), creds,
-    h("h2", {}, "Latest values ", h("span", { class: "muted live" }, "live")), latest,
-    h("h2", {}, "History"), rangeTabs, charts,
+    h("h1", {}, "Device ", h("code", {}, id), " ", badge), meta,
+    h("h2", {}, "Latest values"), latest,
+    h("h2", {}, "Active alarms"), alarmBox,
     h("h2", {}, "Commands"), commands,
+    h("h2", {}, "History"), rangeTabs, charts,
+    h("h2", {}, "Connection history"), connections,
+    h("h2", {}, "Credentials"), creds,
     h("h2", {}, "Events"), events);
 
   const d = await get(path);
   if (!current(gen)) return;
   const labels = Object.entries(d.labels || {}).map(([k, v]) => k + "=" + v).join(", ");
-  const sess = d.session;
-  replace(meta, table(["Field", "Value"], [
-    ["Name", d.name], ["Tenant", d.tenant], ["Group", d.group || "—"], ["Profile", d.profile || "—"],
-    ["Labels", labels || "—"], ["Enabled", d.enabled ? "yes" : "no"],
-    ["Online", d.online ? "yes" : "no"], ["Created", fmtTime(d.created_ms)],
-    ["Last seen", d.last_seen_ms ? fmtTime(d.last_seen_ms) + " (" + ago(d.last_seen_ms) + ")" : "never"],
-    ["Last address", d.last_addr || "—"],
-    ["MQTT session", sess ? json(sess) : "none"],
-  ].map(([k, v]) => h("tr", {}, h("th", {}, k), h("td", {}, v)))));
+  const online = h("td", { class: "online" }, d.online ? "yes" : "no");
+  const lastSeen = h("td", {}, d.last_seen_ms ? fmtTime(d.last_seen_ms) + " (" + ago(d.last_seen_ms) + ")" : "never");
+  const lastAddr = h("td", {}, d.last_addr || "—");
+  const row = (k, v) => h("tr", {}, h("th", {}, k), v instanceof Node ? v : h("td", {}, v));
+  replace(meta, h("table", {}, h("tbody", {},
+    row("Name", d.name), row("Tenant", d.tenant), row("Group", d.group || "—"), row("Profile", d.profile || "—"),
+    row("Labels", labels || "—"), row("Enabled", d.enabled ? "yes" : "no"),
+    row("Online", online), row("Created", fmtTime(d.created_ms)),
+    row("Last seen", lastSeen), row("Last address", lastAddr),
+    row("MQTT session", d.session ? json(d.session) : "none"))));
 
   const loadCreds = async () => {
     const [tokens, certs] = await Promise.all([get(path + "/tokens"), get(path + "/certificates")]);
@@ -419,15 +500,49 @@ async function device(view, gen, parts, params) {
         }, "danger")))), "No certificates."));
   };
 
+  // Latest values: loaded once, then kept current by the live stream; each
+  // numeric metric has a live chart of what arrived over the last minutes.
+  const values = new Map(); // metric → { value, kind, ts_ms, spark: [[ts, v]] }
+  const SPARK_MS = 5 * 60 * 1000;
+  const drawLatest = () => {
+    const rows = [...values.keys()].sort().map((m) => {
+      const v = values.get(m);
+      return h("tr", { "data-metric": m, class: v.fresh ? "fresh" : null },
+        h("td", {}, m), h("td", { class: "num value" }, fmtValue(v.value)), h("td", { class: "muted" }, v.kind),
+        h("td", { title: fmtTime(v.ts_ms) }, ago(v.ts_ms)),
+        h("td", {}, v.kind === "float" ? sparkline(v.spark) : null));
+    });
+    for (const v of values.values()) v.fresh = false;
+    replace(latest, table(["Metric", "Value", "Kind", "Time", "Live (5 min)"], rows, "No telemetry yet."));
+  };
+  const kindOf = (v) => (typeof v === "number" ? "float" : typeof v === "boolean" ? "bool" : "string");
+  const setValue = (m, value, ts, kind) => {
+    const cur = values.get(m) || { spark: [] };
+    if (cur.ts_ms && ts < cur.ts_ms) return;
+    const spark = cur.spark;
+    if (typeof value === "number") {
+      spark.push([ts, value]);
+      while (spark.length && spark[0][0] < ts - SPARK_MS) spark.shift();
+      if (spark.length > 600) spark.splice(0, spark.length - 600);
+    }
+    values.set(m, { value, kind: kind || kindOf(value), ts_ms: ts, spark, fresh: true });
+  };
   let charted = "";
   const loadLatest = async () => {
     const r = await get(path + "/telemetry");
     if (!current(gen)) return;
-    replace(latest, table(["Metric", "Value", "Kind", "Time"], r.items.map((m) => h("tr", {},
-      h("td", {}, m.metric), h("td", { class: "num" }, fmtValue(m.value)), h("td", { class: "muted" }, m.kind),
-      h("td", { title: m.time }, ago(m.ts_ms)))), "No telemetry yet."));
-    // (Re)draw the history charts when the set of numeric metrics changes.
+    for (const m of r.items) setValue(m.metric, m.value, m.ts_ms, m.kind);
+    // Seed the live charts with the last minutes of raw points.
     const numeric = r.items.filter((m) => m.kind === "float").map((m) => m.metric).sort();
+    const seeds = await Promise.all(numeric.map((m) =>
+      get(path + "/telemetry/" + enc(m) + query({ from: "-5m", limit: 600 })).catch(() => ({ points: [] }))));
+    if (!current(gen)) return;
+    numeric.forEach((m, i) => {
+      const v = values.get(m);
+      const pts = (seeds[i].points || []).filter((p) => typeof p[1] === "number");
+      if (v && pts.length) v.spark = pts.concat(v.spark.filter((p) => p[0] > pts[pts.length - 1][0]));
+    });
+    drawLatest();
     if (numeric.join("\n") !== charted) {
       charted = numeric.join("\n");
       await drawCharts(numeric);
@@ -447,6 +562,12 @@ async function device(view, gen, parts, params) {
     if (!metrics.length) replace(charts, h("p", { class: "muted" }, "No numeric metrics."));
   };
 
+  const loadAlarms = async () => {
+    const r = await get("/alarms" + query({ device: id, status: "active", limit: 20 }));
+    if (!current(gen)) return;
+    replace(alarmBox, alarmTable(r.items, "active", loadAlarms, "No active alarms."));
+  };
+
   const loadCommands = async () => {
     const r = await get(path + "/commands?limit=20");
     if (!current(gen)) return;
@@ -464,8 +585,51 @@ async function device(view, gen, parts, params) {
       h("td", {}, fmtTime(e.ts_ms)), h("td", {}, e.kind), h("td", {}, h("pre", {}, e.detail)))), "No events."));
   };
 
-  await Promise.all([loadCreds(), loadEvents(), every(2000, loadLatest), every(10000, loadCommands)]);
+  const history = [];
+  const drawConnections = () => replace(connections, table(["Time", "", "Detail"], history.slice(0, 20).map((e) => h("tr", {},
+    h("td", {}, fmtTime(e.ts_ms)), h("td", {}, h("span", { class: "dot" + (e.online ? " on" : "") })), h("td", {}, e.detail))),
+  "No connections recorded yet."));
+  const loadConnections = async () => {
+    const r = await get(path + "/events" + query({ kind: "connection", limit: 20 }));
+    if (!current(gen)) return;
+    history.splice(0, history.length, ...r.items.map((e) => ({ ts_ms: e.ts_ms, online: !e.detail.startsWith("disconnected"), detail: e.detail })));
+    drawConnections();
+  };
+
+  live("?device=" + enc(id), {
+    telemetry: (ev) => {
+      for (const [m, p] of Object.entries(ev.values)) setValue(m, p.value, p.ts_ms);
+      drawLatest();
+      replace(lastSeen, fmtTime(ev.ts_ms) + " (just now)");
+    },
+    connection: (ev) => {
+      replace(online, ev.online ? "yes" : "no");
+      if (ev.online) replace(lastAddr, ev.detail.replace(/^connected from (\S+).*$/, "$1"));
+      history.unshift(ev);
+      drawConnections();
+    },
+    alarm: () => loadAlarms().catch(showError),
+    lagged: () => Promise.all([loadLatest(), loadConnections(), loadAlarms()]).catch(showError),
+  }, badge);
+
+  await Promise.all([loadCreds(), loadEvents(), loadLatest(), loadConnections(), loadAlarms(), every(10000, loadCommands)]);
+  // The "ago" column ages without new data; the live stream does the rest.
+  every(5000, async () => drawLatest());
   every(60000, () => drawCharts(charted ? charted.split("\n") : []));
+}
+
+// A small live chart: the values of the last minutes, no axes.
+function sparkline(points) {
+  const W = 160, H = 32;
+  if (points.length < 2) return h("span", { class: "muted" }, points.length ? "…" : "");
+  const t0 = points[0][0], t1 = points[points.length - 1][0];
+  let lo = Math.min(...points.map((p) => p[1])), hi = Math.max(...points.map((p) => p[1]));
+  if (hi === lo) { hi += 1; lo -= 1; }
+  const x = (t) => 1 + ((t - t0) / Math.max(1, t1 - t0)) * (W - 2);
+  const y = (v) => 1 + (1 - (v - lo) / (hi - lo)) * (H - 2);
+  return s("svg", { class: "spark", viewBox: `0 0 ${W} ${H}`, width: W, height: H, role: "img" },
+    s("title", {}, points.length + " points, " + fmtValue(lo) + " to " + fmtValue(hi)),
+    s("polyline", { class: "avg", points: points.map((p) => x(p[0]) + "," + y(p[1])).join(" ") }));
 }
 
 function commandForm(path, gen, reload) {
@@ -537,8 +701,9 @@ function lineChart(buckets, fromMs, toMs) {
 
 async function map(view, gen) {
   const box = h("div", {}, "Loading…");
-  replace(view, h("h1", {}, "Map ", h("span", { class: "muted live" }, "every 5 s")),
-    h("p", { class: "muted" }, "Devices that reported lat/lon in the last 24 h, at their latest position."), box);
+  const badge = liveBadge();
+  replace(view, h("h1", {}, "Map ", badge),
+    h("p", { class: "muted" }, "Devices that reported lat/lon in the last 24 h, at their latest position; geofences of the rules (inside(lat, lon, 'POLYGON…')) as shaded areas."), box);
   // One aggregate per coordinate gives every device's last value at once,
   // instead of one request per device.
   const lastOf = async (metric) => {
@@ -550,45 +715,86 @@ async function map(view, gen) {
     }
     return out;
   };
-  await every(5000, async () => {
-    const [lat, lon] = await Promise.all([lastOf("lat"), lastOf("lon")]);
+  const positions = new Map(); // device → { lat, lon }
+  let fences = [];
+  let drawn = null;
+  const draw = () => {
+    const pts = [...positions].map(([id, p]) => ({ id, lat: p.lat, lon: p.lon }));
+    // The view is fitted on the first draw and when a device leaves it, so
+    // pins move smoothly instead of the map rescaling at every update.
+    if (!drawn || pts.some((p) => !drawn.contains(p))) drawn = mapView(pts, fences);
+    replace(box, pts.length ? mapSvg(pts, fences, drawn) : h("p", { class: "muted" }, "No device reports a position."));
+  };
+  const load = async () => {
+    const [lat, lon, rs] = await Promise.all([lastOf("lat"), lastOf("lon"), get("/rules").catch(() => ({ items: [] }))]);
     if (!current(gen)) return;
-    const pts = [...lat].filter(([d, v]) => lon.has(d) && Math.abs(v) <= 90 && Math.abs(lon.get(d)) <= 180)
-      .map(([d, v]) => ({ id: d, lat: v, lon: lon.get(d) }));
-    replace(box, pts.length ? mapSvg(pts) : h("p", { class: "muted" }, "No device reports a position."));
-  });
+    fences = rs.items.flatMap((r) => geofences(r.sql || "").map((ring) => ({ rule: r.name || r.id, ring })));
+    for (const [d, v] of lat) {
+      if (lon.has(d) && Math.abs(v) <= 90 && Math.abs(lon.get(d)) <= 180) positions.set(d, { lat: v, lon: lon.get(d) });
+    }
+    draw();
+  };
+  live("", {
+    positions: (ev) => { for (const p of ev.items) positions.set(p.device, { lat: p.lat, lon: p.lon }); draw(); },
+    lagged: () => load().catch(showError),
+  }, badge);
+  await every(60000, load);
 }
 
-function mapSvg(pts) {
+// The outer rings of the WKT polygons in a rule's inside() calls, as
+// [[lon, lat], …].
+function geofences(sql) {
+  const out = [];
+  for (const m of sql.matchAll(/inside\s*\([^']*'\s*POLYGON\s*\(\s*\(([^)]*)\)/gi)) {
+    const ring = m[1].split(",").map((pair) => pair.trim().split(/\s+/).map(Number)).filter((p) => p.length === 2 && p.every(Number.isFinite));
+    if (ring.length >= 3) out.push(ring);
+  }
+  return out;
+}
+
+// The projection that fits the points and fences.
+function mapView(pts, fences) {
   const W = 900, H = 520, P = 30;
-  let [x0, x1] = [Math.min(...pts.map((p) => p.lon)), Math.max(...pts.map((p) => p.lon))];
-  let [y0, y1] = [Math.min(...pts.map((p) => p.lat)), Math.max(...pts.map((p) => p.lat))];
+  const lons = pts.map((p) => p.lon).concat(fences.flatMap((f) => f.ring.map((c) => c[0])));
+  const lats = pts.map((p) => p.lat).concat(fences.flatMap((f) => f.ring.map((c) => c[1])));
+  let [x0, x1] = [Math.min(...lons), Math.max(...lons)];
+  let [y0, y1] = [Math.min(...lats), Math.max(...lats)];
   const pad = Math.max(0.01, (x1 - x0) * 0.1, (y1 - y0) * 0.1);
   x0 -= pad; x1 += pad; y0 -= pad; y1 += pad;
   // Equirectangular with the longitude squeezed by cos(latitude): shapes
   // stay about right over a city or a country.
   const k = Math.cos(((y0 + y1) / 2) * Math.PI / 180) || 1;
   const scale = Math.min((W - 2 * P) / ((x1 - x0) * k), (H - 2 * P) / (y1 - y0));
-  const x = (lon) => P + (lon - x0) * k * scale;
-  const y = (lat) => H - P - (lat - y0) * scale;
+  return {
+    W, H, x0, x1, y0, y1,
+    x: (lon) => P + (lon - x0) * k * scale,
+    y: (lat) => H - P - (lat - y0) * scale,
+    contains: (p) => p.lon >= x0 && p.lon <= x1 && p.lat >= y0 && p.lat <= y1,
+  };
+}
+
+function mapSvg(pts, fences, v) {
+  const { W, H, x, y, x0, x1, y0, y1 } = v;
   const step = niceStep((y1 - y0) / 5);
   const grid = [];
-  for (let v = Math.ceil(y0 / step) * step; v <= y1; v += step) {
-    grid.push(s("line", { class: "grid", x1: 0, x2: W, y1: y(v), y2: y(v) }),
-      s("text", { class: "axis", x: 2, y: y(v) - 2 }, v.toFixed(3)));
+  for (let g = Math.ceil(y0 / step) * step; g <= y1; g += step) {
+    grid.push(s("line", { class: "grid", x1: 0, x2: W, y1: y(g), y2: y(g) }),
+      s("text", { class: "axis", x: 2, y: y(g) - 2 }, g.toFixed(3)));
   }
-  for (let v = Math.ceil(x0 / step) * step; v <= x1; v += step) {
-    grid.push(s("line", { class: "grid", x1: x(v), x2: x(v), y1: 0, y2: H }),
-      s("text", { class: "axis", x: x(v) + 2, y: H - 2 }, v.toFixed(3)));
+  for (let g = Math.ceil(x0 / step) * step; g <= x1; g += step) {
+    grid.push(s("line", { class: "grid", x1: x(g), x2: x(g), y1: 0, y2: H }),
+      s("text", { class: "axis", x: x(g) + 2, y: H - 2 }, g.toFixed(3)));
   }
+  const areas = fences.map((f) => s("polygon", { class: "fence", points: f.ring.map((c) => x(c[0]) + "," + y(c[1])).join(" ") },
+    s("title", {}, "Geofence of rule " + f.rule)));
   const pins = pts.map((p) => {
-    const c = s("circle", { class: "pin", cx: x(p.lon), cy: y(p.lat), r: 5 },
+    const c = s("circle", { class: "pin", cx: x(p.lon), cy: y(p.lat), r: 5, "data-device": p.id },
       s("title", {}, p.id + " (" + p.lat.toFixed(5) + ", " + p.lon.toFixed(5) + ")"));
     c.addEventListener("click", () => go("#/devices/" + enc(p.id)));
     return c;
   });
   const labels = pts.length <= 50 ? pts.map((p) => s("text", { class: "label", x: x(p.lon) + 7, y: y(p.lat) + 3 }, p.id)) : [];
-  return s("svg", { class: "map", viewBox: `0 0 ${W} ${H}`, role: "img" }, grid, pins, labels);
+  return s("svg", { class: "map", viewBox: `0 0 ${W} ${H}`, role: "img" }, grid, areas, pins, labels);
 }
 
 function niceStep(raw) {
@@ -604,7 +810,8 @@ async function alarms(view, gen, parts, params) {
   const severity = params.get("severity") || "";
   const before = params.get("before") || "";
   const body = h("div", {}, "Loading…");
-  replace(view, h("h1", {}, "Alarms"),
+  const badge = liveBadge();
+  replace(view, h("h1", {}, "Alarms ", badge),
     h("div", { class: "tabs" },
       h("a", { href: "#/alarms" + query({ status: "active", severity }), class: status === "active" ? "active" : null }, "Active"),
       h("a", { href: "#/alarms" + query({ status: "cleared", severity }), class: status === "cleared" ? "active" : null }, "History")),
@@ -614,23 +821,32 @@ async function alarms(view, gen, parts, params) {
     const r = await get("/alarms" + query({ status, severity, before, limit: 50 }));
     if (!current(gen)) return;
     replace(body,
-      table(["Id", "Raised", "Device", "Type", "Severity", "Acknowledged", status === "cleared" ? "Cleared" : "", ""],
-        r.items.map((a) => h("tr", {},
-          h("td", {}, a.id), h("td", {}, fmtTime(a.created_ms)),
-          h("td", {}, h("a", { href: "#/devices/" + enc(a.device_id) }, a.device_id)),
-          h("td", {}, a.type), h("td", {}, h("span", { class: "badge sev-" + a.severity }, a.severity)),
-          h("td", {}, a.acked ? "by " + (a.acked_by || "?") + ", " + fmtTime(a.acked_ms) : "no"),
-          h("td", {}, a.cleared_ms ? fmtTime(a.cleared_ms) + (a.cleared_by ? " (" + a.cleared_by + ")" : "") : ""),
-          h("td", {},
-            a.status === "active" && !a.acked ? writeButton("Acknowledge", async () => { await api("POST", "/alarms/" + a.id + "/ack"); await load(); }) : null,
-            " ",
-            a.status === "active" ? writeButton("Clear", async () => { await api("POST", "/alarms/" + a.id + "/clear"); await load(); }, "danger") : null))),
-        status === "active" ? "No active alarms." : "No cleared alarms."),
+      alarmTable(r.items, status, load, status === "active" ? "No active alarms." : "No cleared alarms."),
       h("div", { class: "pager" },
         before ? h("a", { href: "#/alarms" + query({ status, severity }) }, "Newest") : null,
         r.next ? h("a", { href: "#/alarms" + query({ status, severity, before: r.next }) }, "Older") : null));
   };
-  await every(5000, load);
+  // Changes arrive live; a slow poll covers a missed event.
+  let pending = null;
+  const soon = () => { clearTimeout(pending); pending = setTimeout(() => { if (current(gen)) load().catch(showError); }, 200); };
+  live("", { alarm: soon, lagged: soon }, badge);
+  await every(30000, load);
+}
+
+// Alarms as a table with their acknowledge and clear buttons.
+function alarmTable(items, status, reload, empty) {
+  return table(["Id", "Raised", "Device", "Type", "Severity", "Acknowledged", status === "cleared" ? "Cleared" : "", ""],
+    items.map((a) => h("tr", { "data-alarm": a.id },
+      h("td", {}, a.id), h("td", {}, fmtTime(a.created_ms)),
+      h("td", {}, h("a", { href: "#/devices/" + enc(a.device_id) }, a.device_id)),
+      h("td", {}, a.type), h("td", {}, h("span", { class: "badge sev-" + a.severity }, a.severity)),
+      h("td", { class: "acked" }, a.acked ? "by " + (a.acked_by || "?") + ", " + fmtTime(a.acked_ms) : "no"),
+      h("td", {}, a.cleared_ms ? fmtTime(a.cleared_ms) + (a.cleared_by ? " (" + a.cleared_by + ")" : "") : ""),
+      h("td", {},
+        a.status === "active" && !a.acked ? writeButton("Acknowledge", async () => { await api("POST", "/alarms/" + a.id + "/ack"); await reload(); }) : null,
+        " ",
+        a.status === "active" ? writeButton("Clear", async () => { await api("POST", "/alarms/" + a.id + "/clear"); await reload(); }, "danger") : null))),
+    empty);
 }
 
 // ---- Rules ---------------------------------------------------------------------

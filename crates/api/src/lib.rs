@@ -13,6 +13,7 @@ mod commands;
 mod console;
 mod device_events;
 mod devices;
+pub mod live;
 pub mod openapi;
 mod operators;
 mod problem;
@@ -23,6 +24,7 @@ pub mod rules;
 mod security;
 mod state;
 pub mod telemetry;
+pub mod timing;
 mod websocket;
 
 pub use problem::Problem;
@@ -40,7 +42,8 @@ pub async fn serve(
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let app = router(state);
+    // Every response carries `Server-Timing: app;dur=<ms>` (timing.rs).
+    let app = router(state).layer(axum::middleware::from_fn(timing::server_timing));
     axum::serve(
         listener,
         app.into_make_service_with_connect_info::<SocketAddr>(),

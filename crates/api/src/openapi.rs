@@ -17,6 +17,16 @@ pub enum Access {
 }
 
 impl Access {
+    /// The machine-readable name, in the document's `x-access` field.
+    pub fn name(self) -> &'static str {
+        match self {
+            Access::Public => "public",
+            Access::Viewer => "viewer",
+            Access::Operator => "operator",
+            Access::Admin => "admin",
+        }
+    }
+
     fn describe(self) -> &'static str {
         match self {
             Access::Public => "no authentication",
@@ -35,6 +45,9 @@ pub struct Operation {
     pub path: &'static str,
     pub summary: &'static str,
     pub access: Access,
+    /// A server-sent-events stream (`text/event-stream`) that does not end
+    /// on its own.
+    pub stream: bool,
 }
 
 /// Builds the router and the document together.
@@ -54,10 +67,30 @@ impl<S: Clone + Send + Sync + 'static> ApiBuilder<S> {
     /// Add a route: `methods` is the `MethodRouter` (e.g. `get(h).post(h2)`),
     /// `docs` one `(method, summary, access)` per method it serves.
     pub fn route(
+        self,
+        path: &'static str,
+        methods: MethodRouter<S>,
+        docs: &[(&'static str, &'static str, Access)],
+    ) -> Self {
+        self.add(path, methods, docs, false)
+    }
+
+    /// Add a route that answers with a server-sent-events stream.
+    pub fn stream(
+        self,
+        path: &'static str,
+        methods: MethodRouter<S>,
+        docs: &[(&'static str, &'static str, Access)],
+    ) -> Self {
+        self.add(path, methods, docs, true)
+    }
+
+    fn add(
         mut self,
         path: &'static str,
         methods: MethodRouter<S>,
         docs: &[(&'static str, &'static str, Access)],
+        stream: bool,
     ) -> Self {
         self.router = self.router.route(path, methods);
         for (method, summary, access) in docs {
@@ -66,6 +99,7 @@ impl<S: Clone + Send + Sync + 'static> ApiBuilder<S> {
                 path,
                 summary,
                 access: *access,
+                stream,
             });
         }
         self
@@ -98,12 +132,17 @@ pub fn document(ops: &[Operation]) -> Value {
         let mut operation = json!({
             "summary": op.summary,
             "description": format!("Access: {}.", op.access.describe()),
+            "x-access": op.access.name(),
             "parameters": params,
             "responses": {
                 "2XX": {"description": "Success", "content": {"application/json": {}}},
                 "default": {"description": "An RFC 9457 problem document", "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}}
             }
         });
+        if op.stream {
+            operation["x-stream"] = json!(true);
+            operation["responses"]["2XX"] = json!({"description": "A stream of server-sent events", "content": {"text/event-stream": {}}});
+        }
         if op.access != Access::Public {
             operation["security"] = json!([{"bearer": []}]);
         }

@@ -23,4 +23,6 @@ pub struct AppState {
     /// reports their counters and sends commands. `None` without one
     /// (rules are then stored unvalidated, commands only recorded).
     pub rules: Option<Arc<dyn crate::rules::RuleService>>,
+    /// Live events for `/api/v1/live` streams (the console's live views).
+    pub live: Arc<crate::live::LiveHub>,
 }

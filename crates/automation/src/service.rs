@@ -126,7 +126,7 @@ impl Automation {
             Err(e) => tracing::error!(error = %e, "cannot load rules"),
         }
         svc.refresh_filters();
-        broker.set_connection_events(Arc::new(ConnEvents(svc.shared.events.clone())));
+        broker.add_connection_events(Arc::new(ConnEvents(svc.shared.events.clone())));
         tokio::spawn(run(svc.shared.clone(), filters_rx, ev_rx, out_rx));
         svc
     }

@@ -521,6 +521,12 @@ impl Broker {
         self.inner.hooks.set_connection(hook);
     }
 
+    /// Install a connection event hook beside the one already installed
+    /// (both are told of every event).
+    pub fn add_connection_events(&self, hook: Arc<dyn ConnectionEvents>) {
+        self.inner.hooks.add_connection(hook);
+    }
+
     /// Install the publish hook (replaces any previous one): it sees every
     /// authorized PUBLISH and may hold back its PUBACK/PUBREC until its own
     /// work is done (see [`PublishHook`]). Connections pick up a replacement

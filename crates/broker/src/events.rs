@@ -87,6 +87,32 @@ pub trait ConnectionEvents: Send + Sync {
     );
 }
 
+/// Two connection hooks, told in the order they were installed.
+struct BothConnectionHooks(Arc<dyn ConnectionEvents>, Arc<dyn ConnectionEvents>);
+
+impl ConnectionEvents for BothConnectionHooks {
+    fn connected(&self, client_id: &str, identity: &ClientIdentity, peer: SocketAddr) {
+        self.0.connected(client_id, identity, peer);
+        self.1.connected(client_id, identity, peer);
+    }
+
+    fn disconnected(&self, client_id: &str, identity: &ClientIdentity, reason: &str) {
+        self.0.disconnected(client_id, identity, reason);
+        self.1.disconnected(client_id, identity, reason);
+    }
+
+    fn auth_failed(
+        &self,
+        client_id: &str,
+        username: Option<&str>,
+        peer: SocketAddr,
+        reason_code: u8,
+    ) {
+        self.0.auth_failed(client_id, username, peer, reason_code);
+        self.1.auth_failed(client_id, username, peer, reason_code);
+    }
+}
+
 /// Completion of the platform's work on one PUBLISH (see [`PublishHook`]):
 /// `Ok(())` to acknowledge it, `Err(reason_code)` to refuse it.
 pub type AckGate = Pin<Box<dyn Future<Output = Result<(), u8>> + Send>>;
@@ -152,6 +178,15 @@ impl Hooks {
 
     pub fn set_connection(&self, h: Arc<dyn ConnectionEvents>) {
         *self.connection.write() = Some(h);
+    }
+
+    /// Install `h` beside the connection hook already there (both are told).
+    pub fn add_connection(&self, h: Arc<dyn ConnectionEvents>) {
+        let mut slot = self.connection.write();
+        *slot = Some(match slot.take() {
+            Some(old) => Arc::new(BothConnectionHooks(old, h)),
+            None => h,
+        });
     }
 
     pub fn set_publish(&self, h: Arc<dyn PublishHook>) {

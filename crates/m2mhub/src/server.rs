@@ -129,7 +129,13 @@ impl Server {
         })?;
         let tsdb = Arc::new(tsdb);
         let ingest = Arc::new(IngestCounters::default());
+        let live = Arc::new(m2mhub_api::live::LiveHub::default());
+        broker.add_connection_events(Arc::new(crate::telemetry::ConnectionHistory {
+            registry: registry.clone(),
+            live: live.clone(),
+        }));
         broker.set_publish_hook(Arc::new(Ingest {
+            live: live.clone(),
             store: tsdb.clone(),
             registry: registry.clone(),
             durable: t.durable,
@@ -191,6 +197,7 @@ impl Server {
             tsdb: tsdb.clone(),
             ingest: Some(ingest.clone()),
             rules: Some(Arc::new(automation.clone())),
+            live,
         };
         tasks.push(tokio::spawn(m2mhub_api::provision::serve_mqtt(
             state.clone(),

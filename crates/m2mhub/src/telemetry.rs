@@ -7,14 +7,16 @@
 //! is acknowledged (the broker took it), counted, and kept as a device
 //! event with the reason; it never blocks or disconnects the device.
 
+use m2mhub_api::live::{LiveEvent, LiveHub};
 pub use m2mhub_api::telemetry::IngestCounters;
 use m2mhub_broker::auth::ClientIdentity;
 use m2mhub_broker::message::Message;
-use m2mhub_broker::{AckGate, PublishHook};
+use m2mhub_broker::{AckGate, ConnectionEvents, PublishHook};
 use m2mhub_registry::Registry;
 use m2mhub_telemetry::{ContentType, Limits};
 use m2mhub_tsdb::{InPoint, TimeSeriesStore, TsdbError, Value};
 use mqtt_codec::QoS;
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -28,6 +30,55 @@ pub struct Ingest {
     pub durable: bool,
     pub limits: Limits,
     pub counters: Arc<IngestCounters>,
+    /// Live views (the console): told of stored points while one is open.
+    pub live: Arc<LiveHub>,
+}
+
+/// The connection history: a device's connects and disconnects become
+/// device events of kind `connection` (rate-limited and capped like every
+/// device event) and live events for open consoles.
+pub struct ConnectionHistory {
+    pub registry: Registry,
+    pub live: Arc<LiveHub>,
+}
+
+impl ConnectionHistory {
+    fn record(&self, identity: &ClientIdentity, online: bool, detail: String) {
+        // Only registered devices have a history; operator tools and
+        // claim-token clients do not.
+        let (Some(device), Some(tenant), None) =
+            (&identity.device_id, &identity.tenant, &identity.claim)
+        else {
+            return;
+        };
+        self.live.send(LiveEvent::Connection {
+            tenant: tenant.clone(),
+            device: device.clone(),
+            online,
+            ts_ms: now_ms(),
+            detail: detail.clone(),
+        });
+        self.registry
+            .record_device_event(tenant, device, "connection", detail);
+    }
+}
+
+impl ConnectionEvents for ConnectionHistory {
+    fn connected(&self, client_id: &str, identity: &ClientIdentity, peer: SocketAddr) {
+        self.record(
+            identity,
+            true,
+            format!("connected from {} as client {client_id:?}", peer.ip()),
+        );
+    }
+
+    fn disconnected(&self, _client_id: &str, identity: &ClientIdentity, reason: &str) {
+        self.record(identity, false, format!("disconnected: {reason}"));
+    }
+
+    fn auth_failed(&self, _: &str, _: Option<&str>, _: SocketAddr, _: u8) {
+        // Refused CONNECTs are security events, recorded elsewhere.
+    }
 }
 
 /// `devices/{id}/telemetry` → `id`.
@@ -155,6 +206,23 @@ impl PublishHook for Ingest {
                 first.clone()
             };
             self.event(&tenant, device, "rejected_points", detail);
+        }
+        if self.live.active() {
+            self.live.send(LiveEvent::Telemetry {
+                tenant: tenant.clone(),
+                device: Arc::from(device),
+                points: points
+                    .iter()
+                    .map(|p| {
+                        let v = match &p.value {
+                            m2mhub_telemetry::Value::F64(x) => serde_json::json!(x),
+                            m2mhub_telemetry::Value::Bool(b) => serde_json::json!(b),
+                            m2mhub_telemetry::Value::Str(s) => serde_json::json!(s),
+                        };
+                        (p.metric.clone(), p.ts_ms, v)
+                    })
+                    .collect(),
+            });
         }
         if !self.durable || message.qos == QoS::AtMostOnce {
             return None;

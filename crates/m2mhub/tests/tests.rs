@@ -29,6 +29,8 @@ mod http;
 mod identity;
 #[path = "tests/limits.rs"]
 mod limits;
+#[path = "tests/live.rs"]
+mod live;
 #[path = "tests/persistence.rs"]
 mod persistence;
 #[path = "tests/process.rs"]

@@ -737,6 +737,7 @@ async fn the_rule_service_validates_reloads_reports_counters_and_sends() {
         tsdb: s.tsdb.clone(),
         ingest: None,
         rules: Some(rules.clone()),
+        live: Default::default(),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await

@@ -1,0 +1,436 @@
+//! Live updates for the console: `GET /api/v1/live`, a server-sent-events
+//! stream of what happens to one device or to the caller's fleet.
+//!
+//! Producers (the telemetry ingest, the connection hook) hand events to the
+//! [`LiveHub`], a broadcast channel. Nothing is built for it while nobody
+//! listens ([`LiveHub::active`] is one atomic load), so the MQTT hot path
+//! pays nothing when no console is open.
+//!
+//! Each stream coalesces what it forwards, so a browser never receives more
+//! than a few events per second however fast the fleet publishes:
+//! - `?device=ID`: `telemetry` (the device's latest values, at most every
+//!   250 ms), `connection` and `alarm` events of that device;
+//! - no device: `positions` (devices whose telemetry carried `lat` and
+//!   `lon`, once a second), `connection` (batched once a second) and `alarm`
+//!   events of the caller's tenant (all tenants for platform users, or
+//!   `?tenant=`).
+//!
+//! A listener that falls behind the broadcast channel skips ahead and gets a
+//! `lagged` event (the console then reloads what it shows). Streams end
+//! after [`MAX_STREAM`] so a revoked token stops receiving; the client
+//! reconnects with its token, which is checked again. At most
+//! [`MAX_STREAMS`] streams are open at once.
+
+use crate::caller::Caller;
+use crate::problem::{bad_query, Problem};
+use crate::state::AppState;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use m2mhub_registry::Role;
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{broadcast, mpsc};
+
+/// Events the hub buffers for slow listeners before they lag.
+const CAPACITY: usize = 8192;
+/// Streams open at once at most.
+pub const MAX_STREAMS: usize = 256;
+/// A stream's lifetime; the client reconnects (and is authenticated again).
+pub const MAX_STREAM: Duration = Duration::from_secs(300);
+/// How often a device stream sends its coalesced values.
+const DEVICE_TICK: Duration = Duration::from_millis(250);
+/// How often a fleet stream sends positions and connection changes.
+const FLEET_TICK: Duration = Duration::from_secs(1);
+
+/// Something that happened, as the hub carries it.
+#[derive(Debug, Clone)]
+pub enum LiveEvent {
+    /// Points a device reported (already accepted by the store).
+    Telemetry {
+        tenant: Arc<str>,
+        device: Arc<str>,
+        /// `(metric, ts_ms, value)`.
+        points: Vec<(String, i64, Value)>,
+    },
+    /// A device connected or disconnected.
+    Connection {
+        tenant: Arc<str>,
+        device: Arc<str>,
+        online: bool,
+        ts_ms: i64,
+        /// The address it connected from, or why it disconnected.
+        detail: String,
+    },
+}
+
+impl LiveEvent {
+    fn tenant(&self) -> &str {
+        match self {
+            LiveEvent::Telemetry { tenant, .. } | LiveEvent::Connection { tenant, .. } => tenant,
+        }
+    }
+
+    fn device(&self) -> &str {
+        match self {
+            LiveEvent::Telemetry { device, .. } | LiveEvent::Connection { device, .. } => device,
+        }
+    }
+}
+
+/// Fan-out of live events to the open streams.
+pub struct LiveHub {
+    tx: broadcast::Sender<Arc<LiveEvent>>,
+    streams: AtomicUsize,
+}
+
+impl Default for LiveHub {
+    fn default() -> Self {
+        LiveHub {
+            tx: broadcast::channel(CAPACITY).0,
+            streams: AtomicUsize::new(0),
+        }
+    }
+}
+
+impl LiveHub {
+    /// Whether any stream listens: producers check this before building
+    /// an event.
+    pub fn active(&self) -> bool {
+        self.tx.receiver_count() > 0
+    }
+
+    /// Hand an event to every open stream (dropped if none).
+    pub fn send(&self, event: LiveEvent) {
+        if self.active() {
+            let _ = self.tx.send(Arc::new(event));
+        }
+    }
+
+    /// Open streams.
+    pub fn streams(&self) -> usize {
+        self.streams.load(Ordering::Relaxed)
+    }
+}
+
+/// Counts a stream while it is open.
+struct StreamSlot(Arc<LiveHub>);
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0.streams.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LiveQuery {
+    /// One device's stream; absent: the fleet's.
+    device: Option<String>,
+    /// A platform user's fleet stream for one tenant.
+    tenant: Option<String>,
+}
+
+/// What a stream forwards.
+enum Scope {
+    Device { id: String, tenant: String },
+    Fleet { tenant: Option<String> },
+}
+
+impl Scope {
+    fn wants(&self, tenant: &str, device: &str) -> bool {
+        match self {
+            Scope::Device { id, tenant: t } => id == device && t == tenant,
+            Scope::Fleet { tenant: Some(t) } => t == tenant,
+            Scope::Fleet { tenant: None } => true,
+        }
+    }
+}
+
+/// `GET /api/v1/live`: the event stream.
+pub async fn stream(
+    caller: Caller,
+    State(state): State<AppState>,
+    q: Result<Query<LiveQuery>, QueryRejection>,
+) -> Result<Response, Problem> {
+    caller.require(Role::Viewer)?;
+    let Query(q) = q.map_err(bad_query)?;
+    let scope = match &q.device {
+        Some(id) => {
+            if q.tenant.is_some() {
+                return Err(Problem::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid-parameter",
+                    "give either device or tenant, not both",
+                ));
+            }
+            let d = crate::devices::visible(&state, &caller, id)?;
+            Scope::Device {
+                id: d.id,
+                tenant: d.tenant,
+            }
+        }
+        None => Scope::Fleet {
+            tenant: caller.scope(q.tenant.as_deref())?,
+        },
+    };
+    let hub = state.live.clone();
+    if hub.streams.fetch_add(1, Ordering::Relaxed) >= MAX_STREAMS {
+        hub.streams.fetch_sub(1, Ordering::Relaxed);
+        let mut r = Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too-many-streams",
+            format!("{MAX_STREAMS} live streams are open already; try again later"),
+        )
+        .into_response();
+        r.headers_mut().insert(
+            axum::http::header::RETRY_AFTER,
+            axum::http::HeaderValue::from_static("10"),
+        );
+        return Ok(r);
+    }
+    let slot = StreamSlot(hub.clone());
+    let events = hub.tx.subscribe();
+    let alarms = state.registry.subscribe_alarms();
+    let (tx, mut rx) = mpsc::channel::<Event>(64);
+    tokio::spawn(forward(scope, events, alarms, tx, slot));
+    let body = futures_util::stream::poll_fn(move |cx| {
+        rx.poll_recv(cx).map(|e| e.map(Ok::<_, Infallible>))
+    });
+    let mut resp = Sse::new(body)
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        .into_response();
+    // Proxies must not buffer the stream.
+    resp.headers_mut().insert(
+        "x-accel-buffering",
+        axum::http::HeaderValue::from_static("no"),
+    );
+    resp.headers_mut().insert(
+        axum::http::header::CACHE_CONTROL,
+        axum::http::HeaderValue::from_static("no-store"),
+    );
+    Ok(resp)
+}
+
+fn event(name: &str, data: &Value) -> Event {
+    Event::default().event(name).data(data.to_string())
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// One stream's loop: read the hub and the alarm channel, coalesce, send
+/// on every tick. Ends when the client goes away or the lifetime is over.
+async fn forward(
+    scope: Scope,
+    mut events: broadcast::Receiver<Arc<LiveEvent>>,
+    mut alarms: broadcast::Receiver<m2mhub_registry::AlarmEvent>,
+    tx: mpsc::Sender<Event>,
+    _slot: StreamSlot,
+) {
+    let tick_every = match scope {
+        Scope::Device { .. } => DEVICE_TICK,
+        Scope::Fleet { .. } => FLEET_TICK,
+    };
+    let mut tick = tokio::time::interval(tick_every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let end = tokio::time::sleep(MAX_STREAM);
+    tokio::pin!(end);
+    let hello = match &scope {
+        Scope::Device { id, .. } => json!({"device": id, "max_seconds": MAX_STREAM.as_secs()}),
+        Scope::Fleet { tenant } => json!({"tenant": tenant, "max_seconds": MAX_STREAM.as_secs()}),
+    };
+    if tx.send(event("hello", &hello)).await.is_err() {
+        return;
+    }
+    // Device stream: metric → (ts, value), the newest of each.
+    let mut values: Map<String, Value> = Map::new();
+    let mut values_ts = 0i64;
+    // Fleet stream: device → [lat, lon, ts], and connection changes.
+    let mut positions: HashMap<String, (f64, f64, i64)> = HashMap::new();
+    let mut connections: Vec<Value> = Vec::new();
+    let mut lagged = 0u64;
+    let mut alarms_open = true;
+    loop {
+        tokio::select! {
+            _ = &mut end => break,
+            _ = tx.closed() => break,
+            r = events.recv() => match r {
+                Ok(e) => {
+                    if !scope.wants(e.tenant(), e.device()) {
+                        continue;
+                    }
+                    match (&*e, &scope) {
+                        (LiveEvent::Telemetry { points, .. }, Scope::Device { .. }) => {
+                            for (metric, ts, v) in points {
+                                values.insert(metric.clone(), json!({"ts_ms": ts, "value": v}));
+                                values_ts = values_ts.max(*ts);
+                            }
+                        }
+                        (LiveEvent::Telemetry { device, points, .. }, Scope::Fleet { .. }) => {
+                            if let Some(p) = position(points) {
+                                positions.insert(device.to_string(), p);
+                            }
+                        }
+                        (LiveEvent::Connection { device, online, ts_ms, detail, tenant }, s) => {
+                            let c = json!({"device": &**device, "tenant": &**tenant, "online": online, "ts_ms": ts_ms, "detail": detail});
+                            match s {
+                                Scope::Device { .. } => {
+                                    if tx.send(event("connection", &c)).await.is_err() {
+                                        break;
+                                    }
+                                }
+                                // Bounded: a mass reconnect is summarized.
+                                Scope::Fleet { .. } if connections.len() < 1000 => connections.push(c),
+                                Scope::Fleet { .. } => lagged += 1,
+                            }
+                        }
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(n)) => lagged += n,
+                Err(broadcast::error::RecvError::Closed) => break,
+            },
+            r = alarms.recv(), if alarms_open => match r {
+                Ok(a) => {
+                    if !scope.wants(&a.alarm.tenant, &a.alarm.device_id) {
+                        continue;
+                    }
+                    let data = json!({"change": a.change, "alarm": &*a.alarm});
+                    if tx.send(event("alarm", &data)).await.is_err() {
+                        break;
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(n)) => lagged += n,
+                Err(broadcast::error::RecvError::Closed) => alarms_open = false,
+            },
+            _ = tick.tick() => {
+                let mut out = Vec::new();
+                if !values.is_empty() {
+                    let device = match &scope {
+                        Scope::Device { id, .. } => id.as_str(),
+                        Scope::Fleet { .. } => "",
+                    };
+                    out.push(event("telemetry", &json!({
+                        "device": device,
+                        "ts_ms": values_ts,
+                        "values": std::mem::take(&mut values),
+                    })));
+                }
+                if !positions.is_empty() {
+                    let items: Vec<Value> = positions
+                        .drain()
+                        .map(|(d, (lat, lon, ts))| json!({"device": d, "lat": lat, "lon": lon, "ts_ms": ts}))
+                        .collect();
+                    out.push(event("positions", &json!({"items": items})));
+                }
+                if !connections.is_empty() {
+                    out.push(event("connections", &json!({"items": std::mem::take(&mut connections)})));
+                }
+                if lagged > 0 {
+                    out.push(event("lagged", &json!({"missed": lagged, "ts_ms": now_ms()})));
+                    lagged = 0;
+                }
+                for e in out {
+                    if tx.send(e).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+    let _ = tx
+        .send(event(
+            "end",
+            &json!({"reason": "stream lifetime over; reconnect"}),
+        ))
+        .await;
+}
+
+/// `lat` and `lon` (or `latitude`/`longitude`) among a message's points,
+/// if both are plausible coordinates.
+fn position(points: &[(String, i64, Value)]) -> Option<(f64, f64, i64)> {
+    let find = |names: [&str; 2]| {
+        points
+            .iter()
+            .find(|(m, _, _)| names.contains(&m.as_str()))
+            .and_then(|(_, ts, v)| Some((v.as_f64()?, *ts)))
+    };
+    let (lat, ts) = find(["lat", "latitude"])?;
+    let (lon, _) = find(["lon", "longitude"])?;
+    ((-90.0..=90.0).contains(&lat) && (-180.0..=180.0).contains(&lon)).then_some((lat, lon, ts))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(m: &str, v: Value) -> (String, i64, Value) {
+        (m.to_string(), 7, v)
+    }
+
+    #[test]
+    fn positions_need_both_plausible_coordinates() {
+        assert_eq!(
+            position(&[p("lat", json!(48.1)), p("lon", json!(11.5))]),
+            Some((48.1, 11.5, 7))
+        );
+        assert_eq!(
+            position(&[p("latitude", json!(-33.9)), p("longitude", json!(151.2))]),
+            Some((-33.9, 151.2, 7))
+        );
+        assert_eq!(position(&[p("lat", json!(48.1))]), None);
+        assert_eq!(
+            position(&[p("lat", json!(91.0)), p("lon", json!(0.0))]),
+            None
+        );
+        assert_eq!(
+            position(&[p("lat", json!("x")), p("lon", json!(0.0))]),
+            None
+        );
+    }
+
+    #[test]
+    fn scopes_filter_by_tenant_and_device() {
+        let d = Scope::Device {
+            id: "d1".into(),
+            tenant: "t1".into(),
+        };
+        assert!(d.wants("t1", "d1"));
+        assert!(!d.wants("t2", "d1"));
+        assert!(!d.wants("t1", "d2"));
+        let f = Scope::Fleet {
+            tenant: Some("t1".into()),
+        };
+        assert!(f.wants("t1", "anything"));
+        assert!(!f.wants("t2", "d1"));
+        assert!(Scope::Fleet { tenant: None }.wants("t9", "d9"));
+    }
+
+    #[tokio::test]
+    async fn the_hub_builds_nothing_without_listeners_and_fans_out_with_them() {
+        let hub = LiveHub::default();
+        assert!(!hub.active());
+        let mut rx = hub.tx.subscribe();
+        assert!(hub.active());
+        hub.send(LiveEvent::Connection {
+            tenant: "t".into(),
+            device: "d".into(),
+            online: true,
+            ts_ms: 1,
+            detail: "127.0.0.1".into(),
+        });
+        let e = rx.recv().await.expect("event");
+        assert_eq!(e.device(), "d");
+    }
+}
