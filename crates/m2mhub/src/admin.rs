@@ -111,24 +111,16 @@ pub enum DeviceCmd {
         #[arg(long = "label")]
         labels: Vec<String>,
     },
-    Show {
-        id: String,
-    },
-    Enable {
-        id: String,
-    },
+    /// One device: metadata, whether it is online, its MQTT session.
+    Show { id: String },
+    /// Let a disabled device connect again.
+    Enable { id: String },
     /// Disable a device: it can no longer connect and its live session is dropped.
-    Disable {
-        id: String,
-    },
-    Delete {
-        id: String,
-    },
+    Disable { id: String },
+    /// Delete a device and its credentials.
+    Delete { id: String },
     /// Give a device another profile (one of its tenant's, or `default`).
-    SetProfile {
-        id: String,
-        profile: String,
-    },
+    SetProfile { id: String, profile: String },
     /// A device's events (e.g. undecodable payloads), newest first.
     Events {
         id: String,
@@ -161,13 +153,10 @@ pub enum TokenCmd {
         #[arg(long)]
         expires_in: Option<i64>,
     },
-    List {
-        id: String,
-    },
-    Revoke {
-        id: String,
-        token_id: String,
-    },
+    /// A device's token credentials (never the secrets).
+    List { id: String },
+    /// Revoke a token: live sessions using it are dropped.
+    Revoke { id: String, token_id: String },
     /// Expire a token (now, or in --in seconds): the end of a rollover.
     Expire {
         id: String,
@@ -190,13 +179,10 @@ pub enum CertCmd {
         #[arg(long)]
         out_dir: Option<PathBuf>,
     },
-    List {
-        id: String,
-    },
-    Revoke {
-        id: String,
-        fingerprint: String,
-    },
+    /// A device's certificates.
+    List { id: String },
+    /// Revoke a certificate: live sessions using it are dropped, the CRL lists it.
+    Revoke { id: String, fingerprint: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -215,10 +201,10 @@ pub enum ClaimCmd {
         #[arg(long)]
         expires_in: Option<i64>,
     },
+    /// Claim tokens, with their uses and expiry.
     List,
-    Revoke {
-        id: String,
-    },
+    /// Revoke a claim token (devices already provisioned keep their identity).
+    Revoke { id: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -233,10 +219,10 @@ pub enum UserCmd {
         #[arg(long)]
         password: Option<String>,
     },
+    /// Operator accounts.
     List,
-    Delete {
-        username: String,
-    },
+    /// Delete an operator account (its API tokens stop working).
+    Delete { username: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -264,7 +250,9 @@ pub enum SecurityCmd {
         #[arg(long, default_value_t = 50)]
         limit: usize,
     },
+    /// Active bans.
     Bans,
+    /// Ban an IP address or a client id.
     Ban {
         #[arg(long)]
         ip: Option<String>,
@@ -275,23 +263,23 @@ pub enum SecurityCmd {
         #[arg(long)]
         reason: Option<String>,
     },
-    Unban {
-        key: String,
-    },
+    /// Lift a ban.
+    Unban { key: String },
 }
 
 #[derive(Subcommand, Debug)]
 pub enum TenantCmd {
+    /// Tenants.
     List,
+    /// Create a tenant.
     Add {
         id: String,
         #[arg(long)]
         name: Option<String>,
     },
     /// Device groups of a tenant.
-    Groups {
-        tenant: String,
-    },
+    Groups { tenant: String },
+    /// Create a device group in a tenant.
     AddGroup {
         tenant: String,
         id: String,
@@ -302,9 +290,8 @@ pub enum TenantCmd {
 
 #[derive(Subcommand, Debug)]
 pub enum PolicyCmd {
-    List {
-        tenant: String,
-    },
+    /// A tenant's authorization policies.
+    List { tenant: String },
     /// Create or replace a policy: topic filter patterns with {device_id}, {group}, {tenant}.
     Set {
         tenant: String,
@@ -316,10 +303,8 @@ pub enum PolicyCmd {
         #[arg(long = "subscribe")]
         subscribe: Vec<String>,
     },
-    Delete {
-        tenant: String,
-        name: String,
-    },
+    /// Delete a policy (the subscriptions it allowed are removed).
+    Delete { tenant: String, name: String },
 }
 
 fn now_ms() -> i64 {

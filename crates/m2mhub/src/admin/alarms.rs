@@ -16,6 +16,7 @@ const SEVERITIES: [&str; 5] = ["critical", "major", "minor", "warning", "info"];
 pub enum AlarmCmd {
     /// Alarms, active and cleared, newest first.
     List(ListArgs),
+    /// One alarm: its details, who acknowledged or cleared it.
     Show {
         #[arg(value_name = "ID")]
         id: u64,

@@ -27,6 +27,7 @@ pub enum ProfileCmd {
         #[arg(long)]
         tenant: Option<String>,
     },
+    /// One profile.
     Show {
         name: String,
         #[arg(long)]

@@ -25,25 +25,18 @@ pub enum RuleCmd {
         tenant: Option<String>,
     },
     /// A rule's definition and the engine's counters.
-    Show {
-        id: String,
-    },
+    Show { id: String },
     /// Create a rule; the server checks its SQL and actions first.
     Add(AddArgs),
     /// Change a rule: only the given parts change (SQL and actions are
     /// checked again as a whole).
     Set(SetArgs),
     /// Run a disabled rule again.
-    Enable {
-        id: String,
-    },
+    Enable { id: String },
     /// Stop running a rule (it stays defined).
-    Disable {
-        id: String,
-    },
-    Delete {
-        id: String,
-    },
+    Disable { id: String },
+    /// Delete a rule; it stops at once.
+    Delete { id: String },
 }
 
 #[derive(Args, Debug)]
