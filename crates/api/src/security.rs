@@ -9,9 +9,10 @@ use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::Json;
-use m2mhub_registry::{AuditQuery, Role};
+use m2mhub_registry::{AuditQuery, AuditRecord, Role};
 use serde::Deserialize;
 use serde_json::{json, Value};
+use std::collections::HashSet;
 use std::time::Duration;
 
 #[derive(Deserialize)]
@@ -31,14 +32,57 @@ pub async fn list_audit(
     caller.require(Role::Admin)?;
     let Query(q) = q.map_err(crate::problem::bad_query)?;
     let limit = q.limit.unwrap_or(100).clamp(1, 1000);
-    let items = state.registry.list_audit(&AuditQuery {
-        after_seq: q.after,
+    let query = |after_seq, limit| AuditQuery {
+        after_seq,
         before_seq: None,
         limit: Some(limit),
-        actor: q.actor,
-        action: q.action,
+        actor: q.actor.clone(),
+        action: q.action.clone(),
         newest_first: false,
-    })?;
+    };
+    let items = if caller.is_platform() {
+        state.registry.list_audit(&query(q.after, limit))?
+    } else {
+        // The log is one chain for the whole platform: a tenant
+        // administrator reads only what their tenant's users did, and the
+        // connections of their tenant's devices. Scanned in batches until
+        // the page is full.
+        let users: HashSet<String> = state
+            .registry
+            .list_users()?
+            .into_iter()
+            .filter(|u| u.tenant == caller.tenant)
+            .map(|u| u.username)
+            .collect();
+        let sees = |r: &AuditRecord| {
+            if r.action.starts_with("mqtt.") {
+                caller.sees_client(&state.registry, &r.target)
+                    && (r.actor == r.target || caller.sees_client(&state.registry, &r.actor))
+            } else {
+                users.contains(&r.actor)
+            }
+        };
+        const BATCH: usize = 1000;
+        let mut items = Vec::new();
+        let mut after = q.after;
+        'scan: loop {
+            let batch = state.registry.list_audit(&query(after, BATCH))?;
+            let full = batch.len() == BATCH;
+            for r in batch {
+                after = Some(r.seq);
+                if sees(&r) {
+                    items.push(r);
+                    if items.len() == limit {
+                        break 'scan;
+                    }
+                }
+            }
+            if !full {
+                break;
+            }
+        }
+        items
+    };
     let next = (items.len() == limit)
         .then(|| items.last().map(|r| r.seq))
         .flatten();
@@ -85,10 +129,20 @@ pub async fn list_bans(
     State(state): State<AppState>,
 ) -> Result<Json<Value>, Problem> {
     caller.require(Role::Viewer)?;
+    // Tenant users see the bans of their own devices; address bans and
+    // other client ids concern every tenant and are the platform's.
+    let visible = |key: &m2mhub_broker::BanKey| match key {
+        _ if caller.is_platform() => true,
+        m2mhub_broker::BanKey::ClientId(id) | m2mhub_broker::BanKey::Device(id) => {
+            caller.sees_client(&state.registry, id)
+        }
+        m2mhub_broker::BanKey::Ip(_) => false,
+    };
     let items: Vec<Value> = state
         .broker
         .bans()
         .into_iter()
+        .filter(|b| visible(&b.key))
         .map(|b| json!({"key": b.key.to_string(), "reason": b.reason, "remaining_secs": b.remaining.as_secs(), "strikes": b.strikes}))
         .collect();
     Ok(Json(json!({"items": items})))

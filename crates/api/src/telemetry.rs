@@ -610,7 +610,14 @@ pub async fn get_retention(
     State(state): State<AppState>,
 ) -> Result<Json<Value>, Problem> {
     caller.require(Role::Viewer)?;
-    Ok(Json(retention_json(&state.tsdb.retention())))
+    let mut r = state.tsdb.retention();
+    // Tenant users see the rules for everyone and their own tenant's, not
+    // other tenants'.
+    if let Some(own) = &caller.tenant {
+        r.rules
+            .retain(|x| x.tenant.as_deref().is_none_or(|t| t == own));
+    }
+    Ok(Json(retention_json(&r)))
 }
 
 #[derive(Deserialize)]

@@ -87,8 +87,10 @@ struct Shared {
     webhooks: Webhooks,
     stats: AutomationStats,
     events: mpsc::Sender<(String, Option<String>, Value)>,
-    /// The topic filters to observe; the loop re-subscribes on a change.
-    filters: tokio::sync::watch::Sender<Vec<String>>,
+    /// The broker observer the loop reads, and the topic filters it
+    /// watches (changed in place, under this lock, when rules change).
+    observer: m2mhub_broker::ObserverId,
+    filters: Mutex<Vec<String>>,
     /// Device attributes by device id (see `device_meta`).
     meta: Mutex<HashMap<String, (std::time::Instant, Value)>>,
 }
@@ -105,9 +107,10 @@ impl Automation {
         let (out_tx, out_rx) = mpsc::unbounded_channel();
         let webhooks = Webhooks::start(Policy::default(), out_tx);
         let (ev_tx, ev_rx) = mpsc::channel(QUEUE);
-        let (filters, filters_rx) = tokio::sync::watch::channel(Vec::new());
+        let (observer, msgs) = broker.observer(QUEUE);
         let shared = Arc::new(Shared {
-            filters,
+            observer,
+            filters: Mutex::new(Vec::new()),
             meta: Mutex::new(HashMap::new()),
             broker: broker.clone(),
             registry: registry.clone(),
@@ -127,20 +130,19 @@ impl Automation {
         }
         svc.refresh_filters();
         broker.add_connection_events(Arc::new(ConnEvents(svc.shared.events.clone())));
-        tokio::spawn(run(svc.shared.clone(), filters_rx, ev_rx, out_rx));
+        tokio::spawn(run(svc.shared.clone(), msgs, ev_rx, out_rx));
         svc
     }
 
+    /// Observe the union of the rules' filters: done before the API call
+    /// that changed a rule returns, so the rule sees the next message.
     fn refresh_filters(&self) {
         let f = self.shared.rules.lock().filters();
-        self.shared.filters.send_if_modified(|cur| {
-            if *cur == f {
-                false
-            } else {
-                *cur = f;
-                true
-            }
-        });
+        let mut cur = self.shared.filters.lock();
+        if *cur != f {
+            self.shared.broker.set_observed(self.shared.observer, &f);
+            *cur = f;
+        }
     }
 
     pub fn stats(&self) -> &AutomationStats {
@@ -467,7 +469,7 @@ fn payload_json(topic: &str, payload: &[u8]) -> Option<Value> {
 
 async fn run(
     shared: Arc<Shared>,
-    mut filters: tokio::sync::watch::Receiver<Vec<String>>,
+    mut msgs: mpsc::Receiver<Arc<m2mhub_broker::message::Message>>,
     mut events: mpsc::Receiver<(String, Option<String>, Value)>,
     mut outcomes: mpsc::UnboundedReceiver<Outcome>,
 ) {
@@ -476,32 +478,11 @@ async fn run(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut expiry = tokio::time::interval(Duration::from_secs(1));
     let mut shutdown = shared.broker.shutdown_signal();
-    let mut msgs = shared.broker.observe(&filters.borrow_and_update(), QUEUE);
     loop {
         tokio::select! {
             m = msgs.recv() => match m {
                 Some(m) => on_message(&shared, &m).await,
-                None => {
-                    // Only when there was no valid filter: wait for one.
-                    if filters.changed().await.is_err() {
-                        return;
-                    }
-                    msgs = shared.broker.observe(&filters.borrow_and_update(), QUEUE);
-                }
-            },
-            c = filters.changed() => {
-                if c.is_err() {
-                    return;
-                }
-                // Subscribe with the new set first, then finish what the
-                // old subscription already holds (a message published in
-                // between may be seen twice; rule changes are rare).
-                let next = shared.broker.observe(&filters.borrow_and_update(), QUEUE);
-                let mut old = std::mem::replace(&mut msgs, next);
-                old.close();
-                while let Some(m) = old.recv().await {
-                    on_message(&shared, &m).await;
-                }
+                None => return,
             },
             e = events.recv() => if let Some((topic, device, body)) = e {
                 on_event(&shared, &topic, device.as_deref(), &body).await;

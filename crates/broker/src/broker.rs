@@ -75,8 +75,12 @@ struct InternalSub {
     /// An observer (the rule engine) watches traffic without being a
     /// subscriber: it does not turn a PUBACK's "no matching subscribers"
     /// into success.
-    observer: bool,
+    observer: Option<ObserverId>,
 }
+
+/// Names an observer ([`Broker::observer`]) to change its filters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ObserverId(u64);
 
 /// A running broker. Cheap to clone; all clones share one state.
 #[derive(Clone)]
@@ -480,35 +484,45 @@ impl Broker {
         subs.push(InternalSub {
             filters: vec![filter.to_string()],
             tx,
-            observer: false,
+            observer: None,
         });
         self.inner.has_internal.store(true, Ordering::Release);
         rx
     }
 
-    /// Watch every message whose topic matches any of `filters` — each
-    /// message once — without counting as a subscriber. Like
-    /// [`Broker::subscribe_internal`] otherwise: bounded, never blocks a
-    /// publisher, ends when the receiver is dropped. For the rule engine,
-    /// whose set of filters changes with its rules.
-    pub fn observe(&self, filters: &[String], capacity: usize) -> mpsc::Receiver<Arc<Message>> {
+    /// Watch messages without counting as a subscriber, with a set of
+    /// filters that can change ([`Broker::set_observed`]); each matching
+    /// message is delivered once. Like [`Broker::subscribe_internal`]
+    /// otherwise: bounded, never blocks a publisher, ends when the receiver
+    /// is dropped. For the rule engine, whose filters change with its rules:
+    /// changing them in place (instead of subscribing anew) means a rule is
+    /// in force as soon as the call that changed it returns, with no message
+    /// missed or seen twice around the change.
+    pub fn observer(&self, capacity: usize) -> (ObserverId, mpsc::Receiver<Arc<Message>>) {
         let (tx, rx) = mpsc::channel(capacity.max(1));
+        let id = ObserverId(self.inner.next_id());
+        let mut subs = self.inner.internal.write();
+        subs.push(InternalSub {
+            filters: Vec::new(),
+            tx,
+            observer: Some(id),
+        });
+        self.inner.has_internal.store(true, Ordering::Release);
+        (id, rx)
+    }
+
+    /// Replace an observer's filters (invalid ones are left out). Messages
+    /// routed after this returns are matched against the new set.
+    pub fn set_observed(&self, id: ObserverId, filters: &[String]) {
         let filters: Vec<String> = filters
             .iter()
             .filter(|f| mqtt_codec::topic::validate_topic_filter(f).is_ok())
             .cloned()
             .collect();
-        if filters.is_empty() {
-            return rx;
-        }
         let mut subs = self.inner.internal.write();
-        subs.push(InternalSub {
-            filters,
-            tx,
-            observer: true,
-        });
-        self.inner.has_internal.store(true, Ordering::Release);
-        rx
+        if let Some(s) = subs.iter_mut().find(|s| s.observer == Some(id)) {
+            s.filters = filters;
+        }
     }
 
     /// Install the security event hook (replaces any previous one).
@@ -649,7 +663,7 @@ impl Inner {
                 }
                 // Counted as matched even when dropped, like a full session
                 // queue: the publisher's PUBACK says someone subscribed.
-                let counted = usize::from(!s.observer);
+                let counted = usize::from(s.observer.is_none());
                 match s.tx.try_send(msg.clone()) {
                     Ok(()) => {
                         n += counted;

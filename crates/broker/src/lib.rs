@@ -38,7 +38,7 @@ mod topic_tree;
 mod transport;
 
 pub use ban::{BanInfo, BanKey};
-pub use broker::{store_dir, Broker, BrokerError, BrokerParts, SessionInfo};
+pub use broker::{store_dir, Broker, BrokerError, BrokerParts, ObserverId, SessionInfo};
 pub use config::BrokerConfig;
 pub use events::{
     AckGate, ConnectionEvents, PublishHook, SecurityEvent, SecurityEventKind, SecurityEvents,

@@ -11,6 +11,8 @@ mod common;
 mod alarms;
 #[path = "tests/auth.rs"]
 mod auth;
+#[path = "tests/authz.rs"]
+mod authz;
 #[path = "tests/bad_input.rs"]
 mod bad_input;
 #[path = "tests/cli.rs"]
