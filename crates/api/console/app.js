@@ -390,6 +390,7 @@ async function devices(view, gen, parts, params) {
   const f = {
     search: params.get("search") || "", group: params.get("group") || "",
     profile: params.get("profile") || "", enabled: params.get("enabled") || "",
+    online: params.get("online") || "",
   };
   // Cursors of the pages before this one, for "Previous".
   const trail = (params.get("trail") || "").split(",").filter(Boolean).map(decodeURIComponent);
@@ -401,15 +402,20 @@ async function devices(view, gen, parts, params) {
   const enabled = h("select", {},
     h("option", { value: "" }, "enabled or not"), h("option", { value: "true" }, "enabled"), h("option", { value: "false" }, "disabled"));
   enabled.value = f.enabled;
+  const online = h("select", { name: "online" },
+    h("option", { value: "" }, "online or not"), h("option", { value: "true" }, "online"), h("option", { value: "false" }, "offline"));
+  online.value = f.online;
   const apply = () => go("#/devices" + query({
     search: search.value.trim(), group: group.value.trim(), profile: profile.value.trim(), enabled: enabled.value,
+    online: online.value,
   }));
   let debounce = null;
   search.addEventListener("input", () => { clearTimeout(debounce); debounce = setTimeout(apply, 400); });
   for (const el of [group, profile]) el.addEventListener("change", apply);
   enabled.addEventListener("change", apply);
+  online.addEventListener("change", apply);
   const body = h("div", {}, h("p", { class: "muted" }, "Loading…"));
-  replace(view, h("h1", {}, "Devices"), h("div", { class: "toolbar" }, search, group, profile, enabled), body);
+  replace(view, h("h1", {}, "Devices"), h("div", { class: "toolbar" }, search, group, profile, enabled, online), body);
   const r = await get("/devices" + query({ ...f, limit: 50, after }));
   if (!current(gen)) return;
   const rows = r.items.map((d) => h("tr", {},

@@ -64,9 +64,14 @@ pub struct ListQuery {
     /// Substring of the id or name.
     search: Option<String>,
     enabled: Option<bool>,
+    /// Only devices with (true) or without (false) a live MQTT connection.
+    online: Option<bool>,
     after: Option<String>,
     limit: Option<usize>,
 }
+
+/// Registry rows read per step when filtering by online state.
+const ONLINE_SCAN_BATCH: usize = 1000;
 
 pub async fn list(
     caller: Caller,
@@ -93,11 +98,44 @@ pub async fn list(
         after: q.after,
         limit: Some(limit),
     };
-    let items = state.registry.list_devices(&filter)?;
-    let next = (items.len() == limit)
-        .then(|| items.last().map(|d| d.id.clone()))
-        .flatten();
-    let total = state.registry.count_devices(filter.tenant.as_deref())?;
+    let tenant = filter.tenant.clone();
+    let (items, next) = match q.online {
+        None => {
+            let items = state.registry.list_devices(&filter)?;
+            let next = (items.len() == limit)
+                .then(|| items.last().map(|d| d.id.clone()))
+                .flatten();
+            (items, next)
+        }
+        // Online is the broker's, not the registry's: read the registry's
+        // pages and keep the devices whose state matches, until the page
+        // is full. `next` is the last device looked at.
+        Some(want) => {
+            let mut filter = filter;
+            filter.limit = Some(ONLINE_SCAN_BATCH);
+            let mut items = Vec::with_capacity(limit);
+            let mut next = None;
+            'scan: loop {
+                let batch = state.registry.list_devices(&filter)?;
+                let full = batch.len() == ONLINE_SCAN_BATCH;
+                for d in batch {
+                    filter.after = Some(d.id.clone());
+                    if online(&state, &d.id) == Some(want) {
+                        items.push(d);
+                        if items.len() == limit {
+                            next = filter.after.clone();
+                            break 'scan;
+                        }
+                    }
+                }
+                if !full {
+                    break;
+                }
+            }
+            (items, next)
+        }
+    };
+    let total = state.registry.count_devices(tenant.as_deref())?;
     Ok(Json(json!({
         "items": items.iter().map(|d| device_json(d, online(&state, &d.id))).collect::<Vec<_>>(),
         "next": next,

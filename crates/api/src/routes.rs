@@ -50,7 +50,7 @@ pub fn router(state: AppState) -> Router {
             ("DELETE", "Delete a policy", Admin),
         ])
         .route("/devices", get(d::list).post(d::create), &[
-            ("GET", "Devices: filter by tenant, group, profile, label, search, enabled; paged by `after`", Viewer),
+            ("GET", "Devices: filter by tenant, group, profile, label, search, enabled, online; paged by `after`", Viewer),
             ("POST", "Register a device", Operator),
         ])
         .route("/devices/{id}", get(d::show).patch(d::update).delete(d::delete), &[

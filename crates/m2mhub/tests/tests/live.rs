@@ -406,3 +406,71 @@ async fn streams_respect_tenants_and_the_fleet_stream_carries_positions() {
     let _ = watch.await;
     fleet.none("alarm", Duration::from_millis(200)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_device_list_filters_by_online_state_across_pages() {
+    let srv = TestServer::with(secure).await;
+    let admin = srv.admin_token();
+    let mut secrets = Vec::new();
+    for id in ["a-1", "a-2", "a-3", "a-4", "a-5"] {
+        secrets.push((id, device(&srv, &admin, id, "default").await));
+    }
+    // a-2 and a-4 connect; the others stay offline.
+    let mut live = Vec::new();
+    for (id, secret) in secrets
+        .iter()
+        .filter(|(id, _)| *id == "a-2" || *id == "a-4")
+    {
+        let (c, ack) = Raw::connect(srv.mqtt(), creds(id, secret)).await;
+        assert_eq!(ack.reason_code, 0);
+        live.push(c);
+    }
+    let ids = |v: &Value| -> Vec<String> {
+        v["items"]
+            .as_array()
+            .expect("items")
+            .iter()
+            .map(|d| d["id"].as_str().expect("id").to_string())
+            .collect()
+    };
+    // One per page: the cursor skips the offline devices in between.
+    let p1 = api(&srv, &admin, "GET", "/devices?online=true&limit=1", None).await;
+    assert_eq!(ids(&p1), ["a-2"], "{p1}");
+    assert_eq!(p1["items"][0]["online"], true);
+    let next = p1["next"].as_str().expect("next");
+    let p2 = api(
+        &srv,
+        &admin,
+        "GET",
+        &format!("/devices?online=true&limit=1&after={next}"),
+        None,
+    )
+    .await;
+    assert_eq!(ids(&p2), ["a-4"], "{p2}");
+    let next = p2["next"].as_str().expect("next");
+    let p3 = api(
+        &srv,
+        &admin,
+        "GET",
+        &format!("/devices?online=true&limit=1&after={next}"),
+        None,
+    )
+    .await;
+    assert_eq!(ids(&p3), Vec::<String>::new(), "{p3}");
+    assert!(p3["next"].is_null());
+    let off = api(&srv, &admin, "GET", "/devices?online=false", None).await;
+    assert_eq!(ids(&off), ["a-1", "a-3", "a-5"], "{off}");
+    // Combined with another filter.
+    let both = api(
+        &srv,
+        &admin,
+        "GET",
+        "/devices?online=false&search=a-3",
+        None,
+    )
+    .await;
+    assert_eq!(ids(&both), ["a-3"], "{both}");
+    let r = http_get_as(srv.http(), "/api/v1/devices?online=maybe", &admin).await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    drop(live);
+}
