@@ -120,7 +120,7 @@ pub async fn list(
                 let full = batch.len() == ONLINE_SCAN_BATCH;
                 for d in batch {
                     filter.after = Some(d.id.clone());
-                    if online(&state, &d.id) == Some(want) {
+                    if state.broker.is_online(&d.id) == want {
                         items.push(d);
                         if items.len() == limit {
                             next = filter.after.clone();

@@ -497,19 +497,32 @@ pub async fn aggregate(
                 .unwrap_or_else(|| m2mhub_registry::DEFAULT_TENANT.into());
             let devs = match group {
                 Some(g) => {
-                    let list = state.registry.list_devices(&DeviceFilter {
+                    // The whole group, page by page (the registry answers
+                    // at most 10,000 devices a call).
+                    const PAGE: usize = 10_000;
+                    let mut ids = Vec::new();
+                    let mut filter = DeviceFilter {
                         tenant: Some(tenant.clone()),
                         group: Some(g.clone()),
-                        limit: Some(100_000),
+                        limit: Some(PAGE),
                         ..Default::default()
-                    })?;
-                    if list.is_empty() {
+                    };
+                    loop {
+                        let page = state.registry.list_devices(&filter)?;
+                        let full = page.len() == PAGE;
+                        filter.after = page.last().map(|d| d.id.clone());
+                        ids.extend(page.into_iter().map(|d| d.id));
+                        if !full {
+                            break;
+                        }
+                    }
+                    if ids.is_empty() {
                         return Ok(Json(
                             json!({"metric": q.metric, "bucket_ms": bucket, "series": []}),
                         )
                         .into_response());
                     }
-                    list.into_iter().map(|d| d.id).collect()
+                    ids
                 }
                 None => Vec::new(),
             };

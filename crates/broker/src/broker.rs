@@ -314,6 +314,17 @@ impl Broker {
         Some(SessionInfo::of(&s))
     }
 
+    /// Whether a client has a live connection: cheaper than
+    /// [`Broker::session`] when that is all a caller needs (a fleet-wide
+    /// online filter asks it for every device).
+    pub fn is_online(&self, client_id: &str) -> bool {
+        let Some(s) = self.inner.sessions.lock().get(client_id).cloned() else {
+            return false;
+        };
+        let online = s.state.lock().conn.is_some();
+        online
+    }
+
     /// Publish a message from the platform itself (no authorization).
     pub async fn publish(&self, topic: &str, payload: Bytes, qos: QoS, retain: bool) {
         self.publish_with(topic, payload, qos, retain, PublishProperties::default())

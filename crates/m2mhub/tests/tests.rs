@@ -47,6 +47,8 @@ mod retained;
 mod rules;
 #[path = "tests/rules_cli.rs"]
 mod rules_cli;
+#[path = "tests/server_timing.rs"]
+mod server_timing;
 #[path = "tests/sessions.rs"]
 mod sessions;
 #[path = "tests/shared.rs"]

@@ -492,6 +492,9 @@ async fn commands_are_recorded_sent_and_listed() {
         (Some("operator:acme-op"), Some(10_000), Some("acme"))
     );
     assert_eq!(c["params"]["delay_s"], 5);
+    // Newest first is by creation time (then id): two commands created in
+    // the same millisecond have no order an operator could tell apart.
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     let c2 = op
         .expect(
             "POST",
