@@ -14,7 +14,6 @@
 
 use crate::common::*;
 use bytes::Bytes;
-use m2mhub::settings::Settings;
 use mqtt_codec::{reason, QoS};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
@@ -409,15 +408,6 @@ fn assert_refused(r: &Reply, statuses: &[u16], what: &str) {
 // The server and its population
 
 const PASSWORD: &str = "correct horse battery";
-
-/// No anonymous MQTT, and none of the loopback throttles a test's many
-/// connects from 127.0.0.1 would trip.
-fn secure(s: &mut Settings) {
-    s.mqtt.allow_anonymous = false;
-    s.mqtt.auth_failures_before_ban = 0;
-    s.mqtt.max_connect_rate_per_ip = 0;
-    s.mqtt.max_connects_per_client_id = 0;
-}
 
 fn platform_admin(srv: &TestServer) -> Client {
     Client {

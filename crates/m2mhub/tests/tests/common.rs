@@ -59,6 +59,16 @@ pub struct TestServer {
 }
 
 /// Test defaults: loopback, port 0, anonymous access, no `$SYS` noise.
+/// The secure default (no anonymous access) without the loopback throttles
+/// that would otherwise trip over a test's many connects from 127.0.0.1:
+/// no connect rate, no flapping ban, no ban after failed authentications.
+pub fn secure(s: &mut Settings) {
+    s.mqtt.allow_anonymous = false;
+    s.mqtt.auth_failures_before_ban = 0;
+    s.mqtt.max_connect_rate_per_ip = 0;
+    s.mqtt.max_connects_per_client_id = 0;
+}
+
 pub fn test_settings(dir: &std::path::Path) -> Settings {
     let mut s = Settings {
         data_dir: dir.join("data"),
@@ -891,6 +901,36 @@ impl HttpResponse {
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_str(&self.body)
             .unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", self.body))
+    }
+}
+
+/// `/api/v1{path}` with `token`: must succeed (2xx); the JSON body, or
+/// Null when empty.
+pub async fn api(
+    srv: &TestServer,
+    token: &str,
+    method: &str,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> serde_json::Value {
+    let r = http_request(
+        srv.http(),
+        method,
+        &format!("/api/v1{path}"),
+        Some(token),
+        body.as_ref(),
+    )
+    .await;
+    assert!(
+        (200..300).contains(&r.status),
+        "{method} {path}: {} {}",
+        r.status,
+        r.body
+    );
+    if r.body.is_empty() {
+        serde_json::Value::Null
+    } else {
+        r.json()
     }
 }
 

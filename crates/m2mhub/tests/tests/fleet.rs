@@ -6,29 +6,6 @@ use crate::common::*;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 
-async fn api(
-    srv: &TestServer,
-    token: &str,
-    method: &str,
-    path: &str,
-    body: Option<Value>,
-) -> Value {
-    let r = http_request(
-        srv.http(),
-        method,
-        &format!("/api/v1{path}"),
-        Some(token),
-        body.as_ref(),
-    )
-    .await;
-    assert!(r.status < 300, "{method} {path}: {} {}", r.status, r.body);
-    if r.body.is_empty() {
-        Value::Null
-    } else {
-        r.json()
-    }
-}
-
 fn device_ids(srv: &TestServer) -> Vec<String> {
     srv.get()
         .registry

@@ -8,7 +8,6 @@
 use crate::auth::v311_return_code;
 use crate::common::*;
 use bytes::Bytes;
-use m2mhub::settings::Settings;
 use mqtt_codec::{reason, Connect, Packet, Protocol, QoS};
 use serde_json::{json, Value};
 use std::net::SocketAddr;
@@ -20,16 +19,6 @@ use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName}
 
 // ---------------------------------------------------------------------------
 // Helpers
-
-/// The secure default (no anonymous access) without the loopback throttles
-/// that would otherwise trip over a test's many connects from 127.0.0.1:
-/// no connect rate, no flapping ban, no ban after failed authentications.
-fn secure(s: &mut Settings) {
-    s.mqtt.allow_anonymous = false;
-    s.mqtt.auth_failures_before_ban = 0;
-    s.mqtt.max_connect_rate_per_ip = 0;
-    s.mqtt.max_connects_per_client_id = 0;
-}
 
 async fn secure_server() -> TestServer {
     TestServer::with(secure).await

@@ -12,13 +12,6 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
-fn secure(s: &mut m2mhub::settings::Settings) {
-    s.mqtt.allow_anonymous = false;
-    s.mqtt.auth_failures_before_ban = 0;
-    s.mqtt.max_connect_rate_per_ip = 0;
-    s.mqtt.max_connects_per_client_id = 0;
-}
-
 /// A server-sent-events client over HTTP/1.1 with chunked transfer coding,
 /// written out here so the test sees exactly what a browser gets.
 struct Sse {
@@ -137,34 +130,6 @@ impl Sse {
         if let Ok(v) = r {
             panic!("unexpected {name} event: {v}");
         }
-    }
-}
-
-async fn api(
-    srv: &TestServer,
-    token: &str,
-    method: &str,
-    path: &str,
-    body: Option<Value>,
-) -> Value {
-    let r = http_request(
-        srv.http(),
-        method,
-        &format!("/api/v1{path}"),
-        Some(token),
-        body.as_ref(),
-    )
-    .await;
-    assert!(
-        (200..300).contains(&r.status),
-        "{method} {path}: {} {}",
-        r.status,
-        r.body
-    );
-    if r.body.is_empty() {
-        Value::Null
-    } else {
-        r.json()
     }
 }
 

@@ -24,29 +24,6 @@ fn add_device(srv: &TestServer, id: &str) {
         .expect("device");
 }
 
-async fn api(
-    srv: &TestServer,
-    token: &str,
-    method: &str,
-    path: &str,
-    body: Option<Value>,
-) -> Value {
-    let r = http_request(
-        srv.http(),
-        method,
-        &format!("/api/v1{path}"),
-        Some(token),
-        body.as_ref(),
-    )
-    .await;
-    assert!(r.status < 300, "{method} {path}: {} {}", r.status, r.body);
-    if r.body.is_empty() {
-        Value::Null
-    } else {
-        r.json()
-    }
-}
-
 async fn alarms(srv: &TestServer, token: &str, query: &str) -> Vec<Value> {
     api(srv, token, "GET", &format!("/alarms?{query}"), None).await["items"]
         .as_array()
