@@ -104,7 +104,19 @@ impl LiveHub {
     /// Whether any stream listens: producers check this before building
     /// an event.
     pub fn active(&self) -> bool {
-        self.tx.receiver_count() > 0
+        // The stream count, not `receiver_count()`, which takes the
+        // channel's lock: this is asked for every telemetry message.
+        self.streams.load(Ordering::Relaxed) > 0
+    }
+
+    /// Open a stream: its receiver and the slot that counts it while it
+    /// lives; `None` when [`MAX_STREAMS`] are open.
+    fn subscribe(self: &Arc<Self>) -> Option<(broadcast::Receiver<Arc<LiveEvent>>, StreamSlot)> {
+        if self.streams.fetch_add(1, Ordering::Relaxed) >= MAX_STREAMS {
+            self.streams.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        Some((self.tx.subscribe(), StreamSlot(self.clone())))
     }
 
     /// Hand an event to every open stream (dropped if none).
@@ -182,8 +194,7 @@ pub async fn stream(
         },
     };
     let hub = state.live.clone();
-    if hub.streams.fetch_add(1, Ordering::Relaxed) >= MAX_STREAMS {
-        hub.streams.fetch_sub(1, Ordering::Relaxed);
+    let Some((events, slot)) = hub.subscribe() else {
         let mut r = Problem::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "too-many-streams",
@@ -195,9 +206,7 @@ pub async fn stream(
             axum::http::HeaderValue::from_static("10"),
         );
         return Ok(r);
-    }
-    let slot = StreamSlot(hub.clone());
-    let events = hub.tx.subscribe();
+    };
     let alarms = state.registry.subscribe_alarms();
     let (tx, mut rx) = mpsc::channel::<Event>(64);
     tokio::spawn(forward(scope, events, alarms, tx, slot));
@@ -419,9 +428,9 @@ mod tests {
 
     #[tokio::test]
     async fn the_hub_builds_nothing_without_listeners_and_fans_out_with_them() {
-        let hub = LiveHub::default();
+        let hub = Arc::new(LiveHub::default());
         assert!(!hub.active());
-        let mut rx = hub.tx.subscribe();
+        let (mut rx, _slot) = hub.subscribe().expect("a stream");
         assert!(hub.active());
         hub.send(LiveEvent::Connection {
             tenant: "t".into(),
