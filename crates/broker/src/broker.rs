@@ -14,7 +14,7 @@ use crate::retained::RetainedStore;
 use crate::session::{ConnLink, Outgoing, Session, SubscriptionRecord};
 use crate::topic_tree::{Delivery, Subscriber, TopicTree};
 use bytes::Bytes;
-use m2mhub_store::{Durability, Op, Store, StoreError, StoreOptions, StoredMessage};
+use m2mhub_broker_log::{Durability, Op, Store, StoreError, StoreOptions, StoredMessage};
 use mqtt_codec::{Protocol, PublishProperties, QoS, SubscriptionOptions};
 use parking_lot::{Mutex, RwLock};
 use std::collections::HashMap;
@@ -1070,7 +1070,7 @@ impl Inner {
 
     /// Rebuild retained messages and offline persistent sessions from the
     /// store after a restart.
-    fn recover(self: &Arc<Self>, rec: m2mhub_store::Recovered) {
+    fn recover(self: &Arc<Self>, rec: m2mhub_broker_log::Recovered) {
         let now = Instant::now();
         let now_ms = persist::unix_ms_now();
         self.seq.store(rec.next_seq.max(1), Ordering::Relaxed);

@@ -24,7 +24,7 @@ use crate::signal::Signal;
 use crate::topic_tree::Delivery;
 use crate::transport::{Transport, READ_CHUNK};
 use bytes::BytesMut;
-use m2mhub_store::Op;
+use m2mhub_broker_log::Op;
 use mqtt_codec::{
     decode, decode_connect_protocol, encode, reason, AckProperties, ConnAck, ConnAckProperties,
     Connect, DecodeError, Disconnect, DisconnectProperties, LastWill, Packet, Protocol,

@@ -3,7 +3,7 @@
 
 use crate::message::Message;
 use crate::session::SessionState;
-use m2mhub_store::{StoredMessage, StoredSession, StoredSubscription};
+use m2mhub_broker_log::{StoredMessage, StoredSession, StoredSubscription};
 use mqtt_codec::QoS;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};

@@ -1,4 +1,4 @@
-//! Embedded, crash-safe, append-only store for the m2mhub MQTT broker.
+//! The broker's log: embedded, crash-safe, append-only storage for the m2mhub MQTT broker.
 //!
 //! The store keeps two kinds of state under the broker's data directory:
 //! retained messages, and persistent MQTT sessions (their subscriptions plus
