@@ -11,7 +11,8 @@ use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::Json;
-use m2mhub_registry::{Alarm, AlarmFilter, ClearedBy, Role};
+use m2mhub_fleet::{Alarm, AlarmFilter, ClearedBy};
+use m2mhub_identity::Role;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -32,7 +33,7 @@ fn no_alarm(id: &str) -> Problem {
 /// An alarm the caller may see, or 404.
 fn visible(state: &AppState, caller: &Caller, id: &str) -> Result<Alarm, Problem> {
     let n: u64 = id.parse().map_err(|_| no_alarm(id))?;
-    let a = state.registry.get_alarm(n)?;
+    let a = state.fleet.get_alarm(n)?;
     match &caller.tenant {
         Some(t) if *t != a.tenant => Err(no_alarm(id)),
         _ => Ok(a),
@@ -73,18 +74,18 @@ pub async fn list(
             .as_deref()
             .map(str::parse)
             .transpose()
-            .map_err(|e: m2mhub_registry::RegistryError| invalid(e.to_string()))?,
+            .map_err(|e: m2mhub_identity::RegistryError| invalid(e.to_string()))?,
         severity: q
             .severity
             .as_deref()
             .map(str::parse)
             .transpose()
-            .map_err(|e: m2mhub_registry::RegistryError| invalid(e.to_string()))?,
+            .map_err(|e: m2mhub_identity::RegistryError| invalid(e.to_string()))?,
         alarm_type: q.alarm_type,
         before: q.before,
         limit: Some(limit),
     };
-    let items = state.registry.list_alarms(&filter)?;
+    let items = state.fleet.list_alarms(&filter)?;
     let next = (items.len() == limit)
         .then(|| items.last().map(|a| a.id))
         .flatten();
@@ -110,7 +111,7 @@ pub async fn summary(
     if let Some(t) = &tenant {
         state.registry.get_tenant(t)?;
     }
-    let counts = state.registry.alarm_counts(tenant.as_deref());
+    let counts = state.fleet.alarm_counts(tenant.as_deref());
     let mut v = json!(counts);
     v["tenant"] = json!(tenant);
     Ok(Json(v))
@@ -134,7 +135,7 @@ pub async fn ack(
 ) -> Result<Json<Value>, Problem> {
     caller.require(Role::Operator)?;
     let a = visible(&state, &caller, &id)?;
-    let a = state.registry.ack_alarm(a.id, &caller.username)?;
+    let a = state.fleet.ack_alarm(a.id, &caller.username)?;
     audit(
         &state,
         &caller,
@@ -154,7 +155,7 @@ pub async fn clear(
     caller.require(Role::Operator)?;
     let a = visible(&state, &caller, &id)?;
     let a = state
-        .registry
+        .fleet
         .clear_alarm_by_id(a.id, ClearedBy::Operator(caller.username.clone()))?;
     audit(
         &state,

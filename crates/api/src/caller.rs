@@ -9,7 +9,7 @@ use crate::state::AppState;
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use axum::http::{header, StatusCode};
-use m2mhub_registry::{Device, Role};
+use m2mhub_identity::{Device, Role};
 
 #[derive(Debug, Clone)]
 pub struct Caller {
@@ -91,7 +91,7 @@ impl Caller {
     }
 
     /// Whether a client id (a device id) belongs to the caller's tenant.
-    pub fn sees_client(&self, registry: &m2mhub_registry::Registry, client_id: &str) -> bool {
+    pub fn sees_client(&self, registry: &m2mhub_identity::Registry, client_id: &str) -> bool {
         match &self.tenant {
             None => true,
             Some(t) => registry.get_device(client_id).is_ok_and(|d| d.tenant == *t),
@@ -116,7 +116,7 @@ impl FromRequestParts<AppState> for Caller {
             .ok_or_else(|| unauthorized("the Authorization header must be `Bearer <API token>`"))?;
         let p = state
             .registry
-            .verify_api_token(token.trim(), m2mhub_registry::now_ms())
+            .verify_api_token(token.trim(), m2mhub_identity::now_ms())
             .map_err(|_| unauthorized("the API token is unknown, revoked or expired"))?;
         Ok(Caller {
             username: p.username,

@@ -10,7 +10,8 @@ use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::Json;
-use m2mhub_registry::{NewCommand, Role};
+use m2mhub_fleet::NewCommand;
+use m2mhub_identity::Role;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -59,12 +60,12 @@ pub async fn send(
                 })?;
             // The service records the command before it answers; if it did
             // not, the id is all there is to show.
-            match state.registry.get_command(&cid) {
+            match state.fleet.get_command(&cid) {
                 Ok(c) => json!(c),
                 Err(_) => json!({"id": cid, "device_id": device.id, "name": b.name}),
             }
         }
-        None => json!(state.registry.create_command(NewCommand {
+        None => json!(state.fleet.create_command(NewCommand {
             tenant: device.tenant.clone(),
             device_id: device.id.clone(),
             name: b.name,
@@ -108,12 +109,10 @@ pub async fn list(
         ));
     }
     let device = visible(&state, &caller, &id)?;
-    let items = state.registry.list_commands(
-        Some(&device.tenant),
-        &device.id,
-        q.before.as_deref(),
-        limit,
-    )?;
+    let items =
+        state
+            .fleet
+            .list_commands(Some(&device.tenant), &device.id, q.before.as_deref(), limit)?;
     let next = (items.len() == limit)
         .then(|| items.last().map(|c| c.id.clone()))
         .flatten();
@@ -126,7 +125,7 @@ pub async fn show(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, Problem> {
     caller.require(Role::Viewer)?;
-    let c = state.registry.get_command(&id)?;
+    let c = state.fleet.get_command(&id)?;
     if caller.tenant.as_ref().is_some_and(|t| *t != c.tenant) {
         return Err(Problem::new(
             StatusCode::NOT_FOUND,

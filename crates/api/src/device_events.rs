@@ -11,7 +11,7 @@ use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::Json;
-use m2mhub_registry::Role;
+use m2mhub_identity::Role;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -43,7 +43,7 @@ pub async fn list(
         ));
     }
     visible(&state, &caller, &id)?;
-    let items = state.registry.list_device_events(
+    let items = state.fleet.list_device_events(
         caller.tenant.as_deref(),
         &id,
         q.kind.as_deref(),
@@ -56,6 +56,6 @@ pub async fn list(
     Ok(Json(json!({
         "items": items,
         "next": next,
-        "counts": state.registry.device_event_counts(&id).unwrap_or_default(),
+        "counts": state.fleet.device_event_counts(&id).unwrap_or_default(),
     })))
 }

@@ -8,7 +8,7 @@ use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::Json;
-use m2mhub_registry::{now_ms, Device, DeviceFilter, DeviceUpdate, NewDevice, Role};
+use m2mhub_identity::{now_ms, Device, DeviceFilter, DeviceUpdate, NewDevice, Role};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -164,7 +164,7 @@ pub async fn create(
     let Json(b) = body.map_err(bad_json)?;
     let tenant = caller
         .scope(b.tenant.as_deref())?
-        .unwrap_or_else(|| m2mhub_registry::DEFAULT_TENANT.into());
+        .unwrap_or_else(|| m2mhub_identity::DEFAULT_TENANT.into());
     let d = state.registry.create_device(NewDevice {
         id: b.id,
         name: b.name,
@@ -428,7 +428,7 @@ pub(crate) fn issue_cert(
     };
     state.registry.add_certificate(
         device_id,
-        m2mhub_registry::CertRecord {
+        m2mhub_identity::CertRecord {
             fingerprint: cert.fingerprint,
             serial_hex: cert.serial_hex.clone(),
             not_after_ms: cert.not_after_ms,

@@ -27,9 +27,9 @@ pub mod telemetry;
 pub mod timing;
 mod websocket;
 
+pub use m2mhub_automation::{RuleProblem, RuleService};
 pub use problem::Problem;
 pub use routes::router;
-pub use rules::{RuleProblem, RuleService};
 pub use state::AppState;
 
 use std::future::Future;

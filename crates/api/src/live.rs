@@ -2,7 +2,7 @@
 //! stream of what happens to one device or to the caller's fleet.
 //!
 //! Producers (the telemetry ingest, the connection hook) hand events to the
-//! [`LiveHub`], a broadcast channel. Nothing is built for it while nobody
+//! [`LiveHub`] (`m2mhub-ingest`), a broadcast channel. Nothing is built for it while nobody
 //! listens ([`LiveHub::active`] is one atomic load), so the MQTT hot path
 //! pays nothing when no console is open.
 //!
@@ -29,117 +29,23 @@ use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use m2mhub_registry::Role;
+use m2mhub_identity::Role;
+pub use m2mhub_ingest::live::{LiveEvent, LiveHub, StreamSlot, MAX_STREAMS};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicUsize, Ordering};
+
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{broadcast, mpsc};
 
-/// Events the hub buffers for slow listeners before they lag.
-const CAPACITY: usize = 8192;
-/// Streams open at once at most.
-pub const MAX_STREAMS: usize = 256;
 /// A stream's lifetime; the client reconnects (and is authenticated again).
 pub const MAX_STREAM: Duration = Duration::from_secs(300);
 /// How often a device stream sends its coalesced values.
 const DEVICE_TICK: Duration = Duration::from_millis(250);
 /// How often a fleet stream sends positions and connection changes.
 const FLEET_TICK: Duration = Duration::from_secs(1);
-
-/// Something that happened, as the hub carries it.
-#[derive(Debug, Clone)]
-pub enum LiveEvent {
-    /// Points a device reported (already accepted by the store).
-    Telemetry {
-        tenant: Arc<str>,
-        device: Arc<str>,
-        /// `(metric, ts_ms, value)`.
-        points: Vec<(String, i64, Value)>,
-    },
-    /// A device connected or disconnected.
-    Connection {
-        tenant: Arc<str>,
-        device: Arc<str>,
-        online: bool,
-        ts_ms: i64,
-        /// The address it connected from, or why it disconnected.
-        detail: String,
-    },
-}
-
-impl LiveEvent {
-    fn tenant(&self) -> &str {
-        match self {
-            LiveEvent::Telemetry { tenant, .. } | LiveEvent::Connection { tenant, .. } => tenant,
-        }
-    }
-
-    fn device(&self) -> &str {
-        match self {
-            LiveEvent::Telemetry { device, .. } | LiveEvent::Connection { device, .. } => device,
-        }
-    }
-}
-
-/// Fan-out of live events to the open streams.
-pub struct LiveHub {
-    tx: broadcast::Sender<Arc<LiveEvent>>,
-    streams: AtomicUsize,
-}
-
-impl Default for LiveHub {
-    fn default() -> Self {
-        LiveHub {
-            tx: broadcast::channel(CAPACITY).0,
-            streams: AtomicUsize::new(0),
-        }
-    }
-}
-
-impl LiveHub {
-    /// Whether any stream listens: producers check this before building
-    /// an event.
-    pub fn active(&self) -> bool {
-        // The stream count, not `receiver_count()`, which takes the
-        // channel's lock: this is asked for every telemetry message.
-        self.streams.load(Ordering::Relaxed) > 0
-    }
-
-    /// Open a stream: its receiver and the slot that counts it while it
-    /// lives; `None` when [`MAX_STREAMS`] are open.
-    fn subscribe(self: &Arc<Self>) -> Option<(broadcast::Receiver<Arc<LiveEvent>>, StreamSlot)> {
-        if self.streams.fetch_add(1, Ordering::Relaxed) >= MAX_STREAMS {
-            self.streams.fetch_sub(1, Ordering::Relaxed);
-            return None;
-        }
-        Some((self.tx.subscribe(), StreamSlot(self.clone())))
-    }
-
-    /// Hand an event to every open stream (dropped if none).
-    pub fn send(&self, event: LiveEvent) {
-        if self.active() {
-            let _ = self.tx.send(Arc::new(event));
-        }
-    }
-
-    /// Open streams.
-    pub fn streams(&self) -> usize {
-        self.streams.load(Ordering::Relaxed)
-    }
-}
-
-/// Counts a stream while it is open.
-struct StreamSlot(Arc<LiveHub>);
-
-impl Drop for StreamSlot {
-    fn drop(&mut self) {
-        self.0.streams.fetch_sub(1, Ordering::Relaxed);
-    }
-}
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -207,7 +113,7 @@ pub async fn stream(
         );
         return Ok(r);
     };
-    let alarms = state.registry.subscribe_alarms();
+    let alarms = state.fleet.subscribe_alarms();
     let (tx, mut rx) = mpsc::channel::<Event>(64);
     tokio::spawn(forward(scope, events, alarms, tx, slot));
     let body = futures_util::stream::poll_fn(move |cx| {
@@ -244,7 +150,7 @@ fn now_ms() -> i64 {
 async fn forward(
     scope: Scope,
     mut events: broadcast::Receiver<Arc<LiveEvent>>,
-    mut alarms: broadcast::Receiver<m2mhub_registry::AlarmEvent>,
+    mut alarms: broadcast::Receiver<m2mhub_fleet::AlarmEvent>,
     tx: mpsc::Sender<Event>,
     _slot: StreamSlot,
 ) {

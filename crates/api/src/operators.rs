@@ -9,7 +9,7 @@ use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
-use m2mhub_registry::{now_ms, ClaimSpec, Policy, Role};
+use m2mhub_identity::{now_ms, ClaimSpec, Policy, Role};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -427,7 +427,7 @@ pub async fn create_claim(
     let Json(b) = body.map_err(bad_json)?;
     let tenant = caller
         .scope(b.tenant.as_deref())?
-        .unwrap_or_else(|| m2mhub_registry::DEFAULT_TENANT.into());
+        .unwrap_or_else(|| m2mhub_identity::DEFAULT_TENANT.into());
     let (info, secret) = state.registry.create_claim_token(ClaimSpec {
         name: b.name.unwrap_or_default(),
         tenant: tenant.clone(),

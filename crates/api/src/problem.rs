@@ -68,10 +68,10 @@ impl IntoResponse for Problem {
     }
 }
 
-impl From<m2mhub_registry::RegistryError> for Problem {
+impl From<m2mhub_identity::RegistryError> for Problem {
     /// The one place registry errors become HTTP statuses.
-    fn from(e: m2mhub_registry::RegistryError) -> Self {
-        use m2mhub_registry::RegistryError as E;
+    fn from(e: m2mhub_identity::RegistryError) -> Self {
+        use m2mhub_identity::RegistryError as E;
         let (status, kind) = match &e {
             E::NotFound(..) => (StatusCode::NOT_FOUND, "not-found"),
             E::AlreadyExists(..) => (StatusCode::CONFLICT, "already-exists"),
@@ -109,7 +109,7 @@ mod tests {
             serde_json::to_value(&plain).expect("json"),
             json!({"type": "/problems/not-found", "title": "Not Found", "status": 404, "detail": "no device"})
         );
-        let rule: Problem = crate::rules::RuleProblem {
+        let rule: Problem = m2mhub_automation::RuleProblem {
             message: "unexpected token".into(),
             line: Some(2),
             column: Some(7),

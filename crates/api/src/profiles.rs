@@ -12,7 +12,7 @@ use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::Json;
-use m2mhub_registry::{NewProfile, ProfileUpdate, Role, DEFAULT_TENANT};
+use m2mhub_identity::{NewProfile, ProfileUpdate, Role, DEFAULT_TENANT};
 use serde::{Deserialize, Deserializer};
 use serde_json::{json, Value};
 

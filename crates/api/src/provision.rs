@@ -11,7 +11,7 @@ use axum::extract::rejection::JsonRejection;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
-use m2mhub_registry::{now_ms, ClaimError};
+use m2mhub_identity::{now_ms, ClaimError};
 use serde::Deserialize;
 use serde_json::{json, Value};
 

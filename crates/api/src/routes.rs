@@ -184,9 +184,9 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
                 a.audit_dropped.load(Relaxed),
             ),
         ] {
-            let _ = writeln!(text, "# HELP m2mhub_registry_{name}_total {help}");
-            let _ = writeln!(text, "# TYPE m2mhub_registry_{name}_total counter");
-            let _ = writeln!(text, "m2mhub_registry_{name}_total {v}");
+            let _ = writeln!(text, "# HELP m2mhub_identity_{name}_total {help}");
+            let _ = writeln!(text, "# TYPE m2mhub_identity_{name}_total counter");
+            let _ = writeln!(text, "m2mhub_identity_{name}_total {v}");
         }
     }
     crate::telemetry::metrics_text(&state, &mut text);
@@ -213,7 +213,7 @@ async fn broker_stats(
     caller: crate::caller::Caller,
     State(state): State<AppState>,
 ) -> Result<impl IntoResponse, Problem> {
-    caller.require(m2mhub_registry::Role::Viewer)?;
+    caller.require(m2mhub_identity::Role::Viewer)?;
     let broker = &state.broker;
     let g = broker.gauges();
     let mut counters = serde_json::Map::new();
@@ -264,7 +264,7 @@ async fn list_sessions(
     State(state): State<AppState>,
     page: Result<Query<Page>, QueryRejection>,
 ) -> Result<impl IntoResponse, Problem> {
-    caller.require(m2mhub_registry::Role::Viewer)?;
+    caller.require(m2mhub_identity::Role::Viewer)?;
     let broker = &state.broker;
     let Query(page) = page.map_err(crate::problem::bad_query)?;
     let limit = page.limit.unwrap_or(100);
@@ -292,7 +292,7 @@ async fn show_session(
     State(state): State<AppState>,
     Path(client_id): Path<String>,
 ) -> Result<impl IntoResponse, Problem> {
-    caller.require(m2mhub_registry::Role::Viewer)?;
+    caller.require(m2mhub_identity::Role::Viewer)?;
     match state.broker.session(&client_id) {
         Some(s) if caller.sees_client(&state.registry, &client_id) => Ok(Json(session_json(&s))),
         _ => Err(Problem::new(

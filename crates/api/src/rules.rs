@@ -1,7 +1,7 @@
 //! Rules through HTTP, and the seam to the rules engine.
 //!
-//! The registry stores a rule as written; whether its SQL and actions make
-//! sense is the rule service's call ([`RuleService`], installed in
+//! Fleet operations store a rule as written; whether its SQL and actions make
+//! sense is the rule service's call ([`RuleService`], from `m2mhub-automation`, installed in
 //! [`AppState::rules`] by the binary). A create or update the service
 //! refuses is a 422 problem with the position of the fault (`line`,
 //! `column`). After every write — create, update, enable, disable, delete —
@@ -18,49 +18,11 @@ use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::Json;
-use m2mhub_registry::{NewRule, Role, Rule, RuleUpdate, DEFAULT_TENANT};
+use m2mhub_automation::RuleProblem;
+use m2mhub_fleet::{NewRule, Rule, RuleUpdate};
+use m2mhub_identity::{Role, DEFAULT_TENANT};
 use serde::Deserialize;
 use serde_json::{json, Value};
-
-/// What the HTTP API needs from the rules engine.
-pub trait RuleService: Send + Sync {
-    /// Check a rule before it is stored: parse and type-check the SQL,
-    /// check the actions.
-    fn validate(&self, tenant: &str, sql: &str, actions: &Value) -> Result<(), RuleProblem>;
-    /// The rule changed (or was deleted: it is then no longer in the
-    /// registry): pick up its current definition.
-    fn reload(&self, rule_id: &str);
-    /// The rule's counters (matched, fired, failed, last error…), if the
-    /// engine runs it.
-    fn counters(&self, rule_id: &str) -> Option<Value>;
-    /// Send a command to a device: record it with
-    /// `Registry::create_command` and publish it; returns the command's id.
-    /// The error is shown to the operator (422).
-    fn send_command(
-        &self,
-        tenant: &str,
-        device: &str,
-        name: &str,
-        params: Value,
-        timeout_ms: u64,
-        origin: &str,
-    ) -> Result<String, String>;
-    /// Service counters for `/metrics`: `(name, help, value)`, rendered
-    /// as `m2mhub_rules_<name>_total`.
-    fn metrics(&self) -> Vec<(&'static str, &'static str, u64)> {
-        Vec::new()
-    }
-}
-
-/// Why the rule service refused a rule, and where (1-based positions in
-/// the SQL text, when known).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{message}")]
-pub struct RuleProblem {
-    pub message: String,
-    pub line: Option<u64>,
-    pub column: Option<u64>,
-}
 
 impl From<RuleProblem> for Problem {
     /// 422 with the position as the extension members `line` and `column`
@@ -99,7 +61,7 @@ fn no_rule(id: &str) -> Problem {
 
 /// A rule the caller may see, or 404.
 fn visible(state: &AppState, caller: &Caller, id: &str) -> Result<Rule, Problem> {
-    let r = state.registry.get_rule(id).map_err(|_| no_rule(id))?;
+    let r = state.fleet.get_rule(id).map_err(|_| no_rule(id))?;
     match &caller.tenant {
         Some(t) if *t != r.tenant => Err(no_rule(id)),
         _ => Ok(r),
@@ -138,7 +100,7 @@ pub async fn list(
     let Query(q) = q.map_err(bad_query)?;
     let tenant = caller.scope(q.tenant.as_deref())?;
     let items: Vec<Value> = state
-        .registry
+        .fleet
         .list_rules(tenant.as_deref())?
         .iter()
         .map(|r| rule_json(&state, r))
@@ -181,7 +143,7 @@ pub async fn create(
         .unwrap_or_else(|| DEFAULT_TENANT.into());
     state.registry.get_tenant(&tenant)?;
     validate(&state, &tenant, &b.sql, &b.actions)?;
-    let r = state.registry.create_rule(
+    let r = state.fleet.create_rule(
         &tenant,
         NewRule {
             id: b.id,
@@ -245,7 +207,7 @@ pub async fn update(
         "name": b.name, "description": b.description, "sql": b.sql,
         "actions": b.actions, "enabled": b.enabled,
     });
-    let r = state.registry.update_rule(
+    let r = state.fleet.update_rule(
         &id,
         RuleUpdate {
             name: b.name,
@@ -266,7 +228,7 @@ pub async fn delete(
 ) -> Result<StatusCode, Problem> {
     caller.require(Role::Operator)?;
     let r = visible(&state, &caller, &id)?;
-    state.registry.delete_rule(&id)?;
+    state.fleet.delete_rule(&id)?;
     changed(
         &state,
         &caller,
@@ -285,7 +247,7 @@ async fn set_enabled(
 ) -> Result<Json<Value>, Problem> {
     caller.require(Role::Operator)?;
     visible(&state, &caller, &id)?;
-    let r = state.registry.set_rule_enabled(&id, enabled)?;
+    let r = state.fleet.set_rule_enabled(&id, enabled)?;
     changed(
         &state,
         &caller,

@@ -9,7 +9,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::Json;
-use m2mhub_registry::{AuditQuery, AuditRecord, Role};
+use m2mhub_identity::{AuditQuery, AuditRecord, Role};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::collections::HashSet;

@@ -1,28 +1,30 @@
-//! What every handler can reach: the broker, the identity services, the
-//! time-series store and the rules engine.
+//! What every handler can reach: the broker, identity, fleet operations,
+//! the time-series store and the rules engine.
 
 use m2mhub_broker::Broker;
+use m2mhub_identity::Registry;
 use m2mhub_pki::DeviceCa;
-use m2mhub_registry::Registry;
 use std::sync::Arc;
 
 #[derive(Clone)]
 pub struct AppState {
     pub broker: Broker,
     pub registry: Registry,
+    /// Alarms, commands, device events and rule definitions.
+    pub fleet: m2mhub_fleet::Fleet,
     pub ca: Arc<DeviceCa>,
     /// Validity of certificates the API issues, in days.
     pub cert_days: u32,
     /// Counters of the registry's authenticator, for `/metrics`.
-    pub auth_stats: Option<Arc<m2mhub_registry::AuthStats>>,
+    pub auth_stats: Option<Arc<m2mhub_identity::AuthStats>>,
     /// The time-series store queries read from.
     pub tsdb: Arc<dyn m2mhub_tsdb::TimeSeriesStore>,
     /// Counters of the MQTT telemetry ingest, for `/metrics`.
-    pub ingest: Option<Arc<crate::telemetry::IngestCounters>>,
+    pub ingest: Option<Arc<m2mhub_ingest::IngestCounters>>,
     /// The rules engine: validates rules, reloads them after a change,
     /// reports their counters and sends commands. `None` without one
     /// (rules are then stored unvalidated, commands only recorded).
-    pub rules: Option<Arc<dyn crate::rules::RuleService>>,
+    pub rules: Option<Arc<dyn m2mhub_automation::RuleService>>,
     /// Live events for `/api/v1/live` streams (the console's live views).
-    pub live: Arc<crate::live::LiveHub>,
+    pub live: Arc<m2mhub_ingest::LiveHub>,
 }

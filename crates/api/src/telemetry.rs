@@ -15,40 +15,15 @@ use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use m2mhub_registry::{now_ms, DeviceFilter, Role};
+use m2mhub_identity::{now_ms, DeviceFilter, Role};
 use m2mhub_tsdb::{
     Agg, AggFn, AggQuery, Cursor, RawQuery, Retention, RetentionRule, TsdbError, Value as TsValue,
 };
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::fmt::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
+
 use std::time::Duration;
-
-/// Ingest counters (kept by the MQTT ingest hook, shown on `/metrics`).
-#[derive(Debug, Default)]
-pub struct IngestCounters {
-    pub messages: AtomicU64,
-    pub points: AtomicU64,
-    pub decode_errors: AtomicU64,
-    pub rejected_points: AtomicU64,
-    pub refused_messages: AtomicU64,
-    pub unknown_devices: AtomicU64,
-}
-
-impl IngestCounters {
-    pub fn counters(&self) -> [(&'static str, &'static str, u64); 6] {
-        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        [
-            ("messages", "telemetry messages received", l(&self.messages)),
-            ("points", "points accepted into the time-series store", l(&self.points)),
-            ("decode_errors", "telemetry payloads that could not be decoded (kept as device events)", l(&self.decode_errors)),
-            ("rejected_points", "points refused (a value of the wrong kind for its series)", l(&self.rejected_points)),
-            ("refused_messages", "telemetry messages refused because the store could not take them (disk full, I/O error)", l(&self.refused_messages)),
-            ("unknown_devices", "telemetry messages for devices the registry does not know", l(&self.unknown_devices)),
-        ]
-    }
-}
 
 /// Prometheus text of the ingest counters and the store's figures.
 pub fn metrics_text(state: &AppState, out: &mut String) {
@@ -494,7 +469,7 @@ pub async fn aggregate(
         (None, group) => {
             let tenant = caller
                 .scope(q.tenant.as_deref())?
-                .unwrap_or_else(|| m2mhub_registry::DEFAULT_TENANT.into());
+                .unwrap_or_else(|| m2mhub_identity::DEFAULT_TENANT.into());
             let devs = match group {
                 Some(g) => {
                     // The whole group, page by page (the registry answers

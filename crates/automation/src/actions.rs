@@ -19,7 +19,7 @@
 //! command and config `fire`, republish all, webhook and log `fire` and
 //! `clear`. `{device}` in a republish topic is the output's device.
 
-use m2mhub_registry::Severity;
+use m2mhub_fleet::Severity;
 use m2mhub_rules::OutputKind;
 use serde_json::Value;
 use std::str::FromStr;

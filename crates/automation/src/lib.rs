@@ -5,15 +5,18 @@
 //!   events (device connected/disconnected, alarm changes), runs each
 //!   tenant's rules on them, and ticks the rules' clocks;
 //! * what fires runs the rule's actions (`actions.rs`): alarms with their
-//!   lifecycle in the registry, device commands (MQTT 5 correlation data,
+//!   lifecycle in fleet operations, device commands (MQTT 5 correlation data,
 //!   status tracked to answered or timed out), desired configuration as
 //!   retained messages, republish, signed webhooks (`webhook.rs`), logs;
-//! * it implements the API's `RuleService`, so rules created over HTTP are
-//!   validated (line and column of a mistake) and take effect at once.
+//! * it implements [`RuleService`] (`control.rs`), which the HTTP API calls,
+//!   so rules created over HTTP are validated (line and column of a
+//!   mistake) and take effect at once.
 #![forbid(unsafe_code)]
 
 pub mod actions;
+pub mod control;
 mod service;
 pub mod webhook;
 
+pub use control::{RuleProblem, RuleService};
 pub use service::{command_topic, response_topic, Automation, AutomationStats};

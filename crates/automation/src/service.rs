@@ -5,18 +5,18 @@
 //!
 //! One task owns the loop: messages come from an internal broker
 //! subscription on `#`, connection events from the broker's
-//! `ConnectionEvents` hook, alarm changes from the registry; a timer ticks
+//! `ConnectionEvents` hook, alarm changes from fleet operations; a timer ticks
 //! the engines for windows, `FOR` durations and silence. Rule changes made
 //! through the API arrive as `reload` calls and take effect at once.
 
 use crate::actions::{self, Action, Kind, LogLevel};
+use crate::control::{RuleProblem, RuleService};
 use crate::webhook::{Delivery, Outcome, Policy, Target, Webhooks};
 use bytes::Bytes;
-use m2mhub_api::rules::{RuleProblem, RuleService};
 use m2mhub_broker::auth::ClientIdentity;
 use m2mhub_broker::message::Message;
 use m2mhub_broker::{Broker, ConnectionEvents};
-use m2mhub_registry::{AlarmChange, ClearedBy, CommandStatus, CommandUpdate, NewCommand, Registry};
+use m2mhub_fleet::{AlarmChange, ClearedBy, CommandStatus, CommandUpdate, Fleet, NewCommand};
 use m2mhub_rules::{CompiledRule, Engine, Output, OutputKind, RuleOutput};
 use mqtt_codec::{PublishProperties, QoS};
 use parking_lot::Mutex;
@@ -33,7 +33,7 @@ use tokio::sync::mpsc;
 const QUEUE: usize = 65_536;
 
 fn now_ms() -> i64 {
-    m2mhub_registry::now_ms()
+    m2mhub_identity::now_ms()
 }
 
 /// What the service knows about one rule besides its compiled form.
@@ -82,7 +82,8 @@ pub struct AutomationStats {
 
 struct Shared {
     broker: Broker,
-    registry: Registry,
+    /// Rules, alarms and commands; its `identity()` answers device lookups.
+    fleet: Fleet,
     rules: Mutex<Rules>,
     webhooks: Webhooks,
     stats: AutomationStats,
@@ -103,7 +104,7 @@ pub struct Automation {
 
 impl Automation {
     /// Load the enabled rules, install the hooks and start the loop.
-    pub fn start(broker: Broker, registry: Registry) -> Automation {
+    pub fn start(broker: Broker, fleet: Fleet) -> Automation {
         let (out_tx, out_rx) = mpsc::unbounded_channel();
         let webhooks = Webhooks::start(Policy::default(), out_tx);
         let (ev_tx, ev_rx) = mpsc::channel(QUEUE);
@@ -113,14 +114,14 @@ impl Automation {
             filters: Mutex::new(Vec::new()),
             meta: Mutex::new(HashMap::new()),
             broker: broker.clone(),
-            registry: registry.clone(),
+            fleet: fleet.clone(),
             rules: Mutex::new(Rules::default()),
             webhooks,
             stats: AutomationStats::default(),
             events: ev_tx,
         });
         let svc = Automation { shared };
-        match registry.list_rules(None) {
+        match fleet.list_rules(None) {
             Ok(rules) => {
                 for r in rules {
                     svc.reload(&r.id);
@@ -156,7 +157,7 @@ impl Automation {
 
 impl Automation {
     fn reload_rule(&self, rule_id: &str) {
-        let def = self.shared.registry.get_rule(rule_id).ok();
+        let def = self.shared.fleet.get_rule(rule_id).ok();
         let mut rules = self.shared.rules.lock();
         // Drop the old version wherever it was.
         if let Some(old) = rules.meta.remove(rule_id) {
@@ -302,7 +303,7 @@ impl RuleService for Automation {
     ) -> Result<String, String> {
         let cmd = self
             .shared
-            .registry
+            .fleet
             .create_command(NewCommand {
                 tenant: tenant.into(),
                 device_id: device.into(),
@@ -328,7 +329,7 @@ pub fn response_topic(device: &str) -> String {
     format!("devices/{device}/commands/response")
 }
 
-async fn publish_command(shared: &Shared, cmd: &m2mhub_registry::Command) {
+async fn publish_command(shared: &Shared, cmd: &m2mhub_fleet::Command) {
     let body = json!({"id": cmd.id, "name": cmd.name, "params": cmd.params});
     let props = PublishProperties {
         response_topic: Some(response_topic(&cmd.device_id)),
@@ -356,7 +357,7 @@ async fn publish_command(shared: &Shared, cmd: &m2mhub_registry::Command) {
         CommandStatus::Sent
     };
     if let Err(e) = shared
-        .registry
+        .fleet
         .update_command(&cmd.id, CommandUpdate::status(status))
     {
         tracing::warn!(command = %cmd.id, error = %e, "cannot record a command's status");
@@ -378,7 +379,7 @@ fn on_response(shared: &Shared, device: &str, msg: &Message) {
         tracing::debug!(device, "command response without a correlation id");
         return;
     };
-    match shared.registry.get_command(&id) {
+    match shared.fleet.get_command(&id) {
         Ok(c) if c.device_id == device => {
             let failed = body.get("status").and_then(Value::as_str) == Some("failed");
             let update = CommandUpdate {
@@ -390,7 +391,7 @@ fn on_response(shared: &Shared, device: &str, msg: &Message) {
                 response: Some(body),
                 error: None,
             };
-            if let Ok(Some(_)) = shared.registry.update_command(&id, update) {
+            if let Ok(Some(_)) = shared.fleet.update_command(&id, update) {
                 shared
                     .stats
                     .commands_answered
@@ -473,7 +474,7 @@ async fn run(
     mut events: mpsc::Receiver<(String, Option<String>, Value)>,
     mut outcomes: mpsc::UnboundedReceiver<Outcome>,
 ) {
-    let mut alarms = shared.registry.subscribe_alarms();
+    let mut alarms = shared.fleet.subscribe_alarms();
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut expiry = tokio::time::interval(Duration::from_secs(1));
@@ -506,7 +507,7 @@ async fn run(
                     shared.stats.dropped.fetch_add(n, Ordering::Relaxed);
                 }
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => {
-                    alarms = shared.registry.subscribe_alarms();
+                    alarms = shared.fleet.subscribe_alarms();
                 }
             },
             o = outcomes.recv() => if let Some(o) = o {
@@ -530,7 +531,7 @@ async fn run(
                 }
             },
             _ = expiry.tick() => {
-                for c in shared.registry.expire_commands(now_ms()) {
+                for c in shared.fleet.expire_commands(now_ms()) {
                     tracing::info!(command = %c.id, device = %c.device_id, "command timed out");
                 }
             },
@@ -547,7 +548,7 @@ async fn on_message(shared: &Shared, m: &Message) {
     if m.topic.ends_with("/commands/response") && m.topic == response_topic(device) {
         on_response(shared, device, m);
     }
-    let Some(info) = shared.registry.ingest_info(device) else {
+    let Some(info) = shared.fleet.identity().ingest_info(device) else {
         return;
     };
     let tenant: &str = &info.tenant;
@@ -597,7 +598,7 @@ fn device_meta(shared: &Shared, device: &str) -> Option<Value> {
             return Some(v.clone());
         }
     }
-    let d = shared.registry.get_device(device).ok()?;
+    let d = shared.fleet.identity().get_device(device).ok()?;
     let v = json!({"name": d.name, "group": d.group, "profile": d.profile, "labels": d.labels, "tenant": d.tenant});
     let mut cache = shared.meta.lock();
     if cache.len() > 100_000 {
@@ -609,7 +610,7 @@ fn device_meta(shared: &Shared, device: &str) -> Option<Value> {
 
 async fn on_event(shared: &Shared, topic: &str, device: Option<&str>, body: &Value) {
     let Some(tenant) = device
-        .and_then(|d| shared.registry.ingest_info(d))
+        .and_then(|d| shared.fleet.identity().ingest_info(d))
         .map(|i| i.tenant)
     else {
         return;
@@ -696,12 +697,12 @@ async fn run_action(
             let d = need_device()?;
             if o.kind == OutputKind::Clear {
                 shared
-                    .registry
+                    .fleet
                     .clear_alarm(tenant, d, alarm_type, ClearedBy::Rule);
             } else {
                 let details = json!({"row": o.row, "window": o.window.map(|w| json!({"start_ms": w.start_ms, "end_ms": w.end_ms})), "ts_ms": o.ts_ms});
                 shared
-                    .registry
+                    .fleet
                     .raise_alarm(tenant, d, alarm_type, *severity, details, Some(rule))
                     .map_err(|e| format!("alarm {alarm_type}: {e}"))?;
             }
@@ -713,7 +714,7 @@ async fn run_action(
         } => {
             let d = need_device()?;
             let cmd = shared
-                .registry
+                .fleet
                 .create_command(NewCommand {
                     tenant: tenant.into(),
                     device_id: d.into(),

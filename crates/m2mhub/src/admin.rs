@@ -806,7 +806,7 @@ pub async fn audit(conn: &Conn, cmd: AuditCmd, env: &[(String, String)]) -> Resu
         AuditCmd::Verify {
             data_dir: Some(dir),
         } => {
-            let report = m2mhub_registry::Registry::verify_audit_at(&dir.join("registry"))
+            let report = m2mhub_identity::Registry::verify_audit_at(&dir.join("registry"))
                 .map_err(|e| anyhow!("{e}"))?;
             let v = serde_json::to_value(&report)?;
             show(&v, j);

@@ -21,7 +21,8 @@ use m2mhub::client::{write_owner_only, ApiClient};
 use m2mhub::server::Server;
 use m2mhub::settings::Settings;
 use m2mhub_api::RuleService;
-use m2mhub_registry::{ClaimSpec, NewRule, RegistryError, DEFAULT_TENANT};
+use m2mhub_fleet::NewRule;
+use m2mhub_identity::{ClaimSpec, RegistryError, DEFAULT_TENANT};
 use m2mhub_sim::fleet::{self, DeviceCredential, FleetOptions, FleetReport, FleetStats, Profile};
 use serde_json::{json, Value};
 use std::io::Write;
@@ -229,7 +230,7 @@ async fn run(args: DemoArgs) -> Result<()> {
     let total = fleets.iter().map(|(_, d)| d.len()).sum::<usize>();
     print_banner(&server, &args, &admin, total, reused);
 
-    let progress = tokio::spawn(progress(server.registry.clone(), all_stats, total));
+    let progress = tokio::spawn(progress(server.fleet.clone(), all_stats, total));
     let until = async {
         match args.duration {
             Some(d) => tokio::time::sleep(d).await,
@@ -279,6 +280,7 @@ fn admin_login(server: &Server, dir: &Path) -> Result<Option<(String, String)>> 
 /// handed to it.
 fn install_groups_and_rules(server: &Server) -> Result<()> {
     let reg = &server.registry;
+    let fleet = &server.fleet;
     for profile in Profile::ALL {
         let name = format!("Simulated {profile} devices");
         match reg.create_group(DEFAULT_TENANT, profile.name(), &name) {
@@ -287,25 +289,26 @@ fn install_groups_and_rules(server: &Server) -> Result<()> {
         }
     }
     for (id, name, description, sql, actions) in example_rules() {
-        if reg.get_rule(id).is_ok() {
+        if fleet.get_rule(id).is_ok() {
             continue;
         }
         server
             .automation
             .validate(DEFAULT_TENANT, &sql, &actions)
             .map_err(|p| anyhow::anyhow!("example rule {id} is invalid: {}", p.message))?;
-        reg.create_rule(
-            DEFAULT_TENANT,
-            NewRule {
-                id: Some(id.into()),
-                name: Some(name.into()),
-                description: description.into(),
-                sql,
-                actions,
-                enabled: true,
-            },
-        )
-        .with_context(|| format!("cannot create the example rule {id}"))?;
+        fleet
+            .create_rule(
+                DEFAULT_TENANT,
+                NewRule {
+                    id: Some(id.into()),
+                    name: Some(name.into()),
+                    description: description.into(),
+                    sql,
+                    actions,
+                    enabled: true,
+                },
+            )
+            .with_context(|| format!("cannot create the example rule {id}"))?;
         server.automation.reload(id);
     }
     Ok(())
@@ -400,7 +403,7 @@ fn print_banner(
 }
 
 /// A line on stderr every 10 s: connections, rate, active alarms.
-async fn progress(registry: m2mhub_registry::Registry, stats: Vec<Arc<FleetStats>>, total: usize) {
+async fn progress(fleet: m2mhub_fleet::Fleet, stats: Vec<Arc<FleetStats>>, total: usize) {
     const EVERY: u64 = 10;
     let mut tick = tokio::time::interval(Duration::from_secs(EVERY));
     tick.tick().await;
@@ -409,7 +412,7 @@ async fn progress(registry: m2mhub_registry::Registry, stats: Vec<Arc<FleetStats
         tick.tick().await;
         let sum = |f: fn(&FleetStats) -> u64| stats.iter().map(|s| f(s)).sum::<u64>();
         let published = sum(|s| s.published.load(Ordering::Relaxed));
-        let alarms = registry.alarm_counts(None);
+        let alarms = fleet.alarm_counts(None);
         eprintln!(
             "demo: {}/{total} connected, {:.1} msg/s, {published} published, {} commands answered, {} active alarms ({} critical, {} major, {} warning)",
             sum(|s| s.connected.load(Ordering::Relaxed)),

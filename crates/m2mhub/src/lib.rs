@@ -3,7 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod broker_auth;
 pub mod client;
 pub mod server;
 pub mod settings;
-pub mod telemetry;

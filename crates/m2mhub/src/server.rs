@@ -2,6 +2,7 @@
 //! validated settings. Used by `m2mhub serve` and by the integration tests,
 //! which start real servers on ephemeral loopback ports.
 
+use crate::broker_auth::RegistryAuth;
 use crate::settings::Validated;
 use anyhow::{Context, Result};
 use m2mhub_api::AppState;
@@ -9,8 +10,8 @@ use m2mhub_broker::auth::{
     AuthDecision, Authenticator, Authorizer, ClientIdentity, ConnectInfo, StaticAuth,
 };
 use m2mhub_broker::{Broker, BrokerParts, SecurityEvent, SecurityEventKind, SecurityEvents};
+use m2mhub_identity::{Registry, SecurityKind};
 use m2mhub_pki::{DeviceCa, MasterKey};
-use m2mhub_registry::{Registry, RegistryAuth, SecurityKind};
 use std::fs::File;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,14 +19,17 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
-use crate::telemetry::{Ingest, IngestCounters};
 use m2mhub_automation::Automation;
+use m2mhub_fleet::Fleet;
+use m2mhub_ingest::{ConnectionHistory, Ingest, IngestCounters, LiveHub};
 use m2mhub_tsdb::{Retention, Tsdb};
 
 /// A running m2mhub.
 pub struct Server {
     pub broker: Broker,
     pub registry: Registry,
+    /// Alarms, commands, device events and rule definitions.
+    pub fleet: Fleet,
     pub tsdb: Arc<Tsdb>,
     pub ingest: Arc<IngestCounters>,
     /// The rule service (rules, alarms, commands, webhooks).
@@ -79,6 +83,13 @@ impl Server {
             tracing::info!(ca = %m2mhub_pki::ca_cert_path(&v.data_dir).display(), "created the device CA");
         }
         let first_admin = registry.ensure_admin()?;
+        let fleet =
+            Fleet::open(&v.data_dir.join("registry"), registry.clone()).with_context(|| {
+                format!(
+                    "cannot open the fleet tables (alarms, commands, rules) under {}",
+                    v.data_dir.display()
+                )
+            })?;
 
         let registry_auth = Arc::new(RegistryAuth::new(
             registry.clone(),
@@ -129,15 +140,16 @@ impl Server {
         })?;
         let tsdb = Arc::new(tsdb);
         let ingest = Arc::new(IngestCounters::default());
-        let live = Arc::new(m2mhub_api::live::LiveHub::default());
-        broker.add_connection_events(Arc::new(crate::telemetry::ConnectionHistory {
-            registry: registry.clone(),
+        let live = Arc::new(LiveHub::default());
+        broker.add_connection_events(Arc::new(ConnectionHistory {
+            fleet: fleet.clone(),
             live: live.clone(),
         }));
         broker.set_publish_hook(Arc::new(Ingest {
             live: live.clone(),
             store: tsdb.clone(),
             registry: registry.clone(),
+            fleet: fleet.clone(),
             durable: t.durable,
             limits: m2mhub_telemetry::Limits {
                 max_points: t.max_points,
@@ -187,10 +199,11 @@ impl Server {
             async move { b.run_tls(listener, acceptor).await },
         ));
 
-        let automation = Automation::start(broker.clone(), registry.clone());
+        let automation = Automation::start(broker.clone(), fleet.clone());
         let state = AppState {
             broker: broker.clone(),
             registry: registry.clone(),
+            fleet: fleet.clone(),
             ca: Arc::new(ca),
             cert_days: 365,
             auth_stats: Some(registry_auth.stats()),
@@ -217,6 +230,7 @@ impl Server {
         Ok(Server {
             broker,
             registry,
+            fleet,
             tsdb,
             ingest,
             automation,
@@ -294,7 +308,7 @@ impl SecurityEvents for SecurityToRegistry {
         };
         let _ = self
             .0
-            .record_security_event(m2mhub_registry::SecurityEvent {
+            .record_security_event(m2mhub_identity::SecurityEvent {
                 kind,
                 device_id: e.client_id,
                 addr: e.ip.map(|ip| ip.to_string()),

@@ -5,9 +5,8 @@
 
 use crate::common::*;
 use m2mhub_api::{AppState, RuleProblem, RuleService};
-use m2mhub_registry::{
-    CommandStatus, CommandUpdate, NewCommand, NewDevice, Registry, Role, Severity,
-};
+use m2mhub_fleet::{CommandStatus, CommandUpdate, Fleet, NewCommand, Severity};
+use m2mhub_identity::{NewDevice, Role};
 use serde_json::{json, Value};
 use std::sync::{Arc, Mutex};
 
@@ -16,7 +15,7 @@ fn items(v: &Value) -> &Vec<Value> {
 }
 
 /// Tenants `acme` (device `d1`) and `beta` (device `b1`).
-async fn fleet(srv: &TestServer, admin: &Api) {
+async fn two_tenants(srv: &TestServer, admin: &Api) {
     for t in ["acme", "beta"] {
         admin
             .expect("POST", "/tenants", Some(json!({"id": t})), 201)
@@ -54,21 +53,22 @@ async fn audited(admin: &Api, action: &str) -> Vec<String> {
 async fn alarms_are_listed_acknowledged_and_cleared_within_the_tenant() {
     let srv = TestServer::start().await;
     let admin = Api::admin(&srv);
-    fleet(&srv, &admin).await;
+    two_tenants(&srv, &admin).await;
     let viewer = Api::user(&srv, "acme-viewer", Role::Viewer, "acme");
     let op = Api::user(&srv, "acme-op", Role::Operator, "acme");
-    let reg = &srv.get().registry;
+    let fleet = &srv.get().fleet;
     let raise = |tenant: &str, device: &str, t: &str, sev: Severity| {
-        reg.raise_alarm(
-            tenant,
-            device,
-            t,
-            sev,
-            json!({"temperature": 91.5}),
-            Some("hot"),
-        )
-        .expect("raise")
-        .0
+        fleet
+            .raise_alarm(
+                tenant,
+                device,
+                t,
+                sev,
+                json!({"temperature": 91.5}),
+                Some("hot"),
+            )
+            .expect("raise")
+            .0
     };
     let hot = raise("acme", "d1", "overheating", Severity::Major);
     let hot2 = raise("acme", "d1", "overheating", Severity::Critical);
@@ -233,7 +233,7 @@ async fn alarms_are_listed_acknowledged_and_cleared_within_the_tenant() {
         409,
         "already cleared",
     );
-    assert!(reg.active_alarm("acme", "d1", "overheating").is_none());
+    assert!(fleet.active_alarm("acme", "d1", "overheating").is_none());
     let again = raise("acme", "d1", "overheating", Severity::Major);
     assert!(again.id > door.id && again.count == 1);
     let history = viewer
@@ -254,7 +254,7 @@ async fn alarms_are_listed_acknowledged_and_cleared_within_the_tenant() {
 async fn rules_crud_enable_disable_audit_and_restart() {
     let mut srv = TestServer::start().await;
     let admin = Api::admin(&srv);
-    fleet(&srv, &admin).await;
+    two_tenants(&srv, &admin).await;
     let viewer = Api::user(&srv, "acme-viewer", Role::Viewer, "acme");
     let op = Api::user(&srv, "acme-op", Role::Operator, "acme");
     let beta = Api::user(&srv, "beta-op", Role::Operator, "beta");
@@ -462,7 +462,7 @@ async fn rules_crud_enable_disable_audit_and_restart() {
 async fn commands_are_recorded_sent_and_listed() {
     let srv = TestServer::start().await;
     let admin = Api::admin(&srv);
-    fleet(&srv, &admin).await;
+    two_tenants(&srv, &admin).await;
     let viewer = Api::user(&srv, "acme-viewer", Role::Viewer, "acme");
     let op = Api::user(&srv, "acme-op", Role::Operator, "acme");
     let beta = Api::user(&srv, "beta-op", Role::Operator, "beta");
@@ -599,7 +599,7 @@ async fn commands_are_recorded_sent_and_listed() {
         404
     );
     srv.get()
-        .registry
+        .fleet
         .update_command(
             &id,
             CommandUpdate {
@@ -651,7 +651,7 @@ async fn commands_are_recorded_sent_and_listed() {
 /// records reloads, reports fixed counters, and "sends" commands by
 /// recording them and marking them sent.
 struct FakeRules {
-    registry: Registry,
+    fleet: Fleet,
     reloads: Mutex<Vec<String>>,
 }
 
@@ -698,7 +698,7 @@ impl RuleService for FakeRules {
             return Err("device d1 is offline".into());
         }
         let c = self
-            .registry
+            .fleet
             .create_command(NewCommand {
                 tenant: tenant.into(),
                 device_id: device.into(),
@@ -708,7 +708,7 @@ impl RuleService for FakeRules {
                 timeout_ms,
             })
             .map_err(|e| e.to_string())?;
-        self.registry
+        self.fleet
             .update_command(&c.id, CommandUpdate::status(CommandStatus::Sent))
             .map_err(|e| e.to_string())?;
         Ok(c.id)
@@ -719,13 +719,13 @@ impl RuleService for FakeRules {
 async fn the_rule_service_validates_reloads_reports_counters_and_sends() {
     let srv = TestServer::start().await;
     let admin = Api::admin(&srv);
-    fleet(&srv, &admin).await;
+    two_tenants(&srv, &admin).await;
     let op_token = Api::user(&srv, "acme-op", Role::Operator, "acme").token;
 
     // A second HTTP front on the same server, with the stand-in service.
     let s = srv.get();
     let rules = Arc::new(FakeRules {
-        registry: s.registry.clone(),
+        fleet: s.fleet.clone(),
         reloads: Mutex::new(Vec::new()),
     });
     let key = m2mhub_pki::MasterKey::generate().expect("master key");
@@ -734,6 +734,7 @@ async fn the_rule_service_validates_reloads_reports_counters_and_sends() {
     let state = AppState {
         broker: s.broker.clone(),
         registry: s.registry.clone(),
+        fleet: s.fleet.clone(),
         ca: Arc::new(ca),
         cert_days: 1,
         auth_stats: None,

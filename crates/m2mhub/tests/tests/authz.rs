@@ -601,12 +601,12 @@ async fn populate(srv: &TestServer, admin: &Client, t: &str) -> Tenant {
         .await;
     let (alarm, _) = srv
         .get()
-        .registry
+        .fleet
         .raise_alarm(
             t,
             &dev,
             &format!("{t}-overheat"),
-            m2mhub_registry::Severity::Major,
+            m2mhub_fleet::Severity::Major,
             json!({"temp": 99.5}),
             Some(&rule),
         )
@@ -1195,17 +1195,18 @@ async fn a_tenant_reaches_and_sees_nothing_of_another_tenant() {
         // The streams are subscribed once they said hello.
         mine.read_until(WAIT, |s| s.contains("hello")).await;
         all.read_until(WAIT, |s| s.contains("hello")).await;
-        let reg = &srv.get().registry;
+        let fleet = &srv.get().fleet;
         for t in ["t1", "t2"] {
-            reg.raise_alarm(
-                t,
-                &format!("{t}-dev"),
-                &format!("{t}-live"),
-                m2mhub_registry::Severity::Minor,
-                json!({}),
-                None,
-            )
-            .expect("raise");
+            fleet
+                .raise_alarm(
+                    t,
+                    &format!("{t}-dev"),
+                    &format!("{t}-live"),
+                    m2mhub_fleet::Severity::Minor,
+                    json!({}),
+                    None,
+                )
+                .expect("raise");
         }
         let seen = all
             .read_until(WAIT, |s| s.contains("t1-live") && s.contains("t2-live"))

@@ -119,7 +119,7 @@ impl TestServer {
     pub fn admin_token(&self) -> String {
         self.get()
             .registry
-            .create_api_token("admin", m2mhub_registry::Role::Admin, None, "tests")
+            .create_api_token("admin", m2mhub_identity::Role::Admin, None, "tests")
             .expect("admin token")
             .1
     }
@@ -1288,7 +1288,7 @@ impl Api {
     }
 
     /// A user of `tenant` with `role`, made directly in the registry.
-    pub fn user(srv: &TestServer, name: &str, role: m2mhub_registry::Role, tenant: &str) -> Api {
+    pub fn user(srv: &TestServer, name: &str, role: m2mhub_identity::Role, tenant: &str) -> Api {
         let reg = &srv.get().registry;
         reg.create_user(name, "long enough password", role, Some(tenant))
             .expect("user");

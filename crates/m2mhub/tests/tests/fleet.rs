@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 fn device_ids(srv: &TestServer) -> Vec<String> {
     srv.get()
         .registry
-        .list_devices(&m2mhub_registry::DeviceFilter::default())
+        .list_devices(&m2mhub_identity::DeviceFilter::default())
         .expect("devices")
         .into_iter()
         .map(|d| d.id)

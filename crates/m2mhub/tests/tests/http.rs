@@ -125,13 +125,13 @@ async fn metrics_count_registry_refusals() {
     let srv = TestServer::with(|s| s.mqtt.allow_anonymous = false).await;
     let before = metric(
         &http_get(srv.http(), "/metrics").await.body,
-        "m2mhub_registry_connect_denied_total",
+        "m2mhub_identity_connect_denied_total",
     );
     let (_c, ack) = Raw::connect(srv.mqtt(), v5("nobody")).await;
     assert_eq!(ack.reason_code, 0x87, "anonymous is refused by default");
     let after = metric(
         &http_get(srv.http(), "/metrics").await.body,
-        "m2mhub_registry_connect_denied_total",
+        "m2mhub_identity_connect_denied_total",
     );
     assert_eq!(after, before + 1);
 }

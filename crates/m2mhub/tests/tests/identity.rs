@@ -345,7 +345,7 @@ fn crl_lists(crl_der: &[u8], serial: &[u8]) -> bool {
 }
 
 fn now_ms() -> i64 {
-    m2mhub_registry::now_ms()
+    m2mhub_identity::now_ms()
 }
 
 // ---------------------------------------------------------------------------

@@ -231,12 +231,12 @@ async fn a_device_stream_shows_connections_values_and_alarms_as_they_happen() {
 
     // An alarm on the device arrives as it is raised.
     srv.get()
-        .registry
+        .fleet
         .raise_alarm(
             "t1",
             "press-1",
             "overheating",
-            m2mhub_registry::Severity::Critical,
+            m2mhub_fleet::Severity::Critical,
             json!({"temp": 88.25}),
             None,
         )
@@ -348,12 +348,12 @@ async fn streams_respect_tenants_and_the_fleet_stream_carries_positions() {
     ))
     .await;
     srv.get()
-        .registry
+        .fleet
         .raise_alarm(
             "t1",
             "truck-1",
             "geofence",
-            m2mhub_registry::Severity::Major,
+            m2mhub_fleet::Severity::Major,
             json!({}),
             None,
         )

@@ -3,7 +3,7 @@
 //! following every change, and event listing with paging.
 
 use crate::common::*;
-use m2mhub_registry::Role;
+use m2mhub_identity::Role;
 use serde_json::{json, Value};
 
 fn names(v: &Value) -> Vec<String> {
@@ -241,9 +241,9 @@ async fn device_events_are_listed_newest_first_paged_and_scoped() {
             201,
         )
         .await;
-    let reg = &srv.get().registry;
+    let fleet = &srv.get().fleet;
     for i in 0..12 {
-        reg.record_device_event(
+        fleet.record_device_event(
             "acme",
             "e1",
             "decode_error",
@@ -379,7 +379,7 @@ async fn cli_profile_and_device_event_commands() {
     assert_eq!(code, 1);
     assert!(err.contains("ghost"), "{err}");
 
-    srv.get().registry.record_device_event(
+    srv.get().fleet.record_device_event(
         "default",
         "cli-m1",
         "decode_error",

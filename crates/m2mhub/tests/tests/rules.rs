@@ -16,9 +16,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 fn add_device(srv: &TestServer, id: &str) {
     srv.get()
         .registry
-        .create_device(m2mhub_registry::NewDevice {
+        .create_device(m2mhub_identity::NewDevice {
             id: Some(id.into()),
-            tenant: m2mhub_registry::DEFAULT_TENANT.into(),
+            tenant: m2mhub_identity::DEFAULT_TENANT.into(),
             ..Default::default()
         })
         .expect("device");
@@ -353,7 +353,7 @@ async fn rules_see_only_their_own_tenant_and_bad_messages_are_counted() {
     let reg = &srv.get().registry;
     reg.create_tenant("beta", "Beta").expect("tenant");
     add_device(&srv, "a-1");
-    reg.create_device(m2mhub_registry::NewDevice {
+    reg.create_device(m2mhub_identity::NewDevice {
         id: Some("b-1".into()),
         tenant: "beta".into(),
         ..Default::default()
@@ -427,9 +427,9 @@ async fn rules_read_device_attributes() {
     let srv = TestServer::start().await;
     let reg = &srv.get().registry;
     for (id, site) in [("n-1", "north"), ("s-1", "south")] {
-        reg.create_device(m2mhub_registry::NewDevice {
+        reg.create_device(m2mhub_identity::NewDevice {
             id: Some(id.into()),
-            tenant: m2mhub_registry::DEFAULT_TENANT.into(),
+            tenant: m2mhub_identity::DEFAULT_TENANT.into(),
             labels: [("site".to_string(), site.to_string())]
                 .into_iter()
                 .collect(),

@@ -75,9 +75,9 @@ impl Cli {
 fn add_device(srv: &TestServer, id: &str) {
     srv.get()
         .registry
-        .create_device(m2mhub_registry::NewDevice {
+        .create_device(m2mhub_identity::NewDevice {
             id: Some(id.into()),
-            tenant: m2mhub_registry::DEFAULT_TENANT.into(),
+            tenant: m2mhub_identity::DEFAULT_TENANT.into(),
             ..Default::default()
         })
         .expect("device");

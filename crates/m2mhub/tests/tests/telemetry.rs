@@ -10,10 +10,10 @@ use std::time::Duration;
 
 fn add_device(srv: &TestServer, id: &str, tenant: &str) {
     let reg = &srv.get().registry;
-    if tenant != m2mhub_registry::DEFAULT_TENANT && reg.get_tenant(tenant).is_err() {
+    if tenant != m2mhub_identity::DEFAULT_TENANT && reg.get_tenant(tenant).is_err() {
         reg.create_tenant(tenant, tenant).expect("tenant");
     }
-    reg.create_device(m2mhub_registry::NewDevice {
+    reg.create_device(m2mhub_identity::NewDevice {
         id: Some(id.into()),
         tenant: tenant.into(),
         ..Default::default()
@@ -40,7 +40,7 @@ fn latest_of(v: &Value, metric: &str) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn published_readings_are_queryable_and_survive_a_restart() {
     let mut srv = TestServer::start().await;
-    add_device(&srv, "m1", m2mhub_registry::DEFAULT_TENANT);
+    add_device(&srv, "m1", m2mhub_identity::DEFAULT_TENANT);
     let token = srv.admin_token();
     let t0: i64 = 1_763_700_000_000 - 1_763_700_000_000 % 3_600_000;
 
@@ -161,7 +161,7 @@ async fn published_readings_are_queryable_and_survive_a_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn undecodable_payloads_are_kept_as_device_events() {
     let srv = TestServer::start().await;
-    add_device(&srv, "m2", m2mhub_registry::DEFAULT_TENANT);
+    add_device(&srv, "m2", m2mhub_identity::DEFAULT_TENANT);
     let token = srv.admin_token();
     let (mut c, _) = Raw::connect_ok(srv.mqtt(), v5("m2")).await;
     // Acknowledged normally (the broker took the message) and routed.
@@ -206,7 +206,7 @@ async fn undecodable_payloads_are_kept_as_device_events() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn content_type_comes_from_the_property_then_the_profile() {
     let srv = TestServer::start().await;
-    add_device(&srv, "m3", m2mhub_registry::DEFAULT_TENANT);
+    add_device(&srv, "m3", m2mhub_identity::DEFAULT_TENANT);
     let token = srv.admin_token();
     let (mut c, _) = Raw::connect_ok(srv.mqtt(), v5("m3")).await;
     // A SenML pack declared by the MQTT 5 content-type property.
@@ -306,12 +306,12 @@ async fn a_tenant_user_sees_only_its_own_telemetry() {
     reg.create_user(
         "alice",
         "a-long-password-1",
-        m2mhub_registry::Role::Viewer,
+        m2mhub_identity::Role::Viewer,
         Some("alpha"),
     )
     .expect("user");
     let (_, alice) = reg
-        .create_api_token("alice", m2mhub_registry::Role::Viewer, None, "tests")
+        .create_api_token("alice", m2mhub_identity::Role::Viewer, None, "tests")
         .expect("token");
     assert_eq!(
         http_get_as(srv.http(), "/api/v1/devices/a1/telemetry", &alice)
@@ -416,7 +416,7 @@ async fn retention_rules_are_set_through_the_api_and_audited() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_refuses_telemetry_with_a_reason_code() {
     let srv = TestServer::with(|s| s.telemetry.min_free_mb = u64::MAX / (1 << 20)).await;
-    add_device(&srv, "m4", m2mhub_registry::DEFAULT_TENANT);
+    add_device(&srv, "m4", m2mhub_identity::DEFAULT_TENANT);
     let (mut c, _) = Raw::connect_ok(srv.mqtt(), v5("m4")).await;
     let code = c
         .publish(publish(
@@ -454,10 +454,10 @@ async fn kill_9_under_load_loses_no_acknowledged_reading() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
     {
-        let reg = m2mhub_registry::Registry::open(&data.join("registry")).expect("registry");
-        reg.create_device(m2mhub_registry::NewDevice {
+        let reg = m2mhub_identity::Registry::open(&data.join("registry")).expect("registry");
+        reg.create_device(m2mhub_identity::NewDevice {
             id: Some("k9".into()),
-            tenant: m2mhub_registry::DEFAULT_TENANT.into(),
+            tenant: m2mhub_identity::DEFAULT_TENANT.into(),
             ..Default::default()
         })
         .expect("device");
@@ -518,7 +518,7 @@ async fn kill_9_under_load_loses_no_acknowledged_reading() {
     loop {
         let page = db
             .raw(&m2mhub_tsdb::RawQuery {
-                tenant: m2mhub_registry::DEFAULT_TENANT,
+                tenant: m2mhub_identity::DEFAULT_TENANT,
                 device: "k9",
                 metric: "seq",
                 from_ms: t0,

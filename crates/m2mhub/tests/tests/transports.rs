@@ -174,7 +174,7 @@ async fn mutual_tls_requires_a_client_certificate_signed_by_the_ca() {
     .await;
     srv.get()
         .registry
-        .create_device(m2mhub_registry::NewDevice {
+        .create_device(m2mhub_identity::NewDevice {
             id: Some("device-1".into()),
             ..Default::default()
         })

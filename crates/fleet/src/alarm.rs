@@ -27,11 +27,12 @@
 //!
 //! Cleared alarms are kept, newest first, up to [`CLEARED_KEPT_PER_DEVICE`]
 //! per device. Changes are announced on a broadcast channel
-//! ([`Registry::subscribe_alarms`]); nothing is cloned for it while nobody
+//! ([`Fleet::subscribe_alarms`]); nothing is cloned for it while nobody
 //! listens.
 
-use crate::error::{RegistryError, Result};
-use crate::{now_ms, validate_id, Registry, Shared, State};
+use crate::{Fleet, RegistryError, Result, Shared};
+use m2mhub_identity::ids::validate_id;
+use m2mhub_identity::{now_ms, Registry};
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -217,7 +218,7 @@ pub enum AlarmChange {
     Acked,
 }
 
-/// One alarm change, as broadcast to [`Registry::subscribe_alarms`]
+/// One alarm change, as broadcast to [`Fleet::subscribe_alarms`]
 /// listeners (the alarm as it is after the change).
 #[derive(Debug, Clone)]
 pub struct AlarmEvent {
@@ -350,13 +351,13 @@ impl AlarmBook {
 /// A new alarm must name a known tenant, and a device registered in that
 /// tenant if it is registered at all (a rule may watch clients the
 /// registry does not know, e.g. with anonymous access).
-pub(crate) fn check_target(st: &State, tenant: &str, device_id: &str) -> Result<()> {
+pub(crate) fn check_target(identity: &Registry, tenant: &str, device_id: &str) -> Result<()> {
     validate_id("device", device_id)?;
-    if !st.tenants.contains_key(tenant) {
+    if !identity.has_tenant(tenant) {
         return Err(RegistryError::NotFound(format!("tenant {tenant}")));
     }
-    match st.devices.get(device_id) {
-        Some(d) if d.tenant != tenant => Err(RegistryError::Validation(format!(
+    match identity.with_device(device_id, |d| d.tenant == tenant) {
+        Some(false) => Err(RegistryError::Validation(format!(
             "device {device_id} belongs to another tenant than {tenant}"
         ))),
         _ => Ok(()),
@@ -375,7 +376,7 @@ impl Shared {
     }
 }
 
-impl Registry {
+impl Fleet {
     /// Raise an alarm (see the module docs): a new one, or a re-trigger of
     /// the active alarm of this type for the device, which takes the new
     /// severity and details. No I/O on the caller's thread.
@@ -427,7 +428,7 @@ impl Registry {
                 )));
             }
         }
-        check_target(&s.state.read(), tenant, device_id)?;
+        check_target(&s.identity, tenant, device_id)?;
         let mut book = s.alarms.lock();
         // Raised concurrently while the lock was not held?
         if let Some(id) = book.find(tenant, device_id, alarm_type) {
@@ -654,26 +655,31 @@ fn retrigger(
 mod tests {
     use super::*;
     use crate::testutil::open;
-    use crate::NewDevice;
+    use m2mhub_identity::NewDevice;
     use serde_json::json;
 
-    fn setup() -> (tempfile::TempDir, Registry) {
+    fn setup() -> (tempfile::TempDir, Fleet) {
         let (d, reg) = open();
-        reg.create_tenant("acme", "Acme").expect("tenant");
-        reg.create_tenant("beta", "Beta").expect("tenant");
+        reg.identity()
+            .create_tenant("acme", "Acme")
+            .expect("tenant");
+        reg.identity()
+            .create_tenant("beta", "Beta")
+            .expect("tenant");
         for (id, tenant) in [("d1", "acme"), ("d2", "acme"), ("b1", "beta")] {
-            reg.create_device(NewDevice {
-                id: Some(id.into()),
-                tenant: tenant.into(),
-                ..Default::default()
-            })
-            .expect("device");
+            reg.identity()
+                .create_device(NewDevice {
+                    id: Some(id.into()),
+                    tenant: tenant.into(),
+                    ..Default::default()
+                })
+                .expect("device");
         }
         (d, reg)
     }
 
     fn raise(
-        reg: &Registry,
+        reg: &Fleet,
         tenant: &str,
         device: &str,
         t: &str,
@@ -683,7 +689,7 @@ mod tests {
             .expect("raise")
     }
 
-    fn list(reg: &Registry, f: AlarmFilter) -> Vec<Alarm> {
+    fn list(reg: &Fleet, f: AlarmFilter) -> Vec<Alarm> {
         reg.list_alarms(&f).expect("list")
     }
 
@@ -986,8 +992,10 @@ mod tests {
     fn reopen_restores_active_alarms_and_history() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (active, cleared) = {
-            let reg = Registry::open(dir.path()).expect("open");
-            reg.create_tenant("acme", "Acme").expect("tenant");
+            let reg = crate::testutil::open_in(dir.path());
+            reg.identity()
+                .create_tenant("acme", "Acme")
+                .expect("tenant");
             let (a, _) = raise(&reg, "acme", "d1", "overheating", Severity::Major);
             raise(&reg, "acme", "d1", "overheating", Severity::Critical);
             reg.ack_alarm(a.id, "alice").expect("ack");
@@ -997,7 +1005,7 @@ mod tests {
             // Not flushed: the close writes it.
             (a.id, c.id)
         };
-        let reg = Registry::open(dir.path()).expect("reopen");
+        let reg = crate::testutil::open_in(dir.path());
         let a = reg
             .active_alarm("acme", "d1", "overheating")
             .expect("still active");
@@ -1026,7 +1034,7 @@ mod tests {
         reg.flush().expect("flush");
         raise(&reg, "acme", "d1", "z", Severity::Info);
         raise(&reg, "acme", "d2", "x", Severity::Info);
-        reg.delete_device("d1").expect("delete");
+        reg.identity().delete_device("d1").expect("delete");
         assert!(matches!(
             reg.get_alarm(a.id),
             Err(RegistryError::NotFound(_))

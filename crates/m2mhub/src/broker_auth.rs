@@ -1,4 +1,6 @@
-//! The broker's [`Authenticator`] and [`Authorizer`] backed by the registry.
+//! The wiring between identity and the broker: the broker's [`Authenticator`]
+//! and [`Authorizer`] traits answered from the identity registry. It lives in
+//! the binary so neither crate depends on the other.
 //!
 //! # CONNECT
 //!
@@ -28,17 +30,17 @@
 //! events, at most one per client per 10 s so a misbehaving device cannot
 //! flood the log.
 
-use crate::certificate::CertCheck;
-use crate::policy::{claim_allows, Action, DeviceScope};
-use crate::security::{SecurityEvent, SecurityKind};
-use crate::token::TokenCheck;
-use crate::{now_ms, ClaimError, Device, Registry};
 use m2mhub_broker::auth::{AuthDecision, Authenticator, Authorizer, ClientIdentity, ConnectInfo};
+use m2mhub_identity::policy::claim_allows;
+use m2mhub_identity::{
+    now_ms, Action, AuthStats, CertCheck, ClaimError, Device, DeviceScope, Registry, SecurityEvent,
+    SecurityKind, TokenCheck,
+};
 use mqtt_codec::reason;
 use parking_lot::Mutex;
 use serde_json::json;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 /// The username a client uses to present a claim token.
@@ -47,16 +49,6 @@ pub const CLAIM_USERNAME: &str = "$claim";
 const ACL_EVENT_INTERVAL_MS: i64 = 10_000;
 /// Bound on the rate-limit map (entries are dropped wholesale beyond it).
 const ACL_MAP_LIMIT: usize = 100_000;
-
-/// Counters for `/metrics`.
-#[derive(Debug, Default)]
-pub struct AuthStats {
-    pub connect_allowed: AtomicU64,
-    pub connect_denied: AtomicU64,
-    pub acl_denied: AtomicU64,
-    pub audit_dropped: AtomicU64,
-    pub acl_events_suppressed: AtomicU64,
-}
 
 pub struct RegistryAuth {
     registry: Registry,
@@ -334,8 +326,13 @@ impl Authorizer for RegistryAuth {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testutil::open;
-    use crate::{AuditQuery, CertRecord, ClaimSpec, NewDevice};
+    use m2mhub_identity::{AuditQuery, CertRecord, ClaimSpec, NewDevice};
+
+    fn open() -> (tempfile::TempDir, Registry) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let reg = Registry::open(dir.path()).expect("open registry");
+        (dir, reg)
+    }
     use m2mhub_broker::auth::TlsPeer;
 
     fn info<'a>(

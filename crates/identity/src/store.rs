@@ -6,17 +6,13 @@
 //! Callers guarantee the invariants (existence, uniqueness, limits) before
 //! calling; a backend only has to apply each call atomically.
 
-use crate::alarm::{Alarm, AlarmFilter};
 use crate::audit::{AuditQuery, AuditRecord};
 use crate::certificate::CertInfo;
 use crate::claim::{ClaimInfo, ClaimRecord};
-use crate::command::Command;
 use crate::device::Device;
-use crate::device_event::DeviceEvent;
 use crate::error::Result;
 use crate::policy::Policy;
 use crate::profile::DeviceProfile;
-use crate::rule::Rule;
 use crate::security::SecurityEventRecord;
 use crate::tenant::{Group, Tenant};
 use crate::token::{TokenInfo, TokenRecord};
@@ -36,20 +32,11 @@ pub struct Snapshot {
     /// (tenant, policy).
     pub policies: Vec<(String, Policy)>,
     pub profiles: Vec<DeviceProfile>,
-    pub rules: Vec<Rule>,
-    /// Alarms whose status is active.
-    pub active_alarms: Vec<Alarm>,
-    /// The largest alarm id (0 when there are none).
-    pub alarm_seq: u64,
-    /// Commands not finished (pending, sent or delivered).
-    pub open_commands: Vec<Command>,
     /// The last audit record's sequence number and hash (0 and zeros when
     /// the log is empty), where the chain continues.
     pub audit_tail: (u64, [u8; 32]),
     /// The last security event's sequence number.
     pub security_seq: u64,
-    /// The largest device event id (0 when there are none).
-    pub device_event_seq: u64,
 }
 
 /// One audit record exactly as stored and hashed: `detail` is the JSON text
@@ -83,20 +70,6 @@ pub struct LogBatch<'a> {
     pub audit: &'a [AuditRow],
     pub events: &'a [SecurityEventRecord],
     pub seen: &'a [SeenUpdate],
-    pub device_events: &'a [DeviceEvent],
-    /// After inserting `device_events`, keep only this many of the newest
-    /// stored events of each device named in them.
-    pub device_events_kept: usize,
-    /// Inserted or replaced (by id).
-    pub alarms: &'a [Alarm],
-    /// Keep only this many of the newest cleared alarms of each device
-    /// with a cleared alarm in `alarms`.
-    pub alarms_kept: usize,
-    /// Inserted or replaced (by id).
-    pub commands: &'a [Command],
-    /// Keep only this many of the newest finished commands of each device
-    /// with a finished command in `commands`.
-    pub commands_kept: usize,
 }
 
 /// Durable storage for the registry.
@@ -110,7 +83,7 @@ pub trait RegistryStore: Send + Sync + 'static {
     fn insert_device(&self, d: &Device) -> Result<()>;
     /// Update the mutable fields (name, group, profile, labels, enabled).
     fn update_device(&self, d: &Device) -> Result<()>;
-    /// Delete the device, its tokens, device events, alarms and commands; mark its
+    /// Delete the device and its tokens; mark its
     /// certificates revoked at `revoked_ms` (they stay listed for the CRL).
     fn delete_device(&self, id: &str, revoked_ms: i64) -> Result<()>;
 
@@ -146,11 +119,6 @@ pub trait RegistryStore: Send + Sync + 'static {
     fn update_profile(&self, p: &DeviceProfile) -> Result<()>;
     fn delete_profile(&self, tenant: &str, name: &str) -> Result<()>;
 
-    fn insert_rule(&self, r: &Rule) -> Result<()>;
-    /// Update everything but the id, tenant and creation time.
-    fn update_rule(&self, r: &Rule) -> Result<()>;
-    fn delete_rule(&self, id: &str) -> Result<()>;
-
     /// Append everything in `batch` in one transaction.
     fn append(&self, batch: &LogBatch<'_>) -> Result<()>;
     fn list_audit(&self, q: &AuditQuery) -> Result<Vec<AuditRecord>>;
@@ -164,30 +132,4 @@ pub trait RegistryStore: Send + Sync + 'static {
         after: Option<u64>,
         limit: usize,
     ) -> Result<Vec<SecurityEventRecord>>;
-    /// A device's events, newest first: of `tenant` and `kind` if given,
-    /// with an id below `before` if given, at most `limit`.
-    fn list_device_events(
-        &self,
-        tenant: Option<&str>,
-        device_id: &str,
-        kind: Option<&str>,
-        before: Option<u64>,
-        limit: usize,
-    ) -> Result<Vec<DeviceEvent>>;
-
-    /// Insert or replace one alarm now (outside the batches).
-    fn put_alarm(&self, a: &Alarm) -> Result<()>;
-    fn get_alarm(&self, id: u64) -> Result<Option<Alarm>>;
-    /// Alarms matching `f` (its `limit` is replaced by `limit`), newest first.
-    fn list_alarms(&self, f: &AlarmFilter, limit: usize) -> Result<Vec<Alarm>>;
-    fn get_command(&self, id: &str) -> Result<Option<Command>>;
-    /// A device's commands, newest (by creation, then id) first: of
-    /// `tenant` if given, older than the command `before` if given.
-    fn list_commands(
-        &self,
-        tenant: Option<&str>,
-        device_id: &str,
-        before: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<Command>>;
 }

@@ -11,13 +11,14 @@
 //!
 //! Like alarms, commands are written by the registry's background writer:
 //! the open ones (not finished) are held in memory, with their deadlines
-//! in order so [`Registry::expire_commands`] looks only at those due, and
+//! in order so [`Fleet::expire_commands`] looks only at those due, and
 //! every change marks the command for the next write. The newest
 //! [`KEPT_PER_DEVICE`] finished commands of each device are kept.
 
 use crate::alarm::check_target;
-use crate::error::{RegistryError, Result};
-use crate::{now_ms, secret, validate_id, Registry};
+use crate::{random_id, Fleet, RegistryError, Result};
+use m2mhub_identity::ids::validate_id;
+use m2mhub_identity::now_ms;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeSet, HashMap, HashSet};
 
@@ -254,9 +255,9 @@ fn check_payload(what: &str, v: &serde_json::Value) -> Result<()> {
     Ok(())
 }
 
-impl Registry {
+impl Fleet {
     /// Record a new command, `pending`. Whoever publishes it then moves it
-    /// on with [`Registry::update_command`].
+    /// on with [`Fleet::update_command`].
     pub fn create_command(&self, new: NewCommand) -> Result<Command> {
         validate_id("command name", &new.name)?;
         check_payload("parameters", &new.params)?;
@@ -275,7 +276,7 @@ impl Registry {
             )));
         }
         let s = &*self.shared;
-        check_target(&s.state.read(), &new.tenant, &new.device_id)?;
+        check_target(&s.identity, &new.tenant, &new.device_id)?;
         let now = now_ms();
         let mut book = s.commands.lock();
         if book.open.len() >= OPEN_LIMIT {
@@ -284,8 +285,7 @@ impl Registry {
             )));
         }
         let id = loop {
-            let bytes: [u8; 8] = secret::random_bytes();
-            let id = format!("cmd-{}", secret::hex(&bytes));
+            let id = random_id("cmd-");
             if !book.open.contains_key(&id) {
                 break id;
             }
@@ -415,19 +415,22 @@ impl Registry {
 mod tests {
     use super::*;
     use crate::testutil::open;
-    use crate::NewDevice;
+    use m2mhub_identity::NewDevice;
     use serde_json::json;
 
-    fn setup() -> (tempfile::TempDir, Registry) {
+    fn setup() -> (tempfile::TempDir, Fleet) {
         let (d, reg) = open();
-        reg.create_tenant("acme", "Acme").expect("tenant");
+        reg.identity()
+            .create_tenant("acme", "Acme")
+            .expect("tenant");
         for id in ["d1", "d2"] {
-            reg.create_device(NewDevice {
-                id: Some(id.into()),
-                tenant: "acme".into(),
-                ..Default::default()
-            })
-            .expect("device");
+            reg.identity()
+                .create_device(NewDevice {
+                    id: Some(id.into()),
+                    tenant: "acme".into(),
+                    ..Default::default()
+                })
+                .expect("device");
         }
         (d, reg)
     }
@@ -443,7 +446,7 @@ mod tests {
         }
     }
 
-    fn step(reg: &Registry, id: &str, s: CommandStatus) -> Option<Command> {
+    fn step(reg: &Fleet, id: &str, s: CommandStatus) -> Option<Command> {
         reg.update_command(id, CommandUpdate::status(s))
             .expect("update")
     }
@@ -664,12 +667,13 @@ mod tests {
     fn reopen_keeps_open_commands_expirable() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (open_cmd, done) = {
-            let reg = Registry::open(dir.path()).expect("open");
-            reg.create_device(NewDevice {
-                id: Some("d1".into()),
-                ..Default::default()
-            })
-            .expect("device");
+            let reg = crate::testutil::open_in(dir.path());
+            reg.identity()
+                .create_device(NewDevice {
+                    id: Some("d1".into()),
+                    ..Default::default()
+                })
+                .expect("device");
             let c = reg
                 .create_command(NewCommand {
                     tenant: "default".into(),
@@ -686,7 +690,7 @@ mod tests {
             step(&reg, &d.id, CommandStatus::Answered);
             (c, d.id)
         };
-        let reg = Registry::open(dir.path()).expect("reopen");
+        let reg = crate::testutil::open_in(dir.path());
         assert_eq!(reg.open_commands(), 1);
         assert_eq!(
             reg.get_command(&open_cmd.id).expect("get").status,
@@ -698,7 +702,7 @@ mod tests {
         );
         let expired = reg.expire_commands(open_cmd.deadline_ms());
         assert_eq!(expired.len(), 1);
-        reg.delete_device("d1").expect("delete");
+        reg.identity().delete_device("d1").expect("delete");
         assert!(matches!(
             reg.get_command(&done),
             Err(RegistryError::NotFound(_))

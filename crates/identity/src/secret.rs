@@ -13,7 +13,7 @@ use ring::rand::{SecureRandom, SystemRandom};
 /// `SystemRandom` fails only when the OS has no entropy source at all; there
 /// is no safe way to issue credentials then, so this is the one place that
 /// panics instead of returning an error.
-pub(crate) fn random_bytes<const N: usize>() -> [u8; N] {
+pub fn random_bytes<const N: usize>() -> [u8; N] {
     let mut buf = [0u8; N];
     #[allow(clippy::expect_used)]
     SystemRandom::new()
@@ -34,7 +34,7 @@ pub(crate) fn new_secret(prefix: &str) -> String {
 
 /// A new id: `prefix-` followed by 12 random hex digits (48 bits: collisions
 /// are checked by the caller anyway).
-pub(crate) fn new_id(prefix: &str) -> String {
+pub fn new_id(prefix: &str) -> String {
     let bytes: [u8; 6] = random_bytes();
     format!("{prefix}-{}", hex(&bytes))
 }
@@ -69,7 +69,7 @@ pub(crate) fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-pub(crate) fn hex(b: &[u8]) -> String {
+pub fn hex(b: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut s = String::with_capacity(b.len() * 2);
     for x in b {

@@ -1,22 +1,27 @@
-//! Telemetry ingest: the broker's publish hook for `devices/{id}/telemetry`.
+//! The pipeline every protocol feeds: a device's payload is decoded into
+//! points (`m2mhub-telemetry`), queued in the time-series store, and — in
+//! durable mode — acknowledged only once the store's group commit has made
+//! them durable. A payload that does not decode is accepted (the transport
+//! took it), counted, and kept as a device event with the reason; it never
+//! blocks or disconnects the device.
 //!
-//! On the publishing connection's task, the payload is decoded into points
-//! (`m2mhub-telemetry`) and queued in the time-series store; in durable
-//! mode the returned gate holds the device's PUBACK/PUBREC until the
-//! store's group commit has fsynced them. A payload that does not decode
-//! is acknowledged (the broker took it), counted, and kept as a device
-//! event with the reason; it never blocks or disconnects the device.
+//! [`Ingest::ingest`] knows nothing of MQTT: it is what CoAP, HTTP and the
+//! gateways call. The MQTT publish hook for `devices/{id}/telemetry` is a
+//! thin adapter over it ([`PublishHook`] below), run on the publishing
+//! connection's task; its gate holds the device's PUBACK/PUBREC.
 
-use m2mhub_api::live::{LiveEvent, LiveHub};
-pub use m2mhub_api::telemetry::IngestCounters;
+use crate::counters::IngestCounters;
+use crate::live::{LiveEvent, LiveHub};
 use m2mhub_broker::auth::ClientIdentity;
 use m2mhub_broker::message::Message;
-use m2mhub_broker::{AckGate, ConnectionEvents, PublishHook};
-use m2mhub_registry::Registry;
+use m2mhub_broker::{AckGate, PublishHook};
+use m2mhub_fleet::Fleet;
+use m2mhub_identity::{now_ms, Registry};
 use m2mhub_telemetry::{ContentType, Limits};
 use m2mhub_tsdb::{InPoint, TimeSeriesStore, TsdbError, Value};
 use mqtt_codec::QoS;
-use std::net::SocketAddr;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -26,7 +31,10 @@ const UNSPECIFIED_ERROR: u8 = 0x80;
 
 pub struct Ingest {
     pub store: Arc<dyn TimeSeriesStore>,
+    /// Device → tenant and profile content type (in memory).
     pub registry: Registry,
+    /// Where decode failures and refused points are kept as device events.
+    pub fleet: Fleet,
     pub durable: bool,
     pub limits: Limits,
     pub counters: Arc<IngestCounters>,
@@ -34,51 +42,47 @@ pub struct Ingest {
     pub live: Arc<LiveHub>,
 }
 
-/// The connection history: a device's connects and disconnects become
-/// device events of kind `connection` (rate-limited and capped like every
-/// device event) and live events for open consoles.
-pub struct ConnectionHistory {
-    pub registry: Registry,
-    pub live: Arc<LiveHub>,
+/// Why the store could not take a message: the transport tells the device
+/// to retry (MQTT reason code, HTTP status, CoAP response code).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// Free disk space is under the configured minimum.
+    #[error("the store is out of disk space")]
+    DiskFull,
+    /// Any other storage failure.
+    #[error("the store could not write")]
+    Storage,
 }
 
-impl ConnectionHistory {
-    fn record(&self, identity: &ClientIdentity, online: bool, detail: String) {
-        // Only registered devices have a history; operator tools and
-        // claim-token clients do not.
-        let (Some(device), Some(tenant), None) =
-            (&identity.device_id, &identity.tenant, &identity.claim)
-        else {
-            return;
-        };
-        self.live.send(LiveEvent::Connection {
-            tenant: tenant.clone(),
-            device: device.clone(),
-            online,
-            ts_ms: now_ms(),
-            detail: detail.clone(),
-        });
-        self.registry
-            .record_device_event(tenant, device, "connection", detail);
+impl Refusal {
+    fn of(e: &TsdbError) -> Refusal {
+        match e {
+            TsdbError::DiskFull { .. } => Refusal::DiskFull,
+            _ => Refusal::Storage,
+        }
+    }
+
+    /// The MQTT 5 reason code for PUBACK/PUBREC.
+    pub fn mqtt_reason(self) -> u8 {
+        match self {
+            Refusal::DiskFull => QUOTA_EXCEEDED,
+            Refusal::Storage => UNSPECIFIED_ERROR,
+        }
     }
 }
 
-impl ConnectionEvents for ConnectionHistory {
-    fn connected(&self, client_id: &str, identity: &ClientIdentity, peer: SocketAddr) {
-        self.record(
-            identity,
-            true,
-            format!("connected from {} as client {client_id:?}", peer.ip()),
-        );
-    }
+/// Resolves when the message is durable (or could not be made so).
+pub type Durable = Pin<Box<dyn Future<Output = Result<(), Refusal>> + Send>>;
 
-    fn disconnected(&self, _client_id: &str, identity: &ClientIdentity, reason: &str) {
-        self.record(identity, false, format!("disconnected: {reason}"));
-    }
-
-    fn auth_failed(&self, _: &str, _: Option<&str>, _: SocketAddr, _: u8) {
-        // Refused CONNECTs are security events, recorded elsewhere.
-    }
+/// What became of one message.
+pub enum Outcome {
+    /// Nothing to wait for: stored (fast mode, or nothing to store), or not
+    /// stored for a reason already counted and kept as a device event.
+    Done,
+    /// The store refused it: nothing of it is kept; the device should retry.
+    Refused(Refusal),
+    /// Stored; the future resolves at the group commit (durable mode).
+    Pending(Durable),
 }
 
 /// `devices/{id}/telemetry` → `id`.
@@ -87,17 +91,9 @@ pub fn telemetry_device(topic: &str) -> Option<&str> {
     (!id.is_empty() && !id.contains('/')).then_some(id)
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
 impl Ingest {
     fn event(&self, tenant: &str, device: &str, kind: &str, detail: String) {
-        self.registry
-            .record_device_event(tenant, device, kind, detail);
+        self.fleet.record_device_event(tenant, device, kind, detail);
     }
 }
 
@@ -109,24 +105,64 @@ impl PublishHook for Ingest {
         message: &Message,
     ) -> Option<AckGate> {
         let device = telemetry_device(&message.topic)?;
+        // The tenant of an authenticated device publishing for itself; the
+        // registry's otherwise (an operator tool publishing for a device).
+        let tenant = match (&identity.device_id, &identity.tenant) {
+            (Some(d), Some(t)) if &**d == device => Some(t),
+            _ => None,
+        };
+        let wait = message.qos != QoS::AtMostOnce;
+        match self.ingest(
+            tenant,
+            device,
+            message.properties.content_type.as_deref(),
+            &message.payload,
+            wait,
+        ) {
+            Outcome::Done => None,
+            // Refused even in fast mode: acknowledging a message that
+            // cannot be stored would lose it silently.
+            Outcome::Refused(r) => {
+                wait.then(|| Box::pin(std::future::ready(Err(r.mqtt_reason()))) as AckGate)
+            }
+            Outcome::Pending(durable) => Some(Box::pin(async move {
+                durable.await.map_err(Refusal::mqtt_reason)
+            })),
+        }
+    }
+}
+
+impl Ingest {
+    /// Take one payload from `device`, whatever protocol carried it.
+    /// `tenant` is the authenticated device's own (else the registry's is
+    /// used); `content_type` the one the transport declared (else the
+    /// device profile's, else the payload is sniffed). With `wait` and in
+    /// durable mode the outcome is [`Outcome::Pending`] until the points are
+    /// durable: acknowledge the device only then.
+    pub fn ingest(
+        &self,
+        tenant: Option<&Arc<str>>,
+        device: &str,
+        content_type: Option<&str>,
+        payload: &[u8],
+        wait: bool,
+    ) -> Outcome {
         let c = &self.counters;
         c.messages.fetch_add(1, Ordering::Relaxed);
-        // The tenant is the registry's: a device publishes only on its own
-        // topics (policy), while an operator tool may publish for a device.
         let info = self.registry.ingest_info(device);
-        let tenant: Arc<str> = match (&identity.device_id, &identity.tenant, &info) {
-            (Some(d), Some(t), _) if &**d == device => t.clone(),
-            (_, _, Some(i)) => i.tenant.clone(),
-            _ => {
+        let tenant: Arc<str> = match (tenant, &info) {
+            (Some(t), _) => t.clone(),
+            (None, Some(i)) => i.tenant.clone(),
+            (None, None) => {
                 c.unknown_devices.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(
                     device,
                     "telemetry for a device the registry does not know; not stored"
                 );
-                return None;
+                return Outcome::Done;
             }
         };
-        let declared = message.properties.content_type.as_deref();
+        let declared = content_type;
         let profile_ct = info.as_ref().and_then(|i| i.content_type);
         let content_type = match declared.or(profile_ct) {
             Some(mime) => match ContentType::from_mime(mime) {
@@ -137,19 +173,14 @@ impl PublishHook for Ingest {
                         &tenant,
                         device,
                         "decode_error",
-                        format!("unsupported content type {mime:?} ({} bytes); use application/json, application/senml+json, application/senml+cbor, application/cbor or text/plain", message.payload.len()),
+                        format!("unsupported content type {mime:?} ({} bytes); use application/json, application/senml+json, application/senml+cbor, application/cbor or text/plain", payload.len()),
                     );
-                    return None;
+                    return Outcome::Done;
                 }
             },
             None => None,
         };
-        let points = match m2mhub_telemetry::decode(
-            &message.payload,
-            content_type,
-            now_ms(),
-            &self.limits,
-        ) {
+        let points = match m2mhub_telemetry::decode(payload, content_type, now_ms(), &self.limits) {
             Ok(p) => p,
             Err(e) => {
                 c.decode_errors.fetch_add(1, Ordering::Relaxed);
@@ -161,13 +192,13 @@ impl PublishHook for Ingest {
                     &tenant,
                     device,
                     "decode_error",
-                    format!("{e} ({} bytes, {how})", message.payload.len()),
+                    format!("{e} ({} bytes, {how})", payload.len()),
                 );
-                return None;
+                return Outcome::Done;
             }
         };
         if points.is_empty() {
-            return None;
+            return Outcome::Done;
         }
         let ins: Vec<InPoint<'_>> = points
             .iter()
@@ -186,11 +217,7 @@ impl PublishHook for Ingest {
             Err(e) => {
                 c.refused_messages.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(device, error = %e, "telemetry refused");
-                let code = refusal_code(&e);
-                // Refused even in fast mode: acknowledging a message that
-                // cannot be stored would lose it silently.
-                return (message.qos != QoS::AtMostOnce)
-                    .then(|| Box::pin(std::future::ready(Err(code))) as AckGate);
+                return Outcome::Refused(Refusal::of(&e));
             }
         };
         c.points
@@ -224,23 +251,16 @@ impl PublishHook for Ingest {
                     .collect(),
             });
         }
-        if !self.durable || message.qos == QoS::AtMostOnce {
-            return None;
+        if !self.durable || !wait {
+            return Outcome::Done;
         }
         let counters = self.counters.clone();
-        Some(Box::pin(async move {
+        Outcome::Pending(Box::pin(async move {
             appended.ticket.wait().await.map_err(|e| {
                 counters.refused_messages.fetch_add(1, Ordering::Relaxed);
-                refusal_code(&e)
+                Refusal::of(&e)
             })
         }))
-    }
-}
-
-fn refusal_code(e: &TsdbError) -> u8 {
-    match e {
-        TsdbError::DiskFull { .. } => QUOTA_EXCEEDED,
-        _ => UNSPECIFIED_ERROR,
     }
 }
 

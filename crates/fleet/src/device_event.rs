@@ -5,7 +5,7 @@
 //! thousands of times a second cannot flood the table:
 //!
 //! - **Exact counts** per device and kind are kept in memory
-//!   ([`Registry::device_event_counts`]), whatever is stored.
+//!   ([`Fleet::device_event_counts`]), whatever is stored.
 //! - **Rate limit**: at most [`EVENTS_PER_WINDOW`] events per device are
 //!   stored per window of [`WINDOW_MS`]; the rest are counted, and when the
 //!   window ends one summary event per suppressed kind ("N similar events
@@ -17,12 +17,12 @@
 //!   stalled disk), further events are dropped and counted, never queued
 //!   without bound.
 //!
-//! Events are queued with the audit records and written by the same
-//! background thread, in the same transaction; `Registry::flush` writes
+//! Events are queued for the fleet's background writer and written with
+//! alarm and command changes, in one transaction; `Fleet::flush` writes
 //! them too.
 
-use crate::error::{RegistryError, Result};
-use crate::{now_ms, Registry, Shared};
+use crate::{Fleet, RegistryError, Result, Shared};
+use m2mhub_identity::now_ms;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -149,17 +149,17 @@ impl Shared {
         if events.is_empty() {
             return 0;
         }
-        let mut q = self.log.lock();
+        let mut q = self.queue.lock();
         let mut dropped = 0;
-        let was_empty = q.device_events.is_empty();
+        let was_empty = q.events.is_empty();
         for e in events {
-            if q.device_events.len() >= QUEUE_LIMIT {
+            if q.events.len() >= QUEUE_LIMIT {
                 dropped += 1;
                 continue;
             }
-            q.last_device_event_id += 1;
-            let id = q.last_device_event_id;
-            q.device_events.push(DeviceEvent {
+            q.last_id += 1;
+            let id = q.last_id;
+            q.events.push(DeviceEvent {
                 id,
                 tenant: e.tenant,
                 device_id: e.device_id,
@@ -209,18 +209,18 @@ impl Shared {
         let mut gate = self.device_events.lock();
         gate.devices.remove(device_id);
         gate.suppressing.remove(device_id);
-        self.log
+        self.queue
             .lock()
-            .device_events
+            .events
             .retain(|e| e.device_id != device_id);
     }
 }
 
-impl Registry {
+impl Fleet {
     /// Record an event about a device (see the module docs). Safe on the
     /// MQTT hot path: no I/O, and no allocation once the device is over its
     /// rate limit. `tenant` is the device's tenant (as in its
-    /// [`IngestInfo`](crate::IngestInfo)); events of unknown devices are
+    /// [`IngestInfo`](m2mhub_identity::IngestInfo)); events of unknown devices are
     /// ignored, so counters exist only for registered devices.
     pub fn record_device_event(&self, tenant: &str, device_id: &str, kind: &str, detail: String) {
         self.record_device_event_at(tenant, device_id, kind, detail, now_ms());
@@ -235,7 +235,7 @@ impl Registry {
         now: i64,
     ) {
         let s = &*self.shared;
-        if !s.state.read().devices.contains_key(device_id) {
+        if s.identity.with_device(device_id, |_| ()).is_none() {
             return;
         }
         let kind = clip(kind, MAX_KIND);
@@ -328,11 +328,9 @@ impl Registry {
     ) -> Result<Vec<DeviceEvent>> {
         let known = self
             .shared
-            .state
-            .read()
-            .devices
-            .get(device_id)
-            .is_some_and(|d| tenant.is_none_or(|t| d.tenant == t));
+            .identity
+            .with_device(device_id, |d| tenant.is_none_or(|t| d.tenant == t))
+            .unwrap_or(false);
         if !known {
             return Err(RegistryError::NotFound(format!("device {device_id}")));
         }
@@ -354,7 +352,7 @@ impl Registry {
 mod tests {
     use super::*;
     use crate::testutil::open;
-    use crate::NewDevice;
+    use m2mhub_identity::NewDevice;
 
     /// Fake times far ahead of the wall clock, so the background writer's
     /// own window rolling (with the real time) never interferes.
@@ -362,21 +360,24 @@ mod tests {
         now_ms() + 1_000_000_000
     }
 
-    fn setup() -> (tempfile::TempDir, Registry) {
+    fn setup() -> (tempfile::TempDir, Fleet) {
         let (d, reg) = open();
-        reg.create_tenant("acme", "Acme").expect("tenant");
+        reg.identity()
+            .create_tenant("acme", "Acme")
+            .expect("tenant");
         for id in ["d1", "d2"] {
-            reg.create_device(NewDevice {
-                id: Some(id.into()),
-                tenant: "acme".into(),
-                ..Default::default()
-            })
-            .expect("device");
+            reg.identity()
+                .create_device(NewDevice {
+                    id: Some(id.into()),
+                    tenant: "acme".into(),
+                    ..Default::default()
+                })
+                .expect("device");
         }
         (d, reg)
     }
 
-    fn list(reg: &Registry, id: &str, kind: Option<&str>) -> Vec<DeviceEvent> {
+    fn list(reg: &Fleet, id: &str, kind: Option<&str>) -> Vec<DeviceEvent> {
         reg.list_device_events(Some("acme"), id, kind, None, 1_000)
             .expect("list")
     }
@@ -487,12 +488,13 @@ mod tests {
         let t0 = base();
         let n = KEPT_PER_DEVICE + 25;
         let last_id = {
-            let reg = Registry::open(dir.path()).expect("open");
-            reg.create_device(NewDevice {
-                id: Some("d1".into()),
-                ..Default::default()
-            })
-            .expect("device");
+            let reg = crate::testutil::open_in(dir.path());
+            reg.identity()
+                .create_device(NewDevice {
+                    id: Some("d1".into()),
+                    ..Default::default()
+                })
+                .expect("device");
             // One event per window, so none is suppressed.
             for i in 0..n {
                 let t = t0 + i as i64 * WINDOW_MS;
@@ -518,7 +520,7 @@ mod tests {
             all[0].id
         };
         // Ids continue after a reopen.
-        let reg = Registry::open(dir.path()).expect("reopen");
+        let reg = crate::testutil::open_in(dir.path());
         reg.record_device_event_at("default", "d1", "k", "after".into(), t0);
         let newest = reg
             .list_device_events(None, "d1", None, None, 1)
@@ -526,13 +528,14 @@ mod tests {
         assert_eq!(newest[0].id, last_id + 1);
 
         reg.record_device_event_at("default", "d1", "k", "queued".into(), t0 + 1);
-        reg.delete_device("d1").expect("delete");
+        reg.identity().delete_device("d1").expect("delete");
         assert_eq!(reg.device_event_counts("d1"), None);
-        reg.create_device(NewDevice {
-            id: Some("d1".into()),
-            ..Default::default()
-        })
-        .expect("same id again");
+        reg.identity()
+            .create_device(NewDevice {
+                id: Some("d1".into()),
+                ..Default::default()
+            })
+            .expect("same id again");
         assert!(reg
             .list_device_events(None, "d1", None, None, 10)
             .expect("list")
@@ -543,17 +546,18 @@ mod tests {
     fn shutdown_writes_the_open_windows_summaries() {
         let dir = tempfile::tempdir().expect("tempdir");
         {
-            let reg = Registry::open(dir.path()).expect("open");
-            reg.create_device(NewDevice {
-                id: Some("d1".into()),
-                ..Default::default()
-            })
-            .expect("device");
+            let reg = crate::testutil::open_in(dir.path());
+            reg.identity()
+                .create_device(NewDevice {
+                    id: Some("d1".into()),
+                    ..Default::default()
+                })
+                .expect("device");
             for _ in 0..13 {
                 reg.record_device_event("default", "d1", "decode_error", "x".into());
             }
         }
-        let reg = Registry::open(dir.path()).expect("reopen");
+        let reg = crate::testutil::open_in(dir.path());
         let all = reg
             .list_device_events(None, "d1", None, None, 100)
             .expect("list");

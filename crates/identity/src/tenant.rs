@@ -49,6 +49,11 @@ impl Registry {
             .ok_or_else(|| RegistryError::NotFound(format!("tenant {id}")))
     }
 
+    /// Whether the tenant exists (a cheap check for other domains).
+    pub fn has_tenant(&self, id: &str) -> bool {
+        self.shared.state.read().tenants.contains_key(id)
+    }
+
     pub fn list_tenants(&self) -> Result<Vec<Tenant>> {
         Ok(self.shared.state.read().tenants.values().cloned().collect())
     }

@@ -19,71 +19,59 @@
 //!   always within their own tenant (see [`policy`]).
 //! - **Device profiles** (per tenant) say what a kind of device sends: the
 //!   payload content type the telemetry ingest decodes (see [`profile`]).
-//! - **Rules** (per tenant) are the rules engine's definitions, stored as
-//!   written (see [`rule`]); what they do leaves traces here too:
-//!   **alarms** with a lifecycle (see [`alarm`]) and **commands** sent to
-//!   devices with their status (see [`command`]).
+//!   A profile is part of a device's identity record, so the ingest's
+//!   per-message lookup joins device and profile in memory.
 //! - The **audit log** is append-only and hash-chained (see [`audit`]);
-//!   **security events** record what the security monitor noticed;
-//!   **device events** record what went wrong with one device's data, rate
-//!   limited and capped per device (see [`device_event`]).
+//!   **security events** record what the security monitor noticed.
+//!
+//! What happens *to* devices (alarms, commands, device events, rule
+//! definitions) is fleet operations, in `m2mhub-fleet`; it listens for
+//! device deletions through [`DeviceRemoval`]. This crate knows nothing of
+//! the broker: the binary adapts it to the broker's auth traits.
 //!
 //! # Storage and the hot path
 //!
 //! Everything lives in one SQLite file, `registry.db` (WAL, `synchronous =
-//! NORMAL`), behind the [`RegistryStore`] trait so another backend can follow;
-//! all SQL is in [`sqlite`]. Every record except the audit log, security
-//! events and device events is also held in memory, loaded at open and
+//! NORMAL`; per-domain migrations in [`sql`]), behind the [`RegistryStore`]
+//! trait so another backend can follow; all SQL is in [`sqlite`]. Every
+//! record except the audit log and security events is also held in memory, loaded at open and
 //! updated on every write (write-through, under one writer lock), so the
 //! checks on every CONNECT, PUBLISH and SUBSCRIBE, and the ingest's
 //! per-message lookup ([`Registry::ingest_info`]), never touch the database.
-//! Audit records, security events, device events and "last seen" updates
-//! are queued and written in batches by one background thread; their
-//! sequence numbers and hashes are assigned synchronously, in order.
-//! Alarms and commands, changed by rules at message rates, are held in
-//! memory while open and written by the same thread, once per change
-//! batch rather than once per change.
+//! Audit records, security events and "last seen" updates are queued and
+//! written in batches by one background thread; their sequence numbers and
+//! hashes are assigned synchronously, in order.
 
 #![forbid(unsafe_code)]
 
-pub mod alarm;
 pub mod audit;
-pub mod broker_auth;
+pub mod auth_stats;
 pub mod certificate;
 pub mod claim;
-pub mod command;
 pub mod device;
-pub mod device_event;
 pub mod error;
 pub mod policy;
 pub mod profile;
-pub mod rule;
 mod secret;
 pub mod security;
+pub mod sql;
 pub mod sqlite;
 pub mod store;
 pub mod tenant;
 pub mod token;
 pub mod user;
 
-pub use alarm::{
-    Alarm, AlarmChange, AlarmCounts, AlarmEvent, AlarmFilter, AlarmStatus, ClearedBy, RaiseOutcome,
-    Severity,
-};
 pub use audit::{AuditQuery, AuditRecord, AuditReport};
-pub use broker_auth::{AuthStats, RegistryAuth};
+pub use auth_stats::AuthStats;
 pub use certificate::{CertCheck, CertInfo, CertRecord};
 pub use claim::{ClaimInfo, ClaimSpec};
-pub use command::{Command, CommandStatus, CommandUpdate, NewCommand};
 pub use device::{Device, DeviceFilter, DeviceUpdate, NewDevice};
-pub use device_event::{DeviceEvent, DeviceEventCounts};
 pub use error::{ClaimError, RegistryError, Result};
 pub use policy::{filter_is_subset, Action, DeviceScope, Policy};
 pub use profile::{
     canonical_content_type, DeviceProfile, IngestInfo, NewProfile, ProfileUpdate, CONTENT_TYPES,
     DEFAULT_PROFILE,
 };
-pub use rule::{NewRule, Rule, RuleUpdate};
 pub use security::{SecurityEvent, SecurityEventRecord, SecurityKind};
 pub use store::RegistryStore;
 pub use tenant::{Group, Tenant};
@@ -100,6 +88,21 @@ use std::time::Duration;
 
 /// The id of the tenant that exists from the start.
 pub const DEFAULT_TENANT: &str = "default";
+
+/// Another domain's interest in device deletions: called by
+/// [`Registry::delete_device`] before the device itself is deleted, so that
+/// what the domain keeps about it (fleet operations: alarms, commands,
+/// events) goes first; an error aborts the deletion.
+pub trait DeviceRemoval: Send + Sync {
+    fn device_removed(&self, device_id: &str) -> Result<()>;
+}
+
+/// Id and randomness helpers other domain crates share, so ids look the
+/// same everywhere.
+pub mod ids {
+    pub use crate::secret::{hex, new_id, random_bytes};
+    pub use crate::{validate_id, validate_name};
+}
 
 /// The registry handle the rest of the platform uses. Cheap to clone.
 #[derive(Clone)]
@@ -139,8 +142,6 @@ pub(crate) struct State {
     /// Device id → what the ingest needs, derived from `devices` and
     /// `profiles` and kept in step with them (see [`profile`]).
     pub ingest: HashMap<String, IngestInfo>,
-    /// By id.
-    pub rules: BTreeMap<String, Rule>,
 }
 
 /// Records waiting for the background writer, and the head of the audit
@@ -153,8 +154,6 @@ pub(crate) struct LogQueue {
     pub audit: Vec<store::AuditRow>,
     pub last_event_seq: u64,
     pub events: Vec<SecurityEventRecord>,
-    pub last_device_event_id: u64,
-    pub device_events: Vec<DeviceEvent>,
 }
 
 /// Last-seen information, kept apart from [`State`] so the per-CONNECT
@@ -175,13 +174,9 @@ pub(crate) struct Shared {
     pub write: Mutex<()>,
     pub seen: Mutex<HashMap<String, Seen>>,
     pub log: Mutex<LogQueue>,
-    /// Device-event counters and rate limits; taken before `log`.
-    pub device_events: Mutex<device_event::DeviceEventGate>,
-    /// Active alarms and unwritten alarm changes; taken after `flush_lock`.
-    pub alarms: Mutex<alarm::AlarmBook>,
-    pub alarm_events: tokio::sync::broadcast::Sender<AlarmEvent>,
-    /// Open commands and unwritten command changes; taken after `flush_lock`.
-    pub commands: Mutex<command::CommandBook>,
+    /// Other domains' listeners for device deletions (weak: they must not
+    /// keep this registry alive).
+    pub removal: RwLock<Vec<std::sync::Weak<dyn DeviceRemoval>>>,
     pub wake: Condvar,
     /// Serializes flushes so batches reach the store in sequence order.
     pub flush_lock: Mutex<()>,
@@ -287,9 +282,6 @@ impl Registry {
         for p in snap.profiles {
             state.profiles.insert((p.tenant.clone(), p.name.clone()), p);
         }
-        for r in snap.rules {
-            state.rules.insert(r.id.clone(), r);
-        }
         state.rebuild_ingest();
         if !state.tenants.contains_key(DEFAULT_TENANT) {
             let t = Tenant {
@@ -304,7 +296,6 @@ impl Registry {
             last_seq: snap.audit_tail.0,
             last_hash: snap.audit_tail.1,
             last_event_seq: snap.security_seq,
-            last_device_event_id: snap.device_event_seq,
             ..Default::default()
         };
         let shared = Arc::new(Shared {
@@ -313,10 +304,7 @@ impl Registry {
             write: Mutex::new(()),
             seen: Mutex::new(seen),
             log: Mutex::new(log),
-            device_events: Mutex::new(device_event::DeviceEventGate::default()),
-            alarms: Mutex::new(alarm::AlarmBook::load(snap.active_alarms, snap.alarm_seq)),
-            alarm_events: tokio::sync::broadcast::channel(alarm::EVENT_CAPACITY).0,
-            commands: Mutex::new(command::CommandBook::load(snap.open_commands)),
+            removal: RwLock::new(Vec::new()),
             wake: Condvar::new(),
             flush_lock: Mutex::new(()),
             shutdown: AtomicBool::new(false),
@@ -341,8 +329,8 @@ impl Registry {
         })
     }
 
-    /// Write everything queued (audit records, security events, device
-    /// events, last-seen times, alarm and command changes) now. Reads of
+    /// Write everything queued (audit records, security events, last-seen
+    /// times) now. Reads of
     /// the logs call this first; call it before a planned shutdown if the
     /// handle may outlive the process's orderly exit.
     pub fn flush(&self) -> Result<()> {
@@ -359,18 +347,12 @@ fn writer_loop(shared: &Shared) {
     loop {
         {
             let mut q = shared.log.lock();
-            if !shared.shutdown.load(Ordering::SeqCst)
-                && q.audit.is_empty()
-                && q.events.is_empty()
-                && q.device_events.is_empty()
+            if !shared.shutdown.load(Ordering::SeqCst) && q.audit.is_empty() && q.events.is_empty()
             {
                 shared.wake.wait_for(&mut q, Duration::from_secs(1));
             }
         }
         let stop = shared.shutdown.load(Ordering::SeqCst);
-        // At most a second late; at shutdown, every open window's
-        // suppressed count is written rather than lost.
-        shared.roll_device_event_windows(now_ms(), stop);
         if let Err(e) = shared.flush(stop) {
             tracing::warn!(error = %e, "registry: background write failed; will retry");
             std::thread::sleep(Duration::from_millis(200));
@@ -386,13 +368,9 @@ impl Shared {
     /// otherwise only those not persisted for [`SEEN_PERSIST_INTERVAL_MS`].
     pub(crate) fn flush(&self, all_seen: bool) -> Result<()> {
         let _g = self.flush_lock.lock();
-        let (audit, events, device_events) = {
+        let (audit, events) = {
             let mut q = self.log.lock();
-            (
-                std::mem::take(&mut q.audit),
-                std::mem::take(&mut q.events),
-                std::mem::take(&mut q.device_events),
-            )
+            (std::mem::take(&mut q.audit), std::mem::take(&mut q.events))
         };
         let now = now_ms();
         let seen: Vec<store::SeenUpdate> = {
@@ -412,27 +390,13 @@ impl Shared {
                 })
                 .collect()
         };
-        let alarms = self.alarms.lock().take_batch();
-        let commands = self.commands.lock().take_batch();
-        if audit.is_empty()
-            && events.is_empty()
-            && seen.is_empty()
-            && device_events.is_empty()
-            && alarms.is_empty()
-            && commands.is_empty()
-        {
+        if audit.is_empty() && events.is_empty() && seen.is_empty() {
             return Ok(());
         }
         let batch = store::LogBatch {
             audit: &audit,
             events: &events,
             seen: &seen,
-            device_events: &device_events,
-            device_events_kept: device_event::KEPT_PER_DEVICE,
-            alarms: &alarms,
-            alarms_kept: alarm::CLEARED_KEPT_PER_DEVICE,
-            commands: &commands,
-            commands_kept: command::KEPT_PER_DEVICE,
         };
         match self.store.append(&batch) {
             Ok(()) => Ok(()),
@@ -446,9 +410,6 @@ impl Shared {
                 let mut ev = events;
                 ev.append(&mut q.events);
                 q.events = ev;
-                let mut de = device_events;
-                de.append(&mut q.device_events);
-                q.device_events = de;
                 drop(q);
                 let mut s = self.seen.lock();
                 for u in seen {
@@ -457,8 +418,6 @@ impl Shared {
                     }
                 }
                 drop(s);
-                self.alarms.lock().requeue(alarms);
-                self.commands.lock().requeue(commands);
                 Err(e)
             }
         }
@@ -466,7 +425,7 @@ impl Shared {
 }
 
 /// Checks shared by every kind of id that may end up in a topic level.
-pub(crate) fn validate_id(kind: &str, id: &str) -> Result<()> {
+pub fn validate_id(kind: &str, id: &str) -> Result<()> {
     if id.is_empty()
         || id.len() > 64
         || !id
@@ -480,7 +439,7 @@ pub(crate) fn validate_id(kind: &str, id: &str) -> Result<()> {
     Ok(())
 }
 
-pub(crate) fn validate_name(kind: &str, name: &str) -> Result<()> {
+pub fn validate_name(kind: &str, name: &str) -> Result<()> {
     if name.len() > 256 || name.chars().any(char::is_control) {
         return Err(RegistryError::Validation(format!(
             "{kind} name must be at most 256 characters without control characters"

@@ -281,7 +281,8 @@ impl Registry {
         Ok(d)
     }
 
-    /// Delete a device, its tokens, device events, alarms and commands. Its certificates
+    /// Delete a device and its tokens, after every [`DeviceRemoval`](crate::DeviceRemoval)
+    /// listener has deleted what it keeps about it. Its certificates
     /// are kept, revoked, so they stay in the CRL and can never authenticate
     /// a later device that reuses the id.
     pub fn delete_device(&self, id: &str) -> Result<()> {
@@ -290,16 +291,19 @@ impl Registry {
         if !s.state.read().devices.contains_key(id) {
             return Err(RegistryError::NotFound(format!("device {id}")));
         }
-        let now = now_ms();
-        {
-            // No flush may be writing this device's events while they are
-            // deleted, or some would outlive it.
-            let _f = s.flush_lock.lock();
-            s.store.delete_device(id, now)?;
-            s.forget_device_events(id);
-            s.alarms.lock().forget_device(id);
-            s.commands.lock().forget_device(id);
+        // What other domains keep about the device goes first: a failure
+        // there leaves the device (and its credentials) in place.
+        let listeners: Vec<_> = s
+            .removal
+            .read()
+            .iter()
+            .filter_map(|w| w.upgrade())
+            .collect();
+        for l in listeners {
+            l.device_removed(id)?;
         }
+        let now = now_ms();
+        s.store.delete_device(id, now)?;
         {
             let mut st = s.state.write();
             st.remove_device(id);
@@ -312,6 +316,19 @@ impl Registry {
         }
         s.seen.lock().remove(id);
         Ok(())
+    }
+
+    /// Run `f` on a device's record without copying it (`None` when there
+    /// is no such device): other domains' existence and tenant checks.
+    pub fn with_device<R>(&self, id: &str, f: impl FnOnce(&Device) -> R) -> Option<R> {
+        self.shared.state.read().devices.get(id).map(f)
+    }
+
+    /// Listen for device deletions (see [`DeviceRemoval`](crate::DeviceRemoval)).
+    pub fn add_device_removal(&self, listener: std::sync::Weak<dyn crate::DeviceRemoval>) {
+        let mut l = self.shared.removal.write();
+        l.retain(|w| w.strong_count() > 0);
+        l.push(listener);
     }
 
     /// Devices matching every filter, in id order, at most `limit`.

@@ -8,8 +8,9 @@
 //! rest of the registry, so the engine can list them all at start. Their
 //! counters are the engine's, in memory, not here.
 
-use crate::error::{RegistryError, Result};
-use crate::{now_ms, secret, validate_id, validate_name, Registry};
+use crate::{Fleet, RegistryError, Result};
+use m2mhub_identity::ids::{new_id, validate_id, validate_name};
+use m2mhub_identity::now_ms;
 use serde::{Deserialize, Serialize};
 
 /// Rule SQL and the actions' JSON are limited to this many bytes.
@@ -94,7 +95,7 @@ fn validate_rule_name(name: &str) -> Result<()> {
     validate_name("rule", name)
 }
 
-impl Registry {
+impl Fleet {
     pub fn create_rule(&self, tenant: &str, new: NewRule) -> Result<Rule> {
         validate_sql(&new.sql)?;
         validate_actions(&new.actions)?;
@@ -102,11 +103,11 @@ impl Registry {
         let s = &*self.shared;
         let _w = s.write.lock();
         let id = {
-            let st = s.state.read();
-            if !st.tenants.contains_key(tenant) {
+            if !s.identity.has_tenant(tenant) {
                 return Err(RegistryError::NotFound(format!("tenant {tenant}")));
             }
-            if st.rules.values().filter(|r| r.tenant == tenant).count() >= MAX_RULES_PER_TENANT {
+            let rules = s.rules.read();
+            if rules.values().filter(|r| r.tenant == tenant).count() >= MAX_RULES_PER_TENANT {
                 return Err(RegistryError::Conflict(format!(
                     "tenant {tenant} has {MAX_RULES_PER_TENANT} rules, the most it may have"
                 )));
@@ -114,14 +115,14 @@ impl Registry {
             match new.id {
                 Some(id) => {
                     validate_id("rule", &id)?;
-                    if st.rules.contains_key(&id) {
+                    if rules.contains_key(&id) {
                         return Err(RegistryError::AlreadyExists(format!("rule {id}")));
                     }
                     id
                 }
                 None => loop {
-                    let id = secret::new_id("rule");
-                    if !st.rules.contains_key(&id) {
+                    let id = new_id("rule");
+                    if !rules.contains_key(&id) {
                         break id;
                     }
                 },
@@ -142,15 +143,14 @@ impl Registry {
             updated_ms: now,
         };
         s.store.insert_rule(&r)?;
-        s.state.write().rules.insert(r.id.clone(), r.clone());
+        s.rules.write().insert(r.id.clone(), r.clone());
         Ok(r)
     }
 
     pub fn get_rule(&self, id: &str) -> Result<Rule> {
         self.shared
-            .state
-            .read()
             .rules
+            .read()
             .get(id)
             .cloned()
             .ok_or_else(|| RegistryError::NotFound(format!("rule {id}")))
@@ -158,14 +158,15 @@ impl Registry {
 
     /// Rules of one tenant (or of all), in id order.
     pub fn list_rules(&self, tenant: Option<&str>) -> Result<Vec<Rule>> {
-        let st = self.shared.state.read();
         if let Some(t) = tenant {
-            if !st.tenants.contains_key(t) {
+            if !self.shared.identity.has_tenant(t) {
                 return Err(RegistryError::NotFound(format!("tenant {t}")));
             }
         }
-        Ok(st
+        Ok(self
+            .shared
             .rules
+            .read()
             .values()
             .filter(|r| tenant.is_none_or(|t| r.tenant == t))
             .cloned()
@@ -199,7 +200,7 @@ impl Registry {
         }
         r.updated_ms = now_ms().max(r.updated_ms);
         s.store.update_rule(&r)?;
-        s.state.write().rules.insert(r.id.clone(), r.clone());
+        s.rules.write().insert(r.id.clone(), r.clone());
         Ok(r)
     }
 
@@ -216,11 +217,11 @@ impl Registry {
     pub fn delete_rule(&self, id: &str) -> Result<()> {
         let s = &*self.shared;
         let _w = s.write.lock();
-        if !s.state.read().rules.contains_key(id) {
+        if !s.rules.read().contains_key(id) {
             return Err(RegistryError::NotFound(format!("rule {id}")));
         }
         s.store.delete_rule(id)?;
-        s.state.write().rules.remove(id);
+        s.rules.write().remove(id);
         Ok(())
     }
 }
@@ -247,7 +248,9 @@ mod tests {
     #[test]
     fn crud() {
         let (_d, reg) = open();
-        reg.create_tenant("acme", "Acme").expect("tenant");
+        reg.identity()
+            .create_tenant("acme", "Acme")
+            .expect("tenant");
         let r = reg
             .create_rule("acme", new(Some("hot"), SQL))
             .expect("create");
@@ -352,7 +355,7 @@ mod tests {
     fn rules_survive_a_reopen() {
         let dir = tempfile::tempdir().expect("tempdir");
         {
-            let reg = Registry::open(dir.path()).expect("open");
+            let reg = crate::testutil::open_in(dir.path());
             reg.create_rule("default", new(Some("a"), SQL))
                 .expect("create");
             reg.create_rule("default", new(Some("b"), SQL))
@@ -360,7 +363,7 @@ mod tests {
             reg.set_rule_enabled("b", false).expect("disable");
             reg.delete_rule("a").expect("delete");
         }
-        let reg = Registry::open(dir.path()).expect("reopen");
+        let reg = crate::testutil::open_in(dir.path());
         let all = reg.list_rules(None).expect("list");
         assert_eq!(all.len(), 1);
         assert_eq!((all[0].id.as_str(), all[0].enabled), ("b", false));

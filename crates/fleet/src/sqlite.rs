@@ -1,0 +1,610 @@
+//! The SQLite backend of fleet operations: every SQL statement of this
+//! crate is in this file. Its tables live in `registry.db` beside the
+//! identity tables, opened on their own connection and migrated as their own
+//! domain (`fleet`), see `m2mhub_identity::sql`.
+//!
+//! The SQL is deliberately plain (`?` parameters, BIGINT/TEXT/INTEGER
+//! columns, booleans as 0/1, JSON as text) so a PostgreSQL implementation of
+//! [`FleetStore`] can reuse it nearly as is.
+
+use crate::alarm::{Alarm, AlarmFilter, AlarmStatus};
+use crate::command::{Command, CommandStatus};
+use crate::device_event::DeviceEvent;
+use crate::rule::Rule;
+use crate::store::{FleetBatch, FleetSnapshot, FleetStore};
+use crate::{RegistryError, Result};
+use m2mhub_identity::sql::{corrupt, i64_of, migrate, open_sqlite, u64_of, Migration};
+use parking_lot::Mutex;
+use rusqlite::types::Value;
+use rusqlite::{params, params_from_iter, Connection, OptionalExtension, Row};
+use std::path::Path;
+
+/// The fleet tables, version by version.
+const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    sql: "
+CREATE TABLE IF NOT EXISTS device_events (
+    id BIGINT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    ts_ms BIGINT NOT NULL,
+    kind TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS device_events_device ON device_events (device_id, id);
+CREATE TABLE IF NOT EXISTS alarms (
+    id BIGINT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    alarm_type TEXT NOT NULL,
+    severity TEXT NOT NULL,
+    status TEXT NOT NULL,
+    acked INTEGER NOT NULL,
+    acked_by TEXT,
+    acked_ms BIGINT,
+    details TEXT NOT NULL,
+    rule_id TEXT,
+    created_ms BIGINT NOT NULL,
+    updated_ms BIGINT NOT NULL,
+    cleared_ms BIGINT,
+    cleared_by TEXT,
+    count BIGINT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS alarms_device ON alarms (device_id, status, id);
+CREATE INDEX IF NOT EXISTS alarms_tenant ON alarms (tenant, id);
+CREATE INDEX IF NOT EXISTS alarms_status ON alarms (status, id);
+CREATE TABLE IF NOT EXISTS commands (
+    id TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    params TEXT NOT NULL,
+    status TEXT NOT NULL,
+    created_ms BIGINT NOT NULL,
+    updated_ms BIGINT NOT NULL,
+    response TEXT,
+    error TEXT,
+    origin TEXT NOT NULL,
+    timeout_ms BIGINT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS commands_device ON commands (device_id, created_ms, id);
+CREATE INDEX IF NOT EXISTS commands_status ON commands (status);
+CREATE TABLE IF NOT EXISTS rules (
+    id TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    name TEXT NOT NULL,
+    description TEXT NOT NULL,
+    sql TEXT NOT NULL,
+    actions TEXT NOT NULL,
+    enabled INTEGER NOT NULL,
+    created_ms BIGINT NOT NULL,
+    updated_ms BIGINT NOT NULL
+);
+",
+}];
+
+const ALARM_COLUMNS: &str =
+    "id, tenant, device_id, alarm_type, severity, status, acked, acked_by, acked_ms, \
+    details, rule_id, created_ms, updated_ms, cleared_ms, cleared_by, count";
+
+/// Insert an alarm or replace every field of the stored one (a retried
+/// batch writes the same row again harmlessly).
+const ALARM_UPSERT: &str = "INSERT INTO alarms (id, tenant, device_id, alarm_type, severity, status, acked, acked_by, acked_ms, \
+    details, rule_id, created_ms, updated_ms, cleared_ms, cleared_by, count) \
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+    ON CONFLICT (id) DO UPDATE SET severity = excluded.severity, status = excluded.status, \
+    acked = excluded.acked, acked_by = excluded.acked_by, acked_ms = excluded.acked_ms, \
+    details = excluded.details, rule_id = excluded.rule_id, updated_ms = excluded.updated_ms, \
+    cleared_ms = excluded.cleared_ms, cleared_by = excluded.cleared_by, count = excluded.count";
+
+const COMMAND_COLUMNS: &str =
+    "id, tenant, device_id, name, params, status, created_ms, updated_ms, response, error, origin, timeout_ms";
+
+const COMMAND_UPSERT: &str =
+    "INSERT INTO commands (id, tenant, device_id, name, params, status, created_ms, updated_ms, \
+    response, error, origin, timeout_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+    ON CONFLICT (id) DO UPDATE SET status = excluded.status, updated_ms = excluded.updated_ms, \
+    response = excluded.response, error = excluded.error";
+
+const COMMANDS_OPEN: &str = "('pending', 'sent', 'delivered')";
+
+const RULE_COLUMNS: &str =
+    "id, tenant, name, description, sql, actions, enabled, created_ms, updated_ms";
+
+/// SQLite-backed [`FleetStore`]. One connection behind a mutex: the fleet
+/// serializes writes anyway and reads come mostly from its caches.
+pub struct SqliteFleetStore {
+    conn: Mutex<Connection>,
+}
+
+impl SqliteFleetStore {
+    /// Open or create the database and bring the fleet tables up to date.
+    pub fn open(path: &Path) -> Result<SqliteFleetStore> {
+        let mut conn = open_sqlite(path)?;
+        migrate(&mut conn, "fleet", MIGRATIONS)?;
+        Ok(SqliteFleetStore {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn exec(&self, sql: &str, p: impl rusqlite::Params) -> Result<usize> {
+        Ok(self.conn.lock().execute(sql, p)?)
+    }
+
+    /// Execute an UPDATE/DELETE that must hit a row.
+    fn exec_one(&self, what: &str, sql: &str, p: impl rusqlite::Params) -> Result<()> {
+        if self.exec(sql, p)? == 0 {
+            return Err(RegistryError::NotFound(what.into()));
+        }
+        Ok(())
+    }
+}
+
+/// An alarm row with its text-encoded columns still to decode.
+struct AlarmRow {
+    alarm: Alarm,
+    id: i64,
+    severity: String,
+    status: String,
+    details: String,
+    count: i64,
+}
+
+fn alarm_from_row(r: &Row<'_>) -> rusqlite::Result<AlarmRow> {
+    Ok(AlarmRow {
+        id: r.get(0)?,
+        severity: r.get(4)?,
+        status: r.get(5)?,
+        details: r.get(9)?,
+        count: r.get(15)?,
+        alarm: Alarm {
+            id: 0,
+            tenant: r.get(1)?,
+            device_id: r.get(2)?,
+            alarm_type: r.get(3)?,
+            severity: crate::alarm::Severity::Info,
+            status: AlarmStatus::Active,
+            acked: r.get::<_, i64>(6)? != 0,
+            acked_by: r.get(7)?,
+            acked_ms: r.get(8)?,
+            details: serde_json::Value::Null,
+            rule_id: r.get(10)?,
+            created_ms: r.get(11)?,
+            updated_ms: r.get(12)?,
+            cleared_ms: r.get(13)?,
+            cleared_by: r.get(14)?,
+            count: 0,
+        },
+    })
+}
+
+fn alarm_of(row: AlarmRow) -> Result<Alarm> {
+    let mut a = row.alarm;
+    a.id = u64_of(row.id, "alarm id")?;
+    a.severity = row
+        .severity
+        .parse()
+        .map_err(|_| corrupt("alarm severity"))?;
+    a.status = row.status.parse().map_err(|_| corrupt("alarm status"))?;
+    a.details = serde_json::from_str(&row.details)?;
+    a.count = u64_of(row.count, "alarm count")?;
+    Ok(a)
+}
+
+fn put_alarm(c: &Connection, a: &Alarm) -> Result<()> {
+    c.prepare_cached(ALARM_UPSERT)?.execute(params![
+        i64_of(a.id)?,
+        a.tenant,
+        a.device_id,
+        a.alarm_type,
+        a.severity.as_str(),
+        a.status.as_str(),
+        i64::from(a.acked),
+        a.acked_by,
+        a.acked_ms,
+        serde_json::to_string(&a.details)?,
+        a.rule_id,
+        a.created_ms,
+        a.updated_ms,
+        a.cleared_ms,
+        a.cleared_by,
+        i64_of(a.count)?
+    ])?;
+    Ok(())
+}
+
+/// A command row with its text-encoded columns still to decode.
+struct CommandRow {
+    command: Command,
+    params: String,
+    status: String,
+    response: Option<String>,
+    timeout_ms: i64,
+}
+
+fn command_from_row(r: &Row<'_>) -> rusqlite::Result<CommandRow> {
+    Ok(CommandRow {
+        params: r.get(4)?,
+        status: r.get(5)?,
+        response: r.get(8)?,
+        timeout_ms: r.get(11)?,
+        command: Command {
+            id: r.get(0)?,
+            tenant: r.get(1)?,
+            device_id: r.get(2)?,
+            name: r.get(3)?,
+            params: serde_json::Value::Null,
+            status: CommandStatus::Pending,
+            created_ms: r.get(6)?,
+            updated_ms: r.get(7)?,
+            response: None,
+            error: r.get(9)?,
+            origin: r.get(10)?,
+            timeout_ms: 0,
+        },
+    })
+}
+
+fn command_of(row: CommandRow) -> Result<Command> {
+    let mut c = row.command;
+    c.params = serde_json::from_str(&row.params)?;
+    c.status = row.status.parse().map_err(|_| corrupt("command status"))?;
+    c.response = row
+        .response
+        .as_deref()
+        .map(serde_json::from_str)
+        .transpose()?;
+    c.timeout_ms = u64_of(row.timeout_ms, "command timeout")?;
+    Ok(c)
+}
+
+fn rule_from_row(r: &Row<'_>) -> rusqlite::Result<(Rule, String)> {
+    Ok((
+        Rule {
+            id: r.get(0)?,
+            tenant: r.get(1)?,
+            name: r.get(2)?,
+            description: r.get(3)?,
+            sql: r.get(4)?,
+            actions: serde_json::Value::Null,
+            enabled: r.get::<_, i64>(6)? != 0,
+            created_ms: r.get(7)?,
+            updated_ms: r.get(8)?,
+        },
+        r.get(5)?,
+    ))
+}
+
+impl FleetStore for SqliteFleetStore {
+    fn load(&self) -> Result<FleetSnapshot> {
+        let c = self.conn.lock();
+        let mut snap = FleetSnapshot::default();
+
+        let mut st = c.prepare(&format!("SELECT {RULE_COLUMNS} FROM rules"))?;
+        for row in st.query_map([], rule_from_row)? {
+            let (mut r, actions) = row?;
+            r.actions = serde_json::from_str(&actions)?;
+            snap.rules.push(r);
+        }
+
+        let mut st = c.prepare(&format!(
+            "SELECT {ALARM_COLUMNS} FROM alarms WHERE status = 'active' ORDER BY id"
+        ))?;
+        for row in st.query_map([], alarm_from_row)? {
+            snap.active_alarms.push(alarm_of(row?)?);
+        }
+        let last: Option<i64> = c.query_row("SELECT MAX(id) FROM alarms", [], |r| r.get(0))?;
+        snap.alarm_seq = last.map_or(Ok(0), |s| u64_of(s, "alarm id"))?;
+
+        let mut st = c.prepare(&format!(
+            "SELECT {COMMAND_COLUMNS} FROM commands WHERE status IN {COMMANDS_OPEN}"
+        ))?;
+        for row in st.query_map([], command_from_row)? {
+            snap.open_commands.push(command_of(row?)?);
+        }
+
+        let de: Option<i64> = c.query_row("SELECT MAX(id) FROM device_events", [], |r| r.get(0))?;
+        snap.device_event_seq = de.map_or(Ok(0), |s| u64_of(s, "device event id"))?;
+        Ok(snap)
+    }
+
+    fn insert_rule(&self, r: &Rule) -> Result<()> {
+        self.exec(
+            &format!("INSERT INTO rules ({RULE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"),
+            params![
+                r.id,
+                r.tenant,
+                r.name,
+                r.description,
+                r.sql,
+                serde_json::to_string(&r.actions)?,
+                i64::from(r.enabled),
+                r.created_ms,
+                r.updated_ms
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn update_rule(&self, r: &Rule) -> Result<()> {
+        self.exec_one(
+            "rule",
+            "UPDATE rules SET name = ?, description = ?, sql = ?, actions = ?, enabled = ?, updated_ms = ? WHERE id = ?",
+            params![
+                r.name,
+                r.description,
+                r.sql,
+                serde_json::to_string(&r.actions)?,
+                i64::from(r.enabled),
+                r.updated_ms,
+                r.id
+            ],
+        )
+    }
+
+    fn delete_rule(&self, id: &str) -> Result<()> {
+        self.exec_one("rule", "DELETE FROM rules WHERE id = ?", params![id])
+    }
+
+    fn delete_device(&self, device_id: &str) -> Result<()> {
+        let mut c = self.conn.lock();
+        let tx = c.transaction()?;
+        tx.execute(
+            "DELETE FROM device_events WHERE device_id = ?",
+            params![device_id],
+        )?;
+        tx.execute("DELETE FROM alarms WHERE device_id = ?", params![device_id])?;
+        tx.execute(
+            "DELETE FROM commands WHERE device_id = ?",
+            params![device_id],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn append(&self, batch: &FleetBatch<'_>) -> Result<()> {
+        let FleetBatch {
+            device_events,
+            device_events_kept,
+            alarms,
+            alarms_kept,
+            commands,
+            commands_kept,
+        } = *batch;
+        let mut c = self.conn.lock();
+        let tx = c.transaction()?;
+        {
+            let mut ins = tx.prepare(
+                "INSERT INTO device_events (id, tenant, device_id, ts_ms, kind, detail) VALUES (?, ?, ?, ?, ?, ?)",
+            )?;
+            for e in device_events {
+                ins.execute(params![
+                    i64_of(e.id)?,
+                    e.tenant,
+                    e.device_id,
+                    e.ts_ms,
+                    e.kind,
+                    e.detail
+                ])?;
+            }
+            // Keep the newest `device_events_kept` per device: everything
+            // below the id of the kept-th newest goes (nothing when a device
+            // has fewer, as the comparison with NULL is never true).
+            let mut trim = tx.prepare(
+                "DELETE FROM device_events WHERE device_id = ?1 AND id < \
+                 (SELECT id FROM device_events WHERE device_id = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2)",
+            )?;
+            let offset = i64::try_from(device_events_kept.saturating_sub(1)).unwrap_or(i64::MAX);
+            let mut trimmed: Vec<&str> = Vec::new();
+            for e in device_events {
+                if !trimmed.contains(&e.device_id.as_str()) {
+                    trim.execute(params![e.device_id, offset])?;
+                    trimmed.push(&e.device_id);
+                }
+            }
+
+            for a in alarms {
+                put_alarm(&tx, a)?;
+            }
+            let mut trim = tx.prepare(
+                "DELETE FROM alarms WHERE device_id = ?1 AND status = 'cleared' AND id < \
+                 (SELECT id FROM alarms WHERE device_id = ?1 AND status = 'cleared' ORDER BY id DESC LIMIT 1 OFFSET ?2)",
+            )?;
+            let offset = i64::try_from(alarms_kept.saturating_sub(1)).unwrap_or(i64::MAX);
+            let mut trimmed: Vec<&str> = Vec::new();
+            for a in alarms {
+                if a.status == AlarmStatus::Cleared && !trimmed.contains(&a.device_id.as_str()) {
+                    trim.execute(params![a.device_id, offset])?;
+                    trimmed.push(&a.device_id);
+                }
+            }
+
+            let mut ins = tx.prepare(COMMAND_UPSERT)?;
+            for c in commands {
+                ins.execute(params![
+                    c.id,
+                    c.tenant,
+                    c.device_id,
+                    c.name,
+                    serde_json::to_string(&c.params)?,
+                    c.status.as_str(),
+                    c.created_ms,
+                    c.updated_ms,
+                    c.response.as_ref().map(serde_json::to_string).transpose()?,
+                    c.error,
+                    c.origin,
+                    i64_of(c.timeout_ms)?
+                ])?;
+            }
+            // Row values order commands by (created_ms, id), as listed.
+            let mut trim = tx.prepare(&format!(
+                "DELETE FROM commands WHERE device_id = ?1 AND status NOT IN {COMMANDS_OPEN} AND (created_ms, id) < \
+                 (SELECT created_ms, id FROM commands WHERE device_id = ?1 AND status NOT IN {COMMANDS_OPEN} \
+                  ORDER BY created_ms DESC, id DESC LIMIT 1 OFFSET ?2)"
+            ))?;
+            let offset = i64::try_from(commands_kept.saturating_sub(1)).unwrap_or(i64::MAX);
+            let mut trimmed: Vec<&str> = Vec::new();
+            for c in commands {
+                if c.status.is_finished() && !trimmed.contains(&c.device_id.as_str()) {
+                    trim.execute(params![c.device_id, offset])?;
+                    trimmed.push(&c.device_id);
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn list_device_events(
+        &self,
+        tenant: Option<&str>,
+        device_id: &str,
+        kind: Option<&str>,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<DeviceEvent>> {
+        let mut sql = String::from(
+            "SELECT id, tenant, device_id, ts_ms, kind, detail FROM device_events WHERE device_id = ?",
+        );
+        let mut vals: Vec<Value> = vec![Value::Text(device_id.into())];
+        if let Some(t) = tenant {
+            sql.push_str(" AND tenant = ?");
+            vals.push(Value::Text(t.into()));
+        }
+        if let Some(k) = kind {
+            sql.push_str(" AND kind = ?");
+            vals.push(Value::Text(k.into()));
+        }
+        if let Some(b) = before {
+            sql.push_str(" AND id < ?");
+            vals.push(Value::Integer(i64_of(b)?));
+        }
+        sql.push_str(" ORDER BY id DESC LIMIT ?");
+        vals.push(Value::Integer(i64::try_from(limit).unwrap_or(i64::MAX)));
+        let c = self.conn.lock();
+        let mut st = c.prepare(&sql)?;
+        let rows = st.query_map(params_from_iter(vals.iter()), |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                DeviceEvent {
+                    id: 0,
+                    tenant: r.get(1)?,
+                    device_id: r.get(2)?,
+                    ts_ms: r.get(3)?,
+                    kind: r.get(4)?,
+                    detail: r.get(5)?,
+                },
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, mut e) = row?;
+            e.id = u64_of(id, "device event id")?;
+            out.push(e);
+        }
+        Ok(out)
+    }
+
+    fn put_alarm(&self, a: &Alarm) -> Result<()> {
+        put_alarm(&self.conn.lock(), a)
+    }
+
+    fn get_alarm(&self, id: u64) -> Result<Option<Alarm>> {
+        let c = self.conn.lock();
+        let row = c
+            .query_row(
+                &format!("SELECT {ALARM_COLUMNS} FROM alarms WHERE id = ?"),
+                params![i64_of(id)?],
+                alarm_from_row,
+            )
+            .optional()?;
+        row.map(alarm_of).transpose()
+    }
+
+    fn list_alarms(&self, f: &AlarmFilter, limit: usize) -> Result<Vec<Alarm>> {
+        let mut cond: Vec<&str> = Vec::new();
+        let mut vals: Vec<Value> = Vec::new();
+        if let Some(t) = &f.tenant {
+            cond.push("tenant = ?");
+            vals.push(Value::Text(t.clone()));
+        }
+        if let Some(d) = &f.device_id {
+            cond.push("device_id = ?");
+            vals.push(Value::Text(d.clone()));
+        }
+        if let Some(s) = f.status {
+            cond.push("status = ?");
+            vals.push(Value::Text(s.as_str().into()));
+        }
+        if let Some(s) = f.severity {
+            cond.push("severity = ?");
+            vals.push(Value::Text(s.as_str().into()));
+        }
+        if let Some(t) = &f.alarm_type {
+            cond.push("alarm_type = ?");
+            vals.push(Value::Text(t.clone()));
+        }
+        if let Some(b) = f.before {
+            cond.push("id < ?");
+            vals.push(Value::Integer(i64_of(b)?));
+        }
+        vals.push(Value::Integer(i64::try_from(limit).unwrap_or(i64::MAX)));
+        let sql = format!(
+            "SELECT {ALARM_COLUMNS} FROM alarms {} {} ORDER BY id DESC LIMIT ?",
+            if cond.is_empty() { "" } else { "WHERE" },
+            cond.join(" AND "),
+        );
+        let c = self.conn.lock();
+        let mut st = c.prepare(&sql)?;
+        let rows = st.query_map(params_from_iter(vals.iter()), alarm_from_row)?;
+        let mut out = Vec::new();
+        for row in rows {
+            out.push(alarm_of(row?)?);
+        }
+        Ok(out)
+    }
+
+    fn get_command(&self, id: &str) -> Result<Option<Command>> {
+        let c = self.conn.lock();
+        let row = c
+            .query_row(
+                &format!("SELECT {COMMAND_COLUMNS} FROM commands WHERE id = ?"),
+                params![id],
+                command_from_row,
+            )
+            .optional()?;
+        row.map(command_of).transpose()
+    }
+
+    fn list_commands(
+        &self,
+        tenant: Option<&str>,
+        device_id: &str,
+        before: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Command>> {
+        let mut sql = format!("SELECT {COMMAND_COLUMNS} FROM commands WHERE device_id = ?");
+        let mut vals: Vec<Value> = vec![Value::Text(device_id.into())];
+        if let Some(t) = tenant {
+            sql.push_str(" AND tenant = ?");
+            vals.push(Value::Text(t.into()));
+        }
+        if let Some(b) = before {
+            // An unknown cursor compares with NULL: an empty page.
+            sql.push_str(
+                " AND (created_ms, id) < (SELECT created_ms, id FROM commands WHERE id = ?)",
+            );
+            vals.push(Value::Text(b.into()));
+        }
+        sql.push_str(" ORDER BY created_ms DESC, id DESC LIMIT ?");
+        vals.push(Value::Integer(i64::try_from(limit).unwrap_or(i64::MAX)));
+        let c = self.conn.lock();
+        let mut st = c.prepare(&sql)?;
+        let rows = st.query_map(params_from_iter(vals.iter()), command_from_row)?;
+        let mut out = Vec::new();
+        for row in rows {
+            out.push(command_of(row?)?);
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,90 @@
+//! The storage boundary of fleet operations. [`Fleet`](crate::Fleet) keeps
+//! rules, active alarms and open commands in memory and calls this trait to
+//! make each change durable; all SQL lives in the implementation
+//! ([`crate::sqlite`]), so a PostgreSQL backend is one more implementation.
+//!
+//! Callers guarantee the invariants (existence, uniqueness, limits) before
+//! calling; a backend only has to apply each call atomically. Errors are the
+//! shared [`RegistryError`](crate::RegistryError) kinds, which the API maps
+//! to HTTP problems in one place.
+
+use crate::alarm::{Alarm, AlarmFilter};
+use crate::command::Command;
+use crate::device_event::DeviceEvent;
+use crate::rule::Rule;
+use crate::Result;
+
+/// Everything fleet operations cache, as loaded at open.
+#[derive(Debug, Default)]
+pub struct FleetSnapshot {
+    pub rules: Vec<Rule>,
+    /// Alarms whose status is active.
+    pub active_alarms: Vec<Alarm>,
+    /// The largest alarm id (0 when there are none).
+    pub alarm_seq: u64,
+    /// Commands not finished (pending, sent or delivered).
+    pub open_commands: Vec<Command>,
+    /// The largest device event id (0 when there are none).
+    pub device_event_seq: u64,
+}
+
+/// What the background writer appends in one transaction.
+#[derive(Debug, Clone, Copy)]
+pub struct FleetBatch<'a> {
+    pub device_events: &'a [DeviceEvent],
+    /// After inserting `device_events`, keep only this many of the newest
+    /// stored events of each device named in them.
+    pub device_events_kept: usize,
+    /// Inserted or replaced (by id).
+    pub alarms: &'a [Alarm],
+    /// Keep only this many of the newest cleared alarms of each device
+    /// with a cleared alarm in `alarms`.
+    pub alarms_kept: usize,
+    /// Inserted or replaced (by id).
+    pub commands: &'a [Command],
+    /// Keep only this many of the newest finished commands of each device
+    /// with a finished command in `commands`.
+    pub commands_kept: usize,
+}
+
+/// Durable storage for fleet operations.
+pub trait FleetStore: Send + Sync + 'static {
+    fn load(&self) -> Result<FleetSnapshot>;
+
+    fn insert_rule(&self, r: &Rule) -> Result<()>;
+    /// Update everything but the id, tenant and creation time.
+    fn update_rule(&self, r: &Rule) -> Result<()>;
+    fn delete_rule(&self, id: &str) -> Result<()>;
+
+    /// Delete everything kept about a device (events, alarms, commands).
+    fn delete_device(&self, device_id: &str) -> Result<()>;
+
+    /// Append everything in `batch` in one transaction.
+    fn append(&self, batch: &FleetBatch<'_>) -> Result<()>;
+    /// A device's events, newest first: of `tenant` and `kind` if given,
+    /// with an id below `before` if given, at most `limit`.
+    fn list_device_events(
+        &self,
+        tenant: Option<&str>,
+        device_id: &str,
+        kind: Option<&str>,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<DeviceEvent>>;
+
+    /// Insert or replace one alarm now (outside the batches).
+    fn put_alarm(&self, a: &Alarm) -> Result<()>;
+    fn get_alarm(&self, id: u64) -> Result<Option<Alarm>>;
+    /// Alarms matching `f` (its `limit` is replaced by `limit`), newest first.
+    fn list_alarms(&self, f: &AlarmFilter, limit: usize) -> Result<Vec<Alarm>>;
+    fn get_command(&self, id: &str) -> Result<Option<Command>>;
+    /// A device's commands, newest (by creation, then id) first: of
+    /// `tenant` if given, older than the command `before` if given.
+    fn list_commands(
+        &self,
+        tenant: Option<&str>,
+        device_id: &str,
+        before: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Command>>;
+}

@@ -1,0 +1,22 @@
+//! The ingest: the one pipeline every device protocol feeds (MQTT today;
+//! CoAP, HTTP, LoRaWAN and Sparkplug gateways next) — decode a payload
+//! into points, store them with the durable-acknowledgement gate, keep what
+//! went wrong as device events, and tell open live views.
+//!
+//! - [`pipeline`]: [`Ingest::ingest`] (protocol-neutral) and the MQTT
+//!   publish hook that adapts it for `devices/{id}/telemetry`.
+//! - [`connection_history`]: connects and disconnects as device events.
+//! - [`live`]: the broadcast hub the API's live streams read.
+//! - [`counters`]: what was counted, for `/metrics`.
+
+#![forbid(unsafe_code)]
+
+pub mod connection_history;
+pub mod counters;
+pub mod live;
+pub mod pipeline;
+
+pub use connection_history::ConnectionHistory;
+pub use counters::IngestCounters;
+pub use live::{LiveEvent, LiveHub};
+pub use pipeline::{telemetry_device, Durable, Ingest, Outcome, Refusal};
