@@ -12,8 +12,8 @@ use crate::command::{Command, CommandStatus};
 use crate::device_event::DeviceEvent;
 use crate::rule::Rule;
 use crate::store::{FleetBatch, FleetSnapshot, FleetStore};
-use crate::{RegistryError, Result};
-use m2mhub_identity::sql::{corrupt, i64_of, migrate, open_sqlite, u64_of, Migration};
+use crate::Result;
+use m2mhub_identity::sql::{corrupt, execute_one, i64_of, migrate, open_sqlite, u64_of, Migration};
 use parking_lot::Mutex;
 use rusqlite::types::Value;
 use rusqlite::{params, params_from_iter, Connection, OptionalExtension, Row};
@@ -133,10 +133,7 @@ impl SqliteFleetStore {
 
     /// Execute an UPDATE/DELETE that must hit a row.
     fn exec_one(&self, what: &str, sql: &str, p: impl rusqlite::Params) -> Result<()> {
-        if self.exec(sql, p)? == 0 {
-            return Err(RegistryError::NotFound(what.into()));
-        }
-        Ok(())
+        execute_one(&self.conn.lock(), what, sql, p)
     }
 }
 

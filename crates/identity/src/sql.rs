@@ -74,6 +74,14 @@ pub fn migrate(conn: &mut Connection, domain: &str, migrations: &[Migration]) ->
     Ok(())
 }
 
+/// Execute an UPDATE/DELETE that must hit a row (`NotFound(what)` if none).
+pub fn execute_one(c: &Connection, what: &str, sql: &str, p: impl rusqlite::Params) -> Result<()> {
+    if c.execute(sql, p)? == 0 {
+        return Err(RegistryError::NotFound(what.into()));
+    }
+    Ok(())
+}
+
 pub fn corrupt(what: &str) -> RegistryError {
     RegistryError::Storage(format!("corrupt stored {what}"))
 }

@@ -20,7 +20,7 @@ use crate::policy::Policy;
 use crate::profile::DeviceProfile;
 use crate::secret::{hex, unhex32};
 use crate::security::SecurityEventRecord;
-use crate::sql::{corrupt, i64_of, migrate, open_sqlite, u32_of, u64_of, Migration};
+use crate::sql::{corrupt, execute_one, i64_of, migrate, open_sqlite, u32_of, u64_of, Migration};
 use crate::store::{AuditRow, LogBatch, RegistryStore, Snapshot};
 use crate::tenant::{Group, Tenant};
 use crate::token::{TokenInfo, TokenRecord};
@@ -197,10 +197,7 @@ impl SqliteStore {
 
     /// Execute an UPDATE/DELETE that must hit a row.
     fn exec_one(&self, what: &str, sql: &str, p: impl rusqlite::Params) -> Result<()> {
-        if self.exec(sql, p)? == 0 {
-            return Err(RegistryError::NotFound(what.into()));
-        }
-        Ok(())
+        execute_one(&self.conn.lock(), what, sql, p)
     }
 }
 

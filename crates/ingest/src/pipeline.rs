@@ -267,6 +267,110 @@ impl Ingest {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use m2mhub_identity::NewDevice;
+    use m2mhub_tsdb::Tsdb;
+
+    struct Rig {
+        _dir: tempfile::TempDir,
+        ingest: Ingest,
+        tsdb: Arc<Tsdb>,
+    }
+
+    /// The pipeline over a real registry, fleet and durable store, with
+    /// device `m1` (tenant `default`) registered.
+    fn rig() -> Rig {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let registry = Registry::open(&dir.path().join("registry")).expect("registry");
+        let fleet = Fleet::open(&dir.path().join("registry"), registry.clone()).expect("fleet");
+        registry
+            .create_device(NewDevice {
+                id: Some("m1".into()),
+                ..Default::default()
+            })
+            .expect("device");
+        let tsdb = Arc::new(
+            Tsdb::open(&dir.path().join("tsdb"), m2mhub_tsdb::Options::default()).expect("tsdb"),
+        );
+        let ingest = Ingest {
+            store: tsdb.clone(),
+            registry,
+            fleet,
+            durable: true,
+            limits: Limits::default(),
+            counters: Arc::default(),
+            live: Arc::default(),
+        };
+        Rig {
+            _dir: dir,
+            ingest,
+            tsdb,
+        }
+    }
+
+    /// What CoAP and HTTP will call: a payload from a known device is
+    /// stored and the outcome resolves once it is durable.
+    #[tokio::test]
+    async fn a_payload_is_stored_and_acknowledged_once_durable() {
+        let r = rig();
+        let out = r.ingest.ingest(
+            None,
+            "m1",
+            Some("application/json"),
+            br#"{"temp": 21.5, "on": true}"#,
+            true,
+        );
+        let Outcome::Pending(durable) = out else {
+            panic!("durable mode waits for the group commit");
+        };
+        durable.await.expect("stored");
+        let latest = r.tsdb.latest("default", "m1").expect("latest");
+        let temp = latest.iter().find(|l| &*l.metric == "temp").expect("temp");
+        assert_eq!(temp.value, Value::F64(21.5));
+        assert_eq!(r.ingest.counters.points.load(Ordering::Relaxed), 2);
+        // Without `wait` (QoS 0) nothing is held.
+        let out = r.ingest.ingest(None, "m1", None, b"22", false);
+        assert!(matches!(out, Outcome::Done));
+    }
+
+    /// Bad input is accepted, counted and kept as a device event; an
+    /// unknown device is counted and nothing is stored.
+    #[tokio::test]
+    async fn bad_payloads_become_device_events_and_unknown_devices_are_counted() {
+        let r = rig();
+        let out = r
+            .ingest
+            .ingest(None, "m1", Some("application/json"), b"{not json", true);
+        assert!(matches!(out, Outcome::Done));
+        let out = r
+            .ingest
+            .ingest(None, "m1", Some("image/png"), b"\x89PNG", true);
+        assert!(matches!(out, Outcome::Done));
+        assert_eq!(r.ingest.counters.decode_errors.load(Ordering::Relaxed), 2);
+        let events = r
+            .ingest
+            .fleet
+            .list_device_events(None, "m1", Some("decode_error"), None, 10)
+            .expect("events");
+        assert_eq!(events.len(), 2, "{events:?}");
+        assert!(events
+            .iter()
+            .any(|e| e.detail.contains("unsupported content type")));
+
+        let out = r.ingest.ingest(None, "ghost", None, b"1", true);
+        assert!(matches!(out, Outcome::Done));
+        assert_eq!(r.ingest.counters.unknown_devices.load(Ordering::Relaxed), 1);
+        assert!(r
+            .tsdb
+            .latest("default", "ghost")
+            .expect("latest")
+            .is_empty());
+    }
+
+    #[test]
+    fn refusals_map_to_mqtt_reason_codes() {
+        assert_eq!(Refusal::DiskFull.mqtt_reason(), 0x97);
+        assert_eq!(Refusal::Storage.mqtt_reason(), 0x80);
+    }
 
     #[test]
     fn only_a_device_telemetry_topic_is_ingested() {

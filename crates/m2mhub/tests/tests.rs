@@ -9,6 +9,8 @@ mod common;
 
 #[path = "tests/alarms.rs"]
 mod alarms;
+#[path = "tests/architecture.rs"]
+mod architecture;
 #[path = "tests/auth.rs"]
 mod auth;
 #[path = "tests/authz.rs"]
