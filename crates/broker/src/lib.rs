@@ -28,6 +28,7 @@ pub mod message;
 pub mod metrics;
 mod outbound;
 mod persist;
+mod protocol;
 mod rate_baseline;
 mod retained;
 pub mod session;
