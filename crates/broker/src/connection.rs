@@ -19,7 +19,7 @@ use crate::limits::{RateRefusal, TokenBucket};
 use crate::message::Message;
 use crate::metrics::Metrics;
 use crate::protocol::lifetime::{self, SessionTimers, TimerEvent};
-use crate::protocol::{Close, ConnState, Input, Params, Qos2};
+use crate::protocol::{Close, ConnState, Granted, Input, Params, Qos2};
 use crate::session::{Outgoing, Session, Stage};
 use crate::signal::Signal;
 use crate::topic_tree::Delivery;
@@ -28,8 +28,8 @@ use bytes::BytesMut;
 use m2mhub_broker_log::Op;
 use mqtt_codec::{
     decode, decode_connect_protocol, encode, reason, AckProperties, ConnAck, ConnAckProperties,
-    Connect, DecodeError, Disconnect, DisconnectProperties, LastWill, Packet, Protocol, Publish,
-    QoS, RetainHandling, SubAck, Subscribe, UnsubAck, Unsubscribe,
+    Connect, DecodeError, LastWill, Packet, Protocol, Publish, QoS, RetainHandling, SubAck,
+    Subscribe, Unsubscribe,
 };
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -1114,34 +1114,25 @@ impl<S: Transport> Connection<S> {
 
     async fn on_subscribe(&mut self, s: Subscribe) -> Result<(), End> {
         let session = self.session.clone().ok_or(End::Lost)?;
-        let v5 = self.v5();
         let sub_id = s.properties.subscription_identifier;
         let mut codes = Vec::with_capacity(s.filters.len());
         let mut retained = Vec::new();
         let now = Instant::now();
         let mut quota_reported = false;
-        for (filter, mut opts) in s.filters {
+        for (filter, opts) in s.filters {
             let shared = mqtt_codec::topic::parse_shared(&filter).is_some();
-            if shared && opts.no_local && v5 {
-                return Err(End::Server(reason::PROTOCOL_ERROR));
-            }
+            let opts = self
+                .core
+                .subscription_options(shared, opts)
+                .map_err(|Close(code)| End::Server(code))?;
             if !self
                 .inner
                 .authz
                 .can_subscribe(&self.client_id, &self.identity, &filter)
             {
                 Metrics::inc(&self.inner.metrics.authz_denials);
-                codes.push(if v5 {
-                    reason::NOT_AUTHORIZED
-                } else {
-                    reason::UNSPECIFIED_ERROR
-                });
+                codes.push(self.core.suback_code(Granted::NotAuthorized));
                 continue;
-            }
-            if !v5 {
-                opts.no_local = false;
-                opts.retain_as_published = false;
-                opts.retain_handling = RetainHandling::SendAtSubscribe;
             }
             let limit = self.inner.config.max_subscriptions_per_session;
             let Some(is_new) = self.inner.subscribe(&session, &filter, opts, sub_id, limit) else {
@@ -1155,14 +1146,10 @@ impl<S: Transport> Connection<S> {
                         || format!("session holds the maximum of {limit} subscriptions"),
                     );
                 }
-                codes.push(if v5 {
-                    reason::QUOTA_EXCEEDED
-                } else {
-                    reason::UNSPECIFIED_ERROR
-                });
+                codes.push(self.core.suback_code(Granted::QuotaExceeded));
                 continue;
             };
-            codes.push(opts.qos as u8);
+            codes.push(self.core.suback_code(Granted::Qos(opts.qos)));
             let send_retained = !shared
                 && self.inner.config.retain_available
                 && match opts.retain_handling {
@@ -1220,11 +1207,8 @@ impl<S: Transport> Connection<S> {
         if let Some(op) = self.inner.session_put_op(&session) {
             let _ = self.inner.commit(vec![op]).await;
         }
-        self.send(&Packet::UnsubAck(UnsubAck {
-            packet_id: u.packet_id,
-            properties: AckProperties::default(),
-            reason_codes: if self.v5() { codes } else { Vec::new() },
-        }));
+        let unsuback = self.core.unsuback(u.packet_id, codes);
+        self.send(&unsuback);
         Ok(())
     }
 
@@ -1243,19 +1227,14 @@ impl<S: Transport> Connection<S> {
             End::Shutdown => Some(reason::SERVER_SHUTTING_DOWN),
             _ => None,
         };
-        if let (Some(code), true, true) = (code, self.v5(), self.session.is_some()) {
+        let disconnect = code.and_then(|c| self.core.disconnect(c));
+        if let (Some(disconnect), true) = (disconnect, self.session.is_some()) {
             // Acks already encoded go out first, unless the client stopped
             // reading and the buffer is full of undeliverable messages.
             if self.wbuf.len() > KEEP_WBUF {
                 self.wbuf.clear();
             }
-            self.send(&Packet::Disconnect(Disconnect {
-                reason_code: code,
-                properties: DisconnectProperties {
-                    reason_string: Some(reason::name(code).to_string()),
-                    ..Default::default()
-                },
-            }));
+            self.send(&disconnect);
             let _ = tokio::time::timeout(Duration::from_secs(1), self.write_out()).await;
         }
         let _ = tokio::time::timeout(Duration::from_secs(1), self.stream.shutdown()).await;

@@ -7,8 +7,8 @@ use tokio::time::Instant;
 
 #[derive(Clone, Debug)]
 pub(crate) struct KeepAlive {
-    /// 1.5 × the negotiated keep alive; `None` when keep alive is off.
-    limit: Option<Duration>,
+    /// 1.5 × the negotiated keep alive; zero when keep alive is off.
+    limit: Duration,
     /// When the client last sent anything.
     last_rx: Instant,
     /// When the driver should next call [`KeepAlive::handle_timeout`]. It is
@@ -19,11 +19,11 @@ pub(crate) struct KeepAlive {
 
 impl KeepAlive {
     pub fn new(keep_alive: Duration, now: Instant) -> KeepAlive {
-        let limit = (!keep_alive.is_zero()).then(|| keep_alive.mul_f32(1.5));
+        let limit = keep_alive.mul_f32(1.5);
         KeepAlive {
             limit,
             last_rx: now,
-            next_check: now + limit.unwrap_or(Duration::ZERO),
+            next_check: now + limit,
         }
     }
 
@@ -33,7 +33,7 @@ impl KeepAlive {
     }
 
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.limit.map(|_| self.next_check)
+        (!self.limit.is_zero()).then_some(self.next_check)
     }
 
     /// True if the client has been silent too long. `reading` is false while
@@ -41,10 +41,8 @@ impl KeepAlive {
     /// platform): silence then is no fault of the client's, and the count
     /// starts again from `now`.
     pub fn handle_timeout(&mut self, now: Instant, reading: bool) -> bool {
-        let Some(limit) = self.limit else {
-            return false;
-        };
-        if now < self.next_check {
+        let limit = self.limit;
+        if limit.is_zero() || now < self.next_check {
             return false;
         }
         if reading && now.saturating_duration_since(self.last_rx) >= limit {

@@ -37,8 +37,9 @@ use aliases::Aliases;
 use bytes::BytesMut;
 use keepalive::KeepAlive;
 use mqtt_codec::{
-    encode, reason, Connect, Disconnect, LastWill, Packet, Protocol, PubResponse, Publish, QoS,
-    Subscribe, Unsubscribe,
+    encode, reason, AckProperties, Connect, Disconnect, DisconnectProperties, LastWill, Packet,
+    Protocol, PubResponse, Publish, QoS, RetainHandling, Subscribe, SubscriptionOptions, UnsubAck,
+    Unsubscribe,
 };
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -54,8 +55,9 @@ pub(crate) struct Close(pub u8);
 #[derive(Clone, Debug)]
 pub(crate) struct Params {
     pub protocol: Protocol,
-    /// The keep alive in force (the client's, or the server's maximum).
-    pub keep_alive: Duration,
+    /// The keep alive in force in seconds (the client's, or the server's
+    /// maximum); 0: off. Narrow types here: every connection holds these.
+    pub keep_alive: u16,
     /// Sent in CONNACK when the server overrides the client's keep alive.
     pub server_keep_alive: Option<u16>,
     /// Session Expiry Interval at CONNECT, capped by the configuration
@@ -69,9 +71,9 @@ pub(crate) struct Params {
     pub topic_alias_maximum: u16,
     pub retain_available: bool,
     /// The client's Receive Maximum: our unacknowledged QoS 1/2 PUBLISHes.
-    pub client_receive_max: usize,
-    /// The client's Maximum Packet Size (`usize::MAX`: none).
-    pub client_max_packet: usize,
+    pub client_receive_max: u16,
+    /// The client's Maximum Packet Size (`u32::MAX`: none, or as good as).
+    pub client_max_packet: u32,
     /// The client's Topic Alias Maximum (0: no aliases toward it).
     pub client_alias_max: u16,
 }
@@ -81,7 +83,7 @@ impl Default for Params {
     fn default() -> Params {
         Params {
             protocol: Protocol::V311,
-            keep_alive: Duration::ZERO,
+            keep_alive: 0,
             server_keep_alive: None,
             session_expiry: 0,
             max_session_expiry: 0,
@@ -89,7 +91,7 @@ impl Default for Params {
             topic_alias_maximum: 0,
             retain_available: true,
             client_receive_max: 65_535,
-            client_max_packet: usize::MAX,
+            client_max_packet: u32::MAX,
             client_alias_max: 0,
         }
     }
@@ -115,19 +117,15 @@ impl Params {
         }
         Params {
             protocol: c.protocol,
-            keep_alive: Duration::from_secs(u64::from(ka)),
+            keep_alive: ka,
             server_keep_alive,
             session_expiry: expiry.min(cfg.max_session_expiry),
             max_session_expiry: cfg.max_session_expiry,
             receive_maximum: cfg.receive_maximum,
             topic_alias_maximum: cfg.topic_alias_maximum,
             retain_available: cfg.retain_available,
-            client_receive_max: usize::from(c.properties.receive_maximum.unwrap_or(65_535)),
-            client_max_packet: c
-                .properties
-                .maximum_packet_size
-                .map(|m| m as usize)
-                .unwrap_or(usize::MAX),
+            client_receive_max: c.properties.receive_maximum.unwrap_or(65_535),
+            client_max_packet: c.properties.maximum_packet_size.unwrap_or(u32::MAX),
             client_alias_max: if v5 {
                 c.properties.topic_alias_maximum.unwrap_or(0)
             } else {
@@ -194,6 +192,15 @@ pub(crate) enum Qos2 {
     Duplicate,
 }
 
+/// How one filter of a SUBSCRIBE fared, for its SUBACK reason code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Granted {
+    Qos(QoS),
+    NotAuthorized,
+    /// The session holds the configured maximum of subscriptions.
+    QuotaExceeded,
+}
+
 /// One packet taken from the session to send (see [`ConnState::fill`]).
 #[derive(Debug)]
 pub(crate) enum Outbound {
@@ -239,7 +246,7 @@ pub(crate) struct ConnState {
 impl ConnState {
     pub fn new(params: Params, now: Instant) -> ConnState {
         ConnState {
-            keep_alive: KeepAlive::new(params.keep_alive, now),
+            keep_alive: KeepAlive::new(Duration::from_secs(u64::from(params.keep_alive)), now),
             params,
             aliases: None,
             will: None,
@@ -442,6 +449,61 @@ impl ConnState {
         })
     }
 
+    /// The options a SUBSCRIBE filter is registered with. No Local on a
+    /// shared subscription is a protocol error (MQTT 5 §3.8.3.1); MQTT 3.1.1
+    /// has none of the MQTT 5 options, whatever the bits say.
+    pub fn subscription_options(
+        &self,
+        shared: bool,
+        mut opts: SubscriptionOptions,
+    ) -> Result<SubscriptionOptions, Close> {
+        if !self.v5() {
+            opts.no_local = false;
+            opts.retain_as_published = false;
+            opts.retain_handling = RetainHandling::SendAtSubscribe;
+        } else if shared && opts.no_local {
+            return Err(Close(reason::PROTOCOL_ERROR));
+        }
+        Ok(opts)
+    }
+
+    /// The SUBACK reason code for one filter; MQTT 3.1.1 knows only 0x80
+    /// for a failure.
+    pub fn suback_code(&self, granted: Granted) -> u8 {
+        match granted {
+            Granted::Qos(q) => q as u8,
+            _ if !self.v5() => reason::UNSPECIFIED_ERROR,
+            Granted::NotAuthorized => reason::NOT_AUTHORIZED,
+            Granted::QuotaExceeded => reason::QUOTA_EXCEEDED,
+        }
+    }
+
+    /// UNSUBACK with a reason code per filter (MQTT 3.1.1 has none).
+    pub fn unsuback(&self, packet_id: u16, mut codes: Vec<u8>) -> Packet {
+        if !self.v5() {
+            codes = Vec::new();
+        }
+        Packet::UnsubAck(UnsubAck {
+            packet_id,
+            properties: AckProperties::default(),
+            reason_codes: codes,
+        })
+    }
+
+    /// The DISCONNECT telling the client why we close, with the reason
+    /// spelled out; MQTT 3.1.1 has no server DISCONNECT (`None`).
+    pub fn disconnect(&self, code: u8) -> Option<Packet> {
+        self.v5().then(|| {
+            Packet::Disconnect(Disconnect {
+                reason_code: code,
+                properties: DisconnectProperties {
+                    reason_string: Some(reason::name(code).to_string()),
+                    ..Default::default()
+                },
+            })
+        })
+    }
+
     /// The client resumed a session: what is in flight goes out again
     /// (PUBLISH with DUP, or PUBREL) before anything new.
     pub fn start_resend(&mut self, st: &SessionState) {
@@ -462,7 +524,7 @@ impl ConnState {
         forget: &mut Vec<u64>,
     ) -> FillStats {
         let mut stats = FillStats::default();
-        let window = self.params.client_receive_max;
+        let window = usize::from(self.params.client_receive_max);
         if let Some(from) = self.resend_from {
             // Resent ones count against the window like new ones.
             let already = st.inflight.range(..from).count();
@@ -501,7 +563,7 @@ impl ConnState {
                 break;
             }
             let Some(o) = st.queue.pop_front() else { break };
-            if self.params.client_max_packet != usize::MAX {
+            if self.params.client_max_packet != u32::MAX {
                 let size = PublishOut {
                     topic: &o.msg.topic,
                     packet_id: (o.qos != QoS::AtMostOnce).then_some(1),
@@ -515,7 +577,7 @@ impl ConnState {
                     payload: &o.msg.payload,
                 }
                 .len(v5);
-                if size > self.params.client_max_packet {
+                if size > self.params.client_max_packet as usize {
                     st.dropped += 1;
                     stats.too_large += 1;
                     forget.extend(o.seq);

@@ -14,7 +14,7 @@ const SECOND: Duration = Duration::from_secs(1);
 fn params(protocol: Protocol) -> Params {
     Params {
         protocol,
-        keep_alive: Duration::from_secs(10),
+        keep_alive: 10,
         session_expiry: 60,
         max_session_expiry: 3600,
         receive_maximum: 2,
@@ -155,7 +155,7 @@ fn keep_alive_does_not_expire_while_the_driver_is_not_reading() {
 fn keep_alive_zero_never_expires() {
     let t0 = Instant::now();
     let p = Params {
-        keep_alive: Duration::ZERO,
+        keep_alive: 0,
         ..params(Protocol::V5)
     };
     let mut core = ConnState::new(p, t0);
@@ -547,4 +547,100 @@ fn will_is_kept_only_when_the_ending_publishes_it() {
     core.set_will(Some(will()));
     assert_eq!(core.take_will(true).map(|w| w.topic), Some("w".to_string()));
     assert!(core.take_will(true).is_none());
+}
+
+#[test]
+fn suback_codes_follow_the_protocol_version() {
+    let t0 = Instant::now();
+    let v5 = ConnState::new(params(Protocol::V5), t0);
+    let v3 = ConnState::new(params(Protocol::V311), t0);
+    let granted = Granted::Qos(QoS::ExactlyOnce);
+    assert_eq!(v5.suback_code(granted), 2);
+    assert_eq!(v3.suback_code(granted), 2);
+    assert_eq!(
+        v5.suback_code(Granted::NotAuthorized),
+        reason::NOT_AUTHORIZED
+    );
+    assert_eq!(
+        v5.suback_code(Granted::QuotaExceeded),
+        reason::QUOTA_EXCEEDED
+    );
+    assert_eq!(
+        v3.suback_code(Granted::QuotaExceeded),
+        reason::UNSPECIFIED_ERROR
+    );
+}
+
+#[test]
+fn no_local_on_a_shared_subscription_is_a_protocol_error_in_mqtt5_only() {
+    let t0 = Instant::now();
+    let opts = SubscriptionOptions {
+        no_local: true,
+        retain_as_published: true,
+        retain_handling: RetainHandling::DoNotSend,
+        ..Default::default()
+    };
+    let v5 = ConnState::new(params(Protocol::V5), t0);
+    assert_eq!(
+        v5.subscription_options(true, opts),
+        Err(Close(reason::PROTOCOL_ERROR))
+    );
+    assert_eq!(v5.subscription_options(false, opts), Ok(opts));
+    let v3 = ConnState::new(params(Protocol::V311), t0);
+    let plain = v3
+        .subscription_options(true, opts)
+        .expect("3.1.1 has no No Local");
+    assert!(!plain.no_local && !plain.retain_as_published);
+    assert_eq!(plain.retain_handling, RetainHandling::SendAtSubscribe);
+}
+
+#[test]
+fn unsuback_and_disconnect_carry_reason_codes_in_mqtt5_only() {
+    let t0 = Instant::now();
+    let v5 = ConnState::new(params(Protocol::V5), t0);
+    let v3 = ConnState::new(params(Protocol::V311), t0);
+    let codes = vec![reason::SUCCESS, reason::NO_SUBSCRIPTION_EXISTED];
+    assert!(
+        matches!(v5.unsuback(3, codes.clone()), Packet::UnsubAck(u) if u.reason_codes == codes)
+    );
+    assert!(matches!(v3.unsuback(3, codes), Packet::UnsubAck(u) if u.reason_codes.is_empty()));
+    assert!(matches!(
+        v5.disconnect(reason::SESSION_TAKEN_OVER),
+        Some(Packet::Disconnect(d)) if d.reason_code == reason::SESSION_TAKEN_OVER
+    ));
+    assert!(v3.disconnect(reason::SESSION_TAKEN_OVER).is_none());
+}
+
+#[test]
+fn negotiation_caps_keep_alive_and_session_expiry() {
+    let cfg = BrokerConfig {
+        max_keep_alive: 60,
+        max_session_expiry: 100,
+        ..BrokerConfig::default()
+    };
+    let connect = |protocol, clean_start, keep_alive, expiry| Connect {
+        protocol,
+        clean_start,
+        keep_alive,
+        client_id: "c".into(),
+        will: None,
+        username: None,
+        password: None,
+        properties: mqtt_codec::ConnectProperties {
+            session_expiry_interval: expiry,
+            receive_maximum: Some(5),
+            ..Default::default()
+        },
+    };
+    let p = Params::negotiate(&connect(Protocol::V5, true, 0, Some(1000)), &cfg);
+    assert_eq!((p.keep_alive, p.server_keep_alive), (60, Some(60)));
+    assert_eq!(p.session_expiry, 100);
+    assert_eq!(p.client_receive_max, 5);
+    let p = Params::negotiate(&connect(Protocol::V5, true, 30, None), &cfg);
+    assert_eq!((p.keep_alive, p.server_keep_alive), (30, None));
+    assert_eq!(p.session_expiry, 0);
+    // 3.1.1: a persistent session lasts as long as the server allows.
+    let p = Params::negotiate(&connect(Protocol::V311, false, 30, None), &cfg);
+    assert_eq!(p.session_expiry, 100);
+    assert_eq!(p.client_alias_max, 0);
 }
