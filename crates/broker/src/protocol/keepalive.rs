@@ -1,30 +1,27 @@
 //! Keep alive: a client that sends nothing for 1.5 × its keep alive is gone
 //! (MQTT 5 §3.1.2.10). Pure state: the driver passes the time in and sleeps
-//! until [`KeepAlive::poll_timeout`].
+//! until [`KeepAlive::deadline`].
+//!
+//! Only the time of the last receive is kept (every connection holds one of
+//! these); the keep alive itself is a negotiated parameter passed in.
 
 use std::time::Duration;
 use tokio::time::Instant;
 
 #[derive(Clone, Debug)]
 pub(crate) struct KeepAlive {
-    /// 1.5 × the negotiated keep alive; zero when keep alive is off.
-    limit: Duration,
-    /// When the client last sent anything.
+    /// When the client last sent anything (or when silence stopped counting).
     last_rx: Instant,
-    /// When the driver should next call [`KeepAlive::handle_timeout`]. It is
-    /// not moved on every receive (that would cost a timer reset per read);
-    /// a check that finds the client alive sets the next one.
-    next_check: Instant,
+}
+
+/// 1.5 × the keep alive; `None` when keep alive is off.
+fn limit(keep_alive: u16) -> Option<Duration> {
+    (keep_alive > 0).then(|| Duration::from_secs(u64::from(keep_alive)).mul_f32(1.5))
 }
 
 impl KeepAlive {
-    pub fn new(keep_alive: Duration, now: Instant) -> KeepAlive {
-        let limit = keep_alive.mul_f32(1.5);
-        KeepAlive {
-            limit,
-            last_rx: now,
-            next_check: now + limit,
-        }
+    pub fn new(now: Instant) -> KeepAlive {
+        KeepAlive { last_rx: now }
     }
 
     /// The client sent something: any bytes count, not only whole packets.
@@ -32,27 +29,23 @@ impl KeepAlive {
         self.last_rx = now;
     }
 
-    pub fn poll_timeout(&self) -> Option<Instant> {
-        (!self.limit.is_zero()).then_some(self.next_check)
+    /// When the client is due to have sent something.
+    pub fn deadline(&self, keep_alive: u16) -> Option<Instant> {
+        limit(keep_alive).map(|l| self.last_rx + l)
     }
 
     /// True if the client has been silent too long. `reading` is false while
     /// the driver holds back reading (acknowledgements waiting for the
     /// platform): silence then is no fault of the client's, and the count
     /// starts again from `now`.
-    pub fn handle_timeout(&mut self, now: Instant, reading: bool) -> bool {
-        let limit = self.limit;
-        if limit.is_zero() || now < self.next_check {
+    pub fn handle_timeout(&mut self, now: Instant, reading: bool, keep_alive: u16) -> bool {
+        let Some(limit) = limit(keep_alive) else {
+            return false;
+        };
+        if !reading {
+            self.last_rx = self.last_rx.max(now);
             return false;
         }
-        if reading && now.saturating_duration_since(self.last_rx) >= limit {
-            return true;
-        }
-        self.next_check = if reading {
-            self.last_rx + limit
-        } else {
-            now + limit
-        };
-        false
+        now.saturating_duration_since(self.last_rx) >= limit
     }
 }

@@ -42,7 +42,6 @@ use mqtt_codec::{
     Unsubscribe,
 };
 use std::collections::VecDeque;
-use std::time::Duration;
 use tokio::time::Instant;
 
 /// The connection must close with this reason code (sent in a DISCONNECT to
@@ -246,7 +245,7 @@ pub(crate) struct ConnState {
 impl ConnState {
     pub fn new(params: Params, now: Instant) -> ConnState {
         ConnState {
-            keep_alive: KeepAlive::new(Duration::from_secs(u64::from(params.keep_alive)), now),
+            keep_alive: KeepAlive::new(now),
             params,
             aliases: None,
             will: None,
@@ -281,13 +280,16 @@ impl ConnState {
 
     /// When [`ConnState::handle_timeout`] wants to run next.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.keep_alive.poll_timeout()
+        self.keep_alive.deadline(self.params.keep_alive)
     }
 
     /// Check the keep alive. `reading` is false while the driver holds back
     /// reading, which is no fault of the client's.
     pub fn handle_timeout(&mut self, now: Instant, reading: bool) -> Result<(), Close> {
-        if self.keep_alive.handle_timeout(now, reading) {
+        if self
+            .keep_alive
+            .handle_timeout(now, reading, self.params.keep_alive)
+        {
             return Err(Close(reason::KEEP_ALIVE_TIMEOUT));
         }
         Ok(())

@@ -8,6 +8,7 @@ use crate::session::ConnLink;
 use crate::signal::Signal;
 use mqtt_codec::{decode, DisconnectProperties, PublishProperties};
 use std::sync::Arc;
+use std::time::Duration;
 
 const SECOND: Duration = Duration::from_secs(1);
 
