@@ -1,6 +1,13 @@
 //! One client connection: CONNECT, then packets in and messages out until
 //! the connection ends, then the will and the session's fate.
 //!
+//! This task is the I/O driver of the sans-IO protocol core
+//! ([`crate::protocol`]): it decodes packets and hands them to
+//! [`ConnState::handle_input`], encodes what the core decides to send,
+//! sleeps until [`ConnState::poll_timeout`], and does the work the core
+//! cannot do without I/O or shared state: authentication, authorization,
+//! routing, the store, the publish hook, rate limits.
+//!
 //! The task reads and writes the same stream. Responses (PUBACK, SUBACK…)
 //! and queued messages are encoded into one output buffer and written with
 //! one system call per batch. Publishers never wait for this task: they
@@ -850,7 +857,12 @@ impl<S: Transport> Connection<S> {
         }
         let sent = batch
             .iter()
-            .filter(|b| matches!(b, crate::protocol::Outbound::Publish { dup: false, .. }))
+            .filter(|b| {
+                matches!(
+                    b,
+                    crate::protocol::SessionPacket::Publish { dup: false, .. }
+                )
+            })
             .count();
         Metrics::add(&self.inner.metrics.messages_sent, sent as u64);
         self.core.encode(now, &batch, &mut self.wbuf);

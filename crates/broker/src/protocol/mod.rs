@@ -202,7 +202,7 @@ pub(crate) enum Granted {
 
 /// One packet taken from the session to send (see [`ConnState::fill`]).
 #[derive(Debug)]
-pub(crate) enum Outbound {
+pub(crate) enum SessionPacket {
     Publish {
         out: Outgoing,
         packet_id: Option<u16>,
@@ -521,7 +521,7 @@ impl ConnState {
         &mut self,
         now: Instant,
         st: &mut SessionState,
-        batch: &mut Vec<Outbound>,
+        batch: &mut Vec<SessionPacket>,
         max: usize,
         forget: &mut Vec<u64>,
     ) -> FillStats {
@@ -537,12 +537,12 @@ impl ConnState {
                     break;
                 }
                 batch.push(match f.stage {
-                    Stage::Published => Outbound::Publish {
+                    Stage::Published => SessionPacket::Publish {
                         out: f.out.clone(),
                         packet_id: Some(*id),
                         dup: true,
                     },
-                    Stage::Released => Outbound::PubRel(*id),
+                    Stage::Released => SessionPacket::PubRel(*id),
                 });
             }
             self.resend_from = stopped;
@@ -602,7 +602,7 @@ impl ConnState {
             } else {
                 None
             };
-            batch.push(Outbound::Publish {
+            batch.push(SessionPacket::Publish {
                 out: o,
                 packet_id,
                 dup: false,
@@ -614,16 +614,16 @@ impl ConnState {
 
     /// Encode a batch from [`ConnState::fill`] (outside the session lock),
     /// giving new messages topic aliases when the client accepts them.
-    pub fn encode(&mut self, now: Instant, batch: &[Outbound], wbuf: &mut BytesMut) {
+    pub fn encode(&mut self, now: Instant, batch: &[SessionPacket], wbuf: &mut BytesMut) {
         let v5 = self.v5();
         for item in batch {
             let (o, packet_id, dup) = match item {
-                Outbound::Publish {
+                SessionPacket::Publish {
                     out,
                     packet_id,
                     dup,
                 } => (out, *packet_id, *dup),
-                Outbound::PubRel(id) => {
+                SessionPacket::PubRel(id) => {
                     let p = Packet::PubRel(PubResponse::new(*id, 0));
                     if let Err(e) = encode(&p, self.params.protocol, wbuf) {
                         tracing::warn!(error = %e, "cannot encode PUBREL");
