@@ -862,8 +862,7 @@ impl Inner {
                 {
                     return Err(());
                 }
-                if let Some(old) = st.conn.take() {
-                    st.kicked = Some((old.conn_id, mqtt_codec::reason::SESSION_TAKEN_OVER));
+                if let Some(old) = crate::protocol::take_over(&mut st) {
                     old.waker.notify();
                     Metrics::inc(&self.metrics.sessions_taken_over);
                 }
@@ -1052,11 +1051,11 @@ impl Inner {
                 .filter(|s| {
                     let st = s.state.lock();
                     st.conn.is_none()
-                        && st.expiry_interval != u32::MAX
-                        && st.disconnected_at.is_some_and(|t| {
-                            now.duration_since(t)
-                                >= Duration::from_secs(u64::from(st.expiry_interval))
-                        })
+                        && crate::protocol::lifetime::is_expired(
+                            st.disconnected_at,
+                            st.expiry_interval,
+                            now,
+                        )
                 })
                 .cloned()
                 .collect()

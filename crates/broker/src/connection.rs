@@ -1,6 +1,13 @@
 //! One client connection: CONNECT, then packets in and messages out until
 //! the connection ends, then the will and the session's fate.
 //!
+//! This task is the I/O driver of the sans-IO protocol core
+//! ([`crate::protocol`]): it decodes packets and hands them to
+//! [`ConnState::handle_input`], encodes what the core decides to send,
+//! sleeps until [`ConnState::poll_timeout`], and does the work the core
+//! cannot do without I/O or shared state: authentication, authorization,
+//! routing, the store, the publish hook, rate limits.
+//!
 //! The task reads and writes the same stream. Responses (PUBACK, SUBACK…)
 //! and queued messages are encoded into one output buffer and written with
 //! one system call per batch. Publishers never wait for this task: they
@@ -18,8 +25,9 @@ use crate::events::{AckGate, PublishHook, SecurityEventKind};
 use crate::limits::{RateRefusal, TokenBucket};
 use crate::message::Message;
 use crate::metrics::Metrics;
-use crate::outbound::PublishOut;
-use crate::session::{InFlight, Outgoing, Session, Stage};
+use crate::protocol::lifetime::{self, SessionTimers, TimerEvent};
+use crate::protocol::{Close, ConnState, Granted, Input, Params, Qos2};
+use crate::session::{Outgoing, Session, Stage};
 use crate::signal::Signal;
 use crate::topic_tree::Delivery;
 use crate::transport::{Transport, READ_CHUNK};
@@ -27,10 +35,9 @@ use bytes::BytesMut;
 use m2mhub_broker_log::Op;
 use mqtt_codec::{
     decode, decode_connect_protocol, encode, reason, AckProperties, ConnAck, ConnAckProperties,
-    Connect, DecodeError, Disconnect, DisconnectProperties, LastWill, Packet, Protocol,
-    PubResponse, Publish, QoS, RetainHandling, SubAck, Subscribe, UnsubAck, Unsubscribe,
+    Connect, DecodeError, LastWill, Packet, Protocol, Publish, QoS, RetainHandling, SubAck,
+    Subscribe, Unsubscribe,
 };
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
@@ -67,14 +74,6 @@ enum End {
     Shutdown,
 }
 
-#[derive(Default)]
-struct Aliases {
-    /// Topic → alias we assigned toward the client.
-    outbound: HashMap<String, u16>,
-    /// Alias → topic the client assigned toward us.
-    inbound: HashMap<u16, String>,
-}
-
 pub(crate) struct Connection<S: Transport> {
     inner: Arc<Inner>,
     stream: S,
@@ -85,21 +84,16 @@ pub(crate) struct Connection<S: Transport> {
     conn_id: u64,
     rbuf: BytesMut,
     wbuf: BytesMut,
-    protocol: Protocol,
+    /// The protocol state machine: every decision about what the MQTT
+    /// session sends and when it gives up on the client.
+    core: ConnState,
     client_id: Arc<str>,
     session: Option<Arc<Session>>,
     waker: Arc<Signal>,
     identity: Arc<ClientIdentity>,
-    keep_alive: Duration,
-    last_rx: Instant,
+    /// Sleeps until the core's keep-alive deadline; only while keep alive
+    /// is on.
     ka_sleep: Option<Pin<Box<Sleep>>>,
-    will: Option<Box<LastWill>>,
-    session_expiry_at_connect: u32,
-    client_receive_max: usize,
-    client_max_packet: usize,
-    client_alias_max: u16,
-    /// Topic aliases, allocated only for clients that use them.
-    aliases: Option<Box<Aliases>>,
     more_pending: bool,
     /// Admission decided at accept: [`ADMIT_OK`], [`ADMIT_CLOSE`] or the
     /// CONNACK reason code to refuse the CONNECT with.
@@ -273,20 +267,12 @@ pub(crate) fn serve<S: Transport>(
         tls,
         rbuf: BytesMut::new(),
         wbuf: BytesMut::new(),
-        protocol: Protocol::V311,
+        core: ConnState::new(Params::default(), Instant::now()),
         client_id: "".into(),
         session: None,
         waker: Arc::new(Signal::default()),
         identity: anonymous,
-        keep_alive: Duration::ZERO,
-        last_rx: Instant::now(),
         ka_sleep: None,
-        will: None,
-        session_expiry_at_connect: 0,
-        client_receive_max: 65_535,
-        client_max_packet: usize::MAX,
-        client_alias_max: 0,
-        aliases: None,
         more_pending: false,
         admit,
         ip_counted,
@@ -311,12 +297,19 @@ impl<S: Transport> Connection<S> {
     }
 
     fn v5(&self) -> bool {
-        self.protocol.is_v5()
+        self.core.v5()
     }
 
     fn send(&mut self, packet: &Packet) {
-        if let Err(e) = encode(packet, self.protocol, &mut self.wbuf) {
+        if let Err(e) = encode(packet, self.core.params.protocol, &mut self.wbuf) {
             tracing::warn!(error = %e, packet = packet.name(), "cannot encode packet");
+        }
+    }
+
+    /// Encode what the core decided to send, in its order.
+    fn drain_core(&mut self) {
+        while let Some(t) = self.core.poll_output() {
+            self.send(&t.packet());
         }
     }
 
@@ -402,7 +395,7 @@ impl<S: Transport> Connection<S> {
                     Ok(0) | Err(_) => return End::Lost,
                     Ok(n) => {
                         Metrics::add(&self.inner.metrics.bytes_received, n as u64);
-                        self.last_rx = Instant::now();
+                        self.core.on_receive(Instant::now());
                         let drops = self.inner.metrics.messages_dropped_queue_full.load(Ordering::Relaxed);
                         if let Err(end) = Box::pin(self.process_input()).await {
                             return end;
@@ -421,16 +414,13 @@ impl<S: Transport> Connection<S> {
                         None => std::future::pending().await,
                     }
                 } => {
-                    let limit = self.keep_alive.mul_f32(1.5);
-                    let now = Instant::now();
                     // Not reading (waiting for the platform) is no fault
                     // of the client's.
-                    if reading && now.duration_since(self.last_rx) >= limit {
+                    if let Err(Close(code)) = self.core.handle_timeout(Instant::now(), reading) {
                         Metrics::inc(&self.inner.metrics.keepalive_timeouts);
-                        return End::Server(reason::KEEP_ALIVE_TIMEOUT);
+                        return End::Server(code);
                     }
-                    let next = if reading { self.last_rx + limit } else { now + limit };
-                    if let Some(s) = self.ka_sleep.as_mut() {
+                    if let (Some(s), Some(next)) = (self.ka_sleep.as_mut(), self.core.poll_timeout()) {
                         s.as_mut().reset(next);
                     }
                 }
@@ -439,21 +429,12 @@ impl<S: Transport> Connection<S> {
         }
     }
 
+    /// Taken over (no longer ours) or kicked by an operator (still ours:
+    /// `finish` detaches as usual).
     fn check_kicked(&mut self) -> Option<End> {
         let session = self.session.as_ref()?;
         let st = session.state.lock();
-        if let Some((id, r)) = st.kicked {
-            if id == self.conn_id {
-                // Taken over (no longer ours) or kicked by an operator
-                // (still ours: `finish` detaches as usual).
-                return Some(End::Kicked(r));
-            }
-        }
-        let mine = st.conn.as_ref().is_some_and(|c| c.conn_id == self.conn_id);
-        if mine {
-            return None;
-        }
-        Some(End::Kicked(reason::SESSION_TAKEN_OVER))
+        crate::protocol::kicked(&st, self.conn_id).map(End::Kicked)
     }
 
     /// A connection refused at accept (banned address, connection rate):
@@ -463,7 +444,7 @@ impl<S: Transport> Connection<S> {
         let code = self.admit;
         let wait = self.inner.config.connect_timeout.min(REFUSE_WAIT);
         if let Ok(c) = self.read_connect(Instant::now() + wait).await {
-            self.protocol = c.protocol;
+            self.core.params.protocol = c.protocol;
             tracing::debug!(peer = %self.peer, client_id = %c.client_id, reason = reason::name(code), "connection refused at accept");
             self.refuse_connect(code).await;
         }
@@ -490,7 +471,7 @@ impl<S: Transport> Connection<S> {
                     Metrics::inc(&self.inner.metrics.malformed_packets);
                     tracing::debug!(peer = %self.peer, error = %e, "bad CONNECT");
                     if let Some(p) = announced {
-                        self.protocol = p;
+                        self.core.params.protocol = p;
                         let code = match e {
                             DecodeError::UnsupportedProtocolVersion(_) => {
                                 reason::UNSUPPORTED_PROTOCOL_VERSION
@@ -531,12 +512,12 @@ impl<S: Transport> Connection<S> {
     }
 
     async fn accept_connect(&mut self, c: Box<Connect>) -> Result<(), End> {
-        let c = *c;
+        let mut c = *c;
         let tls = self.tls.take();
         let transport = self.transport;
         let inner = self.inner.clone();
         let cfg = &inner.config;
-        self.protocol = c.protocol;
+        self.core.params.protocol = c.protocol;
         let v5 = c.protocol.is_v5();
         if v5 && c.properties.authentication_method.is_some() {
             self.refuse_connect(reason::BAD_AUTHENTICATION_METHOD).await;
@@ -656,44 +637,14 @@ impl<S: Transport> Connection<S> {
             )));
         }
 
-        // Session expiry: MQTT 5 says it; 3.1.1 persistent sessions never expire.
-        let expiry = if v5 {
-            c.properties.session_expiry_interval.unwrap_or(0)
-        } else if c.clean_start {
-            0
-        } else {
-            u32::MAX
-        };
-        let expiry = expiry.min(cfg.max_session_expiry);
-        self.session_expiry_at_connect = expiry;
-
-        let mut server_keep_alive = None;
-        let mut ka = c.keep_alive;
-        if cfg.max_keep_alive > 0 && (ka == 0 || ka > cfg.max_keep_alive) {
-            ka = cfg.max_keep_alive;
-            server_keep_alive = Some(ka);
+        let params = Params::negotiate(&c, cfg);
+        let expiry = params.session_expiry;
+        let server_keep_alive = params.server_keep_alive;
+        self.core = ConnState::new(params, Instant::now());
+        if let Some(at) = self.core.poll_timeout() {
+            self.ka_sleep = Some(Box::pin(tokio::time::sleep_until(at)));
         }
-        self.keep_alive = Duration::from_secs(u64::from(ka));
-        if ka > 0 {
-            self.ka_sleep = Some(Box::pin(tokio::time::sleep(self.keep_alive.mul_f32(1.5))));
-        }
-        self.client_receive_max = usize::from(c.properties.receive_maximum.unwrap_or(65_535));
-        self.client_max_packet = c
-            .properties
-            .maximum_packet_size
-            .map(|m| m as usize)
-            .unwrap_or(usize::MAX);
-        self.client_alias_max = if v5 {
-            c.properties.topic_alias_maximum.unwrap_or(0)
-        } else {
-            0
-        };
-        // Own the will's bytes: a slice would pin the whole read buffer for
-        // the life of the connection.
-        self.will = c.will.map(|mut w| {
-            w.payload = bytes::Bytes::copy_from_slice(&w.payload);
-            Box::new(w)
-        });
+        self.core.set_will(c.will.take());
 
         let Ok((session, present)) = self.inner.attach(
             &client_id,
@@ -757,7 +708,10 @@ impl<S: Transport> Connection<S> {
             properties: props,
         }));
         if present {
-            self.resend_inflight();
+            // What was in flight goes out again first, within the client's
+            // window.
+            self.core.start_resend(&session.state.lock());
+            self.fill_from_queue();
         }
         if let Some(h) = self.inner.hooks.connection() {
             h.connected(&self.client_id, &self.identity, self.peer);
@@ -856,163 +810,62 @@ impl<S: Transport> Connection<S> {
         );
     }
 
-    /// After reconnecting to an existing session, repeat the unacknowledged
-    /// PUBLISH packets (with DUP) and PUBRELs, in packet-id order.
-    fn resend_inflight(&mut self) {
-        let Some(session) = self.session.clone() else {
-            return;
-        };
-        let st = session.state.lock();
-        let v5 = self.v5();
-        let now = Instant::now();
-        for (pid, f) in &st.inflight {
-            match f.stage {
-                Stage::Published => {
-                    let m = &f.out.msg;
-                    PublishOut {
-                        topic: &m.topic,
-                        packet_id: Some(*pid),
-                        qos: f.out.qos,
-                        retain: f.out.retain,
-                        dup: true,
-                        properties: &m.properties,
-                        expiry: m.remaining_expiry(now),
-                        topic_alias: None,
-                        sub_ids: &f.out.sub_ids,
-                        payload: &m.payload,
-                    }
-                    .encode(v5, &mut self.wbuf);
-                }
-                Stage::Released => {
-                    let p = Packet::PubRel(PubResponse::new(*pid, 0));
-                    if let Err(e) = encode(&p, self.protocol, &mut self.wbuf) {
-                        tracing::warn!(error = %e, "cannot encode PUBREL");
-                    }
-                }
-            }
-        }
-    }
-
     async fn flush(&mut self) -> Result<(), End> {
         self.fill_from_queue();
         self.write_out().await
     }
 
     /// Move messages from the session queue to the output buffer, within the
-    /// client's receive maximum and maximum packet size.
+    /// client's receive maximum and maximum packet size (see
+    /// [`ConnState::fill`]): taken under the session lock, encoded after it.
     fn fill_from_queue(&mut self) {
         let Some(session) = self.session.clone() else {
             return;
         };
         let now = Instant::now();
-        let mut batch: Vec<(Outgoing, Option<u16>)> = Vec::new();
-        let mut acks: Vec<Op> = Vec::new();
-        {
+        let mut batch = Vec::new();
+        let mut forget = Vec::new();
+        let stats = {
             let mut st = session.state.lock();
             if st.conn.as_ref().map(|c| c.conn_id) != Some(self.conn_id) {
                 self.more_pending = false;
                 return;
             }
-            let v5 = self.v5();
-            while batch.len() < BATCH {
-                let Some(front) = st.queue.front() else { break };
-                if front.msg.is_expired(now) {
-                    if let Some(o) = st.queue.pop_front() {
-                        Metrics::inc(&self.inner.metrics.messages_expired);
-                        if let Some(seq) = o.seq {
-                            acks.push(Op::Ack {
-                                client_id: self.client_id.to_string(),
-                                seq,
-                            });
-                        }
-                    }
-                    continue;
-                }
-                if front.qos != QoS::AtMostOnce && st.inflight.len() >= self.client_receive_max {
-                    break;
-                }
-                let Some(o) = st.queue.pop_front() else { break };
-                if self.client_max_packet != usize::MAX {
-                    let size = PublishOut {
-                        topic: &o.msg.topic,
-                        packet_id: (o.qos != QoS::AtMostOnce).then_some(1),
-                        qos: o.qos,
-                        retain: o.retain,
-                        dup: false,
-                        properties: &o.msg.properties,
-                        expiry: o.msg.remaining_expiry(now),
-                        topic_alias: None,
-                        sub_ids: &o.sub_ids,
-                        payload: &o.msg.payload,
-                    }
-                    .len(v5);
-                    if size > self.client_max_packet {
-                        st.dropped += 1;
-                        Metrics::inc(&self.inner.metrics.messages_dropped_too_large);
-                        if let Some(seq) = o.seq {
-                            acks.push(Op::Ack {
-                                client_id: self.client_id.to_string(),
-                                seq,
-                            });
-                        }
-                        continue;
-                    }
-                }
-                let pid = if o.qos != QoS::AtMostOnce {
-                    let Some(id) = st.allocate_packet_id() else {
-                        st.queue.push_front(o);
-                        break;
-                    };
-                    st.inflight.insert(
-                        id,
-                        InFlight {
-                            out: o.clone(),
-                            stage: Stage::Published,
-                        },
-                    );
-                    Some(id)
-                } else {
-                    None
-                };
-                batch.push((o, pid));
-            }
-            self.more_pending = batch.len() == BATCH && !st.queue.is_empty();
+            self.core.fill(now, &mut st, &mut batch, BATCH, &mut forget)
+        };
+        self.more_pending = stats.more;
+        let m = &self.inner.metrics;
+        if stats.expired > 0 {
+            Metrics::add(&m.messages_expired, stats.expired);
         }
-        self.inner.submit(acks);
+        if stats.too_large > 0 {
+            Metrics::add(&m.messages_dropped_too_large, stats.too_large);
+        }
+        if !forget.is_empty() {
+            self.inner.submit(
+                forget
+                    .into_iter()
+                    .map(|seq| Op::Ack {
+                        client_id: self.client_id.to_string(),
+                        seq,
+                    })
+                    .collect(),
+            );
+        }
         if batch.is_empty() {
             return;
         }
-        Metrics::add(&self.inner.metrics.messages_sent, batch.len() as u64);
-        let v5 = self.v5();
-        for (o, pid) in &batch {
-            let m = &o.msg;
-            let mut topic: &str = &m.topic;
-            let mut alias = None;
-            if self.client_alias_max > 0 {
-                let out = &mut self.aliases.get_or_insert_with(Default::default).outbound;
-                if let Some(a) = out.get(&m.topic) {
-                    alias = Some(*a);
-                    topic = "";
-                } else if out.len() < usize::from(self.client_alias_max) {
-                    let a = out.len() as u16 + 1;
-                    out.insert(m.topic.clone(), a);
-                    alias = Some(a);
-                }
-            }
-            PublishOut {
-                topic,
-                packet_id: *pid,
-                qos: o.qos,
-                retain: o.retain,
-                dup: false,
-                properties: &m.properties,
-                expiry: m.remaining_expiry(now),
-                topic_alias: alias,
-                sub_ids: &o.sub_ids,
-                payload: &m.payload,
-            }
-            .encode(v5, &mut self.wbuf);
-        }
+        let sent = batch
+            .iter()
+            .filter(|b| {
+                matches!(
+                    b,
+                    crate::protocol::SessionPacket::Publish { dup: false, .. }
+                )
+            })
+            .count();
+        Metrics::add(&self.inner.metrics.messages_sent, sent as u64);
+        self.core.encode(now, &batch, &mut self.wbuf);
     }
 
     /// Decode and handle every complete packet in the read buffer.
@@ -1024,7 +877,7 @@ impl<S: Transport> Connection<S> {
                 // go out (see `run`).
                 return Ok(());
             }
-            match decode(&mut self.rbuf, self.protocol, max) {
+            match decode(&mut self.rbuf, self.core.params.protocol, max) {
                 Ok(Some(p)) => self.handle(p).await?,
                 Ok(None) => return Ok(()),
                 Err(e) => {
@@ -1037,37 +890,29 @@ impl<S: Transport> Connection<S> {
     }
 
     async fn handle(&mut self, packet: Packet) -> Result<(), End> {
-        match packet {
-            Packet::Publish(p) => self.on_publish(p).await,
-            Packet::PubAck(r) => {
-                self.on_puback(r.packet_id);
-                Ok(())
-            }
-            Packet::PubRec(r) => {
-                self.on_pubrec(r);
-                Ok(())
-            }
-            Packet::PubRel(r) => {
-                self.on_pubrel(r.packet_id);
-                Ok(())
-            }
-            Packet::PubComp(r) => {
-                self.on_pubcomp(r.packet_id);
-                Ok(())
-            }
-            Packet::Subscribe(s) => self.on_subscribe(s).await,
-            Packet::Unsubscribe(u) => self.on_unsubscribe(u).await,
-            Packet::PingReq => {
-                self.send(&Packet::PingResp);
-                Ok(())
-            }
-            Packet::Disconnect(d) => self.on_disconnect(d),
-            Packet::Connect(_) => Err(End::Server(reason::PROTOCOL_ERROR)),
-            Packet::Auth(_) => Err(End::Server(reason::PROTOCOL_ERROR)),
-            Packet::ConnAck(_) | Packet::SubAck(_) | Packet::UnsubAck(_) | Packet::PingResp => {
-                Err(End::Server(reason::PROTOCOL_ERROR))
-            }
+        let session = self.session.as_deref().ok_or(End::Lost)?;
+        let now = Instant::now();
+        if matches!(packet, Packet::Publish(_)) {
+            // Counted before validation, invalid ones too.
+            Metrics::inc(&self.inner.metrics.messages_received);
         }
+        let input = self
+            .core
+            .handle_input(now, packet, session)
+            .map_err(|Close(code)| End::Server(code));
+        let r = match input? {
+            Input::Done => Ok(()),
+            Input::Publish(p) => self.on_publish(p, now).await,
+            Input::Subscribe(s) => self.on_subscribe(s).await,
+            Input::Unsubscribe(u) => self.on_unsubscribe(u).await,
+            Input::Delivered(seq) => {
+                self.ack_store(Some(seq));
+                Ok(())
+            }
+            Input::Disconnect { publish_will } => Err(End::ClientDisconnect { publish_will }),
+        };
+        self.drain_core();
+        r
     }
 
     /// Acknowledge a PUBLISH now, or behind the acknowledgements that wait.
@@ -1080,12 +925,7 @@ impl<S: Transport> Connection<S> {
     }
 
     fn send_ack(&mut self, qos: QoS, packet_id: u16, code: u8) {
-        let r = PubResponse::new(packet_id, if self.v5() { code } else { 0 });
-        match qos {
-            QoS::AtMostOnce => {}
-            QoS::AtLeastOnce => self.send(&Packet::PubAck(r)),
-            QoS::ExactlyOnce => self.send(&Packet::PubRec(r)),
-        }
+        self.core.ack(qos, packet_id, code);
     }
 
     /// Whether the acknowledgement queue is full (stop reading).
@@ -1122,14 +962,12 @@ impl<S: Transport> Connection<S> {
         if !q.is_empty() {
             self.acks = Some(q);
         }
+        self.drain_core();
     }
 
-    fn forget_qos2(&self, ids: impl IntoIterator<Item = u16>) {
+    fn forget_qos2(&mut self, ids: impl IntoIterator<Item = u16>) {
         if let Some(session) = &self.session {
-            let mut st = session.state.lock();
-            for id in ids {
-                st.incoming_qos2.remove(&id);
-            }
+            self.core.forget_qos2(session, ids);
         }
     }
 
@@ -1148,38 +986,9 @@ impl<S: Transport> Connection<S> {
         hook.on_publish(&self.client_id, &self.identity, msg)
     }
 
-    async fn on_publish(&mut self, mut p: Publish) -> Result<(), End> {
-        Metrics::inc(&self.inner.metrics.messages_received);
-        let cfg = &self.inner.config;
+    /// A PUBLISH the core found valid (see [`ConnState::handle_input`]).
+    async fn on_publish(&mut self, p: Publish, now: Instant) -> Result<(), End> {
         let v5 = self.v5();
-        if v5 {
-            if !p.properties.subscription_identifiers.is_empty() {
-                return Err(End::Server(reason::PROTOCOL_ERROR));
-            }
-            if let Some(a) = p.properties.topic_alias.take() {
-                if a == 0 || a > cfg.topic_alias_maximum {
-                    return Err(End::Server(reason::TOPIC_ALIAS_INVALID));
-                }
-                if p.topic.is_empty() {
-                    match self.aliases.as_ref().and_then(|x| x.inbound.get(&a)) {
-                        Some(t) => p.topic = t.clone(),
-                        None => return Err(End::Server(reason::PROTOCOL_ERROR)),
-                    }
-                } else {
-                    self.aliases
-                        .get_or_insert_with(Default::default)
-                        .inbound
-                        .insert(a, p.topic.clone());
-                }
-            }
-        }
-        if p.topic.is_empty() {
-            return Err(End::Server(reason::PROTOCOL_ERROR));
-        }
-        if p.retain && !cfg.retain_available {
-            return Err(End::Server(reason::RETAIN_NOT_SUPPORTED));
-        }
-        let now = Instant::now();
         let baseline = self
             .baseline
             .get_or_insert_with(|| Box::new(crate::rate_baseline::RateBaseline::new(now)));
@@ -1233,20 +1042,18 @@ impl<S: Transport> Connection<S> {
         let session = self.session.clone().ok_or(End::Lost)?;
         if p.qos == QoS::ExactlyOnce {
             let id = p.packet_id.unwrap_or(0);
-            let mut st = session.state.lock();
-            if st.incoming_qos2.contains(&id) {
+            let verdict = self
+                .core
+                .accept_qos2(&session, id)
+                .map_err(|Close(code)| End::Server(code))?;
+            if verdict == Qos2::Duplicate {
                 // A retransmission of a message we already have; if its
                 // PUBREC still waits for the platform, that one answers both.
-                drop(st);
                 if !self.acks.as_ref().is_some_and(|q| q.holds_pubrec(id)) {
                     self.ack(p.qos, p.packet_id, reason::SUCCESS);
                 }
                 return Ok(());
             }
-            if st.incoming_qos2.len() >= usize::from(cfg.receive_maximum) {
-                return Err(End::Server(reason::RECEIVE_MAXIMUM_EXCEEDED));
-            }
-            st.incoming_qos2.insert(id);
         }
         // `$SYS/` is the broker's own; other `$` topics (`$provision/…`)
         // are for the authorizer to decide.
@@ -1261,11 +1068,7 @@ impl<S: Transport> Connection<S> {
             tracing::debug!(client_id = %self.client_id, topic = %p.topic, "publish not authorized");
             if p.qos == QoS::ExactlyOnce && v5 {
                 // A refused QoS 2 message ends its flow at PUBREC.
-                session
-                    .state
-                    .lock()
-                    .incoming_qos2
-                    .remove(&p.packet_id.unwrap_or(0));
+                self.core.forget_qos2(&session, [p.packet_id.unwrap_or(0)]);
             }
             self.ack(p.qos, p.packet_id, reason::NOT_AUTHORIZED);
             return Ok(());
@@ -1312,20 +1115,6 @@ impl<S: Transport> Connection<S> {
         Ok(())
     }
 
-    fn on_puback(&mut self, id: u16) {
-        let Some(session) = self.session.clone() else {
-            return;
-        };
-        let mut st = session.state.lock();
-        let done = matches!(st.inflight.get(&id), Some(f) if f.out.qos == QoS::AtLeastOnce);
-        if done {
-            if let Some(f) = st.inflight.remove(&id) {
-                drop(st);
-                self.ack_store(f.out.seq);
-            }
-        }
-    }
-
     fn ack_store(&self, seq: Option<u64>) {
         if let Some(seq) = seq {
             self.inner.submit(vec![Op::Ack {
@@ -1335,93 +1124,27 @@ impl<S: Transport> Connection<S> {
         }
     }
 
-    fn on_pubrec(&mut self, r: PubResponse) {
-        let Some(session) = self.session.clone() else {
-            return;
-        };
-        let mut st = session.state.lock();
-        let seq = match st.inflight.get_mut(&r.packet_id) {
-            Some(f) if f.out.qos == QoS::ExactlyOnce && f.stage == Stage::Published => {
-                if r.reason_code >= 0x80 {
-                    let seq = f.out.seq;
-                    st.inflight.remove(&r.packet_id);
-                    drop(st);
-                    self.ack_store(seq);
-                    return;
-                }
-                f.stage = Stage::Released;
-                f.out.seq.take()
-            }
-            Some(f) if f.stage == Stage::Released => None,
-            _ => {
-                drop(st);
-                let code = if self.v5() {
-                    reason::PACKET_IDENTIFIER_NOT_FOUND
-                } else {
-                    0
-                };
-                self.send(&Packet::PubRel(PubResponse::new(r.packet_id, code)));
-                return;
-            }
-        };
-        drop(st);
-        self.send(&Packet::PubRel(PubResponse::new(r.packet_id, 0)));
-        self.ack_store(seq);
-    }
-
-    fn on_pubcomp(&mut self, id: u16) {
-        let Some(session) = self.session.clone() else {
-            return;
-        };
-        let mut st = session.state.lock();
-        if matches!(st.inflight.get(&id), Some(f) if f.stage == Stage::Released) {
-            st.inflight.remove(&id);
-        }
-    }
-
-    fn on_pubrel(&mut self, id: u16) {
-        let Some(session) = self.session.clone() else {
-            return;
-        };
-        let known = session.state.lock().incoming_qos2.remove(&id);
-        let code = if known || !self.v5() {
-            0
-        } else {
-            reason::PACKET_IDENTIFIER_NOT_FOUND
-        };
-        self.send(&Packet::PubComp(PubResponse::new(id, code)));
-    }
-
     async fn on_subscribe(&mut self, s: Subscribe) -> Result<(), End> {
         let session = self.session.clone().ok_or(End::Lost)?;
-        let v5 = self.v5();
         let sub_id = s.properties.subscription_identifier;
         let mut codes = Vec::with_capacity(s.filters.len());
         let mut retained = Vec::new();
         let now = Instant::now();
         let mut quota_reported = false;
-        for (filter, mut opts) in s.filters {
+        for (filter, opts) in s.filters {
             let shared = mqtt_codec::topic::parse_shared(&filter).is_some();
-            if shared && opts.no_local && v5 {
-                return Err(End::Server(reason::PROTOCOL_ERROR));
-            }
+            let opts = self
+                .core
+                .subscription_options(shared, opts)
+                .map_err(|Close(code)| End::Server(code))?;
             if !self
                 .inner
                 .authz
                 .can_subscribe(&self.client_id, &self.identity, &filter)
             {
                 Metrics::inc(&self.inner.metrics.authz_denials);
-                codes.push(if v5 {
-                    reason::NOT_AUTHORIZED
-                } else {
-                    reason::UNSPECIFIED_ERROR
-                });
+                codes.push(self.core.suback_code(Granted::NotAuthorized));
                 continue;
-            }
-            if !v5 {
-                opts.no_local = false;
-                opts.retain_as_published = false;
-                opts.retain_handling = RetainHandling::SendAtSubscribe;
             }
             let limit = self.inner.config.max_subscriptions_per_session;
             let Some(is_new) = self.inner.subscribe(&session, &filter, opts, sub_id, limit) else {
@@ -1435,14 +1158,10 @@ impl<S: Transport> Connection<S> {
                         || format!("session holds the maximum of {limit} subscriptions"),
                     );
                 }
-                codes.push(if v5 {
-                    reason::QUOTA_EXCEEDED
-                } else {
-                    reason::UNSPECIFIED_ERROR
-                });
+                codes.push(self.core.suback_code(Granted::QuotaExceeded));
                 continue;
             };
-            codes.push(opts.qos as u8);
+            codes.push(self.core.suback_code(Granted::Qos(opts.qos)));
             let send_retained = !shared
                 && self.inner.config.retain_available
                 && match opts.retain_handling {
@@ -1500,28 +1219,9 @@ impl<S: Transport> Connection<S> {
         if let Some(op) = self.inner.session_put_op(&session) {
             let _ = self.inner.commit(vec![op]).await;
         }
-        self.send(&Packet::UnsubAck(UnsubAck {
-            packet_id: u.packet_id,
-            properties: AckProperties::default(),
-            reason_codes: if self.v5() { codes } else { Vec::new() },
-        }));
+        let unsuback = self.core.unsuback(u.packet_id, codes);
+        self.send(&unsuback);
         Ok(())
-    }
-
-    fn on_disconnect(&mut self, d: Disconnect) -> Result<(), End> {
-        if let Some(expiry) = d.properties.session_expiry_interval {
-            if self.session_expiry_at_connect == 0 && expiry != 0 {
-                return Err(End::Server(reason::PROTOCOL_ERROR));
-            }
-            if let Some(session) = &self.session {
-                let mut st = session.state.lock();
-                st.expiry_interval = expiry.min(self.inner.config.max_session_expiry);
-                st.persistent = st.expiry_interval > 0;
-            }
-        }
-        Err(End::ClientDisconnect {
-            publish_will: d.reason_code == reason::DISCONNECT_WITH_WILL,
-        })
     }
 
     /// After the packet loop: tell the client why (MQTT 5), publish the will
@@ -1539,19 +1239,14 @@ impl<S: Transport> Connection<S> {
             End::Shutdown => Some(reason::SERVER_SHUTTING_DOWN),
             _ => None,
         };
-        if let (Some(code), true, true) = (code, self.v5(), self.session.is_some()) {
+        let disconnect = code.and_then(|c| self.core.disconnect(c));
+        if let (Some(disconnect), true) = (disconnect, self.session.is_some()) {
             // Acks already encoded go out first, unless the client stopped
             // reading and the buffer is full of undeliverable messages.
             if self.wbuf.len() > KEEP_WBUF {
                 self.wbuf.clear();
             }
-            self.send(&Packet::Disconnect(Disconnect {
-                reason_code: code,
-                properties: DisconnectProperties {
-                    reason_string: Some(reason::name(code).to_string()),
-                    ..Default::default()
-                },
-            }));
+            self.send(&disconnect);
             let _ = tokio::time::timeout(Duration::from_secs(1), self.write_out()).await;
         }
         let _ = tokio::time::timeout(Duration::from_secs(1), self.stream.shutdown()).await;
@@ -1568,9 +1263,7 @@ impl<S: Transport> Connection<S> {
             End::Shutdown => false,
             _ => true,
         };
-        if !publish_will {
-            self.will = None;
-        }
+        let will = self.core.take_will(publish_will);
 
         // Detach, unless another connection already owns the session.
         let (owner, expiry, generation, handover) = {
@@ -1607,8 +1300,8 @@ impl<S: Transport> Connection<S> {
             }
             (owner, st.expiry_interval, st.generation, handover)
         };
-        if let Some(will) = self.will.take() {
-            self.schedule_will(&session, *will, expiry, generation);
+        if let Some(will) = will {
+            self.schedule_will(&session, will, expiry, generation);
         }
         if !owner {
             return;
@@ -1621,27 +1314,41 @@ impl<S: Transport> Connection<S> {
         }
     }
 
+    /// Publish the will now or after its delay (see [`SessionTimers`]).
+    /// The session's own end stays with the broker's expiry sweep; this
+    /// only waits for the will.
     fn schedule_will(&self, session: &Arc<Session>, will: LastWill, expiry: u32, generation: u64) {
-        let delay = if self.v5() {
-            will.properties.will_delay_interval.unwrap_or(0).min(expiry)
-        } else {
-            0
-        };
+        let now = Instant::now();
+        let delay = lifetime::will_delay(self.v5(), will.properties.will_delay_interval, expiry);
+        let mut timers = SessionTimers::default();
+        timers.disconnected(now, expiry, Some(delay));
         let msg = will_message(will, session.id);
         let inner = self.inner.clone();
-        if delay == 0 {
+        if timers.handle_timeout(now) == Some(TimerEvent::PublishWill) {
             publish_will(&inner, msg);
             return;
         }
         let session = session.clone();
         tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_secs(u64::from(delay))).await;
-            let due = {
-                let st = session.state.lock();
-                st.ended || (st.generation == generation && st.conn.is_none())
-            };
-            if due {
-                publish_will(&inner, msg);
+            while let Some(at) = timers.poll_timeout() {
+                tokio::time::sleep_until(at).await;
+                {
+                    // The client came back in the meantime (a newer
+                    // generation holds the session, which has not ended):
+                    // that cancels the will.
+                    let st = session.state.lock();
+                    if !st.ended && (st.generation != generation || st.conn.is_some()) {
+                        timers.reconnected();
+                    }
+                }
+                match timers.handle_timeout(Instant::now()) {
+                    Some(TimerEvent::PublishWill) => {
+                        publish_will(&inner, msg);
+                        return;
+                    }
+                    Some(TimerEvent::EndSession) => return,
+                    None => {}
+                }
             }
         });
     }

@@ -13,6 +13,9 @@
 //! A [`PublishHook`] lets the platform act on every authorized PUBLISH and
 //! hold its acknowledgement until that work is durable (acknowledgements
 //! stay in receive order; the connection keeps reading meanwhile).
+//! The MQTT session protocol itself (acknowledgements, QoS 2, flow control,
+//! keep alive, will delay, takeover) is a sans-IO state machine in
+//! `protocol/`, tested with a fake clock; the connection task drives it.
 #![forbid(unsafe_code)]
 
 mod ack_queue;
@@ -28,6 +31,7 @@ pub mod message;
 pub mod metrics;
 mod outbound;
 mod persist;
+mod protocol;
 mod rate_baseline;
 mod retained;
 pub mod session;

@@ -32,7 +32,7 @@ pub(crate) struct ConnLink {
 }
 
 /// A message waiting in a session's queue or in flight.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub(crate) struct Outgoing {
     pub msg: Arc<Message>,
     pub qos: QoS,

@@ -9,3 +9,6 @@ mod common;
 
 #[path = "tests/publish_hook.rs"]
 mod publish_hook;
+
+#[path = "tests/driver.rs"]
+mod driver;
