@@ -6,7 +6,11 @@ Both brokers are pinned to core 0 (`taskset -c 0`), the load generator
 rate is stepped up and the highest rate carried with no loss and p99 latency
 under 50 ms is reported, as in PRODUCT.md. Prints a Markdown table.
 
-Usage: scripts/bench_compare.py [--bin target/release/m2mhub] [--quick]
+With `--baseline OLD_BINARY`, an earlier m2mhub build runs in the same
+session as a third broker (same pinning, same scenarios), so a change is
+measured against what it replaced.
+
+Usage: scripts/bench_compare.py [--bin target/release/m2mhub] [--baseline BIN] [--quick]
 Needs: mosquitto (Debian package), taskset (util-linux), ulimit -n >= 20000.
 """
 
@@ -65,6 +69,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin", default="target/release/m2mhub")
     ap.add_argument("--quick", action="store_true", help="shorter runs")
+    ap.add_argument("--baseline", help="an earlier m2mhub binary to measure in the same run")
     a = ap.parse_args()
     binary = os.path.abspath(a.bin)
     dur = 3 if a.quick else 5
@@ -80,8 +85,16 @@ def main():
     hub = start(["taskset", "-c", "0", binary, "serve", "--data-dir", os.path.join(work, "data"),
                  "--allow-anonymous", "--mqtt-listen", "127.0.0.1:18932", "--http-listen", "127.0.0.1:18982",
                  "--mqtts-listen", "127.0.0.1:18933"], env=env)
-    time.sleep(1.5)
+    procs = [mosq, hub]
     brokers = [("Mosquitto", 18931, mosq.pid), ("m2mhub", 18932, hub.pid)]
+    if a.baseline:
+        base = start(["taskset", "-c", "0", os.path.abspath(a.baseline), "serve", "--data-dir",
+                      os.path.join(work, "data-base"), "--allow-anonymous", "--mqtt-listen",
+                      "127.0.0.1:18942", "--http-listen", "127.0.0.1:18992", "--mqtts-listen",
+                      "127.0.0.1:18943"], env=env)
+        procs.append(base)
+        brokers.append(("m2mhub (baseline)", 18942, base.pid))
+    time.sleep(1.5)
     rows = []
     try:
         # Memory first, on fresh brokers: later runs grow their heaps.
@@ -130,30 +143,46 @@ def main():
         rows.append((f"latency at half of Mosquitto's QoS 0 fan-in rate ({half:,} msg/s)", res))
 
     finally:
-        for p in (mosq, hub):
+        for p in procs:
             p.send_signal(signal.SIGTERM)
             p.wait(timeout=15)
         shutil.rmtree(work, ignore_errors=True)
 
-    print("| scenario | Mosquitto | m2mhub | ratio |")
-    print("|---|---|---|---|")
-    for title, res in rows:
-        m, h = res.get("Mosquitto"), res.get("m2mhub")
-        if "memory" in title:
-            mv = m and m.get("bytes_per_connection")
-            hv = h and h.get("bytes_per_connection")
-            ratio = f"{hv / mv:.2f}× the bytes" if mv and hv else "-"
-            print(f"| {title} | {mv:,.0f} B | {hv:,.0f} B | {ratio} |")
-        elif "latency" in title:
-            print(f"| {title} | p50 {m['latency_p50_us']/1000:.2f} ms, p99 {m['latency_p99_us']/1000:.2f} ms "
-                  f"| p50 {h['latency_p50_us']/1000:.2f} ms, p99 {h['latency_p99_us']/1000:.2f} ms "
-                  f"| p99 {h['latency_p99_us']/max(m['latency_p99_us'],1):.2f}× |")
-        else:
-            mv = m["received_per_sec"] if m and "error" not in m else 0
-            hv = h["received_per_sec"] if h and "error" not in h else 0
-            ratio = f"{hv / mv:.1f}×" if mv else "-"
-            print(f"| {title} | {mv:,.0f}/s ({summary(m)}) | {hv:,.0f}/s ({summary(h)}) | {ratio} |")
+    names = [n for n, _, _ in brokers]
+    print("| scenario | " + " | ".join(names) + " | m2mhub ÷ Mosquitto |" + (" m2mhub ÷ baseline |" if a.baseline else ""))
+    print("|---" * (len(names) + 2 + (1 if a.baseline else 0)) + "|")
 
+    def cell(title, r):
+        if r is None:
+            return "none carried"
+        if "memory" in title:
+            v = r.get("bytes_per_connection")
+            return f"{v:,.0f} B" if v else "-"
+        if "error" in r:
+            return r["error"]
+        if "latency" in title:
+            return f"p50 {r['latency_p50_us']/1000:.2f} ms, p99 {r['latency_p99_us']/1000:.2f} ms"
+        return f"{r['received_per_sec']:,.0f}/s ({summary(r)})"
+
+    def value(title, r):
+        if r is None or "error" in r:
+            return 0
+        if "memory" in title:
+            return r.get("bytes_per_connection") or 0
+        if "latency" in title:
+            return r["latency_p99_us"]
+        return r["received_per_sec"]
+
+    def ratio(x, y):
+        return f"{x / y:.2f}×" if x and y else "-"
+
+    for title, res in rows:
+        cells = [cell(title, res.get(n)) for n in names]
+        hub_v = value(title, res.get("m2mhub"))
+        line = f"| {title} | " + " | ".join(cells) + f" | {ratio(hub_v, value(title, res.get('Mosquitto')))} |"
+        if a.baseline:
+            line += f" {ratio(hub_v, value(title, res.get('m2mhub (baseline)')))} |"
+        print(line)
 
 if __name__ == "__main__":
     main()
