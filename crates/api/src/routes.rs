@@ -17,7 +17,7 @@ pub fn router(state: AppState) -> Router {
     use crate::openapi::Access::{Admin, Operator, Public, Viewer};
     use crate::{alarms as al, commands as cm, rules as ru};
     use crate::{device_events as ev, profiles as pr, telemetry as t};
-    use crate::{devices as d, operators as o, provision as p, security as s};
+    use crate::{devices as d, operators as o, provision as p, security as s, shadows as sh};
     let (api, ops) = ApiBuilder::<AppState>::new()
         .route("/", get(api_index), &[("GET", "API index", Public)])
         .route("/openapi.json", get(openapi_doc), &[("GET", "This OpenAPI document", Public)])
@@ -69,6 +69,17 @@ pub fn router(state: AppState) -> Router {
             ("POST", "Issue a certificate from a CSR, or with a generated key", Operator),
         ])
         .route("/devices/{id}/certificates/{fingerprint}", delete(d::revoke_cert), &[("DELETE", "Revoke a certificate; live sessions are dropped", Operator)])
+        .route("/devices/{id}/shadows", get(sh::list), &[("GET", "The names of a device's shadows (\"\" is the classic one)", Viewer)])
+        .route("/devices/{id}/shadow", get(sh::get_classic).patch(sh::patch_classic).delete(sh::delete_classic), &[
+            ("GET", "A device's classic shadow: desired, reported, delta, metadata, version", Viewer),
+            ("PATCH", "Merge into the desired state (`{\"state\": {\"desired\": {…}}, \"version\": n}`; null deletes a key; a stale version is 409); the device is told", Operator),
+            ("DELETE", "Delete the classic shadow", Operator),
+        ])
+        .route("/devices/{id}/shadow/{name}", get(sh::get_named).patch(sh::patch_named).delete(sh::delete_named), &[
+            ("GET", "A device's named shadow", Viewer),
+            ("PATCH", "Merge into a named shadow's desired state (created on first write)", Operator),
+            ("DELETE", "Delete a named shadow", Operator),
+        ])
         .route("/devices/{id}/events", get(ev::list), &[("GET", "A device's events (e.g. undecodable payloads), newest first: filter by kind; paged by `before`", Viewer)])
         .route("/devices/{id}/commands", get(cm::list).post(cm::send), &[
             ("GET", "A device's commands and their status, newest first; paged by `before`", Viewer),

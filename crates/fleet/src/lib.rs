@@ -2,7 +2,7 @@
 //! exist — alarms with a lifecycle ([`alarm`]), commands sent to devices with
 //! their status ([`command`]), device events recorded from the data path
 //! ([`device_event`]), and the rules engine's definitions as written
-//! ([`rule`]). Device shadows and OTA campaigns belong here too.
+//! ([`rule`]), and device shadows ([`shadow`]). OTA campaigns belong here too.
 //!
 //! # The model
 //!
@@ -28,6 +28,7 @@ pub mod alarm;
 pub mod command;
 pub mod device_event;
 pub mod rule;
+pub mod shadow;
 pub mod sqlite;
 pub mod store;
 
@@ -39,11 +40,12 @@ pub use command::{Command, CommandStatus, CommandUpdate, NewCommand};
 pub use device_event::{DeviceEvent, DeviceEventCounts};
 pub use m2mhub_identity::{RegistryError, Result};
 pub use rule::{NewRule, Rule, RuleUpdate};
+pub use shadow::{Shadow, ShadowChange, ShadowUpdate, ShadowWriter};
 pub use store::FleetStore;
 
 use m2mhub_identity::{now_ms, DeviceRemoval, Registry};
 use parking_lot::{Condvar, Mutex, RwLock};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -81,6 +83,9 @@ pub(crate) struct Shared {
     pub alarm_events: tokio::sync::broadcast::Sender<AlarmEvent>,
     /// Open commands and unwritten command changes; taken after `flush_lock`.
     pub commands: Mutex<command::CommandBook>,
+    /// Every shadow by (device, name); updates are serialized by this lock
+    /// and written through to the store before they are acknowledged.
+    pub shadows: Mutex<HashMap<(String, String), Shadow>>,
     pub wake: Condvar,
     /// Serializes flushes so batches reach the store in order.
     pub flush_lock: Mutex<()>,
@@ -124,6 +129,11 @@ impl Fleet {
     pub fn with_store(store: Box<dyn FleetStore>, identity: Registry) -> Result<Fleet> {
         let snap = store.load()?;
         let rules = snap.rules.into_iter().map(|r| (r.id.clone(), r)).collect();
+        let shadows = snap
+            .shadows
+            .into_iter()
+            .map(|s| ((s.device_id.clone(), s.name.clone()), s))
+            .collect();
         let shared = Arc::new(Shared {
             store,
             identity: identity.clone(),
@@ -137,6 +147,7 @@ impl Fleet {
             alarms: Mutex::new(alarm::AlarmBook::load(snap.active_alarms, snap.alarm_seq)),
             alarm_events: tokio::sync::broadcast::channel(alarm::EVENT_CAPACITY).0,
             commands: Mutex::new(command::CommandBook::load(snap.open_commands)),
+            shadows: Mutex::new(shadows),
             wake: Condvar::new(),
             flush_lock: Mutex::new(()),
             shutdown: AtomicBool::new(false),
@@ -184,6 +195,7 @@ impl DeviceRemoval for Shared {
         self.forget_device_events(device_id);
         self.alarms.lock().forget_device(device_id);
         self.commands.lock().forget_device(device_id);
+        self.shadows.lock().retain(|(d, _), _| d != device_id);
         Ok(())
     }
 }

@@ -11,6 +11,7 @@ use crate::alarm::{Alarm, AlarmFilter, AlarmStatus};
 use crate::command::{Command, CommandStatus};
 use crate::device_event::DeviceEvent;
 use crate::rule::Rule;
+use crate::shadow::Shadow;
 use crate::store::{FleetBatch, FleetSnapshot, FleetStore};
 use crate::Result;
 use m2mhub_identity::sql::{corrupt, execute_one, i64_of, migrate, open_sqlite, u64_of, Migration};
@@ -20,9 +21,10 @@ use rusqlite::{params, params_from_iter, Connection, OptionalExtension, Row};
 use std::path::Path;
 
 /// The fleet tables, version by version.
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    sql: "
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        sql: "
 CREATE TABLE IF NOT EXISTS device_events (
     id BIGINT PRIMARY KEY,
     tenant TEXT NOT NULL,
@@ -81,7 +83,24 @@ CREATE TABLE IF NOT EXISTS rules (
     updated_ms BIGINT NOT NULL
 );
 ",
-}];
+    },
+    Migration {
+        version: 2,
+        sql: "
+CREATE TABLE IF NOT EXISTS shadows (
+    device_id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    tenant TEXT NOT NULL,
+    desired TEXT NOT NULL,
+    reported TEXT NOT NULL,
+    metadata TEXT NOT NULL,
+    version BIGINT NOT NULL,
+    updated_ms BIGINT NOT NULL,
+    PRIMARY KEY (device_id, name)
+);
+",
+    },
+];
 
 const ALARM_COLUMNS: &str =
     "id, tenant, device_id, alarm_type, severity, status, acked, acked_by, acked_ms, \
@@ -302,6 +321,34 @@ impl FleetStore for SqliteFleetStore {
 
         let de: Option<i64> = c.query_row("SELECT MAX(id) FROM device_events", [], |r| r.get(0))?;
         snap.device_event_seq = de.map_or(Ok(0), |s| u64_of(s, "device event id"))?;
+        let mut st = c.prepare(
+            "SELECT device_id, name, tenant, desired, reported, metadata, version, updated_ms FROM shadows",
+        )?;
+        let rows = st.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, String>(4)?,
+                r.get::<_, String>(5)?,
+                r.get::<_, i64>(6)?,
+                r.get::<_, i64>(7)?,
+            ))
+        })?;
+        for row in rows {
+            let (device_id, name, tenant, desired, reported, metadata, version, updated_ms) = row?;
+            snap.shadows.push(Shadow {
+                device_id,
+                name,
+                tenant,
+                desired: serde_json::from_str(&desired)?,
+                reported: serde_json::from_str(&reported)?,
+                metadata: serde_json::from_str(&metadata)?,
+                version: u64_of(version, "shadow version")?,
+                updated_ms,
+            });
+        }
         Ok(snap)
     }
 
@@ -353,6 +400,10 @@ impl FleetStore for SqliteFleetStore {
         tx.execute("DELETE FROM alarms WHERE device_id = ?", params![device_id])?;
         tx.execute(
             "DELETE FROM commands WHERE device_id = ?",
+            params![device_id],
+        )?;
+        tx.execute(
+            "DELETE FROM shadows WHERE device_id = ?",
             params![device_id],
         )?;
         tx.commit()?;
@@ -603,5 +654,33 @@ impl FleetStore for SqliteFleetStore {
             out.push(command_of(row?)?);
         }
         Ok(out)
+    }
+
+    fn put_shadow(&self, s: &Shadow) -> Result<()> {
+        self.exec(
+            "INSERT INTO shadows (device_id, name, tenant, desired, reported, metadata, version, updated_ms) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (device_id, name) DO UPDATE SET \
+             tenant = excluded.tenant, desired = excluded.desired, reported = excluded.reported, \
+             metadata = excluded.metadata, version = excluded.version, updated_ms = excluded.updated_ms",
+            params![
+                s.device_id,
+                s.name,
+                s.tenant,
+                serde_json::to_string(&s.desired)?,
+                serde_json::to_string(&s.reported)?,
+                serde_json::to_string(&s.metadata)?,
+                i64_of(s.version)?,
+                s.updated_ms
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn delete_shadow(&self, device_id: &str, name: &str) -> Result<()> {
+        self.exec_one(
+            "shadow",
+            "DELETE FROM shadows WHERE device_id = ? AND name = ?",
+            params![device_id, name],
+        )
     }
 }

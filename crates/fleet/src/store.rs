@@ -12,6 +12,7 @@ use crate::alarm::{Alarm, AlarmFilter};
 use crate::command::Command;
 use crate::device_event::DeviceEvent;
 use crate::rule::Rule;
+use crate::shadow::Shadow;
 use crate::Result;
 
 /// Everything fleet operations cache, as loaded at open.
@@ -26,6 +27,8 @@ pub struct FleetSnapshot {
     pub open_commands: Vec<Command>,
     /// The largest device event id (0 when there are none).
     pub device_event_seq: u64,
+    /// Every device shadow.
+    pub shadows: Vec<Shadow>,
 }
 
 /// What the background writer appends in one transaction.
@@ -56,7 +59,8 @@ pub trait FleetStore: Send + Sync + 'static {
     fn update_rule(&self, r: &Rule) -> Result<()>;
     fn delete_rule(&self, id: &str) -> Result<()>;
 
-    /// Delete everything kept about a device (events, alarms, commands).
+    /// Delete everything kept about a device (events, alarms, commands,
+    /// shadows).
     fn delete_device(&self, device_id: &str) -> Result<()>;
 
     /// Append everything in `batch` in one transaction.
@@ -78,6 +82,10 @@ pub trait FleetStore: Send + Sync + 'static {
     /// Alarms matching `f` (its `limit` is replaced by `limit`), newest first.
     fn list_alarms(&self, f: &AlarmFilter, limit: usize) -> Result<Vec<Alarm>>;
     fn get_command(&self, id: &str) -> Result<Option<Command>>;
+    /// Insert or replace a shadow, durably (an accepted update must survive
+    /// a crash).
+    fn put_shadow(&self, s: &Shadow) -> Result<()>;
+    fn delete_shadow(&self, device_id: &str, name: &str) -> Result<()>;
     /// A device's commands, newest (by creation, then id) first: of
     /// `tenant` if given, older than the command `before` if given.
     fn list_commands(

@@ -1,10 +1,12 @@
-//! The ingest: the one pipeline every device protocol feeds (MQTT today;
-//! CoAP, HTTP, LoRaWAN and Sparkplug gateways next) — decode a payload
-//! into points, store them with the durable-acknowledgement gate, keep what
-//! went wrong as device events, and tell open live views.
+//! The ingest: what devices send, whatever protocol carried it (MQTT today;
+//! CoAP, HTTP, LoRaWAN and Sparkplug gateways next) — telemetry through the
+//! one pipeline (decode a payload into points, store them with the
+//! durable-acknowledgement gate, keep what went wrong as device events, tell
+//! open live views), and shadow requests.
 //!
 //! - [`pipeline`]: [`Ingest::ingest`] (protocol-neutral) and the MQTT
 //!   publish hook that adapts it for `devices/{id}/telemetry`.
+//! - [`shadow_topics`]: device shadows over MQTT (`devices/{id}/shadow/…`).
 //! - [`connection_history`]: connects and disconnects as device events.
 //! - [`live`]: the broadcast hub the API's live streams read.
 //! - [`counters`]: what was counted, for `/metrics`.
@@ -15,6 +17,7 @@ pub mod connection_history;
 pub mod counters;
 pub mod live;
 pub mod pipeline;
+pub mod shadow_topics;
 
 pub use connection_history::ConnectionHistory;
 pub use counters::IngestCounters;

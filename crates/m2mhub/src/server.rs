@@ -215,6 +215,10 @@ impl Server {
         tasks.push(tokio::spawn(m2mhub_api::provision::serve_mqtt(
             state.clone(),
         )));
+        tasks.push(m2mhub_ingest::shadow_topics::serve(
+            broker.clone(),
+            fleet.clone(),
+        ));
 
         let http = bind(v.http_listen, "http.listen", "--http-listen").await?;
         let http_addr = http.local_addr()?;

@@ -53,6 +53,8 @@ mod rules_cli;
 mod server_timing;
 #[path = "tests/sessions.rs"]
 mod sessions;
+#[path = "tests/shadows.rs"]
+mod shadows;
 #[path = "tests/shared.rs"]
 mod shared;
 #[path = "tests/telemetry.rs"]

@@ -99,6 +99,7 @@ const PARAMS: &[(&str, &str, &str)] = &[
     ("/devices", "token_id", "token"),
     ("/devices", "fingerprint", "fingerprint"),
     ("/devices", "metric", "metric"),
+    ("/devices", "name", "shadow"),
     ("/rules", "id", "rule"),
     ("/alarms", "id", "alarm"),
     ("/commands", "id", "command"),
@@ -672,8 +673,24 @@ async fn populate(srv: &TestServer, admin: &Client, t: &str) -> Tenant {
     })
     .await;
 
+    // A named shadow with a desired setting (and the classic one).
+    for path in [
+        format!("/devices/{dev}/shadow"),
+        format!("/devices/{dev}/shadow/{t}-cfg"),
+    ] {
+        admin
+            .expect(
+                "PATCH",
+                &path,
+                Some(json!({"state": {"desired": {"setpoint": format!("{t}-setpoint")}}})),
+                200,
+            )
+            .await;
+    }
+
     let ids: Ids = [
         ("tenant", t.to_string()),
+        ("shadow", format!("{t}-cfg")),
         ("device", dev.clone()),
         ("token", token_id.clone()),
         ("fingerprint", fingerprint.clone()),
@@ -705,6 +722,7 @@ async fn populate(srv: &TestServer, admin: &Client, t: &str) -> Tenant {
         format!("{t}-overheat"),
         format!("{t}-reboot"),
         format!("{t}-misbehaved"),
+        format!("{t}-setpoint"),
         format!("{t} sensor"),
         token_id,
         fingerprint,

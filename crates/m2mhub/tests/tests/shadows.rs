@@ -1,0 +1,256 @@
+//! Device shadows against the real server: a registered device speaks the
+//! shadow topics over MQTT 3.1.1 and 5 with its own token (get, update,
+//! accepted/documents/delta/rejected, stale versions, named shadows, bad
+//! input), an operator changes desired state over HTTP while the device is
+//! offline and the device gets the delta when it returns, and accepted
+//! updates survive a restart.
+
+use crate::common::*;
+use bytes::Bytes;
+use mqtt_codec::{Connect, Packet, Protocol, Publish, QoS};
+use serde_json::{json, Value};
+
+/// A registered device `id` and its token secret.
+async fn device(admin: &Api, id: &str) -> String {
+    admin
+        .expect("POST", "/devices", Some(json!({"id": id})), 201)
+        .await;
+    let tok = admin
+        .expect(
+            "POST",
+            &format!("/devices/{id}/tokens"),
+            Some(json!({})),
+            201,
+        )
+        .await;
+    tok["secret"].as_str().expect("secret").to_string()
+}
+
+fn creds(mut c: Connect, id: &str, secret: &str) -> Connect {
+    c.username = Some(id.into());
+    c.password = Some(Bytes::copy_from_slice(secret.as_bytes()));
+    c
+}
+
+/// The next PUBLISH whose topic ends with `suffix`, as JSON.
+async fn answer(raw: &mut Raw, suffix: &str) -> Value {
+    let p: Publish = raw
+        .recv_where(suffix, |p| match p {
+            Packet::Publish(p) if p.topic.ends_with(suffix) => Some(p.clone()),
+            _ => None,
+        })
+        .await;
+    if let Some(id) = p.packet_id {
+        raw.puback(id).await;
+    }
+    serde_json::from_slice(&p.payload).expect("a JSON answer")
+}
+
+async fn request(raw: &mut Raw, pid: u16, topic: &str, body: Value) {
+    let code = raw
+        .publish(publish(topic, QoS::AtLeastOnce, pid, body.to_string()))
+        .await;
+    assert!(code < 0x80, "{topic} refused: {code:#x}");
+}
+
+async fn device_side_flow(protocol: Protocol) {
+    let srv = TestServer::with(secure).await;
+    let admin = Api::admin(&srv);
+    let id = format!("thermo-{protocol:?}").to_lowercase();
+    let secret = device(&admin, &id).await;
+    let (mut d, _) = Raw::connect_ok(srv.mqtt(), creds(connect(protocol, &id), &id, &secret)).await;
+    // The answers only (a device subscribed to its own request topics
+    // would get its requests back too).
+    for (pid, f) in [
+        (1, format!("devices/{id}/shadow/+/accepted")),
+        (2, format!("devices/{id}/shadow/+/rejected")),
+        (3, format!("devices/{id}/shadow/update/delta")),
+        (4, format!("devices/{id}/shadow/update/documents")),
+        (5, format!("devices/{id}/shadow/name/+/update/+")),
+    ] {
+        d.subscribe(pid, &f, QoS::AtLeastOnce).await;
+    }
+    let base = format!("devices/{id}/shadow");
+
+    // No shadow yet: get is rejected with 404.
+    request(
+        &mut d,
+        10,
+        &format!("{base}/get"),
+        json!({"clientToken": "g0"}),
+    )
+    .await;
+    let r = answer(&mut d, "/get/rejected").await;
+    assert_eq!(
+        (r["code"].clone(), r["clientToken"].clone()),
+        (json!(404), json!("g0"))
+    );
+
+    // The device reports: accepted (version 1) and documents.
+    request(
+        &mut d,
+        11,
+        &format!("{base}/update"),
+        json!({"state": {"reported": {"temp": 20.5, "mode": "heat"}}, "clientToken": "u1"}),
+    )
+    .await;
+    let acc = answer(&mut d, "/update/accepted").await;
+    assert_eq!(acc["version"], 1);
+    assert_eq!(acc["clientToken"], "u1");
+    assert_eq!(acc["state"]["reported"]["temp"], 20.5);
+    assert!(acc["metadata"]["reported"]["temp"]["timestamp_ms"].is_i64());
+    let docs = answer(&mut d, "/update/documents").await;
+    assert_eq!(docs["previous"], Value::Null);
+    assert_eq!(docs["current"]["state"]["reported"]["mode"], "heat");
+
+    // Desired differs from reported: a delta with just that key.
+    request(
+        &mut d,
+        12,
+        &format!("{base}/update"),
+        json!({"state": {"desired": {"mode": "cool", "temp": 20.5}}, "version": 1}),
+    )
+    .await;
+    assert_eq!(answer(&mut d, "/update/accepted").await["version"], 2);
+    let delta = answer(&mut d, "/update/delta").await;
+    assert_eq!(delta["state"], json!({"mode": "cool"}));
+    assert_eq!(delta["version"], 2);
+
+    // A stale version is refused (409) and changes nothing.
+    request(
+        &mut d,
+        13,
+        &format!("{base}/update"),
+        json!({"state": {"reported": {"mode": "off"}}, "version": 1, "clientToken": "stale"}),
+    )
+    .await;
+    let rej = answer(&mut d, "/update/rejected").await;
+    assert_eq!(
+        (rej["code"].clone(), rej["clientToken"].clone()),
+        (json!(409), json!("stale"))
+    );
+
+    // Get: the whole document with its delta.
+    request(&mut d, 14, &format!("{base}/get"), json!({})).await;
+    let doc = answer(&mut d, "/get/accepted").await;
+    assert_eq!(doc["version"], 2);
+    assert_eq!(doc["state"]["reported"]["mode"], "heat");
+    assert_eq!(doc["state"]["delta"], json!({"mode": "cool"}));
+
+    // Bad input: not JSON, and the wrong shape.
+    d.publish(publish(
+        &format!("{base}/update"),
+        QoS::AtLeastOnce,
+        15,
+        "not json",
+    ))
+    .await;
+    let rej = answer(&mut d, "/update/rejected").await;
+    assert_eq!(rej["code"], 400, "{rej}");
+    request(
+        &mut d,
+        16,
+        &format!("{base}/update"),
+        json!({"state": {"reported": 5}}),
+    )
+    .await;
+    assert_eq!(answer(&mut d, "/update/rejected").await["code"], 400);
+
+    // A named shadow is a shadow of its own (version 1).
+    request(
+        &mut d,
+        17,
+        &format!("{base}/name/firmware/update"),
+        json!({"state": {"reported": {"version": "1.2.0"}}}),
+    )
+    .await;
+    let acc = answer(&mut d, "/name/firmware/update/accepted").await;
+    assert_eq!(acc["version"], 1);
+
+    // The operator sees both.
+    let names = admin
+        .expect("GET", &format!("/devices/{id}/shadows"), None, 200)
+        .await;
+    assert_eq!(names["items"], json!(["", "firmware"]));
+    let fw = admin
+        .expect("GET", &format!("/devices/{id}/shadow/firmware"), None, 200)
+        .await;
+    assert_eq!(fw["state"]["reported"]["version"], "1.2.0");
+    d.disconnect().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_gets_updates_and_deltas_over_mqtt_v5() {
+    device_side_flow(Protocol::V5).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_gets_updates_and_deltas_over_mqtt_v311() {
+    device_side_flow(Protocol::V311).await;
+}
+
+/// The operator changes a setpoint while the device is offline; the device
+/// (persistent session) gets the delta when it reconnects. Concurrency
+/// control over HTTP; the change survives a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_offline_device_gets_the_delta_it_missed_and_changes_are_durable() {
+    let mut srv = TestServer::with(secure).await;
+    let admin = Api::admin(&srv);
+    let secret = device(&admin, "valve-1").await;
+    let login = |c: Connect| creds(c, "valve-1", &secret);
+    let (mut d, _) = Raw::connect_ok(srv.mqtt(), login(v5_persistent("valve-1", true, 3600))).await;
+    d.subscribe(1, "devices/valve-1/shadow/update/delta", QoS::AtLeastOnce)
+        .await;
+    d.disconnect().await;
+
+    let doc = admin
+        .expect(
+            "PATCH",
+            "/devices/valve-1/shadow",
+            Some(json!({"state": {"desired": {"open": true, "flow": 3}}, "version": 0})),
+            200,
+        )
+        .await;
+    assert_eq!(doc["version"], 1);
+    assert_eq!(doc["state"]["delta"], json!({"open": true, "flow": 3}));
+
+    // Reconnect: the delta waited in the session.
+    let (mut d, ack) =
+        Raw::connect_ok(srv.mqtt(), login(v5_persistent("valve-1", false, 3600))).await;
+    assert!(ack.session_present);
+    let delta = answer(&mut d, "/update/delta").await;
+    assert_eq!(delta["state"], json!({"open": true, "flow": 3}));
+
+    // Optimistic concurrency over HTTP: a stale version is 409; operators
+    // may not write reported state.
+    let r = admin
+        .call(
+            "PATCH",
+            "/devices/valve-1/shadow",
+            Some(json!({"state": {"desired": {"open": false}}, "version": 0})),
+        )
+        .await;
+    assert_problem(&r, 409, "version");
+    let r = admin
+        .call(
+            "PATCH",
+            "/devices/valve-1/shadow",
+            Some(json!({"state": {"reported": {"open": false}}})),
+        )
+        .await;
+    assert_problem(&r, 422, "device's to write");
+    d.disconnect().await;
+
+    srv.restart().await;
+    let admin = Api::admin(&srv);
+    let doc = admin
+        .expect("GET", "/devices/valve-1/shadow", None, 200)
+        .await;
+    assert_eq!(doc["version"], 1);
+    assert_eq!(doc["state"]["desired"]["flow"], 3);
+    admin
+        .expect("DELETE", "/devices/valve-1/shadow", None, 204)
+        .await;
+    let r = admin.call("GET", "/devices/valve-1/shadow", None).await;
+    assert_eq!(r.status, 404);
+}
