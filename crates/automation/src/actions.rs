@@ -8,6 +8,7 @@
 //!   {"type": "alarm", "alarm_type": "overheating", "severity": "critical"},
 //!   {"type": "command", "name": "shutdown", "params": {"reason": "overheat"}, "timeout_secs": 30},
 //!   {"type": "config", "key": "fan_speed", "value": 100},
+//!   {"type": "desired", "state": {"valve": "open"}, "shadow": "irrigation"},
 //!   {"type": "republish", "topic": "alerts/{device}", "qos": 1},
 //!   {"type": "webhook", "url": "https://ops.example.com/hook", "secret": "…"},
 //!   {"type": "log", "level": "warn"}
@@ -16,7 +17,7 @@
 //!
 //! Each action may say `"on": ["fire", "repeat", "clear"]`; the defaults
 //! are: alarm all three (fire and repeat raise or update, clear clears),
-//! command and config `fire`, republish all, webhook and log `fire` and
+//! command, config and desired `fire`, republish all, webhook and log `fire` and
 //! `clear`. `{device}` in a republish topic is the output's device.
 
 use m2mhub_fleet::Severity;
@@ -80,6 +81,12 @@ pub enum Kind {
         key: String,
         value: Value,
     },
+    /// Merge `state` into the device's desired shadow state (`shadow`: a
+    /// named shadow, else the classic one); the device is told the delta.
+    Desired {
+        state: Value,
+        shadow: String,
+    },
     Republish {
         topic: String,
         qos: u8,
@@ -130,12 +137,13 @@ fn parse_one(a: &Value) -> Result<Action, String> {
         "alarm" => &["type", "on", "alarm_type", "severity"],
         "command" => &["type", "on", "name", "params", "timeout_secs"],
         "config" => &["type", "on", "key", "value"],
+        "desired" => &["type", "on", "state", "shadow"],
         "republish" => &["type", "on", "topic", "qos", "retain"],
         "webhook" => &["type", "on", "url", "secret"],
         "log" => &["type", "on", "level"],
         other => {
             return Err(format!(
-                "unknown type {other:?}; use alarm, command, config, republish, webhook or log"
+                "unknown type {other:?}; use alarm, command, config, desired, republish, webhook or log"
             ))
         }
     };
@@ -178,6 +186,18 @@ fn parse_one(a: &Value) -> Result<Action, String> {
                 key,
                 value: a.get("value").cloned().ok_or("`value` is required")?,
             }
+        }
+        "desired" => {
+            let state = a.get("state").cloned().ok_or("`state` is required")?;
+            if !state.as_object().is_some_and(|m| !m.is_empty()) {
+                return Err("`state` must be a non-empty JSON object of desired keys".into());
+            }
+            let shadow = match a.get("shadow") {
+                None | Some(Value::Null) => String::new(),
+                Some(_) => text(a, "shadow", 64)?,
+            };
+            m2mhub_fleet::shadow::validate_name(&shadow).map_err(|e| e.to_string())?;
+            Kind::Desired { state, shadow }
         }
         "republish" => {
             let topic = text(a, "topic", 1024)?;
@@ -224,7 +244,7 @@ fn parse_one(a: &Value) -> Result<Action, String> {
     };
     let default = match kind {
         Kind::Alarm { .. } | Kind::Republish { .. } => On::ALL,
-        Kind::Command { .. } | Kind::Config { .. } => On::FIRE,
+        Kind::Command { .. } | Kind::Config { .. } | Kind::Desired { .. } => On::FIRE,
         Kind::Webhook { .. } | Kind::Log { .. } => On::FIRE_CLEAR,
     };
     let on = match a.get("on") {
@@ -263,10 +283,13 @@ mod tests {
             {"type": "config", "key": "fan", "value": 3},
             {"type": "republish", "topic": "alerts/{device}", "qos": 1},
             {"type": "webhook", "url": "http://127.0.0.1:9/x", "secret": "s"},
-            {"type": "log", "on": ["clear"]}
+            {"type": "log", "on": ["clear"]},
+            {"type": "desired", "state": {"valve": "open"}, "shadow": "irrigation"}
         ]))
         .expect("valid");
-        assert_eq!(a.len(), 6);
+        assert_eq!(a.len(), 7);
+        assert_eq!(a[6].on, On::FIRE);
+        assert!(matches!(&a[6].kind, Kind::Desired { shadow, .. } if shadow == "irrigation"));
         assert_eq!(a[0].on, On::ALL);
         assert_eq!(a[1].on, On::FIRE);
         assert!(matches!(
@@ -304,6 +327,14 @@ mod tests {
             (
                 json!([{"type": "republish", "topic": "a/#"}]),
                 "not a valid topic name",
+            ),
+            (
+                json!([{"type": "desired", "state": {}}]),
+                "non-empty JSON object",
+            ),
+            (
+                json!([{"type": "desired", "state": {"a": 1}, "shadow": "no spaces"}]),
+                "shadow name",
             ),
             (
                 json!([{"type": "command", "name": "x", "timeout_secs": 0}]),

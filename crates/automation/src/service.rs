@@ -16,7 +16,10 @@ use bytes::Bytes;
 use m2mhub_broker::auth::ClientIdentity;
 use m2mhub_broker::message::Message;
 use m2mhub_broker::{Broker, ConnectionEvents};
-use m2mhub_fleet::{AlarmChange, ClearedBy, CommandStatus, CommandUpdate, Fleet, NewCommand};
+use m2mhub_fleet::{
+    AlarmChange, ClearedBy, CommandStatus, CommandUpdate, Fleet, NewCommand, ShadowUpdate,
+    ShadowWriter,
+};
 use m2mhub_rules::{CompiledRule, Engine, Output, OutputKind, RuleOutput};
 use mqtt_codec::{PublishProperties, QoS};
 use parking_lot::Mutex;
@@ -737,6 +740,37 @@ async fn run_action(
                     true,
                 )
                 .await;
+        }
+        Kind::Desired { state, shadow } => {
+            let d = need_device()?.to_string();
+            let update = ShadowUpdate {
+                state: m2mhub_fleet::shadow::UpdateState {
+                    desired: Some(state.clone()),
+                    reported: None,
+                },
+                version: None,
+                client_token: None,
+            };
+            let fleet = shared.fleet.clone();
+            let (t, name, u) = (tenant.to_string(), shadow.clone(), update.clone());
+            // The shadow write is durable (synchronous): off the workers.
+            let change = tokio::task::spawn_blocking(move || {
+                fleet.update_shadow(&t, &d, &name, &u, ShadowWriter::Platform)
+            })
+            .await
+            .map_err(|e| format!("desired: {e}"))?
+            .map_err(|e| format!("desired: {e}"))?;
+            for (topic, body) in change.answers(&update) {
+                shared
+                    .broker
+                    .publish(
+                        &topic,
+                        Bytes::from(body.to_string()),
+                        QoS::AtLeastOnce,
+                        false,
+                    )
+                    .await;
+            }
         }
         Kind::Republish { topic, qos, retain } => {
             let t = topic.replace("{device}", device.unwrap_or(""));

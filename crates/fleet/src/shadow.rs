@@ -199,6 +199,34 @@ impl ShadowChange {
     }
 }
 
+impl ShadowChange {
+    /// What to publish to the device for an accepted update, in order:
+    /// `…/update/accepted`, `…/update/documents`, and `…/update/delta` when
+    /// desired changed and still differs from reported (see
+    /// [`base_topic`] for where).
+    pub fn answers(&self, request: &ShadowUpdate) -> Vec<(String, Value)> {
+        let base = base_topic(&self.current.device_id, &self.current.name);
+        let mut out = vec![
+            (format!("{base}/update/accepted"), self.accepted(request)),
+            (format!("{base}/update/documents"), self.documents()),
+        ];
+        if let Some(delta) = self.delta() {
+            out.push((format!("{base}/update/delta"), delta));
+        }
+        out
+    }
+}
+
+/// Where a shadow's MQTT topics live: `devices/{id}/shadow` for the classic
+/// shadow, `devices/{id}/shadow/name/{name}` for a named one.
+pub fn base_topic(device: &str, name: &str) -> String {
+    if name.is_empty() {
+        format!("devices/{device}/shadow")
+    } else {
+        format!("devices/{device}/shadow/name/{name}")
+    }
+}
+
 /// Add `clientToken` when the request had one.
 pub fn with_token(mut v: Value, token: &Option<String>) -> Value {
     if let (Some(t), Some(o)) = (token, v.as_object_mut()) {

@@ -22,6 +22,7 @@
 
 use m2mhub_broker::message::Message;
 use m2mhub_broker::Broker;
+use m2mhub_fleet::shadow::base_topic;
 use m2mhub_fleet::{Fleet, RegistryError, ShadowChange, ShadowUpdate, ShadowWriter};
 use mqtt_codec::{PublishProperties, QoS};
 use serde_json::{json, Value};
@@ -56,15 +57,6 @@ pub fn parse(topic: &str) -> Option<(&str, &str, Request)> {
         _ => return None,
     };
     Some((device, name, request))
-}
-
-/// The topic prefix of a shadow's answers.
-pub fn base_topic(device: &str, name: &str) -> String {
-    if name.is_empty() {
-        format!("devices/{device}/shadow")
-    } else {
-        format!("devices/{device}/shadow/name/{name}")
-    }
 }
 
 /// Subscribe to every device's shadow requests and answer them until the
@@ -133,7 +125,7 @@ fn answer(fleet: &Fleet, msg: &Message) -> Vec<(String, Value)> {
                 }
             };
             match fleet.update_shadow(&tenant, device, name, &update, ShadowWriter::Device) {
-                Ok(change) => update_answers(&change, &update),
+                Ok(change) => change.answers(&update),
                 Err(e) => vec![(
                     format!("{base}/update/rejected"),
                     reject(&e, &update.client_token),
@@ -141,20 +133,6 @@ fn answer(fleet: &Fleet, msg: &Message) -> Vec<(String, Value)> {
             }
         }
     }
-}
-
-/// `accepted`, `documents`, and `delta` when desired changed and still
-/// differs from reported.
-fn update_answers(change: &ShadowChange, request: &ShadowUpdate) -> Vec<(String, Value)> {
-    let base = base_topic(&change.current.device_id, &change.current.name);
-    let mut out = vec![
-        (format!("{base}/update/accepted"), change.accepted(request)),
-        (format!("{base}/update/documents"), change.documents()),
-    ];
-    if let Some(delta) = change.delta() {
-        out.push((format!("{base}/update/delta"), delta));
-    }
-    out
 }
 
 fn op_name(r: Request) -> &'static str {
@@ -181,7 +159,7 @@ pub async fn publish_update(
     request: &ShadowUpdate,
     props: PublishProperties,
 ) {
-    for (topic, body) in update_answers(change, request) {
+    for (topic, body) in change.answers(request) {
         send(broker, &topic, &body, props.clone()).await;
     }
 }

@@ -16,11 +16,13 @@ mod commands;
 mod device_profiles;
 mod query;
 mod rules;
+mod shadows;
 pub use alarms::{alarm, AlarmCmd};
 pub use commands::{command, CommandCmd};
 pub use device_profiles::{profile, ProfileCmd};
 pub use query::{query_telemetry, QueryCmd, RetentionCmd};
 pub use rules::{rule, RuleCmd};
+pub use shadows::{shadow, ShadowCmd};
 
 /// A command line refused before any request (flags that do not go
 /// together, a value the API would refuse): reported with its fix, and

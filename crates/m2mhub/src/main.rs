@@ -148,6 +148,13 @@ enum Command {
         #[command(flatten)]
         conn: admin::Conn,
     },
+    /// Device shadows: read them, set desired keys, delete them.
+    Shadow {
+        #[command(subcommand)]
+        cmd: admin::ShadowCmd,
+        #[command(flatten)]
+        conn: admin::Conn,
+    },
     /// Device commands: send one (and wait for the answer), follow them.
     #[command(name = "command")]
     DeviceCommands {
@@ -334,6 +341,9 @@ fn main() -> ExitCode {
         }
         Command::Alarm { cmd, conn } => {
             run_admin(|env| async move { admin::alarm(&conn, cmd, &env).await.map(|_| 0) })
+        }
+        Command::Shadow { cmd, conn } => {
+            run_admin(|env| async move { admin::shadow(&conn, cmd, &env).await.map(|_| 0) })
         }
         Command::DeviceCommands { cmd, conn } => {
             run_admin(|env| async move { admin::command(&conn, cmd, &env).await })

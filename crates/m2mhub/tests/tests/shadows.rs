@@ -254,3 +254,101 @@ async fn an_offline_device_gets_the_delta_it_missed_and_changes_are_durable() {
     let r = admin.call("GET", "/devices/valve-1/shadow", None).await;
     assert_eq!(r.status, 404);
 }
+
+/// `m2mhub shadow …` against the real server: set desired keys (nested,
+/// JSON values), read them back, refuse a stale version, delete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_sets_reads_and_deletes_shadows() {
+    let srv = TestServer::with(secure).await;
+    let admin = Api::admin(&srv);
+    device(&admin, "pump-7").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let profile = dir.path().join("cli.toml").display().to_string();
+    let server = format!("http://{}", srv.http());
+    let token = srv.admin_token();
+    let env = [
+        ("M2MHUB_PROFILE", profile.as_str()),
+        ("M2MHUB_SERVER", server.as_str()),
+        ("M2MHUB_TOKEN", token.as_str()),
+    ];
+    let (code, out, err) = run_bin(
+        &[
+            "shadow",
+            "set",
+            "pump-7",
+            "rpm=1200",
+            "mode.auto=true",
+            "note=night shift",
+            "--json",
+        ],
+        &env,
+    )
+    .await;
+    assert_eq!(code, 0, "{err}{out}");
+    let v: Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(v["version"], 1);
+    assert_eq!(
+        v["state"]["desired"],
+        json!({"rpm": 1200, "mode": {"auto": true}, "note": "night shift"})
+    );
+    let (code, out, err) = run_bin(&["shadow", "get", "pump-7"], &env).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("\"rpm\":1200") && out.contains("version"),
+        "{out}"
+    );
+    // A stale version: the server's 409 problem, exit 1.
+    let (code, _, err) = run_bin(
+        &["shadow", "set", "pump-7", "rpm=900", "--version", "0"],
+        &env,
+    )
+    .await;
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("version"), "{err}");
+    let (code, _, err) = run_bin(&["shadow", "delete", "pump-7"], &env).await;
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = run_bin(&["shadow", "get", "pump-7"], &env).await;
+    assert_eq!(code, 1, "{err}");
+}
+
+/// A rule's `desired` action: a dry soil probe's reading opens its valve
+/// through the irrigation shadow, and the device is told the delta.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rule_sets_desired_state_and_the_device_is_told() {
+    let srv = TestServer::with(secure).await;
+    let admin = Api::admin(&srv);
+    let secret = device(&admin, "probe-3").await;
+    admin
+        .expect(
+            "POST",
+            "/rules",
+            Some(json!({
+                "id": "irrigate",
+                "sql": "SELECT device, moisture FROM 'devices/+/telemetry' WHERE moisture < 20",
+                "actions": [{"type": "desired", "state": {"valve": "open"}, "shadow": "irrigation"}]
+            })),
+            201,
+        )
+        .await;
+    let (mut d, _) = Raw::connect_ok(srv.mqtt(), creds(v5("probe-3"), "probe-3", &secret)).await;
+    d.subscribe(
+        1,
+        "devices/probe-3/shadow/name/irrigation/update/delta",
+        QoS::AtLeastOnce,
+    )
+    .await;
+    request(
+        &mut d,
+        2,
+        "devices/probe-3/telemetry",
+        json!({"moisture": 12.5}),
+    )
+    .await;
+    let delta = answer(&mut d, "/update/delta").await;
+    assert_eq!(delta["state"], json!({"valve": "open"}));
+    let doc = admin
+        .expect("GET", "/devices/probe-3/shadow/irrigation", None, 200)
+        .await;
+    assert_eq!(doc["state"]["desired"]["valve"], "open");
+    d.disconnect().await;
+}
