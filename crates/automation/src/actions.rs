@@ -189,7 +189,7 @@ fn parse_one(a: &Value) -> Result<Action, String> {
         }
         "desired" => {
             let state = a.get("state").cloned().ok_or("`state` is required")?;
-            if !state.as_object().is_some_and(|m| !m.is_empty()) {
+            if state.as_object().is_none_or(|m| m.is_empty()) {
                 return Err("`state` must be a non-empty JSON object of desired keys".into());
             }
             let shadow = match a.get("shadow") {
