@@ -22,6 +22,7 @@ pub mod provision;
 mod routes;
 pub mod rules;
 mod security;
+mod settings;
 mod shadows;
 mod state;
 pub mod telemetry;

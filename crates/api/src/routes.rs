@@ -17,7 +17,9 @@ pub fn router(state: AppState) -> Router {
     use crate::openapi::Access::{Admin, Operator, Public, Viewer};
     use crate::{alarms as al, commands as cm, rules as ru};
     use crate::{device_events as ev, profiles as pr, telemetry as t};
-    use crate::{devices as d, operators as o, provision as p, security as s, shadows as sh};
+    use crate::{
+        devices as d, operators as o, provision as p, security as s, settings as st, shadows as sh,
+    };
     let (api, ops) = ApiBuilder::<AppState>::new()
         .route("/", get(api_index), &[("GET", "API index", Public)])
         .route("/openapi.json", get(openapi_doc), &[("GET", "This OpenAPI document", Public)])
@@ -85,6 +87,11 @@ pub fn router(state: AppState) -> Router {
             ("GET", "A device's commands and their status, newest first; paged by `before`", Viewer),
             ("POST", "Send a command to a device (`name`, `params`, `timeout_secs`); 202 with the command", Operator),
         ])
+        .route("/settings", get(st::list).post(st::create), &[
+            ("GET", "Fleet-wide desired settings with their progress, newest first (`?tenant=`, `?limit=`)", Viewer),
+            ("POST", "Set desired keys in the shadows of every device a selector picks (`group`, `label`, `profile`, `shadow`, `state`); 201 with progress", Operator),
+        ])
+        .route("/settings/{id}", get(st::show), &[("GET", "A fleet-wide setting: how many targets have reported its value, which are pending", Viewer)])
         .route("/commands/{id}", get(cm::show), &[("GET", "One command and its status (pending, sent, delivered, answered, failed, timed_out)", Viewer)])
         .route("/alarms", get(al::list), &[("GET", "Alarms, active and cleared, newest first: filter by tenant, device, status, severity, type; paged by `before`", Viewer)])
         .route("/alarms/summary", get(al::summary), &[("GET", "Active alarms by severity (`?tenant=`)", Viewer)])

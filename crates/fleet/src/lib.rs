@@ -28,6 +28,7 @@ pub mod alarm;
 pub mod command;
 pub mod device_event;
 pub mod rule;
+pub mod setting;
 pub mod shadow;
 pub mod sqlite;
 pub mod store;
@@ -40,6 +41,7 @@ pub use command::{Command, CommandStatus, CommandUpdate, NewCommand};
 pub use device_event::{DeviceEvent, DeviceEventCounts};
 pub use m2mhub_identity::{RegistryError, Result};
 pub use rule::{NewRule, Rule, RuleUpdate};
+pub use setting::{FleetSetting, Progress, Selector};
 pub use shadow::{Shadow, ShadowChange, ShadowUpdate, ShadowWriter};
 pub use store::FleetStore;
 

@@ -11,6 +11,7 @@ use crate::alarm::{Alarm, AlarmFilter, AlarmStatus};
 use crate::command::{Command, CommandStatus};
 use crate::device_event::DeviceEvent;
 use crate::rule::Rule;
+use crate::setting::FleetSetting;
 use crate::shadow::Shadow;
 use crate::store::{FleetBatch, FleetSnapshot, FleetStore};
 use crate::Result;
@@ -98,6 +99,18 @@ CREATE TABLE IF NOT EXISTS shadows (
     updated_ms BIGINT NOT NULL,
     PRIMARY KEY (device_id, name)
 );
+",
+    },
+    Migration {
+        version: 3,
+        sql: "
+CREATE TABLE IF NOT EXISTS fleet_settings (
+    id TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    created_ms BIGINT NOT NULL,
+    doc TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS fleet_settings_tenant ON fleet_settings (tenant, created_ms);
 ",
     },
 ];
@@ -657,23 +670,60 @@ impl FleetStore for SqliteFleetStore {
     }
 
     fn put_shadow(&self, s: &Shadow) -> Result<()> {
-        self.exec(
-            "INSERT INTO shadows (device_id, name, tenant, desired, reported, metadata, version, updated_ms) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (device_id, name) DO UPDATE SET \
-             tenant = excluded.tenant, desired = excluded.desired, reported = excluded.reported, \
-             metadata = excluded.metadata, version = excluded.version, updated_ms = excluded.updated_ms",
-            params![
-                s.device_id,
-                s.name,
-                s.tenant,
-                serde_json::to_string(&s.desired)?,
-                serde_json::to_string(&s.reported)?,
-                serde_json::to_string(&s.metadata)?,
-                i64_of(s.version)?,
-                s.updated_ms
-            ],
-        )?;
+        put_shadow(&self.conn.lock(), s)
+    }
+
+    fn put_shadows(&self, shadows: &[&Shadow]) -> Result<()> {
+        let mut c = self.conn.lock();
+        let tx = c.transaction()?;
+        for s in shadows {
+            put_shadow(&tx, s)?;
+        }
+        tx.commit()?;
         Ok(())
+    }
+
+    fn put_setting(&self, s: &FleetSetting, kept: usize) -> Result<()> {
+        let mut c = self.conn.lock();
+        let tx = c.transaction()?;
+        tx.execute(
+            "INSERT INTO fleet_settings (id, tenant, created_ms, doc) VALUES (?, ?, ?, ?)",
+            params![s.id, s.tenant, s.created_ms, serde_json::to_string(s)?],
+        )?;
+        tx.execute(
+            "DELETE FROM fleet_settings WHERE id NOT IN \
+             (SELECT id FROM fleet_settings ORDER BY created_ms DESC, id DESC LIMIT ?)",
+            params![i64::try_from(kept).unwrap_or(i64::MAX)],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn get_setting(&self, id: &str) -> Result<Option<FleetSetting>> {
+        let c = self.conn.lock();
+        let doc: Option<String> = c
+            .query_row(
+                "SELECT doc FROM fleet_settings WHERE id = ?",
+                params![id],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(doc.map(|d| serde_json::from_str(&d)).transpose()?)
+    }
+
+    fn list_settings(&self, tenant: Option<&str>, limit: usize) -> Result<Vec<FleetSetting>> {
+        let c = self.conn.lock();
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let mut st = c.prepare(
+            "SELECT doc FROM fleet_settings WHERE (?1 IS NULL OR tenant = ?1) \
+             ORDER BY created_ms DESC, id DESC LIMIT ?2",
+        )?;
+        let rows = st.query_map(params![tenant, limit], |r| r.get::<_, String>(0))?;
+        let mut out = Vec::new();
+        for doc in rows {
+            out.push(serde_json::from_str(&doc?)?);
+        }
+        Ok(out)
     }
 
     fn delete_shadow(&self, device_id: &str, name: &str) -> Result<()> {
@@ -683,4 +733,24 @@ impl FleetStore for SqliteFleetStore {
             params![device_id, name],
         )
     }
+}
+
+fn put_shadow(c: &Connection, s: &Shadow) -> Result<()> {
+    c.prepare_cached(
+        "INSERT INTO shadows (device_id, name, tenant, desired, reported, metadata, version, updated_ms) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (device_id, name) DO UPDATE SET \
+         tenant = excluded.tenant, desired = excluded.desired, reported = excluded.reported, \
+         metadata = excluded.metadata, version = excluded.version, updated_ms = excluded.updated_ms",
+    )?
+    .execute(params![
+        s.device_id,
+        s.name,
+        s.tenant,
+        serde_json::to_string(&s.desired)?,
+        serde_json::to_string(&s.reported)?,
+        serde_json::to_string(&s.metadata)?,
+        i64_of(s.version)?,
+        s.updated_ms
+    ])?;
+    Ok(())
 }

@@ -12,6 +12,7 @@ use crate::alarm::{Alarm, AlarmFilter};
 use crate::command::Command;
 use crate::device_event::DeviceEvent;
 use crate::rule::Rule;
+use crate::setting::FleetSetting;
 use crate::shadow::Shadow;
 use crate::Result;
 
@@ -86,6 +87,14 @@ pub trait FleetStore: Send + Sync + 'static {
     /// a crash).
     fn put_shadow(&self, s: &Shadow) -> Result<()>;
     fn delete_shadow(&self, device_id: &str, name: &str) -> Result<()>;
+    /// Insert or replace many shadows in one transaction (a fleet-wide
+    /// setting).
+    fn put_shadows(&self, shadows: &[&Shadow]) -> Result<()>;
+    /// Record a fleet-wide setting, keeping only the newest `kept`.
+    fn put_setting(&self, s: &FleetSetting, kept: usize) -> Result<()>;
+    fn get_setting(&self, id: &str) -> Result<Option<FleetSetting>>;
+    /// Newest first, of `tenant` if given.
+    fn list_settings(&self, tenant: Option<&str>, limit: usize) -> Result<Vec<FleetSetting>>;
     /// A device's commands, newest (by creation, then id) first: of
     /// `tenant` if given, older than the command `before` if given.
     fn list_commands(

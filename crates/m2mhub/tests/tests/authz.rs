@@ -103,6 +103,7 @@ const PARAMS: &[(&str, &str, &str)] = &[
     ("/rules", "id", "rule"),
     ("/alarms", "id", "alarm"),
     ("/commands", "id", "command"),
+    ("/settings", "id", "setting"),
     ("/claim-tokens", "id", "claim"),
     ("/auth", "id", "api_token"),
     ("/tenants", "tenant", "tenant"),
@@ -190,6 +191,7 @@ fn body_for(method: &str, template: &str) -> Option<Value> {
         ("POST", "/profiles") => json!({"name": "intruder-prof"}),
         ("PUT", "/profiles/{name}") => json!({"description": "hacked", "content_type": null}),
         ("POST", "/claim-tokens") => json!({"max_uses": 1}),
+        ("POST", "/settings") => json!({"state": {"hacked": true}}),
         ("POST", "/security/bans") => json!({"ip": "192.0.2.1", "seconds": 60}),
         ("POST", "/alarms/{id}/ack" | "/alarms/{id}/clear")
         | ("POST", "/rules/{id}/enable" | "/rules/{id}/disable") => return None,
@@ -688,8 +690,19 @@ async fn populate(srv: &TestServer, admin: &Client, t: &str) -> Tenant {
             .await;
     }
 
+    let setting = admin
+        .expect(
+            "POST",
+            "/settings",
+            Some(json!({"tenant": t, "group": grp, "state": {"eco": format!("{t}-eco")}})),
+            201,
+        )
+        .await;
+    let setting_id = setting["id"].as_str().expect("setting id").to_string();
+
     let ids: Ids = [
         ("tenant", t.to_string()),
+        ("setting", setting_id.clone()),
         ("shadow", format!("{t}-cfg")),
         ("device", dev.clone()),
         ("token", token_id.clone()),
@@ -723,6 +736,8 @@ async fn populate(srv: &TestServer, admin: &Client, t: &str) -> Tenant {
         format!("{t}-reboot"),
         format!("{t}-misbehaved"),
         format!("{t}-setpoint"),
+        format!("{t}-eco"),
+        setting_id,
         format!("{t} sensor"),
         token_id,
         fingerprint,

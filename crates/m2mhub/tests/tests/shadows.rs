@@ -352,3 +352,79 @@ async fn a_rule_sets_desired_state_and_the_device_is_told() {
     assert_eq!(doc["state"]["desired"]["valve"], "open");
     d.disconnect().await;
 }
+
+/// Demand response: one call sets a setpoint on every device of a group;
+/// each is told its delta (clientToken = the setting's id), and the
+/// setting's progress counts the devices that have reported the value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_wide_setting_reaches_a_group_and_counts_reports() {
+    let srv = TestServer::start().await;
+    let admin = Api::admin(&srv);
+    admin
+        .expect(
+            "POST",
+            "/tenants/default/groups",
+            Some(json!({"id": "homes"})),
+            201,
+        )
+        .await;
+    for i in 0..12 {
+        let group = if i < 10 { json!("homes") } else { Value::Null };
+        admin
+            .expect(
+                "POST",
+                "/devices",
+                Some(json!({"id": format!("home-{i:02}"), "group": group})),
+                201,
+            )
+            .await;
+    }
+    let (mut d, _) = Raw::connect_ok(srv.mqtt(), v5("home-03")).await;
+    d.subscribe(1, "devices/home-03/shadow/update/delta", QoS::AtLeastOnce)
+        .await;
+
+    let set = admin
+        .expect(
+            "POST",
+            "/settings",
+            Some(json!({"group": "homes", "state": {"setpoint": 18.5}})),
+            201,
+        )
+        .await;
+    let id = set["id"].as_str().expect("id").to_string();
+    assert_eq!(set["progress"]["targeted"], 10);
+    assert_eq!(set["progress"]["reported"], 0);
+    let delta = answer(&mut d, "/update/delta").await;
+    assert_eq!(delta["state"], json!({"setpoint": 18.5}));
+    assert_eq!(delta["clientToken"], json!(id));
+
+    // The device applies it and reports.
+    request(
+        &mut d,
+        2,
+        "devices/home-03/shadow/update",
+        json!({"state": {"reported": {"setpoint": 18.5}}}),
+    )
+    .await;
+    within("the report counted", async {
+        loop {
+            let s = admin
+                .expect("GET", &format!("/settings/{id}"), None, 200)
+                .await;
+            if s["progress"]["reported"] == 1 {
+                assert_eq!(s["progress"]["pending"], 9);
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let list = admin.expect("GET", "/settings", None, 200).await;
+    assert_eq!(list["items"][0]["id"], json!(id));
+    // Nothing selected outside the group.
+    let outside = admin
+        .expect("GET", "/devices/home-11/shadow", None, 404)
+        .await;
+    assert_eq!(outside["status"], 404);
+    d.disconnect().await;
+}
