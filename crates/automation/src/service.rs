@@ -42,6 +42,8 @@ fn now_ms() -> i64 {
 /// What the service knows about one rule besides its compiled form.
 struct Meta {
     tenant: String,
+    /// The SQL reads `shadow.…`: messages get the device's shadow.
+    reads_shadow: bool,
     actions: Vec<Action>,
     action_failures: u64,
     last_action_error: Option<(i64, String)>,
@@ -51,6 +53,24 @@ struct Meta {
 struct Rules {
     engines: HashMap<String, Engine>,
     meta: HashMap<String, Meta>,
+    /// Tenant → how many of its rules read `shadow.…` (so a tenant whose
+    /// rules do not pays nothing per message).
+    shadow_readers: HashMap<String, usize>,
+}
+
+impl Rules {
+    fn forget(&mut self, rule_id: &str) -> Option<Meta> {
+        let old = self.meta.remove(rule_id)?;
+        if old.reads_shadow {
+            if let Some(n) = self.shadow_readers.get_mut(&old.tenant) {
+                *n -= 1;
+                if *n == 0 {
+                    self.shadow_readers.remove(&old.tenant);
+                }
+            }
+        }
+        Some(old)
+    }
 }
 
 impl Rules {
@@ -163,7 +183,7 @@ impl Automation {
         let def = self.shared.fleet.get_rule(rule_id).ok();
         let mut rules = self.shared.rules.lock();
         // Drop the old version wherever it was.
-        if let Some(old) = rules.meta.remove(rule_id) {
+        if let Some(old) = rules.forget(rule_id) {
             if let Some(e) = rules.engines.get_mut(&old.tenant) {
                 e.remove(rule_id);
             }
@@ -186,10 +206,15 @@ impl Automation {
         let engine = rules.engines.entry(def.tenant.clone()).or_default();
         engine.insert(rule_id, compiled);
         engine.set_enabled(rule_id, def.enabled);
+        let reads_shadow = def.sql.contains("shadow.");
+        if reads_shadow {
+            *rules.shadow_readers.entry(def.tenant.clone()).or_default() += 1;
+        }
         rules.meta.insert(
             rule_id.to_string(),
             Meta {
                 tenant: def.tenant,
+                reads_shadow,
                 actions: acts,
                 action_failures: 0,
                 last_action_error: None,
@@ -556,12 +581,15 @@ async fn on_message(shared: &Shared, m: &Message) {
     };
     let tenant: &str = &info.tenant;
     // Only parse the payload when some rule of the tenant reads this topic.
-    let wanted = {
+    let (wanted, shadow) = {
         let rules = shared.rules.lock();
-        rules
-            .engines
-            .get(tenant)
-            .is_some_and(|e| e.ids().next().is_some())
+        (
+            rules
+                .engines
+                .get(tenant)
+                .is_some_and(|e| e.ids().next().is_some()),
+            rules.shadow_readers.contains_key(tenant),
+        )
     };
     if !wanted {
         return;
@@ -569,11 +597,20 @@ async fn on_message(shared: &Shared, m: &Message) {
     let Some(mut payload) = payload_json(&m.topic, &m.payload) else {
         return;
     };
-    // Device attributes, for rules like `WHERE meta.group = 'line-3'`.
+    // Device attributes, for rules like `WHERE meta.group = 'line-3'`, and
+    // the device's classic shadow for `WHERE temp > shadow.desired.max`.
     if let Value::Object(obj) = &mut payload {
         if !obj.contains_key("meta") {
             if let Some(meta) = device_meta(shared, device) {
                 obj.insert("meta".into(), meta);
+            }
+        }
+        if shadow && !obj.contains_key("shadow") {
+            if let Ok(s) = shared.fleet.get_shadow(Some(tenant), device, "") {
+                obj.insert(
+                    "shadow".into(),
+                    json!({"desired": s.desired, "reported": s.reported, "version": s.version}),
+                );
             }
         }
     }

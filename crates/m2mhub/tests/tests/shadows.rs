@@ -428,3 +428,68 @@ async fn a_fleet_wide_setting_reaches_a_group_and_counts_reports() {
     assert_eq!(outside["status"], 404);
     d.disconnect().await;
 }
+
+/// Rule SQL reads the device's shadow: the alarm threshold is each
+/// machine's own desired `max_temp`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_read_the_shadow_of_the_device() {
+    let srv = TestServer::start().await;
+    let admin = Api::admin(&srv);
+    for m in ["oven-1", "oven-2"] {
+        admin
+            .expect("POST", "/devices", Some(json!({"id": m})), 201)
+            .await;
+    }
+    for (m, max) in [("oven-1", 200), ("oven-2", 300)] {
+        admin
+            .expect(
+                "PATCH",
+                &format!("/devices/{m}/shadow"),
+                Some(json!({"state": {"desired": {"max_temp": max}}})),
+                200,
+            )
+            .await;
+    }
+    admin
+        .expect(
+            "POST",
+            "/rules",
+            Some(json!({
+                "id": "too-hot",
+                "sql": "SELECT device, temp FROM 'devices/+/telemetry' WHERE temp > shadow.desired.max_temp",
+                "actions": [{"type": "alarm", "alarm_type": "too-hot", "severity": "major"}]
+            })),
+            201,
+        )
+        .await;
+    let (mut d, _) = Raw::connect_ok(srv.mqtt(), v5("ovens")).await;
+    // 250 is too hot for oven-1 (max 200), not for oven-2 (max 300).
+    for (i, m) in ["oven-1", "oven-2"].iter().enumerate() {
+        request(
+            &mut d,
+            i as u16 + 1,
+            &format!("devices/{m}/telemetry"),
+            json!({"temp": 250}),
+        )
+        .await;
+    }
+    // Then 350 for oven-2: over its own limit.
+    request(&mut d, 3, "devices/oven-2/telemetry", json!({"temp": 350})).await;
+    let alarms = within("both alarms", async {
+        loop {
+            let a = admin
+                .expect("GET", "/alarms?status=active&type=too-hot", None, 200)
+                .await;
+            if a["items"].as_array().expect("items").len() == 2 {
+                break a;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    // oven-2 fired once (at 350), never at 250: its own threshold applied.
+    for a in alarms["items"].as_array().expect("items") {
+        assert_eq!(a["count"], 1, "{a}");
+    }
+    d.disconnect().await;
+}
