@@ -178,10 +178,20 @@ test("an operator logs in, finds a device, watches it live, commands it, writes 
 
     // Send a command; the simulated machine answers it.
     await page.fill("form input[placeholder^='name']", "shutdown");
-    await page.fill("form textarea", '{"reason": "browser test"}');
+    await page.fill("form:has(input[placeholder^='name']) textarea", '{"reason": "browser test"}');
     await page.click("form button:text('Send')");
     await page.locator("form p").filter({ hasText: /answered/ }).waitFor();
     await page.locator("main table").filter({ hasText: "shutdown" }).filter({ hasText: "answered" }).first().waitFor();
+
+    // Change its classic shadow's desired state: the panel shows the delta
+    // (the simulated machine does not report this key).
+    const classic = page.locator(".shadow[data-shadow='(classic)']");
+    await classic.locator("textarea.shadow-desired").fill('{"browser_setpoint": 42}');
+    await classic.locator("button:text('Merge into desired')").click();
+    await classic.locator("td.delta").filter({ hasText: "browser_setpoint" }).waitFor();
+    const tokenForShadow = await login(user, password);
+    const shadowDoc = await apiAs(tokenForShadow, "GET", "/devices/" + encodeURIComponent(id) + "/shadow");
+    assert.equal(shadowDoc.state.desired.browser_setpoint, 42, JSON.stringify(shadowDoc));
 
     // Create a rule with an error: the parser's message sits under the SQL
     // with a caret at the faulty column.
@@ -255,6 +265,8 @@ test("a viewer sees the fleet live but no control that changes anything", async 
     assert.equal(await page.locator("form button:text('Send')").count(), 0);
     assert.equal(await page.locator("button:text('Issue token')").count(), 0);
     assert.equal(await page.locator("button:text('Revoke')").count(), 0);
+    await page.locator(".shadow").first().waitFor();
+    assert.equal(await page.locator("button:text('Merge into desired')").count(), 0);
     // The map shows the trucks and the geofence of the example rule, live.
     await page.click("#nav a[href='#/map']");
     await page.locator("svg.map circle.pin").first().waitFor();

@@ -449,6 +449,7 @@ async function device(view, gen, parts, params) {
   const connections = h("div", {});
   const alarmBox = h("div", {});
   const commands = h("div", {});
+  const shadowBox = h("div", {});
   const badge = liveBadge();
   const rangeTabs = h("div", { class: "tabs" }, Object.keys(RANGES).map((k) =>
     h("a", { href: "#/devices/" + enc(id) + "?range=" + k, class: k === range ? "active" : null }, k)));
@@ -457,6 +458,7 @@ async function device(view, gen, parts, params) {
     h("h2", {}, "Latest values"), latest,
     h("h2", {}, "Active alarms"), alarmBox,
     h("h2", {}, "Commands"), commands,
+    h("h2", {}, "Shadows"), shadowBox,
     h("h2", {}, "History"), rangeTabs, charts,
     h("h2", {}, "Connection history"), connections,
     h("h2", {}, "Credentials"), creds,
@@ -584,6 +586,43 @@ async function device(view, gen, parts, params) {
   const commandList = h("div", {});
   replace(commands, canWrite() ? commandForm(path, gen, loadCommands) : null, commandList);
 
+  // Shadows: desired, reported and delta side by side; operators edit
+  // desired as JSON, sent with the version they saw (a concurrent change
+  // is refused rather than overwritten).
+  const loadShadows = async () => {
+    const names = (await get(path + "/shadows")).items;
+    if (!names.includes("")) names.unshift("");
+    const docs = await Promise.all(names.map((n) =>
+      get(path + "/shadow" + (n ? "/" + enc(n) : "")).catch(() => null)));
+    if (!current(gen)) return;
+    replace(shadowBox, names.map((n, i) => {
+      const d = docs[i];
+      const st = (d && d.state) || {};
+      const editor = h("textarea", { class: "shadow-desired", rows: 3, cols: 60, placeholder: '{"setpoint": 21}' });
+      const form = canWrite() ? h("form", { class: "shadow-form" }, editor, " ",
+        h("button", { type: "submit" }, "Merge into desired")) : null;
+      if (form) form.addEventListener("submit", (e) => {
+        e.preventDefault();
+        act(async () => {
+          let desired;
+          try { desired = JSON.parse(editor.value || "{}"); } catch (err) { throw new Error("desired must be JSON: " + err.message); }
+          const body = { state: { desired } };
+          if (d) body.version = d.version;
+          await api("PATCH", path + "/shadow" + (n ? "/" + enc(n) : ""), body);
+          await loadShadows();
+        });
+      });
+      return h("div", { class: "card shadow", "data-shadow": n || "(classic)" },
+        h("strong", {}, n || "classic"), " ",
+        h("span", { class: "muted" }, d ? "version " + d.version + ", " + fmtTime(d.timestamp_ms) : "no shadow yet"),
+        table(["Desired", "Reported", "Delta"], [h("tr", {},
+          h("td", {}, h("pre", {}, json(st.desired || {}))),
+          h("td", {}, h("pre", {}, json(st.reported || {}))),
+          h("td", { class: "delta" }, h("pre", {}, st.delta ? json(st.delta) : "—")))], ""),
+        form);
+    }));
+  };
+
   const loadEvents = async () => {
     const r = await get(path + "/events?limit=20");
     if (!current(gen)) return;
@@ -618,7 +657,8 @@ async function device(view, gen, parts, params) {
     lagged: () => Promise.all([loadLatest(), loadConnections(), loadAlarms()]).catch(showError),
   }, badge);
 
-  await Promise.all([loadCreds(), loadEvents(), loadLatest(), loadConnections(), loadAlarms(), every(10000, loadCommands)]);
+  await Promise.all([loadCreds(), loadEvents(), loadLatest(), loadConnections(), loadAlarms(),
+    every(10000, loadCommands), every(10000, loadShadows)]);
   // The "ago" column ages without new data; the live stream does the rest.
   every(5000, async () => drawLatest());
   every(60000, () => drawCharts(charted ? charted.split("\n") : []));
