@@ -15,7 +15,9 @@
 //!
 //! [`run`] is the driver: one task per device connects over real MQTT with
 //! its credentials (client id = username = device id, password = token),
-//! subscribes to `devices/{id}/commands`, publishes a reading on
+//! subscribes to `devices/{id}/commands` and its shadow's delta (applied
+//! and reported back; missed ones are asked for with `get` on connecting),
+//! publishes a reading on
 //! `devices/{id}/telemetry` every interval (each device with its own random
 //! phase), answers every command on `devices/{id}/commands/response` (MQTT 5
 //! correlation data copied) and reconnects with a back-off when the
@@ -585,6 +587,8 @@ pub struct FleetStats {
     pub connected: AtomicU64,
     pub published: AtomicU64,
     pub commands: AtomicU64,
+    /// Desired-state changes applied and reported back.
+    pub shadow_reports: AtomicU64,
     pub connection_errors: AtomicU64,
     last_error: RwLock<Option<String>>,
 }
@@ -710,6 +714,30 @@ async fn session(
     let _gauge = Connected(stats);
     conn.subscribe(&format!("devices/{id}/commands"), QoS::AtLeastOnce)
         .await?;
+    // Desired-state changes: applied and reported back, like a real
+    // thermostat would; after connecting, ask for what was missed.
+    conn.subscribe(
+        &format!("devices/{id}/shadow/update/delta"),
+        QoS::AtLeastOnce,
+    )
+    .await?;
+    conn.subscribe(
+        &format!("devices/{id}/shadow/get/accepted"),
+        QoS::AtLeastOnce,
+    )
+    .await?;
+    let shadow_update = format!("devices/{id}/shadow/update");
+    let pid = conn.next_packet_id();
+    conn.queue(&Packet::Publish(Publish {
+        dup: false,
+        qos: QoS::AtLeastOnce,
+        retain: false,
+        topic: format!("devices/{id}/shadow/get"),
+        packet_id: Some(pid),
+        properties: PublishProperties::default(),
+        payload: Bytes::from_static(b"{}"),
+    }))?;
+    conn.flush().await?;
     let telemetry = format!("devices/{id}/telemetry");
     let response_topic = format!("devices/{id}/commands/response");
     let mut tick = tokio::time::interval_at(Instant::now() + phase, interval);
@@ -739,7 +767,14 @@ async fn session(
                             }
                         }
                     }
-                    if let Some(answer) = answer_command(&p, machine, &response_topic) {
+                    if let Some(report) = report_shadow(&p, &shadow_update) {
+                        stats.shadow_reports.fetch_add(1, Ordering::Relaxed);
+                        let pid = conn.next_packet_id();
+                        conn.queue(&Packet::Publish(Publish {
+                            packet_id: Some(pid),
+                            ..report
+                        }))?;
+                    } else if let Some(answer) = answer_command(&p, machine, &response_topic) {
                         stats.commands.fetch_add(1, Ordering::Relaxed);
                         let pid = conn.next_packet_id();
                         conn.queue(&Packet::Publish(Publish {
@@ -784,6 +819,36 @@ async fn session(
             }
         }
     }
+}
+
+/// A shadow delta (or the delta in a `get` answer) applied: the report of
+/// the new state (QoS 1, packet id to be set), or `None` for any other
+/// message or an empty delta.
+pub fn report_shadow(p: &Publish, update_topic: &str) -> Option<Publish> {
+    let body: Value = serde_json::from_slice(&p.payload).ok()?;
+    let delta = if p.topic.ends_with("/shadow/update/delta") {
+        body.get("state")?
+    } else if p.topic.ends_with("/shadow/get/accepted") {
+        body.get("state")?.get("delta")?
+    } else {
+        return None;
+    };
+    if delta.as_object().is_none_or(|m| m.is_empty()) {
+        return None;
+    }
+    let mut report = json!({"state": {"reported": delta}});
+    if let Some(token) = body.get("clientToken") {
+        report["clientToken"] = token.clone();
+    }
+    Some(Publish {
+        dup: false,
+        qos: QoS::AtLeastOnce,
+        retain: false,
+        topic: update_topic.to_string(),
+        packet_id: None,
+        properties: PublishProperties::default(),
+        payload: Bytes::from(report.to_string()),
+    })
 }
 
 /// Apply a command message to the machine and build its answer (QoS 1,
@@ -1010,6 +1075,46 @@ mod tests {
         let b = meter.reading(T0 + 3_600_000).unwrap();
         assert_eq!(num(&b, "power_kw"), 0.0);
         assert_eq!(num(&a, "energy_kwh"), num(&b, "energy_kwh"));
+    }
+
+    #[test]
+    fn shadow_deltas_are_applied_and_reported() {
+        let delta = Publish {
+            dup: false,
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            topic: "devices/d1/shadow/update/delta".into(),
+            packet_id: Some(3),
+            properties: PublishProperties::default(),
+            payload: Bytes::from(
+                r#"{"state": {"setpoint": 18.5}, "version": 4, "clientToken": "set-1"}"#,
+            ),
+        };
+        let r = report_shadow(&delta, "devices/d1/shadow/update").expect("a report");
+        assert_eq!(r.topic, "devices/d1/shadow/update");
+        let body: Value = serde_json::from_slice(&r.payload).expect("json");
+        assert_eq!(
+            body,
+            json!({"state": {"reported": {"setpoint": 18.5}}, "clientToken": "set-1"})
+        );
+        let get = Publish {
+            topic: "devices/d1/shadow/get/accepted".into(),
+            payload: Bytes::from(
+                r#"{"state": {"desired": {"a": 1}, "reported": {}, "delta": {"a": 1}}}"#,
+            ),
+            ..delta.clone()
+        };
+        assert!(report_shadow(&get, "devices/d1/shadow/update").is_some());
+        let in_sync = Publish {
+            payload: Bytes::from(r#"{"state": {"desired": {"a": 1}, "reported": {"a": 1}}}"#),
+            ..get
+        };
+        assert!(report_shadow(&in_sync, "devices/d1/shadow/update").is_none());
+        let cmd = Publish {
+            topic: "devices/d1/commands".into(),
+            ..delta
+        };
+        assert!(report_shadow(&cmd, "devices/d1/shadow/update").is_none());
     }
 
     #[test]
