@@ -183,15 +183,17 @@ test("an operator logs in, finds a device, watches it live, commands it, writes 
     await page.locator("form p").filter({ hasText: /answered/ }).waitFor();
     await page.locator("main table").filter({ hasText: "shutdown" }).filter({ hasText: "answered" }).first().waitFor();
 
-    // Change its classic shadow's desired state: the panel shows the delta
-    // (the simulated machine does not report this key).
+    // Change its classic shadow's desired state: the simulated machine is
+    // told the delta, applies it and reports it back, and the panel shows
+    // the reported value (it refreshes every 10 s).
     const classic = page.locator(".shadow[data-shadow='(classic)']");
     await classic.locator("textarea.shadow-desired").fill('{"browser_setpoint": 42}');
     await classic.locator("button:text('Merge into desired')").click();
-    await classic.locator("td.delta").filter({ hasText: "browser_setpoint" }).waitFor();
+    await classic.locator("td.reported").filter({ hasText: "browser_setpoint" }).waitFor({ timeout: 30_000 });
     const tokenForShadow = await login(user, password);
     const shadowDoc = await apiAs(tokenForShadow, "GET", "/devices/" + encodeURIComponent(id) + "/shadow");
     assert.equal(shadowDoc.state.desired.browser_setpoint, 42, JSON.stringify(shadowDoc));
+    assert.equal(shadowDoc.state.reported.browser_setpoint, 42, JSON.stringify(shadowDoc));
 
     // Create a rule with an error: the parser's message sits under the SQL
     // with a caret at the faulty column.

@@ -601,23 +601,21 @@ async function device(view, gen, parts, params) {
       const editor = h("textarea", { class: "shadow-desired", rows: 3, cols: 60, placeholder: '{"setpoint": 21}' });
       const form = canWrite() ? h("form", { class: "shadow-form" }, editor, " ",
         h("button", { type: "submit" }, "Merge into desired")) : null;
-      if (form) form.addEventListener("submit", (e) => {
+      if (form) form.addEventListener("submit", act(async (e) => {
         e.preventDefault();
-        act(async () => {
-          let desired;
-          try { desired = JSON.parse(editor.value || "{}"); } catch (err) { throw new Error("desired must be JSON: " + err.message); }
-          const body = { state: { desired } };
-          if (d) body.version = d.version;
-          await api("PATCH", path + "/shadow" + (n ? "/" + enc(n) : ""), body);
-          await loadShadows();
-        });
-      });
+        let desired;
+        try { desired = JSON.parse(editor.value || "{}"); } catch (err) { throw new Error("desired must be JSON: " + err.message); }
+        const body = { state: { desired } };
+        if (d) body.version = d.version;
+        await api("PATCH", path + "/shadow" + (n ? "/" + enc(n) : ""), body);
+        await loadShadows();
+      }));
       return h("div", { class: "card shadow", "data-shadow": n || "(classic)" },
         h("strong", {}, n || "classic"), " ",
         h("span", { class: "muted" }, d ? "version " + d.version + ", " + fmtTime(d.timestamp_ms) : "no shadow yet"),
         table(["Desired", "Reported", "Delta"], [h("tr", {},
           h("td", {}, h("pre", {}, json(st.desired || {}))),
-          h("td", {}, h("pre", {}, json(st.reported || {}))),
+          h("td", { class: "reported" }, h("pre", {}, json(st.reported || {}))),
           h("td", { class: "delta" }, h("pre", {}, st.delta ? json(st.delta) : "—")))], ""),
         form);
     }));
