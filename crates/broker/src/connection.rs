@@ -352,6 +352,16 @@ impl<S: Transport> Connection<S> {
         if let Err(end) = Box::pin(self.accept_connect(connect)).await {
             return end;
         }
+        // Packets the client sent right behind its CONNECT (without waiting
+        // for CONNACK) may already be in the read buffer: handle them now.
+        // Waiting for the socket to be readable again would leave a
+        // SUBSCRIBE or UNSUBSCRIBE unapplied while other clients' messages
+        // are routed, for as long as this client stays quiet.
+        if !self.rbuf.is_empty() {
+            if let Err(end) = Box::pin(self.process_input()).await {
+                return end;
+            }
+        }
         loop {
             if self.inner.shutting_down.load(Ordering::SeqCst) {
                 return End::Shutdown;

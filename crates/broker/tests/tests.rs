@@ -12,3 +12,6 @@ mod publish_hook;
 
 #[path = "tests/driver.rs"]
 mod driver;
+
+#[path = "tests/ordering.rs"]
+mod ordering;

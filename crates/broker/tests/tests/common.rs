@@ -127,6 +127,36 @@ impl Raw {
             .expect("write to broker");
     }
 
+    /// Send several packets with one write, as a client that does not wait
+    /// for acknowledgements does: they reach the broker together.
+    pub async fn send_all(&mut self, packets: &[Packet]) {
+        let mut buf = BytesMut::new();
+        for p in packets {
+            encode(p, self.protocol, &mut buf).expect("encode");
+        }
+        self.send_bytes(&buf).await;
+    }
+
+    pub async fn send_bytes(&mut self, bytes: &[u8]) {
+        within("write", self.io.write_all(bytes))
+            .await
+            .expect("write to broker");
+    }
+
+    /// A TCP connection with nothing sent yet (for CONNECT pipelined with
+    /// other packets).
+    pub async fn tcp(addr: SocketAddr, protocol: Protocol) -> Raw {
+        let io = within("TCP connect", TcpStream::connect(addr))
+            .await
+            .expect("TCP connect");
+        io.set_nodelay(true).expect("nodelay");
+        Raw {
+            io,
+            rbuf: BytesMut::new(),
+            protocol,
+        }
+    }
+
     pub async fn next(&mut self, wait: Duration) -> Next {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
