@@ -58,6 +58,12 @@ const ADMIT_CLOSE: u8 = 0xFF;
 /// (banned, over the connection rate): just long enough to answer it.
 const REFUSE_WAIT: Duration = Duration::from_secs(3);
 
+/// How long a connection we closed for the client's fault keeps reading
+/// (and discarding) what the client still sends; see `Connection::linger`.
+const LINGER: Duration = Duration::from_secs(2);
+/// Most bytes discarded while lingering.
+const LINGER_BYTES: usize = 4 * 1024 * 1024;
+
 /// Why the packet loop stopped.
 #[derive(Debug)]
 enum End {
@@ -288,7 +294,11 @@ pub(crate) fn serve<S: Transport>(
 impl<S: Transport> Connection<S> {
     async fn serve(mut self: Box<Self>) {
         let end = self.run().await;
+        let linger = matches!(end, End::Server(_));
         Box::pin(self.finish(end)).await;
+        if linger {
+            Box::pin(self.linger()).await;
+        }
         let inner = self.inner.clone();
         drop(self);
         if inner.connections.fetch_sub(1, Ordering::SeqCst) == 1 {
@@ -1249,14 +1259,16 @@ impl<S: Transport> Connection<S> {
             End::Shutdown => Some(reason::SERVER_SHUTTING_DOWN),
             _ => None,
         };
-        let disconnect = code.and_then(|c| self.core.disconnect(c));
-        if let (Some(disconnect), true) = (disconnect, self.session.is_some()) {
-            // Acks already encoded go out first, unless the client stopped
-            // reading and the buffer is full of undeliverable messages.
+        if code.is_some() && self.session.is_some() {
+            // Acks already encoded go out first (MQTT 3.1.1 clients too,
+            // which get no DISCONNECT), unless the client stopped reading
+            // and the buffer is full of undeliverable messages.
             if self.wbuf.len() > KEEP_WBUF {
                 self.wbuf.clear();
             }
-            self.send(&disconnect);
+            if let Some(disconnect) = code.and_then(|c| self.core.disconnect(c)) {
+                self.send(&disconnect);
+            }
             let _ = tokio::time::timeout(Duration::from_secs(1), self.write_out()).await;
         }
         let _ = tokio::time::timeout(Duration::from_secs(1), self.stream.shutdown()).await;
@@ -1322,6 +1334,31 @@ impl<S: Transport> Connection<S> {
         } else if let Some(op) = self.inner.session_put_op(&session) {
             self.inner.submit(vec![op]);
         }
+    }
+
+    /// After we closed the connection for the client's fault (our
+    /// DISCONNECT is written and our side shut down): read and discard what
+    /// the client still sends, until it closes too, for at most [`LINGER`]
+    /// and [`LINGER_BYTES`]. Closing a socket with unread data makes the
+    /// kernel answer with a reset, and a client that gets the reset while
+    /// still writing (a burst past our Receive Maximum, say) may never read
+    /// the DISCONNECT that says why.
+    async fn linger(&mut self) {
+        let deadline = Instant::now() + LINGER;
+        let mut discarded = 0;
+        while discarded < LINGER_BYTES {
+            self.rbuf.clear();
+            match tokio::time::timeout_at(
+                deadline,
+                self.stream.read_some(&mut self.rbuf, READ_CHUNK),
+            )
+            .await
+            {
+                Ok(Ok(n)) if n > 0 => discarded += n,
+                _ => break,
+            }
+        }
+        self.rbuf = BytesMut::new();
     }
 
     /// Publish the will now or after its delay (see [`SessionTimers`]).
