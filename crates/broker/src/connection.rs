@@ -107,6 +107,9 @@ pub(crate) struct Connection<S: Transport> {
     /// The connection is counted in the per-IP connection limit (released
     /// on drop).
     ip_counted: bool,
+    /// The CONNECT counted toward its client id's flapping limit (taken
+    /// back if the client ends the connection with DISCONNECT).
+    flap_counted: bool,
     scratch: Vec<Delivery>,
     /// Publish rate limiter, allocated only when a rate is configured.
     publish_limit: Option<Box<PublishLimiter>>,
@@ -282,6 +285,7 @@ pub(crate) fn serve<S: Transport>(
         more_pending: false,
         admit,
         ip_counted,
+        flap_counted: false,
         scratch: Vec::new(),
         publish_limit: None,
         baseline: None,
@@ -650,6 +654,7 @@ impl<S: Transport> Connection<S> {
             self.refuse_connect(reason::BANNED).await;
             return Err(End::Lost);
         }
+        self.flap_counted = assigned.is_none();
         if cfg.max_publish_rate > 0 {
             self.publish_limit = Some(Box::new(PublishLimiter::new(
                 cfg.max_publish_rate,
@@ -1157,6 +1162,14 @@ impl<S: Transport> Connection<S> {
                 .core
                 .subscription_options(shared, opts)
                 .map_err(|Close(code)| End::Server(code))?;
+            if crate::protocol::refused_subscription(
+                &self.inner.config.refused_subscriptions,
+                &filter,
+            ) {
+                Metrics::inc(&self.inner.metrics.subscriptions_refused);
+                codes.push(self.core.suback_code(Granted::Refused));
+                continue;
+            }
             if !self
                 .inner
                 .authz
@@ -1247,6 +1260,11 @@ impl<S: Transport> Connection<S> {
     /// After the packet loop: tell the client why (MQTT 5), publish the will
     /// if due, and detach from the session (ending it if it does not persist).
     async fn finish(&mut self, end: End) {
+        if self.flap_counted && matches!(end, End::ClientDisconnect { .. }) {
+            // Before the socket closes: a client that reconnects once it
+            // sees the close finds this connection already let off.
+            self.inner.limits.client_left_cleanly(&self.client_id);
+        }
         // Acknowledgements still waiting for the platform are dropped. A
         // QoS 2 message among them is forgotten: the client resends it after
         // reconnecting, and it must be stored then, not acknowledged as known.

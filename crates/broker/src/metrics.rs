@@ -47,6 +47,7 @@ counters! {
     publishes_rate_limited: "PUBLISH packets refused (QoS 1/2, 0x97) or dropped (QoS 0, MQTT 3.1.1) for exceeding mqtt.max_publish_rate",
     rate_limit_disconnects: "clients disconnected (0x96) for persistently exceeding mqtt.max_publish_rate",
     subscriptions_quota_exceeded: "subscriptions refused (0x97) because the session reached mqtt.max_subscriptions_per_session",
+    subscriptions_refused: "SUBSCRIBE filters refused (0x80) because mqtt.refused_subscriptions covers them",
     bans_issued: "administrative bans (Broker::ban_ip, ban_client, ban_device)",
     bans_automatic: "automatic bans: repeated failed authentications from one IP, or connect flapping of one client id",
     clients_kicked: "connections closed by an administrative kick or ban (DISCONNECT 0x98)",

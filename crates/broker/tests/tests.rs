@@ -15,3 +15,6 @@ mod driver;
 
 #[path = "tests/ordering.rs"]
 mod ordering;
+
+#[path = "tests/refusals.rs"]
+mod refusals;
