@@ -1238,6 +1238,12 @@ impl<S: Transport> Connection<S> {
         Ok(())
     }
 
+    /// The trie changes before anything is awaited, so a message another
+    /// connection routes once this UNSUBSCRIBE was handled no longer comes
+    /// here (MQTT 5 §3.10.4: stop adding new messages). Messages already
+    /// routed to the session (waiting behind the client's Receive Maximum,
+    /// or in flight) are still delivered: the specification allows it, and
+    /// QoS 1/2 ones were accepted for this session (and may be stored).
     async fn on_unsubscribe(&mut self, u: Unsubscribe) -> Result<(), End> {
         let session = self.session.clone().ok_or(End::Lost)?;
         let mut codes = Vec::with_capacity(u.filters.len());

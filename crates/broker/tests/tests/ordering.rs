@@ -269,3 +269,60 @@ async fn no_local_set_by_a_subscribe_applies_to_the_next_own_publish() {
         );
     }
 }
+
+/// What was routed before the UNSUBSCRIBE stays owed (MQTT 5 §3.10.4: the
+/// server MAY deliver messages already buffered for the client): messages
+/// waiting behind a full Receive Maximum still arrive after UNSUBACK. What is
+/// published after it was read does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_buffered_before_unsubscribe_are_still_delivered_later_ones_are_not() {
+    let b = broker().await;
+    let mut other = Raw::connect(b.addr, v5("other")).await;
+    other.subscribe(1, "sync/#", QoS::AtMostOnce).await;
+    let mut c = v5("slow");
+    c.properties.receive_maximum = Some(1);
+    let mut sub = Raw::connect(b.addr, c).await;
+    sub.send(&subscribe(1, &["buf/0", "buf/1"], QoS::AtLeastOnce, false))
+        .await;
+    assert!(matches!(sub.recv().await, Packet::SubAck(_)));
+    for (pid, m) in [(1, "a"), (2, "b"), (3, "c")] {
+        other
+            .send(&publish("buf/0", QoS::AtLeastOnce, pid, m))
+            .await;
+        assert_eq!(other.expect_puback(pid).await, reason::SUCCESS);
+    }
+    // "a" is in flight (window of one); "b" and "c" wait in the session.
+    let a = match sub.recv().await {
+        Packet::Publish(p) => p,
+        other => panic!("expected PUBLISH, got {other:?}"),
+    };
+    assert_eq!(a.payload, "a".as_bytes());
+    sub.send_all(&[
+        unsubscribe(2, "buf/0"),
+        publish("sync/slow", QoS::AtMostOnce, 0, "left"),
+        Packet::PubAck(PubResponse::new(a.packet_id.expect("pid"), 0)),
+    ])
+    .await;
+    await_sync(&mut other, "left").await;
+    other
+        .send(&publish("buf/0", QoS::AtLeastOnce, 4, "d"))
+        .await;
+    assert_eq!(
+        other.expect_puback(4).await,
+        reason::NO_MATCHING_SUBSCRIBERS
+    );
+    other
+        .send(&publish("buf/1", QoS::AtLeastOnce, 5, "end"))
+        .await;
+    other.expect_puback(5).await;
+    let seen = read_until_marker(&mut sub, "end").await;
+    assert!(matches!(seen[0], Packet::UnsubAck(_)), "{seen:?}");
+    assert_eq!(
+        publishes(&seen),
+        [
+            ("buf/0".to_string(), "b".to_string()),
+            ("buf/0".to_string(), "c".to_string()),
+            ("buf/1".to_string(), "end".to_string())
+        ]
+    );
+}
