@@ -1241,19 +1241,31 @@ impl<S: Transport> Connection<S> {
     /// The trie changes before anything is awaited, so a message another
     /// connection routes once this UNSUBSCRIBE was handled no longer comes
     /// here (MQTT 5 §3.10.4: stop adding new messages). Messages already
-    /// routed to the session (waiting behind the client's Receive Maximum,
-    /// or in flight) are still delivered: the specification allows it, and
-    /// QoS 1/2 ones were accepted for this session (and may be stored).
+    /// routed to the session but not yet sent are dropped unless another
+    /// subscription of the session wants them (the specification leaves it
+    /// open): after UNSUBACK the client gets nothing more on the topics it
+    /// left, except the completion of QoS 1/2 messages already in flight.
     async fn on_unsubscribe(&mut self, u: Unsubscribe) -> Result<(), End> {
         let session = self.session.clone().ok_or(End::Lost)?;
         let mut codes = Vec::with_capacity(u.filters.len());
+        let mut removed = false;
         for filter in &u.filters {
             let existed = self.inner.unsubscribe(&session, filter);
+            removed |= existed;
             codes.push(if existed {
                 reason::SUCCESS
             } else {
                 reason::NO_SUBSCRIPTION_EXISTED
             });
+        }
+        if removed {
+            let dropped = self.inner.drop_unwanted_queued(&session);
+            if dropped > 0 {
+                Metrics::add(
+                    &self.inner.metrics.messages_dropped_unsubscribed,
+                    dropped as u64,
+                );
+            }
         }
         if let Some(op) = self.inner.session_put_op(&session) {
             let _ = self.inner.commit(vec![op]).await;

@@ -34,6 +34,7 @@ counters! {
     messages_dropped_queue_full: "messages dropped because a session queue was full",
     messages_dropped_too_large: "messages not sent because they exceed the client's maximum packet size",
     messages_expired: "messages dropped because their message expiry interval elapsed",
+    messages_dropped_unsubscribed: "queued messages not sent because the client unsubscribed from their topic before they went out",
     malformed_packets: "connections closed for a malformed packet or protocol error",
     keepalive_timeouts: "connections closed because the keep-alive elapsed",
     sessions_taken_over: "sessions taken over by a new connection with the same client id",

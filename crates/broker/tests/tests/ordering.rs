@@ -270,12 +270,12 @@ async fn no_local_set_by_a_subscribe_applies_to_the_next_own_publish() {
     }
 }
 
-/// What was routed before the UNSUBSCRIBE stays owed (MQTT 5 §3.10.4: the
-/// server MAY deliver messages already buffered for the client): messages
-/// waiting behind a full Receive Maximum still arrive after UNSUBACK. What is
-/// published after it was read does not.
+/// MQTT 5 §3.10.4 leaves open whether messages already buffered for the
+/// client are still delivered after an UNSUBSCRIBE; m2mhub drops the ones
+/// not yet sent (here waiting behind a full Receive Maximum) and completes
+/// the one in flight, so after UNSUBACK nothing new arrives on the topic.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn messages_buffered_before_unsubscribe_are_still_delivered_later_ones_are_not() {
+async fn unsubscribe_drops_messages_queued_for_the_topic_and_completes_the_one_in_flight() {
     let b = broker().await;
     let mut other = Raw::connect(b.addr, v5("other")).await;
     other.subscribe(1, "sync/#", QoS::AtMostOnce).await;
@@ -317,12 +317,100 @@ async fn messages_buffered_before_unsubscribe_are_still_delivered_later_ones_are
     other.expect_puback(5).await;
     let seen = read_until_marker(&mut sub, "end").await;
     assert!(matches!(seen[0], Packet::UnsubAck(_)), "{seen:?}");
+    assert_eq!(publishes(&seen), [("buf/1".to_string(), "end".to_string())]);
+    assert_eq!(b.counter("messages_dropped_unsubscribed"), 2);
+}
+
+/// A subscriber under a continuous stream of QoS 0 messages (its queue
+/// full of them) leaves the topic: its UNSUBSCRIBE is read and answered
+/// while the stream goes on, and after the UNSUBACK not one more message of
+/// the stream reaches it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooded_subscriber_gets_nothing_of_the_stream_after_unsuback() {
+    let b = broker().await;
+    let mut sub = Raw::connect(b.addr, v5("flooded")).await;
+    sub.subscribe(1, "flood/#", QoS::AtMostOnce).await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flooder = {
+        let stop = stop.clone();
+        let addr = b.addr;
+        tokio::spawn(async move {
+            let mut p = Raw::connect(addr, v5("flooder")).await;
+            let mut burst = Vec::new();
+            for i in 0..200 {
+                burst.push(publish("flood/x", QoS::AtMostOnce, 0, &format!("m{i}")));
+            }
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                p.send_all(&burst).await;
+            }
+        })
+    };
+    // The stream is flowing.
+    for _ in 0..100 {
+        assert!(matches!(sub.recv().await, Packet::Publish(_)));
+    }
+    sub.send(&unsubscribe(2, "flood/#")).await;
+    let mut after = 0u64;
+    loop {
+        match sub.recv().await {
+            Packet::UnsubAck(a) => {
+                assert_eq!(a.packet_id, 2);
+                break;
+            }
+            Packet::Publish(_) => after += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    // Still flooding, but nothing reaches the client after the UNSUBACK:
+    // what was queued for it was dropped with the subscription.
+    sub.send(&Packet::PingReq).await;
+    match sub.recv().await {
+        Packet::PingResp => {}
+        other => panic!("a message after the UNSUBACK: {other:?}"),
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    flooder.await.expect("flooder");
+    println!("{after} messages after the UNSUBSCRIBE was sent");
+}
+
+/// Queued messages another subscription of the session still matches are
+/// kept when one filter is left: only what nobody in the session wants goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsubscribe_keeps_queued_messages_another_subscription_wants() {
+    let b = broker().await;
+    let mut other = Raw::connect(b.addr, v5("other")).await;
+    let mut c = v5("overlap");
+    c.properties.receive_maximum = Some(1);
+    let mut sub = Raw::connect(b.addr, c).await;
+    sub.send(&subscribe(1, &["ov/a", "ov/#"], QoS::AtLeastOnce, false))
+        .await;
+    assert!(matches!(sub.recv().await, Packet::SubAck(_)));
+    for (pid, m) in [(1, "a"), (2, "b"), (3, "c")] {
+        other.send(&publish("ov/a", QoS::AtLeastOnce, pid, m)).await;
+        assert_eq!(other.expect_puback(pid).await, reason::SUCCESS);
+    }
+    let a = match sub.recv().await {
+        Packet::Publish(p) => p,
+        other => panic!("expected PUBLISH, got {other:?}"),
+    };
+    sub.send_all(&[
+        unsubscribe(2, "ov/a"),
+        Packet::PubAck(PubResponse::new(a.packet_id.expect("pid"), 0)),
+    ])
+    .await;
+    other
+        .send(&publish("ov/z", QoS::AtLeastOnce, 4, "end"))
+        .await;
+    other.expect_puback(4).await;
+    let seen = read_until_marker(&mut sub, "end").await;
+    assert!(matches!(seen[0], Packet::UnsubAck(_)), "{seen:?}");
     assert_eq!(
         publishes(&seen),
         [
-            ("buf/0".to_string(), "b".to_string()),
-            ("buf/0".to_string(), "c".to_string()),
-            ("buf/1".to_string(), "end".to_string())
+            ("ov/a".to_string(), "b".to_string()),
+            ("ov/a".to_string(), "c".to_string()),
+            ("ov/z".to_string(), "end".to_string())
         ]
     );
+    assert_eq!(b.counter("messages_dropped_unsubscribed"), 0);
 }
