@@ -135,17 +135,21 @@ async fn will_waits_for_its_delay_and_a_reconnect_cancels_it() {
     watcher.expect_nothing().await;
 }
 
-/// Send `qos2` QoS 2 PUBLISHes (never released) in one write, then keep
-/// writing about 2 MiB more, as a client that does not look at what comes
+/// Send `qos2` QoS 2 PUBLISHes (never released) and 128 KiB more in one
+/// write, then keep writing about 2 MiB more, as a client that does not look at what comes
 /// back would. Every write must succeed: the broker keeps reading after it
 /// closed its side, so the client is not reset mid-write.
 async fn overrun(c: &mut Raw, qos2: u16) {
+    let filler = "f".repeat(16 * 1024);
+    // The burst and more behind it in one write.
     let mut burst = Vec::new();
     for pid in 1..=qos2 {
         burst.push(publish("burst/t", QoS::ExactlyOnce, pid, "x"));
     }
+    for _ in 0..8 {
+        burst.push(publish("burst/t", QoS::AtMostOnce, 0, &filler));
+    }
     c.send_all(&burst).await;
-    let filler = "f".repeat(16 * 1024);
     let mut bytes = bytes::BytesMut::new();
     mqtt_codec::encode(
         &publish("burst/t", QoS::AtMostOnce, 0, &filler),
