@@ -1220,6 +1220,16 @@ impl<S: Transport> Connection<S> {
                 }
             }
         }
+        // The retained messages join the queue now, not after the store's
+        // commit below: messages routed to the new subscription meanwhile
+        // are newer than them and must not be overtaken by an older
+        // retained value. They still go out after the SUBACK, which is
+        // encoded before the queue is next drained.
+        let mut ops = Vec::new();
+        for out in retained {
+            self.inner.enqueue(&session, out, &mut ops, &mut None);
+        }
+        self.inner.submit(ops);
         if let Some(op) = self.inner.session_put_op(&session) {
             if self.inner.commit(vec![op]).await.is_err() {
                 tracing::error!(client_id = %self.client_id, "cannot persist subscriptions");
@@ -1230,11 +1240,6 @@ impl<S: Transport> Connection<S> {
             properties: AckProperties::default(),
             reason_codes: codes,
         }));
-        let mut ops = Vec::new();
-        for out in retained {
-            self.inner.enqueue(&session, out, &mut ops, &mut None);
-        }
-        self.inner.submit(ops);
         Ok(())
     }
 
