@@ -589,6 +589,9 @@ impl Inner {
             }
         }
         if dropped > 0 {
+            // Nor does what was queued for them still go out.
+            let unsent = self.drop_unwanted_queued(session);
+            Metrics::add(&self.metrics.messages_dropped_unsubscribed, unsent as u64);
             if let Some(op) = self.session_put_op(session) {
                 self.submit(vec![op]);
             }
@@ -1027,6 +1030,53 @@ impl Inner {
         let existed = session.state.lock().subscriptions.remove(filter).is_some();
         let in_tree = self.tree.write().unsubscribe(filter, session.id);
         existed || in_tree
+    }
+
+    /// After subscriptions were removed: drop the session's queued messages
+    /// (routed, not yet sent) that no remaining subscription wants, so that
+    /// nothing on a topic the client left reaches it after UNSUBACK. MQTT 5
+    /// §3.10.4 lets a server deliver such buffered messages or not; a client
+    /// that left a busy topic would otherwise still get up to a whole queue
+    /// of it. Messages in flight (sending started) are completed as the
+    /// specification requires. Returns how many were dropped.
+    pub fn drop_unwanted_queued(&self, session: &Session) -> usize {
+        let mut forget = Vec::new();
+        let dropped = {
+            let mut st = session.state.lock();
+            let crate::session::SessionState {
+                queue,
+                subscriptions,
+                ..
+            } = &mut *st;
+            let before = queue.len();
+            queue.retain(|o| {
+                let wanted = match &o.share {
+                    // Routed through `$share/{group}/{filter}` ("group/filter").
+                    Some(g) => subscriptions.contains_key(&format!("$share/{g}")),
+                    None => subscriptions.keys().any(|f| {
+                        mqtt_codec::topic::parse_shared(f).is_none()
+                            && mqtt_codec::topic::matches(f, &o.msg.topic)
+                    }),
+                };
+                if !wanted {
+                    forget.extend(o.seq);
+                }
+                wanted
+            });
+            before - queue.len()
+        };
+        if !forget.is_empty() {
+            self.submit(
+                forget
+                    .into_iter()
+                    .map(|seq| Op::Ack {
+                        client_id: session.client_id.to_string(),
+                        seq,
+                    })
+                    .collect(),
+            );
+        }
+        dropped
     }
 
     /// Write a persistent session's metadata and subscriptions.

@@ -38,6 +38,16 @@ pub struct BrokerConfig {
     pub retain_available: bool,
     /// Maximum connections in total (0 = unlimited).
     pub max_connections: usize,
+    /// Topic filters no client may subscribe to, whoever it is. A SUBSCRIBE
+    /// filter that one of these matches (their wildcards match levels of
+    /// the requested filter: `test/#` refuses `test/a`, `test/+` and
+    /// `test/#`) is answered 0x80 Unspecified error, under MQTT 3.1.1 and 5
+    /// alike. Not access control: a wider filter (`#`) is not refused and
+    /// still receives these topics; device policies (the authorizer) are
+    /// for that. For retiring a topic, and for interoperability suites that
+    /// check how a refused SUBSCRIBE is answered.
+    /// Config key: `mqtt.refused_subscriptions` (default empty).
+    pub refused_subscriptions: Vec<String>,
 
     // --- DoS resistance (see `limits.rs` and `ban.rs`) ---------------------
     /// Open connections per source IP (IPv6: per /64 prefix); a connection
@@ -85,7 +95,11 @@ pub struct BrokerConfig {
     /// Config key: `mqtt.auth_failure_window_secs` (default 60).
     pub auth_failure_window: Duration,
     /// Successful CONNECTs of one client id within `flapping_window` above
-    /// which the client id is banned (connect/disconnect flapping). 0 = never.
+    /// which the client id is banned (connect/disconnect flapping). A
+    /// connection the client ends with its own DISCONNECT does not count:
+    /// flapping is connections that drop or take each other over, and a
+    /// client that reconnects politely is held by the connection rates
+    /// instead. 0 = never.
     /// Config key: `mqtt.max_connects_per_client_id` (default 20).
     pub max_connects_per_client_id: u32,
     /// Window for `max_connects_per_client_id`.
@@ -109,6 +123,7 @@ impl Default for BrokerConfig {
             sys_interval: Duration::from_secs(10),
             retain_available: true,
             max_connections: 0,
+            refused_subscriptions: Vec::new(),
             max_connections_per_ip: 100,
             max_connect_rate: 0,
             max_connect_rate_per_ip: 20,
@@ -195,6 +210,14 @@ impl BrokerConfig {
                 "mqtt.auth_failure_window_secs",
                 "must be at least 1 second (default 60)",
             );
+        }
+        for f in &self.refused_subscriptions {
+            if mqtt_codec::topic::validate_topic_filter(f).is_err() {
+                return Err(ConfigError {
+                    key: "mqtt.refused_subscriptions",
+                    reason: format!("{f:?} is not a valid topic filter"),
+                });
+            }
         }
         if self.flapping_window.is_zero() {
             return err(

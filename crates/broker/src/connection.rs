@@ -58,6 +58,12 @@ const ADMIT_CLOSE: u8 = 0xFF;
 /// (banned, over the connection rate): just long enough to answer it.
 const REFUSE_WAIT: Duration = Duration::from_secs(3);
 
+/// How long a connection we closed for the client's fault keeps reading
+/// (and discarding) what the client still sends; see `Connection::linger`.
+const LINGER: Duration = Duration::from_secs(2);
+/// Most bytes discarded while lingering.
+const LINGER_BYTES: usize = 4 * 1024 * 1024;
+
 /// Why the packet loop stopped.
 #[derive(Debug)]
 enum End {
@@ -101,6 +107,9 @@ pub(crate) struct Connection<S: Transport> {
     /// The connection is counted in the per-IP connection limit (released
     /// on drop).
     ip_counted: bool,
+    /// The CONNECT counted toward its client id's flapping limit (taken
+    /// back if the client ends the connection with DISCONNECT).
+    flap_counted: bool,
     scratch: Vec<Delivery>,
     /// Publish rate limiter, allocated only when a rate is configured.
     publish_limit: Option<Box<PublishLimiter>>,
@@ -276,6 +285,7 @@ pub(crate) fn serve<S: Transport>(
         more_pending: false,
         admit,
         ip_counted,
+        flap_counted: false,
         scratch: Vec::new(),
         publish_limit: None,
         baseline: None,
@@ -288,7 +298,11 @@ pub(crate) fn serve<S: Transport>(
 impl<S: Transport> Connection<S> {
     async fn serve(mut self: Box<Self>) {
         let end = self.run().await;
+        let linger = matches!(end, End::Server(_));
         Box::pin(self.finish(end)).await;
+        if linger {
+            Box::pin(self.linger()).await;
+        }
         let inner = self.inner.clone();
         drop(self);
         if inner.connections.fetch_sub(1, Ordering::SeqCst) == 1 {
@@ -351,6 +365,16 @@ impl<S: Transport> Connection<S> {
         };
         if let Err(end) = Box::pin(self.accept_connect(connect)).await {
             return end;
+        }
+        // Packets the client sent right behind its CONNECT (without waiting
+        // for CONNACK) may already be in the read buffer: handle them now.
+        // Waiting for the socket to be readable again would leave a
+        // SUBSCRIBE or UNSUBSCRIBE unapplied while other clients' messages
+        // are routed, for as long as this client stays quiet.
+        if !self.rbuf.is_empty() {
+            if let Err(end) = Box::pin(self.process_input()).await {
+                return end;
+            }
         }
         loop {
             if self.inner.shutting_down.load(Ordering::SeqCst) {
@@ -630,6 +654,7 @@ impl<S: Transport> Connection<S> {
             self.refuse_connect(reason::BANNED).await;
             return Err(End::Lost);
         }
+        self.flap_counted = assigned.is_none();
         if cfg.max_publish_rate > 0 {
             self.publish_limit = Some(Box::new(PublishLimiter::new(
                 cfg.max_publish_rate,
@@ -1137,6 +1162,14 @@ impl<S: Transport> Connection<S> {
                 .core
                 .subscription_options(shared, opts)
                 .map_err(|Close(code)| End::Server(code))?;
+            if crate::protocol::refused_subscription(
+                &self.inner.config.refused_subscriptions,
+                &filter,
+            ) {
+                Metrics::inc(&self.inner.metrics.subscriptions_refused);
+                codes.push(self.core.suback_code(Granted::Refused));
+                continue;
+            }
             if !self
                 .inner
                 .authz
@@ -1187,6 +1220,16 @@ impl<S: Transport> Connection<S> {
                 }
             }
         }
+        // The retained messages join the queue now, not after the store's
+        // commit below: messages routed to the new subscription meanwhile
+        // are newer than them and must not be overtaken by an older
+        // retained value. They still go out after the SUBACK, which is
+        // encoded before the queue is next drained.
+        let mut ops = Vec::new();
+        for out in retained {
+            self.inner.enqueue(&session, out, &mut ops, &mut None);
+        }
+        self.inner.submit(ops);
         if let Some(op) = self.inner.session_put_op(&session) {
             if self.inner.commit(vec![op]).await.is_err() {
                 tracing::error!(client_id = %self.client_id, "cannot persist subscriptions");
@@ -1197,24 +1240,37 @@ impl<S: Transport> Connection<S> {
             properties: AckProperties::default(),
             reason_codes: codes,
         }));
-        let mut ops = Vec::new();
-        for out in retained {
-            self.inner.enqueue(&session, out, &mut ops, &mut None);
-        }
-        self.inner.submit(ops);
         Ok(())
     }
 
+    /// The trie changes before anything is awaited, so a message another
+    /// connection routes once this UNSUBSCRIBE was handled no longer comes
+    /// here (MQTT 5 §3.10.4: stop adding new messages). Messages already
+    /// routed to the session but not yet sent are dropped unless another
+    /// subscription of the session wants them (the specification leaves it
+    /// open): after UNSUBACK the client gets nothing more on the topics it
+    /// left, except the completion of QoS 1/2 messages already in flight.
     async fn on_unsubscribe(&mut self, u: Unsubscribe) -> Result<(), End> {
         let session = self.session.clone().ok_or(End::Lost)?;
         let mut codes = Vec::with_capacity(u.filters.len());
+        let mut removed = false;
         for filter in &u.filters {
             let existed = self.inner.unsubscribe(&session, filter);
+            removed |= existed;
             codes.push(if existed {
                 reason::SUCCESS
             } else {
                 reason::NO_SUBSCRIPTION_EXISTED
             });
+        }
+        if removed {
+            let dropped = self.inner.drop_unwanted_queued(&session);
+            if dropped > 0 {
+                Metrics::add(
+                    &self.inner.metrics.messages_dropped_unsubscribed,
+                    dropped as u64,
+                );
+            }
         }
         if let Some(op) = self.inner.session_put_op(&session) {
             let _ = self.inner.commit(vec![op]).await;
@@ -1227,6 +1283,11 @@ impl<S: Transport> Connection<S> {
     /// After the packet loop: tell the client why (MQTT 5), publish the will
     /// if due, and detach from the session (ending it if it does not persist).
     async fn finish(&mut self, end: End) {
+        if self.flap_counted && matches!(end, End::ClientDisconnect { .. }) {
+            // Before the socket closes: a client that reconnects once it
+            // sees the close finds this connection already let off.
+            self.inner.limits.client_left_cleanly(&self.client_id);
+        }
         // Acknowledgements still waiting for the platform are dropped. A
         // QoS 2 message among them is forgotten: the client resends it after
         // reconnecting, and it must be stored then, not acknowledged as known.
@@ -1239,14 +1300,16 @@ impl<S: Transport> Connection<S> {
             End::Shutdown => Some(reason::SERVER_SHUTTING_DOWN),
             _ => None,
         };
-        let disconnect = code.and_then(|c| self.core.disconnect(c));
-        if let (Some(disconnect), true) = (disconnect, self.session.is_some()) {
-            // Acks already encoded go out first, unless the client stopped
-            // reading and the buffer is full of undeliverable messages.
+        if code.is_some() && self.session.is_some() {
+            // Acks already encoded go out first (MQTT 3.1.1 clients too,
+            // which get no DISCONNECT), unless the client stopped reading
+            // and the buffer is full of undeliverable messages.
             if self.wbuf.len() > KEEP_WBUF {
                 self.wbuf.clear();
             }
-            self.send(&disconnect);
+            if let Some(disconnect) = code.and_then(|c| self.core.disconnect(c)) {
+                self.send(&disconnect);
+            }
             let _ = tokio::time::timeout(Duration::from_secs(1), self.write_out()).await;
         }
         let _ = tokio::time::timeout(Duration::from_secs(1), self.stream.shutdown()).await;
@@ -1312,6 +1375,31 @@ impl<S: Transport> Connection<S> {
         } else if let Some(op) = self.inner.session_put_op(&session) {
             self.inner.submit(vec![op]);
         }
+    }
+
+    /// After we closed the connection for the client's fault (our
+    /// DISCONNECT is written and our side shut down): read and discard what
+    /// the client still sends, until it closes too, for at most [`LINGER`]
+    /// and [`LINGER_BYTES`]. Closing a socket with unread data makes the
+    /// kernel answer with a reset, and a client that gets the reset while
+    /// still writing (a burst past our Receive Maximum, say) may never read
+    /// the DISCONNECT that says why.
+    async fn linger(&mut self) {
+        let deadline = Instant::now() + LINGER;
+        let mut discarded = 0;
+        while discarded < LINGER_BYTES {
+            self.rbuf.clear();
+            match tokio::time::timeout_at(
+                deadline,
+                self.stream.read_some(&mut self.rbuf, READ_CHUNK),
+            )
+            .await
+            {
+                Ok(Ok(n)) if n > 0 => discarded += n,
+                _ => break,
+            }
+        }
+        self.rbuf = BytesMut::new();
     }
 
     /// Publish the will now or after its delay (see [`SessionTimers`]).

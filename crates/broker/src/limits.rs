@@ -294,6 +294,19 @@ impl Limits {
         false
     }
 
+    /// A connection of `client_id` counted by [`Limits::client_connected`]
+    /// ended with the client's own DISCONNECT: it does not count toward
+    /// flapping. (Should the window have started over in between, the new
+    /// window is let off one connect: lenient by one, never stricter.)
+    pub fn client_left_cleanly(&self, client_id: &Arc<str>) {
+        if self.flap_threshold == 0 {
+            return;
+        }
+        if let Some(w) = self.clients.shard(&**client_id).lock().get_mut(client_id) {
+            w.count = w.count.saturating_sub(1);
+        }
+    }
+
     /// Forget state that no longer constrains anything.
     pub fn purge(&self, now: Instant) {
         let (aw, fw) = (self.auth_window, self.flap_window);
@@ -410,6 +423,14 @@ mod tests {
         assert!(!l.client_connected(&id, Instant::now()));
         assert!(!l.client_connected(&id, Instant::now()));
         assert!(l.client_connected(&id, Instant::now()));
+        // Connections the client ended with DISCONNECT do not count.
+        for _ in 0..10 {
+            assert!(!l.client_connected(&id, Instant::now()));
+            l.client_left_cleanly(&id);
+        }
+        assert!(!l.client_connected(&id, Instant::now()));
+        assert!(!l.client_connected(&id, Instant::now()));
+        assert!(l.client_connected(&id, Instant::now()), "dropped ones do");
         tokio::time::advance(Duration::from_secs(61)).await;
         l.purge(Instant::now());
         assert_eq!(l.tracked(), (0, 0));

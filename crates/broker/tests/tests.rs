@@ -12,3 +12,9 @@ mod publish_hook;
 
 #[path = "tests/driver.rs"]
 mod driver;
+
+#[path = "tests/ordering.rs"]
+mod ordering;
+
+#[path = "tests/refusals.rs"]
+mod refusals;

@@ -62,6 +62,11 @@ sys_interval_secs = 10
 retain_available = true
 # Maximum simultaneous connections (0 = unlimited).
 max_connections = 0
+# Topic filters no client may subscribe to, e.g. ["test/nosubscribe", "retired/#"]:
+# a SUBSCRIBE they cover is answered 0x80 (MQTT 3.1.1 and 5). Not access
+# control: `#` still receives those topics (device policies decide access).
+# Environment: a comma-separated list.
+refused_subscriptions = []
 # Open connections per source IP (IPv6: per /64); 0 = unlimited.
 max_connections_per_ip = 100
 # Connection attempts per second, all clients together (0 = unlimited)...
@@ -79,6 +84,7 @@ max_subscriptions_per_session = 1000
 auth_failures_before_ban = 10
 auth_failure_window_secs = 60
 # Connections of one client id within flapping_window_secs that ban it (0 = never).
+# Connections the client ends with DISCONNECT do not count.
 max_connects_per_client_id = 20
 flapping_window_secs = 60
 ban_base_secs = 60
@@ -152,6 +158,7 @@ pub struct MqttSettings {
     pub sys_interval_secs: u32,
     pub retain_available: bool,
     pub max_connections: u32,
+    pub refused_subscriptions: Vec<String>,
     pub max_connections_per_ip: u32,
     pub max_connect_rate: u32,
     pub max_connect_rate_per_ip: u32,
@@ -247,6 +254,7 @@ impl Default for MqttSettings {
             sys_interval_secs: 10,
             retain_available: true,
             max_connections: 0,
+            refused_subscriptions: Vec::new(),
             max_connections_per_ip: 100,
             max_connect_rate: 0,
             max_connect_rate_per_ip: 20,
@@ -350,6 +358,15 @@ impl Settings {
                     "false" | "0" | "no" | "off" => toml::Value::Boolean(false),
                     _ => bail!("environment variable {name}: `{dotted}` must be true or false, got {value:?}"),
                 },
+                // A list: comma-separated, blanks around items ignored.
+                toml::Value::Array(_) => toml::Value::Array(
+                    value
+                        .split(',')
+                        .map(str::trim)
+                        .filter(|v| !v.is_empty())
+                        .map(|v| toml::Value::String(v.to_string()))
+                        .collect(),
+                ),
                 _ => toml::Value::String(value.clone()),
             };
             match section {
@@ -426,6 +443,7 @@ impl Settings {
             sys_interval: secs(m.sys_interval_secs),
             retain_available: m.retain_available,
             max_connections: m.max_connections as usize,
+            refused_subscriptions: m.refused_subscriptions.clone(),
             max_connections_per_ip: m.max_connections_per_ip as usize,
             max_connect_rate: m.max_connect_rate,
             max_connect_rate_per_ip: m.max_connect_rate_per_ip,
@@ -542,6 +560,20 @@ mod tests {
         assert_eq!(s.mqtt.max_packet_size, 5000);
         assert!(s.mqtt.allow_anonymous);
         assert_eq!(s.data_dir, PathBuf::from("/tmp/x"));
+        let s = Settings::load(
+            None,
+            &env(&[(
+                "M2MHUB_MQTT_REFUSED_SUBSCRIPTIONS",
+                "test/nosubscribe, retired/#",
+            )]),
+        )
+        .expect("load a list");
+        assert_eq!(
+            s.mqtt.refused_subscriptions,
+            ["test/nosubscribe", "retired/#"]
+        );
+        let v = s.validate().expect("valid");
+        assert_eq!(v.broker.refused_subscriptions, s.mqtt.refused_subscriptions);
     }
 
     #[test]
@@ -562,6 +594,13 @@ mod tests {
             .expect_err("zero")
             .to_string()
             .contains("receive_maximum"));
+        let mut s = Settings::default();
+        s.mqtt.refused_subscriptions = vec!["a/#/b".into()];
+        assert!(s
+            .validate()
+            .expect_err("bad filter")
+            .to_string()
+            .contains("mqtt.refused_subscriptions"));
         let mut s = Settings::default();
         s.mqtt.tls_cert = "c.pem".into();
         assert!(s

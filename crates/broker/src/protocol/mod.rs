@@ -198,6 +198,18 @@ pub(crate) enum Granted {
     NotAuthorized,
     /// The session holds the configured maximum of subscriptions.
     QuotaExceeded,
+    /// The filter is on the configured refusal list
+    /// (`mqtt.refused_subscriptions`, see [`refused_subscription`]).
+    Refused,
+}
+
+/// Whether the configured refusal list covers a requested SUBSCRIBE filter:
+/// a refused pattern's wildcards match levels of the requested filter, so
+/// `a/#` covers `a/b`, `a/+` and `a/#`, but not `#`.
+pub(crate) fn refused_subscription(refused: &[String], filter: &str) -> bool {
+    refused
+        .iter()
+        .any(|pattern| mqtt_codec::topic::matches(pattern, filter))
 }
 
 /// One packet taken from the session to send (see [`ConnState::fill`]).
@@ -474,6 +486,9 @@ impl ConnState {
     pub fn suback_code(&self, granted: Granted) -> u8 {
         match granted {
             Granted::Qos(q) => q as u8,
+            // The same code in both versions: MQTT 3.1.1 knows no other,
+            // and a refusal by configuration has no more specific one.
+            Granted::Refused => reason::UNSPECIFIED_ERROR,
             _ if !self.v5() => reason::UNSPECIFIED_ERROR,
             Granted::NotAuthorized => reason::NOT_AUTHORIZED,
             Granted::QuotaExceeded => reason::QUOTA_EXCEEDED,

@@ -645,3 +645,31 @@ fn negotiation_caps_keep_alive_and_session_expiry() {
     assert_eq!(p.session_expiry, 100);
     assert_eq!(p.client_alias_max, 0);
 }
+
+#[test]
+fn refused_subscriptions_cover_narrower_filters_and_answer_0x80_in_both_versions() {
+    let refused = vec!["test/nosubscribe".to_string(), "retired/#".to_string()];
+    for f in [
+        "test/nosubscribe",
+        "retired",
+        "retired/a",
+        "retired/+",
+        "retired/#",
+    ] {
+        assert!(refused_subscription(&refused, f), "{f}");
+    }
+    for f in [
+        "test/nosubscribe/x",
+        "test/+",
+        "#",
+        "+/nosubscribe",
+        "$SYS/retired",
+    ] {
+        assert!(!refused_subscription(&refused, f), "{f}");
+    }
+    assert!(!refused_subscription(&[], "a"));
+    for protocol in [Protocol::V5, Protocol::V311] {
+        let core = ConnState::new(params(protocol), Instant::now());
+        assert_eq!(core.suback_code(Granted::Refused), 0x80);
+    }
+}

@@ -127,6 +127,44 @@ impl Raw {
             .expect("write to broker");
     }
 
+    /// Send several packets with one write, as a client that does not wait
+    /// for acknowledgements does: they reach the broker together.
+    pub async fn send_all(&mut self, packets: &[Packet]) {
+        let mut buf = BytesMut::new();
+        for p in packets {
+            encode(p, self.protocol, &mut buf).expect("encode");
+        }
+        self.send_bytes(&buf).await;
+    }
+
+    /// Write without failing the test: the outcome is the test's to judge.
+    pub async fn try_write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        match tokio::time::timeout(WAIT, self.io.write_all(bytes)).await {
+            Ok(r) => r,
+            Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+        }
+    }
+
+    pub async fn send_bytes(&mut self, bytes: &[u8]) {
+        within("write", self.io.write_all(bytes))
+            .await
+            .expect("write to broker");
+    }
+
+    /// A TCP connection with nothing sent yet (for CONNECT pipelined with
+    /// other packets).
+    pub async fn tcp(addr: SocketAddr, protocol: Protocol) -> Raw {
+        let io = within("TCP connect", TcpStream::connect(addr))
+            .await
+            .expect("TCP connect");
+        io.set_nodelay(true).expect("nodelay");
+        Raw {
+            io,
+            rbuf: BytesMut::new(),
+            protocol,
+        }
+    }
+
     pub async fn next(&mut self, wait: Duration) -> Next {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
@@ -139,6 +177,31 @@ impl Raw {
             match tokio::time::timeout_at(deadline, self.io.read_buf(&mut self.rbuf)).await {
                 Err(_) => return Next::Timeout,
                 Ok(Ok(0)) | Ok(Err(_)) => return Next::Closed,
+                Ok(Ok(_)) => {}
+            }
+        }
+    }
+
+    /// Read packets until the broker closes the connection (within `WAIT`):
+    /// the packets, and how the stream ended — `Ok` for an orderly end of
+    /// stream (FIN), the error for a reset. Panics on timeout.
+    pub async fn read_until_closed(&mut self) -> (Vec<Packet>, std::io::Result<()>) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        let mut seen = Vec::new();
+        loop {
+            match decode(&mut self.rbuf, self.protocol, usize::MAX) {
+                Ok(Some(p)) => {
+                    seen.push(p);
+                    continue;
+                }
+                Ok(None) => {}
+                Err(e) => panic!("broker sent an undecodable packet: {e}"),
+            }
+            self.rbuf.reserve(64 * 1024);
+            match tokio::time::timeout_at(deadline, self.io.read_buf(&mut self.rbuf)).await {
+                Err(_) => panic!("connection still open after {WAIT:?}; saw {seen:?}"),
+                Ok(Ok(0)) => return (seen, Ok(())),
+                Ok(Err(e)) => return (seen, Err(e)),
                 Ok(Ok(_)) => {}
             }
         }

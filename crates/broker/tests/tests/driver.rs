@@ -134,3 +134,84 @@ async fn will_waits_for_its_delay_and_a_reconnect_cancels_it() {
     }
     watcher.expect_nothing().await;
 }
+
+/// Send `qos2` QoS 2 PUBLISHes (never released) and 128 KiB more in one
+/// write, then keep writing about 2 MiB more, as a client that does not look at what comes
+/// back would. Every write must succeed: the broker keeps reading after it
+/// closed its side, so the client is not reset mid-write.
+async fn overrun(c: &mut Raw, qos2: u16) {
+    let filler = "f".repeat(16 * 1024);
+    // The burst and more behind it in one write.
+    let mut burst = Vec::new();
+    for pid in 1..=qos2 {
+        burst.push(publish("burst/t", QoS::ExactlyOnce, pid, "x"));
+    }
+    for _ in 0..8 {
+        burst.push(publish("burst/t", QoS::AtMostOnce, 0, &filler));
+    }
+    c.send_all(&burst).await;
+    let mut bytes = bytes::BytesMut::new();
+    mqtt_codec::encode(
+        &publish("burst/t", QoS::AtMostOnce, 0, &filler),
+        c.protocol,
+        &mut bytes,
+    )
+    .expect("encode");
+    for i in 0..128 {
+        if let Err(e) = c.try_write(&bytes).await {
+            panic!("write {i} after the burst failed: {e} (the broker reset the connection)");
+        }
+    }
+}
+
+/// A QoS 2 burst past our Receive Maximum, the client still writing behind
+/// it: the client reads the PUBRECs, DISCONNECT 0x93 and then an orderly
+/// end of stream, never a reset (which can throw away the DISCONNECT before
+/// the client reads it, and fails the client's writes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receive_maximum_exceeded_sends_0x93_and_closes_without_a_reset() {
+    const RECEIVE_MAXIMUM: u16 = 4;
+    let b = TestBroker::start(|c| c.receive_maximum = RECEIVE_MAXIMUM).await;
+    let mut c = Raw::connect(b.addr, v5("greedy")).await;
+    overrun(&mut c, RECEIVE_MAXIMUM + 1).await;
+    let (seen, end) = c.read_until_closed().await;
+    let pubrecs: Vec<u16> = seen
+        .iter()
+        .filter_map(|p| match p {
+            Packet::PubRec(r) => Some(r.packet_id),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(pubrecs, (1..=RECEIVE_MAXIMUM).collect::<Vec<_>>());
+    match seen.last() {
+        Some(Packet::Disconnect(d)) => {
+            assert_eq!(d.reason_code, reason::RECEIVE_MAXIMUM_EXCEEDED)
+        }
+        other => panic!("expected DISCONNECT 0x93 last, got {other:?} in {seen:?}"),
+    }
+    if let Err(e) = end {
+        panic!("the connection ended with {e} instead of an orderly close");
+    }
+}
+
+/// The same for MQTT 3.1.1, which has no server DISCONNECT: the client gets
+/// the acknowledgements of what was accepted, then an orderly end of stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v311_receive_maximum_exceeded_closes_without_a_reset() {
+    let b = TestBroker::start(|c| c.receive_maximum = 2).await;
+    let mut c = Raw::connect(b.addr, crate::common::v3("greedy3")).await;
+    overrun(&mut c, 3).await;
+    let (seen, end) = c.read_until_closed().await;
+    let pubrecs: Vec<u16> = seen
+        .iter()
+        .filter_map(|p| match p {
+            Packet::PubRec(r) => Some(r.packet_id),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(pubrecs, [1, 2], "{seen:?}");
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    if let Err(e) = end {
+        panic!("the connection ended with {e} instead of an orderly close");
+    }
+}
