@@ -896,6 +896,8 @@ impl<S: Transport> Connection<S> {
     /// Decode and handle every complete packet in the read buffer.
     async fn process_input(&mut self) -> Result<(), End> {
         let max = self.inner.config.max_packet_size as usize;
+        // One clock read per batch of packets, not per packet.
+        let now = Instant::now();
         loop {
             if self.acks_full() {
                 // The rest waits in the read buffer until acknowledgements
@@ -903,7 +905,7 @@ impl<S: Transport> Connection<S> {
                 return Ok(());
             }
             match decode(&mut self.rbuf, self.core.params.protocol, max) {
-                Ok(Some(p)) => self.handle(p).await?,
+                Ok(Some(p)) => self.handle(p, now).await?,
                 Ok(None) => return Ok(()),
                 Err(e) => {
                     Metrics::inc(&self.inner.metrics.malformed_packets);
@@ -914,13 +916,23 @@ impl<S: Transport> Connection<S> {
         }
     }
 
-    async fn handle(&mut self, packet: Packet) -> Result<(), End> {
+    async fn handle(&mut self, packet: Packet, now: Instant) -> Result<(), End> {
         let session = self.session.as_deref().ok_or(End::Lost)?;
-        let now = Instant::now();
-        if matches!(packet, Packet::Publish(_)) {
-            // Counted before validation, invalid ones too.
-            Metrics::inc(&self.inner.metrics.messages_received);
-        }
+        // The hot path: a PUBLISH is checked in place and goes straight to
+        // routing (no trip of the packet through the core's `Input`).
+        let packet = match packet {
+            Packet::Publish(mut p) => {
+                // Counted before validation, invalid ones too.
+                Metrics::inc(&self.inner.metrics.messages_received);
+                let r = match self.core.accept_publish(now, &mut p) {
+                    Ok(()) => self.on_publish(p, now).await,
+                    Err(Close(code)) => Err(End::Server(code)),
+                };
+                self.drain_core();
+                return r;
+            }
+            other => other,
+        };
         let input = self
             .core
             .handle_input(now, packet, session)

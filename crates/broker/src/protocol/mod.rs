@@ -321,7 +321,10 @@ impl ConnState {
     ) -> Result<Input, Close> {
         self.keep_alive.on_receive(now);
         match packet {
-            Packet::Publish(p) => self.check_publish(p).map(Input::Publish),
+            Packet::Publish(mut p) => {
+                self.check_publish(&mut p)?;
+                Ok(Input::Publish(p))
+            }
             Packet::PubAck(r) => Ok(delivered(on_puback(session, r.packet_id))),
             Packet::PubRec(r) => Ok(delivered(self.on_pubrec(session, &r))),
             Packet::PubRel(r) => {
@@ -349,7 +352,15 @@ impl ConnState {
     }
 
     /// Validate a PUBLISH and resolve its topic alias.
-    fn check_publish(&mut self, mut p: Publish) -> Result<Publish, Close> {
+    /// A PUBLISH from the client, checked and its topic alias resolved in
+    /// place: the driver's fast path (no moves of the packet through the
+    /// core; [`ConnState::handle_input`] does the same for the tests).
+    pub fn accept_publish(&mut self, now: Instant, p: &mut Publish) -> Result<(), Close> {
+        self.keep_alive.on_receive(now);
+        self.check_publish(p)
+    }
+
+    fn check_publish(&mut self, p: &mut Publish) -> Result<(), Close> {
         if self.v5() {
             if !p.properties.subscription_identifiers.is_empty() {
                 return Err(Close(reason::PROTOCOL_ERROR));
@@ -367,7 +378,7 @@ impl ConnState {
         if p.retain && !self.params.retain_available {
             return Err(Close(reason::RETAIN_NOT_SUPPORTED));
         }
-        Ok(p)
+        Ok(())
     }
 
     /// Record an incoming QoS 2 PUBLISH until its PUBREL. More unreleased
