@@ -931,6 +931,12 @@ impl<S: Transport> Connection<S> {
                 self.drain_core();
                 return r;
             }
+            Packet::PubAck(r) => {
+                if let Some(seq) = self.core.accept_puback(now, session, r.packet_id) {
+                    self.ack_store(Some(seq));
+                }
+                return Ok(());
+            }
             other => other,
         };
         let input = self

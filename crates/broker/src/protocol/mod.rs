@@ -360,6 +360,14 @@ impl ConnState {
         self.check_publish(p)
     }
 
+    /// A PUBACK for a QoS 1 message we sent, the driver's other fast
+    /// path (at QoS 1 there is one per message delivered): the store
+    /// sequence to drop, if any.
+    pub fn accept_puback(&mut self, now: Instant, session: &Session, id: u16) -> Option<u64> {
+        self.keep_alive.on_receive(now);
+        on_puback(session, id)
+    }
+
     fn check_publish(&mut self, p: &mut Publish) -> Result<(), Close> {
         if self.v5() {
             if !p.properties.subscription_identifiers.is_empty() {
