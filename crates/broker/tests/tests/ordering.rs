@@ -323,10 +323,11 @@ async fn unsubscribe_drops_messages_queued_for_the_topic_and_completes_the_one_i
 
 /// A subscriber under a continuous stream of QoS 0 messages (its queue
 /// full of them) leaves the topic: its UNSUBSCRIBE is read and answered
-/// while the stream goes on, and after the UNSUBACK not one more message of
-/// the stream reaches it.
+/// while the stream goes on, its queue is dropped with the subscription,
+/// and the stream stops right after the UNSUBACK (at most the few messages
+/// whose routing was under way when the subscription went).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_flooded_subscriber_gets_nothing_of_the_stream_after_unsuback() {
+async fn a_flooded_subscriber_stream_stops_at_the_unsuback() {
     let b = broker().await;
     let mut sub = Raw::connect(b.addr, v5("flooded")).await;
     sub.subscribe(1, "flood/#", QoS::AtMostOnce).await;
@@ -361,16 +362,32 @@ async fn a_flooded_subscriber_gets_nothing_of_the_stream_after_unsuback() {
             other => panic!("unexpected {other:?}"),
         }
     }
-    // Still flooding, but nothing reaches the client after the UNSUBACK:
-    // what was queued for it was dropped with the subscription.
+    // Still flooding. What was queued for the client was dropped with the
+    // subscription; a message the publisher's task had already matched when
+    // the subscription went (routing in flight, which MQTT 5 §3.10.4 lets the
+    // server finish) may still slip through, but the stream stops: within
+    // two PINGREQ round trips, and a third sees nothing but its PINGRESP.
+    let mut stragglers = 0u64;
+    for _ in 0..2 {
+        sub.send(&Packet::PingReq).await;
+        loop {
+            match sub.recv().await {
+                Packet::PingResp => break,
+                Packet::Publish(_) => stragglers += 1,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+    // Before the queue was dropped with the subscription, thousands came.
+    assert!(stragglers <= 16, "{stragglers} messages after the UNSUBACK");
     sub.send(&Packet::PingReq).await;
     match sub.recv().await {
         Packet::PingResp => {}
-        other => panic!("a message after the UNSUBACK: {other:?}"),
+        other => panic!("the stream did not stop after the UNSUBACK: {other:?}"),
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     flooder.await.expect("flooder");
-    println!("{after} messages after the UNSUBSCRIBE was sent");
+    println!("{after} messages after the UNSUBSCRIBE was sent, {stragglers} in flight after the UNSUBACK");
 }
 
 /// Queued messages another subscription of the session still matches are
