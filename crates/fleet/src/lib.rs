@@ -47,7 +47,7 @@ pub use store::FleetStore;
 
 use m2mhub_identity::{now_ms, DeviceRemoval, Registry};
 use parking_lot::{Condvar, Mutex, RwLock};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -87,7 +87,7 @@ pub(crate) struct Shared {
     pub commands: Mutex<command::CommandBook>,
     /// Every shadow by (device, name); updates are serialized by this lock
     /// and written through to the store before they are acknowledged.
-    pub shadows: Mutex<HashMap<(String, String), Shadow>>,
+    pub shadows: Mutex<shadow::ShadowBook>,
     pub wake: Condvar,
     /// Serializes flushes so batches reach the store in order.
     pub flush_lock: Mutex<()>,
@@ -131,11 +131,7 @@ impl Fleet {
     pub fn with_store(store: Box<dyn FleetStore>, identity: Registry) -> Result<Fleet> {
         let snap = store.load()?;
         let rules = snap.rules.into_iter().map(|r| (r.id.clone(), r)).collect();
-        let shadows = snap
-            .shadows
-            .into_iter()
-            .map(|s| ((s.device_id.clone(), s.name.clone()), s))
-            .collect();
+        let shadows = shadow::ShadowBook::load(snap.shadows);
         let shared = Arc::new(Shared {
             store,
             identity: identity.clone(),
@@ -197,7 +193,7 @@ impl DeviceRemoval for Shared {
         self.forget_device_events(device_id);
         self.alarms.lock().forget_device(device_id);
         self.commands.lock().forget_device(device_id);
-        self.shadows.lock().retain(|(d, _), _| d != device_id);
+        self.shadows.lock().forget_device(device_id);
         Ok(())
     }
 }

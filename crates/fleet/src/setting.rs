@@ -133,16 +133,18 @@ impl Fleet {
         {
             let mut shadows = s.shadows.lock();
             for d in &targets {
-                let key = (d.clone(), shadow_name.to_string());
-                match shadow::apply(
-                    shadows.get(&key),
-                    tenant,
-                    d,
-                    shadow_name,
-                    &update,
-                    ShadowWriter::Platform,
-                    now,
-                ) {
+                let applied = shadows.check_room(d, shadow_name).and_then(|()| {
+                    shadow::apply(
+                        shadows.get(d, shadow_name),
+                        tenant,
+                        d,
+                        shadow_name,
+                        &update,
+                        ShadowWriter::Platform,
+                        now,
+                    )
+                });
+                match applied {
                     Ok(c) => changes.push(c),
                     Err(e) => failed.push((d.clone(), e.to_string())),
                 }
@@ -150,10 +152,7 @@ impl Fleet {
             let current: Vec<&Shadow> = changes.iter().map(|c| &c.current).collect();
             s.store.put_shadows(&current)?;
             for c in &changes {
-                shadows.insert(
-                    (c.current.device_id.clone(), c.current.name.clone()),
-                    c.current.clone(),
-                );
+                shadows.insert(c.current.clone());
             }
         }
         let setting = FleetSetting {
@@ -200,7 +199,7 @@ impl Fleet {
                 continue;
             }
             let done = shadows
-                .get(&(d.clone(), setting.shadow.clone()))
+                .get(d, &setting.shadow)
                 .is_some_and(|s| holds(&s.reported, &setting.state));
             if done {
                 reported += 1;

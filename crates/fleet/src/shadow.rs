@@ -31,6 +31,7 @@ use crate::{Fleet, RegistryError, Result};
 use m2mhub_identity::now_ms;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
+use std::collections::{BTreeMap, HashMap};
 
 /// Named shadows per device at most (the classic shadow does not count).
 pub const MAX_NAMED: usize = 16;
@@ -454,6 +455,71 @@ fn take_section(meta: &mut Map<String, Value>, what: &str) -> Map<String, Value>
     }
 }
 
+/// Every shadow, by device and then by name, so that a device's shadows
+/// are found, listed and counted without looking at any other device's.
+#[derive(Debug, Default)]
+pub(crate) struct ShadowBook(HashMap<String, BTreeMap<String, Shadow>>);
+
+impl ShadowBook {
+    pub fn load(all: Vec<Shadow>) -> ShadowBook {
+        let mut book = ShadowBook::default();
+        for s in all {
+            book.insert(s);
+        }
+        book
+    }
+
+    pub fn get(&self, device_id: &str, name: &str) -> Option<&Shadow> {
+        self.0.get(device_id)?.get(name)
+    }
+
+    /// A device's shadow names, in order (`""` first).
+    pub fn names(&self, device_id: &str) -> Vec<String> {
+        self.0
+            .get(device_id)
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Whether `device_id` may have a shadow `name`: an existing one, the
+    /// classic one, or a new named one within [`MAX_NAMED`].
+    pub fn check_room(&self, device_id: &str, name: &str) -> Result<()> {
+        let Some(m) = self.0.get(device_id) else {
+            return Ok(());
+        };
+        if name.is_empty() || m.contains_key(name) {
+            return Ok(());
+        }
+        let named = m.len() - usize::from(m.contains_key(""));
+        if named >= MAX_NAMED {
+            return Err(RegistryError::Conflict(format!(
+                "device {device_id} has {MAX_NAMED} named shadows, the most it may have"
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn insert(&mut self, s: Shadow) {
+        self.0
+            .entry(s.device_id.clone())
+            .or_default()
+            .insert(s.name.clone(), s);
+    }
+
+    pub fn remove(&mut self, device_id: &str, name: &str) {
+        if let Some(m) = self.0.get_mut(device_id) {
+            m.remove(name);
+            if m.is_empty() {
+                self.0.remove(device_id);
+            }
+        }
+    }
+
+    pub fn forget_device(&mut self, device_id: &str) {
+        self.0.remove(device_id);
+    }
+}
+
 impl Fleet {
     /// A device's shadow (`name` `""`: the classic one). With `tenant`, a
     /// device of another tenant is not found.
@@ -461,7 +527,7 @@ impl Fleet {
         validate_name(name)?;
         let shadows = self.shared.shadows.lock();
         shadows
-            .get(&(device_id.to_string(), name.to_string()))
+            .get(device_id, name)
             .filter(|s| tenant.is_none_or(|t| s.tenant == t))
             .cloned()
             .ok_or_else(|| not_found(device_id, name))
@@ -477,12 +543,7 @@ impl Fleet {
         if !known {
             return Err(RegistryError::NotFound(format!("device {device_id}")));
         }
-        let shadows = self.shared.shadows.lock();
-        Ok(shadows
-            .keys()
-            .filter(|(d, _)| d == device_id)
-            .map(|(_, n)| n.clone())
-            .collect())
+        Ok(self.shared.shadows.lock().names(device_id))
     }
 
     /// Apply an update (see the module docs) and make it durable before
@@ -507,22 +568,11 @@ impl Fleet {
         }
         let s = &*self.shared;
         let mut shadows = s.shadows.lock();
-        let key = (device_id.to_string(), name.to_string());
-        let current = shadows.get(&key);
-        if current.is_none() && !name.is_empty() {
-            let named = shadows
-                .keys()
-                .filter(|(d, n)| d == device_id && !n.is_empty())
-                .count();
-            if named >= MAX_NAMED {
-                return Err(RegistryError::Conflict(format!(
-                    "device {device_id} has {MAX_NAMED} named shadows, the most it may have"
-                )));
-            }
-        }
+        shadows.check_room(device_id, name)?;
+        let current = shadows.get(device_id, name);
         let change = apply(current, tenant, device_id, name, update, writer, now_ms())?;
         s.store.put_shadow(&change.current)?;
-        shadows.insert(key, change.current.clone());
+        shadows.insert(change.current.clone());
         Ok(change)
     }
 
@@ -536,16 +586,15 @@ impl Fleet {
         validate_name(name)?;
         let s = &*self.shared;
         let mut shadows = s.shadows.lock();
-        let key = (device_id.to_string(), name.to_string());
         let Some(existing) = shadows
-            .get(&key)
+            .get(device_id, name)
             .filter(|x| tenant.is_none_or(|t| x.tenant == t))
             .cloned()
         else {
             return Err(not_found(device_id, name));
         };
         s.store.delete_shadow(device_id, name)?;
-        shadows.remove(&key);
+        shadows.remove(device_id, name);
         Ok(existing)
     }
 }
