@@ -2,7 +2,8 @@
 //! exist — alarms with a lifecycle ([`alarm`]), commands sent to devices with
 //! their status ([`command`]), device events recorded from the data path
 //! ([`device_event`]), and the rules engine's definitions as written
-//! ([`rule`]), and device shadows ([`shadow`]). OTA campaigns belong here too.
+//! ([`rule`]), device shadows ([`shadow`]) and fleet-wide settings
+//! ([`setting`]), and OTA firmware campaigns ([`ota`]).
 //!
 //! # The model
 //!
@@ -27,6 +28,7 @@
 pub mod alarm;
 pub mod command;
 pub mod device_event;
+pub mod ota;
 pub mod rule;
 pub mod setting;
 pub mod shadow;
@@ -40,6 +42,10 @@ pub use alarm::{
 pub use command::{Command, CommandStatus, CommandUpdate, NewCommand};
 pub use device_event::{DeviceEvent, DeviceEventCounts};
 pub use m2mhub_identity::{RegistryError, Result};
+pub use ota::{
+    Artifact, ArtifactFiles, Campaign, CampaignStatus, Job, JobState, NewCampaign, Notice,
+    SignedBy, StatusReport, WaveSize,
+};
 pub use rule::{NewRule, Rule, RuleUpdate};
 pub use setting::{FleetSetting, Progress, Selector};
 pub use shadow::{Shadow, ShadowChange, ShadowUpdate, ShadowWriter};
@@ -88,6 +94,9 @@ pub(crate) struct Shared {
     /// Every shadow by (device, name); updates are serialized by this lock
     /// and written through to the store before they are acknowledged.
     pub shadows: Mutex<shadow::ShadowBook>,
+    /// Firmware artifacts, campaigns and their jobs; changes are written
+    /// through to the store under this lock.
+    pub ota: Mutex<ota::OtaBook>,
     pub wake: Condvar,
     /// Serializes flushes so batches reach the store in order.
     pub flush_lock: Mutex<()>,
@@ -146,6 +155,11 @@ impl Fleet {
             alarm_events: tokio::sync::broadcast::channel(alarm::EVENT_CAPACITY).0,
             commands: Mutex::new(command::CommandBook::load(snap.open_commands)),
             shadows: Mutex::new(shadows),
+            ota: Mutex::new(ota::OtaBook::load(
+                snap.artifacts,
+                snap.campaigns,
+                snap.jobs,
+            )),
             wake: Condvar::new(),
             flush_lock: Mutex::new(()),
             shutdown: AtomicBool::new(false),
@@ -194,6 +208,7 @@ impl DeviceRemoval for Shared {
         self.alarms.lock().forget_device(device_id);
         self.commands.lock().forget_device(device_id);
         self.shadows.lock().forget_device(device_id);
+        self.ota.lock().forget_device(device_id);
         Ok(())
     }
 }

@@ -10,6 +10,7 @@
 use crate::alarm::{Alarm, AlarmFilter, AlarmStatus};
 use crate::command::{Command, CommandStatus};
 use crate::device_event::DeviceEvent;
+use crate::ota::{Artifact, Campaign, Job};
 use crate::rule::Rule;
 use crate::setting::FleetSetting;
 use crate::shadow::Shadow;
@@ -111,6 +112,29 @@ CREATE TABLE IF NOT EXISTS fleet_settings (
     doc TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS fleet_settings_tenant ON fleet_settings (tenant, created_ms);
+",
+    },
+    Migration {
+        version: 4,
+        sql: "
+CREATE TABLE IF NOT EXISTS ota_artifacts (
+    id TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    doc TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS ota_campaigns (
+    id TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    doc TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS ota_jobs (
+    campaign_id TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    state TEXT NOT NULL,
+    doc TEXT NOT NULL,
+    PRIMARY KEY (campaign_id, device_id)
+);
+CREATE INDEX IF NOT EXISTS ota_jobs_device ON ota_jobs (device_id);
 ",
     },
 ];
@@ -362,6 +386,9 @@ impl FleetStore for SqliteFleetStore {
                 updated_ms,
             });
         }
+        snap.artifacts = docs(&c, "SELECT doc FROM ota_artifacts")?;
+        snap.campaigns = docs(&c, "SELECT doc FROM ota_campaigns")?;
+        snap.jobs = docs(&c, "SELECT doc FROM ota_jobs")?;
         Ok(snap)
     }
 
@@ -417,6 +444,10 @@ impl FleetStore for SqliteFleetStore {
         )?;
         tx.execute(
             "DELETE FROM shadows WHERE device_id = ?",
+            params![device_id],
+        )?;
+        tx.execute(
+            "DELETE FROM ota_jobs WHERE device_id = ?",
             params![device_id],
         )?;
         tx.commit()?;
@@ -726,6 +757,48 @@ impl FleetStore for SqliteFleetStore {
         Ok(out)
     }
 
+    fn put_artifact(&self, a: &Artifact) -> Result<()> {
+        self.exec(
+            "INSERT INTO ota_artifacts (id, tenant, doc) VALUES (?, ?, ?)",
+            params![a.id, a.tenant, serde_json::to_string(a)?],
+        )?;
+        Ok(())
+    }
+
+    fn delete_artifact(&self, id: &str) -> Result<()> {
+        self.exec_one(
+            "artifact",
+            "DELETE FROM ota_artifacts WHERE id = ?",
+            params![id],
+        )
+    }
+
+    fn put_campaign(&self, camp: &Campaign, jobs: &[Job]) -> Result<()> {
+        let mut c = self.conn.lock();
+        let tx = c.transaction()?;
+        tx.prepare_cached(
+            "INSERT INTO ota_campaigns (id, tenant, doc) VALUES (?, ?, ?) \
+             ON CONFLICT (id) DO UPDATE SET doc = excluded.doc",
+        )?
+        .execute(params![camp.id, camp.tenant, serde_json::to_string(camp)?])?;
+        {
+            let mut st = tx.prepare_cached(
+                "INSERT INTO ota_jobs (campaign_id, device_id, state, doc) VALUES (?, ?, ?, ?) \
+                 ON CONFLICT (campaign_id, device_id) DO UPDATE SET state = excluded.state, doc = excluded.doc",
+            )?;
+            for j in jobs {
+                st.execute(params![
+                    j.campaign_id,
+                    j.device_id,
+                    j.state.as_str(),
+                    serde_json::to_string(j)?
+                ])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
     fn delete_shadow(&self, device_id: &str, name: &str) -> Result<()> {
         self.exec_one(
             "shadow",
@@ -733,6 +806,17 @@ impl FleetStore for SqliteFleetStore {
             params![device_id, name],
         )
     }
+}
+
+/// Every row of a one-column query of JSON documents, decoded.
+fn docs<T: serde::de::DeserializeOwned>(c: &Connection, sql: &str) -> Result<Vec<T>> {
+    let mut st = c.prepare(sql)?;
+    let rows = st.query_map([], |r| r.get::<_, String>(0))?;
+    let mut out = Vec::new();
+    for doc in rows {
+        out.push(serde_json::from_str(&doc?)?);
+    }
+    Ok(out)
 }
 
 fn put_shadow(c: &Connection, s: &Shadow) -> Result<()> {

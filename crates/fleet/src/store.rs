@@ -11,6 +11,7 @@
 use crate::alarm::{Alarm, AlarmFilter};
 use crate::command::Command;
 use crate::device_event::DeviceEvent;
+use crate::ota::{Artifact, Campaign, Job};
 use crate::rule::Rule;
 use crate::setting::FleetSetting;
 use crate::shadow::Shadow;
@@ -30,6 +31,10 @@ pub struct FleetSnapshot {
     pub device_event_seq: u64,
     /// Every device shadow.
     pub shadows: Vec<Shadow>,
+    /// Every firmware artifact, campaign and job.
+    pub artifacts: Vec<Artifact>,
+    pub campaigns: Vec<Campaign>,
+    pub jobs: Vec<Job>,
 }
 
 /// What the background writer appends in one transaction.
@@ -61,7 +66,7 @@ pub trait FleetStore: Send + Sync + 'static {
     fn delete_rule(&self, id: &str) -> Result<()>;
 
     /// Delete everything kept about a device (events, alarms, commands,
-    /// shadows).
+    /// shadows, OTA jobs).
     fn delete_device(&self, device_id: &str) -> Result<()>;
 
     /// Append everything in `batch` in one transaction.
@@ -95,6 +100,11 @@ pub trait FleetStore: Send + Sync + 'static {
     fn get_setting(&self, id: &str) -> Result<Option<FleetSetting>>;
     /// Newest first, of `tenant` if given.
     fn list_settings(&self, tenant: Option<&str>, limit: usize) -> Result<Vec<FleetSetting>>;
+    fn put_artifact(&self, a: &Artifact) -> Result<()>;
+    fn delete_artifact(&self, id: &str) -> Result<()>;
+    /// Insert or replace a campaign and some of its jobs in one
+    /// transaction.
+    fn put_campaign(&self, c: &Campaign, jobs: &[Job]) -> Result<()>;
     /// A device's commands, newest (by creation, then id) first: of
     /// `tenant` if given, older than the command `before` if given.
     fn list_commands(
