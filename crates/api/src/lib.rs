@@ -16,6 +16,7 @@ mod devices;
 pub mod live;
 pub mod openapi;
 mod operators;
+pub mod ota;
 mod problem;
 mod profiles;
 pub mod provision;

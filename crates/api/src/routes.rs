@@ -15,7 +15,7 @@ use serde_json::json;
 /// [`ApiBuilder`], so it is in the OpenAPI document by construction.
 pub fn router(state: AppState) -> Router {
     use crate::openapi::Access::{Admin, Operator, Public, Viewer};
-    use crate::{alarms as al, commands as cm, rules as ru};
+    use crate::{alarms as al, commands as cm, ota as fw, rules as ru};
     use crate::{device_events as ev, profiles as pr, telemetry as t};
     use crate::{
         devices as d, operators as o, provision as p, security as s, settings as st, shadows as sh,
@@ -92,6 +92,25 @@ pub fn router(state: AppState) -> Router {
             ("POST", "Set desired keys in the shadows of every device a selector picks (`group`, `label`, `profile`, `shadow`, `state`); 201 with progress", Operator),
         ])
         .route("/settings/{id}", get(st::show), &[("GET", "A fleet-wide setting: how many targets have reported its value, which are pending", Viewer)])
+        .route("/ota/public-key", get(fw::public_key), &[("GET", "The Ed25519 public key devices pin to verify firmware signatures (of the image's SHA-256)", Public)])
+        .route("/ota/artifacts", get(fw::list_artifacts).post(fw::upload).layer(axum::extract::DefaultBodyLimit::disable()), &[
+            ("GET", "Firmware artifacts, newest first (`?tenant=`)", Viewer),
+            ("POST", "Upload a firmware image as the body (`?name=&version=`, optional `hardware`, `profile`, `tenant`, external `signature` and `public_key`); streamed to disk, hashed and signed; 201", Operator),
+        ])
+        .route("/ota/artifacts/{id}", get(fw::show_artifact).delete(fw::delete_artifact), &[
+            ("GET", "One artifact: version, size, SHA-256, signature", Viewer),
+            ("DELETE", "Delete an artifact (refused with 409 while an unfinished campaign uses it)", Operator),
+        ])
+        .route("/ota/campaigns", get(fw::list_campaigns).post(fw::create_campaign), &[
+            ("GET", "Firmware campaigns with job counts by state, newest first (`?tenant=`)", Viewer),
+            ("POST", "Start a campaign (`artifact`; `selector` {group, label, profile} or `devices`; `waves` [{percent}|{count}], `wave_wait_s`, `max_starts_per_minute`, `failure_threshold`, `deadline_ms`, `job_timeout_s`); 201", Operator),
+        ])
+        .route("/ota/campaigns/{id}", get(fw::show_campaign), &[("GET", "A campaign: jobs by state overall and per wave, the failures with their reasons", Viewer)])
+        .route("/ota/campaigns/{id}/jobs", get(fw::list_jobs), &[("GET", "A campaign's jobs (`?state=`, `?limit=`)", Viewer)])
+        .route("/ota/campaigns/{id}/pause", post(fw::pause), &[("POST", "Pause: no device is told a new job until resumed", Operator)])
+        .route("/ota/campaigns/{id}/resume", post(fw::resume), &[("POST", "Resume a paused campaign", Operator)])
+        .route("/ota/campaigns/{id}/cancel", post(fw::cancel), &[("POST", "Cancel (`{\"reason\"}` optional): jobs not begun are cancelled, devices already told are told", Operator)])
+        .route("/ota/download/{artifact}", get(fw::download), &[("GET", "A device downloads its job's image with the signed URL from its job (`Range` supported)", Public)])
         .route("/commands/{id}", get(cm::show), &[("GET", "One command and its status (pending, sent, delivered, answered, failed, timed_out)", Viewer)])
         .route("/alarms", get(al::list), &[("GET", "Alarms, active and cleared, newest first: filter by tenant, device, status, severity, type; paged by `before`", Viewer)])
         .route("/alarms/summary", get(al::summary), &[("GET", "Active alarms by severity (`?tenant=`)", Viewer)])

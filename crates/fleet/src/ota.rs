@@ -126,6 +126,9 @@ impl CampaignStatus {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NewCampaign {
+    /// Platform users: the tenant (the API reads it; the fleet is given the
+    /// tenant separately).
+    pub tenant: Option<String>,
     pub name: Option<String>,
     pub artifact: String,
     #[serde(default)]

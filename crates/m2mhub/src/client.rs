@@ -199,6 +199,17 @@ impl ApiClient {
         path: &str,
         body: Option<&serde_json::Value>,
     ) -> Result<Response> {
+        self.send(method, path, body.map_or(Payload::None, Payload::Json))
+            .await
+    }
+
+    /// `POST` the file at `file` as the body, streamed from disk (a
+    /// firmware image).
+    pub async fn upload(&self, path: &str, file: &Path) -> Result<Response> {
+        self.send("POST", path, Payload::File(file)).await
+    }
+
+    async fn send(&self, method: &str, path: &str, body: Payload<'_>) -> Result<Response> {
         let addr = format!("{}:{}", self.base.host, self.base.port);
         let fut = async {
             let tcp = TcpStream::connect(&addr)
@@ -217,9 +228,15 @@ impl ApiClient {
                 None => self.exchange(tcp, method, path, body).await,
             }
         };
-        tokio::time::timeout(Duration::from_secs(30), fut)
+        // An image upload may take a while; anything else answers fast.
+        let limit = if matches!(body, Payload::File(_)) {
+            600
+        } else {
+            30
+        };
+        tokio::time::timeout(Duration::from_secs(limit), fut)
             .await
-            .map_err(|_| anyhow!("the server at {addr} did not answer within 30 s"))?
+            .map_err(|_| anyhow!("the server at {addr} did not answer within {limit} s"))?
     }
 
     async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
@@ -227,12 +244,12 @@ impl ApiClient {
         mut stream: S,
         method: &str,
         path: &str,
-        body: Option<&serde_json::Value>,
+        body: Payload<'_>,
     ) -> Result<Response> {
-        let payload = body
-            .map(serde_json::to_vec)
-            .transpose()?
-            .unwrap_or_default();
+        let payload = match body {
+            Payload::Json(v) => serde_json::to_vec(v)?,
+            _ => Vec::new(),
+        };
         let mut head = format!(
             "{method} {}{path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nAccept: application/json\r\nUser-Agent: m2mhub-cli/{}\r\n",
             self.base.prefix,
@@ -242,15 +259,30 @@ impl ApiClient {
         if let Some(t) = &self.token {
             head.push_str(&format!("Authorization: Bearer {t}\r\n"));
         }
-        if body.is_some() {
-            head.push_str(&format!(
+        match body {
+            Payload::Json(_) => head.push_str(&format!(
                 "Content-Type: application/json\r\nContent-Length: {}\r\n",
                 payload.len()
-            ));
+            )),
+            Payload::File(f) => {
+                let len = std::fs::metadata(f)
+                    .with_context(|| format!("cannot read {}", f.display()))?
+                    .len();
+                head.push_str(&format!(
+                    "Content-Type: application/octet-stream\r\nContent-Length: {len}\r\n"
+                ));
+            }
+            Payload::None => {}
         }
         head.push_str("\r\n");
         stream.write_all(head.as_bytes()).await?;
         stream.write_all(&payload).await?;
+        if let Payload::File(f) = body {
+            let mut file = tokio::fs::File::open(f)
+                .await
+                .with_context(|| format!("cannot read {}", f.display()))?;
+            tokio::io::copy(&mut file, &mut stream).await?;
+        }
         stream.flush().await?;
         let mut raw = Vec::new();
         stream.read_to_end(&mut raw).await.or_else(|e| {
@@ -263,6 +295,14 @@ impl ApiClient {
         })?;
         parse_response(&raw)
     }
+}
+
+/// A request body.
+#[derive(Clone, Copy)]
+enum Payload<'a> {
+    None,
+    Json(&'a serde_json::Value),
+    File(&'a Path),
 }
 
 fn parse_response(raw: &[u8]) -> Result<Response> {

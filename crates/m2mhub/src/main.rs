@@ -155,6 +155,13 @@ enum Command {
         #[command(flatten)]
         conn: admin::Conn,
     },
+    /// OTA firmware: upload images, run campaigns in waves, watch them.
+    Ota {
+        #[command(subcommand)]
+        cmd: admin::OtaCmd,
+        #[command(flatten)]
+        conn: admin::Conn,
+    },
     /// Device commands: send one (and wait for the answer), follow them.
     #[command(name = "command")]
     DeviceCommands {
@@ -344,6 +351,9 @@ fn main() -> ExitCode {
         }
         Command::Shadow { cmd, conn } => {
             run_admin(|env| async move { admin::shadow(&conn, cmd, &env).await.map(|_| 0) })
+        }
+        Command::Ota { cmd, conn } => {
+            run_admin(|env| async move { admin::ota(&conn, cmd, &env).await.map(|_| 0) })
         }
         Command::DeviceCommands { cmd, conn } => {
             run_admin(|env| async move { admin::command(&conn, cmd, &env).await })

@@ -40,6 +40,8 @@ pub struct Server {
     pub mqtt_addr: SocketAddr,
     pub mqtts_addr: Option<SocketAddr>,
     pub http_addr: SocketAddr,
+    /// OTA firmware: image files, the signing key, download URLs.
+    pub ota: Arc<m2mhub_api::ota::OtaApi>,
     tasks: Vec<JoinHandle<()>>,
     /// Held for the life of the server: one server per data directory.
     _lock: File,
@@ -200,6 +202,13 @@ impl Server {
         ));
 
         let automation = Automation::start(broker.clone(), fleet.clone());
+        let http = bind(v.http_listen, "http.listen", "--http-listen").await?;
+        let http_addr = http.local_addr()?;
+        let ota = Arc::new(ota_service(&v, &master, &broker, &fleet, http_addr)?);
+        tasks.push(m2mhub_ingest::ota_topics::serve(
+            ota.service.clone(),
+            Duration::from_secs(1),
+        ));
         let state = AppState {
             broker: broker.clone(),
             registry: registry.clone(),
@@ -211,6 +220,7 @@ impl Server {
             ingest: Some(ingest.clone()),
             rules: Some(Arc::new(automation.clone())),
             live,
+            ota: Some(ota.clone()),
         };
         tasks.push(tokio::spawn(m2mhub_api::provision::serve_mqtt(
             state.clone(),
@@ -220,8 +230,6 @@ impl Server {
             fleet.clone(),
         ));
 
-        let http = bind(v.http_listen, "http.listen", "--http-listen").await?;
-        let http_addr = http.local_addr()?;
         let mut signal = broker.shutdown_signal();
         tasks.push(tokio::spawn(async move {
             let stop = async move {
@@ -242,6 +250,7 @@ impl Server {
             mqtt_addr,
             mqtts_addr,
             http_addr,
+            ota,
             tasks,
             _lock: lock,
         })
@@ -320,4 +329,43 @@ impl SecurityEvents for SecurityToRegistry {
                 ts_ms: None,
             });
     }
+}
+
+/// The OTA parts: image files under `<data_dir>/ota`, the firmware signing
+/// key and the URL token secret (both sealed under the master key), and the
+/// base URL devices download from.
+fn ota_service(
+    v: &Validated,
+    master: &MasterKey,
+    broker: &m2mhub_broker::Broker,
+    fleet: &Fleet,
+    http_addr: std::net::SocketAddr,
+) -> anyhow::Result<m2mhub_api::ota::OtaApi> {
+    let files = m2mhub_fleet::ArtifactFiles::new(&v.data_dir)
+        .with_context(|| format!("cannot create {}", v.data_dir.join("ota").display()))?;
+    files.clean_incoming();
+    let (signer, created) = m2mhub_pki::FirmwareSigner::load_or_create(&v.data_dir, master)?;
+    if created {
+        tracing::info!(public_key = %signer.public_key_base64(), "created the firmware signing key: devices pin this public key");
+    }
+    let secret = m2mhub_pki::url_token_key(&v.data_dir, master)?;
+    let base = v.ota.public_url.clone().unwrap_or_else(|| {
+        let ip = match http_addr.ip() {
+            ip if ip.is_unspecified() && ip.is_ipv4() => std::net::IpAddr::from([127, 0, 0, 1]),
+            ip if ip.is_unspecified() => std::net::IpAddr::from(std::net::Ipv6Addr::LOCALHOST),
+            ip => ip,
+        };
+        format!("http://{}", std::net::SocketAddr::new(ip, http_addr.port()))
+    });
+    Ok(m2mhub_api::ota::OtaApi {
+        service: m2mhub_ingest::ota_topics::OtaService {
+            broker: broker.clone(),
+            fleet: fleet.clone(),
+            files,
+            urls: m2mhub_ingest::ota_topics::DownloadUrls::new(&secret, &base, v.ota.url_ttl),
+            max_chunk: v.ota.chunk_bytes,
+        },
+        signer: Arc::new(signer),
+        max_artifact_bytes: v.ota.max_artifact_bytes,
+    })
 }

@@ -119,6 +119,22 @@ max_points_per_message = 10000
 [http]
 # HTTP server: /healthz, /metrics, MQTT over WebSocket at /mqtt, API at /api/v1.
 listen = "0.0.0.0:8080"
+# The base URL devices reach this server's HTTP at (firmware download links
+# carry it), e.g. "https://hub.example.com". Empty: http://<listen address>
+# (with 127.0.0.1 for an unspecified address), which only suits devices on
+# this machine.
+public_url = ""
+
+[ota]
+# Firmware images: stored under <data_dir>/ota, signed with the platform's
+# Ed25519 key (public key at /api/v1/ota/public-key).
+# Largest image accepted (MiB).
+max_artifact_mb = 256
+# Largest chunk of an MQTT chunked download (bytes; a device may ask for
+# less, to fit its Maximum Packet Size).
+chunk_bytes = 16384
+# How long a download URL handed to a device works (seconds).
+url_ttl_secs = 3600
 
 [log]
 # trace, debug, info, warn or error (RUST_LOG overrides it).
@@ -134,6 +150,7 @@ pub struct Settings {
     pub mqtt: MqttSettings,
     pub telemetry: TelemetrySettings,
     pub http: HttpSettings,
+    pub ota: OtaSettings,
     pub log: LogSettings,
 }
 
@@ -212,6 +229,35 @@ pub struct TelemetryConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct HttpSettings {
     pub listen: String,
+    pub public_url: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OtaSettings {
+    pub max_artifact_mb: u64,
+    pub chunk_bytes: usize,
+    pub url_ttl_secs: u64,
+}
+
+impl Default for OtaSettings {
+    fn default() -> Self {
+        OtaSettings {
+            max_artifact_mb: 256,
+            chunk_bytes: 16_384,
+            url_ttl_secs: 3600,
+        }
+    }
+}
+
+/// OTA settings the server runs with.
+#[derive(Debug, Clone)]
+pub struct OtaConfig {
+    /// `None`: derived from the HTTP listener's address once bound.
+    pub public_url: Option<String>,
+    pub max_artifact_bytes: u64,
+    pub chunk_bytes: usize,
+    pub url_ttl: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -228,6 +274,7 @@ impl Default for Settings {
             mqtt: MqttSettings::default(),
             telemetry: TelemetrySettings::default(),
             http: HttpSettings::default(),
+            ota: OtaSettings::default(),
             log: LogSettings::default(),
         }
     }
@@ -278,6 +325,7 @@ impl Default for HttpSettings {
     fn default() -> Self {
         HttpSettings {
             listen: "0.0.0.0:8080".into(),
+            public_url: String::new(),
         }
     }
 }
@@ -293,7 +341,7 @@ impl Default for LogSettings {
 
 /// The sections of the file; an environment variable `M2MHUB_MQTT_LISTEN`
 /// is the key `listen` of section `mqtt`.
-const SECTIONS: [&str; 4] = ["mqtt", "telemetry", "http", "log"];
+const SECTIONS: [&str; 5] = ["mqtt", "telemetry", "http", "ota", "log"];
 
 /// Environment variables that are not config keys.
 const NOT_KEYS: [&str; 6] = [
@@ -481,7 +529,42 @@ impl Settings {
             flush_interval: secs(t.flush_interval_secs),
             max_points: t.max_points_per_message as usize,
         };
+        let o = &self.ota;
+        if o.max_artifact_mb == 0 {
+            bail!("invalid value for `ota.max_artifact_mb`: 0; use at least 1 (MiB)");
+        }
+        if !(m2mhub_ingest::ota_topics::MIN_CHUNK..=262_144).contains(&o.chunk_bytes) {
+            bail!(
+                "invalid value for `ota.chunk_bytes`: {}; use {} to 262144",
+                o.chunk_bytes,
+                m2mhub_ingest::ota_topics::MIN_CHUNK
+            );
+        }
+        if o.url_ttl_secs < 60 {
+            bail!(
+                "invalid value for `ota.url_ttl_secs`: {}; use at least 60",
+                o.url_ttl_secs
+            );
+        }
+        let public_url = self
+            .http
+            .public_url
+            .trim()
+            .trim_end_matches('/')
+            .to_string();
+        if !public_url.is_empty()
+            && !(public_url.starts_with("http://") || public_url.starts_with("https://"))
+        {
+            bail!("invalid value for `http.public_url`: {public_url:?}; use http://host[:port] or https://host[:port]");
+        }
+        let ota = OtaConfig {
+            public_url: (!public_url.is_empty()).then_some(public_url),
+            max_artifact_bytes: o.max_artifact_mb.saturating_mul(1 << 20),
+            chunk_bytes: o.chunk_bytes,
+            url_ttl: Duration::from_secs(o.url_ttl_secs),
+        };
         Ok(Validated {
+            ota,
             telemetry,
             data_dir: self.data_dir.clone(),
             mqtt_listen,
@@ -509,6 +592,7 @@ pub struct TlsFiles {
 #[derive(Debug, Clone)]
 pub struct Validated {
     pub data_dir: PathBuf,
+    pub ota: OtaConfig,
     pub telemetry: TelemetryConfig,
     pub mqtt_listen: SocketAddr,
     pub http_listen: SocketAddr,

@@ -33,6 +33,7 @@ pub mod fleet;
 pub mod histogram;
 pub mod memory;
 pub mod metrics_probe;
+pub mod ota;
 
 pub use bench::{run, BenchError, BenchOptions, BenchReport, Scenario};
 pub use client::{ClientConfig, Conn, Stream, TlsClient};
