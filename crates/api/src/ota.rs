@@ -534,39 +534,43 @@ pub struct DownloadQuery {
     token: String,
 }
 
+/// What a `Range` header cannot ask for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unsatisfiable;
+
 /// A `Range: bytes=…` header against a `size`-byte image: `Ok(None)` for
-/// the whole image, `Ok(Some((first, last)))` inclusive, `Err(())` when
-/// it cannot be satisfied. Several ranges are served as the whole image
+/// the whole image, `Ok(Some((first, last)))` inclusive, `Err` when it
+/// cannot be satisfied. Several ranges are served as the whole image
 /// (RFC 9110 lets a server ignore Range).
-pub fn parse_range(h: &str, size: u64) -> Result<Option<(u64, u64)>, ()> {
+pub fn parse_range(h: &str, size: u64) -> Result<Option<(u64, u64)>, Unsatisfiable> {
     let Some(spec) = h.trim().strip_prefix("bytes=") else {
         return Ok(None);
     };
     if spec.contains(',') {
         return Ok(None);
     }
-    let (a, b) = spec.split_once('-').ok_or(())?;
+    let (a, b) = spec.split_once('-').ok_or(Unsatisfiable)?;
     let (a, b) = (a.trim(), b.trim());
     if size == 0 {
-        return Err(());
+        return Err(Unsatisfiable);
     }
     let (first, last) = if a.is_empty() {
-        let n: u64 = b.parse().map_err(|_| ())?;
+        let n: u64 = b.parse().map_err(|_| Unsatisfiable)?;
         if n == 0 {
-            return Err(());
+            return Err(Unsatisfiable);
         }
         (size.saturating_sub(n), size - 1)
     } else {
-        let first: u64 = a.parse().map_err(|_| ())?;
+        let first: u64 = a.parse().map_err(|_| Unsatisfiable)?;
         let last = if b.is_empty() {
             size - 1
         } else {
-            b.parse::<u64>().map_err(|_| ())?.min(size - 1)
+            b.parse::<u64>().map_err(|_| Unsatisfiable)?.min(size - 1)
         };
         (first, last)
     };
     if first >= size || first > last {
-        return Err(());
+        return Err(Unsatisfiable);
     }
     Ok(Some((first, last)))
 }
@@ -603,7 +607,7 @@ pub async fn download(
     let (status, first, last) = match range {
         Ok(None) => (StatusCode::OK, 0, a.size.saturating_sub(1)),
         Ok(Some((f, l))) => (StatusCode::PARTIAL_CONTENT, f, l),
-        Err(()) => {
+        Err(Unsatisfiable) => {
             let mut r = Problem::new(
                 StatusCode::RANGE_NOT_SATISFIABLE,
                 "range-not-satisfiable",
@@ -662,7 +666,7 @@ pub async fn download(
 
 #[cfg(test)]
 mod tests {
-    use super::parse_range;
+    use super::{parse_range, Unsatisfiable};
 
     #[test]
     fn ranges_are_parsed_against_the_size() {
@@ -673,11 +677,11 @@ mod tests {
         assert_eq!(parse_range("bytes=-5000", 1000), Ok(Some((0, 999))));
         assert_eq!(parse_range("bytes=0-1,5-6", 1000), Ok(None));
         assert_eq!(parse_range("items=0-1", 1000), Ok(None));
-        assert_eq!(parse_range("bytes=1000-", 1000), Err(()));
-        assert_eq!(parse_range("bytes=5-1", 1000), Err(()));
-        assert_eq!(parse_range("bytes=-0", 1000), Err(()));
-        assert_eq!(parse_range("bytes=x-1", 1000), Err(()));
-        assert_eq!(parse_range("bytes=0-", 0), Err(()));
+        assert_eq!(parse_range("bytes=1000-", 1000), Err(Unsatisfiable));
+        assert_eq!(parse_range("bytes=5-1", 1000), Err(Unsatisfiable));
+        assert_eq!(parse_range("bytes=-0", 1000), Err(Unsatisfiable));
+        assert_eq!(parse_range("bytes=x-1", 1000), Err(Unsatisfiable));
+        assert_eq!(parse_range("bytes=0-", 0), Err(Unsatisfiable));
     }
 
     proptest::proptest! {

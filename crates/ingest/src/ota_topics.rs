@@ -431,8 +431,15 @@ fn rejected(topic: &str, code: u16, message: &str) -> Answer {
     )
 }
 
+/// The status code of a refused request, HTTP-style.
 fn code(e: &RegistryError) -> u16 {
-    crate::shadow_topics::status_of(e)
+    match e {
+        RegistryError::NotFound(_) => 404,
+        RegistryError::Conflict(_) | RegistryError::AlreadyExists(_) => 409,
+        RegistryError::Validation(_) => 400,
+        RegistryError::Unauthorized => 403,
+        RegistryError::Storage(_) => 500,
+    }
 }
 
 async fn send(broker: &Broker, topic: &str, body: Value, props: &PublishProperties) {

@@ -204,7 +204,7 @@ impl Server {
         let automation = Automation::start(broker.clone(), fleet.clone());
         let http = bind(v.http_listen, "http.listen", "--http-listen").await?;
         let http_addr = http.local_addr()?;
-        let ota = Arc::new(ota_service(&v, &master, &broker, &fleet, http_addr)?);
+        let ota = Arc::new(ota_service(v, &master, &broker, &fleet, http_addr)?);
         tasks.push(m2mhub_ingest::ota_topics::serve(
             ota.service.clone(),
             Duration::from_secs(1),

@@ -552,9 +552,8 @@ impl Settings {
             .trim()
             .trim_end_matches('/')
             .to_string();
-        if !public_url.is_empty()
-            && !(public_url.starts_with("http://") || public_url.starts_with("https://"))
-        {
+        let scheme_ok = public_url.starts_with("http://") || public_url.starts_with("https://");
+        if !public_url.is_empty() && !scheme_ok {
             bail!("invalid value for `http.public_url`: {public_url:?}; use http://host[:port] or https://host[:port]");
         }
         let ota = OtaConfig {

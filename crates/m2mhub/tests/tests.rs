@@ -37,6 +37,8 @@ mod identity;
 mod limits;
 #[path = "tests/live.rs"]
 mod live;
+#[path = "tests/ota.rs"]
+mod ota;
 #[path = "tests/persistence.rs"]
 mod persistence;
 #[path = "tests/process.rs"]

@@ -833,19 +833,6 @@ async fn session(
     // for any job waiting.
     let job_topic = format!("devices/{id}/ota/job");
     conn.subscribe(&job_topic, QoS::AtLeastOnce).await?;
-    if let Some(job) = fw.rebooted_into.take() {
-        queue_pub(
-            &mut conn,
-            &format!("devices/{id}/ota/status"),
-            crate::ota::status(&job, "succeeded", Some(100), None, Some(&fw.version)),
-        )?;
-        stats.ota_installed.fetch_add(1, Ordering::Relaxed);
-    }
-    queue_pub(
-        &mut conn,
-        &format!("devices/{id}/ota/job/get"),
-        b"{}".to_vec(),
-    )?;
     conn.subscribe(&format!("devices/{id}/commands"), QoS::AtLeastOnce)
         .await?;
     // Desired-state changes: applied and reported back, like a real
@@ -871,6 +858,20 @@ async fn session(
         properties: PublishProperties::default(),
         payload: Bytes::from_static(b"{}"),
     }))?;
+    // (Publishes only after the last SUBACK: no ack is expected before.)
+    if let Some(job) = fw.rebooted_into.take() {
+        queue_pub(
+            &mut conn,
+            &format!("devices/{id}/ota/status"),
+            crate::ota::status(&job, "succeeded", Some(100), None, Some(&fw.version)),
+        )?;
+        stats.ota_installed.fetch_add(1, Ordering::Relaxed);
+    }
+    queue_pub(
+        &mut conn,
+        &format!("devices/{id}/ota/job/get"),
+        b"{}".to_vec(),
+    )?;
     conn.flush().await?;
     let telemetry = format!("devices/{id}/telemetry");
     let response_topic = format!("devices/{id}/commands/response");
