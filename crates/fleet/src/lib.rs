@@ -2,7 +2,8 @@
 //! exist — alarms with a lifecycle ([`alarm`]), commands sent to devices with
 //! their status ([`command`]), device events recorded from the data path
 //! ([`device_event`]), and the rules engine's definitions as written
-//! ([`rule`]), and device shadows ([`shadow`]). OTA campaigns belong here too.
+//! ([`rule`]), device shadows ([`shadow`]) and diagnostic bundles uploaded
+//! by devices on request ([`diagnostic`]). OTA campaigns belong here too.
 //!
 //! # The model
 //!
@@ -10,7 +11,8 @@
 //! what happens to it. It depends on identity only to check that a tenant
 //! and a device exist and belong together, and it registers itself with the
 //! identity registry as a [`DeviceRemoval`] listener so that deleting a
-//! device deletes its alarms, commands and events first.
+//! device deletes its alarms, commands, events, shadows and diagnostic
+//! bundles first.
 //!
 //! # Storage and the hot path
 //!
@@ -27,6 +29,7 @@
 pub mod alarm;
 pub mod command;
 pub mod device_event;
+pub mod diagnostic;
 pub mod rule;
 pub mod setting;
 pub mod shadow;
@@ -39,6 +42,10 @@ pub use alarm::{
 };
 pub use command::{Command, CommandStatus, CommandUpdate, NewCommand};
 pub use device_event::{DeviceEvent, DeviceEventCounts};
+pub use diagnostic::{
+    BundleStatus, BundleUpload, DiagnosticBundle, DiagnosticsConfig, RequestedBundle, SweepReport,
+    UploadError,
+};
 pub use m2mhub_identity::{RegistryError, Result};
 pub use rule::{NewRule, Rule, RuleUpdate};
 pub use setting::{FleetSetting, Progress, Selector};
@@ -88,6 +95,9 @@ pub(crate) struct Shared {
     /// Every shadow by (device, name); updates are serialized by this lock
     /// and written through to the store before they are acknowledged.
     pub shadows: Mutex<shadow::ShadowBook>,
+    /// Diagnostics configuration and the uploads under way; serializes
+    /// every diagnostics change.
+    pub diagnostics: Mutex<diagnostic::DiagnosticBook>,
     pub wake: Condvar,
     /// Serializes flushes so batches reach the store in order.
     pub flush_lock: Mutex<()>,
@@ -120,14 +130,22 @@ impl Drop for FlusherGuard {
 
 impl Fleet {
     /// Open (or create) the fleet tables in `registry.db` in `dir`, beside
-    /// the identity tables of `identity`.
+    /// the identity tables of `identity`. Diagnostic bundles go to
+    /// `dir/diagnostics` until [`Fleet::configure_diagnostics`] says
+    /// otherwise.
     pub fn open(dir: &Path, identity: Registry) -> Result<Fleet> {
         std::fs::create_dir_all(dir)?;
         let store = sqlite::SqliteFleetStore::open(&dir.join("registry.db"))?;
-        Fleet::with_store(Box::new(store), identity)
+        let fleet = Fleet::with_store(Box::new(store), identity)?;
+        fleet.configure_diagnostics(DiagnosticsConfig {
+            dir: dir.join("diagnostics"),
+            ..Default::default()
+        });
+        Ok(fleet)
     }
 
-    /// Use another storage backend.
+    /// Use another storage backend. Diagnostic bundles are refused until
+    /// [`Fleet::configure_diagnostics`] names their directory.
     pub fn with_store(store: Box<dyn FleetStore>, identity: Registry) -> Result<Fleet> {
         let snap = store.load()?;
         let rules = snap.rules.into_iter().map(|r| (r.id.clone(), r)).collect();
@@ -146,6 +164,7 @@ impl Fleet {
             alarm_events: tokio::sync::broadcast::channel(alarm::EVENT_CAPACITY).0,
             commands: Mutex::new(command::CommandBook::load(snap.open_commands)),
             shadows: Mutex::new(shadows),
+            diagnostics: Mutex::new(diagnostic::DiagnosticBook::default()),
             wake: Condvar::new(),
             flush_lock: Mutex::new(()),
             shutdown: AtomicBool::new(false),
@@ -189,7 +208,14 @@ impl DeviceRemoval for Shared {
         // No flush may be writing this device's rows while they are
         // deleted, or some would outlive it.
         let _f = self.flush_lock.lock();
+        let bundles: Vec<String> = self
+            .store
+            .list_diagnostics(None, device_id, usize::MAX)?
+            .into_iter()
+            .map(|b| b.id)
+            .collect();
         self.store.delete_device(device_id)?;
+        self.forget_diagnostics(&bundles);
         self.forget_device_events(device_id);
         self.alarms.lock().forget_device(device_id);
         self.commands.lock().forget_device(device_id);
