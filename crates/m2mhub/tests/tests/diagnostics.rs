@@ -451,3 +451,161 @@ async fn expired_url_is_refused_and_open_requests_are_limited() {
         .expect("POST", "/devices/quiet/diagnostics", None, 202)
         .await;
 }
+
+/// `m2mhub sim` devices answer `diagnostics.upload` by uploading a bundle;
+/// `m2mhub diagnostics request --wait`, `list`, `download` and `delete`
+/// drive it from the command line.
+#[tokio::test]
+async fn simulated_device_uploads_and_the_cli_downloads() {
+    let srv = TestServer::start().await;
+    let token = srv.admin_token();
+    let claim = api(
+        &srv,
+        &token,
+        "POST",
+        "/claim-tokens",
+        Some(json!({"name": "diagnostics sim", "max_uses": 1})),
+    )
+    .await;
+    let secret = claim["secret"].as_str().expect("secret").to_string();
+    let state_dir = srv.dir.path().join("sim-state");
+    let profile = srv.dir.path().join("cli-profile.toml");
+    let env: Vec<(String, String)> = vec![
+        ("M2MHUB_PROFILE".into(), profile.display().to_string()),
+        ("M2MHUB_SERVER".into(), format!("http://{}", srv.http())),
+        ("M2MHUB_TOKEN".into(), token.clone()),
+    ];
+    let run = |args: Vec<String>| {
+        let env = env.clone();
+        tokio::spawn(async move {
+            let a: Vec<&str> = args.iter().map(String::as_str).collect();
+            let e: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            run_bin(&a, &e).await
+        })
+    };
+    let strings = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let sim = run(strings(&[
+        "sim",
+        "--profile",
+        "meter",
+        "--count",
+        "1",
+        "--interval",
+        "200ms",
+        "--duration",
+        "8s",
+        "--mqtt",
+        &srv.mqtt().to_string(),
+        "--state-dir",
+        state_dir.to_str().expect("utf-8 path"),
+        "--claim-token",
+        &secret,
+    ]));
+    // A reading means the device has subscribed to its commands.
+    let id = {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let devices = srv
+                .get()
+                .registry
+                .list_devices(&m2mhub_identity::DeviceFilter::default())
+                .expect("devices");
+            if let Some(d) = devices.first() {
+                let latest = api(
+                    &srv,
+                    &token,
+                    "GET",
+                    &format!("/devices/{}/telemetry", d.id),
+                    None,
+                )
+                .await;
+                if latest["items"].as_array().is_some_and(|i| !i.is_empty()) {
+                    break d.id.clone();
+                }
+            }
+            assert!(std::time::Instant::now() < deadline, "no simulated reading");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    };
+
+    let (code, out, err) = run(strings(&[
+        "diagnostics",
+        "request",
+        &id,
+        "--reason",
+        "field report",
+        "--wait",
+        "--json",
+    ]))
+    .await
+    .expect("cli");
+    assert_eq!(code, 0, "{err}{out}");
+    let b: Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(b["status"], "uploaded", "{b}");
+    let bundle_id = b["id"].as_str().expect("id").to_string();
+
+    let file = srv.dir.path().join("bundle.json");
+    let (code, out, err) = run(strings(&[
+        "diagnostics",
+        "download",
+        &id,
+        &bundle_id,
+        "-o",
+        file.to_str().expect("utf-8 path"),
+    ]))
+    .await
+    .expect("cli");
+    assert_eq!(code, 0, "{err}{out}");
+    let bytes = std::fs::read(&file).expect("downloaded");
+    assert_eq!(Some(sha256_hex(&bytes).as_str()), b["sha256"].as_str());
+    let doc: Value = serde_json::from_slice(&bytes).expect("a JSON bundle");
+    assert_eq!(doc["device_id"], id.as_str());
+    assert!(
+        doc["counters"]["readings_sent"].as_u64() >= Some(1),
+        "{doc}"
+    );
+    assert!(doc["last_reading"].is_object(), "{doc}");
+
+    // The device answered the command once it had uploaded.
+    let commands = api(
+        &srv,
+        &token,
+        "GET",
+        &format!("/devices/{id}/commands"),
+        None,
+    )
+    .await;
+    let cmd = &commands["items"][0];
+    assert_eq!(cmd["name"], "diagnostics.upload");
+    let cmd_id = cmd["id"].as_str().expect("id").to_string();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let c = api(&srv, &token, "GET", &format!("/commands/{cmd_id}"), None).await;
+        if c["status"] == "answered" {
+            assert_eq!(c["response"]["status"], "ok", "{c}");
+            assert_eq!(c["response"]["bundle_id"], bundle_id.as_str(), "{c}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "not answered: {c}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+
+    let (code, out, err) = run(strings(&["diagnostics", "list", &id]))
+        .await
+        .expect("cli");
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains(&bundle_id) && out.contains("uploaded"),
+        "{out}"
+    );
+    let (code, _, err) = run(strings(&["diagnostics", "delete", &id, &bundle_id]))
+        .await
+        .expect("cli");
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = run(strings(&["diagnostics", "show", &id, &bundle_id]))
+        .await
+        .expect("cli");
+    assert_eq!(code, 1);
+    assert!(err.contains("404"), "{err}");
+    let _ = sim.await;
+}
