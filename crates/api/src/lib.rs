@@ -13,6 +13,7 @@ mod commands;
 mod console;
 mod device_events;
 mod devices;
+pub mod diagnostics;
 pub mod live;
 pub mod openapi;
 mod operators;

@@ -4,7 +4,7 @@ use crate::openapi::ApiBuilder;
 use crate::problem::Problem;
 use crate::state::AppState;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, StatusCode, Uri};
 use axum::response::IntoResponse;
 use axum::routing::{delete, get, post, put};
@@ -16,7 +16,11 @@ use serde_json::json;
 pub fn router(state: AppState) -> Router {
     use crate::openapi::Access::{Admin, Operator, Public, Viewer};
     use crate::{alarms as al, commands as cm, ota as fw, rules as ru};
-    use crate::{device_events as ev, profiles as pr, telemetry as t};
+    use crate::{device_events as ev, diagnostics as dg, profiles as pr, telemetry as t};
+    // The upload route streams bodies up to the configured bundle cap; the
+    // 2 MB default of buffering extractors would otherwise apply there too.
+    let upload_limit =
+        usize::try_from(state.fleet.diagnostics_config().max_bundle_bytes).unwrap_or(usize::MAX);
     use crate::{
         devices as d, operators as o, provision as p, security as s, settings as st, shadows as sh,
     };
@@ -87,6 +91,16 @@ pub fn router(state: AppState) -> Router {
             ("GET", "A device's commands and their status, newest first; paged by `before`", Viewer),
             ("POST", "Send a command to a device (`name`, `params`, `timeout_secs`); 202 with the command", Operator),
         ])
+        .route("/devices/{id}/diagnostics", get(dg::list).post(dg::request), &[
+            ("GET", "A device's diagnostic bundles and requests, newest first (`?limit=`)", Viewer),
+            ("POST", "Ask the device for a diagnostic bundle (`{\"reason\": …}` optional): it is sent the command `diagnostics.upload` with a one-time upload URL; 202 with the request", Operator),
+        ])
+        .route("/devices/{id}/diagnostics/{bundle}", get(dg::show).delete(dg::delete), &[
+            ("GET", "One diagnostic bundle: status (requested, uploaded, expired, failed), size, SHA-256", Viewer),
+            ("DELETE", "Delete a diagnostic bundle (or request) and its file", Operator),
+        ])
+        .route("/devices/{id}/diagnostics/{bundle}/content", get(dg::content), &[("GET", "Download an uploaded bundle (application/octet-stream)", Viewer)])
+        .route("/diagnostics/upload/{token}", put(dg::upload).layer(DefaultBodyLimit::max(upload_limit)), &[("PUT", "A device uploads a diagnostic bundle to the one-time URL it was sent (the token is the credential); 413 past the size cap, 410 once used or expired", Public)])
         .route("/settings", get(st::list).post(st::create), &[
             ("GET", "Fleet-wide desired settings with their progress, newest first (`?tenant=`, `?limit=`)", Viewer),
             ("POST", "Set desired keys in the shadows of every device a selector picks (`group`, `label`, `profile`, `shadow`, `state`); 201 with progress", Operator),

@@ -10,6 +10,7 @@
 use crate::alarm::{Alarm, AlarmFilter, AlarmStatus};
 use crate::command::{Command, CommandStatus};
 use crate::device_event::DeviceEvent;
+use crate::diagnostic::DiagnosticBundle;
 use crate::ota::{Artifact, Campaign, Job};
 use crate::rule::Rule;
 use crate::setting::FleetSetting;
@@ -137,7 +138,36 @@ CREATE TABLE IF NOT EXISTS ota_jobs (
 CREATE INDEX IF NOT EXISTS ota_jobs_device ON ota_jobs (device_id);
 ",
     },
+    DIAGNOSTICS_MIGRATION,
 ];
+
+/// Diagnostic bundles (`diagnostic.rs`): kept apart so it can be
+/// renumbered when branches merge.
+const DIAGNOSTICS_MIGRATION: Migration = Migration {
+    version: 5,
+    sql: "
+CREATE TABLE IF NOT EXISTS diagnostics (
+    id TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    status TEXT NOT NULL,
+    requested_by TEXT NOT NULL,
+    requested_ms BIGINT NOT NULL,
+    uploaded_ms BIGINT,
+    size BIGINT,
+    sha256 TEXT,
+    reason TEXT,
+    error TEXT,
+    token_hash TEXT NOT NULL UNIQUE,
+    expires_ms BIGINT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS diagnostics_device ON diagnostics (device_id, requested_ms);
+CREATE INDEX IF NOT EXISTS diagnostics_status ON diagnostics (status, expires_ms);
+",
+};
+
+const DIAGNOSTIC_COLUMNS: &str = "id, tenant, device_id, status, requested_by, requested_ms, \
+    uploaded_ms, size, sha256, reason, error, token_hash, expires_ms";
 
 const ALARM_COLUMNS: &str =
     "id, tenant, device_id, alarm_type, severity, status, acked, acked_by, acked_ms, \
@@ -448,6 +478,10 @@ impl FleetStore for SqliteFleetStore {
         )?;
         tx.execute(
             "DELETE FROM ota_jobs WHERE device_id = ?",
+            params![device_id],
+        )?;
+        tx.execute(
+            "DELETE FROM diagnostics WHERE device_id = ?",
             params![device_id],
         )?;
         tx.commit()?;
@@ -805,6 +839,141 @@ impl FleetStore for SqliteFleetStore {
             "DELETE FROM shadows WHERE device_id = ? AND name = ?",
             params![device_id, name],
         )
+    }
+
+    fn insert_diagnostic(&self, b: &DiagnosticBundle) -> Result<()> {
+        self.exec(
+            &format!(
+                "INSERT INTO diagnostics ({DIAGNOSTIC_COLUMNS}) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            ),
+            params![
+                b.id,
+                b.tenant,
+                b.device_id,
+                b.status.as_str(),
+                b.requested_by,
+                b.requested_ms,
+                b.uploaded_ms,
+                b.size.map(i64_of).transpose()?,
+                b.sha256,
+                b.reason,
+                b.error,
+                b.token_hash,
+                b.expires_ms
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn update_diagnostic(&self, b: &DiagnosticBundle) -> Result<()> {
+        self.exec_one(
+            "diagnostic bundle",
+            "UPDATE diagnostics SET status = ?, requested_by = ?, requested_ms = ?, uploaded_ms = ?, \
+             size = ?, sha256 = ?, reason = ?, error = ?, expires_ms = ? WHERE id = ?",
+            params![
+                b.status.as_str(),
+                b.requested_by,
+                b.requested_ms,
+                b.uploaded_ms,
+                b.size.map(i64_of).transpose()?,
+                b.sha256,
+                b.reason,
+                b.error,
+                b.expires_ms,
+                b.id
+            ],
+        )
+    }
+
+    fn get_diagnostic(&self, id: &str) -> Result<Option<DiagnosticBundle>> {
+        self.query_diagnostics("id = ?", params![id])
+            .map(|v| v.into_iter().next())
+    }
+
+    fn find_diagnostic_by_token(&self, token_hash: &str) -> Result<Option<DiagnosticBundle>> {
+        self.query_diagnostics("token_hash = ?", params![token_hash])
+            .map(|v| v.into_iter().next())
+    }
+
+    fn list_diagnostics(
+        &self,
+        tenant: Option<&str>,
+        device_id: &str,
+        limit: usize,
+    ) -> Result<Vec<DiagnosticBundle>> {
+        self.query_diagnostics(
+            "device_id = ?1 AND (?2 IS NULL OR tenant = ?2) \
+             ORDER BY requested_ms DESC, id DESC LIMIT ?3",
+            params![device_id, tenant, i64::try_from(limit).unwrap_or(i64::MAX)],
+        )
+    }
+
+    fn delete_diagnostic(&self, id: &str) -> Result<()> {
+        self.exec_one(
+            "diagnostic bundle",
+            "DELETE FROM diagnostics WHERE id = ?",
+            params![id],
+        )
+    }
+
+    fn diagnostics_due(
+        &self,
+        expired_at: i64,
+        retained_until: i64,
+    ) -> Result<Vec<DiagnosticBundle>> {
+        self.query_diagnostics(
+            "(status = 'requested' AND expires_ms <= ?1) \
+             OR COALESCE(uploaded_ms, expires_ms) <= ?2",
+            params![expired_at, retained_until],
+        )
+    }
+}
+
+impl SqliteFleetStore {
+    /// Diagnostic bundles `WHERE <cond>` (which may end in ORDER/LIMIT).
+    fn query_diagnostics(
+        &self,
+        cond: &str,
+        p: impl rusqlite::Params,
+    ) -> Result<Vec<DiagnosticBundle>> {
+        let c = self.conn.lock();
+        let mut st = c.prepare(&format!(
+            "SELECT {DIAGNOSTIC_COLUMNS} FROM diagnostics WHERE {cond}"
+        ))?;
+        let rows = st.query_map(p, |r| {
+            Ok((
+                DiagnosticBundle {
+                    id: r.get(0)?,
+                    tenant: r.get(1)?,
+                    device_id: r.get(2)?,
+                    status: crate::diagnostic::BundleStatus::Requested,
+                    requested_by: r.get(4)?,
+                    requested_ms: r.get(5)?,
+                    uploaded_ms: r.get(6)?,
+                    size: None,
+                    sha256: r.get(8)?,
+                    reason: r.get(9)?,
+                    error: r.get(10)?,
+                    token_hash: r.get(11)?,
+                    expires_ms: r.get(12)?,
+                },
+                r.get::<_, String>(3)?,
+                r.get::<_, Option<i64>>(7)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (mut b, status, size) = row?;
+            b.status = status
+                .parse()
+                .map_err(|_| corrupt("diagnostic bundle status"))?;
+            b.size = size
+                .map(|s| u64_of(s, "diagnostic bundle size"))
+                .transpose()?;
+            out.push(b);
+        }
+        Ok(out)
     }
 }
 

@@ -11,6 +11,7 @@
 use crate::alarm::{Alarm, AlarmFilter};
 use crate::command::Command;
 use crate::device_event::DeviceEvent;
+use crate::diagnostic::DiagnosticBundle;
 use crate::ota::{Artifact, Campaign, Job};
 use crate::rule::Rule;
 use crate::setting::FleetSetting;
@@ -66,7 +67,7 @@ pub trait FleetStore: Send + Sync + 'static {
     fn delete_rule(&self, id: &str) -> Result<()>;
 
     /// Delete everything kept about a device (events, alarms, commands,
-    /// shadows, OTA jobs).
+    /// shadows, OTA jobs, diagnostic bundles' rows).
     fn delete_device(&self, device_id: &str) -> Result<()>;
 
     /// Append everything in `batch` in one transaction.
@@ -114,4 +115,29 @@ pub trait FleetStore: Send + Sync + 'static {
         before: Option<&str>,
         limit: usize,
     ) -> Result<Vec<Command>>;
+
+    /// Insert a new diagnostic bundle request.
+    fn insert_diagnostic(&self, b: &DiagnosticBundle) -> Result<()>;
+    /// Replace everything but the id, tenant, device and token hash
+    /// (`NotFound` if it is gone).
+    fn update_diagnostic(&self, b: &DiagnosticBundle) -> Result<()>;
+    fn get_diagnostic(&self, id: &str) -> Result<Option<DiagnosticBundle>>;
+    /// The request whose upload token hashes to `token_hash` (hex).
+    fn find_diagnostic_by_token(&self, token_hash: &str) -> Result<Option<DiagnosticBundle>>;
+    /// A device's bundles, newest first: of `tenant` if given.
+    fn list_diagnostics(
+        &self,
+        tenant: Option<&str>,
+        device_id: &str,
+        limit: usize,
+    ) -> Result<Vec<DiagnosticBundle>>;
+    fn delete_diagnostic(&self, id: &str) -> Result<()>;
+    /// Bundles with something for the sweep to do: requests whose URL
+    /// expired at or before `expired_at`, and anything uploaded (or, never
+    /// uploaded, whose URL expired) at or before `retained_until`.
+    fn diagnostics_due(
+        &self,
+        expired_at: i64,
+        retained_until: i64,
+    ) -> Result<Vec<DiagnosticBundle>>;
 }

@@ -80,6 +80,25 @@ struct Base {
     prefix: String,
 }
 
+impl Base {
+    /// `host[:port]` as the `Host` header wants it (RFC 9110 §7.2: the
+    /// port unless it is the scheme's default). The server builds URLs it
+    /// hands to devices (diagnostic uploads) from it.
+    fn authority(&self) -> String {
+        let host = if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
+        let default = if self.tls { 443 } else { 80 };
+        if self.port == default {
+            host
+        } else {
+            format!("{host}:{}", self.port)
+        }
+    }
+}
+
 fn parse_base(url: &str) -> Result<Base> {
     let (tls, rest) = if let Some(r) = url.strip_prefix("https://") {
         (true, r)
@@ -199,17 +218,47 @@ impl ApiClient {
         path: &str,
         body: Option<&serde_json::Value>,
     ) -> Result<Response> {
-        self.send(method, path, body.map_or(Payload::None, Payload::Json))
-            .await
+        let (status, raw) = self
+            .request_raw(method, path, body.map_or(Payload::None, Payload::Json))
+            .await?;
+        Ok(Response {
+            status,
+            body: json_body(&raw),
+        })
     }
 
     /// `POST` the file at `file` as the body, streamed from disk (a
     /// firmware image).
     pub async fn upload(&self, path: &str, file: &Path) -> Result<Response> {
-        self.send("POST", path, Payload::File(file)).await
+        let (status, raw) = self.request_raw("POST", path, Payload::File(file)).await?;
+        Ok(Response {
+            status,
+            body: json_body(&raw),
+        })
     }
 
-    async fn send(&self, method: &str, path: &str, body: Payload<'_>) -> Result<Response> {
+    /// A GET whose body is bytes (a download): the body of a 2xx
+    /// response, or the error made from the problem document.
+    pub async fn get_bytes(&self, path: &str) -> Result<Vec<u8>> {
+        let (status, raw) = self.request_raw("GET", path, Payload::None).await?;
+        if (200..300).contains(&status) {
+            return Ok(raw);
+        }
+        Response {
+            status,
+            body: json_body(&raw),
+        }
+        .ok()
+        .map(|_| raw)
+    }
+
+    /// Status and raw body.
+    async fn request_raw(
+        &self,
+        method: &str,
+        path: &str,
+        body: Payload<'_>,
+    ) -> Result<(u16, Vec<u8>)> {
         let addr = format!("{}:{}", self.base.host, self.base.port);
         let fut = async {
             let tcp = TcpStream::connect(&addr)
@@ -245,7 +294,7 @@ impl ApiClient {
         method: &str,
         path: &str,
         body: Payload<'_>,
-    ) -> Result<Response> {
+    ) -> Result<(u16, Vec<u8>)> {
         let payload = match body {
             Payload::Json(v) => serde_json::to_vec(v)?,
             _ => Vec::new(),
@@ -253,7 +302,7 @@ impl ApiClient {
         let mut head = format!(
             "{method} {}{path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nAccept: application/json\r\nUser-Agent: m2mhub-cli/{}\r\n",
             self.base.prefix,
-            self.base.host,
+            self.base.authority(),
             env!("CARGO_PKG_VERSION")
         );
         if let Some(t) = &self.token {
@@ -293,7 +342,7 @@ impl ApiClient {
                 Err(e)
             }
         })?;
-        parse_response(&raw)
+        split_response(&raw)
     }
 }
 
@@ -305,7 +354,29 @@ enum Payload<'a> {
     File(&'a Path),
 }
 
+/// A response body as JSON; text that is not JSON as a string; nothing
+/// as `Null`.
+fn json_body(body: &[u8]) -> serde_json::Value {
+    if body.is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_slice(body).unwrap_or_else(|_| {
+            serde_json::Value::String(String::from_utf8_lossy(body).into_owned())
+        })
+    }
+}
+
+#[cfg(test)]
 fn parse_response(raw: &[u8]) -> Result<Response> {
+    let (status, body) = split_response(raw)?;
+    Ok(Response {
+        status,
+        body: json_body(&body),
+    })
+}
+
+/// Status and (de-chunked) body of a whole HTTP/1.1 response.
+fn split_response(raw: &[u8]) -> Result<(u16, Vec<u8>)> {
     let split = raw
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
@@ -325,14 +396,7 @@ fn parse_response(raw: &[u8]) -> Result<Response> {
     if chunked {
         body = dechunk(&body)?;
     }
-    let body = if body.is_empty() {
-        serde_json::Value::Null
-    } else {
-        serde_json::from_slice(&body).unwrap_or_else(|_| {
-            serde_json::Value::String(String::from_utf8_lossy(&body).into_owned())
-        })
-    };
-    Ok(Response { status, body })
+    Ok((status, body))
 }
 
 fn dechunk(mut data: &[u8]) -> Result<Vec<u8>> {
@@ -371,8 +435,10 @@ mod tests {
             (b.tls, b.host.as_str(), b.port, b.prefix.as_str()),
             (true, "hub.example", 443, "/m2m")
         );
+        assert_eq!(b.authority(), "hub.example");
         let b = parse_base("http://[::1]:9000").expect("base");
         assert_eq!((b.host.as_str(), b.port), ("::1", 9000));
+        assert_eq!(b.authority(), "[::1]:9000");
         assert!(parse_base("127.0.0.1:8080").is_err());
     }
 

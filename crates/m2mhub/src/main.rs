@@ -170,6 +170,13 @@ enum Command {
         #[command(flatten)]
         conn: admin::Conn,
     },
+    /// Diagnostic bundles: ask a device for one, list, download, delete.
+    Diagnostics {
+        #[command(subcommand)]
+        cmd: admin::DiagnosticsCmd,
+        #[command(flatten)]
+        conn: admin::Conn,
+    },
 }
 
 #[derive(Subcommand)]
@@ -357,6 +364,9 @@ fn main() -> ExitCode {
         }
         Command::DeviceCommands { cmd, conn } => {
             run_admin(|env| async move { admin::command(&conn, cmd, &env).await })
+        }
+        Command::Diagnostics { cmd, conn } => {
+            run_admin(|env| async move { admin::diagnostics(&conn, cmd, &env).await })
         }
     }
 }

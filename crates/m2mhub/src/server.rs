@@ -92,6 +92,7 @@ impl Server {
                     v.data_dir.display()
                 )
             })?;
+        fleet.configure_diagnostics(v.diagnostics.clone());
 
         let registry_auth = Arc::new(RegistryAuth::new(
             registry.clone(),
@@ -201,6 +202,8 @@ impl Server {
             async move { b.run_tls(listener, acceptor).await },
         ));
 
+        tasks.push(tokio::spawn(sweep_diagnostics(fleet.clone())));
+
         let automation = Automation::start(broker.clone(), fleet.clone());
         let http = bind(v.http_listen, "http.listen", "--http-listen").await?;
         let http_addr = http.local_addr()?;
@@ -269,6 +272,32 @@ impl Server {
         // Commits what is queued; heads are rebuilt from the WAL next time.
         let tsdb = self.tsdb.clone();
         let _ = tokio::task::spawn_blocking(move || tsdb.close()).await;
+    }
+}
+
+/// How often expired upload URLs are marked and old bundles deleted.
+const DIAGNOSTICS_SWEEP: Duration = Duration::from_secs(60);
+
+/// The diagnostics retention, applied once a minute (off the workers: it
+/// deletes files).
+async fn sweep_diagnostics(fleet: Fleet) {
+    let mut tick = tokio::time::interval(DIAGNOSTICS_SWEEP);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let f = fleet.clone();
+        match tokio::task::spawn_blocking(move || f.sweep_diagnostics()).await {
+            Ok(Ok(r)) if r.expired + r.deleted > 0 => {
+                tracing::info!(
+                    expired = r.expired,
+                    deleted = r.deleted,
+                    "diagnostics swept"
+                );
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "diagnostics sweep failed; will retry"),
+            Err(e) => tracing::error!(error = %e, "diagnostics sweep panicked"),
+        }
     }
 }
 

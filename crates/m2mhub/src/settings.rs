@@ -116,6 +116,16 @@ flush_interval_secs = 600
 # Most points one payload may carry.
 max_points_per_message = 10000
 
+[diagnostics]
+# Diagnostic bundles devices upload on request (POST
+# /api/v1/devices/{id}/diagnostics), kept under <data_dir>/diagnostics.
+# Largest bundle accepted, in bytes (16 MiB); a larger upload is refused (413).
+max_bundle_bytes = 16777216
+# Bundles, and requests that expired or failed, are deleted after this many hours.
+retention_hours = 168
+# Seconds a device has to upload once asked (the one-time URL's lifetime).
+upload_url_ttl_s = 900
+
 [http]
 # HTTP server: /healthz, /metrics, MQTT over WebSocket at /mqtt, API at /api/v1.
 listen = "0.0.0.0:8080"
@@ -149,9 +159,28 @@ pub struct Settings {
     pub data_dir: PathBuf,
     pub mqtt: MqttSettings,
     pub telemetry: TelemetrySettings,
+    pub diagnostics: DiagnosticsSettings,
     pub http: HttpSettings,
     pub ota: OtaSettings,
     pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DiagnosticsSettings {
+    pub max_bundle_bytes: u64,
+    pub retention_hours: u32,
+    pub upload_url_ttl_s: u32,
+}
+
+impl Default for DiagnosticsSettings {
+    fn default() -> Self {
+        DiagnosticsSettings {
+            max_bundle_bytes: m2mhub_fleet::diagnostic::DEFAULT_MAX_BUNDLE_BYTES,
+            retention_hours: 168,
+            upload_url_ttl_s: 900,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -273,6 +302,7 @@ impl Default for Settings {
             data_dir: PathBuf::from("./m2mhub-data"),
             mqtt: MqttSettings::default(),
             telemetry: TelemetrySettings::default(),
+            diagnostics: DiagnosticsSettings::default(),
             http: HttpSettings::default(),
             ota: OtaSettings::default(),
             log: LogSettings::default(),
@@ -341,7 +371,7 @@ impl Default for LogSettings {
 
 /// The sections of the file; an environment variable `M2MHUB_MQTT_LISTEN`
 /// is the key `listen` of section `mqtt`.
-const SECTIONS: [&str; 5] = ["mqtt", "telemetry", "http", "ota", "log"];
+const SECTIONS: [&str; 6] = ["mqtt", "telemetry", "diagnostics", "http", "ota", "log"];
 
 /// Environment variables that are not config keys.
 const NOT_KEYS: [&str; 6] = [
@@ -562,9 +592,32 @@ impl Settings {
             chunk_bytes: o.chunk_bytes,
             url_ttl: Duration::from_secs(o.url_ttl_secs),
         };
+        let d = &self.diagnostics;
+        if d.max_bundle_bytes == 0 {
+            bail!("invalid value for `diagnostics.max_bundle_bytes`: 0; use at least 1 (bytes)");
+        }
+        if d.retention_hours == 0 {
+            bail!("invalid value for `diagnostics.retention_hours`: 0; use at least 1 (hours)");
+        }
+        // The command that carries the URL times out with it, and commands
+        // wait at most a week.
+        let max_ttl = m2mhub_fleet::command::MAX_TIMEOUT_MS / 1000;
+        if d.upload_url_ttl_s == 0 || u64::from(d.upload_url_ttl_s) > max_ttl {
+            bail!(
+                "invalid value for `diagnostics.upload_url_ttl_s`: {}; use 1 to {max_ttl} (seconds)",
+                d.upload_url_ttl_s
+            );
+        }
+        let diagnostics = m2mhub_fleet::DiagnosticsConfig {
+            dir: self.data_dir.join("diagnostics"),
+            max_bundle_bytes: d.max_bundle_bytes,
+            retention: Duration::from_secs(u64::from(d.retention_hours) * 3600),
+            upload_ttl: secs(d.upload_url_ttl_s),
+        };
         Ok(Validated {
             ota,
             telemetry,
+            diagnostics,
             data_dir: self.data_dir.clone(),
             mqtt_listen,
             http_listen,
@@ -593,6 +646,8 @@ pub struct Validated {
     pub data_dir: PathBuf,
     pub ota: OtaConfig,
     pub telemetry: TelemetryConfig,
+    /// Diagnostic bundles: where, how large, how long.
+    pub diagnostics: m2mhub_fleet::DiagnosticsConfig,
     pub mqtt_listen: SocketAddr,
     pub http_listen: SocketAddr,
     pub tls: TlsFiles,
@@ -691,6 +746,30 @@ mod tests {
             .expect_err("half tls")
             .to_string()
             .contains("mqtt.tls_key"));
+    }
+
+    #[test]
+    fn diagnostics_settings() {
+        let s = Settings::load(
+            None,
+            &env(&[
+                ("M2MHUB_DIAGNOSTICS_MAX_BUNDLE_BYTES", "1000"),
+                ("M2MHUB_DIAGNOSTICS_UPLOAD_URL_TTL_S", "2"),
+            ]),
+        )
+        .expect("load");
+        let v = s.validate().expect("valid");
+        assert_eq!(v.diagnostics.max_bundle_bytes, 1000);
+        assert_eq!(v.diagnostics.upload_ttl, Duration::from_secs(2));
+        assert_eq!(v.diagnostics.retention, Duration::from_secs(168 * 3600));
+        assert_eq!(v.diagnostics.dir, s.data_dir.join("diagnostics"));
+        let mut s = Settings::default();
+        s.diagnostics.upload_url_ttl_s = 0;
+        let e = s.validate().expect_err("zero ttl");
+        assert!(
+            e.to_string().contains("diagnostics.upload_url_ttl_s"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -25,6 +25,8 @@ mod conformance;
 mod console;
 #[path = "tests/demo.rs"]
 mod demo;
+#[path = "tests/diagnostics.rs"]
+mod diagnostics;
 #[path = "tests/fleet.rs"]
 mod fleet;
 #[path = "tests/flow.rs"]

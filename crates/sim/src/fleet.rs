@@ -21,7 +21,9 @@
 //! `devices/{id}/telemetry` every interval (each device with its own random
 //! phase), answers every command on `devices/{id}/commands/response` (MQTT 5
 //! correlation data copied) and reconnects with a back-off when the
-//! connection drops. A `shutdown` command stops the machine — a factory
+//! connection drops. A `diagnostics.upload` command is answered once the
+//! device has PUT a small bundle to the URL it names ([`crate::diagnostics`]).
+//! A `shutdown` command stops the machine — a factory
 //! machine or a meter keeps reporting, with its values dropped to idle; a
 //! truck, wearable or soil probe goes silent — until a `start` command.
 
@@ -879,6 +881,15 @@ async fn session(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let keep_alive = Duration::from_secs(u64::from(cfg.keep_alive) / 2);
     let mut last_sent = Instant::now();
+    // Diagnostic uploads run beside the session; their answers come back
+    // here to be published on this connection.
+    let started = Instant::now();
+    let mut diag = crate::diagnostics::DeviceState {
+        device_id: id.to_string(),
+        profile: format!("{:?}", machine.profile).to_lowercase(),
+        ..Default::default()
+    };
+    let (uploaded_tx, mut uploaded) = tokio::sync::mpsc::channel::<(Publish, Value)>(4);
     // QoS 2 commands whose PUBREL is awaited: a resent one is not applied twice.
     let mut qos2: HashSet<u16> = HashSet::new();
     loop {
@@ -914,14 +925,29 @@ async fn session(
                         last_sent = Instant::now();
                         continue;
                     }
+                    let upload = serde_json::from_slice::<Value>(&p.payload)
+                        .ok()
+                        .as_ref()
+                        .and_then(crate::diagnostics::upload_request);
                     if let Some(report) = report_shadow(&p, &shadow_update) {
                         stats.shadow_reports.fetch_add(1, Ordering::Relaxed);
+                        diag.shadow_reports += 1;
                         let pid = conn.next_packet_id();
                         conn.queue(&Packet::Publish(Publish {
                             packet_id: Some(pid),
                             ..report
                         }))?;
+                    } else if let Some(req) = upload {
+                        diag.running = machine.is_running();
+                        diag.uptime = started.elapsed();
+                        let (state, tx) = (diag.clone(), uploaded_tx.clone());
+                        tokio::spawn(async move {
+                            let answer = crate::diagnostics::run(&req, &state, now_ms()).await;
+                            // The session may have ended meanwhile: nobody to tell.
+                            let _ = tx.send((p, answer)).await;
+                        });
                     } else if let Some(answer) = answer_command(&p, machine, &response_topic) {
+                        diag.commands_answered += 1;
                         stats.commands.fetch_add(1, Ordering::Relaxed);
                         let pid = conn.next_packet_id();
                         conn.queue(&Packet::Publish(Publish {
@@ -943,8 +969,21 @@ async fn session(
                 // PUBACKs of our readings, PINGRESP.
                 _ => {}
             },
+            Some((command, answer)) = uploaded.recv() => {
+                stats.commands.fetch_add(1, Ordering::Relaxed);
+                diag.commands_answered += 1;
+                let pid = conn.next_packet_id();
+                conn.queue(&Packet::Publish(Publish {
+                    packet_id: Some(pid),
+                    ..answer_with(&command, answer, &response_topic)
+                }))?;
+                conn.flush().await?;
+                last_sent = Instant::now();
+            }
             _ = tick.tick() => {
                 if let Some(reading) = machine.reading(now_ms()) {
+                    diag.readings_sent += 1;
+                    diag.last_reading = Some(reading.clone());
                     let pid = conn.next_packet_id();
                     conn.queue(&Packet::Publish(Publish {
                         dup: false,
@@ -1013,7 +1052,13 @@ pub fn answer_command(p: &Publish, machine: &mut Machine, response_topic: &str) 
             "id": id, "status": "failed", "error": format!("unknown command {name:?}"),
         }),
     };
-    Some(Publish {
+    Some(answer_with(p, answer, response_topic))
+}
+
+/// The answer `body` to the command message `p` (QoS 1, packet id to be
+/// set): on the command's response topic, with its correlation data.
+fn answer_with(p: &Publish, answer: Value, response_topic: &str) -> Publish {
+    Publish {
         dup: false,
         qos: QoS::AtLeastOnce,
         retain: false,
@@ -1028,7 +1073,7 @@ pub fn answer_command(p: &Publish, machine: &mut Machine, response_topic: &str) 
             ..Default::default()
         },
         payload: Bytes::from(answer.to_string()),
-    })
+    }
 }
 
 #[cfg(test)]

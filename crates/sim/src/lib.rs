@@ -29,6 +29,7 @@
 pub mod bench;
 pub mod client;
 pub mod connect;
+pub mod diagnostics;
 pub mod fleet;
 pub mod histogram;
 pub mod memory;

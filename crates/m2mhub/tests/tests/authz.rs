@@ -29,8 +29,10 @@ const ACCESS_LEVELS: [&str; 4] = ["public", "viewer", "operator", "admin"];
 
 /// Exactly these operations need no credentials; anything else made public
 /// by accident fails `every_operation_declares_who_may_call_it`.
-const PUBLIC_OPERATIONS: [(&str, &str); 6] = [
+const PUBLIC_OPERATIONS: [(&str, &str); 7] = [
     ("GET", "/"),
+    // Authorized by the one-time token in its path alone.
+    ("PUT", "/diagnostics/upload/{token}"),
     ("GET", "/openapi.json"),
     ("POST", "/auth/login"),
     ("POST", "/provision"),
@@ -100,6 +102,8 @@ const PARAMS: &[(&str, &str, &str)] = &[
     ("/devices", "fingerprint", "fingerprint"),
     ("/devices", "metric", "metric"),
     ("/devices", "name", "shadow"),
+    ("/devices", "bundle", "diagnostic"),
+    ("/diagnostics", "token", "upload_token"),
     ("/rules", "id", "rule"),
     ("/alarms", "id", "alarm"),
     ("/commands", "id", "command"),
@@ -635,6 +639,46 @@ async fn populate(srv: &TestServer, admin: &Client, t: &str) -> Tenant {
         }
     })
     .await;
+    // A diagnostic bundle, uploaded (its content is JSON, so the snapshot
+    // reads it like every other GET).
+    let diag = admin
+        .expect(
+            "POST",
+            &format!("/devices/{dev}/diagnostics"),
+            Some(json!({"reason": format!("{t}-diag")})),
+            202,
+        )
+        .await;
+    let bundle_id = diag["id"].as_str().expect("bundle id").to_string();
+    let diag_command = diag["command_id"].as_str().expect("command id").to_string();
+    let url = srv
+        .get()
+        .fleet
+        .get_command(&diag_command)
+        .expect("diagnostics command")
+        .params["url"]
+        .as_str()
+        .expect("upload url")
+        .to_string();
+    let up = http_request(
+        srv.http(),
+        "PUT",
+        url.trim_start_matches("http://x"),
+        None,
+        Some(&json!({"bundle": format!("{t}-bundle")})),
+    )
+    .await;
+    assert_eq!(up.status, 200, "{}", up.body);
+    within("the diagnostics command to be sent", async {
+        while admin
+            .expect("GET", &format!("/commands/{diag_command}"), None, 200)
+            .await["status"]
+            == "pending"
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
     let claim = admin
         .expect(
             "POST",
@@ -711,6 +755,11 @@ async fn populate(srv: &TestServer, admin: &Client, t: &str) -> Tenant {
         ("rule", rule.clone()),
         ("alarm", alarm.id.to_string()),
         ("command", command_id.clone()),
+        ("diagnostic", bundle_id.clone()),
+        (
+            "upload_token",
+            url.rsplit('/').next().unwrap_or_default().to_string(),
+        ),
         ("claim", claim_id.clone()),
         ("api_token", api_token.clone()),
         ("policy", pol.clone()),
@@ -743,6 +792,9 @@ async fn populate(srv: &TestServer, admin: &Client, t: &str) -> Tenant {
         fingerprint,
         serial,
         command_id,
+        bundle_id,
+        diag_command,
+        format!("{t}-diag"),
         claim_id,
         api_token,
     ];
