@@ -111,7 +111,7 @@ pub fn router(state: AppState) -> Router {
             ("GET", "Firmware artifacts, newest first (`?tenant=`)", Viewer),
             ("POST", "Upload a firmware image as the body (`?name=&version=`, optional `hardware`, `profile`, `tenant`, external `signature` and `public_key`); streamed to disk, hashed and signed; 201", Operator),
         ])
-        .route("/ota/artifacts/{id}", get(fw::show_artifact).delete(fw::delete_artifact), &[
+        .route("/ota/artifacts/{artifact}", get(fw::show_artifact).delete(fw::delete_artifact), &[
             ("GET", "One artifact: version, size, SHA-256, signature", Viewer),
             ("DELETE", "Delete an artifact (refused with 409 while an unfinished campaign uses it)", Operator),
         ])
@@ -119,11 +119,11 @@ pub fn router(state: AppState) -> Router {
             ("GET", "Firmware campaigns with job counts by state, newest first (`?tenant=`)", Viewer),
             ("POST", "Start a campaign (`artifact`; `selector` {group, label, profile} or `devices`; `waves` [{percent}|{count}], `wave_wait_s`, `max_starts_per_minute`, `failure_threshold`, `deadline_ms`, `job_timeout_s`); 201", Operator),
         ])
-        .route("/ota/campaigns/{id}", get(fw::show_campaign), &[("GET", "A campaign: jobs by state overall and per wave, the failures with their reasons", Viewer)])
-        .route("/ota/campaigns/{id}/jobs", get(fw::list_jobs), &[("GET", "A campaign's jobs (`?state=`, `?limit=`)", Viewer)])
-        .route("/ota/campaigns/{id}/pause", post(fw::pause), &[("POST", "Pause: no device is told a new job until resumed", Operator)])
-        .route("/ota/campaigns/{id}/resume", post(fw::resume), &[("POST", "Resume a paused campaign", Operator)])
-        .route("/ota/campaigns/{id}/cancel", post(fw::cancel), &[("POST", "Cancel (`{\"reason\"}` optional): jobs not begun are cancelled, devices already told are told", Operator)])
+        .route("/ota/campaigns/{campaign}", get(fw::show_campaign), &[("GET", "A campaign: jobs by state overall and per wave, the failures with their reasons", Viewer)])
+        .route("/ota/campaigns/{campaign}/jobs", get(fw::list_jobs), &[("GET", "A campaign's jobs (`?state=`, `?limit=`)", Viewer)])
+        .route("/ota/campaigns/{campaign}/pause", post(fw::pause), &[("POST", "Pause: no device is told a new job until resumed", Operator)])
+        .route("/ota/campaigns/{campaign}/resume", post(fw::resume), &[("POST", "Resume a paused campaign", Operator)])
+        .route("/ota/campaigns/{campaign}/cancel", post(fw::cancel), &[("POST", "Cancel (`{\"reason\"}` optional): jobs not begun are cancelled, devices already told are told", Operator)])
         .route("/ota/download/{artifact}", get(fw::download), &[("GET", "A device downloads its job's image with the signed URL from its job (`Range` supported)", Public)])
         .route("/commands/{id}", get(cm::show), &[("GET", "One command and its status (pending, sent, delivered, answered, failed, timed_out)", Viewer)])
         .route("/alarms", get(al::list), &[("GET", "Alarms, active and cleared, newest first: filter by tenant, device, status, severity, type; paged by `before`", Viewer)])

@@ -29,8 +29,12 @@ const ACCESS_LEVELS: [&str; 4] = ["public", "viewer", "operator", "admin"];
 
 /// Exactly these operations need no credentials; anything else made public
 /// by accident fails `every_operation_declares_who_may_call_it`.
-const PUBLIC_OPERATIONS: [(&str, &str); 7] = [
+const PUBLIC_OPERATIONS: [(&str, &str); 9] = [
     ("GET", "/"),
+    // Authorized by the signed, short-lived URL a device's job carries.
+    ("GET", "/ota/download/{artifact}"),
+    // A public key.
+    ("GET", "/ota/public-key"),
     // Authorized by the one-time token in its path alone.
     ("PUT", "/diagnostics/upload/{token}"),
     ("GET", "/openapi.json"),
@@ -108,6 +112,8 @@ const PARAMS: &[(&str, &str, &str)] = &[
     ("/alarms", "id", "alarm"),
     ("/commands", "id", "command"),
     ("/settings", "id", "setting"),
+    ("/ota", "artifact", "artifact"),
+    ("/ota", "campaign", "campaign"),
     ("/claim-tokens", "id", "claim"),
     ("/auth", "id", "api_token"),
     ("/tenants", "tenant", "tenant"),
@@ -744,9 +750,52 @@ async fn populate(srv: &TestServer, admin: &Client, t: &str) -> Tenant {
         .await;
     let setting_id = setting["id"].as_str().expect("setting id").to_string();
 
+    // A firmware artifact and a campaign rolling it out to the device.
+    let artifact = srv
+        .get()
+        .fleet
+        .add_artifact(m2mhub_fleet::Artifact {
+            id: srv.get().fleet.new_artifact_id(),
+            tenant: t.to_string(),
+            name: format!("{t}-fw"),
+            version: "1.0".into(),
+            hardware: None,
+            profile: None,
+            size: 0,
+            sha256: "00".repeat(32),
+            signature: String::new(),
+            signed_by: m2mhub_fleet::SignedBy::Platform,
+            created_ms: 1,
+            created_by: "tests".into(),
+        })
+        .expect("artifact");
+    let campaign = admin
+        .expect(
+            "POST",
+            "/ota/campaigns",
+            Some(json!({"tenant": t, "artifact": artifact.id, "devices": [dev], "name": format!("{t}-campaign")})),
+            201,
+        )
+        .await;
+    let campaign_id = campaign["id"].as_str().expect("campaign id").to_string();
+    // The campaign timer tells the (connected) device within a second;
+    // after that nothing changes for an hour (the job timeout).
+    within("the campaign to tell the device", async {
+        while admin
+            .expect("GET", &format!("/ota/campaigns/{campaign_id}"), None, 200)
+            .await["jobs"]["notified"]
+            != 1
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+
     let ids: Ids = [
         ("tenant", t.to_string()),
         ("setting", setting_id.clone()),
+        ("artifact", artifact.id.clone()),
+        ("campaign", campaign_id.clone()),
         ("shadow", format!("{t}-cfg")),
         ("device", dev.clone()),
         ("token", token_id.clone()),
@@ -787,6 +836,10 @@ async fn populate(srv: &TestServer, admin: &Client, t: &str) -> Tenant {
         format!("{t}-setpoint"),
         format!("{t}-eco"),
         setting_id,
+        artifact.id,
+        format!("{t}-fw"),
+        campaign_id,
+        format!("{t}-campaign"),
         format!("{t} sensor"),
         token_id,
         fingerprint,
