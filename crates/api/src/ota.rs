@@ -33,12 +33,34 @@ const READ_STEP: usize = 16 * 1024;
 /// Failed and rejected jobs listed in a campaign view at most.
 const FAILURES_SHOWN: usize = 100;
 
+/// Image bytes read from disk and not yet written to a socket, across all
+/// downloads at once. HTTP/1 buffers up to ~400 KiB per connection before
+/// it stops asking for more, so without this a thousand devices downloading
+/// at once would hold ~400 MiB; with it the server holds this much.
+pub const DOWNLOAD_BUDGET: usize = 32 << 20;
+
 /// What the OTA routes need beyond the shared state.
 pub struct OtaApi {
     pub service: OtaService,
     pub signer: Arc<FirmwareSigner>,
     /// Largest image accepted.
     pub max_artifact_bytes: u64,
+    /// Permits for [`DOWNLOAD_BUDGET`] bytes, held by each chunk until
+    /// the connection has written it.
+    pub download_budget: Arc<tokio::sync::Semaphore>,
+}
+
+/// A chunk of a download, holding its share of the budget until dropped
+/// (when the HTTP connection has written it out).
+struct Chunk {
+    data: Vec<u8>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl AsRef<[u8]> for Chunk {
+    fn as_ref(&self) -> &[u8] {
+        &self.data
+    }
 }
 
 fn ota(state: &AppState) -> Result<&OtaApi, Problem> {
@@ -627,21 +649,31 @@ pub async fn download(
     file.seek(std::io::SeekFrom::Start(first))
         .await
         .map_err(|e| internal("cannot read the image", e))?;
-    let stream = futures_util::stream::unfold((file, len), |(mut f, left)| async move {
-        if left == 0 {
-            return None;
-        }
-        let mut buf = vec![0u8; READ_STEP.min(left as usize)];
-        match f.read(&mut buf).await {
-            Ok(0) => None,
-            Ok(n) => {
-                buf.truncate(n);
-                Some((
-                    Ok::<_, std::io::Error>(bytes::Bytes::from(buf)),
-                    (f, left - n as u64),
-                ))
+    let budget = Arc::clone(&o.download_budget);
+    let stream = futures_util::stream::unfold((file, len), move |(mut f, left)| {
+        let budget = Arc::clone(&budget);
+        async move {
+            if left == 0 {
+                return None;
             }
-            Err(e) => Some((Err(e), (f, 0))),
+            let step = READ_STEP.min(left as usize);
+            let permit = match budget.acquire_many_owned(step as u32).await {
+                Ok(p) => p,
+                Err(e) => return Some((Err(std::io::Error::other(e)), (f, 0))),
+            };
+            let mut buf = vec![0u8; step];
+            match f.read(&mut buf).await {
+                Ok(0) => None,
+                Ok(n) => {
+                    buf.truncate(n);
+                    let chunk = bytes::Bytes::from_owner(Chunk {
+                        data: buf,
+                        _permit: permit,
+                    });
+                    Some((Ok::<_, std::io::Error>(chunk), (f, left - n as u64)))
+                }
+                Err(e) => Some((Err(e), (f, 0))),
+            }
         }
     });
     let mut r = Response::new(Body::from_stream(stream));

@@ -396,5 +396,8 @@ fn ota_service(
         },
         signer: Arc::new(signer),
         max_artifact_bytes: v.ota.max_artifact_bytes,
+        download_budget: Arc::new(tokio::sync::Semaphore::new(
+            m2mhub_api::ota::DOWNLOAD_BUDGET,
+        )),
     })
 }

@@ -663,3 +663,115 @@ async fn tenants_do_not_see_each_others_firmware() {
     let r = upload(srv.http(), &viewer.token, "name=x&version=1", &image(10, 1)).await;
     assert_eq!(r.status, 403);
 }
+
+/// `kill -9` right after the answers: an accepted shadow update and a job
+/// report the device saw accepted are on disk, and the campaign resumes
+/// where it stood.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accepted_shadow_updates_and_job_reports_survive_kill_9() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let (mut bin, before) = BinServer::start_secure(&data, &dir.path().join("log-1")).await;
+    let field = |key: &str| {
+        before
+            .iter()
+            .find_map(|l| l.trim().strip_prefix(key).map(|v| v.trim().to_string()))
+            .unwrap_or_else(|| panic!("no {key:?} line: {before:?}"))
+    };
+    let (user, password) = (field("user:"), field("password:"));
+    let login = |addr| {
+        let body = json!({"username": user, "password": password});
+        async move {
+            let r = http_request(addr, "POST", "/api/v1/auth/login", None, Some(&body)).await;
+            assert_eq!(r.status, 200, "{}", r.body);
+            r.json()["token"].as_str().expect("token").to_string()
+        }
+    };
+    let admin = Api {
+        addr: bin.http,
+        token: login(bin.http).await,
+    };
+    let secret = device(&admin, "boiler-1").await;
+    let r = upload(
+        bin.http,
+        &admin.token,
+        "name=boiler-fw&version=4.0",
+        &image(5000, 4),
+    )
+    .await;
+    assert_eq!(r.status, 201);
+    let art = r.json()["id"].as_str().expect("id").to_string();
+
+    let (mut d, _) = Raw::connect_ok(
+        bin.mqtt,
+        creds(connect(Protocol::V5, "boiler-1"), "boiler-1", &secret),
+    )
+    .await;
+    d.subscribe(
+        1,
+        "devices/boiler-1/shadow/update/accepted",
+        QoS::AtLeastOnce,
+    )
+    .await;
+    d.subscribe(2, "devices/boiler-1/ota/#", QoS::AtLeastOnce)
+        .await;
+    send(
+        &mut d,
+        3,
+        "devices/boiler-1/shadow/update",
+        json!({"state": {"reported": {"pressure": 1.7}}}),
+    )
+    .await;
+    next_on(&mut d, "devices/boiler-1/shadow/update/accepted").await;
+    let c = admin
+        .expect(
+            "POST",
+            "/ota/campaigns",
+            Some(json!({"artifact": art, "devices": ["boiler-1"]})),
+            201,
+        )
+        .await;
+    let cid = c["id"].as_str().expect("id").to_string();
+    next_on(&mut d, "devices/boiler-1/ota/job").await;
+    send(
+        &mut d,
+        4,
+        "devices/boiler-1/ota/status",
+        json!({"jobId": cid, "state": "installing"}),
+    )
+    .await;
+    next_on(&mut d, "devices/boiler-1/ota/status/accepted").await;
+    bin.kill9().await;
+
+    let (bin2, _) = BinServer::start_secure(&data, &dir.path().join("log-2")).await;
+    let admin = Api {
+        addr: bin2.http,
+        token: login(bin2.http).await,
+    };
+    let shadow = admin
+        .expect("GET", "/devices/boiler-1/shadow", None, 200)
+        .await;
+    assert_eq!(shadow["state"]["reported"]["pressure"], 1.7);
+    assert_eq!(shadow["version"], 1);
+    let c = admin
+        .expect("GET", &format!("/ota/campaigns/{cid}"), None, 200)
+        .await;
+    assert_eq!(c["jobs"]["installing"], 1, "{c:#}");
+    assert_eq!(c["status"], "running");
+    // The device comes back and finishes the job on the restarted server.
+    let (mut d, _) = Raw::connect_ok(
+        bin2.mqtt,
+        creds(connect(Protocol::V5, "boiler-1"), "boiler-1", &secret),
+    )
+    .await;
+    d.subscribe(1, "devices/boiler-1/ota/status/+", QoS::AtLeastOnce)
+        .await;
+    send(
+        &mut d,
+        2,
+        "devices/boiler-1/ota/status",
+        json!({"jobId": cid, "state": "succeeded", "version": "4.0"}),
+    )
+    .await;
+    next_on(&mut d, "devices/boiler-1/ota/status/accepted").await;
+}
