@@ -25,7 +25,7 @@ use m2mhub_pki::FirmwareSigner;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::Arc;
-use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 /// Bytes read from disk per step of a download: 1,000 concurrent
 /// downloads hold at most this much each.
@@ -48,7 +48,14 @@ pub struct OtaApi {
     /// Permits for [`DOWNLOAD_BUDGET`] bytes, held by each chunk until
     /// the connection has written it.
     pub download_budget: Arc<tokio::sync::Semaphore>,
+    /// Reads from image files under way at most (see [`READ_SLOTS`]).
+    pub read_slots: Arc<tokio::sync::Semaphore>,
 }
+
+/// Image reads on blocking threads at once: the page cache answers in
+/// microseconds, and each concurrent read would otherwise be one more
+/// thread (with its own allocator heap) in the blocking pool.
+pub const READ_SLOTS: usize = 4;
 
 /// A chunk of a download, holding its share of the budget until dropped
 /// (when the HTTP connection has written it out).
@@ -643,15 +650,13 @@ pub async fn download(
         }
     };
     let len = last + 1 - first;
-    let mut file = tokio::fs::File::open(o.service.files.path(&a.id))
-        .await
+    let file = std::fs::File::open(o.service.files.path(&a.id))
         .map_err(|e| internal("cannot open the image", e))?;
-    file.seek(std::io::SeekFrom::Start(first))
-        .await
-        .map_err(|e| internal("cannot read the image", e))?;
+    let file = Arc::new(file);
     let budget = Arc::clone(&o.download_budget);
-    let stream = futures_util::stream::unfold((file, len), move |(mut f, left)| {
-        let budget = Arc::clone(&budget);
+    let reads = Arc::clone(&o.read_slots);
+    let stream = futures_util::stream::unfold((first, len), move |(at, left)| {
+        let (budget, reads, file) = (Arc::clone(&budget), Arc::clone(&reads), Arc::clone(&file));
         async move {
             if left == 0 {
                 return None;
@@ -659,20 +664,34 @@ pub async fn download(
             let step = READ_STEP.min(left as usize);
             let permit = match budget.acquire_many_owned(step as u32).await {
                 Ok(p) => p,
-                Err(e) => return Some((Err(std::io::Error::other(e)), (f, 0))),
+                Err(e) => return Some((Err(std::io::Error::other(e)), (at, 0))),
             };
-            let mut buf = vec![0u8; step];
-            match f.read(&mut buf).await {
-                Ok(0) => None,
-                Ok(n) => {
-                    buf.truncate(n);
+            // A few reads at a time: each runs on a blocking thread, and a
+            // thousand downloads must not grow the pool to hundreds of them.
+            let slot = match reads.acquire_owned().await {
+                Ok(s) => s,
+                Err(e) => return Some((Err(std::io::Error::other(e)), (at, 0))),
+            };
+            let read = tokio::task::spawn_blocking(move || {
+                use std::os::unix::fs::FileExt;
+                let mut buf = vec![0u8; step];
+                file.read_exact_at(&mut buf, at).map(|()| buf)
+            })
+            .await;
+            drop(slot);
+            match read {
+                Ok(Ok(buf)) => {
                     let chunk = bytes::Bytes::from_owner(Chunk {
                         data: buf,
                         _permit: permit,
                     });
-                    Some((Ok::<_, std::io::Error>(chunk), (f, left - n as u64)))
+                    Some((
+                        Ok::<_, std::io::Error>(chunk),
+                        (at + step as u64, left - step as u64),
+                    ))
                 }
-                Err(e) => Some((Err(e), (f, 0))),
+                Ok(Err(e)) => Some((Err(e), (at, 0))),
+                Err(e) => Some((Err(std::io::Error::other(e)), (at, 0))),
             }
         }
     });

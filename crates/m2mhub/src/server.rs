@@ -399,5 +399,6 @@ fn ota_service(
         download_budget: Arc::new(tokio::sync::Semaphore::new(
             m2mhub_api::ota::DOWNLOAD_BUDGET,
         )),
+        read_slots: Arc::new(tokio::sync::Semaphore::new(m2mhub_api::ota::READ_SLOTS)),
     })
 }
