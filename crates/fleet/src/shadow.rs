@@ -105,6 +105,16 @@ pub enum ShadowWriter {
     Platform,
 }
 
+impl ShadowWriter {
+    /// How events and the API name the writer.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ShadowWriter::Device => "device",
+            ShadowWriter::Platform => "platform",
+        }
+    }
+}
+
 /// An update request: `{"state": {"desired": {…}, "reported": {…}},
 /// "version": n, "clientToken": "…"}`.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -145,6 +155,55 @@ pub struct ShadowChange {
     pub client_token: Option<String>,
     /// Whether `desired` changed (the device should be told the delta).
     pub desired_changed: bool,
+    /// Who made the change.
+    pub writer: ShadowWriter,
+}
+
+impl ShadowChange {
+    /// The top-level keys of `desired` whose value this change altered
+    /// (added, replaced or deleted), in order.
+    pub fn desired_keys(&self) -> Vec<String> {
+        changed_keys(
+            self.previous.as_ref().map(|p| &p.desired),
+            &self.current.desired,
+        )
+    }
+
+    /// The same for `reported`.
+    pub fn reported_keys(&self) -> Vec<String> {
+        changed_keys(
+            self.previous.as_ref().map(|p| &p.reported),
+            &self.current.reported,
+        )
+    }
+}
+
+/// Top-level keys whose values differ between `before` and `after`.
+fn changed_keys(before: Option<&Map<String, Value>>, after: &Map<String, Value>) -> Vec<String> {
+    let empty = Map::new();
+    let before = before.unwrap_or(&empty);
+    let mut keys: Vec<String> = after
+        .iter()
+        .filter(|(k, v)| before.get(*k) != Some(*v))
+        .map(|(k, _)| k.clone())
+        .chain(before.keys().filter(|k| !after.contains_key(*k)).cloned())
+        .collect();
+    keys.sort();
+    keys
+}
+
+/// Who hears about accepted shadow changes besides the writer (the live
+/// hub behind `/api/v1/live`). Told here, in the one place every writer
+/// goes through — devices over MQTT, operators, rules, fleet-wide settings
+/// — so no writer can forget to; told while the shadows are locked, so a
+/// watcher sees each shadow's versions in order.
+pub trait ShadowWatch: Send + Sync {
+    /// Whether anyone listens now; nothing is built for [`Self::changed`]
+    /// otherwise (asked once per update: keep it to an atomic load).
+    fn active(&self) -> bool;
+    /// An accepted change, already durable. Must not block or call back
+    /// into the fleet.
+    fn changed(&self, change: &ShadowChange);
 }
 
 impl ShadowChange {
@@ -445,6 +504,7 @@ pub(crate) fn apply(
         metadata: stamped,
         client_token: update.client_token.clone(),
         desired_changed,
+        writer,
     })
 }
 
@@ -573,6 +633,7 @@ impl Fleet {
         let change = apply(current, tenant, device_id, name, update, writer, now_ms())?;
         s.store.put_shadow(&change.current)?;
         shadows.insert(change.current.clone());
+        s.tell_watcher(std::slice::from_ref(&change));
         Ok(change)
     }
 
