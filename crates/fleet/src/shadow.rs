@@ -927,4 +927,59 @@ mod tests {
         );
         assert_eq!(c.documents()["current"]["version"], 2);
     }
+
+    /// What a watcher is told: who wrote, and the top-level keys whose
+    /// value changed (a rewrite of an equal value is no change; a deleted
+    /// key and a cleared section are).
+    #[test]
+    fn changes_name_their_writer_and_changed_keys_and_reach_the_watcher() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        /// (version, desired keys, reported keys) per change told.
+        type Told = Vec<(u64, Vec<String>, Vec<String>)>;
+        struct Seen(AtomicBool, parking_lot::Mutex<Told>);
+        impl ShadowWatch for Seen {
+            fn active(&self) -> bool {
+                self.0.load(Ordering::Relaxed)
+            }
+            fn changed(&self, c: &ShadowChange) {
+                self.1
+                    .lock()
+                    .push((c.current.version, c.desired_keys(), c.reported_keys()));
+            }
+        }
+        let (_d, f) = open();
+        device(&f, "t1");
+        let seen = Arc::new(Seen(AtomicBool::new(false), Default::default()));
+        f.watch_shadows(seen.clone());
+        let write = |v: Value, w: ShadowWriter| {
+            f.update_shadow("default", "t1", "", &upd(v), w)
+                .expect("update")
+        };
+        // Nobody listens: nothing is built.
+        write(
+            json!({"state": {"desired": {"a": 1, "b": 2}}}),
+            ShadowWriter::Platform,
+        );
+        assert!(seen.1.lock().is_empty());
+        seen.0.store(true, Ordering::Relaxed);
+        let c = write(
+            json!({"state": {"desired": {"a": 1, "b": null, "c": 3}, "reported": {"a": 1}}}),
+            ShadowWriter::Device,
+        );
+        assert_eq!(c.writer, ShadowWriter::Device);
+        assert_eq!(c.writer.as_str(), "device");
+        write(json!({"state": {"reported": null}}), ShadowWriter::Device);
+        assert_eq!(
+            *seen.1.lock(),
+            vec![
+                (
+                    2,
+                    vec!["b".to_string(), "c".to_string()],
+                    vec!["a".to_string()]
+                ),
+                (3, vec![], vec!["a".to_string()]),
+            ]
+        );
+    }
 }
