@@ -249,6 +249,37 @@ test("an operator logs in, finds a device, watches it live, commands it, writes 
   }
 });
 
+test("an operator follows the demo's firmware campaign wave by wave, pauses and resumes it", async () => {
+  const { page, context, errors } = await newPage();
+  try {
+    await logInThroughTheForm(page, user, password);
+    await page.click("#nav a[href='#/ota']");
+    // The demo's image and campaign, with their forms for an operator.
+    await page.locator("main table td", { hasText: "meter-firmware" }).first().waitFor();
+    await page.locator("form h2", { hasText: "Upload an image" }).waitFor();
+    await page.locator("main a", { hasText: "Meter firmware 1.1.0" }).click();
+    await page.locator("h1", { hasText: "Meter firmware 1.1.0" }).waitFor();
+    // The simulated meters of the first wave download, verify, install
+    // and report: the bar turns green.
+    await page.locator(".progress .seg[data-state=succeeded]").first().waitFor({ timeout: 60_000 });
+    await shot(page, "ota-campaign");
+    // The second wave waits 30 s after the first: pause and resume meanwhile.
+    const status = page.locator("h1 .badge");
+    if ((await status.textContent()) === "running") {
+      await page.click("button:text('Pause')");
+      await page.locator("h1 .badge", { hasText: "paused" }).waitFor();
+      await page.click("button:text('Resume')");
+      await page.locator("h1 .badge", { hasText: /running|completed/ }).waitFor();
+    }
+    assert.deepEqual(errors, []);
+  } catch (e) {
+    await page.screenshot({ path: join(dir, "ota-failure.png"), fullPage: true }).catch(() => {});
+    throw e;
+  } finally {
+    await context.close();
+  }
+});
+
 test("a viewer sees the fleet live but no control that changes anything", async () => {
   const token = await login(user, password);
   await apiAs(token, "POST", "/users", { username: "watcher", password: "correct horse battery", role: "viewer" });
@@ -283,6 +314,11 @@ test("a viewer sees the fleet live but no control that changes anything", async 
     await page.click("#nav a[href='#/alarms']");
     await page.locator("main table, main p.muted").first().waitFor();
     assert.equal(await page.locator("button:text('Acknowledge')").count(), 0);
+    // Firmware: campaigns visible, no upload or campaign form, no buttons.
+    await page.click("#nav a[href='#/ota']");
+    await page.locator("main table td", { hasText: "meter-firmware" }).first().waitFor();
+    assert.equal(await page.locator("form h2", { hasText: "Upload an image" }).count(), 0);
+    assert.equal(await page.locator("button:text('Delete')").count(), 0);
     // And the API refuses the viewer's token even if the UI were bypassed.
     const viewerToken = await page.evaluate(() => sessionStorage.getItem("m2mhub.token"));
     const r = await fetch(base + "/api/v1/rules", {

@@ -265,6 +265,7 @@ const NAV = [
   ["#/map", "Map", () => true],
   ["#/alarms", "Alarms", () => true],
   ["#/rules", "Rules", () => true],
+  ["#/ota", "Firmware", () => true],
   ["#/audit", "Audit", isAdmin],
   ["#/security", "Security events", () => true],
 ];
@@ -284,6 +285,7 @@ async function render() {
   const page = {
     "": overview, devices: parts[1] ? device : devices, map: map, alarms: alarms,
     rules: parts[1] ? ruleForm : rules, audit: audit, security: security,
+    ota: parts[1] ? campaign : firmware,
   }[parts[0] || ""];
   try {
     if (page) await page(view, gen, parts, params);
@@ -903,6 +905,172 @@ function alarmTable(items, status, reload, empty) {
         " ",
         a.status === "active" ? writeButton("Clear", async () => { await api("POST", "/alarms/" + a.id + "/clear"); await reload(); }, "danger") : null))),
     empty);
+}
+
+// ---- Firmware (OTA) ------------------------------------------------------------
+
+// Job states in the order a job goes through them, with their bar colours.
+const JOB_STATES = [
+  ["succeeded", "#1a7f37"], ["installing", "#2da44e"], ["verifying", "#4ac26b"],
+  ["downloading", "#1f6feb"], ["notified", "#54aeff"], ["pending", "#b6c2cf"],
+  ["queued", "#dde3ea"], ["failed", "#cf222e"], ["rejected", "#e16f24"],
+  ["cancelled", "#8c959f"], ["expired", "#6e7781"],
+];
+
+// One bar split by job state, with a legend of the non-zero ones.
+function progressBar(jobs) {
+  const total = Object.values(jobs || {}).reduce((a, b) => a + b, 0) || 1;
+  const bar = h("div", { class: "progress", title: Object.entries(jobs || {}).filter(([, n]) => n).map(([k, n]) => k + " " + n).join(", ") },
+    JOB_STATES.filter(([k]) => jobs && jobs[k]).map(([k, c]) => {
+      // Through the CSSOM: the console's CSP refuses style attributes.
+      const seg = h("span", { class: "seg", "data-state": k });
+      seg.style.width = (100 * jobs[k] / total) + "%";
+      seg.style.background = c;
+      return seg;
+    }));
+  const legend = h("div", { class: "muted small" }, JOB_STATES.filter(([k]) => jobs && jobs[k]).map(([k]) => k + " " + jobs[k]).join(" · ") || "no jobs");
+  return h("div", {}, bar, legend);
+}
+
+async function upload(path, file) {
+  const headers = { Accept: "application/json", "Content-Type": "application/octet-stream" };
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  if (token) headers.Authorization = "Bearer " + token;
+  const resp = await fetch("/api/v1" + path, { method: "POST", headers, body: file });
+  const text = await resp.text();
+  let data = null;
+  try { data = text ? JSON.parse(text) : null; } catch (_) { data = { detail: text }; }
+  if (!resp.ok) throw new ApiError(resp.status, data);
+  return data;
+}
+
+async function firmware(view, gen) {
+  const campaignsBox = h("div", {}, "Loading…");
+  const artifactsBox = h("div", {}, "Loading…");
+  const forms = h("div", { class: "cards two" });
+  replace(view, h("h1", {}, "Firmware"), h("h2", {}, "Campaigns"), campaignsBox, h("h2", {}, "Images"), artifactsBox, forms);
+  let artifacts = [];
+  const load = async () => {
+    const [c, a] = await Promise.all([get("/ota/campaigns"), get("/ota/artifacts")]);
+    if (!current(gen)) return;
+    artifacts = a.items;
+    const names = Object.fromEntries(a.items.map((x) => [x.id, x.name + " " + x.version]));
+    replace(campaignsBox, table(["Campaign", "Image", "Status", "Waves", "Progress", "Started"], c.items.map((x) => h("tr", {},
+      h("td", {}, h("a", { href: "#/ota/" + enc(x.id) }, x.name)),
+      h("td", {}, names[x.artifact] || x.artifact),
+      h("td", {}, h("span", { class: "badge st-" + x.status }, x.status), x.reason ? h("div", { class: "muted small" }, x.reason) : null),
+      h("td", {}, x.waves_started + " / " + x.waves),
+      h("td", { class: "wide" }, progressBar(x.jobs)),
+      h("td", {}, fmtTime(x.created_ms)))), "No campaigns yet."));
+    replace(artifactsBox, table(["Image", "Version", "Size", "SHA-256", "Signed by", "Uploaded", ""], a.items.map((x) => h("tr", {},
+      h("td", {}, x.name, x.hardware ? h("div", { class: "muted small" }, "hardware " + x.hardware) : null),
+      h("td", {}, x.version), h("td", { class: "num" }, fmtBytes(x.size)),
+      h("td", {}, h("code", { title: x.sha256 }, x.sha256.slice(0, 12) + "…")),
+      h("td", {}, x.signed_by), h("td", {}, fmtTime(x.created_ms)),
+      h("td", {}, writeButton("Delete", async () => {
+        if (!confirm("Delete " + x.name + " " + x.version + "?")) return;
+        await api("DELETE", "/ota/artifacts/" + enc(x.id)); await load();
+      }, "danger")))), "No images yet."));
+    if (canWrite()) renderForms();
+  };
+  let formsShown = false;
+  const renderForms = () => {
+    if (formsShown) {
+      const sel = forms.querySelector("select[name=artifact]");
+      if (sel && sel.options.length !== artifacts.length) replace(sel, artifacts.map((x) => h("option", { value: x.id }, x.name + " " + x.version)));
+      return;
+    }
+    formsShown = true;
+    const file = h("input", { type: "file", name: "file", required: true });
+    const name = h("input", { name: "name", required: true, placeholder: "pump-fw" });
+    const version = h("input", { name: "version", required: true, placeholder: "2.1.0" });
+    const hardware = h("input", { name: "hardware", placeholder: "optional" });
+    const up = h("form", { class: "stack card" }, h("h2", {}, "Upload an image"),
+      h("label", {}, "File", file), h("label", {}, "Name", name), h("label", {}, "Version", version),
+      h("label", {}, "Hardware revision", hardware),
+      h("button", { class: "primary", type: "submit" }, "Upload and sign"));
+    up.addEventListener("submit", act(async (ev) => {
+      ev.preventDefault();
+      if (!file.files[0]) return;
+      await upload("/ota/artifacts" + query({ name: name.value, version: version.value, hardware: hardware.value }), file.files[0]);
+      up.reset();
+      await load();
+    }));
+    const artifact = h("select", { name: "artifact", required: true }, artifacts.map((x) => h("option", { value: x.id }, x.name + " " + x.version)));
+    const group = h("input", { name: "group", placeholder: "group (optional)" });
+    const label = h("input", { name: "label", placeholder: "key=value (optional)" });
+    const devicesIn = h("input", { name: "devices", placeholder: "or devices: a,b,c" });
+    const waves = h("input", { name: "waves", value: "10%,30%,100%" });
+    const wait = h("input", { name: "wave_wait_s", type: "number", min: 0, value: 60 });
+    const threshold = h("input", { name: "failure_threshold", type: "number", min: 0, max: 1, step: "0.05", value: 0.2 });
+    const rate = h("input", { name: "rate", type: "number", min: 1, placeholder: "no limit" });
+    const camp = h("form", { class: "stack card" }, h("h2", {}, "Start a campaign"),
+      h("label", {}, "Image", artifact), h("label", {}, "Group", group), h("label", {}, "Label", label),
+      h("label", {}, "Devices", devicesIn), h("label", {}, "Waves (counts or percentages)", waves),
+      h("label", {}, "Seconds between waves, at least", wait), h("label", {}, "Abort when a wave's failures exceed", threshold),
+      h("label", {}, "Devices started per minute, at most", rate),
+      h("button", { class: "primary", type: "submit" }, "Start"));
+    camp.addEventListener("submit", act(async (ev) => {
+      ev.preventDefault();
+      const body = {
+        artifact: artifact.value,
+        selector: { group: group.value || null, label: label.value || null },
+        waves: waves.value.split(",").map((w) => w.trim()).filter(Boolean).map((w) => w.endsWith("%") ? { percent: Number(w.slice(0, -1)) } : { count: Number(w) }),
+        wave_wait_s: Number(wait.value || 0),
+        failure_threshold: Number(threshold.value),
+      };
+      const list = devicesIn.value.split(",").map((d) => d.trim()).filter(Boolean);
+      if (list.length) body.devices = list;
+      if (rate.value) body.max_starts_per_minute = Number(rate.value);
+      const c = await api("POST", "/ota/campaigns", body);
+      go("#/ota/" + enc(c.id));
+    }));
+    replace(forms, up, camp);
+  };
+  await every(3000, load);
+}
+
+function fmtBytes(n) {
+  if (n >= 1 << 20) return (n / (1 << 20)).toFixed(1) + " MiB";
+  if (n >= 1024) return (n / 1024).toFixed(1) + " KiB";
+  return n + " B";
+}
+
+async function campaign(view, gen, parts) {
+  const id = parts[1];
+  const body = h("div", {}, "Loading…");
+  replace(view, h("p", {}, h("a", { href: "#/ota" }, "← Firmware")), body);
+  const load = async () => {
+    const c = await get("/ota/campaigns/" + enc(id));
+    if (!current(gen)) return;
+    const over = ["completed", "cancelled", "aborted"].includes(c.status);
+    replace(body,
+      h("h1", {}, c.name, " ", h("span", { class: "badge st-" + c.status }, c.status)),
+      c.reason ? h("p", { class: c.status === "aborted" ? "error" : "muted" }, c.reason) : null,
+      h("p", {}, "Image ", h("strong", {}, c.artifact.name + " " + c.artifact.version), " (" + fmtBytes(c.artifact.size || 0) + ") to ",
+        c.targets + " devices; abort above " + Math.round(c.failure_threshold * 100) + " % failures per wave",
+        c.max_starts_per_minute ? "; " + c.max_starts_per_minute + " starts per minute" : "",
+        c.wave_wait_s ? "; " + c.wave_wait_s + " s between waves" : ""),
+      h("div", { class: "toolbar" },
+        c.status === "running" ? writeButton("Pause", async () => { await api("POST", "/ota/campaigns/" + enc(id) + "/pause"); await load(); }) : null,
+        c.status === "paused" ? writeButton("Resume", async () => { await api("POST", "/ota/campaigns/" + enc(id) + "/resume"); await load(); }, "primary") : null,
+        !over ? writeButton("Cancel", async () => {
+          if (!confirm("Cancel this campaign? Devices not yet started will not be.")) return;
+          await api("POST", "/ota/campaigns/" + enc(id) + "/cancel", { reason: "cancelled from the console" }); await load();
+        }, "danger") : null),
+      h("h2", {}, "All devices"), progressBar(c.jobs),
+      h("h2", {}, "Waves"),
+      table(["Wave", "Devices", "Started", "Progress"], c.waves.map((w, i) => h("tr", {},
+        h("td", {}, String(i + 1)), h("td", { class: "num" }, String(w.size)),
+        h("td", {}, w.started_ms ? fmtTime(w.started_ms) : h("span", { class: "muted" }, "waiting")),
+        h("td", { class: "wide" }, progressBar(w.jobs)))), "No waves."),
+      h("h2", {}, "Failures"),
+      table(["Device", "Wave", "State", "Reason"], c.failures.map((f) => h("tr", {},
+        h("td", {}, h("a", { href: "#/devices/" + enc(f.device) }, f.device)), h("td", {}, String(f.wave)),
+        h("td", {}, f.state), h("td", {}, f.reason || ""))), "No failures."),
+      c.skipped.length ? h("p", { class: "muted" }, c.skipped.length + " devices skipped (already in another campaign).") : null);
+  };
+  await every(2000, load);
 }
 
 // ---- Rules ---------------------------------------------------------------------

@@ -87,6 +87,23 @@ impl From<m2mhub_identity::RegistryError> for Problem {
     }
 }
 
+impl From<m2mhub_fleet::UploadError> for Problem {
+    /// A refused diagnostic upload: a spent or expired URL is gone (410),
+    /// a body past the cap is too large (413).
+    fn from(e: m2mhub_fleet::UploadError) -> Self {
+        use m2mhub_fleet::UploadError as E;
+        let (status, kind) = match e {
+            E::Storage(inner) => return inner.into(),
+            E::UnknownToken => (StatusCode::NOT_FOUND, "not-found"),
+            E::Used => (StatusCode::GONE, "upload-used"),
+            E::Expired => (StatusCode::GONE, "upload-expired"),
+            E::Busy => (StatusCode::CONFLICT, "upload-busy"),
+            E::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "too-large"),
+        };
+        Problem::new(status, kind, e.to_string())
+    }
+}
+
 /// A JSON body that failed to parse: 400 with serde's reason.
 pub fn bad_json(e: axum::extract::rejection::JsonRejection) -> Problem {
     Problem::new(StatusCode::BAD_REQUEST, "invalid-body", e.body_text())

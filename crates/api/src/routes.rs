@@ -4,7 +4,7 @@ use crate::openapi::ApiBuilder;
 use crate::problem::Problem;
 use crate::state::AppState;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, StatusCode, Uri};
 use axum::response::IntoResponse;
 use axum::routing::{delete, get, post, put};
@@ -15,8 +15,12 @@ use serde_json::json;
 /// [`ApiBuilder`], so it is in the OpenAPI document by construction.
 pub fn router(state: AppState) -> Router {
     use crate::openapi::Access::{Admin, Operator, Public, Viewer};
-    use crate::{alarms as al, commands as cm, rules as ru};
-    use crate::{device_events as ev, profiles as pr, telemetry as t};
+    use crate::{alarms as al, commands as cm, ota as fw, rules as ru};
+    use crate::{device_events as ev, diagnostics as dg, profiles as pr, telemetry as t};
+    // The upload route streams bodies up to the configured bundle cap; the
+    // 2 MB default of buffering extractors would otherwise apply there too.
+    let upload_limit =
+        usize::try_from(state.fleet.diagnostics_config().max_bundle_bytes).unwrap_or(usize::MAX);
     use crate::{
         devices as d, operators as o, provision as p, security as s, settings as st, shadows as sh,
     };
@@ -87,11 +91,40 @@ pub fn router(state: AppState) -> Router {
             ("GET", "A device's commands and their status, newest first; paged by `before`", Viewer),
             ("POST", "Send a command to a device (`name`, `params`, `timeout_secs`); 202 with the command", Operator),
         ])
+        .route("/devices/{id}/diagnostics", get(dg::list).post(dg::request), &[
+            ("GET", "A device's diagnostic bundles and requests, newest first (`?limit=`)", Viewer),
+            ("POST", "Ask the device for a diagnostic bundle (`{\"reason\": …}` optional): it is sent the command `diagnostics.upload` with a one-time upload URL; 202 with the request", Operator),
+        ])
+        .route("/devices/{id}/diagnostics/{bundle}", get(dg::show).delete(dg::delete), &[
+            ("GET", "One diagnostic bundle: status (requested, uploaded, expired, failed), size, SHA-256", Viewer),
+            ("DELETE", "Delete a diagnostic bundle (or request) and its file", Operator),
+        ])
+        .route("/devices/{id}/diagnostics/{bundle}/content", get(dg::content), &[("GET", "Download an uploaded bundle (application/octet-stream)", Viewer)])
+        .route("/diagnostics/upload/{token}", put(dg::upload).layer(DefaultBodyLimit::max(upload_limit)), &[("PUT", "A device uploads a diagnostic bundle to the one-time URL it was sent (the token is the credential); 413 past the size cap, 410 once used or expired", Public)])
         .route("/settings", get(st::list).post(st::create), &[
             ("GET", "Fleet-wide desired settings with their progress, newest first (`?tenant=`, `?limit=`)", Viewer),
             ("POST", "Set desired keys in the shadows of every device a selector picks (`group`, `label`, `profile`, `shadow`, `state`); 201 with progress", Operator),
         ])
         .route("/settings/{id}", get(st::show), &[("GET", "A fleet-wide setting: how many targets have reported its value, which are pending", Viewer)])
+        .route("/ota/public-key", get(fw::public_key), &[("GET", "The Ed25519 public key devices pin to verify firmware signatures (of the image's SHA-256)", Public)])
+        .route("/ota/artifacts", get(fw::list_artifacts).post(fw::upload).layer(axum::extract::DefaultBodyLimit::disable()), &[
+            ("GET", "Firmware artifacts, newest first (`?tenant=`)", Viewer),
+            ("POST", "Upload a firmware image as the body (`?name=&version=`, optional `hardware`, `profile`, `tenant`, external `signature` and `public_key`); streamed to disk, hashed and signed; 201", Operator),
+        ])
+        .route("/ota/artifacts/{artifact}", get(fw::show_artifact).delete(fw::delete_artifact), &[
+            ("GET", "One artifact: version, size, SHA-256, signature", Viewer),
+            ("DELETE", "Delete an artifact (refused with 409 while an unfinished campaign uses it)", Operator),
+        ])
+        .route("/ota/campaigns", get(fw::list_campaigns).post(fw::create_campaign), &[
+            ("GET", "Firmware campaigns with job counts by state, newest first (`?tenant=`)", Viewer),
+            ("POST", "Start a campaign (`artifact`; `selector` {group, label, profile} or `devices`; `waves` [{percent}|{count}], `wave_wait_s`, `max_starts_per_minute`, `failure_threshold`, `deadline_ms`, `job_timeout_s`); 201", Operator),
+        ])
+        .route("/ota/campaigns/{campaign}", get(fw::show_campaign), &[("GET", "A campaign: jobs by state overall and per wave, the failures with their reasons", Viewer)])
+        .route("/ota/campaigns/{campaign}/jobs", get(fw::list_jobs), &[("GET", "A campaign's jobs (`?state=`, `?limit=`)", Viewer)])
+        .route("/ota/campaigns/{campaign}/pause", post(fw::pause), &[("POST", "Pause: no device is told a new job until resumed", Operator)])
+        .route("/ota/campaigns/{campaign}/resume", post(fw::resume), &[("POST", "Resume a paused campaign", Operator)])
+        .route("/ota/campaigns/{campaign}/cancel", post(fw::cancel), &[("POST", "Cancel (`{\"reason\"}` optional): jobs not begun are cancelled, devices already told are told", Operator)])
+        .route("/ota/download/{artifact}", get(fw::download), &[("GET", "A device downloads its job's image with the signed URL from its job (`Range` supported)", Public)])
         .route("/commands/{id}", get(cm::show), &[("GET", "One command and its status (pending, sent, delivered, answered, failed, timed_out)", Viewer)])
         .route("/alarms", get(al::list), &[("GET", "Alarms, active and cleared, newest first: filter by tenant, device, status, severity, type; paged by `before`", Viewer)])
         .route("/alarms/summary", get(al::summary), &[("GET", "Active alarms by severity (`?tenant=`)", Viewer)])

@@ -27,4 +27,7 @@ pub struct AppState {
     pub rules: Option<Arc<dyn m2mhub_automation::RuleService>>,
     /// Live events for `/api/v1/live` streams (the console's live views).
     pub live: Arc<m2mhub_ingest::LiveHub>,
+    /// OTA firmware: artifact files, download URLs, the signing key.
+    /// `None`: the OTA routes answer 404.
+    pub ota: Option<Arc<crate::ota::OtaApi>>,
 }

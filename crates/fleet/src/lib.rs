@@ -2,7 +2,9 @@
 //! exist — alarms with a lifecycle ([`alarm`]), commands sent to devices with
 //! their status ([`command`]), device events recorded from the data path
 //! ([`device_event`]), and the rules engine's definitions as written
-//! ([`rule`]), and device shadows ([`shadow`]). OTA campaigns belong here too.
+//! ([`rule`]), device shadows ([`shadow`]) and fleet-wide settings
+//! ([`setting`]), OTA firmware campaigns ([`ota`]) and diagnostic bundles
+//! uploaded by devices on request ([`diagnostic`]).
 //!
 //! # The model
 //!
@@ -10,7 +12,8 @@
 //! what happens to it. It depends on identity only to check that a tenant
 //! and a device exist and belong together, and it registers itself with the
 //! identity registry as a [`DeviceRemoval`] listener so that deleting a
-//! device deletes its alarms, commands and events first.
+//! device deletes its alarms, commands, events, shadows and diagnostic
+//! bundles first.
 //!
 //! # Storage and the hot path
 //!
@@ -27,6 +30,8 @@
 pub mod alarm;
 pub mod command;
 pub mod device_event;
+pub mod diagnostic;
+pub mod ota;
 pub mod rule;
 pub mod setting;
 pub mod shadow;
@@ -39,7 +44,15 @@ pub use alarm::{
 };
 pub use command::{Command, CommandStatus, CommandUpdate, NewCommand};
 pub use device_event::{DeviceEvent, DeviceEventCounts};
+pub use diagnostic::{
+    BundleStatus, BundleUpload, DiagnosticBundle, DiagnosticsConfig, RequestedBundle, SweepReport,
+    UploadError,
+};
 pub use m2mhub_identity::{RegistryError, Result};
+pub use ota::{
+    Artifact, ArtifactFiles, Campaign, CampaignStatus, Job, JobState, NewCampaign, Notice,
+    SignedBy, StatusReport, WaveSize,
+};
 pub use rule::{NewRule, Rule, RuleUpdate};
 pub use setting::{FleetSetting, Progress, Selector};
 pub use shadow::{Shadow, ShadowChange, ShadowUpdate, ShadowWatch, ShadowWriter};
@@ -90,6 +103,12 @@ pub(crate) struct Shared {
     pub shadows: Mutex<shadow::ShadowBook>,
     /// Told about every accepted shadow change (the live hub), if set.
     pub shadow_watch: RwLock<Option<Arc<dyn shadow::ShadowWatch>>>,
+    /// Firmware artifacts, campaigns and their jobs; changes are written
+    /// through to the store under this lock.
+    pub ota: Mutex<ota::OtaBook>,
+    /// Diagnostics configuration and the uploads under way; serializes
+    /// every diagnostics change.
+    pub diagnostics: Mutex<diagnostic::DiagnosticBook>,
     pub wake: Condvar,
     /// Serializes flushes so batches reach the store in order.
     pub flush_lock: Mutex<()>,
@@ -122,14 +141,22 @@ impl Drop for FlusherGuard {
 
 impl Fleet {
     /// Open (or create) the fleet tables in `registry.db` in `dir`, beside
-    /// the identity tables of `identity`.
+    /// the identity tables of `identity`. Diagnostic bundles go to
+    /// `dir/diagnostics` until [`Fleet::configure_diagnostics`] says
+    /// otherwise.
     pub fn open(dir: &Path, identity: Registry) -> Result<Fleet> {
         std::fs::create_dir_all(dir)?;
         let store = sqlite::SqliteFleetStore::open(&dir.join("registry.db"))?;
-        Fleet::with_store(Box::new(store), identity)
+        let fleet = Fleet::with_store(Box::new(store), identity)?;
+        fleet.configure_diagnostics(DiagnosticsConfig {
+            dir: dir.join("diagnostics"),
+            ..Default::default()
+        });
+        Ok(fleet)
     }
 
-    /// Use another storage backend.
+    /// Use another storage backend. Diagnostic bundles are refused until
+    /// [`Fleet::configure_diagnostics`] names their directory.
     pub fn with_store(store: Box<dyn FleetStore>, identity: Registry) -> Result<Fleet> {
         let snap = store.load()?;
         let rules = snap.rules.into_iter().map(|r| (r.id.clone(), r)).collect();
@@ -149,6 +176,12 @@ impl Fleet {
             commands: Mutex::new(command::CommandBook::load(snap.open_commands)),
             shadows: Mutex::new(shadows),
             shadow_watch: RwLock::new(None),
+            ota: Mutex::new(ota::OtaBook::load(
+                snap.artifacts,
+                snap.campaigns,
+                snap.jobs,
+            )),
+            diagnostics: Mutex::new(diagnostic::DiagnosticBook::default()),
             wake: Condvar::new(),
             flush_lock: Mutex::new(()),
             shutdown: AtomicBool::new(false),
@@ -211,11 +244,19 @@ impl DeviceRemoval for Shared {
         // No flush may be writing this device's rows while they are
         // deleted, or some would outlive it.
         let _f = self.flush_lock.lock();
+        let bundles: Vec<String> = self
+            .store
+            .list_diagnostics(None, device_id, usize::MAX)?
+            .into_iter()
+            .map(|b| b.id)
+            .collect();
         self.store.delete_device(device_id)?;
+        self.forget_diagnostics(&bundles);
         self.forget_device_events(device_id);
         self.alarms.lock().forget_device(device_id);
         self.commands.lock().forget_device(device_id);
         self.shadows.lock().forget_device(device_id);
+        self.ota.lock().forget_device(device_id);
         Ok(())
     }
 }

@@ -10,6 +10,8 @@
 use crate::alarm::{Alarm, AlarmFilter, AlarmStatus};
 use crate::command::{Command, CommandStatus};
 use crate::device_event::DeviceEvent;
+use crate::diagnostic::DiagnosticBundle;
+use crate::ota::{Artifact, Campaign, Job};
 use crate::rule::Rule;
 use crate::setting::FleetSetting;
 use crate::shadow::Shadow;
@@ -113,7 +115,59 @@ CREATE TABLE IF NOT EXISTS fleet_settings (
 CREATE INDEX IF NOT EXISTS fleet_settings_tenant ON fleet_settings (tenant, created_ms);
 ",
     },
+    Migration {
+        version: 4,
+        sql: "
+CREATE TABLE IF NOT EXISTS ota_artifacts (
+    id TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    doc TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS ota_campaigns (
+    id TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    doc TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS ota_jobs (
+    campaign_id TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    state TEXT NOT NULL,
+    doc TEXT NOT NULL,
+    PRIMARY KEY (campaign_id, device_id)
+);
+CREATE INDEX IF NOT EXISTS ota_jobs_device ON ota_jobs (device_id);
+",
+    },
+    DIAGNOSTICS_MIGRATION,
 ];
+
+/// Diagnostic bundles (`diagnostic.rs`): kept apart so it can be
+/// renumbered when branches merge.
+const DIAGNOSTICS_MIGRATION: Migration = Migration {
+    version: 5,
+    sql: "
+CREATE TABLE IF NOT EXISTS diagnostics (
+    id TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    status TEXT NOT NULL,
+    requested_by TEXT NOT NULL,
+    requested_ms BIGINT NOT NULL,
+    uploaded_ms BIGINT,
+    size BIGINT,
+    sha256 TEXT,
+    reason TEXT,
+    error TEXT,
+    token_hash TEXT NOT NULL UNIQUE,
+    expires_ms BIGINT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS diagnostics_device ON diagnostics (device_id, requested_ms);
+CREATE INDEX IF NOT EXISTS diagnostics_status ON diagnostics (status, expires_ms);
+",
+};
+
+const DIAGNOSTIC_COLUMNS: &str = "id, tenant, device_id, status, requested_by, requested_ms, \
+    uploaded_ms, size, sha256, reason, error, token_hash, expires_ms";
 
 const ALARM_COLUMNS: &str =
     "id, tenant, device_id, alarm_type, severity, status, acked, acked_by, acked_ms, \
@@ -362,6 +416,9 @@ impl FleetStore for SqliteFleetStore {
                 updated_ms,
             });
         }
+        snap.artifacts = docs(&c, "SELECT doc FROM ota_artifacts")?;
+        snap.campaigns = docs(&c, "SELECT doc FROM ota_campaigns")?;
+        snap.jobs = docs(&c, "SELECT doc FROM ota_jobs")?;
         Ok(snap)
     }
 
@@ -417,6 +474,14 @@ impl FleetStore for SqliteFleetStore {
         )?;
         tx.execute(
             "DELETE FROM shadows WHERE device_id = ?",
+            params![device_id],
+        )?;
+        tx.execute(
+            "DELETE FROM ota_jobs WHERE device_id = ?",
+            params![device_id],
+        )?;
+        tx.execute(
+            "DELETE FROM diagnostics WHERE device_id = ?",
             params![device_id],
         )?;
         tx.commit()?;
@@ -726,6 +791,48 @@ impl FleetStore for SqliteFleetStore {
         Ok(out)
     }
 
+    fn put_artifact(&self, a: &Artifact) -> Result<()> {
+        self.exec(
+            "INSERT INTO ota_artifacts (id, tenant, doc) VALUES (?, ?, ?)",
+            params![a.id, a.tenant, serde_json::to_string(a)?],
+        )?;
+        Ok(())
+    }
+
+    fn delete_artifact(&self, id: &str) -> Result<()> {
+        self.exec_one(
+            "artifact",
+            "DELETE FROM ota_artifacts WHERE id = ?",
+            params![id],
+        )
+    }
+
+    fn put_campaign(&self, camp: &Campaign, jobs: &[Job]) -> Result<()> {
+        let mut c = self.conn.lock();
+        let tx = c.transaction()?;
+        tx.prepare_cached(
+            "INSERT INTO ota_campaigns (id, tenant, doc) VALUES (?, ?, ?) \
+             ON CONFLICT (id) DO UPDATE SET doc = excluded.doc",
+        )?
+        .execute(params![camp.id, camp.tenant, serde_json::to_string(camp)?])?;
+        {
+            let mut st = tx.prepare_cached(
+                "INSERT INTO ota_jobs (campaign_id, device_id, state, doc) VALUES (?, ?, ?, ?) \
+                 ON CONFLICT (campaign_id, device_id) DO UPDATE SET state = excluded.state, doc = excluded.doc",
+            )?;
+            for j in jobs {
+                st.execute(params![
+                    j.campaign_id,
+                    j.device_id,
+                    j.state.as_str(),
+                    serde_json::to_string(j)?
+                ])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
     fn delete_shadow(&self, device_id: &str, name: &str) -> Result<()> {
         self.exec_one(
             "shadow",
@@ -733,6 +840,152 @@ impl FleetStore for SqliteFleetStore {
             params![device_id, name],
         )
     }
+
+    fn insert_diagnostic(&self, b: &DiagnosticBundle) -> Result<()> {
+        self.exec(
+            &format!(
+                "INSERT INTO diagnostics ({DIAGNOSTIC_COLUMNS}) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            ),
+            params![
+                b.id,
+                b.tenant,
+                b.device_id,
+                b.status.as_str(),
+                b.requested_by,
+                b.requested_ms,
+                b.uploaded_ms,
+                b.size.map(i64_of).transpose()?,
+                b.sha256,
+                b.reason,
+                b.error,
+                b.token_hash,
+                b.expires_ms
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn update_diagnostic(&self, b: &DiagnosticBundle) -> Result<()> {
+        self.exec_one(
+            "diagnostic bundle",
+            "UPDATE diagnostics SET status = ?, requested_by = ?, requested_ms = ?, uploaded_ms = ?, \
+             size = ?, sha256 = ?, reason = ?, error = ?, expires_ms = ? WHERE id = ?",
+            params![
+                b.status.as_str(),
+                b.requested_by,
+                b.requested_ms,
+                b.uploaded_ms,
+                b.size.map(i64_of).transpose()?,
+                b.sha256,
+                b.reason,
+                b.error,
+                b.expires_ms,
+                b.id
+            ],
+        )
+    }
+
+    fn get_diagnostic(&self, id: &str) -> Result<Option<DiagnosticBundle>> {
+        self.query_diagnostics("id = ?", params![id])
+            .map(|v| v.into_iter().next())
+    }
+
+    fn find_diagnostic_by_token(&self, token_hash: &str) -> Result<Option<DiagnosticBundle>> {
+        self.query_diagnostics("token_hash = ?", params![token_hash])
+            .map(|v| v.into_iter().next())
+    }
+
+    fn list_diagnostics(
+        &self,
+        tenant: Option<&str>,
+        device_id: &str,
+        limit: usize,
+    ) -> Result<Vec<DiagnosticBundle>> {
+        self.query_diagnostics(
+            "device_id = ?1 AND (?2 IS NULL OR tenant = ?2) \
+             ORDER BY requested_ms DESC, id DESC LIMIT ?3",
+            params![device_id, tenant, i64::try_from(limit).unwrap_or(i64::MAX)],
+        )
+    }
+
+    fn delete_diagnostic(&self, id: &str) -> Result<()> {
+        self.exec_one(
+            "diagnostic bundle",
+            "DELETE FROM diagnostics WHERE id = ?",
+            params![id],
+        )
+    }
+
+    fn diagnostics_due(
+        &self,
+        expired_at: i64,
+        retained_until: i64,
+    ) -> Result<Vec<DiagnosticBundle>> {
+        self.query_diagnostics(
+            "(status = 'requested' AND expires_ms <= ?1) \
+             OR COALESCE(uploaded_ms, expires_ms) <= ?2",
+            params![expired_at, retained_until],
+        )
+    }
+}
+
+impl SqliteFleetStore {
+    /// Diagnostic bundles `WHERE <cond>` (which may end in ORDER/LIMIT).
+    fn query_diagnostics(
+        &self,
+        cond: &str,
+        p: impl rusqlite::Params,
+    ) -> Result<Vec<DiagnosticBundle>> {
+        let c = self.conn.lock();
+        let mut st = c.prepare(&format!(
+            "SELECT {DIAGNOSTIC_COLUMNS} FROM diagnostics WHERE {cond}"
+        ))?;
+        let rows = st.query_map(p, |r| {
+            Ok((
+                DiagnosticBundle {
+                    id: r.get(0)?,
+                    tenant: r.get(1)?,
+                    device_id: r.get(2)?,
+                    status: crate::diagnostic::BundleStatus::Requested,
+                    requested_by: r.get(4)?,
+                    requested_ms: r.get(5)?,
+                    uploaded_ms: r.get(6)?,
+                    size: None,
+                    sha256: r.get(8)?,
+                    reason: r.get(9)?,
+                    error: r.get(10)?,
+                    token_hash: r.get(11)?,
+                    expires_ms: r.get(12)?,
+                },
+                r.get::<_, String>(3)?,
+                r.get::<_, Option<i64>>(7)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (mut b, status, size) = row?;
+            b.status = status
+                .parse()
+                .map_err(|_| corrupt("diagnostic bundle status"))?;
+            b.size = size
+                .map(|s| u64_of(s, "diagnostic bundle size"))
+                .transpose()?;
+            out.push(b);
+        }
+        Ok(out)
+    }
+}
+
+/// Every row of a one-column query of JSON documents, decoded.
+fn docs<T: serde::de::DeserializeOwned>(c: &Connection, sql: &str) -> Result<Vec<T>> {
+    let mut st = c.prepare(sql)?;
+    let rows = st.query_map([], |r| r.get::<_, String>(0))?;
+    let mut out = Vec::new();
+    for doc in rows {
+        out.push(serde_json::from_str(&doc?)?);
+    }
+    Ok(out)
 }
 
 fn put_shadow(c: &Connection, s: &Shadow) -> Result<()> {

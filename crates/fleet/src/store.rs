@@ -11,6 +11,8 @@
 use crate::alarm::{Alarm, AlarmFilter};
 use crate::command::Command;
 use crate::device_event::DeviceEvent;
+use crate::diagnostic::DiagnosticBundle;
+use crate::ota::{Artifact, Campaign, Job};
 use crate::rule::Rule;
 use crate::setting::FleetSetting;
 use crate::shadow::Shadow;
@@ -30,6 +32,10 @@ pub struct FleetSnapshot {
     pub device_event_seq: u64,
     /// Every device shadow.
     pub shadows: Vec<Shadow>,
+    /// Every firmware artifact, campaign and job.
+    pub artifacts: Vec<Artifact>,
+    pub campaigns: Vec<Campaign>,
+    pub jobs: Vec<Job>,
 }
 
 /// What the background writer appends in one transaction.
@@ -61,7 +67,7 @@ pub trait FleetStore: Send + Sync + 'static {
     fn delete_rule(&self, id: &str) -> Result<()>;
 
     /// Delete everything kept about a device (events, alarms, commands,
-    /// shadows).
+    /// shadows, OTA jobs, diagnostic bundles' rows).
     fn delete_device(&self, device_id: &str) -> Result<()>;
 
     /// Append everything in `batch` in one transaction.
@@ -95,6 +101,11 @@ pub trait FleetStore: Send + Sync + 'static {
     fn get_setting(&self, id: &str) -> Result<Option<FleetSetting>>;
     /// Newest first, of `tenant` if given.
     fn list_settings(&self, tenant: Option<&str>, limit: usize) -> Result<Vec<FleetSetting>>;
+    fn put_artifact(&self, a: &Artifact) -> Result<()>;
+    fn delete_artifact(&self, id: &str) -> Result<()>;
+    /// Insert or replace a campaign and some of its jobs in one
+    /// transaction.
+    fn put_campaign(&self, c: &Campaign, jobs: &[Job]) -> Result<()>;
     /// A device's commands, newest (by creation, then id) first: of
     /// `tenant` if given, older than the command `before` if given.
     fn list_commands(
@@ -104,4 +115,29 @@ pub trait FleetStore: Send + Sync + 'static {
         before: Option<&str>,
         limit: usize,
     ) -> Result<Vec<Command>>;
+
+    /// Insert a new diagnostic bundle request.
+    fn insert_diagnostic(&self, b: &DiagnosticBundle) -> Result<()>;
+    /// Replace everything but the id, tenant, device and token hash
+    /// (`NotFound` if it is gone).
+    fn update_diagnostic(&self, b: &DiagnosticBundle) -> Result<()>;
+    fn get_diagnostic(&self, id: &str) -> Result<Option<DiagnosticBundle>>;
+    /// The request whose upload token hashes to `token_hash` (hex).
+    fn find_diagnostic_by_token(&self, token_hash: &str) -> Result<Option<DiagnosticBundle>>;
+    /// A device's bundles, newest first: of `tenant` if given.
+    fn list_diagnostics(
+        &self,
+        tenant: Option<&str>,
+        device_id: &str,
+        limit: usize,
+    ) -> Result<Vec<DiagnosticBundle>>;
+    fn delete_diagnostic(&self, id: &str) -> Result<()>;
+    /// Bundles with something for the sweep to do: requests whose URL
+    /// expired at or before `expired_at`, and anything uploaded (or, never
+    /// uploaded, whose URL expired) at or before `retained_until`.
+    fn diagnostics_due(
+        &self,
+        expired_at: i64,
+        retained_until: i64,
+    ) -> Result<Vec<DiagnosticBundle>>;
 }

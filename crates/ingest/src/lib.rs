@@ -2,11 +2,13 @@
 //! CoAP, HTTP, LoRaWAN and Sparkplug gateways next) — telemetry through the
 //! one pipeline (decode a payload into points, store them with the
 //! durable-acknowledgement gate, keep what went wrong as device events, tell
-//! open live views), and shadow requests.
+//! open live views), shadow requests and OTA firmware jobs.
 //!
 //! - [`pipeline`]: [`Ingest::ingest`] (protocol-neutral) and the MQTT
 //!   publish hook that adapts it for `devices/{id}/telemetry`.
 //! - [`shadow_topics`]: device shadows over MQTT (`devices/{id}/shadow/…`).
+//! - [`ota_topics`]: firmware jobs over MQTT (`devices/{id}/ota/…`), MQTT
+//!   chunked downloads, signed download URLs and the campaign timer.
 //! - [`connection_history`]: connects and disconnects as device events.
 //! - [`live`]: the broadcast hub the API's live streams read.
 //! - [`counters`]: what was counted, for `/metrics`.
@@ -16,6 +18,7 @@
 pub mod connection_history;
 pub mod counters;
 pub mod live;
+pub mod ota_topics;
 pub mod pipeline;
 pub mod shadow_topics;
 

@@ -1,6 +1,6 @@
 //! Operator commands of the CLI (`m2mhub device …`, `claim …`, `user …`,
 //! `audit …`, `security …`, `tenant …`, `policy …`, `profile …`, `query …`,
-//! `rule …`, `alarm …`, `command …`, `login`): each is one or a few calls
+//! `rule …`, `alarm …`, `command …`, `diagnostics …`, `login`): each is one or a few calls
 //! to `/api/v1` on a running server.
 //! Human tables by default, `--json` for scripts.
 
@@ -14,12 +14,16 @@ use std::path::PathBuf;
 mod alarms;
 mod commands;
 mod device_profiles;
+mod diagnostics;
+mod ota;
 mod query;
 mod rules;
 mod shadows;
 pub use alarms::{alarm, AlarmCmd};
 pub use commands::{command, CommandCmd};
 pub use device_profiles::{profile, ProfileCmd};
+pub use diagnostics::{diagnostics, DiagnosticsCmd};
+pub use ota::{ota, OtaCmd};
 pub use query::{query_telemetry, QueryCmd, RetentionCmd};
 pub use rules::{rule, RuleCmd};
 pub use shadows::{shadow, ShadowCmd};

@@ -80,6 +80,25 @@ struct Base {
     prefix: String,
 }
 
+impl Base {
+    /// `host[:port]` as the `Host` header wants it (RFC 9110 §7.2: the
+    /// port unless it is the scheme's default). The server builds URLs it
+    /// hands to devices (diagnostic uploads) from it.
+    fn authority(&self) -> String {
+        let host = if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
+        let default = if self.tls { 443 } else { 80 };
+        if self.port == default {
+            host
+        } else {
+            format!("{host}:{}", self.port)
+        }
+    }
+}
+
 fn parse_base(url: &str) -> Result<Base> {
     let (tls, rest) = if let Some(r) = url.strip_prefix("https://") {
         (true, r)
@@ -199,6 +218,47 @@ impl ApiClient {
         path: &str,
         body: Option<&serde_json::Value>,
     ) -> Result<Response> {
+        let (status, raw) = self
+            .request_raw(method, path, body.map_or(Payload::None, Payload::Json))
+            .await?;
+        Ok(Response {
+            status,
+            body: json_body(&raw),
+        })
+    }
+
+    /// `POST` the file at `file` as the body, streamed from disk (a
+    /// firmware image).
+    pub async fn upload(&self, path: &str, file: &Path) -> Result<Response> {
+        let (status, raw) = self.request_raw("POST", path, Payload::File(file)).await?;
+        Ok(Response {
+            status,
+            body: json_body(&raw),
+        })
+    }
+
+    /// A GET whose body is bytes (a download): the body of a 2xx
+    /// response, or the error made from the problem document.
+    pub async fn get_bytes(&self, path: &str) -> Result<Vec<u8>> {
+        let (status, raw) = self.request_raw("GET", path, Payload::None).await?;
+        if (200..300).contains(&status) {
+            return Ok(raw);
+        }
+        Response {
+            status,
+            body: json_body(&raw),
+        }
+        .ok()
+        .map(|_| raw)
+    }
+
+    /// Status and raw body.
+    async fn request_raw(
+        &self,
+        method: &str,
+        path: &str,
+        body: Payload<'_>,
+    ) -> Result<(u16, Vec<u8>)> {
         let addr = format!("{}:{}", self.base.host, self.base.port);
         let fut = async {
             let tcp = TcpStream::connect(&addr)
@@ -217,9 +277,15 @@ impl ApiClient {
                 None => self.exchange(tcp, method, path, body).await,
             }
         };
-        tokio::time::timeout(Duration::from_secs(30), fut)
+        // An image upload may take a while; anything else answers fast.
+        let limit = if matches!(body, Payload::File(_)) {
+            600
+        } else {
+            30
+        };
+        tokio::time::timeout(Duration::from_secs(limit), fut)
             .await
-            .map_err(|_| anyhow!("the server at {addr} did not answer within 30 s"))?
+            .map_err(|_| anyhow!("the server at {addr} did not answer within {limit} s"))?
     }
 
     async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
@@ -227,30 +293,45 @@ impl ApiClient {
         mut stream: S,
         method: &str,
         path: &str,
-        body: Option<&serde_json::Value>,
-    ) -> Result<Response> {
-        let payload = body
-            .map(serde_json::to_vec)
-            .transpose()?
-            .unwrap_or_default();
+        body: Payload<'_>,
+    ) -> Result<(u16, Vec<u8>)> {
+        let payload = match body {
+            Payload::Json(v) => serde_json::to_vec(v)?,
+            _ => Vec::new(),
+        };
         let mut head = format!(
             "{method} {}{path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nAccept: application/json\r\nUser-Agent: m2mhub-cli/{}\r\n",
             self.base.prefix,
-            self.base.host,
+            self.base.authority(),
             env!("CARGO_PKG_VERSION")
         );
         if let Some(t) = &self.token {
             head.push_str(&format!("Authorization: Bearer {t}\r\n"));
         }
-        if body.is_some() {
-            head.push_str(&format!(
+        match body {
+            Payload::Json(_) => head.push_str(&format!(
                 "Content-Type: application/json\r\nContent-Length: {}\r\n",
                 payload.len()
-            ));
+            )),
+            Payload::File(f) => {
+                let len = std::fs::metadata(f)
+                    .with_context(|| format!("cannot read {}", f.display()))?
+                    .len();
+                head.push_str(&format!(
+                    "Content-Type: application/octet-stream\r\nContent-Length: {len}\r\n"
+                ));
+            }
+            Payload::None => {}
         }
         head.push_str("\r\n");
         stream.write_all(head.as_bytes()).await?;
         stream.write_all(&payload).await?;
+        if let Payload::File(f) = body {
+            let mut file = tokio::fs::File::open(f)
+                .await
+                .with_context(|| format!("cannot read {}", f.display()))?;
+            tokio::io::copy(&mut file, &mut stream).await?;
+        }
         stream.flush().await?;
         let mut raw = Vec::new();
         stream.read_to_end(&mut raw).await.or_else(|e| {
@@ -261,11 +342,41 @@ impl ApiClient {
                 Err(e)
             }
         })?;
-        parse_response(&raw)
+        split_response(&raw)
     }
 }
 
+/// A request body.
+#[derive(Clone, Copy)]
+enum Payload<'a> {
+    None,
+    Json(&'a serde_json::Value),
+    File(&'a Path),
+}
+
+/// A response body as JSON; text that is not JSON as a string; nothing
+/// as `Null`.
+fn json_body(body: &[u8]) -> serde_json::Value {
+    if body.is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_slice(body).unwrap_or_else(|_| {
+            serde_json::Value::String(String::from_utf8_lossy(body).into_owned())
+        })
+    }
+}
+
+#[cfg(test)]
 fn parse_response(raw: &[u8]) -> Result<Response> {
+    let (status, body) = split_response(raw)?;
+    Ok(Response {
+        status,
+        body: json_body(&body),
+    })
+}
+
+/// Status and (de-chunked) body of a whole HTTP/1.1 response.
+fn split_response(raw: &[u8]) -> Result<(u16, Vec<u8>)> {
     let split = raw
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
@@ -285,14 +396,7 @@ fn parse_response(raw: &[u8]) -> Result<Response> {
     if chunked {
         body = dechunk(&body)?;
     }
-    let body = if body.is_empty() {
-        serde_json::Value::Null
-    } else {
-        serde_json::from_slice(&body).unwrap_or_else(|_| {
-            serde_json::Value::String(String::from_utf8_lossy(&body).into_owned())
-        })
-    };
-    Ok(Response { status, body })
+    Ok((status, body))
 }
 
 fn dechunk(mut data: &[u8]) -> Result<Vec<u8>> {
@@ -331,8 +435,10 @@ mod tests {
             (b.tls, b.host.as_str(), b.port, b.prefix.as_str()),
             (true, "hub.example", 443, "/m2m")
         );
+        assert_eq!(b.authority(), "hub.example");
         let b = parse_base("http://[::1]:9000").expect("base");
         assert_eq!((b.host.as_str(), b.port), ("::1", 9000));
+        assert_eq!(b.authority(), "[::1]:9000");
         assert!(parse_base("127.0.0.1:8080").is_err());
     }
 

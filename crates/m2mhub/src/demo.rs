@@ -207,6 +207,10 @@ async fn run(args: DemoArgs) -> Result<()> {
         fleets.push((profile, devices));
     }
 
+    if let Err(e) = demo_campaign(&server) {
+        eprintln!("demo: no firmware campaign: {e:#}");
+    }
+
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut tasks = Vec::new();
     let mut all_stats = Vec::new();
@@ -218,6 +222,11 @@ async fn run(args: DemoArgs) -> Result<()> {
             interval: args.interval,
             seed: 1,
             protocol: mqtt_codec::Protocol::V5,
+            ota: m2mhub_sim::ota::OtaOptions {
+                public_key: Some(server.ota.signer.public_key().to_vec()),
+                failure_rate: 0.0,
+                interrupt_rate: 0.2,
+            },
         };
         tasks.push(tokio::spawn(fleet::run(
             devices.clone(),
@@ -311,6 +320,70 @@ fn install_groups_and_rules(server: &Server) -> Result<()> {
             .with_context(|| format!("cannot create the example rule {id}"))?;
         server.automation.reload(id);
     }
+    Ok(())
+}
+
+/// On the first run: a small firmware image for the meters, signed by the
+/// platform, rolled out in two waves half a minute apart, so the OTA page
+/// has something to show.
+fn demo_campaign(server: &Server) -> Result<()> {
+    const NAME: &str = "meter-firmware";
+    let fleet = &server.fleet;
+    if fleet.list_artifacts(None).iter().any(|a| a.name == NAME) {
+        return Ok(());
+    }
+    let files = &server.ota.service.files;
+    let tmp = files.incoming();
+    // 256 KiB of deterministic bytes stand in for an image.
+    let mut image = Vec::with_capacity(256 * 1024);
+    let mut x: u32 = 0x2545_f491;
+    while image.len() < 256 * 1024 {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        image.extend_from_slice(&x.to_le_bytes());
+    }
+    std::fs::write(&tmp, &image).with_context(|| format!("cannot write {}", tmp.display()))?;
+    let digest: [u8; 32] = ring::digest::digest(&ring::digest::SHA256, &image)
+        .as_ref()
+        .try_into()?;
+    use base64::Engine;
+    let artifact = m2mhub_fleet::Artifact {
+        id: fleet.new_artifact_id(),
+        tenant: DEFAULT_TENANT.into(),
+        name: NAME.into(),
+        version: "1.1.0".into(),
+        hardware: None,
+        profile: None,
+        size: image.len() as u64,
+        sha256: digest.iter().map(|b| format!("{b:02x}")).collect(),
+        signature: base64::engine::general_purpose::STANDARD
+            .encode(server.ota.signer.sign_digest(&digest)),
+        signed_by: m2mhub_fleet::SignedBy::Platform,
+        created_ms: now_ms(),
+        created_by: "demo".into(),
+    };
+    files.commit(&tmp, &artifact.id)?;
+    let artifact = fleet.add_artifact(artifact)?;
+    fleet.create_campaign(
+        DEFAULT_TENANT,
+        m2mhub_fleet::NewCampaign {
+            name: Some("Meter firmware 1.1.0".into()),
+            artifact: artifact.id,
+            selector: m2mhub_fleet::Selector {
+                group: Some(Profile::Meter.name().into()),
+                ..Default::default()
+            },
+            waves: vec![
+                m2mhub_fleet::WaveSize::Percent(50.0),
+                m2mhub_fleet::WaveSize::Percent(50.0),
+            ],
+            wave_wait_s: 30,
+            ..Default::default()
+        },
+        "demo",
+        now_ms(),
+    )?;
     Ok(())
 }
 

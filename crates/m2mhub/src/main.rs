@@ -155,11 +155,25 @@ enum Command {
         #[command(flatten)]
         conn: admin::Conn,
     },
+    /// OTA firmware: upload images, run campaigns in waves, watch them.
+    Ota {
+        #[command(subcommand)]
+        cmd: admin::OtaCmd,
+        #[command(flatten)]
+        conn: admin::Conn,
+    },
     /// Device commands: send one (and wait for the answer), follow them.
     #[command(name = "command")]
     DeviceCommands {
         #[command(subcommand)]
         cmd: admin::CommandCmd,
+        #[command(flatten)]
+        conn: admin::Conn,
+    },
+    /// Diagnostic bundles: ask a device for one, list, download, delete.
+    Diagnostics {
+        #[command(subcommand)]
+        cmd: admin::DiagnosticsCmd,
         #[command(flatten)]
         conn: admin::Conn,
     },
@@ -349,8 +363,14 @@ fn main() -> ExitCode {
         Command::Shadow { cmd, conn } => {
             run_admin(|env| async move { admin::shadow(&conn, cmd, &env).await.map(|_| 0) })
         }
+        Command::Ota { cmd, conn } => {
+            run_admin(|env| async move { admin::ota(&conn, cmd, &env).await.map(|_| 0) })
+        }
         Command::DeviceCommands { cmd, conn } => {
             run_admin(|env| async move { admin::command(&conn, cmd, &env).await })
+        }
+        Command::Diagnostics { cmd, conn } => {
+            run_admin(|env| async move { admin::diagnostics(&conn, cmd, &env).await })
         }
     }
 }

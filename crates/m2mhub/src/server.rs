@@ -40,6 +40,8 @@ pub struct Server {
     pub mqtt_addr: SocketAddr,
     pub mqtts_addr: Option<SocketAddr>,
     pub http_addr: SocketAddr,
+    /// OTA firmware: image files, the signing key, download URLs.
+    pub ota: Arc<m2mhub_api::ota::OtaApi>,
     tasks: Vec<JoinHandle<()>>,
     /// Held for the life of the server: one server per data directory.
     _lock: File,
@@ -90,6 +92,7 @@ impl Server {
                     v.data_dir.display()
                 )
             })?;
+        fleet.configure_diagnostics(v.diagnostics.clone());
 
         let registry_auth = Arc::new(RegistryAuth::new(
             registry.clone(),
@@ -202,7 +205,16 @@ impl Server {
             async move { b.run_tls(listener, acceptor).await },
         ));
 
+        tasks.push(tokio::spawn(sweep_diagnostics(fleet.clone())));
+
         let automation = Automation::start(broker.clone(), fleet.clone());
+        let http = bind(v.http_listen, "http.listen", "--http-listen").await?;
+        let http_addr = http.local_addr()?;
+        let ota = Arc::new(ota_service(v, &master, &broker, &fleet, http_addr)?);
+        tasks.push(m2mhub_ingest::ota_topics::serve(
+            ota.service.clone(),
+            Duration::from_secs(1),
+        ));
         let state = AppState {
             broker: broker.clone(),
             registry: registry.clone(),
@@ -214,6 +226,7 @@ impl Server {
             ingest: Some(ingest.clone()),
             rules: Some(Arc::new(automation.clone())),
             live,
+            ota: Some(ota.clone()),
         };
         tasks.push(tokio::spawn(m2mhub_api::provision::serve_mqtt(
             state.clone(),
@@ -223,8 +236,6 @@ impl Server {
             fleet.clone(),
         ));
 
-        let http = bind(v.http_listen, "http.listen", "--http-listen").await?;
-        let http_addr = http.local_addr()?;
         let mut signal = broker.shutdown_signal();
         tasks.push(tokio::spawn(async move {
             let stop = async move {
@@ -245,6 +256,7 @@ impl Server {
             mqtt_addr,
             mqtts_addr,
             http_addr,
+            ota,
             tasks,
             _lock: lock,
         })
@@ -263,6 +275,32 @@ impl Server {
         // Commits what is queued; heads are rebuilt from the WAL next time.
         let tsdb = self.tsdb.clone();
         let _ = tokio::task::spawn_blocking(move || tsdb.close()).await;
+    }
+}
+
+/// How often expired upload URLs are marked and old bundles deleted.
+const DIAGNOSTICS_SWEEP: Duration = Duration::from_secs(60);
+
+/// The diagnostics retention, applied once a minute (off the workers: it
+/// deletes files).
+async fn sweep_diagnostics(fleet: Fleet) {
+    let mut tick = tokio::time::interval(DIAGNOSTICS_SWEEP);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let f = fleet.clone();
+        match tokio::task::spawn_blocking(move || f.sweep_diagnostics()).await {
+            Ok(Ok(r)) if r.expired + r.deleted > 0 => {
+                tracing::info!(
+                    expired = r.expired,
+                    deleted = r.deleted,
+                    "diagnostics swept"
+                );
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "diagnostics sweep failed; will retry"),
+            Err(e) => tracing::error!(error = %e, "diagnostics sweep panicked"),
+        }
     }
 }
 
@@ -323,4 +361,46 @@ impl SecurityEvents for SecurityToRegistry {
                 ts_ms: None,
             });
     }
+}
+
+/// The OTA parts: image files under `<data_dir>/ota`, the firmware signing
+/// key and the URL token secret (both sealed under the master key), and the
+/// base URL devices download from.
+fn ota_service(
+    v: &Validated,
+    master: &MasterKey,
+    broker: &m2mhub_broker::Broker,
+    fleet: &Fleet,
+    http_addr: std::net::SocketAddr,
+) -> anyhow::Result<m2mhub_api::ota::OtaApi> {
+    let files = m2mhub_fleet::ArtifactFiles::new(&v.data_dir)
+        .with_context(|| format!("cannot create {}", v.data_dir.join("ota").display()))?;
+    files.clean_incoming();
+    let (signer, created) = m2mhub_pki::FirmwareSigner::load_or_create(&v.data_dir, master)?;
+    if created {
+        tracing::info!(public_key = %signer.public_key_base64(), "created the firmware signing key: devices pin this public key");
+    }
+    let secret = m2mhub_pki::url_token_key(&v.data_dir, master)?;
+    let base = v.ota.public_url.clone().unwrap_or_else(|| {
+        let ip = match http_addr.ip() {
+            ip if ip.is_unspecified() && ip.is_ipv4() => std::net::IpAddr::from([127, 0, 0, 1]),
+            ip if ip.is_unspecified() => std::net::IpAddr::from(std::net::Ipv6Addr::LOCALHOST),
+            ip => ip,
+        };
+        format!("http://{}", std::net::SocketAddr::new(ip, http_addr.port()))
+    });
+    Ok(m2mhub_api::ota::OtaApi {
+        service: m2mhub_ingest::ota_topics::OtaService {
+            broker: broker.clone(),
+            fleet: fleet.clone(),
+            files,
+            urls: m2mhub_ingest::ota_topics::DownloadUrls::new(&secret, &base, v.ota.url_ttl),
+            max_chunk: v.ota.chunk_bytes,
+        },
+        signer: Arc::new(signer),
+        max_artifact_bytes: v.ota.max_artifact_bytes,
+        download_budget: Arc::new(tokio::sync::Semaphore::new(
+            m2mhub_api::ota::DOWNLOAD_BUDGET,
+        )),
+    })
 }

@@ -116,9 +116,35 @@ flush_interval_secs = 600
 # Most points one payload may carry.
 max_points_per_message = 10000
 
+[diagnostics]
+# Diagnostic bundles devices upload on request (POST
+# /api/v1/devices/{id}/diagnostics), kept under <data_dir>/diagnostics.
+# Largest bundle accepted, in bytes (16 MiB); a larger upload is refused (413).
+max_bundle_bytes = 16777216
+# Bundles, and requests that expired or failed, are deleted after this many hours.
+retention_hours = 168
+# Seconds a device has to upload once asked (the one-time URL's lifetime).
+upload_url_ttl_s = 900
+
 [http]
 # HTTP server: /healthz, /metrics, MQTT over WebSocket at /mqtt, API at /api/v1.
 listen = "0.0.0.0:8080"
+# The base URL devices reach this server's HTTP at (firmware download links
+# carry it), e.g. "https://hub.example.com". Empty: http://<listen address>
+# (with 127.0.0.1 for an unspecified address), which only suits devices on
+# this machine.
+public_url = ""
+
+[ota]
+# Firmware images: stored under <data_dir>/ota, signed with the platform's
+# Ed25519 key (public key at /api/v1/ota/public-key).
+# Largest image accepted (MiB).
+max_artifact_mb = 256
+# Largest chunk of an MQTT chunked download (bytes; a device may ask for
+# less, to fit its Maximum Packet Size).
+chunk_bytes = 16384
+# How long a download URL handed to a device works (seconds).
+url_ttl_secs = 3600
 
 [log]
 # trace, debug, info, warn or error (RUST_LOG overrides it).
@@ -133,8 +159,28 @@ pub struct Settings {
     pub data_dir: PathBuf,
     pub mqtt: MqttSettings,
     pub telemetry: TelemetrySettings,
+    pub diagnostics: DiagnosticsSettings,
     pub http: HttpSettings,
+    pub ota: OtaSettings,
     pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DiagnosticsSettings {
+    pub max_bundle_bytes: u64,
+    pub retention_hours: u32,
+    pub upload_url_ttl_s: u32,
+}
+
+impl Default for DiagnosticsSettings {
+    fn default() -> Self {
+        DiagnosticsSettings {
+            max_bundle_bytes: m2mhub_fleet::diagnostic::DEFAULT_MAX_BUNDLE_BYTES,
+            retention_hours: 168,
+            upload_url_ttl_s: 900,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -212,6 +258,35 @@ pub struct TelemetryConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct HttpSettings {
     pub listen: String,
+    pub public_url: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OtaSettings {
+    pub max_artifact_mb: u64,
+    pub chunk_bytes: usize,
+    pub url_ttl_secs: u64,
+}
+
+impl Default for OtaSettings {
+    fn default() -> Self {
+        OtaSettings {
+            max_artifact_mb: 256,
+            chunk_bytes: 16_384,
+            url_ttl_secs: 3600,
+        }
+    }
+}
+
+/// OTA settings the server runs with.
+#[derive(Debug, Clone)]
+pub struct OtaConfig {
+    /// `None`: derived from the HTTP listener's address once bound.
+    pub public_url: Option<String>,
+    pub max_artifact_bytes: u64,
+    pub chunk_bytes: usize,
+    pub url_ttl: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -227,7 +302,9 @@ impl Default for Settings {
             data_dir: PathBuf::from("./m2mhub-data"),
             mqtt: MqttSettings::default(),
             telemetry: TelemetrySettings::default(),
+            diagnostics: DiagnosticsSettings::default(),
             http: HttpSettings::default(),
+            ota: OtaSettings::default(),
             log: LogSettings::default(),
         }
     }
@@ -278,6 +355,7 @@ impl Default for HttpSettings {
     fn default() -> Self {
         HttpSettings {
             listen: "0.0.0.0:8080".into(),
+            public_url: String::new(),
         }
     }
 }
@@ -293,7 +371,7 @@ impl Default for LogSettings {
 
 /// The sections of the file; an environment variable `M2MHUB_MQTT_LISTEN`
 /// is the key `listen` of section `mqtt`.
-const SECTIONS: [&str; 4] = ["mqtt", "telemetry", "http", "log"];
+const SECTIONS: [&str; 6] = ["mqtt", "telemetry", "diagnostics", "http", "ota", "log"];
 
 /// Environment variables that are not config keys.
 const NOT_KEYS: [&str; 6] = [
@@ -481,8 +559,65 @@ impl Settings {
             flush_interval: secs(t.flush_interval_secs),
             max_points: t.max_points_per_message as usize,
         };
+        let o = &self.ota;
+        if o.max_artifact_mb == 0 {
+            bail!("invalid value for `ota.max_artifact_mb`: 0; use at least 1 (MiB)");
+        }
+        if !(m2mhub_ingest::ota_topics::MIN_CHUNK..=262_144).contains(&o.chunk_bytes) {
+            bail!(
+                "invalid value for `ota.chunk_bytes`: {}; use {} to 262144",
+                o.chunk_bytes,
+                m2mhub_ingest::ota_topics::MIN_CHUNK
+            );
+        }
+        if o.url_ttl_secs < 60 {
+            bail!(
+                "invalid value for `ota.url_ttl_secs`: {}; use at least 60",
+                o.url_ttl_secs
+            );
+        }
+        let public_url = self
+            .http
+            .public_url
+            .trim()
+            .trim_end_matches('/')
+            .to_string();
+        let scheme_ok = public_url.starts_with("http://") || public_url.starts_with("https://");
+        if !public_url.is_empty() && !scheme_ok {
+            bail!("invalid value for `http.public_url`: {public_url:?}; use http://host[:port] or https://host[:port]");
+        }
+        let ota = OtaConfig {
+            public_url: (!public_url.is_empty()).then_some(public_url),
+            max_artifact_bytes: o.max_artifact_mb.saturating_mul(1 << 20),
+            chunk_bytes: o.chunk_bytes,
+            url_ttl: Duration::from_secs(o.url_ttl_secs),
+        };
+        let d = &self.diagnostics;
+        if d.max_bundle_bytes == 0 {
+            bail!("invalid value for `diagnostics.max_bundle_bytes`: 0; use at least 1 (bytes)");
+        }
+        if d.retention_hours == 0 {
+            bail!("invalid value for `diagnostics.retention_hours`: 0; use at least 1 (hours)");
+        }
+        // The command that carries the URL times out with it, and commands
+        // wait at most a week.
+        let max_ttl = m2mhub_fleet::command::MAX_TIMEOUT_MS / 1000;
+        if d.upload_url_ttl_s == 0 || u64::from(d.upload_url_ttl_s) > max_ttl {
+            bail!(
+                "invalid value for `diagnostics.upload_url_ttl_s`: {}; use 1 to {max_ttl} (seconds)",
+                d.upload_url_ttl_s
+            );
+        }
+        let diagnostics = m2mhub_fleet::DiagnosticsConfig {
+            dir: self.data_dir.join("diagnostics"),
+            max_bundle_bytes: d.max_bundle_bytes,
+            retention: Duration::from_secs(u64::from(d.retention_hours) * 3600),
+            upload_ttl: secs(d.upload_url_ttl_s),
+        };
         Ok(Validated {
+            ota,
             telemetry,
+            diagnostics,
             data_dir: self.data_dir.clone(),
             mqtt_listen,
             http_listen,
@@ -509,7 +644,10 @@ pub struct TlsFiles {
 #[derive(Debug, Clone)]
 pub struct Validated {
     pub data_dir: PathBuf,
+    pub ota: OtaConfig,
     pub telemetry: TelemetryConfig,
+    /// Diagnostic bundles: where, how large, how long.
+    pub diagnostics: m2mhub_fleet::DiagnosticsConfig,
     pub mqtt_listen: SocketAddr,
     pub http_listen: SocketAddr,
     pub tls: TlsFiles,
@@ -608,6 +746,30 @@ mod tests {
             .expect_err("half tls")
             .to_string()
             .contains("mqtt.tls_key"));
+    }
+
+    #[test]
+    fn diagnostics_settings() {
+        let s = Settings::load(
+            None,
+            &env(&[
+                ("M2MHUB_DIAGNOSTICS_MAX_BUNDLE_BYTES", "1000"),
+                ("M2MHUB_DIAGNOSTICS_UPLOAD_URL_TTL_S", "2"),
+            ]),
+        )
+        .expect("load");
+        let v = s.validate().expect("valid");
+        assert_eq!(v.diagnostics.max_bundle_bytes, 1000);
+        assert_eq!(v.diagnostics.upload_ttl, Duration::from_secs(2));
+        assert_eq!(v.diagnostics.retention, Duration::from_secs(168 * 3600));
+        assert_eq!(v.diagnostics.dir, s.data_dir.join("diagnostics"));
+        let mut s = Settings::default();
+        s.diagnostics.upload_url_ttl_s = 0;
+        let e = s.validate().expect_err("zero ttl");
+        assert!(
+            e.to_string().contains("diagnostics.upload_url_ttl_s"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -45,6 +45,12 @@ pub struct SimArgs {
     /// Speak MQTT 3.1.1 instead of 5.
     #[arg(long)]
     v311: bool,
+    /// Share of firmware installs that fail (0 to 1), to see a campaign abort.
+    #[arg(long, default_value_t = 0.0)]
+    ota_failure_rate: f64,
+    /// Share of firmware downloads cut half way and resumed with Range.
+    #[arg(long, default_value_t = 0.2)]
+    ota_interrupt_rate: f64,
     /// Seconds between progress lines on stderr (0: none).
     #[arg(long, default_value_t = 5)]
     progress_secs: u64,
@@ -78,7 +84,24 @@ pub async fn run(args: SimArgs, env: &[(String, String)]) -> Result<i32> {
     if args.count == 0 {
         bail!("--count must be at least 1");
     }
+    for (flag, v) in [
+        ("--ota-failure-rate", args.ota_failure_rate),
+        ("--ota-interrupt-rate", args.ota_interrupt_rate),
+    ] {
+        if !(0.0..=1.0).contains(&v) {
+            bail!("{flag} must be between 0 and 1, not {v}");
+        }
+    }
     let devices = provision(&args, profile, env).await?;
+    // The firmware key devices pin: fetched once, as a device would have
+    // it burnt in at the factory.
+    let public_key = match pinned_key(&args.conn, env).await {
+        Ok(k) => Some(k),
+        Err(e) => {
+            eprintln!("sim: warning: firmware signatures will not be checked: {e:#}");
+            None
+        }
+    };
     eprintln!(
         "sim: {} {} devices, reporting every {:?} to {}",
         devices.len(),
@@ -95,6 +118,11 @@ pub async fn run(args: SimArgs, env: &[(String, String)]) -> Result<i32> {
             Protocol::V311
         } else {
             Protocol::V5
+        },
+        ota: m2mhub_sim::ota::OtaOptions {
+            public_key,
+            failure_rate: args.ota_failure_rate,
+            interrupt_rate: args.ota_interrupt_rate,
         },
     };
     let stats = Arc::new(FleetStats::default());
@@ -128,6 +156,21 @@ pub async fn run(args: SimArgs, env: &[(String, String)]) -> Result<i32> {
         );
     }
     Ok(0)
+}
+
+/// The platform's firmware public key, from `/api/v1/ota/public-key`.
+async fn pinned_key(conn: &m2mhub::admin::Conn, env: &[(String, String)]) -> Result<Vec<u8>> {
+    use base64::Engine;
+    let api = api_client(conn, env)?;
+    let v = api
+        .get("/api/v1/ota/public-key")
+        .await?
+        .ok()
+        .context("cannot read the firmware public key")?;
+    let key = v["publicKey"]
+        .as_str()
+        .context("the answer has no publicKey")?;
+    Ok(base64::engine::general_purpose::STANDARD.decode(key)?)
 }
 
 async fn progress(stats: Arc<FleetStats>, total: usize, every: u64) {

@@ -25,6 +25,8 @@ mod conformance;
 mod console;
 #[path = "tests/demo.rs"]
 mod demo;
+#[path = "tests/diagnostics.rs"]
+mod diagnostics;
 #[path = "tests/fleet.rs"]
 mod fleet;
 #[path = "tests/flow.rs"]
@@ -37,6 +39,8 @@ mod identity;
 mod limits;
 #[path = "tests/live.rs"]
 mod live;
+#[path = "tests/ota.rs"]
+mod ota;
 #[path = "tests/persistence.rs"]
 mod persistence;
 #[path = "tests/process.rs"]

@@ -34,11 +34,15 @@
 mod ca;
 mod files;
 mod master_key;
+mod signing;
 
 use std::path::PathBuf;
 
 pub use ca::{ca_cert_path, fingerprint, make_csr, parse_pem_certs, DeviceCa, IssuedCert};
 pub use master_key::{KeySource, MasterKey, MASTER_KEY_ENV, MASTER_KEY_FILE};
+pub use signing::{
+    url_token_key, verify_firmware, FirmwareSigner, PURPOSE_FIRMWARE_KEY, PURPOSE_URL_TOKEN_KEY,
+};
 
 /// Associated data (purpose) under which the CA private key is sealed.
 pub const PURPOSE_CA_KEY: &str = "CA key";

@@ -21,7 +21,9 @@
 //! `devices/{id}/telemetry` every interval (each device with its own random
 //! phase), answers every command on `devices/{id}/commands/response` (MQTT 5
 //! correlation data copied) and reconnects with a back-off when the
-//! connection drops. A `shutdown` command stops the machine — a factory
+//! connection drops. A `diagnostics.upload` command is answered once the
+//! device has PUT a small bundle to the URL it names ([`crate::diagnostics`]).
+//! A `shutdown` command stops the machine — a factory
 //! machine or a meter keeps reporting, with its values dropped to idle; a
 //! truck, wearable or soil probe goes silent — until a `start` command.
 
@@ -579,6 +581,8 @@ pub struct FleetOptions {
     pub interval: Duration,
     pub seed: u64,
     pub protocol: Protocol,
+    /// How devices take part in OTA firmware jobs.
+    pub ota: crate::ota::OtaOptions,
 }
 
 /// Live counters of a running fleet, for progress lines.
@@ -589,6 +593,12 @@ pub struct FleetStats {
     pub commands: AtomicU64,
     /// Desired-state changes applied and reported back.
     pub shadow_reports: AtomicU64,
+    /// Firmware images installed (reported `succeeded` after the reboot).
+    pub ota_installed: AtomicU64,
+    /// Firmware jobs reported `failed`.
+    pub ota_failed: AtomicU64,
+    /// Downloads cut and resumed with `Range`.
+    pub ota_resumed: AtomicU64,
     pub connection_errors: AtomicU64,
     last_error: RwLock<Option<String>>,
 }
@@ -674,13 +684,23 @@ async fn drive(
         tls: None,
     };
     let mut backoff = Duration::from_millis(500);
+    let mut firmware = Firmware {
+        version: "1.0.0".into(),
+        rebooted_into: None,
+        rng: Rng::for_device(opts.seed, index, 3),
+    };
     loop {
         let outcome = tokio::select! {
             _ = stopped(&mut stop) => return,
-            r = session(&cfg, &dev.device_id, phase, opts.interval, &mut machine, stats) => r,
+            r = session(&cfg, &dev.device_id, phase, opts, &mut machine, &mut firmware, stats) => r,
         };
-        if let Err(e) = outcome {
-            stats.error(&e);
+        match outcome {
+            // A reboot into new firmware: back at once.
+            Ok(()) => {
+                backoff = Duration::from_millis(500);
+                continue;
+            }
+            Err(e) => stats.error(&e),
         }
         let wait = backoff.mul_f64(phase_rng.range(0.5, 1.5));
         backoff = (backoff * 2).min(Duration::from_secs(30));
@@ -700,18 +720,121 @@ impl Drop for Connected<'_> {
     }
 }
 
-/// One connection's life: returns only with the error that ended it.
+/// A device's firmware, across reconnects.
+struct Firmware {
+    version: String,
+    /// A job installed before the last reboot, to report as succeeded.
+    rebooted_into: Option<String>,
+    rng: Rng,
+}
+
+/// Queue a QoS 1 publish of `payload` to `topic`.
+fn queue_pub(conn: &mut Conn, topic: &str, payload: Vec<u8>) -> Result<(), BenchError> {
+    let pid = conn.next_packet_id();
+    conn.queue(&Packet::Publish(Publish {
+        dup: false,
+        qos: QoS::AtLeastOnce,
+        retain: false,
+        topic: topic.to_string(),
+        packet_id: Some(pid),
+        properties: PublishProperties::default(),
+        payload: Bytes::from(payload),
+    }))
+}
+
+/// Do a firmware job: download, verify, install. `Ok(true)`: installed,
+/// reboot now; `Ok(false)`: reported failed (or nothing to do).
+async fn do_job(
+    conn: &mut Conn,
+    id: &str,
+    job: &crate::ota::JobSpec,
+    opts: &crate::ota::OtaOptions,
+    fw: &mut Firmware,
+    stats: &FleetStats,
+) -> Result<bool, BenchError> {
+    use crate::ota;
+    let topic = format!("devices/{id}/ota/status");
+    if job.version == fw.version {
+        // Already running it (the job came again after the reboot).
+        queue_pub(
+            conn,
+            &topic,
+            ota::status(&job.job_id, "succeeded", None, None, Some(&fw.version)),
+        )?;
+        conn.flush().await?;
+        return Ok(false);
+    }
+    let fail = |conn: &mut Conn, reason: &str| {
+        stats.ota_failed.fetch_add(1, Ordering::Relaxed);
+        queue_pub(
+            conn,
+            &topic,
+            ota::status(&job.job_id, "failed", None, Some(reason), None),
+        )
+    };
+    queue_pub(
+        conn,
+        &topic,
+        ota::status(&job.job_id, "downloading", Some(0), None, None),
+    )?;
+    conn.flush().await?;
+    let cut = fw.rng.chance(opts.interrupt_rate).then_some(job.size / 2);
+    let d = match ota::download(&job.url, job.size, cut).await {
+        Ok(d) => d,
+        Err(e) => {
+            fail(conn, &format!("download failed: {e}"))?;
+            conn.flush().await?;
+            return Ok(false);
+        }
+    };
+    if d.resumed {
+        stats.ota_resumed.fetch_add(1, Ordering::Relaxed);
+    }
+    queue_pub(
+        conn,
+        &topic,
+        ota::status(&job.job_id, "verifying", Some(100), None, None),
+    )?;
+    if let Err(e) = ota::verify(job, &d, opts.public_key.as_deref()) {
+        fail(conn, &e)?;
+        conn.flush().await?;
+        return Ok(false);
+    }
+    queue_pub(
+        conn,
+        &topic,
+        ota::status(&job.job_id, "installing", Some(100), None, None),
+    )?;
+    if fw.rng.chance(opts.failure_rate) {
+        fail(conn, "simulated install failure: flash write error")?;
+        conn.flush().await?;
+        return Ok(false);
+    }
+    conn.flush().await?;
+    fw.version = job.version.clone();
+    fw.rebooted_into = Some(job.job_id.clone());
+    Ok(true)
+}
+
+/// One connection's life: returns with the error that ended it, or `Ok`
+/// to reboot into new firmware.
 async fn session(
     cfg: &ClientConfig,
     id: &str,
     phase: Duration,
-    interval: Duration,
+    opts: &FleetOptions,
     machine: &mut Machine,
+    fw: &mut Firmware,
     stats: &FleetStats,
 ) -> Result<(), BenchError> {
+    let interval = opts.interval;
     let mut conn = Conn::connect(cfg).await?;
     stats.connected.fetch_add(1, Ordering::Relaxed);
     let _gauge = Connected(stats);
+    // Firmware jobs: after a reboot into new firmware, say so; then ask
+    // for any job waiting.
+    let job_topic = format!("devices/{id}/ota/job");
+    conn.subscribe(&job_topic, QoS::AtLeastOnce).await?;
     conn.subscribe(&format!("devices/{id}/commands"), QoS::AtLeastOnce)
         .await?;
     // Desired-state changes: applied and reported back, like a real
@@ -737,6 +860,20 @@ async fn session(
         properties: PublishProperties::default(),
         payload: Bytes::from_static(b"{}"),
     }))?;
+    // (Publishes only after the last SUBACK: no ack is expected before.)
+    if let Some(job) = fw.rebooted_into.take() {
+        queue_pub(
+            &mut conn,
+            &format!("devices/{id}/ota/status"),
+            crate::ota::status(&job, "succeeded", Some(100), None, Some(&fw.version)),
+        )?;
+        stats.ota_installed.fetch_add(1, Ordering::Relaxed);
+    }
+    queue_pub(
+        &mut conn,
+        &format!("devices/{id}/ota/job/get"),
+        b"{}".to_vec(),
+    )?;
     conn.flush().await?;
     let telemetry = format!("devices/{id}/telemetry");
     let response_topic = format!("devices/{id}/commands/response");
@@ -744,6 +881,15 @@ async fn session(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let keep_alive = Duration::from_secs(u64::from(cfg.keep_alive) / 2);
     let mut last_sent = Instant::now();
+    // Diagnostic uploads run beside the session; their answers come back
+    // here to be published on this connection.
+    let started = Instant::now();
+    let mut diag = crate::diagnostics::DeviceState {
+        device_id: id.to_string(),
+        profile: format!("{:?}", machine.profile).to_lowercase(),
+        ..Default::default()
+    };
+    let (uploaded_tx, mut uploaded) = tokio::sync::mpsc::channel::<(Publish, Value)>(4);
     // QoS 2 commands whose PUBREL is awaited: a resent one is not applied twice.
     let mut qos2: HashSet<u16> = HashSet::new();
     loop {
@@ -767,14 +913,41 @@ async fn session(
                             }
                         }
                     }
+                    if p.topic == job_topic {
+                        conn.flush().await?;
+                        if let Some(job) = crate::ota::parse_job(&p.payload) {
+                            if do_job(&mut conn, id, &job, &opts.ota, fw, stats).await? {
+                                // Installed: reboot.
+                                conn.disconnect().await;
+                                return Ok(());
+                            }
+                        }
+                        last_sent = Instant::now();
+                        continue;
+                    }
+                    let upload = serde_json::from_slice::<Value>(&p.payload)
+                        .ok()
+                        .as_ref()
+                        .and_then(crate::diagnostics::upload_request);
                     if let Some(report) = report_shadow(&p, &shadow_update) {
                         stats.shadow_reports.fetch_add(1, Ordering::Relaxed);
+                        diag.shadow_reports += 1;
                         let pid = conn.next_packet_id();
                         conn.queue(&Packet::Publish(Publish {
                             packet_id: Some(pid),
                             ..report
                         }))?;
+                    } else if let Some(req) = upload {
+                        diag.running = machine.is_running();
+                        diag.uptime = started.elapsed();
+                        let (state, tx) = (diag.clone(), uploaded_tx.clone());
+                        tokio::spawn(async move {
+                            let answer = crate::diagnostics::run(&req, &state, now_ms()).await;
+                            // The session may have ended meanwhile: nobody to tell.
+                            let _ = tx.send((p, answer)).await;
+                        });
                     } else if let Some(answer) = answer_command(&p, machine, &response_topic) {
+                        diag.commands_answered += 1;
                         stats.commands.fetch_add(1, Ordering::Relaxed);
                         let pid = conn.next_packet_id();
                         conn.queue(&Packet::Publish(Publish {
@@ -796,8 +969,21 @@ async fn session(
                 // PUBACKs of our readings, PINGRESP.
                 _ => {}
             },
+            Some((command, answer)) = uploaded.recv() => {
+                stats.commands.fetch_add(1, Ordering::Relaxed);
+                diag.commands_answered += 1;
+                let pid = conn.next_packet_id();
+                conn.queue(&Packet::Publish(Publish {
+                    packet_id: Some(pid),
+                    ..answer_with(&command, answer, &response_topic)
+                }))?;
+                conn.flush().await?;
+                last_sent = Instant::now();
+            }
             _ = tick.tick() => {
                 if let Some(reading) = machine.reading(now_ms()) {
+                    diag.readings_sent += 1;
+                    diag.last_reading = Some(reading.clone());
                     let pid = conn.next_packet_id();
                     conn.queue(&Packet::Publish(Publish {
                         dup: false,
@@ -866,7 +1052,13 @@ pub fn answer_command(p: &Publish, machine: &mut Machine, response_topic: &str) 
             "id": id, "status": "failed", "error": format!("unknown command {name:?}"),
         }),
     };
-    Some(Publish {
+    Some(answer_with(p, answer, response_topic))
+}
+
+/// The answer `body` to the command message `p` (QoS 1, packet id to be
+/// set): on the command's response topic, with its correlation data.
+fn answer_with(p: &Publish, answer: Value, response_topic: &str) -> Publish {
+    Publish {
         dup: false,
         qos: QoS::AtLeastOnce,
         retain: false,
@@ -881,7 +1073,7 @@ pub fn answer_command(p: &Publish, machine: &mut Machine, response_topic: &str) 
             ..Default::default()
         },
         payload: Bytes::from(answer.to_string()),
-    })
+    }
 }
 
 #[cfg(test)]

@@ -31,10 +31,12 @@
 pub mod bench;
 pub mod client;
 pub mod connect;
+pub mod diagnostics;
 pub mod fleet;
 pub mod histogram;
 pub mod memory;
 pub mod metrics_probe;
+pub mod ota;
 pub mod shadow;
 
 pub use bench::{run, BenchError, BenchOptions, BenchReport, Scenario};

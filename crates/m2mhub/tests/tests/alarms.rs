@@ -742,6 +742,7 @@ async fn the_rule_service_validates_reloads_reports_counters_and_sends() {
         ingest: None,
         rules: Some(rules.clone()),
         live: Default::default(),
+        ota: None,
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await

@@ -29,8 +29,14 @@ const ACCESS_LEVELS: [&str; 4] = ["public", "viewer", "operator", "admin"];
 
 /// Exactly these operations need no credentials; anything else made public
 /// by accident fails `every_operation_declares_who_may_call_it`.
-const PUBLIC_OPERATIONS: [(&str, &str); 6] = [
+const PUBLIC_OPERATIONS: [(&str, &str); 9] = [
     ("GET", "/"),
+    // Authorized by the signed, short-lived URL a device's job carries.
+    ("GET", "/ota/download/{artifact}"),
+    // A public key.
+    ("GET", "/ota/public-key"),
+    // Authorized by the one-time token in its path alone.
+    ("PUT", "/diagnostics/upload/{token}"),
     ("GET", "/openapi.json"),
     ("POST", "/auth/login"),
     ("POST", "/provision"),
@@ -100,10 +106,14 @@ const PARAMS: &[(&str, &str, &str)] = &[
     ("/devices", "fingerprint", "fingerprint"),
     ("/devices", "metric", "metric"),
     ("/devices", "name", "shadow"),
+    ("/devices", "bundle", "diagnostic"),
+    ("/diagnostics", "token", "upload_token"),
     ("/rules", "id", "rule"),
     ("/alarms", "id", "alarm"),
     ("/commands", "id", "command"),
     ("/settings", "id", "setting"),
+    ("/ota", "artifact", "artifact"),
+    ("/ota", "campaign", "campaign"),
     ("/claim-tokens", "id", "claim"),
     ("/auth", "id", "api_token"),
     ("/tenants", "tenant", "tenant"),
@@ -635,6 +645,46 @@ async fn populate(srv: &TestServer, admin: &Client, t: &str) -> Tenant {
         }
     })
     .await;
+    // A diagnostic bundle, uploaded (its content is JSON, so the snapshot
+    // reads it like every other GET).
+    let diag = admin
+        .expect(
+            "POST",
+            &format!("/devices/{dev}/diagnostics"),
+            Some(json!({"reason": format!("{t}-diag")})),
+            202,
+        )
+        .await;
+    let bundle_id = diag["id"].as_str().expect("bundle id").to_string();
+    let diag_command = diag["command_id"].as_str().expect("command id").to_string();
+    let url = srv
+        .get()
+        .fleet
+        .get_command(&diag_command)
+        .expect("diagnostics command")
+        .params["url"]
+        .as_str()
+        .expect("upload url")
+        .to_string();
+    let up = http_request(
+        srv.http(),
+        "PUT",
+        url.trim_start_matches("http://x"),
+        None,
+        Some(&json!({"bundle": format!("{t}-bundle")})),
+    )
+    .await;
+    assert_eq!(up.status, 200, "{}", up.body);
+    within("the diagnostics command to be sent", async {
+        while admin
+            .expect("GET", &format!("/commands/{diag_command}"), None, 200)
+            .await["status"]
+            == "pending"
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
     let claim = admin
         .expect(
             "POST",
@@ -700,9 +750,52 @@ async fn populate(srv: &TestServer, admin: &Client, t: &str) -> Tenant {
         .await;
     let setting_id = setting["id"].as_str().expect("setting id").to_string();
 
+    // A firmware artifact and a campaign rolling it out to the device.
+    let artifact = srv
+        .get()
+        .fleet
+        .add_artifact(m2mhub_fleet::Artifact {
+            id: srv.get().fleet.new_artifact_id(),
+            tenant: t.to_string(),
+            name: format!("{t}-fw"),
+            version: "1.0".into(),
+            hardware: None,
+            profile: None,
+            size: 0,
+            sha256: "00".repeat(32),
+            signature: String::new(),
+            signed_by: m2mhub_fleet::SignedBy::Platform,
+            created_ms: 1,
+            created_by: "tests".into(),
+        })
+        .expect("artifact");
+    let campaign = admin
+        .expect(
+            "POST",
+            "/ota/campaigns",
+            Some(json!({"tenant": t, "artifact": artifact.id, "devices": [dev], "name": format!("{t}-campaign")})),
+            201,
+        )
+        .await;
+    let campaign_id = campaign["id"].as_str().expect("campaign id").to_string();
+    // The campaign timer tells the (connected) device within a second;
+    // after that nothing changes for an hour (the job timeout).
+    within("the campaign to tell the device", async {
+        while admin
+            .expect("GET", &format!("/ota/campaigns/{campaign_id}"), None, 200)
+            .await["jobs"]["notified"]
+            != 1
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+
     let ids: Ids = [
         ("tenant", t.to_string()),
         ("setting", setting_id.clone()),
+        ("artifact", artifact.id.clone()),
+        ("campaign", campaign_id.clone()),
         ("shadow", format!("{t}-cfg")),
         ("device", dev.clone()),
         ("token", token_id.clone()),
@@ -711,6 +804,11 @@ async fn populate(srv: &TestServer, admin: &Client, t: &str) -> Tenant {
         ("rule", rule.clone()),
         ("alarm", alarm.id.to_string()),
         ("command", command_id.clone()),
+        ("diagnostic", bundle_id.clone()),
+        (
+            "upload_token",
+            url.rsplit('/').next().unwrap_or_default().to_string(),
+        ),
         ("claim", claim_id.clone()),
         ("api_token", api_token.clone()),
         ("policy", pol.clone()),
@@ -738,11 +836,18 @@ async fn populate(srv: &TestServer, admin: &Client, t: &str) -> Tenant {
         format!("{t}-setpoint"),
         format!("{t}-eco"),
         setting_id,
+        artifact.id,
+        format!("{t}-fw"),
+        campaign_id,
+        format!("{t}-campaign"),
         format!("{t} sensor"),
         token_id,
         fingerprint,
         serial,
         command_id,
+        bundle_id,
+        diag_command,
+        format!("{t}-diag"),
         claim_id,
         api_token,
     ];
