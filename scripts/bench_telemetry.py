@@ -17,6 +17,11 @@ With --commands a rule `WHERE temperature > 85` sends a `cool_down` command
 each time a device turns hot; devices alternate cold and hot readings, so
 half the messages trigger a command, and the load generator measures the
 time from the hot PUBLISH to the command's arrival.
+       scripts/bench_telemetry.py --shadow [--rates 0,1000] [--inflight 4]
+With --shadow every device publishes shadow updates (reported state, no
+version) on devices/<id>/shadow/update and the load generator times each to
+its …/update/accepted (`m2mhub bench --scenario shadow`); rate 0 is unpaced:
+each device keeps --inflight updates unanswered.
 Prints one line per rate and a Markdown table.
 """
 
@@ -53,6 +58,11 @@ def main():
     ap.add_argument("--mode", default="durable", choices=["durable", "fast"])
     ap.add_argument("--commands", action="store_true")
     ap.add_argument("--hot-every", type=int, default=2)
+    # Device shadows: every device publishes reported state on its
+    # devices/<id>/shadow/update (no version) and times each update to its
+    # …/update/accepted; --rates 0 is unpaced (closed loop, --inflight each).
+    ap.add_argument("--shadow", action="store_true")
+    ap.add_argument("--inflight", type=int, default=64)
     args = ap.parse_args()
 
     data = tempfile.mkdtemp(prefix="m2mhub-bench-telemetry-", dir=os.path.abspath("target"))
@@ -88,23 +98,41 @@ def main():
                 "actions": [{"type": "command", "name": "cool_down", "params": {"target": 60}}]})
         rows = []
         for rate in [int(r) for r in args.rates.split(",")]:
-            scenario = "command-latency" if args.commands else "telemetry"
+            scenario = "shadow" if args.shadow else "command-latency" if args.commands else "telemetry"
             extra = ["--hot-every", str(args.hot_every)] if args.commands else []
             cmd = ["taskset", "-c", "1", args.bin, "bench", "--scenario", scenario,
                    "--host", mqtt, "--publishers", str(args.devices), "--qos", str(args.qos),
                    "--rate", str(rate), "--duration", str(args.duration), "--warmup", "2",
-                   "--inflight", "64", "--metrics-url", f"http://{http}/metrics", "--json", *extra]
+                   "--inflight", str(args.inflight), "--metrics-url", f"http://{http}/metrics", "--json", *extra]
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.duration + 120)
             if out.returncode != 0:
                 print(f"rate {rate}: {out.stderr.strip()}", file=sys.stderr)
                 break
             r = json.loads(out.stdout)
+            if args.shadow:
+                print(f"rate {rate or 'unpaced'}: sent {r['sent_per_sec']:,.0f} updates/s, accepted "
+                      f"{r['received_per_sec']:,.0f}/s, p50 {r['latency_p50_us'] / 1000:.2f} ms, "
+                      f"p99 {r['latency_p99_us'] / 1000:.2f} ms, rejected {r['rejected']}, lost {r['lost']}",
+                      file=sys.stderr)
+                rows.append((rate, r))
+                continue
             line = f"rate {rate} msg/s: sent {r['sent_per_sec']:,.0f} msg/s, stored {r['points_per_sec']:,.0f} points/s"
             if args.commands:
                 line += (f", {r['commands']:,} commands, latency p50 {r['command_p50_us'] / 1000:.2f} ms, "
                          f"p99 {r['command_p99_us'] / 1000:.2f} ms, max {r['command_max_us'] / 1000:.2f} ms")
             print(line, file=sys.stderr)
             rows.append((rate, r))
+        if args.shadow:
+            print(f"\nm2mhub shadow updates over MQTT, {args.devices} devices, QoS {args.qos}, "
+                  f"{args.inflight} unanswered per device at most, server on core 0, load generator on core 1\n")
+            print("| offered updates/s | sent/s | accepted/s | p50 | p99 | max | rejected | lost |")
+            print("|---|---|---|---|---|---|---|---|")
+            for rate, r in rows:
+                print(f"| {f'{rate:,}' if rate else 'unpaced'} | {r['sent_per_sec']:,.0f} | "
+                      f"{r['received_per_sec']:,.0f} | {r['latency_p50_us'] / 1000:.2f} ms | "
+                      f"{r['latency_p99_us'] / 1000:.2f} ms | {r['latency_max_us'] / 1000:.2f} ms | "
+                      f"{r['rejected']} | {r['lost']} |")
+            return
         stats = api(base, "GET", "/telemetry/stats", token)
         print(f"\nm2mhub {args.mode} mode, {args.devices} devices, QoS {args.qos}, 10 metrics/message, "
               f"server on core 0, load generator on core 1\n")

@@ -597,10 +597,18 @@ async function device(view, gen, parts, params) {
     const docs = await Promise.all(names.map((n) =>
       get(path + "/shadow" + (n ? "/" + enc(n) : "")).catch(() => null)));
     if (!current(gen)) return;
+    // A reload (live shadow events, the slow poll) keeps what an operator
+    // is typing.
+    const drafts = {};
+    for (const card of shadowBox.querySelectorAll(".card.shadow")) {
+      const t = card.querySelector("textarea");
+      if (t && t.value) drafts[card.dataset.shadow] = t.value;
+    }
     replace(shadowBox, names.map((n, i) => {
       const d = docs[i];
       const st = (d && d.state) || {};
       const editor = h("textarea", { class: "shadow-desired", rows: 3, cols: 60, placeholder: '{"setpoint": 21}' });
+      editor.value = drafts[n || "(classic)"] || "";
       const form = canWrite() ? h("form", { class: "shadow-form" }, editor, " ",
         h("button", { type: "submit" }, "Merge into desired")) : null;
       if (form) form.addEventListener("submit", act(async (e) => {
@@ -610,6 +618,7 @@ async function device(view, gen, parts, params) {
         const body = { state: { desired } };
         if (d) body.version = d.version;
         await api("PATCH", path + "/shadow" + (n ? "/" + enc(n) : ""), body);
+        editor.value = "";
         await loadShadows();
       }));
       return h("div", { class: "card shadow", "data-shadow": n || "(classic)" },
@@ -654,11 +663,14 @@ async function device(view, gen, parts, params) {
       drawConnections();
     },
     alarm: () => loadAlarms().catch(showError),
-    lagged: () => Promise.all([loadLatest(), loadConnections(), loadAlarms()]).catch(showError),
+    // A changed shadow (the device reported, someone set desired): at most
+    // one event per shadow every 250 ms.
+    shadow: () => loadShadows().catch(showError),
+    lagged: () => Promise.all([loadLatest(), loadConnections(), loadAlarms(), loadShadows()]).catch(showError),
   }, badge);
 
   await Promise.all([loadCreds(), loadEvents(), loadLatest(), loadConnections(), loadAlarms(),
-    every(10000, loadCommands), every(10000, loadShadows)]);
+    every(10000, loadCommands), every(30000, loadShadows)]);
   // The "ago" column ages without new data; the live stream does the rest.
   every(5000, async () => drawLatest());
   every(60000, () => drawCharts(charted ? charted.split("\n") : []));

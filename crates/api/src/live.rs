@@ -1,19 +1,24 @@
 //! Live updates for the console: `GET /api/v1/live`, a server-sent-events
 //! stream of what happens to one device or to the caller's fleet.
 //!
-//! Producers (the telemetry ingest, the connection hook) hand events to the
-//! [`LiveHub`] (`m2mhub-ingest`), a broadcast channel. Nothing is built for it while nobody
-//! listens ([`LiveHub::active`] is one atomic load), so the MQTT hot path
-//! pays nothing when no console is open.
+//! Producers (the telemetry ingest, the connection hook, the fleet's shadow
+//! updates) hand events to the [`LiveHub`] (`m2mhub-ingest`), a broadcast
+//! channel. Nothing is built for it while nobody listens
+//! ([`LiveHub::active`] is one atomic load), so the MQTT hot path pays
+//! nothing when no console is open.
 //!
 //! Each stream coalesces what it forwards, so a browser never receives more
 //! than a few events per second however fast the fleet publishes:
 //! - `?device=ID`: `telemetry` (the device's latest values, at most every
-//!   250 ms), `connection` and `alarm` events of that device;
+//!   250 ms), `connection`, `alarm` and `shadow` events of that device (one
+//!   `shadow` per changed shadow and 250 ms, its changed keys merged);
 //! - no device: `positions` (devices whose telemetry carried `lat` and
-//!   `lon`, once a second), `connection` (batched once a second) and `alarm`
-//!   events of the caller's tenant (all tenants for platform users, or
-//!   `?tenant=`).
+//!   `lon`, once a second), `connections` and `shadows` (batched once a
+//!   second) and `alarm` events of the caller's tenant (all tenants for
+//!   platform users, or `?tenant=`).
+//!
+//! `?kinds=shadow,alarm` keeps only those kinds (`telemetry` — which covers
+//! `positions` —, `connection`, `alarm`, `shadow`); all by default.
 //!
 //! A listener that falls behind the broadcast channel skips ahead and gets a
 //! `lagged` event (the console then reloads what it shows). Streams end
@@ -33,7 +38,7 @@ use m2mhub_identity::Role;
 pub use m2mhub_ingest::live::{LiveEvent, LiveHub, StreamSlot, MAX_STREAMS};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::convert::Infallible;
 
 use std::sync::Arc;
@@ -46,6 +51,10 @@ pub const MAX_STREAM: Duration = Duration::from_secs(300);
 const DEVICE_TICK: Duration = Duration::from_millis(250);
 /// How often a fleet stream sends positions and connection changes.
 const FLEET_TICK: Duration = Duration::from_secs(1);
+/// Changed shadows a stream holds between ticks at most; more are counted
+/// as `lagged` (a fleet-wide setting to 10,000 devices), and the console
+/// reloads.
+const MAX_PENDING_SHADOWS: usize = 1000;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -54,6 +63,148 @@ pub struct LiveQuery {
     device: Option<String>,
     /// A platform user's fleet stream for one tenant.
     tenant: Option<String>,
+    /// Comma-separated kinds to forward; absent: all.
+    kinds: Option<String>,
+}
+
+/// Which kinds of event a stream forwards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Kinds {
+    telemetry: bool,
+    connection: bool,
+    alarm: bool,
+    shadow: bool,
+}
+
+impl Kinds {
+    const ALL: Kinds = Kinds {
+        telemetry: true,
+        connection: true,
+        alarm: true,
+        shadow: true,
+    };
+
+    /// `telemetry,shadow` → those two; an unknown kind is refused (a typo
+    /// would otherwise be a stream that silently never says anything).
+    fn parse(list: Option<&str>) -> Result<Kinds, Problem> {
+        let Some(list) = list else {
+            return Ok(Kinds::ALL);
+        };
+        let mut k = Kinds {
+            telemetry: false,
+            connection: false,
+            alarm: false,
+            shadow: false,
+        };
+        for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            match name {
+                "telemetry" => k.telemetry = true,
+                "connection" => k.connection = true,
+                "alarm" => k.alarm = true,
+                "shadow" => k.shadow = true,
+                other => {
+                    return Err(Problem::new(
+                        StatusCode::BAD_REQUEST,
+                        "invalid-parameter",
+                        format!(
+                        "kinds: unknown kind {other:?}; use telemetry, connection, alarm, shadow"
+                    ),
+                    ))
+                }
+            }
+        }
+        Ok(k)
+    }
+
+    fn wants(&self, e: &LiveEvent) -> bool {
+        match e {
+            LiveEvent::Telemetry { .. } => self.telemetry,
+            LiveEvent::Connection { .. } => self.connection,
+            LiveEvent::Shadow { .. } => self.shadow,
+        }
+    }
+}
+
+/// A changed shadow waiting for the next tick: the newest version, with the
+/// keys of every update since the last tick.
+struct PendingShadow {
+    tenant: Arc<str>,
+    device: Arc<str>,
+    name: String,
+    version: u64,
+    writer: &'static str,
+    desired: BTreeSet<String>,
+    reported: BTreeSet<String>,
+    delta: Map<String, Value>,
+    ts_ms: i64,
+    updates: u64,
+}
+
+impl PendingShadow {
+    fn json(self) -> Value {
+        json!({
+            "device": &*self.device,
+            "tenant": &*self.tenant,
+            "shadow": self.name,
+            "version": self.version,
+            "writer": self.writer,
+            "desired": self.desired,
+            "reported": self.reported,
+            "delta": self.delta,
+            "ts_ms": self.ts_ms,
+            "updates": self.updates,
+        })
+    }
+}
+
+/// Fold one shadow event into what a stream holds; `false` when it is a
+/// new shadow and the stream holds [`MAX_PENDING_SHADOWS`] already.
+fn hold_shadow(pending: &mut HashMap<(Arc<str>, String), PendingShadow>, e: &LiveEvent) -> bool {
+    let LiveEvent::Shadow {
+        tenant,
+        device,
+        name,
+        version,
+        writer,
+        desired,
+        reported,
+        delta,
+        ts_ms,
+    } = e
+    else {
+        return true;
+    };
+    let key = (device.clone(), name.clone());
+    if let Some(p) = pending.get_mut(&key) {
+        // Versions of one shadow arrive in order; keep the newest.
+        p.version = p.version.max(*version);
+        p.writer = writer.as_str();
+        p.desired.extend(desired.iter().cloned());
+        p.reported.extend(reported.iter().cloned());
+        p.delta = delta.clone();
+        p.ts_ms = *ts_ms;
+        p.updates += 1;
+        return true;
+    }
+    if pending.len() >= MAX_PENDING_SHADOWS {
+        return false;
+    }
+    pending.insert(
+        key,
+        PendingShadow {
+            tenant: tenant.clone(),
+            device: device.clone(),
+            name: name.clone(),
+            version: *version,
+            writer: writer.as_str(),
+            desired: desired.iter().cloned().collect(),
+            reported: reported.iter().cloned().collect(),
+            delta: delta.clone(),
+            ts_ms: *ts_ms,
+            updates: 1,
+        },
+    );
+    true
 }
 
 /// What a stream forwards.
@@ -80,6 +231,7 @@ pub async fn stream(
 ) -> Result<Response, Problem> {
     caller.require(Role::Viewer)?;
     let Query(q) = q.map_err(bad_query)?;
+    let kinds = Kinds::parse(q.kinds.as_deref())?;
     let scope = match &q.device {
         Some(id) => {
             if q.tenant.is_some() {
@@ -115,7 +267,7 @@ pub async fn stream(
     };
     let alarms = state.fleet.subscribe_alarms();
     let (tx, mut rx) = mpsc::channel::<Event>(64);
-    tokio::spawn(forward(scope, events, alarms, tx, slot));
+    tokio::spawn(forward(scope, kinds, events, alarms, tx, slot));
     let body = futures_util::stream::poll_fn(move |cx| {
         rx.poll_recv(cx).map(|e| e.map(Ok::<_, Infallible>))
     });
@@ -149,6 +301,7 @@ fn now_ms() -> i64 {
 /// on every tick. Ends when the client goes away or the lifetime is over.
 async fn forward(
     scope: Scope,
+    kinds: Kinds,
     mut events: broadcast::Receiver<Arc<LiveEvent>>,
     mut alarms: broadcast::Receiver<m2mhub_fleet::AlarmEvent>,
     tx: mpsc::Sender<Event>,
@@ -175,15 +328,17 @@ async fn forward(
     // Fleet stream: device → [lat, lon, ts], and connection changes.
     let mut positions: HashMap<String, (f64, f64, i64)> = HashMap::new();
     let mut connections: Vec<Value> = Vec::new();
+    // Both streams: changed shadows since the last tick.
+    let mut shadows: HashMap<(Arc<str>, String), PendingShadow> = HashMap::new();
     let mut lagged = 0u64;
-    let mut alarms_open = true;
+    let mut alarms_open = kinds.alarm;
     loop {
         tokio::select! {
             _ = &mut end => break,
             _ = tx.closed() => break,
             r = events.recv() => match r {
                 Ok(e) => {
-                    if !scope.wants(e.tenant(), e.device()) {
+                    if !kinds.wants(&e) || !scope.wants(e.tenant(), e.device()) {
                         continue;
                     }
                     match (&*e, &scope) {
@@ -209,6 +364,11 @@ async fn forward(
                                 // Bounded: a mass reconnect is summarized.
                                 Scope::Fleet { .. } if connections.len() < 1000 => connections.push(c),
                                 Scope::Fleet { .. } => lagged += 1,
+                            }
+                        }
+                        (LiveEvent::Shadow { .. }, _) => {
+                            if !hold_shadow(&mut shadows, &e) {
+                                lagged += 1;
                             }
                         }
                     }
@@ -251,6 +411,19 @@ async fn forward(
                 }
                 if !connections.is_empty() {
                     out.push(event("connections", &json!({"items": std::mem::take(&mut connections)})));
+                }
+                if !shadows.is_empty() {
+                    let mut items: Vec<PendingShadow> = shadows.drain().map(|(_, p)| p).collect();
+                    items.sort_by(|a, b| (&a.device, &a.name).cmp(&(&b.device, &b.name)));
+                    match scope {
+                        Scope::Device { .. } => {
+                            out.extend(items.into_iter().map(|p| event("shadow", &p.json())));
+                        }
+                        Scope::Fleet { .. } => {
+                            let items: Vec<Value> = items.into_iter().map(PendingShadow::json).collect();
+                            out.push(event("shadows", &json!({"items": items})));
+                        }
+                    }
                 }
                 if lagged > 0 {
                     out.push(event("lagged", &json!({"missed": lagged, "ts_ms": now_ms()})));
@@ -330,6 +503,63 @@ mod tests {
         assert!(f.wants("t1", "anything"));
         assert!(!f.wants("t2", "d1"));
         assert!(Scope::Fleet { tenant: None }.wants("t9", "d9"));
+    }
+
+    #[test]
+    fn kinds_default_to_all_and_refuse_unknown_names() {
+        assert_eq!(Kinds::parse(None).ok(), Some(Kinds::ALL));
+        let k = Kinds::parse(Some("shadow, alarm")).expect("kinds");
+        assert!(k.shadow && k.alarm && !k.telemetry && !k.connection);
+        assert!(Kinds::parse(Some("shadows")).is_err());
+    }
+
+    fn shadow_event(device: &str, name: &str, version: u64, desired: &[&str]) -> LiveEvent {
+        LiveEvent::Shadow {
+            tenant: "t".into(),
+            device: device.into(),
+            name: name.into(),
+            version,
+            writer: m2mhub_fleet::ShadowWriter::Platform,
+            desired: desired.iter().map(|k| k.to_string()).collect(),
+            reported: Vec::new(),
+            delta: Map::new(),
+            ts_ms: version as i64,
+        }
+    }
+
+    #[test]
+    fn shadow_events_coalesce_per_shadow_keeping_every_changed_key() {
+        let mut pending = HashMap::new();
+        assert!(hold_shadow(
+            &mut pending,
+            &shadow_event("d1", "", 1, &["a"])
+        ));
+        assert!(hold_shadow(
+            &mut pending,
+            &shadow_event("d1", "", 2, &["b"])
+        ));
+        assert!(hold_shadow(
+            &mut pending,
+            &shadow_event("d1", "cfg", 1, &["c"])
+        ));
+        assert_eq!(pending.len(), 2);
+        let classic = pending
+            .remove(&(Arc::from("d1"), String::new()))
+            .expect("classic")
+            .json();
+        assert_eq!(classic["version"], 2);
+        assert_eq!(classic["updates"], 2);
+        assert_eq!(classic["desired"], json!(["a", "b"]));
+        assert_eq!(classic["writer"], "platform");
+        for i in 0..MAX_PENDING_SHADOWS {
+            hold_shadow(&mut pending, &shadow_event(&format!("x{i}"), "", 1, &[]));
+        }
+        assert!(!hold_shadow(&mut pending, &shadow_event("new", "", 1, &[])));
+        // A shadow already held still folds in.
+        assert!(hold_shadow(
+            &mut pending,
+            &shadow_event("d1", "cfg", 2, &[])
+        ));
     }
 
     #[tokio::test]

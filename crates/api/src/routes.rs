@@ -170,7 +170,7 @@ pub fn router(state: AppState) -> Router {
         .route("/ca/crl", get(s::crl), &[("GET", "The device CA's revocation list (PEM)", Public)])
         .route("/audit", get(s::list_audit), &[("GET", "The audit log, paged", Admin)])
         .route("/audit/verify", get(s::verify_audit), &[("GET", "Verify the audit log's hash chain", Admin)])
-        .stream("/live", get(crate::live::stream), &[("GET", "Server-sent events: `?device=` its latest values (every 250 ms), connections and alarms; else the fleet's positions, connections and alarms (`?tenant=`). Ends after 5 minutes: reconnect", Viewer)])
+        .stream("/live", get(crate::live::stream), &[("GET", "Server-sent events: `?device=` its latest values (every 250 ms), connections, alarms and shadow changes (`shadow`); else the fleet's positions, connections, alarms and shadow changes (`shadows`, batched each second) (`?tenant=`). `?kinds=telemetry,connection,alarm,shadow` keeps only those. Ends after 5 minutes: reconnect", Viewer)])
         .route("/security/events", get(s::list_events), &[("GET", "Security events", Viewer)])
         .route("/security/bans", get(s::list_bans).post(s::create_ban), &[
             ("GET", "Active bans", Viewer),

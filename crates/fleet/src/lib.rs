@@ -55,7 +55,7 @@ pub use ota::{
 };
 pub use rule::{NewRule, Rule, RuleUpdate};
 pub use setting::{FleetSetting, Progress, Selector};
-pub use shadow::{Shadow, ShadowChange, ShadowUpdate, ShadowWriter};
+pub use shadow::{Shadow, ShadowChange, ShadowUpdate, ShadowWatch, ShadowWriter};
 pub use store::FleetStore;
 
 use m2mhub_identity::{now_ms, DeviceRemoval, Registry};
@@ -101,6 +101,8 @@ pub(crate) struct Shared {
     /// Every shadow by (device, name); updates are serialized by this lock
     /// and written through to the store before they are acknowledged.
     pub shadows: Mutex<shadow::ShadowBook>,
+    /// Told about every accepted shadow change (the live hub), if set.
+    pub shadow_watch: RwLock<Option<Arc<dyn shadow::ShadowWatch>>>,
     /// Firmware artifacts, campaigns and their jobs; changes are written
     /// through to the store under this lock.
     pub ota: Mutex<ota::OtaBook>,
@@ -173,6 +175,7 @@ impl Fleet {
             alarm_events: tokio::sync::broadcast::channel(alarm::EVENT_CAPACITY).0,
             commands: Mutex::new(command::CommandBook::load(snap.open_commands)),
             shadows: Mutex::new(shadows),
+            shadow_watch: RwLock::new(None),
             ota: Mutex::new(ota::OtaBook::load(
                 snap.artifacts,
                 snap.campaigns,
@@ -210,10 +213,29 @@ impl Fleet {
         &self.shared.identity
     }
 
+    /// Tell `watch` about every accepted shadow change from now on (one
+    /// watcher: a later call replaces it).
+    pub fn watch_shadows(&self, watch: Arc<dyn shadow::ShadowWatch>) {
+        *self.shared.shadow_watch.write() = Some(watch);
+    }
+
     /// Write everything queued (device events, alarm and command changes)
     /// now. Reads of stored history call this first.
     pub fn flush(&self) -> Result<()> {
         self.shared.flush()
+    }
+}
+
+impl Shared {
+    /// Hand accepted shadow changes to the watcher, if one listens. Called
+    /// with the shadows locked (see [`shadow::ShadowWatch`]).
+    pub(crate) fn tell_watcher(&self, changes: &[shadow::ShadowChange]) {
+        let watch = self.shadow_watch.read();
+        if let Some(w) = watch.as_ref().filter(|w| w.active()) {
+            for c in changes {
+                w.changed(c);
+            }
+        }
     }
 }
 

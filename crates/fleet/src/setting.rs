@@ -154,6 +154,7 @@ impl Fleet {
             for c in &changes {
                 shadows.insert(c.current.clone());
             }
+            s.tell_watcher(&changes);
         }
         let setting = FleetSetting {
             id,

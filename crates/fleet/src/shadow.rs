@@ -105,6 +105,16 @@ pub enum ShadowWriter {
     Platform,
 }
 
+impl ShadowWriter {
+    /// How events and the API name the writer.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ShadowWriter::Device => "device",
+            ShadowWriter::Platform => "platform",
+        }
+    }
+}
+
 /// An update request: `{"state": {"desired": {…}, "reported": {…}},
 /// "version": n, "clientToken": "…"}`.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -145,6 +155,55 @@ pub struct ShadowChange {
     pub client_token: Option<String>,
     /// Whether `desired` changed (the device should be told the delta).
     pub desired_changed: bool,
+    /// Who made the change.
+    pub writer: ShadowWriter,
+}
+
+impl ShadowChange {
+    /// The top-level keys of `desired` whose value this change altered
+    /// (added, replaced or deleted), in order.
+    pub fn desired_keys(&self) -> Vec<String> {
+        changed_keys(
+            self.previous.as_ref().map(|p| &p.desired),
+            &self.current.desired,
+        )
+    }
+
+    /// The same for `reported`.
+    pub fn reported_keys(&self) -> Vec<String> {
+        changed_keys(
+            self.previous.as_ref().map(|p| &p.reported),
+            &self.current.reported,
+        )
+    }
+}
+
+/// Top-level keys whose values differ between `before` and `after`.
+fn changed_keys(before: Option<&Map<String, Value>>, after: &Map<String, Value>) -> Vec<String> {
+    let empty = Map::new();
+    let before = before.unwrap_or(&empty);
+    let mut keys: Vec<String> = after
+        .iter()
+        .filter(|(k, v)| before.get(*k) != Some(*v))
+        .map(|(k, _)| k.clone())
+        .chain(before.keys().filter(|k| !after.contains_key(*k)).cloned())
+        .collect();
+    keys.sort();
+    keys
+}
+
+/// Who hears about accepted shadow changes besides the writer (the live
+/// hub behind `/api/v1/live`). Told here, in the one place every writer
+/// goes through — devices over MQTT, operators, rules, fleet-wide settings
+/// — so no writer can forget to; told while the shadows are locked, so a
+/// watcher sees each shadow's versions in order.
+pub trait ShadowWatch: Send + Sync {
+    /// Whether anyone listens now; nothing is built for [`Self::changed`]
+    /// otherwise (asked once per update: keep it to an atomic load).
+    fn active(&self) -> bool;
+    /// An accepted change, already durable. Must not block or call back
+    /// into the fleet.
+    fn changed(&self, change: &ShadowChange);
 }
 
 impl ShadowChange {
@@ -445,6 +504,7 @@ pub(crate) fn apply(
         metadata: stamped,
         client_token: update.client_token.clone(),
         desired_changed,
+        writer,
     })
 }
 
@@ -573,6 +633,7 @@ impl Fleet {
         let change = apply(current, tenant, device_id, name, update, writer, now_ms())?;
         s.store.put_shadow(&change.current)?;
         shadows.insert(change.current.clone());
+        s.tell_watcher(std::slice::from_ref(&change));
         Ok(change)
     }
 
@@ -865,5 +926,60 @@ mod tests {
             json!({"a": 1})
         );
         assert_eq!(c.documents()["current"]["version"], 2);
+    }
+
+    /// What a watcher is told: who wrote, and the top-level keys whose
+    /// value changed (a rewrite of an equal value is no change; a deleted
+    /// key and a cleared section are).
+    #[test]
+    fn changes_name_their_writer_and_changed_keys_and_reach_the_watcher() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        /// (version, desired keys, reported keys) per change told.
+        type Told = Vec<(u64, Vec<String>, Vec<String>)>;
+        struct Seen(AtomicBool, parking_lot::Mutex<Told>);
+        impl ShadowWatch for Seen {
+            fn active(&self) -> bool {
+                self.0.load(Ordering::Relaxed)
+            }
+            fn changed(&self, c: &ShadowChange) {
+                self.1
+                    .lock()
+                    .push((c.current.version, c.desired_keys(), c.reported_keys()));
+            }
+        }
+        let (_d, f) = open();
+        device(&f, "t1");
+        let seen = Arc::new(Seen(AtomicBool::new(false), Default::default()));
+        f.watch_shadows(seen.clone());
+        let write = |v: Value, w: ShadowWriter| {
+            f.update_shadow("default", "t1", "", &upd(v), w)
+                .expect("update")
+        };
+        // Nobody listens: nothing is built.
+        write(
+            json!({"state": {"desired": {"a": 1, "b": 2}}}),
+            ShadowWriter::Platform,
+        );
+        assert!(seen.1.lock().is_empty());
+        seen.0.store(true, Ordering::Relaxed);
+        let c = write(
+            json!({"state": {"desired": {"a": 1, "b": null, "c": 3}, "reported": {"a": 1}}}),
+            ShadowWriter::Device,
+        );
+        assert_eq!(c.writer, ShadowWriter::Device);
+        assert_eq!(c.writer.as_str(), "device");
+        write(json!({"state": {"reported": null}}), ShadowWriter::Device);
+        assert_eq!(
+            *seen.1.lock(),
+            vec![
+                (
+                    2,
+                    vec!["b".to_string(), "c".to_string()],
+                    vec!["a".to_string()]
+                ),
+                (3, vec![], vec!["a".to_string()]),
+            ]
+        );
     }
 }

@@ -1,11 +1,16 @@
-//! The live hub: what the ingest and the connection hook have just seen,
-//! broadcast to whoever watches (the API's `/api/v1/live` streams, which
-//! filter and coalesce it for the console).
+//! The live hub: what the ingest, the connection hook and the shadows have
+//! just seen, broadcast to whoever watches (the API's `/api/v1/live`
+//! streams, which filter and coalesce it for the console).
+//!
+//! Shadow changes arrive through [`ShadowWatch`]: the fleet tells the hub
+//! about every accepted update, whoever wrote it (a device over MQTT, an
+//! operator, a rule, a fleet-wide setting).
 //!
 //! Nothing is built for it while nobody listens ([`LiveHub::active`] is one
 //! atomic load), so the MQTT hot path pays nothing when no console is open.
 
-use serde_json::Value;
+use m2mhub_fleet::{ShadowChange, ShadowWatch, ShadowWriter};
+use serde_json::{Map, Value};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use tokio::sync::broadcast;
@@ -34,18 +39,54 @@ pub enum LiveEvent {
         /// The address it connected from, or why it disconnected.
         detail: String,
     },
+    /// An accepted shadow update (durable before it is sent here).
+    Shadow {
+        tenant: Arc<str>,
+        device: Arc<str>,
+        /// `""` for the classic shadow.
+        name: String,
+        version: u64,
+        writer: ShadowWriter,
+        /// Top-level `desired` keys the update added, changed or deleted.
+        desired: Vec<String>,
+        /// The same for `reported`.
+        reported: Vec<String>,
+        /// The desired keys that now differ from reported (empty: in sync).
+        delta: Map<String, Value>,
+        ts_ms: i64,
+    },
 }
 
 impl LiveEvent {
     pub fn tenant(&self) -> &str {
         match self {
-            LiveEvent::Telemetry { tenant, .. } | LiveEvent::Connection { tenant, .. } => tenant,
+            LiveEvent::Telemetry { tenant, .. }
+            | LiveEvent::Connection { tenant, .. }
+            | LiveEvent::Shadow { tenant, .. } => tenant,
         }
     }
 
     pub fn device(&self) -> &str {
         match self {
-            LiveEvent::Telemetry { device, .. } | LiveEvent::Connection { device, .. } => device,
+            LiveEvent::Telemetry { device, .. }
+            | LiveEvent::Connection { device, .. }
+            | LiveEvent::Shadow { device, .. } => device,
+        }
+    }
+
+    /// The event for an accepted shadow change.
+    pub fn shadow(change: &ShadowChange) -> LiveEvent {
+        let s = &change.current;
+        LiveEvent::Shadow {
+            tenant: s.tenant.as_str().into(),
+            device: s.device_id.as_str().into(),
+            name: s.name.clone(),
+            version: s.version,
+            writer: change.writer,
+            desired: change.desired_keys(),
+            reported: change.reported_keys(),
+            delta: s.delta(),
+            ts_ms: s.updated_ms,
         }
     }
 }
@@ -96,6 +137,16 @@ impl LiveHub {
     /// Open streams.
     pub fn streams(&self) -> usize {
         self.streams.load(Ordering::Relaxed)
+    }
+}
+
+impl ShadowWatch for LiveHub {
+    fn active(&self) -> bool {
+        LiveHub::active(self)
+    }
+
+    fn changed(&self, change: &ShadowChange) {
+        self.send(LiveEvent::shadow(change));
     }
 }
 

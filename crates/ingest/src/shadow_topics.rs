@@ -15,10 +15,10 @@
 //! clean session asks with `get` after subscribing. An MQTT 5 request's
 //! correlation data is copied onto the answers.
 //!
-//! Requests are handled one at a time, in arrival order (each accepted
-//! update is written to disk, off the async workers, before it is
-//! answered), so two updates from one device are applied in the order it
-//! sent them.
+//! Requests are handled in arrival order, in batches of what is queued
+//! (each accepted update is written to disk, off the async workers, before
+//! it is answered), so two updates from one device are applied in the order
+//! it sent them.
 
 use m2mhub_broker::message::Message;
 use m2mhub_broker::Broker;
@@ -30,6 +30,9 @@ use serde_json::{json, Value};
 /// Shadow requests queued for the handler at most; past this the broker
 /// drops them and counts (the device's request times out and it retries).
 const QUEUE: usize = 16_384;
+/// Requests handled per trip to the blocking pool at most, so the first
+/// answers of a long queue are not held back behind all of it.
+const BATCH: usize = 64;
 
 /// What a device asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,24 +67,48 @@ pub fn parse(topic: &str) -> Option<(&str, &str, Request)> {
 pub fn serve(broker: Broker, fleet: Fleet) -> tokio::task::JoinHandle<()> {
     let mut rx = broker.subscribe_internal("devices/+/shadow/#", QUEUE);
     tokio::spawn(async move {
-        while let Some(msg) = rx.recv().await {
-            if parse(&msg.topic).is_none() {
-                continue; // our own answers, and other shadow topics
+        while let Some(first) = rx.recv().await {
+            // Whatever else is queued goes along: one trip to the blocking
+            // pool per batch, not per request (under load the hand-off, a
+            // futex wake and two context switches, cost as much as the
+            // update itself).
+            let mut batch = vec![first];
+            while batch.len() < BATCH {
+                match rx.try_recv() {
+                    Ok(m) => batch.push(m),
+                    Err(_) => break,
+                }
+            }
+            // Our own answers, and other shadow topics.
+            batch.retain(|m| parse(&m.topic).is_some());
+            if batch.is_empty() {
+                continue;
             }
             // The store write is synchronous: off the async workers, but
-            // one request at a time so a device's updates keep their order.
+            // in arrival order so a device's updates keep their order.
             let f = fleet.clone();
-            let m = msg.clone();
-            let answers = match tokio::task::spawn_blocking(move || answer(&f, &m)).await {
+            let answered = match tokio::task::spawn_blocking(move || {
+                batch
+                    .into_iter()
+                    .map(|m| {
+                        let a = answer(&f, &m);
+                        (m, a)
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .await
+            {
                 Ok(a) => a,
                 Err(e) => {
-                    tracing::error!(error = %e, topic = %msg.topic, "shadow request failed");
+                    tracing::error!(error = %e, "shadow requests failed");
                     continue;
                 }
             };
-            let props = answer_properties(&msg);
-            for (topic, body) in answers {
-                send(&broker, &topic, &body, props.clone()).await;
+            for (msg, answers) in answered {
+                let props = answer_properties(&msg);
+                for (topic, body) in answers {
+                    send(&broker, &topic, &body, props.clone()).await;
+                }
             }
         }
     })

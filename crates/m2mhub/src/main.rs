@@ -231,11 +231,13 @@ struct BenchArgs {
     host: String,
     /// fan-in, fan-out, pairs, idle, connect (connection rate), telemetry
     /// (devices publishing 10-metric JSON readings), or command-latency
-    /// (hot/cold readings; time from a hot reading to the rule's command).
+    /// (hot/cold readings; time from a hot reading to the rule's command),
+    /// or shadow (registered devices publish shadow updates; updates/s and
+    /// the time to each one's `…/update/accepted`).
     #[arg(
         long,
         default_value = "fan-in",
-        value_parser = clap::builder::PossibleValuesParser::new(["fan-in", "fan-out", "pairs", "idle", "connect", "telemetry", "command-latency"])
+        value_parser = clap::builder::PossibleValuesParser::new(["fan-in", "fan-out", "pairs", "idle", "connect", "telemetry", "command-latency", "shadow"])
     )]
     scenario: String,
     #[arg(long, default_value_t = 10)]
@@ -278,7 +280,8 @@ struct BenchArgs {
     /// Total publish rate in messages/s (0 = as fast as possible).
     #[arg(long, default_value_t = 0)]
     rate: u64,
-    /// QoS 1/2 in-flight window per publisher.
+    /// QoS 1/2 in-flight window per publisher (shadow: unanswered updates
+    /// per device).
     #[arg(long, default_value_t = 64)]
     inflight: usize,
     /// Use MQTT 5 (default 3.1.1).
@@ -291,7 +294,8 @@ struct BenchArgs {
     /// PID of the broker, to report its memory per connection.
     #[arg(long)]
     broker_pid: Option<u32>,
-    /// Telemetry: device id (= client id) prefix; device i is <prefix><i>.
+    /// Telemetry, command-latency, shadow: device id (= client id) prefix;
+    /// device i is <prefix><i>.
     #[arg(long, default_value = "bench-dev-")]
     device_prefix: String,
     /// Telemetry: the server's /metrics URL, to report stored points/s.

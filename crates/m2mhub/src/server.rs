@@ -144,6 +144,9 @@ impl Server {
         let tsdb = Arc::new(tsdb);
         let ingest = Arc::new(IngestCounters::default());
         let live = Arc::new(LiveHub::default());
+        // Every accepted shadow change, whoever wrote it, reaches the live
+        // streams (nothing is built while none is open).
+        fleet.watch_shadows(live.clone());
         broker.add_connection_events(Arc::new(ConnectionHistory {
             fleet: fleet.clone(),
             live: live.clone(),

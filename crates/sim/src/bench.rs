@@ -69,6 +69,10 @@ pub enum Scenario {
     /// a command when a device turns hot, the latency from the hot
     /// PUBLISH to the command's arrival at that device is measured.
     Command,
+    /// Device shadow updates over MQTT: `publishers` registered devices
+    /// publish reported state on `devices/<id>/shadow/update` and time each
+    /// until its `…/update/accepted` (see [`crate::shadow`]).
+    Shadow,
 }
 
 impl Scenario {
@@ -81,6 +85,7 @@ impl Scenario {
             Scenario::Connect => "connect",
             Scenario::Telemetry => "telemetry",
             Scenario::Command => "command-latency",
+            Scenario::Shadow => "shadow",
         }
     }
 }
@@ -96,8 +101,9 @@ impl std::str::FromStr for Scenario {
             "connect" | "connect-rate" => Ok(Scenario::Connect),
             "telemetry" => Ok(Scenario::Telemetry),
             "command-latency" | "command" => Ok(Scenario::Command),
+            "shadow" => Ok(Scenario::Shadow),
             other => Err(format!(
-                "unknown scenario {other:?} (fan-in, fan-out, pairs, idle, connect, telemetry, command-latency)"
+                "unknown scenario {other:?} (fan-in, fan-out, pairs, idle, connect, telemetry, command-latency, shadow)"
             )),
         }
     }
@@ -277,6 +283,12 @@ pub struct BenchReport {
     pub command_p99_us: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub command_max_us: Option<f64>,
+    /// Shadow: updates of the window answered on `…/rejected` (`received`
+    /// counts the accepted ones), and the first rejection's body.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rejected: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_rejection: Option<String>,
 }
 
 fn reasons_text(m: &BTreeMap<String, u64>) -> String {
@@ -401,6 +413,16 @@ impl BenchReport {
                 self.command_max_us.unwrap_or(0.0)
             );
         }
+        if let Some(r) = self.rejected {
+            let _ = writeln!(
+                s,
+                "rejected          {r}{}",
+                self.first_rejection
+                    .as_deref()
+                    .map(|w| format!(" (first: {w})"))
+                    .unwrap_or_default()
+            );
+        }
         if let Some(p) = self.points_stored {
             let _ = writeln!(
                 s,
@@ -500,6 +522,7 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
     match opts.scenario {
         Scenario::Idle => return run_idle(&opts).await,
         Scenario::Connect => return crate::connect::run_connect(&opts).await,
+        Scenario::Shadow => return crate::shadow::run_shadow(&opts).await,
         _ => {}
     }
     if opts.credentials.is_some() || opts.tls_ca.is_some() || opts.tls_client_certs.is_some() {
@@ -520,7 +543,9 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
         Scenario::FanOut => (1, opts.subscribers, opts.subscribers as u64),
         Scenario::Pairs => (opts.publishers, opts.publishers, 1),
         Scenario::Telemetry | Scenario::Command => (opts.publishers, 0, 0),
-        Scenario::Idle | Scenario::Connect => unreachable!("handled above"),
+        Scenario::Idle | Scenario::Connect | Scenario::Shadow => {
+            unreachable!("handled above")
+        }
     };
     let commands = opts.scenario == Scenario::Command;
     let telemetry = opts.scenario == Scenario::Telemetry || commands;

@@ -17,7 +17,9 @@
 //! whatever one large read brought and answer with batched acks. The
 //! [`Scenario::Idle`] run instead holds many idle connections and reports
 //! the broker's resident memory per connection, and [`Scenario::Connect`]
-//! measures the connection rate (optionally a reconnect storm). Idle and
+//! measures the connection rate (optionally a reconnect storm);
+//! [`Scenario::Shadow`] measures device shadow updates per second and their
+//! latency to `…/update/accepted` ([`shadow`]). Idle and
 //! Connect can use per-connection credentials from a file and TLS or mutual
 //! TLS (see [`BenchOptions`]); the traffic scenarios use plain TCP.
 //!
@@ -35,6 +37,7 @@ pub mod histogram;
 pub mod memory;
 pub mod metrics_probe;
 pub mod ota;
+pub mod shadow;
 
 pub use bench::{run, BenchError, BenchOptions, BenchReport, Scenario};
 pub use client::{ClientConfig, Conn, Stream, TlsClient};

@@ -439,3 +439,98 @@ async fn the_device_list_filters_by_online_state_across_pages() {
     assert_eq!(r.status, 400, "{}", r.body);
     drop(live);
 }
+
+/// Shadow changes reach the live streams whoever makes them — the device
+/// over MQTT, an operator through the API, a fleet-wide setting — with the
+/// writer, the version and what changed; `kinds` keeps a stream to them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shadow_changes_reach_the_live_streams_from_every_writer() {
+    let srv = TestServer::with(secure).await;
+    let admin = srv.admin_token();
+    api(&srv, &admin, "POST", "/tenants", Some(json!({"id": "t1"}))).await;
+    let secret = device(&srv, &admin, "thermo-1", "t1").await;
+    let token = viewer(&srv, &admin, "shadow-watcher", Some("t1")).await;
+
+    let (status, _, _) = Sse::open(srv.http(), "/api/v1/live?kinds=shadows", &token).await;
+    assert_eq!(status, 400, "an unknown kind is refused");
+    let (status, _, mut dev_stream) = Sse::open(
+        srv.http(),
+        "/api/v1/live?device=thermo-1&kinds=shadow",
+        &token,
+    )
+    .await;
+    assert_eq!(status, 200);
+    dev_stream.until("hello", WAIT, |_| true).await;
+    let (status, _, mut fleet) = Sse::open(srv.http(), "/api/v1/live?kinds=shadow", &token).await;
+    assert_eq!(status, 200);
+    fleet.until("hello", WAIT, |_| true).await;
+
+    // The device reports over MQTT.
+    let (mut dev, ack) = Raw::connect(srv.mqtt(), creds("thermo-1", &secret)).await;
+    assert_eq!(ack.reason_code, 0);
+    dev.publish(publish(
+        "devices/thermo-1/shadow/update",
+        QoS::AtLeastOnce,
+        1,
+        r#"{"state": {"reported": {"temp": 20.5, "fan": "auto"}}, "clientToken": "r1"}"#,
+    ))
+    .await;
+    let s = dev_stream
+        .until("shadow", WAIT, |v| v["writer"] == "device")
+        .await;
+    assert_eq!(s["device"], "thermo-1");
+    assert_eq!(s["tenant"], "t1");
+    assert_eq!(s["shadow"], "");
+    assert_eq!(s["version"], 1);
+    assert_eq!(s["reported"], json!(["fan", "temp"]));
+    assert_eq!(s["desired"], json!([]));
+
+    // An operator sets desired through the API: the delta comes along.
+    api(
+        &srv,
+        &admin,
+        "PATCH",
+        "/devices/thermo-1/shadow",
+        Some(json!({"state": {"desired": {"setpoint": 21, "fan": "auto"}}})),
+    )
+    .await;
+    let s = dev_stream
+        .until("shadow", WAIT, |v| v["writer"] == "platform")
+        .await;
+    assert_eq!(s["version"], 2);
+    assert_eq!(s["desired"], json!(["fan", "setpoint"]));
+    assert_eq!(s["delta"], json!({"setpoint": 21}), "fan is already auto");
+
+    // A fleet-wide setting: the tenant's fleet stream gets it, batched.
+    api(
+        &srv,
+        &admin,
+        "POST",
+        "/settings",
+        Some(json!({"tenant": "t1", "state": {"setpoint": 18.5}})),
+    )
+    .await;
+    let batch = fleet
+        .until("shadows", WAIT, |v| {
+            v["items"]
+                .as_array()
+                .is_some_and(|i| i.iter().any(|s| s["version"] == 3))
+        })
+        .await;
+    let s = batch["items"]
+        .as_array()
+        .and_then(|i| i.iter().find(|s| s["version"] == 3))
+        .expect("version 3");
+    assert_eq!(s["device"], "thermo-1");
+    assert_eq!(s["writer"], "platform");
+    assert_eq!(s["delta"], json!({"setpoint": 18.5}));
+    dev_stream
+        .until("shadow", WAIT, |v| v["version"] == 3)
+        .await;
+
+    // Only shadow events on these streams: the disconnect is not sent.
+    dev.disconnect().await;
+    dev_stream
+        .none("connection", Duration::from_millis(600))
+        .await;
+}

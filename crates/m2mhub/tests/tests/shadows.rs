@@ -493,3 +493,50 @@ async fn rules_read_the_shadow_of_the_device() {
     }
     d.disconnect().await;
 }
+
+/// Rules can react to a shadow change: the platform's answers are
+/// published through the broker, so a rule whose FROM is
+/// `devices/+/shadow/update/accepted` sees every accepted update with the
+/// state as sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rule_fires_on_an_accepted_shadow_update() {
+    let srv = TestServer::start().await;
+    let admin = Api::admin(&srv);
+    admin
+        .expect("POST", "/devices", Some(json!({"id": "vault-1"})), 201)
+        .await;
+    admin
+        .expect(
+            "POST",
+            "/rules",
+            Some(json!({
+                "id": "vault-warm",
+                "sql": "SELECT device, state.reported.temp AS t FROM 'devices/+/shadow/update/accepted' WHERE state.reported.temp > 30",
+                "actions": [{"type": "alarm", "alarm_type": "vault-warm", "severity": "minor"}]
+            })),
+            201,
+        )
+        .await;
+    let (mut d, _) = Raw::connect_ok(srv.mqtt(), v5("vault-1")).await;
+    request(
+        &mut d,
+        1,
+        "devices/vault-1/shadow/update",
+        json!({"state": {"reported": {"temp": 35}}}),
+    )
+    .await;
+    within("the alarm", async {
+        loop {
+            let a = admin
+                .expect("GET", "/alarms?status=active&type=vault-warm", None, 200)
+                .await;
+            if a["items"].as_array().expect("items").len() == 1 {
+                assert_eq!(a["items"][0]["device_id"], "vault-1", "{a}");
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    d.disconnect().await;
+}
