@@ -195,6 +195,16 @@ test("an operator logs in, finds a device, watches it live, commands it, writes 
     assert.equal(shadowDoc.state.desired.browser_setpoint, 42, JSON.stringify(shadowDoc));
     assert.equal(shadowDoc.state.reported.browser_setpoint, 42, JSON.stringify(shadowDoc));
 
+    // Ask the machine for a diagnostic bundle: it uploads one, and the
+    // operator downloads it.
+    await page.fill(".diag-form input[name=reason]", "browser test");
+    await page.click(".diag-form button");
+    const bundleRow = page.locator("main tr[data-bundle]").first();
+    await bundleRow.locator("td.status", { hasText: "uploaded" }).waitFor({ timeout: 30_000 });
+    const [dl] = await Promise.all([page.waitForEvent("download"), bundleRow.locator("button:text('Download')").click()]);
+    const bundle = JSON.parse(readFileSync(await dl.path(), "utf8"));
+    assert.ok(bundle && typeof bundle === "object", "the bundle is a JSON document");
+
     // Create a rule with an error: the parser's message sits under the SQL
     // with a caret at the faulty column.
     await page.click("#nav a[href='#/rules']");

@@ -452,6 +452,7 @@ async function device(view, gen, parts, params) {
   const alarmBox = h("div", {});
   const commands = h("div", {});
   const shadowBox = h("div", {});
+  const diagBox = h("div", {});
   const badge = liveBadge();
   const rangeTabs = h("div", { class: "tabs" }, Object.keys(RANGES).map((k) =>
     h("a", { href: "#/devices/" + enc(id) + "?range=" + k, class: k === range ? "active" : null }, k)));
@@ -461,6 +462,7 @@ async function device(view, gen, parts, params) {
     h("h2", {}, "Active alarms"), alarmBox,
     h("h2", {}, "Commands"), commands,
     h("h2", {}, "Shadows"), shadowBox,
+    h("h2", {}, "Diagnostics"), diagBox,
     h("h2", {}, "History"), rangeTabs, charts,
     h("h2", {}, "Connection history"), connections,
     h("h2", {}, "Credentials"), creds,
@@ -669,8 +671,41 @@ async function device(view, gen, parts, params) {
     lagged: () => Promise.all([loadLatest(), loadConnections(), loadAlarms(), loadShadows()]).catch(showError),
   }, badge);
 
+  // Diagnostic bundles: ask the device for one, watch it arrive, download it.
+  const reasonIn = h("input", { name: "reason", placeholder: "why (optional)" });
+  const askForm = canWrite() ? h("form", { class: "toolbar diag-form" }, reasonIn,
+    h("button", { type: "submit" }, "Request a bundle")) : null;
+  if (askForm) askForm.addEventListener("submit", act(async (ev) => {
+    ev.preventDefault();
+    await api("POST", path + "/diagnostics", reasonIn.value ? { reason: reasonIn.value } : {});
+    reasonIn.value = "";
+    await loadDiagnostics();
+  }));
+  const download = async (b) => {
+    const headers = { Authorization: "Bearer " + sessionStorage.getItem(TOKEN_KEY) };
+    const resp = await fetch("/api/v1" + path + "/diagnostics/" + enc(b.id) + "/content", { headers });
+    if (!resp.ok) throw new ApiError(resp.status, await resp.json().catch(() => null));
+    const url = URL.createObjectURL(await resp.blob());
+    const a = h("a", { href: url, download: id + "-" + b.id + ".bin" });
+    document.body.appendChild(a);
+    a.click();
+    a.remove();
+    setTimeout(() => URL.revokeObjectURL(url), 10000);
+  };
+  const loadDiagnostics = async () => {
+    const r = await get(path + "/diagnostics");
+    if (!current(gen)) return;
+    replace(diagBox, askForm, table(["Requested", "By", "Reason", "Status", "Size", "SHA-256", ""], r.items.map((b) => h("tr", { "data-bundle": b.id },
+      h("td", {}, fmtTime(b.requested_ms)), h("td", {}, b.requested_by), h("td", {}, b.reason || ""),
+      h("td", { class: "status" }, b.status, b.error ? h("div", { class: "muted small" }, b.error) : null),
+      h("td", { class: "num" }, b.size != null ? fmtBytes(b.size) : "—"),
+      h("td", {}, b.sha256 ? h("code", { title: b.sha256 }, b.sha256.slice(0, 12) + "…") : "—"),
+      h("td", {}, b.status === "uploaded" ? h("button", { type: "button", onclick: act(() => download(b)) }, "Download") : null))),
+    "No diagnostic bundles."));
+  };
+
   await Promise.all([loadCreds(), loadEvents(), loadLatest(), loadConnections(), loadAlarms(),
-    every(10000, loadCommands), every(30000, loadShadows)]);
+    every(10000, loadCommands), every(30000, loadShadows), every(5000, loadDiagnostics)]);
   // The "ago" column ages without new data; the live stream does the rest.
   every(5000, async () => drawLatest());
   every(60000, () => drawCharts(charted ? charted.split("\n") : []));

@@ -46,7 +46,7 @@ fn bundle_json(b: &DiagnosticBundle) -> Value {
     json!(b)
 }
 
-/// The absolute base of the upload URL: what the operator's request was
+/// Without `http.public_url`, the absolute base of the upload URL: what the operator's request was
 /// addressed to (its `Host`), which is how the device reaches us too in
 /// the common case of one address for the API and the devices.
 fn base_url(headers: &HeaderMap) -> Result<String, Problem> {
@@ -85,7 +85,11 @@ pub async fn request(
             .map_err(|e| Problem::new(StatusCode::BAD_REQUEST, "invalid-body", e.to_string()))?
     };
     let device = visible(&state, &caller, &id)?;
-    let base = base_url(&headers)?;
+    // The configured public URL (`http.public_url`) when there is one.
+    let base = match state.ota.as_ref().and_then(|o| o.public_url.clone()) {
+        Some(u) => u,
+        None => base_url(&headers)?,
+    };
     let requested =
         state
             .fleet

@@ -48,6 +48,9 @@ pub struct OtaApi {
     /// Permits for [`DOWNLOAD_BUDGET`] bytes, held by each chunk until
     /// the connection has written it.
     pub download_budget: Arc<tokio::sync::Semaphore>,
+    /// `http.public_url` when configured: the base of the URLs devices are
+    /// given (diagnostics uploads use it too).
+    pub public_url: Option<String>,
     /// Reads from image files under way at most (see [`READ_SLOTS`]).
     pub read_slots: Arc<tokio::sync::Semaphore>,
 }

@@ -610,15 +610,35 @@ impl Fleet {
         let mut skipped = Vec::new();
         let mut chosen = Vec::with_capacity(targets.len());
         for d in targets {
-            match ota.active.get(&d) {
-                Some(other) => skipped.push((d, format!("already in campaign {other}"))),
-                None => chosen.push(d),
+            // An image built for one device profile is not sent to another.
+            let other_profile = artifact.profile.as_ref().and_then(|want| {
+                self.shared
+                    .identity
+                    .with_device(&d, |dev| {
+                        (dev.profile != *want).then(|| dev.profile.clone())
+                    })
+                    .flatten()
+            });
+            match (ota.active.get(&d), other_profile) {
+                (Some(other), _) => skipped.push((d, format!("already in campaign {other}"))),
+                (None, Some(p)) => skipped.push((
+                    d,
+                    format!(
+                        "profile {p}; the image is for {}",
+                        artifact.profile.as_deref().unwrap_or_default()
+                    ),
+                )),
+                (None, None) => chosen.push(d),
             }
         }
         if chosen.is_empty() {
             return Err(RegistryError::Validation(format!(
-                "every target is already in another unfinished campaign ({} skipped)",
-                skipped.len()
+                "no target can take this image ({} skipped: {})",
+                skipped.len(),
+                skipped
+                    .first()
+                    .map(|(d, r)| format!("{d}: {r}"))
+                    .unwrap_or_default()
             )));
         }
         let sizes = plan_waves(chosen.len(), &new.waves)?;
@@ -1208,6 +1228,23 @@ mod tests {
             .expect("device");
     }
 
+    fn artifact_template(fleet: &Fleet) -> Artifact {
+        Artifact {
+            id: fleet.new_artifact_id(),
+            tenant: "default".into(),
+            name: "pump-fw".into(),
+            version: "9.0".into(),
+            hardware: None,
+            profile: None,
+            size: 10,
+            sha256: "00".repeat(32),
+            signature: String::new(),
+            signed_by: SignedBy::Platform,
+            created_ms: 1,
+            created_by: "t".into(),
+        }
+    }
+
     fn artifact(fleet: &Fleet) -> Artifact {
         fleet
             .add_artifact(Artifact {
@@ -1489,6 +1526,33 @@ mod tests {
         let t = tally(&jobs);
         assert_eq!((t["expired"], t["failed"]), (1, 4), "{t:?}");
         assert_eq!(c.status, CampaignStatus::Completed);
+    }
+
+    #[test]
+    fn an_image_for_one_profile_skips_devices_of_another() {
+        let (_dir, fleet) = testutil::open();
+        device(&fleet, "d0");
+        let a = fleet
+            .add_artifact(Artifact {
+                profile: Some("pump".into()),
+                ..artifact_template(&fleet)
+            })
+            .unwrap();
+        let e = fleet.create_campaign(
+            "default",
+            NewCampaign {
+                artifact: a.id.clone(),
+                ..Default::default()
+            },
+            "op",
+            0,
+        );
+        match e {
+            Err(RegistryError::Validation(m)) => {
+                assert!(m.contains("the image is for pump"), "{m}")
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -402,6 +402,7 @@ fn ota_service(
         download_budget: Arc::new(tokio::sync::Semaphore::new(
             m2mhub_api::ota::DOWNLOAD_BUDGET,
         )),
+        public_url: v.ota.public_url.clone(),
         read_slots: Arc::new(tokio::sync::Semaphore::new(m2mhub_api::ota::READ_SLOTS)),
     })
 }
