@@ -195,6 +195,16 @@ test("an operator logs in, finds a device, watches it live, commands it, writes 
     assert.equal(shadowDoc.state.desired.browser_setpoint, 42, JSON.stringify(shadowDoc));
     assert.equal(shadowDoc.state.reported.browser_setpoint, 42, JSON.stringify(shadowDoc));
 
+    // A fleet-wide setting for the factory group: the machines report it
+    // back and the progress bar fills.
+    await page.click("#nav a[href='#/settings']");
+    await page.fill(".settings-form input[name=group]", "factory");
+    await page.fill(".settings-form textarea[name=state]", '{"browser_eco": true}');
+    await page.click(".settings-form button[type=submit]");
+    await page.locator("main tr[data-setting] .reported", { hasText: /^2 of 2 reported/ }).first().waitFor({ timeout: 30_000 });
+    await page.goBack();
+    await page.locator("h1", { hasText: "Device" }).filter({ hasText: id }).waitFor();
+
     // Ask the machine for a diagnostic bundle: it uploads one, and the
     // operator downloads it.
     await page.fill(".diag-form input[name=reason]", "browser test");

@@ -265,6 +265,7 @@ const NAV = [
   ["#/map", "Map", () => true],
   ["#/alarms", "Alarms", () => true],
   ["#/rules", "Rules", () => true],
+  ["#/settings", "Fleet settings", () => true],
   ["#/ota", "Firmware", () => true],
   ["#/audit", "Audit", isAdmin],
   ["#/security", "Security events", () => true],
@@ -285,7 +286,7 @@ async function render() {
   const page = {
     "": overview, devices: parts[1] ? device : devices, map: map, alarms: alarms,
     rules: parts[1] ? ruleForm : rules, audit: audit, security: security,
-    ota: parts[1] ? campaign : firmware,
+    ota: parts[1] ? campaign : firmware, settings: fleetSettings,
   }[parts[0] || ""];
   try {
     if (page) await page(view, gen, parts, params);
@@ -940,6 +941,53 @@ function alarmTable(items, status, reload, empty) {
         " ",
         a.status === "active" ? writeButton("Clear", async () => { await api("POST", "/alarms/" + a.id + "/clear"); await reload(); }, "danger") : null))),
     empty);
+}
+
+// ---- Fleet-wide settings ---------------------------------------------------------
+
+async function fleetSettings(view, gen) {
+  const body = h("div", {}, "Loading…");
+  const form = canWrite() ? settingForm() : null;
+  replace(view, h("h1", {}, "Fleet-wide settings"),
+    h("p", { class: "muted" }, "One desired value for every device a group, label or profile selects; each device is told and the bar fills as they report it back."),
+    form, h("h2", {}, "Recent settings"), body);
+  const load = async () => {
+    const r = await get("/settings" + query({ limit: 50 }));
+    if (!current(gen)) return;
+    replace(body, table(["Set", "By", "Selector", "State", "Progress"], r.items.map((x) => {
+      const p = x.progress;
+      const bar = progressBar({ succeeded: p.reported, pending: p.pending, failed: p.failed });
+      const sel = Object.entries(x.selector || {}).filter(([, v]) => v).map(([k, v]) => k + " " + v).join(", ") || "whole tenant";
+      return h("tr", { "data-setting": x.id },
+        h("td", {}, fmtTime(x.created_ms)), h("td", {}, x.created_by),
+        h("td", {}, sel, x.shadow ? h("div", { class: "muted small" }, "shadow " + x.shadow) : null),
+        h("td", {}, h("code", {}, JSON.stringify(x.state))),
+        h("td", { class: "wide" }, h("div", { class: "reported" }, p.reported + " of " + p.targeted + " reported"), bar));
+    }), "No fleet-wide settings yet."));
+  };
+  function settingForm() {
+    const group = h("input", { name: "group", placeholder: "group" });
+    const label = h("input", { name: "label", placeholder: "key=value" });
+    const profile = h("input", { name: "profile", placeholder: "profile" });
+    const shadow = h("input", { name: "shadow", placeholder: "(classic)" });
+    const state = h("textarea", { name: "state", class: "code", rows: 2, placeholder: '{"setpoint": 18.5}' });
+    const f = h("form", { class: "stack card settings-form" },
+      h("label", {}, "Group", group), h("label", {}, "Label", label), h("label", {}, "Profile", profile),
+      h("label", {}, "Named shadow", shadow), h("label", {}, "Desired state (JSON)", state),
+      h("button", { class: "primary", type: "submit" }, "Set for every selected device"));
+    f.addEventListener("submit", act(async (ev) => {
+      ev.preventDefault();
+      let parsed;
+      try { parsed = JSON.parse(state.value); } catch (e) { throw new Error("the desired state is not JSON: " + e.message); }
+      const b = { state: parsed };
+      for (const [k, el] of [["group", group], ["label", label], ["profile", profile], ["shadow", shadow]]) if (el.value) b[k] = el.value;
+      await api("POST", "/settings", b);
+      state.value = "";
+      await load();
+    }));
+    return f;
+  }
+  await every(2000, load);
 }
 
 // ---- Firmware (OTA) ------------------------------------------------------------

@@ -115,6 +115,11 @@ impl Fleet {
                 break;
             }
         }
+        if targets.is_empty() {
+            return Err(RegistryError::Validation(format!(
+                "the selector picks no device of tenant {tenant}: check the group, label or profile"
+            )));
+        }
         let id = random_id("set-");
         // The setting's id is each change's client token: a device can
         // tell which setting a delta came from.

@@ -39,6 +39,33 @@ pub enum ShadowCmd {
         #[arg(long)]
         version: Option<u64>,
     },
+    /// Set desired keys in the shadows of every device a group, label or
+    /// profile selects (the whole tenant without one); each is told.
+    SetFleet {
+        /// `key=value` pairs (as for `set`).
+        #[arg(value_name = "KEY=VALUE")]
+        pairs: Vec<String>,
+        #[arg(long, value_name = "JSON", conflicts_with = "pairs")]
+        doc: Option<String>,
+        #[arg(long)]
+        group: Option<String>,
+        /// `key=value` or `key`.
+        #[arg(long)]
+        label: Option<String>,
+        #[arg(long)]
+        profile: Option<String>,
+        #[arg(long)]
+        tenant: Option<String>,
+        /// A named shadow (default: the classic one).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Fleet-wide settings and how many devices have reported them (one
+    /// setting with its pending devices when an id is given).
+    Settings {
+        #[arg(value_name = "SETTING")]
+        id: Option<String>,
+    },
     /// Delete a shadow.
     Delete {
         #[arg(value_name = "DEVICE")]
@@ -128,6 +155,59 @@ pub async fn shadow(conn: &Conn, cmd: ShadowCmd, env: &[(String, String)]) -> Re
             let v = c.patch(&path(&device, &name), &body).await?.ok()?;
             print_shadow(&v, j)?;
         }
+        ShadowCmd::SetFleet {
+            pairs,
+            doc,
+            group,
+            label,
+            profile,
+            tenant,
+            name,
+        } => {
+            let state = match doc {
+                Some(d) => serde_json::from_str(&d).context("--doc is not JSON")?,
+                None => desired_of(&pairs)?,
+            };
+            let mut body = json!({"state": state});
+            for (k, v) in [
+                ("group", group),
+                ("label", label),
+                ("profile", profile),
+                ("tenant", tenant),
+                ("shadow", name),
+            ] {
+                if let Some(v) = v {
+                    body[k] = json!(v);
+                }
+            }
+            let v = c.post("/api/v1/settings", &body).await?.ok()?;
+            print_setting(&v, j)?;
+        }
+        ShadowCmd::Settings { id: Some(id) } => {
+            let v = c
+                .get(&format!("/api/v1/settings/{}", super::enc(&id)))
+                .await?
+                .ok()?;
+            print_setting(&v, j)?;
+        }
+        ShadowCmd::Settings { id: None } => {
+            let v = c.get("/api/v1/settings").await?.ok()?;
+            if j {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                for s in v["items"].as_array().into_iter().flatten() {
+                    let p = &s["progress"];
+                    println!(
+                        "{}  {}  {}  reported {} of {}",
+                        s["id"].as_str().unwrap_or("?"),
+                        time_text(&s["created_ms"]),
+                        s["state"],
+                        p["reported"],
+                        p["targeted"]
+                    );
+                }
+            }
+        }
         ShadowCmd::Delete { device, name } => {
             c.delete(&path(&device, &name)).await?.ok()?;
             if !j {
@@ -135,6 +215,37 @@ pub async fn shadow(conn: &Conn, cmd: ShadowCmd, env: &[(String, String)]) -> Re
             }
         }
     }
+    Ok(())
+}
+
+fn print_setting(v: &Value, j: bool) -> Result<()> {
+    if j {
+        println!("{}", serde_json::to_string_pretty(v)?);
+        return Ok(());
+    }
+    let p = &v["progress"];
+    let pending: Vec<&str> = p["pending_devices"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    fields(&[
+        ("setting", text(&v["id"])),
+        ("state", v["state"].to_string()),
+        ("targeted", text(&p["targeted"])),
+        ("reported", text(&p["reported"])),
+        ("pending", text(&p["pending"])),
+        ("failed", text(&p["failed"])),
+        (
+            "pending devices",
+            if pending.is_empty() {
+                "-".into()
+            } else {
+                pending.join(", ")
+            },
+        ),
+    ]);
     Ok(())
 }
 

@@ -309,6 +309,32 @@ async fn the_cli_sets_reads_and_deletes_shadows() {
     assert_eq!(code, 0, "{err}");
     let (code, _, err) = run_bin(&["shadow", "get", "pump-7"], &env).await;
     assert_eq!(code, 1, "{err}");
+
+    // Fleet-wide: every device of the tenant, then its progress.
+    device(&admin, "pump-8").await;
+    let (code, out, err) = run_bin(&["shadow", "set-fleet", "eco=true", "--json"], &env).await;
+    assert_eq!(code, 0, "{err}{out}");
+    let v: Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(v["progress"]["targeted"], 2, "{v}");
+    assert_eq!(v["progress"]["reported"], 0, "{v}");
+    let id = v["id"].as_str().expect("id").to_string();
+    let (code, out, err) = run_bin(&["shadow", "settings", &id], &env).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("pump-7") && out.contains("pump-8"),
+        "pending devices listed: {out}"
+    );
+    let (code, out, err) = run_bin(&["shadow", "settings"], &env).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains(&id) && out.contains("reported 0 of 2"),
+        "{out}"
+    );
+    let (code, _, err) = run_bin(&["shadow", "set-fleet", "--group", "nope", "x=1"], &env).await;
+    assert_eq!(
+        code, 1,
+        "an unknown group selects nothing or is refused: {err}"
+    );
 }
 
 /// A rule's `desired` action: a dry soil probe's reading opens its valve
