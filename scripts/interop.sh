@@ -53,7 +53,7 @@ openssl x509 -req -in "$WORK/server.csr" -CA "$WORK/ca.pem" -CAkey "$WORK/ca.key
 "$BIN" passwd observer --password observer-pw > "$WORK/users.txt"
 
 "$BIN" serve --data-dir "$WORK/data" --allow-anonymous --password-file "$WORK/users.txt" \
-  --mqtt-listen 127.0.0.1:0 --http-listen 127.0.0.1:0 --mqtts-listen 127.0.0.1:0 \
+  --mqtt-listen 127.0.0.1:0 --http-listen 127.0.0.1:0 --mqtts-listen 127.0.0.1:0 --https-listen 127.0.0.1:0 \
   --tls-cert "$WORK/server.pem" --tls-key "$WORK/server.key" \
   >"$WORK/stdout" 2>"$WORK/stderr" &
 SERVER_PID=$!

@@ -12,8 +12,10 @@ mod caller;
 mod commands;
 mod console;
 mod device_events;
+pub mod device_http;
 mod devices;
 pub mod diagnostics;
+pub mod https;
 pub mod live;
 pub mod openapi;
 mod operators;
@@ -31,6 +33,7 @@ pub mod telemetry;
 pub mod timing;
 mod websocket;
 
+pub use https::serve_tls;
 pub use m2mhub_automation::{RuleProblem, RuleService};
 pub use problem::Problem;
 pub use routes::router;

@@ -14,6 +14,9 @@ pub enum Access {
     Viewer,
     Operator,
     Admin,
+    /// A device with its own credential (token as Bearer or Basic password,
+    /// or its certificate over HTTPS), acting for itself only.
+    Device,
 }
 
 impl Access {
@@ -24,6 +27,7 @@ impl Access {
             Access::Viewer => "viewer",
             Access::Operator => "operator",
             Access::Admin => "admin",
+            Access::Device => "device",
         }
     }
 
@@ -33,6 +37,7 @@ impl Access {
             Access::Viewer => "role viewer or above",
             Access::Operator => "role operator or above",
             Access::Admin => "role admin",
+            Access::Device => "the device itself: its token as `Authorization: Bearer <secret>` or as the Basic password with the device id as user name, or its client certificate over HTTPS",
         }
     }
 }
@@ -143,8 +148,13 @@ pub fn document(ops: &[Operation]) -> Value {
             operation["x-stream"] = json!(true);
             operation["responses"]["2XX"] = json!({"description": "A stream of server-sent events", "content": {"text/event-stream": {}}});
         }
-        if op.access != Access::Public {
-            operation["security"] = json!([{"bearer": []}]);
+        match op.access {
+            Access::Public => {}
+            Access::Device => {
+                operation["security"] =
+                    json!([{"deviceToken": []}, {"deviceBasic": []}, {"deviceCertificate": []}]);
+            }
+            _ => operation["security"] = json!([{"bearer": []}]),
         }
         if let Some(map) = entry.as_object_mut() {
             map.insert(op.method.to_ascii_lowercase(), operation);
@@ -160,7 +170,12 @@ pub fn document(ops: &[Operation]) -> Value {
         "servers": [{"url": "/api/v1"}],
         "paths": paths,
         "components": {
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer", "description": "An operator's API token"},
+                "deviceToken": {"type": "http", "scheme": "bearer", "description": "A device's token secret"},
+                "deviceBasic": {"type": "http", "scheme": "basic", "description": "The device id as user name, its token secret as password"},
+                "deviceCertificate": {"type": "mutualTLS", "description": "The device's client certificate, on the HTTPS listener"}
+            },
             "schemas": {
                 "Problem": {
                     "type": "object",

@@ -14,8 +14,8 @@ use serde_json::json;
 /// The whole HTTP surface. Every `/api/v1` route is added through
 /// [`ApiBuilder`], so it is in the OpenAPI document by construction.
 pub fn router(state: AppState) -> Router {
-    use crate::openapi::Access::{Admin, Operator, Public, Viewer};
-    use crate::{alarms as al, commands as cm, ota as fw, rules as ru};
+    use crate::openapi::Access::{Admin, Device, Operator, Public, Viewer};
+    use crate::{alarms as al, commands as cm, device_http as dh, ota as fw, rules as ru};
     use crate::{device_events as ev, diagnostics as dg, profiles as pr, telemetry as t};
     // The upload route streams bodies up to the configured bundle cap; the
     // 2 MB default of buffering extractors would otherwise apply there too.
@@ -142,7 +142,12 @@ pub fn router(state: AppState) -> Router {
         ])
         .route("/rules/{id}/enable", post(ru::enable), &[("POST", "Enable a rule", Operator)])
         .route("/rules/{id}/disable", post(ru::disable), &[("POST", "Disable a rule", Operator)])
-        .route("/devices/{id}/telemetry", get(t::latest), &[("GET", "Latest value of every metric of a device", Viewer)])
+        .route("/devices/{id}/telemetry", get(t::latest).post(dh::post_telemetry).layer(DefaultBodyLimit::max(dh::MAX_TELEMETRY_BODY)), &[
+            ("GET", "Latest value of every metric of a device", Viewer),
+            ("POST", "A device posts its readings, authenticated as itself: the same payloads as MQTT `devices/{id}/telemetry` (JSON object, or an array of them with `ts` each: the batch form; SenML JSON/CBOR packs; CBOR; a number), by Content-Type else sniffed. 204 once stored durably; 400/415 name the fix", Device),
+        ])
+        .route("/devices/{id}/commands/next", get(dh::next_command), &[("GET", "A device's command poll: its oldest command not yet delivered (200, now `delivered`), waiting up to `wait` (e.g. 30s, at most 60s) for one; 204 when none", Device)])
+        .route("/devices/{id}/commands/{cid}/response", post(dh::command_response), &[("POST", "A device answers a command (JSON; `\"status\": \"failed\"` marks it failed); 409 when it is already finished", Device)])
         .route("/devices/{id}/series", get(t::series), &[("GET", "The metrics a device has reported, with their kinds", Viewer)])
         .route("/devices/{id}/telemetry/{metric}", get(t::raw), &[("GET", "Raw points of one metric in [from, to): paged by `cursor`; format=csv (with all=true: the whole range)", Viewer)])
         .route("/telemetry/aggregate", get(t::aggregate), &[("GET", "Per-bucket avg/min/max/sum/count/first/last of a metric for devices, a group or a tenant; combine=true merges them; format=csv", Viewer)])

@@ -55,7 +55,7 @@ pub async fn list_audit(
             .map(|u| u.username)
             .collect();
         let sees = |r: &AuditRecord| {
-            if r.action.starts_with("mqtt.") {
+            if r.action.starts_with("mqtt.") || r.action == "http.auth" || r.action == "coap.auth" {
                 caller.sees_client(&state.registry, &r.target)
                     && (r.actor == r.target || caller.sees_client(&state.registry, &r.actor))
             } else {

@@ -30,4 +30,9 @@ pub struct AppState {
     /// OTA firmware: artifact files, download URLs, the signing key.
     /// `None`: the OTA routes answer 404.
     pub ota: Option<Arc<crate::ota::OtaApi>>,
+    /// The telemetry pipeline HTTP devices post into (the one MQTT's
+    /// publish hook feeds). `None`: device telemetry answers 503.
+    pub pipeline: Option<Arc<m2mhub_ingest::Ingest>>,
+    /// Command polls of HTTP devices waiting for a command.
+    pub command_waiters: Option<Arc<crate::device_http::CommandWaiters>>,
 }

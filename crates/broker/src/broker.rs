@@ -2,7 +2,7 @@
 //! subscribers. Connections (see `connection.rs`) call in here; nothing in
 //! this file does I/O except through the persistent store.
 
-use crate::auth::{Authenticator, Authorizer, ClientIdentity};
+use crate::auth::{AuthDecision, Authenticator, Authorizer, ClientIdentity, ConnectInfo};
 use crate::ban::{BanInfo, BanKey, Bans};
 use crate::config::BrokerConfig;
 use crate::events::{ConnectionEvents, Hooks, PublishHook, SecurityEventKind, SecurityEvents};
@@ -15,7 +15,7 @@ use crate::session::{ConnLink, Outgoing, Session, SubscriptionRecord};
 use crate::topic_tree::{Delivery, Subscriber, TopicTree};
 use bytes::Bytes;
 use m2mhub_broker_log::{Durability, Op, Store, StoreError, StoreOptions, StoredMessage};
-use mqtt_codec::{Protocol, PublishProperties, QoS, SubscriptionOptions};
+use mqtt_codec::{reason, Protocol, PublishProperties, QoS, SubscriptionOptions};
 use parking_lot::{Mutex, RwLock};
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -561,6 +561,74 @@ impl Broker {
     }
 }
 
+/// Authentication for device requests that do not come over MQTT (HTTP,
+/// CoAP): the same authenticator, bans and failure counting as a CONNECT,
+/// so guessing a device's token over HTTP gets the address banned just as
+/// it would over MQTT.
+impl Broker {
+    /// Authenticate one request as a device's. `info.client_id` is the
+    /// device the request speaks for. `Err` carries the MQTT reason code of
+    /// the refusal ([`reason::BANNED`] for a banned address, client id or
+    /// device); callers map it to their own status.
+    pub fn authenticate_request(&self, info: &ConnectInfo<'_>) -> Result<Arc<ClientIdentity>, u8> {
+        let inner = &self.inner;
+        let now = Instant::now();
+        let ip = info.peer.ip();
+        if !inner.bans.is_empty() {
+            for key in [BanKey::ip(ip), BanKey::ClientId(info.client_id.to_string())] {
+                if let Some((why, left)) = inner.bans.check(&key, now) {
+                    Metrics::inc(&inner.metrics.connections_refused_banned);
+                    inner.security_event(
+                        SecurityEventKind::BannedConnectRefused,
+                        Some(info.client_id),
+                        Some(ip),
+                        || {
+                            format!(
+                                "{key} banned ({why}); {} s left ({})",
+                                left.as_secs(),
+                                info.transport
+                            )
+                        },
+                    );
+                    return Err(reason::BANNED);
+                }
+            }
+        }
+        match inner.authn.authenticate(info) {
+            AuthDecision::Allow(identity) => {
+                if let Some(dev) = identity.device_id.as_deref() {
+                    if !inner.bans.is_empty()
+                        && inner
+                            .bans
+                            .check(&BanKey::Device(dev.to_string()), now)
+                            .is_some()
+                    {
+                        return Err(reason::BANNED);
+                    }
+                }
+                Ok(Arc::new(identity))
+            }
+            AuthDecision::Deny(code) => {
+                Metrics::inc(&inner.metrics.auth_failures);
+                if let Some(h) = inner.hooks.connection() {
+                    h.auth_failed(info.client_id, info.username, info.peer, code);
+                }
+                inner.count_auth_failure(code, info.client_id, ip);
+                Err(code)
+            }
+        }
+    }
+
+    /// Whether `identity` may publish to `topic` (the broker's authorizer).
+    pub fn may_publish(&self, client_id: &str, identity: &ClientIdentity, topic: &str) -> bool {
+        let ok = identity.internal || self.inner.authz.can_publish(client_id, identity, topic);
+        if !ok {
+            Metrics::inc(&self.inner.metrics.authz_denials);
+        }
+        ok
+    }
+}
+
 /// Ask the connection that owns `s` to close with `reason`.
 fn kick_session(s: &Session, reason: u8) -> bool {
     let mut st = s.state.lock();
@@ -630,6 +698,78 @@ impl Inner {
             n += 1;
         }
         n
+    }
+
+    /// Count a failed authentication against the source address; enough of
+    /// them within the window ban it.
+    pub(crate) fn count_auth_failure(&self, code: u8, client_id: &str, ip: IpAddr) {
+        if !matches!(
+            code,
+            reason::BAD_USER_NAME_OR_PASSWORD
+                | reason::NOT_AUTHORIZED
+                | reason::CLIENT_IDENTIFIER_NOT_VALID
+        ) {
+            return;
+        }
+        let now = Instant::now();
+        if self.limits.auth_failed_client(client_id, now) {
+            // Guessing one device's credentials from many addresses.
+            if let Some(d) = self.bans.ban(
+                BanKey::ClientId(client_id.to_string()),
+                "repeated failed authentication for this client id",
+                None,
+                true,
+                now,
+            ) {
+                Metrics::inc(&self.metrics.bans_automatic);
+                tracing::warn!(
+                    client_id,
+                    secs = d.as_secs(),
+                    "client id banned after repeated failed authentication"
+                );
+                self.security_event(
+                    SecurityEventKind::AutoBanAuthFailures,
+                    Some(client_id),
+                    Some(ip),
+                    || {
+                        format!(
+                            "repeated failed authentications for this client id; banned for {} s",
+                            d.as_secs()
+                        )
+                    },
+                );
+            }
+        }
+        if !self.limits.auth_failed(ip, now) {
+            return;
+        }
+        let Some(d) = self.bans.ban(
+            BanKey::ip(ip),
+            "repeated failed authentication",
+            None,
+            true,
+            now,
+        ) else {
+            return;
+        };
+        Metrics::inc(&self.metrics.bans_automatic);
+        tracing::warn!(%ip, secs = d.as_secs(), "address banned after repeated failed authentication");
+        let cfg = &self.config;
+        let (n, w) = (
+            cfg.auth_failures_before_ban,
+            cfg.auth_failure_window.as_secs(),
+        );
+        self.security_event(
+            SecurityEventKind::AutoBanAuthFailures,
+            Some(client_id),
+            Some(ip),
+            || {
+                format!(
+                    "{n} failed authentications within {w} s; address banned for {} s",
+                    d.as_secs()
+                )
+            },
+        );
     }
 
     /// Report a security event to the installed hook, throttled (except

@@ -590,7 +590,8 @@ impl<S: Transport> Connection<S> {
                 if let Some(h) = self.inner.hooks.connection() {
                     h.auth_failed(&client_id, c.username.as_deref(), self.peer, code);
                 }
-                self.count_auth_failure(code, &client_id);
+                self.inner
+                    .count_auth_failure(code, &client_id, self.peer.ip());
                 self.refuse_connect(code).await;
                 return Err(End::Lost);
             }
@@ -760,79 +761,6 @@ impl<S: Transport> Connection<S> {
         );
         self.refuse_connect(reason::BANNED).await;
         true
-    }
-
-    /// Count a failed authentication against the source address; enough of
-    /// them within the window ban it.
-    fn count_auth_failure(&self, code: u8, client_id: &str) {
-        if !matches!(
-            code,
-            reason::BAD_USER_NAME_OR_PASSWORD
-                | reason::NOT_AUTHORIZED
-                | reason::CLIENT_IDENTIFIER_NOT_VALID
-        ) {
-            return;
-        }
-        let now = Instant::now();
-        let ip = self.peer.ip();
-        if self.inner.limits.auth_failed_client(client_id, now) {
-            // Guessing one device's credentials from many addresses.
-            if let Some(d) = self.inner.bans.ban(
-                BanKey::ClientId(client_id.to_string()),
-                "repeated failed authentication for this client id",
-                None,
-                true,
-                now,
-            ) {
-                Metrics::inc(&self.inner.metrics.bans_automatic);
-                tracing::warn!(
-                    client_id,
-                    secs = d.as_secs(),
-                    "client id banned after repeated failed authentication"
-                );
-                self.inner.security_event(
-                    SecurityEventKind::AutoBanAuthFailures,
-                    Some(client_id),
-                    Some(ip),
-                    || {
-                        format!(
-                            "repeated failed authentications for this client id; banned for {} s",
-                            d.as_secs()
-                        )
-                    },
-                );
-            }
-        }
-        if !self.inner.limits.auth_failed(ip, now) {
-            return;
-        }
-        let Some(d) = self.inner.bans.ban(
-            BanKey::ip(ip),
-            "repeated failed authentication",
-            None,
-            true,
-            now,
-        ) else {
-            return;
-        };
-        Metrics::inc(&self.inner.metrics.bans_automatic);
-        tracing::warn!(%ip, secs = d.as_secs(), "address banned after repeated failed authentication");
-        let cfg = &self.inner.config;
-        let (n, w) = (
-            cfg.auth_failures_before_ban,
-            cfg.auth_failure_window.as_secs(),
-        );
-        self.inner.security_event(
-            SecurityEventKind::AutoBanAuthFailures,
-            Some(client_id),
-            Some(ip),
-            || {
-                format!(
-                    "{n} failed authentications within {w} s; address banned for {} s",
-                    d.as_secs()
-                )
-            },
-        );
     }
 
     async fn flush(&mut self) -> Result<(), End> {

@@ -132,7 +132,7 @@ pub fn server_config_pem(
 /// The common name comes from a minimal DER walk (find the commonName OID
 /// 2.5.4.3 and read the string that follows): enough to name a device
 /// without a full X.509 parser on the connection path.
-pub(crate) fn peer(conn: &ServerConnection) -> Option<crate::auth::TlsPeer> {
+pub fn peer(conn: &ServerConnection) -> Option<crate::auth::TlsPeer> {
     let cert = conn.peer_certificates()?.first()?;
     let der = cert.as_ref();
     let digest = ring::digest::digest(&ring::digest::SHA256, der);

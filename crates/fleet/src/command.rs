@@ -178,12 +178,20 @@ pub(crate) struct CommandBook {
     dirty: HashSet<String>,
     /// Finished commands not written yet (they have left `open`).
     finished: Vec<Command>,
+    /// Creation order of open commands (two created in the same
+    /// millisecond still have an order), for devices that poll.
+    order: HashMap<String, u64>,
+    next_order: u64,
 }
 
 impl CommandBook {
     pub(crate) fn load(open: Vec<Command>) -> CommandBook {
         let mut book = CommandBook::default();
+        let mut open = open;
+        open.sort_by_key(|c| c.created_ms);
         for c in open {
+            book.order.insert(c.id.clone(), book.next_order);
+            book.next_order += 1;
             book.deadlines.insert((c.deadline_ms(), c.id.clone()));
             book.open.insert(c.id.clone(), c);
         }
@@ -191,6 +199,7 @@ impl CommandBook {
     }
 
     fn finish(&mut self, id: &str) {
+        self.order.remove(id);
         if let Some(c) = self.open.remove(id) {
             self.deadlines.remove(&(c.deadline_ms(), c.id.clone()));
             self.dirty.remove(id);
@@ -236,6 +245,7 @@ impl CommandBook {
             if let Some(c) = self.open.remove(&id) {
                 self.deadlines.remove(&(c.deadline_ms(), id.clone()));
             }
+            self.order.remove(&id);
             self.dirty.remove(&id);
         }
         self.finished.retain(|c| c.device_id != device_id);
@@ -306,6 +316,9 @@ impl Fleet {
         };
         book.deadlines.insert((c.deadline_ms(), c.id.clone()));
         book.dirty.insert(c.id.clone());
+        let order = book.next_order;
+        book.next_order += 1;
+        book.order.insert(c.id.clone(), order);
         book.open.insert(c.id.clone(), c.clone());
         Ok(c)
     }
@@ -403,6 +416,29 @@ impl Fleet {
         self.shared
             .store
             .list_commands(tenant, device_id, before, limit.clamp(1, 1_000))
+    }
+
+    /// Hand a device that polls for commands (HTTP, CoAP) its oldest
+    /// command not yet delivered: it becomes `delivered` in the same step,
+    /// so two polls never get the same command. `None` when nothing waits.
+    pub fn take_next_command(&self, device_id: &str) -> Option<Command> {
+        let mut book = self.shared.commands.lock();
+        let next = book
+            .open
+            .values()
+            .filter(|c| {
+                c.device_id == device_id
+                    && matches!(c.status, CommandStatus::Pending | CommandStatus::Sent)
+            })
+            .min_by_key(|c| book.order.get(&c.id).copied().unwrap_or(u64::MAX))?
+            .id
+            .clone();
+        let c = book.open.get_mut(&next)?;
+        c.status = CommandStatus::Delivered;
+        c.updated_ms = now_ms();
+        let c = c.clone();
+        book.dirty.insert(next);
+        Some(c)
     }
 
     /// How many commands are unfinished.
@@ -711,5 +747,27 @@ mod tests {
             reg.get_command(&open_cmd.id),
             Err(RegistryError::NotFound(_))
         ));
+    }
+
+    #[test]
+    fn polling_takes_the_oldest_undelivered_command_once() {
+        let (_d, reg) = setup();
+        let a = reg.create_command(new("d1", "first", 60_000)).expect("a");
+        let b = reg.create_command(new("d1", "second", 60_000)).expect("b");
+        let other = reg.create_command(new("d2", "theirs", 60_000)).expect("c");
+        step(&reg, &b.id, CommandStatus::Sent);
+        let got = reg.take_next_command("d1").expect("one waits");
+        assert_eq!(got.id, a.id);
+        assert_eq!(got.status, CommandStatus::Delivered);
+        let got = reg.take_next_command("d1").expect("the second");
+        assert_eq!(got.id, b.id);
+        assert!(reg.take_next_command("d1").is_none(), "each command once");
+        // A late "sent" from the publisher does not move it back.
+        assert!(step(&reg, &a.id, CommandStatus::Sent).is_none());
+        assert_eq!(
+            reg.get_command(&a.id).expect("a").status,
+            CommandStatus::Delivered
+        );
+        assert_eq!(reg.take_next_command("d2").map(|c| c.id), Some(other.id));
     }
 }

@@ -25,4 +25,4 @@ pub mod shadow_topics;
 pub use connection_history::ConnectionHistory;
 pub use counters::IngestCounters;
 pub use live::{LiveEvent, LiveHub};
-pub use pipeline::{telemetry_device, Durable, Ingest, Outcome, Refusal};
+pub use pipeline::{telemetry_device, Durable, Ingest, Invalid, Outcome, Refusal};

@@ -83,6 +83,19 @@ pub enum Outcome {
     Refused(Refusal),
     /// Stored; the future resolves at the group commit (durable mode).
     Pending(Durable),
+    /// Bad input, counted and kept as a device event: the content type is
+    /// not one the decoders know ([`Invalid::UnsupportedType`]) or the
+    /// payload does not decode as it ([`Invalid::Undecodable`]). MQTT
+    /// acknowledges it anyway (the device cannot fix it by resending); a
+    /// request protocol answers with an error naming the fix.
+    Invalid(Invalid),
+}
+
+/// Why a payload was not taken; the text is the device event's detail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Invalid {
+    UnsupportedType(String),
+    Undecodable(String),
 }
 
 /// `devices/{id}/telemetry` → `id`.
@@ -119,7 +132,7 @@ impl PublishHook for Ingest {
             &message.payload,
             wait,
         ) {
-            Outcome::Done => None,
+            Outcome::Done | Outcome::Invalid(_) => None,
             // Refused even in fast mode: acknowledging a message that
             // cannot be stored would lose it silently.
             Outcome::Refused(r) => {
@@ -169,13 +182,9 @@ impl Ingest {
                 Some(ct) => Some(ct),
                 None => {
                     c.decode_errors.fetch_add(1, Ordering::Relaxed);
-                    self.event(
-                        &tenant,
-                        device,
-                        "decode_error",
-                        format!("unsupported content type {mime:?} ({} bytes); use application/json, application/senml+json, application/senml+cbor, application/cbor or text/plain", payload.len()),
-                    );
-                    return Outcome::Done;
+                    let detail = format!("unsupported content type {mime:?} ({} bytes); use application/json, application/senml+json, application/senml+cbor, application/cbor or text/plain", payload.len());
+                    self.event(&tenant, device, "decode_error", detail.clone());
+                    return Outcome::Invalid(Invalid::UnsupportedType(detail));
                 }
             },
             None => None,
@@ -188,13 +197,9 @@ impl Ingest {
                     Some(ct) => format!("as {ct:?}"),
                     None => "sniffed".into(),
                 };
-                self.event(
-                    &tenant,
-                    device,
-                    "decode_error",
-                    format!("{e} ({} bytes, {how})", payload.len()),
-                );
-                return Outcome::Done;
+                let detail = format!("{e} ({} bytes, {how})", payload.len());
+                self.event(&tenant, device, "decode_error", detail.clone());
+                return Outcome::Invalid(Invalid::Undecodable(detail));
             }
         };
         if points.is_empty() {
@@ -340,11 +345,13 @@ mod tests {
         let out = r
             .ingest
             .ingest(None, "m1", Some("application/json"), b"{not json", true);
-        assert!(matches!(out, Outcome::Done));
+        assert!(matches!(out, Outcome::Invalid(Invalid::Undecodable(_))));
         let out = r
             .ingest
             .ingest(None, "m1", Some("image/png"), b"\x89PNG", true);
-        assert!(matches!(out, Outcome::Done));
+        assert!(
+            matches!(&out, Outcome::Invalid(Invalid::UnsupportedType(d)) if d.contains("image/png"))
+        );
         assert_eq!(r.ingest.counters.decode_errors.load(Ordering::Relaxed), 2);
         let events = r
             .ingest

@@ -21,6 +21,12 @@
 //! the audit log (`mqtt.connect`), queued so a CONNECT never waits for disk;
 //! when the queue is full the record is dropped and counted.
 //!
+//! Device requests over HTTP (and other request protocols) are
+//! authenticated here too, one request at a time, audited as `http.auth`:
+//! every refusal, but a success only once per device and address per
+//! hour — a meter posting every ten seconds would otherwise write the
+//! audit log full of identical records.
+//!
 //! # PUBLISH / SUBSCRIBE
 //!
 //! Internal clients may do anything; devices are checked with
@@ -57,6 +63,18 @@ pub struct RegistryAuth {
     stats: Arc<AuthStats>,
     /// client key → time of the last `acl_violation` event.
     acl_last_event: Mutex<HashMap<String, i64>>,
+    /// (device, address) → when a request protocol's success was last
+    /// audited.
+    request_audited: Mutex<HashMap<(String, std::net::IpAddr), i64>>,
+}
+
+/// A request protocol's successful authentications are audited at most
+/// this often per device and address.
+const REQUEST_AUDIT_INTERVAL_MS: i64 = 3_600_000;
+
+/// Transports where every request authenticates (not once per connection).
+fn is_request_transport(transport: &str) -> bool {
+    matches!(transport, "http" | "https" | "coap" | "coaps")
 }
 
 /// Cut untrusted strings (user names can be 64 KiB) before they reach the
@@ -80,6 +98,7 @@ impl RegistryAuth {
             accept_unregistered_certs,
             stats: Arc::new(AuthStats::default()),
             acl_last_event: Mutex::new(HashMap::new()),
+            request_audited: Mutex::new(HashMap::new()),
         }
     }
 
@@ -95,15 +114,34 @@ impl RegistryAuth {
             "client_id": clip(info.client_id),
             "reason": why,
         });
+        let request = is_request_transport(info.transport);
+        if request && outcome == "ok" {
+            let now = now_ms();
+            let key = (clip(actor).to_string(), info.peer.ip());
+            let mut seen = self.request_audited.lock();
+            if seen
+                .get(&key)
+                .is_some_and(|t| now - t < REQUEST_AUDIT_INTERVAL_MS)
+            {
+                return;
+            }
+            if seen.len() >= ACL_MAP_LIMIT {
+                seen.clear();
+            }
+            seen.insert(key, now);
+        }
+        let action = if request {
+            if info.transport.starts_with("coap") {
+                "coap.auth"
+            } else {
+                "http.auth"
+            }
+        } else {
+            "mqtt.connect"
+        };
         if self
             .registry
-            .try_audit(
-                clip(actor),
-                "mqtt.connect",
-                clip(info.client_id),
-                outcome,
-                detail,
-            )
+            .try_audit(clip(actor), action, clip(info.client_id), outcome, detail)
             .is_none()
         {
             self.stats.audit_dropped.fetch_add(1, Ordering::Relaxed);

@@ -54,6 +54,9 @@ pub struct DemoArgs {
     /// HTTP listener (console and API), HOST:PORT.
     #[arg(long, default_value = "127.0.0.1:8080")]
     http_listen: String,
+    /// HTTPS listener (console, API and HTTP devices), HOST:PORT; "" for none.
+    #[arg(long, default_value = "127.0.0.1:8443")]
+    https_listen: String,
     /// Simulated devices per profile (five profiles).
     #[arg(long, default_value_t = 60)]
     count: usize,
@@ -182,6 +185,7 @@ fn settings(args: &DemoArgs) -> Result<m2mhub::settings::Validated> {
     s.mqtt.listen = args.mqtt_listen.clone();
     s.mqtt.tls_listen = args.mqtts_listen.clone();
     s.http.listen = args.http_listen.clone();
+    s.http.tls_listen = args.https_listen.clone();
     // Every simulated device connects from this machine: the per-address
     // limits meant for the internet would refuse most of them.
     s.mqtt.max_connections_per_ip = 0;
@@ -462,14 +466,18 @@ fn print_banner(
     println!("  try:      m2mhub login --server {http} --user {user}");
     println!("            m2mhub device list, then m2mhub query latest <device id>");
     println!(
-        "m2mhub ready mqtt={} mqtts={} http={} ws=ws://{}/mqtt",
+        "m2mhub ready mqtt={} mqtts={} http={} ws=ws://{}/mqtt https={}",
         server.mqtt_addr,
         server
             .mqtts_addr
             .map(|a| a.to_string())
             .unwrap_or_else(|| "-".into()),
         server.http_addr,
-        server.http_addr
+        server.http_addr,
+        server
+            .https_addr
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| "-".into()),
     );
     println!("Ctrl-C to stop.");
     let _ = std::io::stdout().flush();

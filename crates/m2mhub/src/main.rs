@@ -207,6 +207,9 @@ struct ServeArgs {
     /// HTTP listener, HOST:PORT (default 0.0.0.0:8080).
     #[arg(long)]
     http_listen: Option<String>,
+    /// HTTPS listener, HOST:PORT (default 0.0.0.0:8443; "" for none).
+    #[arg(long)]
+    https_listen: Option<String>,
     /// Server certificate chain (PEM) for MQTT over TLS.
     #[arg(long)]
     tls_cert: Option<PathBuf>,
@@ -499,6 +502,9 @@ fn load_serve_settings(args: &ServeArgs) -> Result<m2mhub::settings::Validated> 
     if let Some(a) = &args.http_listen {
         s.http.listen = a.clone();
     }
+    if let Some(a) = &args.https_listen {
+        s.http.tls_listen = a.clone();
+    }
     let path = |p: &PathBuf| p.display().to_string();
     if let Some(p) = &args.tls_cert {
         s.mqtt.tls_cert = path(p);
@@ -547,14 +553,18 @@ async fn run_server(settings: m2mhub::settings::Validated) -> Result<()> {
     tracing::info!(data_dir = %settings.data_dir.display(), "m2mhub started");
     // One machine-readable line on stdout, for scripts and tests.
     println!(
-        "m2mhub ready mqtt={} mqtts={} http={} ws=ws://{}/mqtt",
+        "m2mhub ready mqtt={} mqtts={} http={} ws=ws://{}/mqtt https={}",
         server.mqtt_addr,
         server
             .mqtts_addr
             .map(|a| a.to_string())
             .unwrap_or_else(|| "-".into()),
         server.http_addr,
-        server.http_addr
+        server.http_addr,
+        server
+            .https_addr
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| "-".into()),
     );
     let _ = std::io::stdout().flush();
     wait_for_signal().await;

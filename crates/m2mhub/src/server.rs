@@ -40,6 +40,8 @@ pub struct Server {
     pub mqtt_addr: SocketAddr,
     pub mqtts_addr: Option<SocketAddr>,
     pub http_addr: SocketAddr,
+    /// The HTTPS listener's address, when one is configured.
+    pub https_addr: Option<SocketAddr>,
     /// OTA firmware: image files, the signing key, download URLs.
     pub ota: Arc<m2mhub_api::ota::OtaApi>,
     tasks: Vec<JoinHandle<()>>,
@@ -151,7 +153,7 @@ impl Server {
             fleet: fleet.clone(),
             live: live.clone(),
         }));
-        broker.set_publish_hook(Arc::new(Ingest {
+        let pipeline = Arc::new(Ingest {
             live: live.clone(),
             store: tsdb.clone(),
             registry: registry.clone(),
@@ -162,7 +164,8 @@ impl Server {
                 ..Default::default()
             },
             counters: ingest.clone(),
-        }));
+        });
+        broker.set_publish_hook(pipeline.clone());
 
         let mut tasks = Vec::new();
         let mqtt = bind(v.mqtt_listen, "mqtt.listen", "--mqtt-listen").await?;
@@ -200,7 +203,7 @@ impl Server {
         let listener = bind(v.tls.listen, "mqtt.tls_listen", "--mqtts-listen").await?;
         let mqtts_addr = Some(listener.local_addr()?);
         let b = broker.clone();
-        let acceptor = tokio_rustls::TlsAcceptor::from(tls_config);
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls_config.clone());
         tasks.push(tokio::spawn(
             async move { b.run_tls(listener, acceptor).await },
         ));
@@ -227,6 +230,8 @@ impl Server {
             rules: Some(Arc::new(automation.clone())),
             live,
             ota: Some(ota.clone()),
+            pipeline: Some(pipeline),
+            command_waiters: Some(m2mhub_api::device_http::CommandWaiters::start(&broker)),
         };
         tasks.push(tokio::spawn(m2mhub_api::provision::serve_mqtt(
             state.clone(),
@@ -236,6 +241,26 @@ impl Server {
             fleet.clone(),
         ));
 
+        let https_addr = match v.https_listen {
+            Some(addr) => {
+                let listener = bind(addr, "http.tls_listen", "--https-listen").await?;
+                let local = listener.local_addr()?;
+                let mut config = (*tls_config).clone();
+                config.alpn_protocols = vec![b"http/1.1".to_vec()];
+                let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+                let (state, mut signal) = (state.clone(), broker.shutdown_signal());
+                tasks.push(tokio::spawn(async move {
+                    let stop = async move {
+                        let _ = signal.changed().await;
+                    };
+                    if let Err(e) = m2mhub_api::serve_tls(listener, acceptor, state, stop).await {
+                        tracing::error!(error = %e, "HTTPS server failed");
+                    }
+                }));
+                Some(local)
+            }
+            None => None,
+        };
         let mut signal = broker.shutdown_signal();
         tasks.push(tokio::spawn(async move {
             let stop = async move {
@@ -256,6 +281,7 @@ impl Server {
             mqtt_addr,
             mqtts_addr,
             http_addr,
+            https_addr,
             ota,
             tasks,
             _lock: lock,

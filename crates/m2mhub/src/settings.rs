@@ -129,6 +129,11 @@ upload_url_ttl_s = 900
 [http]
 # HTTP server: /healthz, /metrics, MQTT over WebSocket at /mqtt, API at /api/v1.
 listen = "0.0.0.0:8080"
+# HTTPS: the same API, console and device routes over TLS, with the MQTT TLS
+# listener's certificate (mqtt.tls_cert/tls_key, else the built-in CA's). A
+# device may authenticate its own requests with its client certificate here.
+# Empty: no HTTPS listener.
+tls_listen = "0.0.0.0:8443"
 # The base URL devices reach this server's HTTP at (firmware download links
 # carry it), e.g. "https://hub.example.com". Empty: http://<listen address>
 # (with 127.0.0.1 for an unspecified address), which only suits devices on
@@ -258,6 +263,7 @@ pub struct TelemetryConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct HttpSettings {
     pub listen: String,
+    pub tls_listen: String,
     pub public_url: String,
 }
 
@@ -355,6 +361,7 @@ impl Default for HttpSettings {
     fn default() -> Self {
         HttpSettings {
             listen: "0.0.0.0:8080".into(),
+            tls_listen: "0.0.0.0:8443".into(),
             public_url: String::new(),
         }
     }
@@ -482,6 +489,10 @@ impl Settings {
         };
         let mqtt_listen = addr("mqtt.listen", &m.listen)?;
         let http_listen = addr("http.listen", &self.http.listen)?;
+        let https_listen = match self.http.tls_listen.trim() {
+            "" => None,
+            a => Some(addr("http.tls_listen", a)?),
+        };
         let opt_path = |s: &str| (!s.is_empty()).then(|| PathBuf::from(s));
         let files = match (opt_path(&m.tls_cert), opt_path(&m.tls_key)) {
             (Some(cert), Some(key)) => Some((cert, key)),
@@ -621,6 +632,7 @@ impl Settings {
             data_dir: self.data_dir.clone(),
             mqtt_listen,
             http_listen,
+            https_listen,
             tls,
             accept_unregistered_certs: m.accept_unregistered_certs,
             fsync: m.fsync,
@@ -650,6 +662,8 @@ pub struct Validated {
     pub diagnostics: m2mhub_fleet::DiagnosticsConfig,
     pub mqtt_listen: SocketAddr,
     pub http_listen: SocketAddr,
+    /// `None`: no HTTPS listener.
+    pub https_listen: Option<SocketAddr>,
     pub tls: TlsFiles,
     pub accept_unregistered_certs: bool,
     pub fsync: bool,

@@ -33,6 +33,8 @@ mod fleet;
 mod flow;
 #[path = "tests/http.rs"]
 mod http;
+#[path = "tests/http_devices.rs"]
+mod http_devices;
 #[path = "tests/identity.rs"]
 mod identity;
 #[path = "tests/limits.rs"]

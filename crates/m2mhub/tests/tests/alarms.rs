@@ -743,6 +743,8 @@ async fn the_rule_service_validates_reloads_reports_counters_and_sends() {
         rules: Some(rules.clone()),
         live: Default::default(),
         ota: None,
+        pipeline: None,
+        command_waiters: None,
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await

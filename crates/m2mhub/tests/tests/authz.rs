@@ -44,6 +44,14 @@ const PUBLIC_OPERATIONS: [(&str, &str); 9] = [
     ("GET", "/ca/crl"),
 ];
 
+/// Exactly these operations are called by devices with their own
+/// credential (`x-access: device`).
+const DEVICE_OPERATIONS: [(&str, &str); 3] = [
+    ("POST", "/devices/{id}/telemetry"),
+    ("GET", "/devices/{id}/commands/next"),
+    ("POST", "/devices/{id}/commands/{cid}/response"),
+];
+
 /// One documented operation.
 #[derive(Debug, Clone)]
 struct Op {
@@ -83,6 +91,11 @@ async fn operations(addr: SocketAddr) -> (Value, Vec<Op>) {
             let access = op["x-access"].as_str().unwrap_or_else(|| {
                 panic!("{} {path} has no x-access: {op}", method.to_uppercase())
             });
+            // Device routes take a device's own credential, never an
+            // operator's: `device_routes_refuse_operator_tokens` covers them.
+            if access == "device" {
+                continue;
+            }
             ops.push(Op {
                 method: method.to_ascii_uppercase(),
                 path: path.clone(),
@@ -107,6 +120,7 @@ const PARAMS: &[(&str, &str, &str)] = &[
     ("/devices", "metric", "metric"),
     ("/devices", "name", "shadow"),
     ("/devices", "bundle", "diagnostic"),
+    ("/devices", "cid", "command"),
     ("/diagnostics", "token", "upload_token"),
     ("/rules", "id", "rule"),
     ("/alarms", "id", "alarm"),
@@ -1361,4 +1375,71 @@ async fn a_tenant_reaches_and_sees_nothing_of_another_tenant() {
             panic!("GET {path} streams t2's admin {leak:?} of t1: {text}");
         }
     }
+}
+
+// ---------------------------------------------------------------------------
+// Device routes
+
+/// The device routes are exactly the documented set, say how a device
+/// authenticates, and refuse every operator token (401): an operator acts
+/// on devices through the operator routes, never as one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_routes_refuse_operator_tokens() {
+    let srv = TestServer::with(secure).await;
+    let r = http_get(srv.http(), "/api/v1/openapi.json").await;
+    let doc = r.json();
+    let mut found = BTreeSet::new();
+    for (path, item) in doc["paths"].as_object().expect("paths") {
+        for (method, op) in item.as_object().expect("path item") {
+            if op["x-access"] == "device" {
+                let schemes: Vec<String> = op["security"]
+                    .as_array()
+                    .expect("security")
+                    .iter()
+                    .filter_map(|s| s.as_object()?.keys().next().cloned())
+                    .collect();
+                assert!(
+                    schemes.contains(&"deviceToken".to_string())
+                        && schemes.contains(&"deviceCertificate".to_string()),
+                    "{method} {path}: {schemes:?}"
+                );
+                found.insert((method.to_ascii_uppercase(), path.clone()));
+            }
+        }
+    }
+    let expected: BTreeSet<(String, String)> = DEVICE_OPERATIONS
+        .iter()
+        .map(|(m, p)| (m.to_string(), p.to_string()))
+        .collect();
+    assert_eq!(found, expected, "the operations devices call");
+    let admin = Api::admin(&srv);
+    admin
+        .expect("POST", "/devices", Some(json!({"id": "dev-x"})), 201)
+        .await;
+    let sent = admin
+        .expect(
+            "POST",
+            "/devices/dev-x/commands",
+            Some(json!({"name": "noop"})),
+            202,
+        )
+        .await;
+    let cid = sent["id"].as_str().expect("id");
+    for (method, path) in DEVICE_OPERATIONS {
+        let path = path.replace("{id}", "dev-x").replace("{cid}", cid);
+        let r = admin.call(method, &path, Some(json!({"x": 1}))).await;
+        assert_eq!(
+            r.status, 401,
+            "{method} {path} with the admin's token: {}",
+            r.body
+        );
+    }
+    // Nothing happened to the command.
+    let c = admin
+        .expect("GET", &format!("/commands/{cid}"), None, 200)
+        .await;
+    assert!(
+        c["status"] != "answered" && c["status"] != "delivered",
+        "{c}"
+    );
 }

@@ -76,6 +76,7 @@ pub fn test_settings(dir: &std::path::Path) -> Settings {
     };
     s.mqtt.listen = "127.0.0.1:0".into();
     s.mqtt.tls_listen = "127.0.0.1:0".into();
+    s.http.tls_listen = "127.0.0.1:0".into();
     s.http.listen = "127.0.0.1:0".into();
     s.mqtt.allow_anonymous = true;
     s.mqtt.sys_interval_secs = 0;
@@ -974,7 +975,7 @@ pub async fn http_request(
     .await
 }
 
-fn parse_http(raw: &[u8]) -> HttpResponse {
+pub fn parse_http(raw: &[u8]) -> HttpResponse {
     let text = String::from_utf8_lossy(raw);
     let (head, body) = text.split_once("\r\n\r\n").expect("HTTP header end");
     let mut lines = head.split("\r\n");
@@ -1060,6 +1061,8 @@ impl BinServer {
                 "--http-listen",
                 "127.0.0.1:0",
                 "--mqtts-listen",
+                "127.0.0.1:0",
+                "--https-listen",
                 "127.0.0.1:0",
                 "--allow-anonymous",
             ])
@@ -1212,6 +1215,8 @@ impl BinServer {
                 "--http-listen",
                 "127.0.0.1:0",
                 "--mqtts-listen",
+                "127.0.0.1:0",
+                "--https-listen",
                 "127.0.0.1:0",
             ])
             .env_remove("M2MHUB_CONFIG")
