@@ -1,0 +1,16 @@
+//! Sparkplug B (Eclipse Sparkplug 3.0): the payload codec, the topic
+//! namespace and the host application's view of edge-node sessions.
+
+pub mod edge;
+pub mod payload;
+pub mod topic;
+
+#[cfg(test)]
+mod tests;
+
+pub use edge::{rebirth_request, EdgeKey, Event, HostConfig, Rejection, SparkplugHost};
+pub use payload::{
+    decode_payload, encode_payload, metric_value, DataType, Metric, MetricValue, Payload,
+    PayloadError, ValueError,
+};
+pub use topic::{parse_topic, EdgeTopic, MessageType, Topic, TopicError};
