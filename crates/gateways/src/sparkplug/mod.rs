@@ -6,7 +6,7 @@ pub mod payload;
 pub mod topic;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 pub use edge::{rebirth_request, EdgeKey, Event, HostConfig, Rejection, SparkplugHost};
 pub use payload::{

@@ -782,3 +782,6 @@ impl Downlink {
         Ok((topic, body))
     }
 }
+
+#[cfg(test)]
+mod tests;
