@@ -36,4 +36,7 @@ pub mod chirpstack;
 pub mod fuzz;
 pub mod sparkplug;
 
+#[cfg(test)]
+mod proptests;
+
 pub use m2mhub_telemetry::{Point, Value};

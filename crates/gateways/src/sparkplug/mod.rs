@@ -11,6 +11,6 @@ pub(crate) mod tests;
 pub use edge::{rebirth_request, EdgeKey, Event, HostConfig, Rejection, SparkplugHost};
 pub use payload::{
     decode_payload, encode_payload, metric_value, DataType, Metric, MetricValue, Payload,
-    PayloadError, ValueError,
+    PayloadError, PropertySet, PropertyValue, ValueError,
 };
 pub use topic::{parse_topic, EdgeTopic, MessageType, Topic, TopicError};
