@@ -2,6 +2,7 @@
 //! namespace and the host application's view of edge-node sessions.
 
 pub mod edge;
+pub mod host_state;
 pub mod payload;
 pub mod topic;
 
@@ -9,6 +10,7 @@ pub mod topic;
 pub(crate) mod tests;
 
 pub use edge::{rebirth_request, EdgeKey, Event, HostConfig, Rejection, SparkplugHost};
+pub use host_state::{HostState, HostStateError};
 pub use payload::{
     decode_payload, encode_payload, metric_value, DataType, Metric, MetricValue, Payload,
     PayloadError, PropertySet, PropertyValue, ValueError,

@@ -120,7 +120,7 @@ pub enum TopicError {
     StateShape,
     #[error("empty {0}")]
     EmptyId(&'static str),
-    #[error("{0} contains an MQTT wildcard (+ or #)")]
+    #[error("{0} contains an MQTT wildcard (+ or #) or a /")]
     Wildcard(&'static str),
 }
 
