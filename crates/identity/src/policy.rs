@@ -5,6 +5,12 @@
 //! - Every device may publish and subscribe under its own namespace
 //!   `devices/{device_id}/#` (which, per MQTT `#` semantics, includes
 //!   `devices/{device_id}` itself).
+//! - A device is also a Sparkplug B edge node whose node id is its device
+//!   id: it may publish `spBv1.0/{group}/N*|D*/{device_id}[/{device}]`
+//!   (births, deaths, data) and subscribe to its own commands
+//!   (`spBv1.0/{group}/NCMD/{device_id}`, `…/DCMD/{device_id}/{device}`)
+//!   and to host states (`spBv1.0/STATE/{host}`). Device ids are unique, so
+//!   this reaches no other device.
 //! - Policies of the device's own tenant (and, if the policy names a group,
 //!   only for devices of that group) grant more: lists of topic filter
 //!   patterns for publish and subscribe, with `{device_id}`, `{group}` and
@@ -189,7 +195,8 @@ pub fn decide<'p>(
             if t.starts_with('$') || topic::validate_topic_name(t).is_err() {
                 return false;
             }
-            if in_own_namespace(scope.device_id, t) {
+            if in_own_namespace(scope.device_id, t) || sparkplug_allows(scope.device_id, action, t)
+            {
                 return true;
             }
             any_grant(policies, scope, action, |allowed| {
@@ -206,13 +213,42 @@ pub fn decide<'p>(
                 return false;
             }
             let own = format!("devices/{}/#", scope.device_id);
-            if filter_is_subset(f, &own) {
+            if filter_is_subset(f, &own) || sparkplug_allows(scope.device_id, action, f) {
                 return true;
             }
             any_grant(policies, scope, action, |allowed| {
                 filter_is_subset(f, allowed)
             })
         }
+    }
+}
+
+/// The Sparkplug B topics an edge node named `device_id` may use: publish
+/// its births, deaths and data; subscribe to its own commands and to host
+/// states. Filters are judged level by level: a wildcard is allowed only
+/// where the rule allows any value (the group, the device below the node).
+fn sparkplug_allows(device_id: &str, action: Action, t: &str) -> bool {
+    let levels: Vec<&str> = t.split('/').collect();
+    let plain = |l: &str| !l.is_empty() && l != "+" && l != "#";
+    let any_value = |l: &str| !l.is_empty() && l != "#";
+    match (action, levels.as_slice()) {
+        (Action::Publish, ["spBv1.0", group, kind, node, rest @ ..]) => {
+            plain(group)
+                && *node == device_id
+                && match (*kind, rest) {
+                    ("NBIRTH" | "NDEATH" | "NDATA", []) => true,
+                    ("DBIRTH" | "DDEATH" | "DDATA", [device]) => plain(device),
+                    _ => false,
+                }
+        }
+        (Action::Subscribe, ["spBv1.0", "STATE", host]) => any_value(host),
+        (Action::Subscribe, ["spBv1.0", group, "NCMD", node]) => {
+            any_value(group) && *node == device_id
+        }
+        (Action::Subscribe, ["spBv1.0", group, "DCMD", node, device]) => {
+            any_value(group) && *node == device_id && any_value(device)
+        }
+        _ => false,
     }
 }
 
@@ -811,6 +847,49 @@ mod tests {
             if filter_is_subset(&r, &a) && topic::matches(&r, &topic) {
                 prop_assert!(topic::matches(&a, &topic), "{r} ⊆ {a} but {topic}");
             }
+        }
+    }
+
+    #[test]
+    fn a_device_is_a_sparkplug_edge_node_under_its_own_id() {
+        let sc = scope("press-7", "acme", None);
+        let ok = |a, t| decide([], &sc, a, t);
+        for t in [
+            "spBv1.0/plant/NBIRTH/press-7",
+            "spBv1.0/plant/NDATA/press-7",
+            "spBv1.0/plant/NDEATH/press-7",
+            "spBv1.0/plant/DBIRTH/press-7/valve",
+            "spBv1.0/plant/DDATA/press-7/valve",
+        ] {
+            assert!(ok(Action::Publish, t), "{t}");
+        }
+        for t in [
+            "spBv1.0/plant/NDATA/press-8",
+            "spBv1.0/plant/DDATA/press-8/valve",
+            "spBv1.0/plant/NCMD/press-7",
+            "spBv1.0/plant/DDATA/press-7",
+            "spBv1.0/plant/NDATA/press-7/extra",
+            "spBv1.0/STATE/host",
+            "spBv1.0/+/NDATA/press-7",
+        ] {
+            assert!(!ok(Action::Publish, t), "{t}");
+        }
+        for f in [
+            "spBv1.0/plant/NCMD/press-7",
+            "spBv1.0/+/NCMD/press-7",
+            "spBv1.0/plant/DCMD/press-7/+",
+            "spBv1.0/STATE/+",
+        ] {
+            assert!(ok(Action::Subscribe, f), "{f}");
+        }
+        for f in [
+            "spBv1.0/plant/NCMD/+",
+            "spBv1.0/#",
+            "spBv1.0/plant/DCMD/press-7/#",
+            "spBv1.0/plant/NDATA/press-8",
+            "spBv1.0/plant/DCMD/press-8/x",
+        ] {
+            assert!(!ok(Action::Subscribe, f), "{f}");
         }
     }
 }

@@ -17,6 +17,7 @@
 
 pub mod connection_history;
 pub mod counters;
+pub mod gateways;
 pub mod live;
 pub mod ota_topics;
 pub mod pipeline;

@@ -40,6 +40,9 @@ pub struct Ingest {
     pub counters: Arc<IngestCounters>,
     /// Live views (the console): told of stored points while one is open.
     pub live: Arc<LiveHub>,
+    /// Sparkplug B edge nodes and ChirpStack bridges (`None`: their topics
+    /// are routed like any other, not read).
+    pub gateways: Option<Arc<crate::gateways::Gateways>>,
 }
 
 /// Why the store could not take a message: the transport tells the device
@@ -117,6 +120,14 @@ impl PublishHook for Ingest {
         identity: &ClientIdentity,
         message: &Message,
     ) -> Option<AckGate> {
+        if let Some(g) = &self.gateways {
+            if message.topic.starts_with("spBv1.0/") {
+                return g.on_sparkplug(self, identity, message);
+            }
+            if let Some((bridge, rest)) = crate::gateways::chirpstack_topic(&message.topic) {
+                return g.on_chirpstack(self, identity, bridge, rest, message);
+            }
+        }
         let device = telemetry_device(&message.topic)?;
         // The tenant of an authenticated device publishing for itself; the
         // registry's otherwise (an operator tool publishing for a device).
@@ -202,6 +213,20 @@ impl Ingest {
                 return Outcome::Invalid(Invalid::Undecodable(detail));
             }
         };
+        self.store_points(&tenant, device, &points, wait)
+    }
+
+    /// Store points already decoded (by a gateway protocol: Sparkplug B,
+    /// LoRaWAN) for `device` of `tenant`, with the same durability, counters,
+    /// device events and live events as [`Ingest::ingest`].
+    pub fn store_points(
+        &self,
+        tenant: &Arc<str>,
+        device: &str,
+        points: &[m2mhub_telemetry::Point],
+        wait: bool,
+    ) -> Outcome {
+        let c = &self.counters;
         if points.is_empty() {
             return Outcome::Done;
         }
@@ -217,7 +242,7 @@ impl Ingest {
                 },
             })
             .collect();
-        let appended = match self.store.append(&tenant, device, &ins) {
+        let appended = match self.store.append(tenant, device, &ins) {
             Ok(a) => a,
             Err(e) => {
                 c.refused_messages.fetch_add(1, Ordering::Relaxed);
@@ -237,7 +262,7 @@ impl Ingest {
             } else {
                 first.clone()
             };
-            self.event(&tenant, device, "rejected_points", detail);
+            self.event(tenant, device, "rejected_points", detail);
         }
         if self.live.active() {
             self.live.send(LiveEvent::Telemetry {
@@ -304,6 +329,7 @@ mod tests {
             limits: Limits::default(),
             counters: Arc::default(),
             live: Arc::default(),
+            gateways: None,
         };
         Rig {
             _dir: dir,

@@ -164,6 +164,10 @@ impl Server {
                 ..Default::default()
             },
             counters: ingest.clone(),
+            gateways: Some(m2mhub_ingest::gateways::Gateways::start(
+                &broker,
+                v.gateways.clone(),
+            )),
         });
         broker.set_publish_hook(pipeline.clone());
 

@@ -151,6 +151,19 @@ chunk_bytes = 16384
 # How long a download URL handed to a device works (seconds).
 url_ttl_secs = 3600
 
+[gateways]
+# Sparkplug B edge nodes (node id = their device id, on spBv1.0/...) and
+# ChirpStack bridges (a bridge device publishing its integration events on
+# devices/{bridge}/chirpstack/application/{app}/device/{dev_eui}/event/{kind}).
+# Register devices a gateway names for the first time (Sparkplug devices as
+# {node}.{device}, LoRaWAN devices by DevEUI) in the gateway's tenant and
+# group; false: their data is refused and kept as a device event.
+auto_register = true
+# This platform's Sparkplug host id: spBv1.0/STATE/{id} announces it online.
+sparkplug_host_id = "m2mhub"
+# At most one Sparkplug rebirth request per edge node this often (seconds).
+rebirth_interval_secs = 10
+
 [log]
 # trace, debug, info, warn or error (RUST_LOG overrides it).
 level = "info"
@@ -167,7 +180,26 @@ pub struct Settings {
     pub diagnostics: DiagnosticsSettings,
     pub http: HttpSettings,
     pub ota: OtaSettings,
+    pub gateways: GatewaySettings,
     pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewaySettings {
+    pub auto_register: bool,
+    pub sparkplug_host_id: String,
+    pub rebirth_interval_secs: u32,
+}
+
+impl Default for GatewaySettings {
+    fn default() -> Self {
+        GatewaySettings {
+            auto_register: true,
+            sparkplug_host_id: "m2mhub".into(),
+            rebirth_interval_secs: 10,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -311,6 +343,7 @@ impl Default for Settings {
             diagnostics: DiagnosticsSettings::default(),
             http: HttpSettings::default(),
             ota: OtaSettings::default(),
+            gateways: GatewaySettings::default(),
             log: LogSettings::default(),
         }
     }
@@ -378,7 +411,15 @@ impl Default for LogSettings {
 
 /// The sections of the file; an environment variable `M2MHUB_MQTT_LISTEN`
 /// is the key `listen` of section `mqtt`.
-const SECTIONS: [&str; 6] = ["mqtt", "telemetry", "diagnostics", "http", "ota", "log"];
+const SECTIONS: [&str; 7] = [
+    "mqtt",
+    "telemetry",
+    "diagnostics",
+    "http",
+    "ota",
+    "gateways",
+    "log",
+];
 
 /// Environment variables that are not config keys.
 const NOT_KEYS: [&str; 6] = [
@@ -625,7 +666,26 @@ impl Settings {
             retention: Duration::from_secs(u64::from(d.retention_hours) * 3600),
             upload_ttl: secs(d.upload_url_ttl_s),
         };
+        let g = &self.gateways;
+        let host_id = g.sparkplug_host_id.trim();
+        if host_id.is_empty() || host_id.contains(['/', '+', '#']) {
+            bail!("invalid value for `gateways.sparkplug_host_id`: {host_id:?}; use a non-empty name without / + #");
+        }
+        if g.rebirth_interval_secs == 0 {
+            bail!(
+                "invalid value for `gateways.rebirth_interval_secs`: 0; use at least 1 (seconds)"
+            );
+        }
+        let gateways = m2mhub_ingest::gateways::GatewayConfig {
+            auto_register: g.auto_register,
+            sparkplug_host_id: host_id.to_string(),
+            sparkplug: m2mhub_gateways::sparkplug::HostConfig {
+                rebirth_interval_ms: i64::from(g.rebirth_interval_secs) * 1000,
+                ..Default::default()
+            },
+        };
         Ok(Validated {
+            gateways,
             ota,
             telemetry,
             diagnostics,
@@ -657,6 +717,8 @@ pub struct TlsFiles {
 pub struct Validated {
     pub data_dir: PathBuf,
     pub ota: OtaConfig,
+    /// Sparkplug B and ChirpStack.
+    pub gateways: m2mhub_ingest::gateways::GatewayConfig,
     pub telemetry: TelemetryConfig,
     /// Diagnostic bundles: where, how large, how long.
     pub diagnostics: m2mhub_fleet::DiagnosticsConfig,

@@ -31,6 +31,8 @@ mod diagnostics;
 mod fleet;
 #[path = "tests/flow.rs"]
 mod flow;
+#[path = "tests/gateways.rs"]
+mod gateways;
 #[path = "tests/http.rs"]
 mod http;
 #[path = "tests/http_devices.rs"]
