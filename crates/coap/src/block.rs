@@ -115,6 +115,11 @@ impl Uploads {
         self.uploads.is_empty()
     }
 
+    /// Whether a body from `peer` to `uri` is being reassembled.
+    pub fn contains(&self, peer: SocketAddr, uri: &str) -> bool {
+        self.uploads.contains_key(&(peer, uri.to_owned()))
+    }
+
     /// Take one block of a request body sent by `peer` to `uri`. `size1`
     /// is the client's announced total size, if any.
     pub fn receive(

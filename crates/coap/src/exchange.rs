@@ -331,6 +331,11 @@ impl Endpoint {
         self.verified.contains_key(&peer)
     }
 
+    /// Whether the request `id` still waits for [`Endpoint::respond`].
+    pub fn is_open(&self, id: ExchangeId) -> bool {
+        self.incoming.contains_key(&id)
+    }
+
     /// Exchanges in progress (for metrics and tests).
     pub fn exchanges(&self) -> usize {
         self.exchanges

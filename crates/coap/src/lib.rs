@@ -7,3 +7,4 @@ pub mod exchange;
 pub mod message;
 pub mod observe;
 pub mod rate_limit;
+pub mod server;
