@@ -32,7 +32,8 @@ pub struct CoapConfig {
     pub max_exchanges: usize,
     /// The most exchanges in progress with one client address (32).
     pub max_exchanges_per_peer: usize,
-    /// The most message ids remembered for duplicate detection (16384).
+    /// The most message ids remembered for duplicate detection (65536);
+    /// when full, ids older than MAX_TRANSMIT_SPAN (45 s) make room.
     pub max_dedup: usize,
     /// Requests per second allowed per client IP address (20); over it,
     /// a CON gets 5.03 with Max-Age and a NON is dropped.
@@ -68,7 +69,7 @@ impl Default for CoapConfig {
             upload_timeout: Duration::from_secs(60),
             max_exchanges: 4096,
             max_exchanges_per_peer: 32,
-            max_dedup: 16_384,
+            max_dedup: 65_536,
             rate_per_second: 20,
             rate_burst: 40,
             max_rate_entries: 16_384,

@@ -54,8 +54,13 @@ pub struct EndpointConfig {
     pub request_timeout: Duration,
     /// The largest datagram accepted.
     pub max_message_size: usize,
-    /// The most message ids remembered for deduplication.
+    /// The most message ids remembered for deduplication. When full, ids
+    /// older than MAX_TRANSMIT_SPAN (after which a peer no longer
+    /// retransmits) are forgotten early; only if none is that old are new
+    /// requests refused.
     pub max_dedup: usize,
+    /// The most bytes of cached replies held for deduplication.
+    pub max_dedup_bytes: usize,
     /// The most exchanges (requests being answered, CON messages in flight,
     /// requests awaiting a response) in total.
     pub max_exchanges: usize,
@@ -77,7 +82,8 @@ impl Default for EndpointConfig {
             response_timeout: Duration::from_secs(60),
             request_timeout: Duration::from_secs(93),
             max_message_size: 1280,
-            max_dedup: 16_384,
+            max_dedup: 65_536,
+            max_dedup_bytes: 16 * 1024 * 1024,
             max_exchanges: 4096,
             max_exchanges_per_peer: 32,
             overload_max_age: 5,
@@ -244,6 +250,8 @@ pub struct Endpoint {
     per_peer: HashMap<SocketAddr, usize>,
     exchanges: usize,
     dedup: HashMap<(SocketAddr, u16), Dedup>,
+    dedup_bytes: usize,
+    /// Message ids in arrival order, with their arrival time.
     dedup_con: VecDeque<(Instant, SocketAddr, u16)>,
     dedup_non: VecDeque<(Instant, SocketAddr, u16)>,
     /// NON messages we sent, for matching a Reset (an observer cancelling).
@@ -278,6 +286,7 @@ impl Endpoint {
             per_peer: HashMap::new(),
             exchanges: 0,
             dedup: HashMap::new(),
+            dedup_bytes: 0,
             dedup_con: VecDeque::new(),
             dedup_non: VecDeque::new(),
             sent_non: HashMap::new(),
@@ -314,8 +323,12 @@ impl Endpoint {
     pub fn poll_timeout(&self) -> Option<Instant> {
         [
             self.timers.first().map(|(t, _)| *t),
-            self.dedup_con.front().map(|e| e.0),
-            self.dedup_non.front().map(|e| e.0),
+            self.dedup_con
+                .front()
+                .map(|e| e.0 + self.config.exchange_lifetime),
+            self.dedup_non
+                .front()
+                .map(|e| e.0 + self.config.non_lifetime),
             self.sent_non_order.front().map(|e| e.0),
             self.verified_order.front().map(|e| e.0),
         ]
@@ -339,6 +352,12 @@ impl Endpoint {
     /// Exchanges in progress (for metrics and tests).
     pub fn exchanges(&self) -> usize {
         self.exchanges
+    }
+
+    /// Timers scheduled (bounded by the live exchanges: finished ones
+    /// take theirs with them).
+    pub fn timer_count(&self) -> usize {
+        self.timers.len()
     }
 
     /// Message ids remembered for deduplication.
@@ -385,6 +404,8 @@ impl Endpoint {
                     // The response will come separately.
                     Some(token) => {
                         if let Some(p) = self.pending.get_mut(&(peer, token)) {
+                            self.timers
+                                .remove(&(p.expires, Timer::RequestExpiry(peer, token)));
                             p.expires = now + self.config.request_timeout;
                             let at = p.expires;
                             self.timers.insert((at, Timer::RequestExpiry(peer, token)));
@@ -441,7 +462,9 @@ impl Endpoint {
                 );
                 reply.payload = Bytes::from_static(b"unrecognised critical option");
                 let bytes = self.encode_or_empty(&reply);
-                self.remember(now, peer, &msg, Some(bytes.clone()), None);
+                if self.make_room(now) {
+                    self.remember(now, peer, &msg, Some(bytes.clone()), None);
+                }
                 self.transmits.push_back((peer, bytes));
                 return;
             }
@@ -451,7 +474,7 @@ impl Endpoint {
             }
             Some(Rejection::Ignore) => return,
         }
-        if self.dedup.len() >= self.config.max_dedup || !self.acquire(peer) {
+        if !self.make_room(now) || !self.acquire(peer) {
             tracing::debug!(%peer, "CoAP request refused: endpoint busy");
             if con {
                 let reply = self.overload_reply(msg.message_id, msg.token);
@@ -571,7 +594,7 @@ impl Endpoint {
                 } else {
                     None
                 };
-                if self.dedup.len() < self.config.max_dedup {
+                if self.make_room(now) {
                     self.remember(now, peer, &msg, reply, None);
                 }
                 self.deliver_response(peer, id, msg);
@@ -591,7 +614,7 @@ impl Endpoint {
                 p.observing = true;
             }
         }
-        if !keep && self.pending.remove(&key).is_some() {
+        if !keep && self.take_pending(key).is_some() {
             self.release(peer);
         }
         self.events.push_back(Event::Response {
@@ -613,8 +636,7 @@ impl Endpoint {
         mut response: Message,
     ) -> Result<(), ExchangeError> {
         let inc = self
-            .incoming
-            .remove(&id)
+            .take_incoming(id)
             .ok_or(ExchangeError::UnknownExchange)?;
         response.token = inc.token;
         let dedup_key = (inc.peer, inc.message_id);
@@ -625,10 +647,7 @@ impl Endpoint {
             response.mtype = MessageType::Acknowledgement;
             response.message_id = inc.message_id;
             let bytes = Bytes::from(response.encode()?);
-            if let Some(d) = self.dedup.get_mut(&dedup_key) {
-                d.reply = Some(bytes.clone());
-                d.pending = None;
-            }
+            self.set_dedup_reply(dedup_key, bytes.clone());
             self.transmits.push_back((inc.peer, bytes));
             return Ok(());
         }
@@ -655,7 +674,7 @@ impl Endpoint {
         if self.incoming.get(&id).is_some_and(|i| i.con && !i.acked) {
             self.send_empty_ack(now, id);
         }
-        if let Some(inc) = self.incoming.remove(&id) {
+        if let Some(inc) = self.take_incoming(id) {
             self.release(inc.peer);
             if let Some(d) = self.dedup.get_mut(&(inc.peer, inc.message_id)) {
                 d.pending = None;
@@ -709,7 +728,7 @@ impl Endpoint {
     /// Forget a request (stop retransmitting it and ignore its responses:
     /// later notifications are answered with Reset).
     pub fn cancel_request(&mut self, peer: SocketAddr, token: Token) {
-        if let Some(p) = self.pending.remove(&(peer, token)) {
+        if let Some(p) = self.take_pending((peer, token)) {
             self.release(peer);
             if let Some(&(peer, mid)) = self.in_flight_by_id.get(&p.id) {
                 self.take_in_flight(peer, mid);
@@ -748,6 +767,8 @@ impl Endpoint {
         let Some(mut f) = self.in_flight.remove(&(peer, old_mid)) else {
             return Ok(false);
         };
+        self.timers
+            .remove(&(f.next_at, Timer::Retransmit(peer, old_mid)));
         f.bytes = bytes.clone();
         self.timers
             .insert((f.next_at, Timer::Retransmit(peer, mid)));
@@ -832,7 +853,7 @@ impl Endpoint {
             .find(|(k, p)| k.0 == peer && p.id == id)
             .map(|(k, _)| *k);
         if let Some(key) = key {
-            self.pending.remove(&key);
+            self.take_pending(key);
             self.release(peer);
         }
     }
@@ -879,7 +900,7 @@ impl Endpoint {
     fn release_in_flight(&mut self, peer: SocketAddr, f: &InFlight) {
         match f.request {
             Some(token) => {
-                if self.pending.remove(&(peer, token)).is_some() {
+                if self.take_pending((peer, token)).is_some() {
                     self.release(peer);
                 }
             }
@@ -890,7 +911,26 @@ impl Endpoint {
     fn take_in_flight(&mut self, peer: SocketAddr, mid: u16) -> Option<InFlight> {
         let f = self.in_flight.remove(&(peer, mid))?;
         self.in_flight_by_id.remove(&f.id);
+        self.timers
+            .remove(&(f.next_at, Timer::Retransmit(peer, mid)));
         Some(f)
+    }
+
+    /// Remove an incoming request and its timers.
+    fn take_incoming(&mut self, id: ExchangeId) -> Option<Incoming> {
+        let inc = self.incoming.remove(&id)?;
+        self.timers.remove(&(inc.ack_at, Timer::EmptyAck(id)));
+        self.timers
+            .remove(&(inc.expires, Timer::IncomingExpiry(id)));
+        Some(inc)
+    }
+
+    /// Remove a request we sent, and its timer.
+    fn take_pending(&mut self, key: (SocketAddr, Token)) -> Option<Pending> {
+        let p = self.pending.remove(&key)?;
+        self.timers
+            .remove(&(p.expires, Timer::RequestExpiry(key.0, key.1)));
+        Some(p)
     }
 
     fn acquire(&mut self, peer: SocketAddr) -> bool {
@@ -939,14 +979,73 @@ impl Endpoint {
         pending: Option<ExchangeId>,
     ) {
         let key = (peer, msg.message_id);
-        self.dedup.insert(key, Dedup { reply, pending });
-        if msg.mtype == MessageType::Confirmable {
-            self.dedup_con
-                .push_back((now + self.config.exchange_lifetime, peer, msg.message_id));
-        } else {
-            self.dedup_non
-                .push_back((now + self.config.non_lifetime, peer, msg.message_id));
+        self.dedup_bytes += reply.as_ref().map_or(0, Bytes::len);
+        if let Some(old) = self.dedup.insert(key, Dedup { reply, pending }) {
+            self.dedup_bytes -= old.reply.as_ref().map_or(0, Bytes::len);
         }
+        if msg.mtype == MessageType::Confirmable {
+            self.dedup_con.push_back((now, peer, msg.message_id));
+        } else {
+            self.dedup_non.push_back((now, peer, msg.message_id));
+        }
+    }
+
+    /// Record what a duplicate of `key` gets, and that nothing waits on it.
+    fn set_dedup_reply(&mut self, key: (SocketAddr, u16), bytes: Bytes) {
+        if let Some(d) = self.dedup.get_mut(&key) {
+            self.dedup_bytes += bytes.len();
+            self.dedup_bytes -= d.reply.as_ref().map_or(0, Bytes::len);
+            d.reply = Some(bytes);
+            d.pending = None;
+        }
+    }
+
+    fn forget_message(&mut self, key: (SocketAddr, u16)) {
+        if let Some(d) = self.dedup.remove(&key) {
+            self.dedup_bytes -= d.reply.as_ref().map_or(0, Bytes::len);
+        }
+    }
+
+    /// MAX_TRANSMIT_SPAN (§4.8.2): after this long a peer no longer
+    /// retransmits a CON, so forgetting its id risks little.
+    fn max_transmit_span(&self) -> Duration {
+        let factor = self.config.ack_random_factor_percent.max(100);
+        let spans = (1u32 << self.config.max_retransmit.min(16)) - 1;
+        self.config.ack_timeout * spans * factor / 100
+    }
+
+    /// Make room for one more remembered message: forget ids that are past
+    /// MAX_TRANSMIT_SPAN, oldest first, while a bound is reached. False
+    /// when every remembered id is younger (then the request is refused).
+    fn make_room(&mut self, now: Instant) -> bool {
+        let span = self.max_transmit_span();
+        while self.dedup.len() >= self.config.max_dedup
+            || self.dedup_bytes >= self.config.max_dedup_bytes
+        {
+            let con = self.dedup_con.front().map(|e| e.0);
+            let non = self.dedup_non.front().map(|e| e.0);
+            let queue = match (con, non) {
+                (Some(c), Some(n)) if n < c => &mut self.dedup_non,
+                (Some(_), _) => &mut self.dedup_con,
+                (None, Some(_)) => &mut self.dedup_non,
+                (None, None) => return false,
+            };
+            let Some(&(at, peer, mid)) = queue.front() else {
+                return false;
+            };
+            if now.saturating_duration_since(at) < span {
+                return false;
+            }
+            queue.pop_front();
+            let waiting = self
+                .dedup
+                .get(&(peer, mid))
+                .is_some_and(|d| d.pending.is_some());
+            if !waiting {
+                self.forget_message((peer, mid));
+            }
+        }
+        true
     }
 
     fn send_empty(&mut self, peer: SocketAddr, mtype: MessageType, message_id: u16) {
@@ -964,9 +1063,7 @@ impl Endpoint {
         inc.acked = true;
         let (peer, mid) = (inc.peer, inc.message_id);
         let bytes = self.encode_or_empty(&Message::empty(MessageType::Acknowledgement, mid));
-        if let Some(d) = self.dedup.get_mut(&(peer, mid)) {
-            d.reply = Some(bytes.clone());
-        }
+        self.set_dedup_reply((peer, mid), bytes.clone());
         self.transmits.push_back((peer, bytes));
     }
 
@@ -994,7 +1091,7 @@ impl Endpoint {
                 }
                 Timer::IncomingExpiry(id) => {
                     if self.incoming.get(&id).is_some_and(|i| i.expires == at) {
-                        if let Some(inc) = self.incoming.remove(&id) {
+                        if let Some(inc) = self.take_incoming(id) {
                             self.release(inc.peer);
                             if let Some(d) = self.dedup.get_mut(&(inc.peer, inc.message_id)) {
                                 d.pending = None;
@@ -1007,7 +1104,7 @@ impl Endpoint {
                         p.expires == at && !p.observing && !self.in_flight_by_id.contains_key(&p.id)
                     });
                     if expired {
-                        if let Some(p) = self.pending.remove(&(peer, token)) {
+                        if let Some(p) = self.take_pending((peer, token)) {
                             self.release(peer);
                             self.events.push_back(Event::Failed {
                                 id: p.id,
@@ -1050,15 +1147,24 @@ impl Endpoint {
     }
 
     fn expire(&mut self, now: Instant) {
-        for queue in [&mut self.dedup_con, &mut self.dedup_non] {
-            while let Some(&(at, peer, mid)) = queue.front() {
-                if at > now {
+        let lifetimes = [self.config.exchange_lifetime, self.config.non_lifetime];
+        for (con, lifetime) in [true, false].into_iter().zip(lifetimes) {
+            loop {
+                let queue = if con {
+                    &mut self.dedup_con
+                } else {
+                    &mut self.dedup_non
+                };
+                let Some(&(at, peer, mid)) = queue.front() else {
+                    break;
+                };
+                if at + lifetime > now {
                     break;
                 }
                 queue.pop_front();
                 // The response timeout is shorter than both lifetimes, so
                 // nothing still waits on an entry this old.
-                self.dedup.remove(&(peer, mid));
+                self.forget_message((peer, mid));
             }
         }
         while let Some(&(at, peer, mid)) = self.sent_non_order.front() {

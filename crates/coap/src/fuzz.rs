@@ -80,6 +80,7 @@ pub fn endpoint(data: &[u8]) {
     }
     assert_eq!(server.endpoint().exchanges(), 0, "exchanges left over");
     assert_eq!(server.endpoint().dedup_len(), 0, "message ids left over");
+    assert_eq!(server.endpoint().timer_count(), 0, "timers left over");
     assert_eq!(server.pending(), 0, "requests left over");
 }
 

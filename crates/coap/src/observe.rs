@@ -63,6 +63,7 @@ type ObserverKey = (SocketAddr, Token);
 struct Observer {
     key: String,
     uri: String,
+    request_len: usize,
     since_con: u32,
     last_con: Instant,
     /// The Confirmable notification in flight, if any.
@@ -78,6 +79,9 @@ pub struct Notification {
     pub peer: SocketAddr,
     /// The URI it registered with (for the Block2 cache).
     pub uri: String,
+    /// The size of its registration request (for the amplification limit
+    /// while its address is not verified).
+    pub request_len: usize,
     /// The message: type, token, Observe and Content-Format set; the
     /// message id is the endpoint's to assign.
     pub message: Message,
@@ -129,7 +133,8 @@ impl Observers {
     }
 
     /// Register (or re-register: same address and token) an observer of
-    /// `key`; returns the Observe value for the registration response.
+    /// `key` that asked with a request of `request_len` bytes to `uri`;
+    /// returns the Observe value for the registration response.
     pub fn register(
         &mut self,
         now: Instant,
@@ -137,6 +142,7 @@ impl Observers {
         token: Token,
         key: &str,
         uri: &str,
+        request_len: usize,
     ) -> Result<u32, ObserversFull> {
         let existing = self.observers.contains_key(&(peer, token));
         if !existing && self.observers.len() >= self.config.max_observers {
@@ -148,6 +154,7 @@ impl Observers {
             Observer {
                 key: key.to_owned(),
                 uri: uri.to_owned(),
+                request_len,
                 since_con: 0,
                 last_con: now,
                 in_flight: None,
@@ -220,6 +227,7 @@ impl Observers {
             out.push(Notification {
                 peer,
                 uri: obs.uri.clone(),
+                request_len: obs.request_len,
                 message,
                 replaces: obs.in_flight,
             });
@@ -287,9 +295,13 @@ mod tests {
     fn register_notify_deregister() {
         let t0 = Instant::now();
         let mut obs = Observers::new(cfg());
-        let s0 = obs.register(t0, peer(1), tok(1), "dev/1", "d/1").unwrap();
-        obs.register(t0, peer(2), tok(2), "dev/1", "d/1").unwrap();
-        obs.register(t0, peer(2), tok(3), "dev/2", "d/2").unwrap();
+        let s0 = obs
+            .register(t0, peer(1), tok(1), "dev/1", "d/1", 20)
+            .unwrap();
+        obs.register(t0, peer(2), tok(2), "dev/1", "d/1", 20)
+            .unwrap();
+        obs.register(t0, peer(2), tok(3), "dev/2", "d/2", 20)
+            .unwrap();
         assert_eq!(obs.count("dev/1"), 2);
         let n = obs.notify(t0, "dev/1", Bytes::from_static(b"1"), Some(50), |_| true);
         assert_eq!(n.len(), 2);
@@ -315,13 +327,13 @@ mod tests {
         let t0 = Instant::now();
         let mut obs = Observers::new(cfg());
         for i in 0..3 {
-            obs.register(t0, peer(i), tok(1), "k", "k").unwrap();
+            obs.register(t0, peer(i), tok(1), "k", "k", 20).unwrap();
         }
         assert_eq!(
-            obs.register(t0, peer(9), tok(1), "k", "k"),
+            obs.register(t0, peer(9), tok(1), "k", "k", 20),
             Err(ObserversFull)
         );
-        assert!(obs.register(t0, peer(0), tok(1), "other", "o").is_ok());
+        assert!(obs.register(t0, peer(0), tok(1), "other", "o", 20).is_ok());
         assert_eq!(obs.count("k"), 2);
     }
 
@@ -329,7 +341,7 @@ mod tests {
     fn every_nth_notification_and_unverified_observers_get_con() {
         let t0 = Instant::now();
         let mut obs = Observers::new(cfg());
-        obs.register(t0, peer(1), tok(1), "k", "k").unwrap();
+        obs.register(t0, peer(1), tok(1), "k", "k", 20).unwrap();
         let types: Vec<MessageType> = (0..8)
             .map(|i| {
                 let n = obs.notify(t0, "k", Bytes::new(), None, |_| true);
@@ -357,7 +369,7 @@ mod tests {
     fn failed_con_notification_removes_the_observer_and_ack_keeps_it() {
         let t0 = Instant::now();
         let mut obs = Observers::new(cfg());
-        obs.register(t0, peer(1), tok(1), "k", "k").unwrap();
+        obs.register(t0, peer(1), tok(1), "k", "k", 20).unwrap();
         let n = obs.notify(t0, "k", Bytes::new(), None, |_| false);
         obs.sent(peer(1), tok(1), ExchangeId(10), true);
         assert_eq!(n[0].replaces, None);

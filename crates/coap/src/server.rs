@@ -470,7 +470,10 @@ impl Server {
         if p.observe {
             match (&response.observe, response.code.is_success()) {
                 (Some(key), true) => {
-                    match self.observers.register(now, p.peer, p.token, key, &p.uri) {
+                    match self
+                        .observers
+                        .register(now, p.peer, p.token, key, &p.uri, p.request_len)
+                    {
                         Ok(seq) => m.set_observe(seq),
                         Err(e) => {
                             tracing::debug!(peer = %p.peer, error = %e, "CoAP observe refused")
@@ -516,8 +519,9 @@ impl Server {
     }
 
     /// Send a new representation to every observer registered under `key`.
-    /// Large payloads go out as their first block (RFC 7959 §3.4); the
-    /// client fetches the rest with GET and Block2.
+    /// Large payloads go out as their first block (RFC 7959 §3.4), sized
+    /// like a response to the observer's registration request would be;
+    /// the client fetches the rest with GET and Block2.
     pub fn notify(
         &mut self,
         now: Instant,
@@ -535,7 +539,8 @@ impl Server {
         for mut n in notes {
             let token = n.message.token;
             let body = std::mem::take(&mut n.message.payload);
-            if body.len() > self.config.block_size {
+            let limit = self.payload_limit(n.peer, n.request_len);
+            if body.len() > limit {
                 let etag = self.downloads.insert(
                     now,
                     n.peer,
@@ -544,7 +549,7 @@ impl Server {
                     content_format,
                     body.clone(),
                 );
-                let szx = self.config.szx();
+                let szx = szx_at_most(limit);
                 let block = BlockValue {
                     num: 0,
                     more: true,

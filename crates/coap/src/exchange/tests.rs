@@ -348,7 +348,7 @@ fn exchange_caps_refuse_con_with_503_max_age_and_drop_non() {
 }
 
 #[test]
-fn dedup_cache_is_bounded() {
+fn dedup_cache_is_bounded_and_forgets_ids_past_max_transmit_span_first() {
     let cfg = EndpointConfig {
         max_dedup: 4,
         ..config()
@@ -358,8 +358,43 @@ fn dedup_cache_is_bounded() {
     for mid in 0..6 {
         ep.handle_datagram(now, addr(CLIENT), &get(MessageType::NonConfirmable, mid, 1));
     }
+    // Full of young ids: the fifth and sixth are dropped.
     assert_eq!(ep.dedup_len(), 4);
-    assert_eq!(events(&mut ep).len(), 4);
+    for ev in events(&mut ep) {
+        if let Event::Request { id, .. } = ev {
+            ep.respond(now, id, content("x")).unwrap();
+        }
+    }
+    drain(&mut ep);
+    let con = get(MessageType::Confirmable, 10, 1);
+    ep.handle_datagram(now, addr(CLIENT), &con);
+    assert_eq!(drain(&mut ep)[0].code, Code::SERVICE_UNAVAILABLE);
+    // MAX_TRANSMIT_SPAN (2 s x 15 = 30 s here) later, old ids make room.
+    let later = now + Duration::from_secs(31);
+    ep.handle_datagram(later, addr(CLIENT), &con);
+    request_id(&events(&mut ep));
+    assert_eq!(ep.dedup_len(), 4);
+}
+
+#[test]
+fn dedup_cache_is_bounded_in_bytes() {
+    let cfg = EndpointConfig {
+        max_dedup_bytes: 100,
+        ..config()
+    };
+    let mut ep = Endpoint::new(cfg, 1);
+    let now = Instant::now();
+    let mut answered = 0;
+    for mid in 0..10 {
+        ep.handle_datagram(now, addr(CLIENT), &get(MessageType::Confirmable, mid, 1));
+        if let Some(Event::Request { id, .. }) = ep.poll_event() {
+            ep.respond(now, id, content("0123456789012345678901234567890123456789"))
+                .unwrap();
+            answered += 1;
+        }
+    }
+    // Each cached reply is about 45 bytes: three fit under 100.
+    assert_eq!(answered, 3);
 }
 
 /// Move every datagram from `from` to `to`.
@@ -450,6 +485,7 @@ fn client_and_server_endpoints_piggybacked_and_separate_responses() {
         }]
     );
     assert_eq!((client.exchanges(), server.exchanges()), (0, 0));
+    assert_eq!((client.timer_count(), server.timer_count()), (0, 0));
 }
 
 #[test]

@@ -390,3 +390,22 @@ fn large_notification_goes_out_as_its_first_block() {
     assert_eq!(r.payload.len(), 2000 - 1024);
     assert_eq!(r.block2(), Some(Ok(BlockValue::new(1, false, 6).unwrap())));
 }
+
+#[test]
+fn notification_to_an_unverified_observer_is_small_and_confirmable() {
+    let t0 = Instant::now();
+    let mut s = server(t0);
+    let mut get = Client::new().request(Code::GET, "log", 4);
+    get.set_observe(0);
+    send(&mut s, t0, &get);
+    let (id, _) = s.poll_request().unwrap();
+    s.respond(t0, id, Response::content(0, "x").with_observe("log"))
+        .unwrap();
+    out(&mut s);
+    s.notify(t0, "log", Bytes::from(vec![7u8; 2000]), Some(42));
+    let n = one(&mut s);
+    assert_eq!(n.mtype, MessageType::Confirmable);
+    // A registration of about a dozen bytes earns a 16-byte first block.
+    assert_eq!(n.block2(), Some(Ok(BlockValue::new(0, true, 0).unwrap())));
+    assert!(n.encode().unwrap().len() <= 3 * get.encode().unwrap().len() + 32);
+}
