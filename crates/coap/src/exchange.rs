@@ -446,7 +446,7 @@ impl Endpoint {
             // A request in an ACK or RST is meaningless: ignore it.
             _ => return,
         };
-        if self.answer_duplicate(now, peer, &msg) {
+        if self.answer_duplicate(peer, &msg) {
             return;
         }
         match msg.option_rejection() {
@@ -523,7 +523,7 @@ impl Endpoint {
 
     /// Handle a duplicate CON/NON (§4.5): resend what we answered, never
     /// deliver twice. Returns whether `msg` was a duplicate.
-    fn answer_duplicate(&mut self, now: Instant, peer: SocketAddr, msg: &Message) -> bool {
+    fn answer_duplicate(&mut self, peer: SocketAddr, msg: &Message) -> bool {
         let Some(entry) = self.dedup.get(&(peer, msg.message_id)) else {
             return false;
         };
@@ -537,7 +537,7 @@ impl Endpoint {
             }
             // The client retransmitted while the application is still
             // working: acknowledge now rather than at the timer.
-            (None, Some(id)) => self.send_empty_ack(now, id),
+            (None, Some(id)) => self.send_empty_ack(id),
             (None, None) => {}
         }
         true
@@ -670,9 +670,9 @@ impl Endpoint {
     /// Drop a request without answering (a NON the application ignores). A
     /// Confirmable one still gets its empty ACK, so the client stops
     /// retransmitting.
-    pub fn abandon(&mut self, now: Instant, id: ExchangeId) {
+    pub fn abandon(&mut self, id: ExchangeId) {
         if self.incoming.get(&id).is_some_and(|i| i.con && !i.acked) {
-            self.send_empty_ack(now, id);
+            self.send_empty_ack(id);
         }
         if let Some(inc) = self.take_incoming(id) {
             self.release(inc.peer);
@@ -1011,7 +1011,11 @@ impl Endpoint {
     fn max_transmit_span(&self) -> Duration {
         let factor = self.config.ack_random_factor_percent.max(100);
         let spans = (1u32 << self.config.max_retransmit.min(16)) - 1;
-        self.config.ack_timeout * spans * factor / 100
+        self.config
+            .ack_timeout
+            .saturating_mul(spans)
+            .saturating_mul(factor)
+            / 100
     }
 
     /// Make room for one more remembered message: forget ids that are past
@@ -1053,7 +1057,7 @@ impl Endpoint {
         self.transmits.push_back((peer, bytes));
     }
 
-    fn send_empty_ack(&mut self, _now: Instant, id: ExchangeId) {
+    fn send_empty_ack(&mut self, id: ExchangeId) {
         let Some(inc) = self.incoming.get_mut(&id) else {
             return;
         };
@@ -1086,7 +1090,7 @@ impl Endpoint {
                 Timer::Retransmit(peer, mid) => self.on_retransmit(now, at, peer, mid),
                 Timer::EmptyAck(id) => {
                     if self.incoming.get(&id).is_some_and(|i| i.ack_at == at) {
-                        self.send_empty_ack(now, id);
+                        self.send_empty_ack(id);
                     }
                 }
                 Timer::IncomingExpiry(id) => {
@@ -1128,7 +1132,7 @@ impl Endpoint {
         }
         if f.retransmits < max {
             f.retransmits += 1;
-            f.timeout *= 2;
+            f.timeout = f.timeout.saturating_mul(2);
             f.next_at = now + f.timeout;
             let (next_at, bytes) = (f.next_at, f.bytes.clone());
             self.timers.insert((next_at, Timer::Retransmit(peer, mid)));

@@ -304,7 +304,7 @@ impl Server {
                     m.set_uint_option(option::MAX_AGE, max_age);
                 });
             } else {
-                self.endpoint.abandon(now, id);
+                self.endpoint.abandon(id);
             }
             return;
         }

@@ -17,7 +17,8 @@ pub fn big_body() -> Vec<u8> {
 
 /// Resources: `POST /echo` (answers the payload's length), `PUT /upload`
 /// (length and byte sum), `GET /big` (3000 bytes), `GET /slow` (answers
-/// after 1 s: a separate response), `GET /temp` (observable under "temp").
+/// after 1 s: a separate response), `GET /panic` (the handler panics),
+/// `GET /temp` (observable under "temp").
 pub struct App;
 
 impl Handler for App {
@@ -45,6 +46,7 @@ impl Handler for App {
                 tokio::time::sleep(Duration::from_millis(1000)).await;
                 Response::content(content_format::TEXT_PLAIN, "slow")
             }
+            (Code::GET, "panic") => panic!("the handler failed"),
             (Code::GET, "temp") => {
                 Response::content(content_format::TEXT_PLAIN, "20").with_observe("temp")
             }
@@ -55,9 +57,14 @@ impl Handler for App {
 
 /// Start the server on an ephemeral loopback port.
 pub async fn start() -> CoapServer {
+    start_with(CoapConfig::default()).await
+}
+
+/// Start the server with `config` on an ephemeral loopback port.
+pub async fn start_with(config: CoapConfig) -> CoapServer {
     let config = CoapConfig {
         bind: SocketAddr::from(([127, 0, 0, 1], 0)),
-        ..CoapConfig::default()
+        ..config
     };
     CoapServer::bind(config, App).await.expect("server starts")
 }

@@ -4,10 +4,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use m2mhub_coap::message::{option, Token};
-use m2mhub_coap::{Code, Message, MessageType};
+use m2mhub_coap::{CoapConfig, Code, Message, MessageType, ServeError};
 use tokio::net::UdpSocket;
 
-use crate::common::{big_body, start, Client};
+use crate::common::{big_body, start, start_with, Client};
 
 #[tokio::test]
 async fn piggybacked_post_and_not_found() {
@@ -133,4 +133,38 @@ async fn malformed_con_is_reset_and_ping_is_answered() {
         .unwrap();
     assert_eq!(Message::decode(&buf[..n]).unwrap().code, Code::BAD_OPTION);
     server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_panicking_handler_gets_5_00_and_a_slow_one_5_03() {
+    let server = start_with(CoapConfig {
+        handler_timeout: Duration::from_millis(300),
+        ..CoapConfig::default()
+    })
+    .await;
+    let mut c = Client::new(server.local_addr()).await;
+    let get = c.request(Code::GET, "panic");
+    assert_eq!(c.call(get).await.code, Code::INTERNAL_SERVER_ERROR);
+    let get = c.request(Code::GET, "slow");
+    let r = c.call(get).await;
+    assert_eq!(r.code, Code::SERVICE_UNAVAILABLE);
+    assert!(r.uint_option(option::MAX_AGE).is_some());
+    // The server still serves.
+    let mut post = c.request(Code::POST, "echo");
+    post.payload = Bytes::from_static(b"ok");
+    assert_eq!(c.call(post).await.code, Code::CHANGED);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn invalid_config_is_refused_with_the_key() {
+    let config = CoapConfig {
+        block_size: 100,
+        ..CoapConfig::default()
+    };
+    let err = m2mhub_coap::CoapServer::bind(config, crate::common::App)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ServeError::Config(_)));
+    assert!(err.to_string().contains("coap.block_size"), "{err}");
 }
