@@ -956,7 +956,9 @@ impl Endpoint {
         }
     }
 
-    fn verify(&mut self, now: Instant, peer: SocketAddr) {
+    /// Record that `peer` proved it receives what is sent to its address
+    /// (it answered one of our CON messages, or echoed an Echo value).
+    pub fn verify(&mut self, now: Instant, peer: SocketAddr) {
         if self.verified.contains_key(&peer) {
             return;
         }

@@ -58,6 +58,12 @@ pub mod option {
     pub const PROXY_SCHEME: u16 = 39;
     /// Size1 (elective): total size of a request body.
     pub const SIZE1: u16 = 60;
+    /// Echo (elective, RFC 9175): a value the client repeats to prove that
+    /// it receives what is sent to its address.
+    pub const ECHO: u16 = 252;
+    /// Request-Tag (elective, RFC 9175): tells concurrent block-wise
+    /// bodies apart (not used: bodies are keyed by client and URI).
+    pub const REQUEST_TAG: u16 = 292;
     /// No-Response (elective, RFC 7967).
     pub const NO_RESPONSE: u16 = 258;
 
@@ -90,6 +96,8 @@ pub mod option {
             BLOCK2 | BLOCK1 => (0, 3, false),
             SIZE2 | SIZE1 => (0, 4, false),
             NO_RESPONSE => (0, 1, false),
+            ECHO => (1, 40, false),
+            REQUEST_TAG => (0, 8, true),
             _ => return None,
         })
     }

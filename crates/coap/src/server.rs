@@ -3,19 +3,27 @@
 //! slicing, Observe registrations — so that the application sees whole
 //! requests ([`Request`]) and answers with whole responses ([`Response`]).
 //!
-//! Amplification (RFC 7252 §11.3): a response to a client whose address is
-//! not verified — it has not yet acknowledged or reset one of our
-//! Confirmable messages, which an off-path spoofer cannot do — carries at
-//! most [`CoapConfig::amplification_factor`] times the request's size.
-//! Bodies larger than that are served block-wise (Block2) in the largest
-//! block that fits, at least 16 bytes, so a spoofed GET yields a small
-//! reply; the client fetches the rest one request per block. Verified
-//! clients get blocks of [`CoapConfig::block_size`]. Notifications to
-//! unverified observers are Confirmable (see [`crate::observe`]).
+//! Amplification (RFC 7252 §11.3, RFC 9175 §2.4): a response to a client
+//! whose address is not verified carries at most
+//! [`CoapConfig::amplification_factor`] times the request's size. A client
+//! is verified once it has acknowledged or reset one of our Confirmable
+//! messages, or repeated an Echo value we sent it — both need datagrams an
+//! off-path spoofer never sees. When the answer to a GET or FETCH from an
+//! unverified client would exceed the limit, the server answers 4.01
+//! Unauthorized with an Echo option instead (the method is safe, so the
+//! application is simply asked again when the client repeats the request
+//! with the Echo value, as libcoap does on its own); the Echo value is an
+//! HMAC of the client's address and a timestamp, so checking it needs no
+//! table. Other methods (whose handler must not run twice) get their
+//! answer block-wise (Block2) in the largest block under the limit, at
+//! least 16 bytes. Verified clients get blocks of
+//! [`CoapConfig::block_size`]. Notifications to unverified observers are
+//! Confirmable and sized like the response to their registration (see
+//! [`crate::observe`]).
 
 use std::collections::{HashMap, VecDeque};
-use std::net::SocketAddr;
-use std::time::Instant;
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use thiserror::Error;
@@ -116,6 +124,7 @@ pub enum RespondError {
 #[derive(Debug)]
 struct Pending {
     peer: SocketAddr,
+    method: Code,
     token: Token,
     uri: String,
     observe: bool,
@@ -148,11 +157,33 @@ pub struct Server {
     pending: HashMap<ExchangeId, Pending>,
     requests: VecDeque<(ExchangeId, Request)>,
     stats: ServerStats,
+    echo_key: ring::hmac::Key,
+    epoch: Instant,
 }
 
+/// How long an Echo value stays valid.
+const ECHO_FRESHNESS: Duration = Duration::from_secs(120);
+
+/// FETCH (RFC 8132): safe, like GET.
+const FETCH: Code = Code::new(0, 5);
+
 impl Server {
-    /// A server with a validated configuration; `seed` seeds message ids.
+    /// A server with a validated configuration; `seed` seeds message ids
+    /// and the key of Echo values (use [`Server::with_key`] to give that
+    /// key its own 256 bits).
     pub fn new(config: CoapConfig, seed: u64, now: Instant) -> Result<Server, ConfigError> {
+        let mut key = [0u8; 32];
+        key[..8].copy_from_slice(&seed.to_le_bytes());
+        Server::with_key(config, seed, key, now)
+    }
+
+    /// A server whose Echo values are keyed with `echo_key` (random bytes).
+    pub fn with_key(
+        config: CoapConfig,
+        seed: u64,
+        echo_key: [u8; 32],
+        now: Instant,
+    ) -> Result<Server, ConfigError> {
         config.validate()?;
         Ok(Server {
             endpoint: Endpoint::new(config.endpoint(), seed),
@@ -172,8 +203,52 @@ impl Server {
             pending: HashMap::new(),
             requests: VecDeque::new(),
             stats: ServerStats::default(),
+            echo_key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &echo_key),
+            epoch: now,
             config,
         })
+    }
+
+    /// An Echo value for `peer`: the time in seconds since the server
+    /// started, and a MAC binding it to the address.
+    fn echo_value(&self, now: Instant, peer: SocketAddr) -> [u8; 12] {
+        let secs = now.saturating_duration_since(self.epoch).as_secs() as u32;
+        let mut out = [0u8; 12];
+        out[..4].copy_from_slice(&secs.to_be_bytes());
+        out[4..].copy_from_slice(&self.echo_mac(secs, peer));
+        out
+    }
+
+    fn echo_mac(&self, secs: u32, peer: SocketAddr) -> [u8; 8] {
+        let mut ctx = ring::hmac::Context::with_key(&self.echo_key);
+        ctx.update(&secs.to_be_bytes());
+        match peer.ip() {
+            IpAddr::V4(ip) => ctx.update(&ip.octets()),
+            IpAddr::V6(ip) => ctx.update(&ip.octets()),
+        }
+        ctx.update(&peer.port().to_be_bytes());
+        let tag = ctx.sign();
+        let mut mac = [0u8; 8];
+        mac.copy_from_slice(&tag.as_ref()[..8]);
+        mac
+    }
+
+    /// Whether `value` is an Echo value we gave `peer` recently.
+    fn echo_valid(&self, now: Instant, peer: SocketAddr, value: &[u8]) -> bool {
+        let (Some(secs), Some(mac)) = (value.get(..4), value.get(4..)) else {
+            return false;
+        };
+        let secs = u32::from_be_bytes([secs[0], secs[1], secs[2], secs[3]]);
+        let age = now
+            .saturating_duration_since(self.epoch)
+            .saturating_sub(Duration::from_secs(u64::from(secs)));
+        // Compared without an early exit, so timing does not leak a prefix.
+        let expected = self.echo_mac(secs, peer);
+        let diff = mac
+            .iter()
+            .zip(expected)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+        age <= ECHO_FRESHNESS && mac.len() == expected.len() && diff == 0
     }
 
     /// The message layer (for inspection in tests and metrics).
@@ -269,6 +344,11 @@ impl Server {
         request_len: usize,
     ) {
         let con = msg.mtype == MessageType::Confirmable;
+        if let Some(echo) = msg.option(option::ECHO) {
+            if self.echo_valid(now, peer, &echo.value) {
+                self.endpoint.verify(now, peer);
+            }
+        }
         // FETCH, PATCH and iPATCH (RFC 8132) are 0.05..=0.07.
         if !(1..=7).contains(&msg.code.0) {
             self.reply(now, id, Code::METHOD_NOT_ALLOWED, |_| {});
@@ -377,6 +457,7 @@ impl Server {
             id,
             Pending {
                 peer,
+                method: msg.code,
                 token: msg.token,
                 uri,
                 observe,
@@ -457,6 +538,22 @@ impl Server {
             .pending
             .remove(&id)
             .ok_or(RespondError::UnknownRequest)?;
+        let limit = self.payload_limit(p.peer, p.request_len);
+        let first_block = !matches!(p.block2, Some(b) if b.num > 0);
+        if response.payload.len() > limit
+            && limit < self.config.block_size
+            && matches!(p.method, Code::GET | FETCH)
+            && first_block
+        {
+            // Verify the address before sending a large answer to it.
+            let mut m = Message::new(MessageType::Acknowledgement, Code::UNAUTHORIZED, 0, p.token);
+            m.set_option(
+                option::ECHO,
+                Bytes::copy_from_slice(&self.echo_value(now, p.peer)),
+            );
+            self.endpoint.respond(now, id, m)?;
+            return Ok(());
+        }
         let mut m = Message::new(MessageType::Acknowledgement, response.code, 0, p.token);
         if let Some(cf) = response.content_format {
             m.set_content_format(cf);
@@ -485,7 +582,6 @@ impl Server {
                 }
             }
         }
-        let limit = self.payload_limit(p.peer, p.request_len);
         let body = response.payload;
         if body.len() > limit || p.block2.is_some() {
             let max_szx = szx_at_most(limit);

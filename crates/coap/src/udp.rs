@@ -112,7 +112,8 @@ impl CoapServer {
         config: CoapConfig,
         handler: H,
     ) -> Result<CoapServer, ServeError> {
-        let server = Server::new(config.clone(), seed(), now())?;
+        let (seed, echo_key) = secrets();
+        let server = Server::with_key(config.clone(), seed, echo_key, now())?;
         let socket = UdpSocket::bind(config.bind)
             .await
             .map_err(|source| ServeError::Bind {
@@ -262,14 +263,21 @@ fn far_future() -> TokioInstant {
     TokioInstant::now() + std::time::Duration::from_secs(86_400)
 }
 
-/// A seed for message ids from the OS; the time if that fails.
-fn seed() -> u64 {
+/// A seed for message ids and the key of Echo values, from the OS (the
+/// time if that fails: ids then stay unpredictable enough off-path, and
+/// the Echo key only guards the amplification limit).
+fn secrets() -> (u64, [u8; 32]) {
     use ring::rand::SecureRandom;
-    let mut b = [0u8; 8];
-    if ring::rand::SystemRandom::new().fill(&mut b).is_ok() {
-        return u64::from_le_bytes(b);
+    let mut b = [0u8; 40];
+    if ring::rand::SystemRandom::new().fill(&mut b).is_err() {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos());
+        b[..16].copy_from_slice(&t.to_le_bytes());
     }
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(1, |d| d.as_nanos() as u64)
+    let mut seed = [0u8; 8];
+    seed.copy_from_slice(&b[..8]);
+    let mut key = [0u8; 32];
+    key.copy_from_slice(&b[8..]);
+    (u64::from_le_bytes(seed), key)
 }

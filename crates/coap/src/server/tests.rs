@@ -245,18 +245,39 @@ fn block1_missing_block_gets_4_08_and_too_large_gets_4_13_with_size1() {
     assert!(s.poll_request().is_none());
 }
 
-/// Fetch a whole body block by block, as a client does.
+/// Fetch a whole body block by block, as a client does: `first` is the
+/// first request (its answer may be a 4.01 Echo challenge, which is
+/// repeated with the Echo value).
 fn download(s: &mut Server, t0: Instant, c: &mut Client, path: &str) -> (Vec<u8>, usize, usize) {
+    let big: Vec<u8> = (0..3000u32).map(|i| (i % 256) as u8).collect();
     send(s, t0, &c.request(Code::GET, path, 5));
     let (id, _) = s.poll_request().unwrap();
-    let big: Vec<u8> = (0..3000u32).map(|i| (i % 256) as u8).collect();
-    s.respond(t0, id, Response::content(content_format::OCTET_STREAM, big))
-        .unwrap();
+    s.respond(
+        t0,
+        id,
+        Response::content(content_format::OCTET_STREAM, big.clone()),
+    )
+    .unwrap();
     let mut r = one(s);
+    let mut requests = 1;
+    if r.code == Code::UNAUTHORIZED {
+        let echo = r
+            .option(option::ECHO)
+            .expect("4.01 carries Echo")
+            .value
+            .clone();
+        let mut again = c.request(Code::GET, path, 5);
+        again.set_option(option::ECHO, echo);
+        send(s, t0, &again);
+        let (id, _) = s.poll_request().unwrap();
+        s.respond(t0, id, Response::content(content_format::OCTET_STREAM, big))
+            .unwrap();
+        r = one(s);
+        requests += 1;
+    }
     let mut body = r.payload.to_vec();
     let first = r.block2().unwrap().unwrap();
     assert_eq!(r.uint_option(option::SIZE2), Some(3000));
-    let mut requests = 1;
     while r.block2().unwrap().unwrap().more {
         let b = r.block2().unwrap().unwrap();
         let mut next = c.request(Code::GET, path, 5);
@@ -278,7 +299,7 @@ fn download(s: &mut Server, t0: Instant, c: &mut Client, path: &str) -> (Vec<u8>
 }
 
 #[test]
-fn block2_download_to_an_unverified_client_uses_small_blocks() {
+fn large_get_from_an_unverified_client_is_challenged_with_echo_then_served_in_full_blocks() {
     let t0 = Instant::now();
     let mut s = server(t0);
     let (body, block, requests) = download(&mut s, t0, &mut Client::new(), "big");
@@ -286,9 +307,49 @@ fn block2_download_to_an_unverified_client_uses_small_blocks() {
         body,
         (0..3000u32).map(|i| (i % 256) as u8).collect::<Vec<_>>()
     );
-    // A request of about 10 bytes earns blocks of 16 bytes.
-    assert_eq!(block, 16);
-    assert_eq!(requests, 3000usize.div_ceil(16));
+    // One 4.01 challenge, then three 1024-byte blocks.
+    assert_eq!((block, requests), (1024, 4));
+    assert!(s.endpoint().is_verified(client()));
+}
+
+#[test]
+fn echo_values_are_bound_to_the_address_and_expire() {
+    let t0 = Instant::now();
+    let s = server(t0);
+    let echo = s.echo_value(t0, client());
+    assert!(s.echo_valid(t0 + Duration::from_secs(60), client(), &echo));
+    let other = SocketAddr::from(([127, 0, 0, 1], CLIENT + 1));
+    assert!(!s.echo_valid(t0, other, &echo));
+    assert!(!s.echo_valid(t0 + Duration::from_secs(121), client(), &echo));
+    assert!(!s.echo_valid(t0, client(), &echo[..11]));
+    let mut forged = echo;
+    forged[11] ^= 1;
+    assert!(!s.echo_valid(t0, client(), &forged));
+}
+
+#[test]
+fn large_post_answer_to_an_unverified_client_uses_small_blocks() {
+    let t0 = Instant::now();
+    let mut s = server(t0);
+    let mut c = Client::new();
+    let mut post = c.request(Code::POST, "report", 7);
+    post.payload = Bytes::from_static(b"q");
+    send(&mut s, t0, &post);
+    let (id, _) = s.poll_request().unwrap();
+    s.respond(t0, id, Response::content(0, vec![b'r'; 500]))
+        .unwrap();
+    let r = one(&mut s);
+    assert_eq!(r.code, Code::CONTENT);
+    let b = r.block2().unwrap().unwrap();
+    assert!(b.more);
+    // About 14 request bytes earn 16-byte blocks: no 4.01 for a POST,
+    // whose handler must not run twice.
+    assert_eq!(b.size(), 16);
+    let reply_len = r.encode().unwrap().len();
+    assert!(
+        reply_len <= 3 * post.encode().unwrap().len() + 32,
+        "{reply_len}"
+    );
 }
 
 #[test]

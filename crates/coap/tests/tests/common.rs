@@ -183,8 +183,23 @@ impl Client {
             if num > 0 {
                 m.set_block(option::BLOCK2, BlockValue::new(num, false, szx).unwrap());
             }
-            let r = self.call(m).await;
+            let mut r = self.call(m.clone()).await;
             requests += 1;
+            if r.code == Code::UNAUTHORIZED {
+                // RFC 9175: prove the address by repeating the Echo value.
+                let echo = r
+                    .option(option::ECHO)
+                    .expect("4.01 with Echo")
+                    .value
+                    .clone();
+                let mut again = self.request(Code::GET, path);
+                again.set_option(option::ECHO, echo);
+                if let Some(b) = m.option(option::BLOCK2) {
+                    again.set_option(option::BLOCK2, b.value.clone());
+                }
+                r = self.call(again).await;
+                requests += 1;
+            }
             assert_eq!(r.code, Code::CONTENT);
             body.extend_from_slice(&r.payload);
             match r.block2() {
