@@ -47,7 +47,9 @@ pub struct CoapConfig {
     /// Every this many notifications one is Confirmable (16).
     pub observe_con_every: u32,
     /// At most this many response bytes per request byte to a client whose
-    /// address is not verified; 0 disables the limit (3).
+    /// address is not verified (a larger GET answer is preceded by an Echo
+    /// challenge, other answers are cut into small blocks); 0 disables the
+    /// limit, e.g. behind DTLS, whose handshake verifies the address (3).
     pub amplification_factor: u32,
     /// How long the application may take to answer (30 s); then 5.03.
     pub handler_timeout: Duration,

@@ -29,10 +29,20 @@ pub fn message(data: &[u8]) {
 
 /// Feed `data`, split at 0xA5 bytes into datagrams from two peers (the
 /// first byte of each also advances the clock), into a server with tight
-/// limits, answering every request and notifying observers. The bounded
-/// tables must stay within their bounds, and once time has run on, every
-/// exchange and remembered message id must be gone.
+/// limits; see [`drive`].
 pub fn endpoint(data: &[u8]) {
+    drive(data.split(|&b| b == 0xA5).enumerate().map(|(i, d)| {
+        let delay = u64::from(d.first().copied().unwrap_or(0)) * 100;
+        (i % 2, delay, d.to_vec())
+    }));
+}
+
+/// Feed `(peer index, delay in ms, datagram)` into a server with tight
+/// limits, answering every request (observe requests register) and
+/// notifying observers now and then. The bounded tables must stay within
+/// their bounds, and once time has run on, every exchange, remembered
+/// message id, timer and pending request must be gone.
+pub fn drive(datagrams: impl IntoIterator<Item = (usize, u64, Vec<u8>)>) {
     let t0 = Instant::now();
     let config = CoapConfig {
         max_exchanges: 4,
@@ -53,9 +63,9 @@ pub fn endpoint(data: &[u8]) {
         SocketAddr::from(([127, 0, 0, 2], 2)),
     ];
     let mut now = t0;
-    for (i, datagram) in data.split(|&b| b == 0xA5).enumerate() {
-        now += Duration::from_millis(u64::from(datagram.first().copied().unwrap_or(0)) * 100);
-        server.handle_datagram(now, peers[i % 2], datagram);
+    for (i, (peer, delay, datagram)) in datagrams.into_iter().enumerate() {
+        now += Duration::from_millis(delay);
+        server.handle_datagram(now, peers[peer % 2], &datagram);
         while let Some((id, req)) = server.poll_request() {
             let resp = if req.observe {
                 Response::content(0, vec![b'x'; req.payload.len() * 3]).with_observe("k")
@@ -69,9 +79,9 @@ pub fn endpoint(data: &[u8]) {
         }
         while server.poll_transmit().is_some() {}
         server.handle_timeout(now);
-        assert!(server.endpoint().exchanges() <= 4);
-        assert!(server.endpoint().dedup_len() <= 8);
-        assert!(server.observers().len() <= 2);
+        assert!(server.endpoint().exchanges() <= 4, "exchange bound");
+        assert!(server.endpoint().dedup_len() <= 8, "dedup bound");
+        assert!(server.observers().len() <= 2, "observer bound");
     }
     let end = now + Duration::from_secs(600);
     while let Some(at) = server.poll_timeout().filter(|&at| at <= end) {
@@ -109,5 +119,83 @@ mod tests {
     #[test]
     fn endpoint_corpus() {
         replay("endpoint", super::endpoint);
+    }
+
+    use crate::message::{option, BlockValue, Code, Message, MessageType, Token};
+    use proptest::prelude::*;
+
+    /// Messages that collide on purpose: few message ids, few tokens, two
+    /// paths, and the options that drive the interesting state.
+    fn arb_datagram() -> impl Strategy<Value = (usize, u64, Vec<u8>)> {
+        (
+            0usize..2,
+            prop_oneof![Just(0u64), 0u64..3_000, 0u64..200_000],
+            0u8..4,
+            prop_oneof![
+                Just(Code::GET),
+                Just(Code::POST),
+                Just(Code::PUT),
+                Just(Code::EMPTY),
+                Just(Code::CONTENT)
+            ],
+            0u16..6,
+            0u8..3,
+            prop_oneof![Just(None), Just(Some(0u32)), Just(Some(1u32))],
+            proptest::option::of((0u32..4, any::<bool>(), 0u8..2)),
+            proptest::option::of((0u32..4, 0u8..2)),
+            0usize..40,
+            any::<bool>(),
+        )
+            .prop_map(
+                |(peer, delay, t, code, mid, tok, obs, b1, b2, len, path_a)| {
+                    let mtype = match t {
+                        0 => MessageType::Confirmable,
+                        1 => MessageType::NonConfirmable,
+                        2 => MessageType::Acknowledgement,
+                        _ => MessageType::Reset,
+                    };
+                    if code == Code::EMPTY {
+                        return (
+                            peer,
+                            delay,
+                            Message::empty(mtype, mid).encode().unwrap_or_default(),
+                        );
+                    }
+                    let mut m =
+                        Message::new(mtype, code, mid, Token::new(&[tok]).unwrap_or_default());
+                    m.set_uri_path(if path_a { "a" } else { "b" });
+                    if let Some(o) = obs {
+                        m.set_observe(o);
+                    }
+                    if let Some((num, more, szx)) = b1 {
+                        m.set_block(option::BLOCK1, BlockValue { num, more, szx });
+                    }
+                    if let Some((num, szx)) = b2 {
+                        m.set_block(
+                            option::BLOCK2,
+                            BlockValue {
+                                num,
+                                more: false,
+                                szx,
+                            },
+                        );
+                    }
+                    m.payload = bytes::Bytes::from(vec![b'p'; len]);
+                    (peer, delay, m.encode().unwrap_or_default())
+                },
+            )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+        #[test]
+        fn server_stays_bounded_and_drains(datagrams in proptest::collection::vec(arb_datagram(), 0..40)) {
+            super::drive(datagrams);
+        }
+
+        #[test]
+        fn server_survives_arbitrary_bytes(data in proptest::collection::vec(any::<u8>(), 0..600)) {
+            super::endpoint(&data);
+        }
     }
 }

@@ -30,8 +30,11 @@
 //! client built from the same [`exchange::Endpoint`] and against libcoap's
 //! `coap-client`.
 //!
-//! DTLS is not implemented; [`CoapConfig::amplification_factor`] is what
-//! stands between a spoofed request and a large reply.
+//! DTLS is not implemented. Without it, what stands between a spoofed
+//! request and a large reply is the amplification limit
+//! ([`CoapConfig::amplification_factor`]): unverified client addresses get
+//! small answers, and a large GET is first answered with an RFC 9175 Echo
+//! challenge (see [`server`]).
 
 #![forbid(unsafe_code)]
 
