@@ -56,9 +56,10 @@ pub struct GatewayConfig {
     /// Register devices a gateway names for the first time (in the
     /// gateway's tenant); otherwise their data is refused as a device event.
     pub auto_register: bool,
-    /// The Sparkplug host id: `spBv1.0/STATE/{host_id}` says this host is
-    /// online (edge nodes configured with a primary host wait for it).
-    pub sparkplug_host_id: String,
+    /// The Sparkplug host id: the retained `spBv1.0/STATE/{host_id}` says
+    /// this host is online (edge nodes configured with a primary host wait
+    /// for it). `None`: not announced.
+    pub sparkplug_host_id: Option<String>,
     pub sparkplug: HostConfig,
 }
 
@@ -66,7 +67,7 @@ impl Default for GatewayConfig {
     fn default() -> Self {
         GatewayConfig {
             auto_register: true,
-            sparkplug_host_id: "m2mhub".into(),
+            sparkplug_host_id: None,
             sparkplug: HostConfig::default(),
         }
     }
@@ -208,9 +209,11 @@ impl Gateways {
             online: true,
             timestamp: u64::try_from(now_ms()).unwrap_or(0),
         };
-        match state.encode(&g.config.sparkplug_host_id) {
-            Ok((topic, payload)) => g.send(topic, payload, true, Some("application/json")),
-            Err(e) => tracing::warn!(error = %e, "no Sparkplug host state published"),
+        if let Some(host) = &g.config.sparkplug_host_id {
+            match state.encode(host) {
+                Ok((topic, payload)) => g.send(topic, payload, true, Some("application/json")),
+                Err(e) => tracing::warn!(error = %e, "no Sparkplug host state published"),
+            }
         }
 
         let (id, mut commands) = broker.observer(OBSERVER_QUEUE);

@@ -159,8 +159,11 @@ url_ttl_secs = 3600
 # {node}.{device}, LoRaWAN devices by DevEUI) in the gateway's tenant and
 # group; false: their data is refused and kept as a device event.
 auto_register = true
-# This platform's Sparkplug host id: spBv1.0/STATE/{id} announces it online.
-sparkplug_host_id = "m2mhub"
+# This platform's Sparkplug host id: when set, the retained message
+# spBv1.0/STATE/{id} announces it online (edge nodes configured with a primary
+# host wait for it). Empty: no STATE message (it would show in every `#`
+# subscription).
+sparkplug_host_id = ""
 # At most one Sparkplug rebirth request per edge node this often (seconds).
 rebirth_interval_secs = 10
 
@@ -196,7 +199,7 @@ impl Default for GatewaySettings {
     fn default() -> Self {
         GatewaySettings {
             auto_register: true,
-            sparkplug_host_id: "m2mhub".into(),
+            sparkplug_host_id: String::new(),
             rebirth_interval_secs: 10,
         }
     }
@@ -668,8 +671,8 @@ impl Settings {
         };
         let g = &self.gateways;
         let host_id = g.sparkplug_host_id.trim();
-        if host_id.is_empty() || host_id.contains(['/', '+', '#']) {
-            bail!("invalid value for `gateways.sparkplug_host_id`: {host_id:?}; use a non-empty name without / + #");
+        if host_id.contains(['/', '+', '#']) {
+            bail!("invalid value for `gateways.sparkplug_host_id`: {host_id:?}; use a name without / + # (or \"\" for none)");
         }
         if g.rebirth_interval_secs == 0 {
             bail!(
@@ -678,7 +681,7 @@ impl Settings {
         }
         let gateways = m2mhub_ingest::gateways::GatewayConfig {
             auto_register: g.auto_register,
-            sparkplug_host_id: host_id.to_string(),
+            sparkplug_host_id: (!host_id.is_empty()).then(|| host_id.to_string()),
             sparkplug: m2mhub_gateways::sparkplug::HostConfig {
                 rebirth_interval_ms: i64::from(g.rebirth_interval_secs) * 1000,
                 ..Default::default()

@@ -84,7 +84,7 @@ fn latest_value(v: &Value, metric: &str) -> Option<Value> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sparkplug_edge_node_births_publishes_and_dies() {
-    let srv = TestServer::start().await;
+    let srv = TestServer::with(|s| s.gateways.sparkplug_host_id = "scada".into()).await;
     let admin = Api::admin(&srv);
     let secret = device(&admin, "plc-1", None).await;
     let other = device(&admin, "plc-2", None).await;
@@ -96,7 +96,14 @@ async fn a_sparkplug_edge_node_births_publishes_and_dies() {
         .await;
 
     let mut node = connect_as(&srv, "plc-1", &secret).await;
-    node.subscribe(1, "spBv1.0/plant/NCMD/plc-1", QoS::AtMostOnce)
+    // The primary host says it is online (retained), as edge nodes expect.
+    node.subscribe(1, "spBv1.0/STATE/+", QoS::AtMostOnce).await;
+    let state = node.recv_publish().await;
+    assert_eq!(state.topic, "spBv1.0/STATE/scada");
+    assert!(state.retain);
+    let state: Value = serde_json::from_slice(&state.payload).expect("STATE JSON");
+    assert_eq!(state["online"], true);
+    node.subscribe(2, "spBv1.0/plant/NCMD/plc-1", QoS::AtMostOnce)
         .await;
     let birth = payload(
         0,
