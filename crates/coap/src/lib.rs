@@ -39,6 +39,7 @@
 #![forbid(unsafe_code)]
 
 pub mod block;
+pub mod client;
 pub mod config;
 pub mod exchange;
 pub mod fuzz;

@@ -15,6 +15,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod coap_resources;
 pub mod connection_history;
 pub mod counters;
 pub mod gateways;

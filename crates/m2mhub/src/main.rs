@@ -210,6 +210,9 @@ struct ServeArgs {
     /// HTTPS listener, HOST:PORT (default 0.0.0.0:8443; "" for none).
     #[arg(long)]
     https_listen: Option<String>,
+    /// Plain CoAP listener (UDP), HOST:PORT (default: none).
+    #[arg(long)]
+    coap_listen: Option<String>,
     /// Server certificate chain (PEM) for MQTT over TLS.
     #[arg(long)]
     tls_cert: Option<PathBuf>,
@@ -505,6 +508,9 @@ fn load_serve_settings(args: &ServeArgs) -> Result<m2mhub::settings::Validated> 
     if let Some(a) = &args.https_listen {
         s.http.tls_listen = a.clone();
     }
+    if let Some(a) = &args.coap_listen {
+        s.coap.listen = a.clone();
+    }
     let path = |p: &PathBuf| p.display().to_string();
     if let Some(p) = &args.tls_cert {
         s.mqtt.tls_cert = path(p);
@@ -553,7 +559,7 @@ async fn run_server(settings: m2mhub::settings::Validated) -> Result<()> {
     tracing::info!(data_dir = %settings.data_dir.display(), "m2mhub started");
     // One machine-readable line on stdout, for scripts and tests.
     println!(
-        "m2mhub ready mqtt={} mqtts={} http={} ws=ws://{}/mqtt https={}",
+        "m2mhub ready mqtt={} mqtts={} http={} ws=ws://{}/mqtt https={} coap={}",
         server.mqtt_addr,
         server
             .mqtts_addr
@@ -563,6 +569,10 @@ async fn run_server(settings: m2mhub::settings::Validated) -> Result<()> {
         server.http_addr,
         server
             .https_addr
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| "-".into()),
+        server
+            .coap_addr
             .map(|a| a.to_string())
             .unwrap_or_else(|| "-".into()),
     );

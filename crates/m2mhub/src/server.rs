@@ -42,6 +42,9 @@ pub struct Server {
     pub http_addr: SocketAddr,
     /// The HTTPS listener's address, when one is configured.
     pub https_addr: Option<SocketAddr>,
+    /// The plain CoAP listener's address, when one is configured.
+    pub coap_addr: Option<SocketAddr>,
+    coap: Option<m2mhub_coap::CoapServer>,
     /// OTA firmware: image files, the signing key, download URLs.
     pub ota: Arc<m2mhub_api::ota::OtaApi>,
     tasks: Vec<JoinHandle<()>>,
@@ -234,7 +237,7 @@ impl Server {
             rules: Some(Arc::new(automation.clone())),
             live,
             ota: Some(ota.clone()),
-            pipeline: Some(pipeline),
+            pipeline: Some(pipeline.clone()),
             command_waiters: Some(m2mhub_api::device_http::CommandWaiters::start(&broker)),
         };
         tasks.push(tokio::spawn(m2mhub_api::provision::serve_mqtt(
@@ -245,6 +248,27 @@ impl Server {
             fleet.clone(),
         ));
 
+        // Plain CoAP, when configured (it carries token secrets in clear).
+        let coap = match &v.coap {
+            Some(config) => {
+                let resources = m2mhub_ingest::coap_resources::CoapResources {
+                    broker: broker.clone(),
+                    ingest: pipeline.clone(),
+                    fleet: fleet.clone(),
+                };
+                let server = m2mhub_coap::CoapServer::bind(config.clone(), resources.clone())
+                    .await
+                    .with_context(|| {
+                        format!(
+                            "cannot serve CoAP on {} (`coap.listen`): is another server using it?",
+                            config.bind
+                        )
+                    })?;
+                resources.start_notifications(server.notifier());
+                Some(server)
+            }
+            None => None,
+        };
         let https_addr = match v.https_listen {
             Some(addr) => {
                 let listener = bind(addr, "http.tls_listen", "--https-listen").await?;
@@ -286,6 +310,8 @@ impl Server {
             mqtts_addr,
             http_addr,
             https_addr,
+            coap_addr: coap.as_ref().map(|c| c.local_addr()),
+            coap,
             ota,
             tasks,
             _lock: lock,
@@ -294,6 +320,9 @@ impl Server {
 
     /// Graceful stop: refuse new connections, tell clients, flush the store.
     pub async fn shutdown(self) {
+        if let Some(c) = self.coap {
+            c.shutdown().await;
+        }
         self.broker.shutdown(Duration::from_secs(5)).await;
         for t in self.tasks {
             t.abort();

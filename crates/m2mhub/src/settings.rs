@@ -151,6 +151,19 @@ chunk_bytes = 16384
 # How long a download URL handed to a device works (seconds).
 url_ttl_secs = 3600
 
+[coap]
+# Plain CoAP (RFC 7252, UDP) for constrained devices that name their device
+# id and token secret in the path: coap://host/{device_id}/{secret}/telemetry
+# (resources: telemetry, commands (Observe), commands/{id}, shadow[/{name}]).
+# Plain CoAP is not encrypted, so it is off unless an address is set here,
+# e.g. "0.0.0.0:5683".
+listen = ""
+# Requests per second allowed per client address (and the burst).
+rate_per_second = 20
+rate_burst = 40
+# Largest request body a block-wise (Block1) upload may reach, in KiB.
+max_body_kb = 1024
+
 [gateways]
 # Sparkplug B edge nodes (node id = their device id, on spBv1.0/...) and
 # ChirpStack bridges (a bridge device publishing its integration events on
@@ -184,7 +197,28 @@ pub struct Settings {
     pub http: HttpSettings,
     pub ota: OtaSettings,
     pub gateways: GatewaySettings,
+    pub coap: CoapSettings,
     pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CoapSettings {
+    pub listen: String,
+    pub rate_per_second: u32,
+    pub rate_burst: u32,
+    pub max_body_kb: usize,
+}
+
+impl Default for CoapSettings {
+    fn default() -> Self {
+        CoapSettings {
+            listen: String::new(),
+            rate_per_second: 20,
+            rate_burst: 40,
+            max_body_kb: 1024,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -347,6 +381,7 @@ impl Default for Settings {
             http: HttpSettings::default(),
             ota: OtaSettings::default(),
             gateways: GatewaySettings::default(),
+            coap: CoapSettings::default(),
             log: LogSettings::default(),
         }
     }
@@ -414,13 +449,14 @@ impl Default for LogSettings {
 
 /// The sections of the file; an environment variable `M2MHUB_MQTT_LISTEN`
 /// is the key `listen` of section `mqtt`.
-const SECTIONS: [&str; 7] = [
+const SECTIONS: [&str; 8] = [
     "mqtt",
     "telemetry",
     "diagnostics",
     "http",
     "ota",
     "gateways",
+    "coap",
     "log",
 ];
 
@@ -687,7 +723,26 @@ impl Settings {
                 ..Default::default()
             },
         };
+        let c = &self.coap;
+        let coap = match c.listen.trim() {
+            "" => None,
+            a => {
+                let bind = addr("coap.listen", a)?;
+                let config = m2mhub_coap::CoapConfig {
+                    bind,
+                    rate_per_second: c.rate_per_second,
+                    rate_burst: c.rate_burst,
+                    max_body: c.max_body_kb.saturating_mul(1024),
+                    ..Default::default()
+                };
+                config
+                    .validate()
+                    .map_err(|e| anyhow!("invalid `coap` settings: {e}"))?;
+                Some(config)
+            }
+        };
         Ok(Validated {
+            coap,
             gateways,
             ota,
             telemetry,
@@ -722,6 +777,8 @@ pub struct Validated {
     pub ota: OtaConfig,
     /// Sparkplug B and ChirpStack.
     pub gateways: m2mhub_ingest::gateways::GatewayConfig,
+    /// Plain CoAP, when configured.
+    pub coap: Option<m2mhub_coap::CoapConfig>,
     pub telemetry: TelemetryConfig,
     /// Diagnostic bundles: where, how large, how long.
     pub diagnostics: m2mhub_fleet::DiagnosticsConfig,

@@ -19,6 +19,8 @@ mod authz;
 mod bad_input;
 #[path = "tests/cli.rs"]
 mod cli;
+#[path = "tests/coap.rs"]
+mod coap;
 #[path = "tests/conformance.rs"]
 mod conformance;
 #[path = "tests/console.rs"]

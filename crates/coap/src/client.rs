@@ -1,0 +1,181 @@
+//! A small CoAP client over a tokio UDP socket: the crate's sans-IO
+//! [`Endpoint`] driven for one server. The platform uses it for its load
+//! generator and its tests; a device SDK could use it as it is.
+//!
+//! Requests are Confirmable by default (retransmitted by the endpoint);
+//! [`Client::call`] waits for the response, [`Client::next_response`] for
+//! the next response or notification of an exchange (Observe).
+
+use crate::exchange::{Endpoint, EndpointConfig, Event, ExchangeId};
+use crate::message::{option, BlockValue};
+use crate::{Code, Message, MessageType, Token};
+use bytes::Bytes;
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+use thiserror::Error;
+use tokio::net::UdpSocket;
+
+/// Why a request got no usable answer.
+#[derive(Debug, Error)]
+pub enum ClientError {
+    #[error("socket: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the endpoint refused the request: {0}")]
+    Refused(String),
+    #[error("the exchange failed: {0}")]
+    Failed(String),
+    #[error("no response within {0:?}")]
+    Timeout(Duration),
+    #[error("block-wise transfer: {0}")]
+    Block(String),
+}
+
+/// A CoAP client for one server.
+pub struct Client {
+    socket: UdpSocket,
+    endpoint: Endpoint,
+    server: SocketAddr,
+    events: VecDeque<Event>,
+    /// How long [`Client::call`] waits.
+    pub timeout: Duration,
+}
+
+impl Client {
+    /// A client on an ephemeral port of the matching address family.
+    pub async fn new(server: SocketAddr) -> Result<Client, ClientError> {
+        let local: SocketAddr = if server.is_ipv4() {
+            ([0, 0, 0, 0], 0).into()
+        } else {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        let socket = UdpSocket::bind(local).await?;
+        let seed = u64::from(socket.local_addr()?.port())
+            ^ std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0);
+        Ok(Client {
+            socket,
+            endpoint: Endpoint::new(EndpointConfig::default(), seed),
+            server,
+            events: VecDeque::new(),
+            timeout: Duration::from_secs(10),
+        })
+    }
+
+    /// A request to `path` (`a/b/c`) with a fresh token, Confirmable.
+    pub fn request(&mut self, code: Code, path: &str) -> Message {
+        let token = self.endpoint.new_token();
+        let mut m = Message::new(MessageType::Confirmable, code, 0, token);
+        m.set_uri_path(path);
+        m
+    }
+
+    /// Hand a request to the endpoint; its answers come from
+    /// [`Client::next_response`].
+    pub fn send(&mut self, m: Message) -> Result<ExchangeId, ClientError> {
+        self.endpoint
+            .send_request(Instant::now(), self.server, m)
+            .map_err(|e| ClientError::Refused(e.to_string()))
+    }
+
+    /// Stop an observation (the next notification is answered with Reset).
+    pub fn cancel(&mut self, token: Token) {
+        self.endpoint.cancel_request(self.server, token);
+    }
+
+    /// Send and wait for the response.
+    pub async fn call(&mut self, m: Message) -> Result<Message, ClientError> {
+        let id = self.send(m)?;
+        self.next_response(id, self.timeout).await
+    }
+
+    /// The next response or notification for `id`, within `wait`.
+    pub async fn next_response(
+        &mut self,
+        id: ExchangeId,
+        wait: Duration,
+    ) -> Result<Message, ClientError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let found = self.events.iter().position(|e| match e {
+                Event::Response { id: i, .. } | Event::Failed { id: i, .. } => *i == id,
+                _ => false,
+            });
+            if let Some(pos) = found {
+                return match self.events.remove(pos) {
+                    Some(Event::Response { message, .. }) => Ok(message),
+                    other => Err(ClientError::Failed(format!("{other:?}"))),
+                };
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(ClientError::Timeout(wait));
+            }
+            self.step(deadline).await?;
+        }
+    }
+
+    /// Send what is queued, then wait for one datagram or timer (or `until`).
+    async fn step(&mut self, until: tokio::time::Instant) -> Result<(), ClientError> {
+        self.flush().await?;
+        let wake = self
+            .endpoint
+            .poll_timeout()
+            .map(tokio::time::Instant::from_std)
+            .map_or(until, |t| t.min(until));
+        let mut buf = [0u8; 2048];
+        tokio::select! {
+            r = self.socket.recv_from(&mut buf) => {
+                let (n, peer) = r?;
+                self.endpoint.handle_datagram(Instant::now(), peer, &buf[..n]);
+            }
+            _ = tokio::time::sleep_until(wake) => self.endpoint.handle_timeout(Instant::now()),
+        }
+        self.flush().await?;
+        self.events
+            .extend(std::iter::from_fn(|| self.endpoint.poll_event()));
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<(), ClientError> {
+        while let Some((peer, bytes)) = self.endpoint.poll_transmit() {
+            self.socket.send_to(&bytes, peer).await?;
+        }
+        Ok(())
+    }
+
+    /// POST or PUT `body` in Block1 blocks of `size` bytes (16..=1024, a
+    /// power of two); returns the final response.
+    pub async fn upload_blockwise(
+        &mut self,
+        code: Code,
+        path: &str,
+        content_format: Option<u16>,
+        body: &[u8],
+        size: usize,
+    ) -> Result<Message, ClientError> {
+        let szx = BlockValue::szx_for_size(size)
+            .ok_or_else(|| ClientError::Block(format!("block size {size} is not 16..=1024")))?;
+        let chunks: Vec<&[u8]> = body.chunks(size).collect();
+        let mut last = None;
+        for (i, chunk) in chunks.iter().enumerate() {
+            let more = i + 1 < chunks.len();
+            let num = u32::try_from(i).map_err(|_| ClientError::Block("too many blocks".into()))?;
+            let block = BlockValue::new(num, more, szx)
+                .ok_or_else(|| ClientError::Block(format!("block {i} cannot be numbered")))?;
+            let mut m = self.request(code, path);
+            if let Some(cf) = content_format {
+                m.set_content_format(cf);
+            }
+            m.set_block(option::BLOCK1, block);
+            m.payload = Bytes::copy_from_slice(chunk);
+            let r = self.call(m).await?;
+            if more && r.code != Code::CONTINUE {
+                return Ok(r);
+            }
+            last = Some(r);
+        }
+        last.ok_or_else(|| ClientError::Block("empty body".into()))
+    }
+}

@@ -1,0 +1,382 @@
+//! CoAP devices against the real server (plain CoAP on a loopback UDP
+//! port, the token in the path): SenML+CBOR readings are stored, a rule's
+//! command reaches the device through Observe and is answered, a
+//! retransmitted CON is stored once, a 64 KiB body arrives in Block1
+//! blocks, the shadow is read and written, and bad credentials or input
+//! get the right codes.
+
+use crate::common::*;
+use m2mhub_coap::client::Client;
+use m2mhub_coap::message::content_format as cf;
+use m2mhub_coap::{Code, Message, MessageType};
+use serde_json::{json, Value};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+async fn coap_server() -> TestServer {
+    TestServer::with(|s| {
+        secure(s);
+        s.coap.listen = "127.0.0.1:0".into();
+        // The tests send bursts from one address.
+        s.coap.rate_per_second = 10_000;
+        s.coap.rate_burst = 10_000;
+    })
+    .await
+}
+
+/// A registered device `id` (of `tenant`) and its token secret.
+async fn device(admin: &Api, id: &str, tenant: Option<&str>) -> String {
+    let mut body = json!({"id": id});
+    if let Some(t) = tenant {
+        body["tenant"] = json!(t);
+    }
+    admin.expect("POST", "/devices", Some(body), 201).await;
+    let tok = admin
+        .expect(
+            "POST",
+            &format!("/devices/{id}/tokens"),
+            Some(json!({})),
+            201,
+        )
+        .await;
+    tok["secret"].as_str().expect("secret").to_string()
+}
+
+/// SenML+CBOR `[{0: name, 2: value}]` (RFC 8428 integer labels).
+fn senml_cbor(name: &str, value: f64) -> Vec<u8> {
+    let mut b = vec![0x81, 0xa2, 0x00];
+    assert!(name.len() < 24);
+    b.push(0x60 | name.len() as u8);
+    b.extend_from_slice(name.as_bytes());
+    b.push(0x02);
+    b.push(0xfb);
+    b.extend_from_slice(&value.to_bits().to_be_bytes());
+    b
+}
+
+fn post(client: &mut Client, path: &str, format: u16, body: &[u8]) -> Message {
+    let mut m = client.request(Code::POST, path);
+    m.set_content_format(format);
+    m.payload = bytes::Bytes::copy_from_slice(body);
+    m
+}
+
+async fn post_call(
+    client: &mut Client,
+    path: &str,
+    format: u16,
+    body: &[u8],
+) -> Result<Message, m2mhub_coap::client::ClientError> {
+    let m = post(client, path, format, body);
+    client.call(m).await
+}
+
+async fn until(admin: &Api, path: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = admin.call("GET", path, None).await;
+        if r.status == 200 && pred(&r.json()) {
+            return r.json();
+        }
+        assert!(Instant::now() < deadline, "{what}: GET {path}: {}", r.body);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn latest(v: &Value, metric: &str) -> Option<Value> {
+    v["items"]
+        .as_array()?
+        .iter()
+        .find(|m| m["metric"] == metric)
+        .map(|m| m["value"].clone())
+}
+
+fn coap_addr(srv: &TestServer) -> SocketAddr {
+    srv.get().coap_addr.expect("the CoAP listener")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coap_device_posts_senml_cbor_and_gets_a_rules_command_through_observe() {
+    let srv = coap_server().await;
+    let admin = Api::admin(&srv);
+    let secret = device(&admin, "probe-1", None).await;
+    admin
+        .expect(
+            "POST",
+            "/rules",
+            Some(json!({
+                "id": "too-dry",
+                "sql": "SELECT device, moisture FROM 'devices/+/telemetry' WHERE moisture < 10",
+                "actions": [{"type": "command", "name": "irrigate", "params": {"minutes": 5}, "timeout_secs": 60}]
+            })),
+            201,
+        )
+        .await;
+    let mut c = Client::new(coap_addr(&srv)).await.expect("client");
+    let prefix = format!("probe-1/{secret}");
+
+    // Observe the command resource: nothing waits yet.
+    let mut obs = c.request(Code::GET, &format!("{prefix}/commands"));
+    obs.set_observe(0);
+    let token = obs.token;
+    let obs_id = c.send(obs).expect("observe");
+    let first = c
+        .next_response(obs_id, Duration::from_secs(5))
+        .await
+        .expect("first answer");
+    assert_eq!(first.code, Code::CONTENT);
+    assert!(first.observe().is_some(), "registered as an observer");
+    assert!(first.payload.is_empty(), "no command yet");
+
+    // A dry reading: stored, and the rule's command is pushed to the device.
+    let r = post_call(
+        &mut c,
+        &format!("{prefix}/telemetry"),
+        cf::SENML_CBOR,
+        &senml_cbor("moisture", 7.5),
+    )
+    .await
+    .expect("POST telemetry");
+    assert_eq!(
+        r.code,
+        Code::CHANGED,
+        "{:?}",
+        String::from_utf8_lossy(&r.payload)
+    );
+    until(&admin, "/devices/probe-1/telemetry", "stored", |v| {
+        latest(v, "moisture") == Some(json!(7.5))
+    })
+    .await;
+    let note = c
+        .next_response(obs_id, Duration::from_secs(10))
+        .await
+        .expect("a notification");
+    let cmd: Value = serde_json::from_slice(&note.payload).expect("command JSON");
+    assert_eq!(cmd["name"], "irrigate");
+    assert_eq!(cmd["params"]["minutes"], 5);
+    let cid = cmd["id"].as_str().expect("id").to_string();
+    let status = admin
+        .expect("GET", &format!("/commands/{cid}"), None, 200)
+        .await;
+    assert_eq!(status["status"], "delivered");
+    c.cancel(token);
+
+    // The answer.
+    let r = post_call(
+        &mut c,
+        &format!("{prefix}/commands/{cid}"),
+        cf::JSON,
+        br#"{"watered": true}"#,
+    )
+    .await
+    .expect("answer");
+    assert_eq!(r.code, Code::CHANGED);
+    let done = admin
+        .expect("GET", &format!("/commands/{cid}"), None, 200)
+        .await;
+    assert_eq!(done["status"], "answered");
+    assert_eq!(done["response"]["watered"], true);
+    let again = post_call(&mut c, &format!("{prefix}/commands/{cid}"), cf::JSON, b"{}")
+        .await
+        .expect("answer again");
+    assert_eq!(again.code, Code::PRECONDITION_FAILED);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retransmitted_con_is_stored_once_and_large_bodies_arrive_in_blocks() {
+    let srv = coap_server().await;
+    let admin = Api::admin(&srv);
+    let secret = device(&admin, "meter-7", None).await;
+    let addr = coap_addr(&srv);
+
+    // The same CON (same message id) three times, as a device whose ACK
+    // was lost would send it: one stored point, the same answer each time.
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0")
+        .await
+        .expect("udp");
+    let t0 = m2mhub_identity::now_ms() - 30_000;
+    let mut m = Message::new(
+        MessageType::Confirmable,
+        Code::POST,
+        0x4242,
+        m2mhub_coap::Token::new(&[1, 2, 3, 4]).expect("token"),
+    );
+    m.set_uri_path(&format!("meter-7/{secret}/telemetry"));
+    m.set_content_format(cf::JSON);
+    m.payload = bytes::Bytes::from(json!({"ts": t0, "energy": 12.5}).to_string());
+    let bytes = m.encode().expect("encode");
+    let mut answers = Vec::new();
+    for _ in 0..3 {
+        sock.send_to(&bytes, addr).await.expect("send");
+        let mut buf = [0u8; 1500];
+        let (n, _) = within("the ACK", sock.recv_from(&mut buf))
+            .await
+            .expect("recv");
+        let ack = Message::decode(&buf[..n]).expect("decode");
+        assert_eq!(ack.message_id, 0x4242);
+        answers.push((ack.mtype, ack.code));
+    }
+    assert!(
+        answers
+            .iter()
+            .all(|a| *a == (MessageType::Acknowledgement, Code::CHANGED)),
+        "{answers:?}"
+    );
+    let raw = until(
+        &admin,
+        &format!(
+            "/devices/meter-7/telemetry/energy?from={}&to={}",
+            t0 - 1,
+            t0 + 1
+        ),
+        "stored",
+        |v| v["points"].as_array().is_some_and(|p| !p.is_empty()),
+    )
+    .await;
+    assert_eq!(
+        raw["points"].as_array().map(Vec::len),
+        Some(1),
+        "stored once: {raw}"
+    );
+
+    // 64 KiB of readings in Block1 blocks of 1 KiB.
+    let base = m2mhub_identity::now_ms() - 3_600_000;
+    let mut rows = Vec::new();
+    let mut body = Vec::new();
+    let mut i = 0;
+    while body.len() < 64 * 1024 {
+        rows.push(json!({"ts": base + i * 1000, "power": i}));
+        i += 1;
+        body = serde_json::to_vec(&rows).expect("json");
+    }
+    let mut c = Client::new(addr).await.expect("client");
+    let r = c
+        .upload_blockwise(
+            Code::POST,
+            &format!("meter-7/{secret}/telemetry"),
+            Some(cf::JSON),
+            &body,
+            1024,
+        )
+        .await
+        .expect("block-wise upload");
+    assert_eq!(
+        r.code,
+        Code::CHANGED,
+        "{:?}",
+        String::from_utf8_lossy(&r.payload)
+    );
+    let raw = admin
+        .expect(
+            "GET",
+            &format!(
+                "/devices/meter-7/telemetry/power?from={base}&to={}&limit=10000",
+                base + i * 1000
+            ),
+            None,
+            200,
+        )
+        .await;
+    assert_eq!(
+        raw["points"].as_array().map(Vec::len),
+        Some(i as usize),
+        "every reading of the {} byte body",
+        body.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coap_refuses_bad_credentials_bad_input_and_other_tenants() {
+    let srv = coap_server().await;
+    let admin = Api::admin(&srv);
+    admin
+        .expect("POST", "/tenants", Some(json!({"id": "green"})), 201)
+        .await;
+    let secret = device(&admin, "soil-1", None).await;
+    let theirs = device(&admin, "soil-2", Some("green")).await;
+    let mut c = Client::new(coap_addr(&srv)).await.expect("client");
+    let cases: Vec<(String, u16, &[u8], Code)> = vec![
+        (
+            "soil-1/wrong/telemetry".into(),
+            cf::JSON,
+            b"1",
+            Code::UNAUTHORIZED,
+        ),
+        ("telemetry".into(), cf::JSON, b"1", Code::UNAUTHORIZED),
+        (
+            format!("soil-1/{theirs}/telemetry"),
+            cf::JSON,
+            b"1",
+            Code::UNAUTHORIZED,
+        ),
+        (
+            format!("soil-2/{secret}/telemetry"),
+            cf::JSON,
+            b"1",
+            Code::UNAUTHORIZED,
+        ),
+        (
+            format!("soil-1/{secret}/telemetry"),
+            9999,
+            b"1",
+            Code::UNSUPPORTED_CONTENT_FORMAT,
+        ),
+        (
+            format!("soil-1/{secret}/telemetry"),
+            cf::JSON,
+            b"{nope",
+            Code::BAD_REQUEST,
+        ),
+        (
+            format!("soil-1/{secret}/telemetry"),
+            cf::JSON,
+            b"",
+            Code::BAD_REQUEST,
+        ),
+        (
+            format!("soil-1/{secret}/nothing"),
+            cf::JSON,
+            b"1",
+            Code::NOT_FOUND,
+        ),
+    ];
+    for (path, format, body, want) in cases {
+        let r = post_call(&mut c, &path, format, body)
+            .await
+            .expect("an answer");
+        assert_eq!(
+            r.code,
+            want,
+            "{path}: {:?}",
+            String::from_utf8_lossy(&r.payload)
+        );
+    }
+    // The shadow: the device reports, the operator sees it.
+    let mut upd = c.request(Code::POST, &format!("soil-1/{secret}/shadow"));
+    upd.set_content_format(cf::JSON);
+    upd.payload = bytes::Bytes::from(r#"{"state":{"reported":{"valve":"open"}}}"#);
+    let r = c.call(upd).await.expect("shadow update");
+    assert_eq!(
+        r.code,
+        Code::CONTENT,
+        "{:?}",
+        String::from_utf8_lossy(&r.payload)
+    );
+    let shadow = admin
+        .expect("GET", "/devices/soil-1/shadow", None, 200)
+        .await;
+    assert_eq!(shadow["state"]["reported"]["valve"], "open", "{shadow}");
+    let get = c.request(Code::GET, &format!("soil-1/{secret}/shadow"));
+    let r = c.call(get).await.expect("shadow get");
+    let doc: Value = serde_json::from_slice(&r.payload).expect("shadow JSON");
+    assert_eq!(doc["state"]["reported"]["valve"], "open");
+    // Nothing reached the other tenant's device.
+    let latest = admin
+        .expect("GET", "/devices/soil-2/telemetry", None, 200)
+        .await;
+    assert_eq!(
+        latest["items"].as_array().map(Vec::len),
+        Some(0),
+        "{latest}"
+    );
+}
