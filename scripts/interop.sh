@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Interoperability check against clients nobody on this project wrote:
 # Debian's mosquitto_pub/mosquitto_sub (MQTT 3.1.1 and 5, QoS 0/1/2,
-# retained, will) and Python paho-mqtt (MQTT 5 properties, WebSocket).
+# retained, will), Python paho-mqtt (MQTT 5 properties, WebSocket),
+# pysparkplug (Sparkplug B), Debian's libcoap coap-client and Python aiocoap
+# (CoAP: block-wise, Observe).
 # Installs what it needs, starts m2mhub on free loopback ports, stops it.
 #
 # Usage: scripts/interop.sh [path/to/m2mhub]   (default: builds target/debug/m2mhub)
@@ -13,10 +15,10 @@ fail() { printf '\033[31minterop FAILED:\033[0m %s\n' "$*" >&2; exit 1; }
 
 SUDO=""
 if [[ $(id -u) -ne 0 ]] && command -v sudo >/dev/null; then SUDO="sudo"; fi
-if ! command -v mosquitto_pub >/dev/null || ! command -v openssl >/dev/null; then
-  log "installing mosquitto-clients and openssl"
+if ! command -v mosquitto_pub >/dev/null || ! command -v openssl >/dev/null || ! command -v coap-client-notls >/dev/null; then
+  log "installing mosquitto-clients, openssl and libcoap3-bin"
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq mosquitto-clients openssl >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq mosquitto-clients openssl libcoap3-bin >/dev/null
 fi
 VENV=target/interop-venv
 if [[ ! -x $VENV/bin/python ]]; then
@@ -54,6 +56,7 @@ openssl x509 -req -in "$WORK/server.csr" -CA "$WORK/ca.pem" -CAkey "$WORK/ca.key
 
 "$BIN" serve --data-dir "$WORK/data" --allow-anonymous --password-file "$WORK/users.txt" \
   --mqtt-listen 127.0.0.1:0 --http-listen 127.0.0.1:0 --mqtts-listen 127.0.0.1:0 --https-listen 127.0.0.1:0 \
+  --coap-listen 127.0.0.1:0 \
   --tls-cert "$WORK/server.pem" --tls-key "$WORK/server.key" \
   >"$WORK/stdout" 2>"$WORK/stderr" &
 SERVER_PID=$!
@@ -66,6 +69,7 @@ READY=$(grep '^m2mhub ready' "$WORK/stdout") || fail "server did not become read
 MQTT=$(sed -E 's/.* mqtt=([^ ]+).*/\1/' <<<"$READY")
 MQTTS=$(sed -E 's/.* mqtts=([^ ]+).*/\1/' <<<"$READY")
 HTTP=$(sed -E 's/.* http=([^ ]+).*/\1/' <<<"$READY")
+COAP=$(sed -E 's/.* coap=([^ ]+).*/\1/' <<<"$READY")
 PORT=${MQTT##*:}
 TLS_PORT=${MQTTS##*:}
 log "server up: mqtt=$MQTT mqtts=$MQTTS http=$HTTP"
@@ -178,6 +182,42 @@ items = {i["metric"]: i["value"] for i in json.load(sys.stdin)["items"]}
 assert items.get("humidity") == 41.0, items
 ' || fail "Sparkplug device data not stored: $("$BIN" query latest plc-py.sensor --json 2>&1)"
 log "pysparkplug edge node (NBIRTH, DBIRTH, NDATA, DDATA, NDEATH) ok"
+
+# CoAP: libcoap's coap-client (plain CoAP, the token in the path) posts a
+# reading and a block-wise batch and reads the shadow block-wise; aiocoap
+# observes commands (its own venv).
+"$BIN" device add probe-coap >/dev/null || fail "CLI device add probe-coap"
+CO_TOKEN=$("$BIN" device token issue probe-coap --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["secret"])')
+CO_BASE="coap://$COAP/probe-coap/$CO_TOKEN"
+coap-client-notls -B 10 -m post -t 50 -e '{"moisture": 9.5}' "$CO_BASE/telemetry" >"$WORK/coap.out" 2>&1 \
+  || fail "coap-client POST: $(cat "$WORK/coap.out")"
+python3 -c 'import json,time; t=int(time.time()*1000); print(json.dumps([{"ts": t-90000+i*100, "level": i} for i in range(300)]))' >"$WORK/batch.json"
+coap-client-notls -B 20 -m post -t 50 -b 64 -f "$WORK/batch.json" "$CO_BASE/telemetry" >"$WORK/coap.out" 2>&1 \
+  || fail "coap-client block-wise POST: $(cat "$WORK/coap.out")"
+for _ in $(seq 1 50); do
+  "$BIN" query latest probe-coap --json | grep -q '"level"' && break
+  sleep 0.1
+done
+"$BIN" query latest probe-coap --json | python3 -c '
+import json, sys
+items = {i["metric"]: i["value"] for i in json.load(sys.stdin)["items"]}
+assert items.get("moisture") == 9.5 and items.get("level") == 299, items
+' || fail "CoAP readings not stored: $("$BIN" query latest probe-coap --json)"
+if coap-client-notls -B 5 -m post -t 50 -e '1' "coap://$COAP/probe-coap/wrong/telemetry" 2>&1 | grep -q "4.01"; then
+  log "coap-client: a wrong secret is refused with 4.01"
+else
+  fail "coap-client: a wrong secret was not refused with 4.01"
+fi
+log "coap-client (libcoap) POST, block-wise POST ok"
+COVENV=target/coap-venv
+if [[ ! -x $COVENV/bin/python ]]; then
+  log "installing aiocoap into $COVENV"
+  python3 -m venv "$COVENV"
+  "$COVENV/bin/pip" install --quiet --disable-pip-version-check aiocoap==0.4.17
+fi
+"$COVENV/bin/python" scripts/interop_coap.py --coap "$COAP" --device probe-coap --secret "$CO_TOKEN" --bin "$BIN" \
+  || fail "aiocoap checks"
+log "aiocoap (SenML+JSON, Block1, Observe, command answer, shadow) ok"
 
 "$BIN" audit verify >/dev/null || fail "audit chain"
 log "audit chain verified"
