@@ -29,6 +29,8 @@ pub enum ClientError {
     Timeout(Duration),
     #[error("block-wise transfer: {0}")]
     Block(String),
+    #[error("DTLS: {0}")]
+    Dtls(String),
 }
 
 /// A CoAP client for one server.
@@ -39,6 +41,51 @@ pub struct Client {
     events: VecDeque<Event>,
     /// How long [`Client::call`] waits.
     pub timeout: Duration,
+    /// CoAPS: the DTLS session every message goes through.
+    dtls: Option<ClientDtls>,
+}
+
+struct ClientDtls {
+    dtls: dimpl::Dtls,
+    buf: Vec<u8>,
+    connected: bool,
+    closed: bool,
+    timer: Option<Instant>,
+}
+
+/// The client's side of a PSK lookup: always its one key.
+struct FixedKey(Vec<u8>);
+
+impl dimpl::PskResolver for FixedKey {
+    fn resolve(&self, _identity: &[u8]) -> Option<Vec<u8>> {
+        Some(self.0.clone())
+    }
+}
+
+impl ClientDtls {
+    /// Records to send and plaintext received, after any input.
+    fn drain(&mut self, records: &mut Vec<Vec<u8>>, plain: &mut Vec<Vec<u8>>) {
+        loop {
+            match self.dtls.poll_output(&mut self.buf) {
+                dimpl::Output::Packet(p) => records.push(p.to_vec()),
+                dimpl::Output::ApplicationData(d) => plain.push(d.to_vec()),
+                dimpl::Output::Connected => self.connected = true,
+                dimpl::Output::CloseNotify => self.closed = true,
+                dimpl::Output::Timeout(t) => {
+                    self.timer = Some(t);
+                    return;
+                }
+                dimpl::Output::BufferTooSmall { needed } => {
+                    if needed > 65_536 {
+                        self.closed = true;
+                        return;
+                    }
+                    self.buf.resize(needed, 0);
+                }
+                _ => {}
+            }
+        }
+    }
 }
 
 impl Client {
@@ -61,7 +108,59 @@ impl Client {
             server,
             events: VecDeque::new(),
             timeout: Duration::from_secs(10),
+            dtls: None,
         })
+    }
+
+    /// A CoAPS client: DTLS 1.2 with the pre-shared key `key` under
+    /// `identity`; returns once the handshake is done.
+    pub async fn new_psk(
+        server: SocketAddr,
+        identity: &[u8],
+        key: &[u8],
+    ) -> Result<Client, ClientError> {
+        let mut c = Client::new(server).await?;
+        let cfg = dimpl::Config::builder()
+            .with_psk_client(
+                identity.to_vec(),
+                std::sync::Arc::new(FixedKey(key.to_vec())),
+            )
+            .build()
+            .map_err(|e| ClientError::Dtls(e.to_string()))?;
+        let now = Instant::now();
+        let mut dtls = dimpl::Dtls::new_12_psk(std::sync::Arc::new(cfg), now);
+        dtls.set_active(true);
+        // The engine draws its random values and starts on its first timer.
+        dtls.handle_timeout(now)
+            .map_err(|e| ClientError::Dtls(e.to_string()))?;
+        c.dtls = Some(ClientDtls {
+            dtls,
+            buf: vec![0; 2048],
+            connected: false,
+            closed: false,
+            timer: None,
+        });
+        let deadline = tokio::time::Instant::now() + c.timeout;
+        loop {
+            c.flush().await?;
+            match &c.dtls {
+                Some(d) if d.connected => return Ok(c),
+                Some(d) if d.closed => {
+                    return Err(ClientError::Dtls("closed during the handshake".into()))
+                }
+                _ => {}
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(ClientError::Dtls("handshake timed out".into()));
+            }
+            c.step(deadline).await?;
+        }
+    }
+
+    /// Whether the DTLS session is up (always true on plain CoAP until
+    /// the server closes a CoAPS session).
+    pub fn is_open(&self) -> bool {
+        self.dtls.as_ref().is_none_or(|d| d.connected && !d.closed)
     }
 
     /// A request to `path` (`a/b/c`) with a fresh token, Confirmable.
@@ -119,18 +218,30 @@ impl Client {
     /// Send what is queued, then wait for one datagram or timer (or `until`).
     async fn step(&mut self, until: tokio::time::Instant) -> Result<(), ClientError> {
         self.flush().await?;
-        let wake = self
+        let mut wake = self
             .endpoint
             .poll_timeout()
             .map(tokio::time::Instant::from_std)
             .map_or(until, |t| t.min(until));
+        if let Some(t) = self.dtls.as_ref().and_then(|d| d.timer) {
+            wake = wake.min(tokio::time::Instant::from_std(t));
+        }
         let mut buf = [0u8; 2048];
         tokio::select! {
             r = self.socket.recv_from(&mut buf) => {
                 let (n, peer) = r?;
-                self.endpoint.handle_datagram(Instant::now(), peer, &buf[..n]);
+                self.receive(peer, &buf[..n]).await?;
             }
-            _ = tokio::time::sleep_until(wake) => self.endpoint.handle_timeout(Instant::now()),
+            _ = tokio::time::sleep_until(wake) => {
+                let now = Instant::now();
+                self.endpoint.handle_timeout(now);
+                if let Some(d) = &mut self.dtls {
+                    if d.timer.is_some_and(|t| t <= now) {
+                        d.timer = None;
+                        d.dtls.handle_timeout(now).map_err(|e| ClientError::Dtls(e.to_string()))?;
+                    }
+                }
+            }
         }
         self.flush().await?;
         self.events
@@ -138,9 +249,50 @@ impl Client {
         Ok(())
     }
 
+    async fn receive(&mut self, peer: SocketAddr, data: &[u8]) -> Result<(), ClientError> {
+        let Some(d) = &mut self.dtls else {
+            self.endpoint.handle_datagram(Instant::now(), peer, data);
+            return Ok(());
+        };
+        if d.dtls.handle_packet(data).is_err() {
+            // A stray or damaged record: DTLS drops it.
+            return Ok(());
+        }
+        let (mut records, mut plain) = (Vec::new(), Vec::new());
+        d.drain(&mut records, &mut plain);
+        for r in records {
+            self.socket.send_to(&r, self.server).await?;
+        }
+        for p in plain {
+            self.endpoint.handle_datagram(Instant::now(), peer, &p);
+        }
+        Ok(())
+    }
+
     async fn flush(&mut self) -> Result<(), ClientError> {
-        while let Some((peer, bytes)) = self.endpoint.poll_transmit() {
-            self.socket.send_to(&bytes, peer).await?;
+        let mut records = Vec::new();
+        match &mut self.dtls {
+            None => {
+                while let Some((peer, bytes)) = self.endpoint.poll_transmit() {
+                    self.socket.send_to(&bytes, peer).await?;
+                }
+                return Ok(());
+            }
+            Some(d) => {
+                let mut plain = Vec::new();
+                d.drain(&mut records, &mut plain);
+                while let Some((_, bytes)) = self.endpoint.poll_transmit() {
+                    if d.connected && !d.closed {
+                        d.dtls
+                            .send_application_data(&bytes)
+                            .map_err(|e| ClientError::Dtls(e.to_string()))?;
+                        d.drain(&mut records, &mut plain);
+                    }
+                }
+            }
+        }
+        for r in records {
+            self.socket.send_to(&r, self.server).await?;
         }
         Ok(())
     }

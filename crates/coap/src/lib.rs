@@ -30,17 +30,20 @@
 //! client built from the same [`exchange::Endpoint`] and against libcoap's
 //! `coap-client`.
 //!
-//! DTLS is not implemented. Without it, what stands between a spoofed
-//! request and a large reply is the amplification limit
-//! ([`CoapConfig::amplification_factor`]): unverified client addresses get
-//! small answers, and a large GET is first answered with an RFC 9175 Echo
-//! challenge (see [`server`]).
+//! [`dtls`] adds CoAPS (DTLS 1.2 with pre-shared keys, sans-IO sessions
+//! from the `dimpl` crate) between the socket and the core; requests then
+//! carry the device their session's key belongs to. On plain CoAP what
+//! stands between a spoofed request and a large reply is the amplification
+//! limit ([`CoapConfig::amplification_factor`]): unverified client
+//! addresses get small answers, and a large GET is first answered with an
+//! RFC 9175 Echo challenge (see [`server`]).
 
 #![forbid(unsafe_code)]
 
 pub mod block;
 pub mod client;
 pub mod config;
+pub mod dtls;
 pub mod exchange;
 pub mod fuzz;
 pub mod message;

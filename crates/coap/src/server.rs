@@ -55,6 +55,9 @@ pub struct Request {
     /// A GET with Observe 0: the client wants to observe. Answer with
     /// [`Response::observe`] to register it.
     pub observe: bool,
+    /// On CoAPS, the device the session's pre-shared key belongs to (set
+    /// by the driver); `None` on plain CoAP.
+    pub identity: Option<std::sync::Arc<str>>,
 }
 
 impl Request {
@@ -480,6 +483,7 @@ impl Server {
                     .and_then(|v| u16::try_from(v).ok()),
                 payload,
                 observe,
+                identity: None,
             },
         ));
     }

@@ -22,6 +22,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant as TokioInstant;
 
 use crate::config::{CoapConfig, ConfigError};
+use crate::dtls::{DtlsLimits, DtlsOutput, DtlsSessions, PskStore};
 use crate::exchange::ExchangeId;
 use crate::message::Code;
 use crate::server::{Request, Response, Server};
@@ -107,10 +108,35 @@ pub struct CoapServer {
 }
 
 impl CoapServer {
-    /// Bind `config.bind` and serve `handler` until [`CoapServer::shutdown`].
+    /// Bind `config.bind` and serve `handler` over plain CoAP until
+    /// [`CoapServer::shutdown`].
     pub async fn bind<H: Handler>(
         config: CoapConfig,
         handler: H,
+    ) -> Result<CoapServer, ServeError> {
+        Self::start(config, handler, None).await
+    }
+
+    /// Bind `config.bind` and serve `handler` over DTLS 1.2 with the
+    /// pre-shared keys of `store` (CoAPS). The handshake verifies the
+    /// client's address, so answers are not size-limited.
+    pub async fn bind_dtls<H: Handler>(
+        config: CoapConfig,
+        store: Arc<dyn PskStore>,
+        limits: DtlsLimits,
+        handler: H,
+    ) -> Result<CoapServer, ServeError> {
+        let config = CoapConfig {
+            amplification_factor: 0,
+            ..config
+        };
+        Self::start(config, handler, Some(DtlsSessions::new(store, limits))).await
+    }
+
+    async fn start<H: Handler>(
+        config: CoapConfig,
+        handler: H,
+        dtls: Option<DtlsSessions>,
     ) -> Result<CoapServer, ServeError> {
         let (seed, echo_key) = secrets();
         let server = Server::with_key(config.clone(), seed, echo_key, now())?;
@@ -126,14 +152,16 @@ impl CoapServer {
         })?;
         let (notice_tx, notice_rx) = mpsc::channel(1024);
         let (shutdown_tx, shutdown_rx) = oneshot::channel();
+        let secure = dtls.is_some();
         let driver = Driver {
             socket,
             server,
             handler: Arc::new(handler),
             config,
+            dtls,
         };
         let task = tokio::spawn(driver.run(notice_rx, shutdown_rx));
-        tracing::info!(%local_addr, "CoAP listening");
+        tracing::info!(%local_addr, dtls = secure, "CoAP listening");
         Ok(CoapServer {
             local_addr,
             notifier: Notifier { tx: notice_tx },
@@ -174,7 +202,12 @@ struct Driver<H> {
     server: Server,
     handler: Arc<H>,
     config: CoapConfig,
+    /// CoAPS: every datagram passes through its peer's DTLS session.
+    dtls: Option<DtlsSessions>,
 }
+
+/// How often DTLS sessions are checked against their keys (revocation).
+const DTLS_SWEEP: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl<H: Handler> Driver<H> {
     async fn run(
@@ -185,19 +218,29 @@ impl<H: Handler> Driver<H> {
         let (resp_tx, mut responses) = mpsc::channel::<(ExchangeId, Response)>(256);
         // One byte more than accepted, so an oversized datagram is seen as
         // such rather than silently truncated into a valid-looking one.
-        let mut buf = vec![0u8; self.config.max_message_size + 1];
+        // DTLS records carry up to 29 bytes of header and tag around the
+        // CoAP message.
+        let mut buf = vec![0u8; self.config.max_message_size + 64];
+        let mut next_sweep = TokioInstant::now() + DTLS_SWEEP;
         loop {
             self.flush().await;
-            while let Some((id, request)) = self.server.poll_request() {
+            while let Some((id, mut request)) = self.server.poll_request() {
+                if let Some(d) = &self.dtls {
+                    request.identity = d.identity(request.peer);
+                }
                 self.spawn_handler(id, request, resp_tx.clone());
             }
-            let deadline = self.server.poll_timeout();
+            let mut deadline = self.server.poll_timeout();
+            if let Some(d) = &self.dtls {
+                let t = d.poll_timeout().into_iter().chain(deadline).min();
+                deadline = Some(t.map_or(next_sweep.into_std(), |t| t.min(next_sweep.into_std())));
+            }
             let sleep =
                 tokio::time::sleep_until(deadline.map_or_else(far_future, TokioInstant::from_std));
             tokio::select! {
                 _ = &mut shutdown => break,
                 received = self.socket.recv_from(&mut buf) => match received {
-                    Ok((n, peer)) => self.server.handle_datagram(now(), peer, &buf[..n]),
+                    Ok((n, peer)) => self.receive(peer, n, &buf).await,
                     // ICMP errors surface here on some systems: not fatal.
                     Err(e) => tracing::debug!(error = %e, "CoAP receive error"),
                 },
@@ -209,16 +252,63 @@ impl<H: Handler> Driver<H> {
                 Some(n) = notices.recv() => {
                     self.server.notify(now(), &n.key, n.payload, n.content_format);
                 }
-                _ = sleep, if deadline.is_some() => self.server.handle_timeout(now()),
+                _ = sleep, if deadline.is_some() => {
+                    let t = now();
+                    self.server.handle_timeout(t);
+                    if let Some(d) = &mut self.dtls {
+                        let mut out = DtlsOutput::default();
+                        d.handle_timeout(t, &mut out);
+                        if TokioInstant::now() >= next_sweep {
+                            d.sweep(t, &mut out);
+                            next_sweep = TokioInstant::now() + DTLS_SWEEP;
+                        }
+                        self.send_records(out.transmit).await;
+                    }
+                }
             }
         }
         self.flush().await;
     }
 
-    async fn flush(&mut self) {
-        while let Some((peer, bytes)) = self.server.poll_transmit() {
+    /// A datagram: straight to the core, or through its DTLS session.
+    async fn receive(&mut self, peer: SocketAddr, n: usize, buf: &[u8]) {
+        // An oversized datagram is refused by the core (plain) or fails
+        // the record layer (DTLS).
+        let data = &buf[..n];
+        let Some(d) = &mut self.dtls else {
+            self.server.handle_datagram(now(), peer, data);
+            return;
+        };
+        let mut out = DtlsOutput::default();
+        let t = now();
+        d.handle_datagram(t, peer, data, &mut out);
+        for (from, plain) in out.plaintext {
+            self.server.handle_datagram(t, from, &plain);
+        }
+        self.send_records(out.transmit).await;
+    }
+
+    async fn send_records(&self, records: Vec<(SocketAddr, Vec<u8>)>) {
+        for (peer, bytes) in records {
             if let Err(e) = self.socket.send_to(&bytes, peer).await {
                 tracing::debug!(%peer, error = %e, "CoAP send error");
+            }
+        }
+    }
+
+    async fn flush(&mut self) {
+        while let Some((peer, bytes)) = self.server.poll_transmit() {
+            match &mut self.dtls {
+                Some(d) => {
+                    let mut out = DtlsOutput::default();
+                    d.encrypt(peer, &bytes, &mut out);
+                    self.send_records(out.transmit).await;
+                }
+                None => {
+                    if let Err(e) = self.socket.send_to(&bytes, peer).await {
+                        tracing::debug!(%peer, error = %e, "CoAP send error");
+                    }
+                }
             }
         }
     }

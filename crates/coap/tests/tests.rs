@@ -10,5 +10,7 @@ mod common;
 
 #[path = "tests/driver.rs"]
 mod driver;
+#[path = "tests/dtls.rs"]
+mod dtls;
 #[path = "tests/libcoap.rs"]
 mod libcoap;
