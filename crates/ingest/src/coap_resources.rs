@@ -2,9 +2,12 @@
 //! uses, answered with the same identity, pipeline and fleet operations as
 //! MQTT and HTTP.
 //!
-//! On plain CoAP (only when configured) a request names its device and
-//! token secret in the path, ThingsBoard-style, so a device needs no other
-//! state: `coap://host/{device_id}/{token_secret}/{resource}`. Every
+//! On CoAPS (DTLS 1.2 with a per-device pre-shared key) the session's key
+//! names the device and paths are the resources themselves
+//! (`coaps://host/telemetry`). On plain CoAP (only when configured) a
+//! request names its device and token secret in the path, ThingsBoard-
+//! style, so a device needs no other state:
+//! `coap://host/{device_id}/{token_secret}/{resource}`. Every plain
 //! request is authenticated by the broker's authenticator
 //! ([`Broker::authenticate_request`]: registry check, bans, failure
 //! counting, audit `coap.auth`), then authorized like the device's MQTT
@@ -107,6 +110,33 @@ struct Caller {
 impl CoapResources {
     /// Authenticate `/{device}/{secret}/…`; the rest of the path on success.
     fn authenticate<'r>(&self, req: &'r Request) -> Result<(Caller, &'r [String]), Response> {
+        // CoAPS: the session's pre-shared key already named the device.
+        if let Some(device) = &req.identity {
+            let d = self
+                .ingest
+                .registry
+                .get_device(device)
+                .map_err(|_| text(Code::FORBIDDEN, "the key's device no longer exists"))?;
+            if !d.enabled {
+                return Err(text(Code::FORBIDDEN, "the device is disabled"));
+            }
+            let identity = Arc::new(ClientIdentity {
+                username: None,
+                device_id: Some(Arc::from(d.id.as_str())),
+                tenant: Some(Arc::from(d.tenant.as_str())),
+                group: d.group.as_deref().map(Arc::from),
+                claim: None,
+                internal: false,
+            });
+            return Ok((
+                Caller {
+                    device: Arc::from(d.id.as_str()),
+                    tenant: Arc::from(d.tenant.as_str()),
+                    identity,
+                },
+                &req.path,
+            ));
+        }
         let [device, secret, rest @ ..] = req.path.as_slice() else {
             return Err(text(
                 Code::UNAUTHORIZED,

@@ -53,6 +53,9 @@ enum Command {
     },
     /// Load generator: measure any MQTT broker (this one or another).
     Bench(BenchArgs),
+    /// CoAP load: SenML+CBOR readings over plain CoAP or CoAPS (CON or
+    /// NON), or the DTLS-PSK handshake rate (--handshakes).
+    BenchCoap(BenchCoapArgs),
     /// Simulated fleet: provision devices by claim token and drive them
     /// over MQTT with realistic signals, obeying commands.
     Sim(sim_cmd::SimArgs),
@@ -322,6 +325,7 @@ fn main() -> ExitCode {
         Command::Passwd { user, password } => passwd(&user, password),
         Command::Serve(args) => serve(args),
         Command::Bench(args) => bench(args),
+        Command::BenchCoap(args) => bench_coap(args),
         Command::Sim(args) => run_admin(|env| async move { sim_cmd::run(args, &env).await }),
         Command::Demo(args) => demo::main(args),
         Command::Login {
@@ -604,6 +608,114 @@ async fn wait_for_signal() {
     {
         let _ = tokio::signal::ctrl_c().await;
     }
+}
+
+#[derive(clap::Args)]
+struct BenchCoapArgs {
+    /// CoAP or CoAPS server address HOST:PORT.
+    #[arg(long)]
+    target: std::net::SocketAddr,
+    /// Plain CoAP: the device id (its token secret in --secret).
+    #[arg(long)]
+    device: Option<String>,
+    #[arg(long)]
+    secret: Option<String>,
+    /// CoAPS: the PSK identity (its key, hex, in --psk-key).
+    #[arg(long)]
+    psk_identity: Option<String>,
+    #[arg(long)]
+    psk_key: Option<String>,
+    /// Concurrent clients (one request in flight each).
+    #[arg(long, default_value_t = 16)]
+    clients: usize,
+    /// Measured seconds.
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Non-confirmable requests.
+    #[arg(long)]
+    non: bool,
+    /// Measure full DTLS handshakes per second instead (needs the PSK).
+    #[arg(long)]
+    handshakes: bool,
+}
+
+fn bench_coap(args: BenchCoapArgs) -> ExitCode {
+    use m2mhub_sim::coap_load::{self, CoapAuth, CoapLoad};
+    let psk = match (&args.psk_identity, &args.psk_key) {
+        (Some(i), Some(k)) => match hex_bytes(k) {
+            Some(key) => Some((i.as_bytes().to_vec(), key)),
+            None => {
+                eprintln!("m2mhub bench-coap: --psk-key must be hex");
+                return ExitCode::from(2);
+            }
+        },
+        (None, None) => None,
+        _ => {
+            eprintln!("m2mhub bench-coap: give --psk-identity and --psk-key together");
+            return ExitCode::from(2);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("m2mhub bench-coap: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let duration = Duration::from_secs_f64(args.duration);
+    let out = rt.block_on(async {
+        if args.handshakes {
+            let Some((identity, key)) = psk else {
+                return Err("--handshakes needs --psk-identity and --psk-key".to_string());
+            };
+            let r =
+                coap_load::handshakes(args.target, identity, key, args.clients, duration).await?;
+            return serde_json::to_string(&r).map_err(|e| e.to_string());
+        }
+        let auth = match (psk, args.device, args.secret) {
+            (Some((identity, key)), _, _) => CoapAuth::Psk { identity, key },
+            (None, Some(device), Some(secret)) => CoapAuth::Token { device, secret },
+            _ => {
+                return Err(
+                    "give --device and --secret (CoAP) or --psk-identity and --psk-key (CoAPS)"
+                        .to_string(),
+                )
+            }
+        };
+        let r = coap_load::run(CoapLoad {
+            target: args.target,
+            auth,
+            clients: args.clients,
+            duration,
+            non: args.non,
+        })
+        .await?;
+        serde_json::to_string(&r).map_err(|e| e.to_string())
+    });
+    match out {
+        Ok(json) => {
+            println!("{json}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("m2mhub bench-coap: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn hex_bytes(s: &str) -> Option<Vec<u8>> {
+    let s = s.trim();
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
 }
 
 fn bench(args: BenchArgs) -> ExitCode {

@@ -30,6 +30,7 @@
 
 pub mod bench;
 pub mod client;
+pub mod coap_load;
 pub mod connect;
 pub mod diagnostics;
 pub mod fleet;
