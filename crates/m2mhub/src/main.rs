@@ -709,7 +709,7 @@ fn bench_coap(args: BenchCoapArgs) -> ExitCode {
 
 fn hex_bytes(s: &str) -> Option<Vec<u8>> {
     let s = s.trim();
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     (0..s.len())
