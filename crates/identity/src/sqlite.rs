@@ -1064,3 +1064,62 @@ impl RegistryStore for SqliteStore {
         Ok(out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Registry;
+
+    /// A `registry.db` written before PSKs existed (schema version 1) opens
+    /// with its devices, gains the PSK table, and its PSKs persist.
+    #[test]
+    fn a_version_1_database_gains_the_psk_table() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("registry.db");
+        {
+            let mut c = open_sqlite(&path).expect("open");
+            migrate(&mut c, "identity", &MIGRATIONS[..1]).expect("version 1");
+            c.execute(
+                "INSERT INTO audit_anchor (id, seq, hash) VALUES (1, 0, ?)",
+                params![hex(&GENESIS_HASH)],
+            )
+            .expect("anchor");
+            insert_device(
+                &c,
+                &Device {
+                    id: "old-1".into(),
+                    name: "written by version 1".into(),
+                    tenant: crate::DEFAULT_TENANT.into(),
+                    group: None,
+                    profile: crate::DEFAULT_PROFILE.into(),
+                    labels: Default::default(),
+                    enabled: true,
+                    created_ms: 1,
+                    last_seen_ms: None,
+                    last_addr: None,
+                },
+            )
+            .expect("device");
+        }
+        {
+            let reg = Registry::open(dir.path()).expect("upgrade");
+            assert_eq!(
+                reg.get_device("old-1").expect("kept").name,
+                "written by version 1"
+            );
+            reg.create_psk("old-1", None, vec![7; 48], None)
+                .expect("psk");
+        }
+        let reg = Registry::open(dir.path()).expect("reopen");
+        assert_eq!(reg.list_psks("old-1").expect("list").len(), 1);
+        let c = rusqlite::Connection::open(&path).expect("db");
+        let v: i64 = c
+            .query_row(
+                "SELECT MAX(version) FROM schema_migrations WHERE domain = 'identity'",
+                [],
+                |r| r.get(0),
+            )
+            .expect("version");
+        assert_eq!(v, 2);
+    }
+}
