@@ -23,6 +23,7 @@ pub mod ota;
 mod problem;
 mod profiles;
 pub mod provision;
+mod psk;
 mod routes;
 pub mod rules;
 mod security;
@@ -35,6 +36,7 @@ mod websocket;
 
 pub use https::serve_tls;
 pub use m2mhub_automation::{RuleProblem, RuleService};
+pub use m2mhub_pki::PskKeys;
 pub use problem::Problem;
 pub use routes::router;
 pub use state::AppState;

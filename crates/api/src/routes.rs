@@ -16,7 +16,7 @@ use serde_json::json;
 pub fn router(state: AppState) -> Router {
     use crate::openapi::Access::{Admin, Device, Operator, Public, Viewer};
     use crate::{alarms as al, commands as cm, device_http as dh, ota as fw, rules as ru};
-    use crate::{device_events as ev, diagnostics as dg, profiles as pr, telemetry as t};
+    use crate::{device_events as ev, diagnostics as dg, profiles as pr, psk as k, telemetry as t};
     // The upload route streams bodies up to the configured bundle cap; the
     // 2 MB default of buffering extractors would otherwise apply there too.
     let upload_limit =
@@ -75,6 +75,12 @@ pub fn router(state: AppState) -> Router {
             ("POST", "Issue a certificate from a CSR, or with a generated key", Operator),
         ])
         .route("/devices/{id}/certificates/{fingerprint}", delete(d::revoke_cert), &[("DELETE", "Revoke a certificate; live sessions are dropped", Operator)])
+        .route("/devices/{id}/psks", get(k::list).post(k::issue), &[
+            ("GET", "A device's DTLS pre-shared keys for CoAPS (never the keys)", Viewer),
+            ("POST", "Issue a PSK (`identity`, default the device id; `expires_in_days`): 16 random bytes sealed under the master key; 201 with `key_hex`, shown once", Operator),
+        ])
+        .route("/devices/{id}/psks/{psk_id}", delete(k::revoke), &[("DELETE", "Revoke a PSK; DTLS sessions using it end", Operator)])
+        .route("/devices/{id}/psks/{psk_id}/rotate", post(k::rotate), &[("POST", "Replace a PSK's key: a new PSK (new id, same identity and expiry) takes its place and the old one is revoked at once; 201 with `key_hex`, shown once", Operator)])
         .route("/devices/{id}/shadows", get(sh::list), &[("GET", "The names of a device's shadows (\"\" is the classic one)", Viewer)])
         .route("/devices/{id}/shadow", get(sh::get_classic).patch(sh::patch_classic).delete(sh::delete_classic), &[
             ("GET", "A device's classic shadow: desired, reported, delta, metadata, version", Viewer),

@@ -13,6 +13,8 @@ pub struct AppState {
     /// Alarms, commands, device events and rule definitions.
     pub fleet: m2mhub_fleet::Fleet,
     pub ca: Arc<DeviceCa>,
+    /// Seals the DTLS pre-shared keys the API issues (master key).
+    pub psk_keys: m2mhub_pki::PskKeys,
     /// Validity of certificates the API issues, in days.
     pub cert_days: u32,
     /// Counters of the registry's authenticator, for `/metrics`.

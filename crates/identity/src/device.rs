@@ -281,7 +281,7 @@ impl Registry {
         Ok(d)
     }
 
-    /// Delete a device and its tokens, after every [`DeviceRemoval`](crate::DeviceRemoval)
+    /// Delete a device, its tokens and its PSKs, after every [`DeviceRemoval`](crate::DeviceRemoval)
     /// listener has deleted what it keeps about it. Its certificates
     /// are kept, revoked, so they stay in the CRL and can never authenticate
     /// a later device that reuses the id.
@@ -308,6 +308,12 @@ impl Registry {
             let mut st = s.state.write();
             st.remove_device(id);
             st.tokens.remove(id);
+            let psks = st.psks.remove_device(id);
+            let mut used = s.psk_used.lock();
+            for p in psks {
+                used.remove(&p);
+            }
+            drop(used);
             for c in st.certs.values_mut() {
                 if c.device_id == id && c.revoked_ms.is_none() {
                     c.revoked_ms = Some(now);

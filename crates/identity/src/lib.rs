@@ -10,7 +10,9 @@
 //! - **Credentials** prove a device's identity on CONNECT: random *tokens*
 //!   (up to two active at once so a rollover never locks a device out) and
 //!   X.509 *certificates* (issued elsewhere; recorded here by fingerprint so
-//!   they can be revoked and listed in a CRL).
+//!   they can be revoked and listed in a CRL), and DTLS *pre-shared keys*
+//!   for CoAPS (stored sealed by the caller, looked up by the identity the
+//!   device sends in the handshake; see [`psk`]).
 //! - **Claim tokens** let a fleet of identical devices provision themselves:
 //!   a limited number of uses, an expiry, a fixed tenant/group/profile.
 //! - **Operators** (users) log in with Argon2id-hashed passwords and use
@@ -52,6 +54,7 @@ pub mod device;
 pub mod error;
 pub mod policy;
 pub mod profile;
+pub mod psk;
 mod secret;
 pub mod security;
 pub mod sql;
@@ -72,6 +75,7 @@ pub use profile::{
     canonical_content_type, DeviceProfile, IngestInfo, NewProfile, ProfileUpdate, CONTENT_TYPES,
     DEFAULT_PROFILE,
 };
+pub use psk::{PskCheck, PskInfo, SealedKey};
 pub use security::{SecurityEvent, SecurityEventRecord, SecurityKind};
 pub use store::RegistryStore;
 pub use tenant::{Group, Tenant};
@@ -130,6 +134,7 @@ pub(crate) struct State {
     pub devices: BTreeMap<String, Device>,
     pub tokens: HashMap<String, Vec<token::TokenRecord>>,
     pub certs: HashMap<[u8; 32], CertInfo>,
+    pub psks: psk::PskTables,
     pub claims: BTreeMap<String, claim::ClaimRecord>,
     pub claim_by_hash: HashMap<[u8; 32], String>,
     pub users: BTreeMap<String, user::UserRecord>,
@@ -166,6 +171,14 @@ pub(crate) struct Seen {
     pub dirty: bool,
 }
 
+/// A PSK's last successful handshake, kept apart like [`Seen`].
+#[derive(Debug, Clone)]
+pub(crate) struct PskUsed {
+    pub ms: i64,
+    pub persisted_ms: i64,
+    pub dirty: bool,
+}
+
 pub(crate) struct Shared {
     pub store: Box<dyn RegistryStore>,
     pub state: RwLock<State>,
@@ -173,6 +186,8 @@ pub(crate) struct Shared {
     /// claim uses) are atomic.
     pub write: Mutex<()>,
     pub seen: Mutex<HashMap<String, Seen>>,
+    /// PSK id → last use.
+    pub psk_used: Mutex<HashMap<String, PskUsed>>,
     pub log: Mutex<LogQueue>,
     /// Other domains' listeners for device deletions (weak: they must not
     /// keep this registry alive).
@@ -261,6 +276,10 @@ impl Registry {
         for c in snap.certs {
             state.certs.insert(c.fingerprint, c);
         }
+        for p in snap.psks {
+            state.psks.insert(p);
+        }
+        state.psks.sort();
         for c in snap.claims {
             state.claim_by_hash.insert(c.hash, c.info.id.clone());
             state.claims.insert(c.info.id.clone(), c);
@@ -303,6 +322,7 @@ impl Registry {
             state: RwLock::new(state),
             write: Mutex::new(()),
             seen: Mutex::new(seen),
+            psk_used: Mutex::new(HashMap::new()),
             log: Mutex::new(log),
             removal: RwLock::new(Vec::new()),
             wake: Condvar::new(),
@@ -390,13 +410,30 @@ impl Shared {
                 })
                 .collect()
         };
-        if audit.is_empty() && events.is_empty() && seen.is_empty() {
+        let psk_used: Vec<store::PskUseUpdate> = {
+            let mut used = self.psk_used.lock();
+            used.iter_mut()
+                .filter(|(_, u)| {
+                    u.dirty && (all_seen || now - u.persisted_ms >= SEEN_PERSIST_INTERVAL_MS)
+                })
+                .map(|(id, u)| {
+                    u.dirty = false;
+                    u.persisted_ms = now;
+                    store::PskUseUpdate {
+                        psk_id: id.clone(),
+                        ms: u.ms,
+                    }
+                })
+                .collect()
+        };
+        if audit.is_empty() && events.is_empty() && seen.is_empty() && psk_used.is_empty() {
             return Ok(());
         }
         let batch = store::LogBatch {
             audit: &audit,
             events: &events,
             seen: &seen,
+            psk_used: &psk_used,
         };
         match self.store.append(&batch) {
             Ok(()) => Ok(()),
@@ -418,6 +455,13 @@ impl Shared {
                     }
                 }
                 drop(s);
+                let mut used = self.psk_used.lock();
+                for u in psk_used {
+                    if let Some(e) = used.get_mut(&u.psk_id) {
+                        e.dirty = true;
+                    }
+                }
+                drop(used);
                 Err(e)
             }
         }

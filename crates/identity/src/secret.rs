@@ -79,6 +79,16 @@ pub fn hex(b: &[u8]) -> String {
     s
 }
 
+/// Decode hex of any even length (stored sealed keys).
+pub(crate) fn unhex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len() / 2)
+        .map(|i| u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok())
+        .collect()
+}
+
 /// Decode exactly 32 bytes of hex (stored hashes and fingerprints).
 pub(crate) fn unhex32(s: &str) -> Option<[u8; 32]> {
     if s.len() != 64 {
@@ -150,6 +160,10 @@ mod tests {
         );
         assert_eq!(unhex32(&hex(&h)), Some(h));
         assert_eq!(unhex32("zz"), None);
+        assert_eq!(unhex(&hex(b"\x00\x7f\xff")), Some(vec![0, 0x7f, 0xff]));
+        assert_eq!(unhex(""), Some(vec![]));
+        assert_eq!(unhex("abc"), None);
+        assert_eq!(unhex("zz"), None);
         assert!(ct_eq(b"abc", b"abc"));
         assert!(!ct_eq(b"abc", b"abd"));
         assert!(!ct_eq(b"abc", b"ab"));

@@ -18,7 +18,8 @@ use crate::device::Device;
 use crate::error::{RegistryError, Result};
 use crate::policy::Policy;
 use crate::profile::DeviceProfile;
-use crate::secret::{hex, unhex32};
+use crate::psk::{PskInfo, PskRecord, SealedKey};
+use crate::secret::{hex, unhex, unhex32};
 use crate::security::SecurityEventRecord;
 use crate::sql::{corrupt, execute_one, i64_of, migrate, open_sqlite, u32_of, u64_of, Migration};
 use crate::store::{AuditRow, LogBatch, RegistryStore, Snapshot};
@@ -32,9 +33,10 @@ use std::path::Path;
 use std::time::Duration;
 
 /// The identity tables, version by version (see [`crate::sql`]).
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    sql: "
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        sql: "
 CREATE TABLE IF NOT EXISTS tenants (
     id TEXT PRIMARY KEY,
     name TEXT NOT NULL,
@@ -150,7 +152,30 @@ CREATE TABLE IF NOT EXISTS device_profiles (
     PRIMARY KEY (tenant, name)
 );
 ",
-}];
+    },
+    // DTLS pre-shared keys (psk.rs). The key is sealed by the caller
+    // (hex text like every other binary value here); the partial unique
+    // index lets revoked rows keep their identity for the record while a
+    // new PSK takes it (SQLite and PostgreSQL both have partial indexes).
+    Migration {
+        version: 2,
+        sql: "
+CREATE TABLE IF NOT EXISTS device_psks (
+    id TEXT PRIMARY KEY,
+    device_id TEXT NOT NULL,
+    identity TEXT NOT NULL,
+    sealed_key TEXT NOT NULL,
+    created_ms BIGINT NOT NULL,
+    expires_ms BIGINT,
+    revoked INTEGER NOT NULL,
+    replaced_by TEXT,
+    last_used_ms BIGINT
+);
+CREATE INDEX IF NOT EXISTS device_psks_device ON device_psks (device_id);
+CREATE UNIQUE INDEX IF NOT EXISTS device_psks_live_identity ON device_psks (identity) WHERE revoked = 0;
+",
+    },
+];
 
 /// SQLite-backed [`RegistryStore`]. One connection behind a mutex: the
 /// registry serializes writes anyway and reads come from its caches.
@@ -237,6 +262,26 @@ fn audit_from_row(r: &Row<'_>) -> rusqlite::Result<(i64, AuditRow)> {
 }
 
 const AUDIT_COLUMNS: &str = "seq, ts_ms, actor, action, target, outcome, detail, prev_hash, hash";
+
+fn insert_psk(c: &Connection, p: &PskRecord) -> Result<()> {
+    let i = &p.info;
+    c.execute(
+        "INSERT INTO device_psks (id, device_id, identity, sealed_key, created_ms, expires_ms, revoked, replaced_by, last_used_ms) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        params![
+            i.id,
+            i.device_id,
+            i.identity,
+            hex(p.sealed_key.as_bytes()),
+            i.created_ms,
+            i.expires_ms,
+            i64::from(i.revoked),
+            i.replaced_by,
+            i.last_used_ms
+        ],
+    )?;
+    Ok(())
+}
 
 fn insert_device(c: &Connection, d: &Device) -> Result<()> {
     c.execute(
@@ -340,6 +385,33 @@ impl RegistryStore for SqliteStore {
                 issuer,
                 created_ms,
                 revoked_ms,
+            });
+        }
+
+        // In the order written (SQLite's rowid; a PostgreSQL backend would
+        // order by a serial column), so a rotation lists after what it replaced.
+        let mut st = c.prepare(
+            "SELECT id, device_id, identity, sealed_key, created_ms, expires_ms, revoked, replaced_by, last_used_ms FROM device_psks ORDER BY rowid",
+        )?;
+        for row in st.query_map([], |r| {
+            Ok((
+                PskInfo {
+                    id: r.get(0)?,
+                    device_id: r.get(1)?,
+                    identity: r.get(2)?,
+                    created_ms: r.get(4)?,
+                    expires_ms: r.get(5)?,
+                    revoked: r.get::<_, i64>(6)? != 0,
+                    replaced_by: r.get(7)?,
+                    last_used_ms: r.get(8)?,
+                },
+                r.get::<_, String>(3)?,
+            ))
+        })? {
+            let (info, sealed) = row?;
+            snap.psks.push(PskRecord {
+                sealed_key: SealedKey::new(unhex(&sealed).ok_or_else(|| corrupt("sealed PSK"))?),
+                info,
             });
         }
 
@@ -568,6 +640,7 @@ impl RegistryStore for SqliteStore {
         let mut c = self.conn.lock();
         let tx = c.transaction()?;
         tx.execute("DELETE FROM device_tokens WHERE device_id = ?", params![id])?;
+        tx.execute("DELETE FROM device_psks WHERE device_id = ?", params![id])?;
         tx.execute(
             "UPDATE certificates SET revoked_ms = ? WHERE device_id = ? AND revoked_ms IS NULL",
             params![revoked_ms, id],
@@ -600,6 +673,38 @@ impl RegistryStore for SqliteStore {
             "UPDATE device_tokens SET expires_ms = ?, revoked = ? WHERE id = ? AND device_id = ?",
             params![t.expires_ms, i64::from(t.revoked), t.id, t.device_id],
         )
+    }
+
+    fn insert_psk(&self, p: &PskRecord) -> Result<()> {
+        insert_psk(&self.conn.lock(), p)
+    }
+
+    fn update_psk(&self, p: &PskInfo) -> Result<()> {
+        self.exec_one(
+            "PSK",
+            "UPDATE device_psks SET revoked = ?, replaced_by = ? WHERE id = ? AND device_id = ?",
+            params![i64::from(p.revoked), p.replaced_by, p.id, p.device_id],
+        )
+    }
+
+    fn rotate_psk(&self, old: &PskInfo, new: &PskRecord) -> Result<()> {
+        let mut c = self.conn.lock();
+        let tx = c.transaction()?;
+        // The old row first: the identity's unique index admits one live row.
+        execute_one(
+            &tx,
+            "PSK",
+            "UPDATE device_psks SET revoked = ?, replaced_by = ? WHERE id = ? AND device_id = ?",
+            params![
+                i64::from(old.revoked),
+                old.replaced_by,
+                old.id,
+                old.device_id
+            ],
+        )?;
+        insert_psk(&tx, new)?;
+        tx.commit()?;
+        Ok(())
     }
 
     fn insert_certificate(&self, c: &CertInfo) -> Result<()> {
@@ -797,6 +902,7 @@ impl RegistryStore for SqliteStore {
             audit,
             events,
             seen,
+            psk_used,
         } = *batch;
         let mut c = self.conn.lock();
         let tx = c.transaction()?;
@@ -840,6 +946,10 @@ impl RegistryStore for SqliteStore {
                 tx.prepare("UPDATE devices SET last_seen_ms = ?, last_addr = ? WHERE id = ?")?;
             for s in seen {
                 upd.execute(params![s.ms, s.addr, s.device_id])?;
+            }
+            let mut upd = tx.prepare("UPDATE device_psks SET last_used_ms = ? WHERE id = ?")?;
+            for u in psk_used {
+                upd.execute(params![u.ms, u.psk_id])?;
             }
         }
         tx.commit()?;
@@ -952,5 +1062,64 @@ impl RegistryStore for SqliteStore {
             });
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Registry;
+
+    /// A `registry.db` written before PSKs existed (schema version 1) opens
+    /// with its devices, gains the PSK table, and its PSKs persist.
+    #[test]
+    fn a_version_1_database_gains_the_psk_table() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("registry.db");
+        {
+            let mut c = open_sqlite(&path).expect("open");
+            migrate(&mut c, "identity", &MIGRATIONS[..1]).expect("version 1");
+            c.execute(
+                "INSERT INTO audit_anchor (id, seq, hash) VALUES (1, 0, ?)",
+                params![hex(&GENESIS_HASH)],
+            )
+            .expect("anchor");
+            insert_device(
+                &c,
+                &Device {
+                    id: "old-1".into(),
+                    name: "written by version 1".into(),
+                    tenant: crate::DEFAULT_TENANT.into(),
+                    group: None,
+                    profile: crate::DEFAULT_PROFILE.into(),
+                    labels: Default::default(),
+                    enabled: true,
+                    created_ms: 1,
+                    last_seen_ms: None,
+                    last_addr: None,
+                },
+            )
+            .expect("device");
+        }
+        {
+            let reg = Registry::open(dir.path()).expect("upgrade");
+            assert_eq!(
+                reg.get_device("old-1").expect("kept").name,
+                "written by version 1"
+            );
+            reg.create_psk("old-1", None, vec![7; 48], None)
+                .expect("psk");
+        }
+        let reg = Registry::open(dir.path()).expect("reopen");
+        assert_eq!(reg.list_psks("old-1").expect("list").len(), 1);
+        let c = rusqlite::Connection::open(&path).expect("db");
+        let v: i64 = c
+            .query_row(
+                "SELECT MAX(version) FROM schema_migrations WHERE domain = 'identity'",
+                [],
+                |r| r.get(0),
+            )
+            .expect("version");
+        assert_eq!(v, 2);
     }
 }

@@ -13,6 +13,7 @@ use crate::device::Device;
 use crate::error::Result;
 use crate::policy::Policy;
 use crate::profile::DeviceProfile;
+use crate::psk::{PskInfo, PskRecord};
 use crate::security::SecurityEventRecord;
 use crate::tenant::{Group, Tenant};
 use crate::token::{TokenInfo, TokenRecord};
@@ -26,6 +27,7 @@ pub struct Snapshot {
     pub devices: Vec<Device>,
     pub tokens: Vec<TokenRecord>,
     pub certs: Vec<CertInfo>,
+    pub psks: Vec<PskRecord>,
     pub claims: Vec<ClaimRecord>,
     pub users: Vec<UserRecord>,
     pub api_tokens: Vec<ApiTokenRecord>,
@@ -63,6 +65,13 @@ pub struct SeenUpdate {
     pub addr: String,
 }
 
+/// A PSK's latest successful handshake, persisted lazily.
+#[derive(Debug, Clone)]
+pub struct PskUseUpdate {
+    pub psk_id: String,
+    pub ms: i64,
+}
+
 /// What the background writer appends in one transaction.
 #[derive(Debug, Clone, Copy)]
 pub struct LogBatch<'a> {
@@ -70,6 +79,8 @@ pub struct LogBatch<'a> {
     pub audit: &'a [AuditRow],
     pub events: &'a [SecurityEventRecord],
     pub seen: &'a [SeenUpdate],
+    /// `last_used_ms` of PSKs (a PSK deleted meanwhile is skipped).
+    pub psk_used: &'a [PskUseUpdate],
 }
 
 /// Durable storage for the registry.
@@ -83,13 +94,19 @@ pub trait RegistryStore: Send + Sync + 'static {
     fn insert_device(&self, d: &Device) -> Result<()>;
     /// Update the mutable fields (name, group, profile, labels, enabled).
     fn update_device(&self, d: &Device) -> Result<()>;
-    /// Delete the device and its tokens; mark its
+    /// Delete the device, its tokens and its PSKs; mark its
     /// certificates revoked at `revoked_ms` (they stay listed for the CRL).
     fn delete_device(&self, id: &str, revoked_ms: i64) -> Result<()>;
 
     fn insert_token(&self, t: &TokenRecord) -> Result<()>;
     /// Update `expires_ms` and `revoked`.
     fn update_token(&self, t: &TokenInfo) -> Result<()>;
+
+    fn insert_psk(&self, p: &PskRecord) -> Result<()>;
+    /// Update `revoked` and `replaced_by`.
+    fn update_psk(&self, p: &PskInfo) -> Result<()>;
+    /// Revoke `old` (its `replaced_by` set) and insert `new`, atomically.
+    fn rotate_psk(&self, old: &PskInfo, new: &PskRecord) -> Result<()>;
 
     fn insert_certificate(&self, c: &CertInfo) -> Result<()>;
     /// Update `revoked_ms`.

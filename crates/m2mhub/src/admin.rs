@@ -16,6 +16,7 @@ mod commands;
 mod device_profiles;
 mod diagnostics;
 mod ota;
+mod psks;
 mod query;
 mod rules;
 mod shadows;
@@ -24,6 +25,7 @@ pub use commands::{command, CommandCmd};
 pub use device_profiles::{profile, ProfileCmd};
 pub use diagnostics::{diagnostics, DiagnosticsCmd};
 pub use ota::{ota, OtaCmd};
+pub use psks::PskCmd;
 pub use query::{query_telemetry, QueryCmd, RetentionCmd};
 pub use rules::{rule, RuleCmd};
 pub use shadows::{shadow, ShadowCmd};
@@ -147,6 +149,11 @@ pub enum DeviceCmd {
     Cert {
         #[command(subcommand)]
         cmd: CertCmd,
+    },
+    /// DTLS pre-shared keys for CoAPS.
+    Psk {
+        #[command(subcommand)]
+        cmd: PskCmd,
     },
 }
 
@@ -641,6 +648,7 @@ pub async fn device(conn: &Conn, cmd: DeviceCmd, env: &[(String, String)]) -> Re
                 }
             }
         },
+        DeviceCmd::Psk { cmd } => psks::psk(&c, j, cmd).await?,
         DeviceCmd::Cert { cmd } => match cmd {
             CertCmd::Issue {
                 id,

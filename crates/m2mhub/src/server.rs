@@ -47,6 +47,9 @@ pub struct Server {
     coap: Option<m2mhub_coap::CoapServer>,
     /// OTA firmware: image files, the signing key, download URLs.
     pub ota: Arc<m2mhub_api::ota::OtaApi>,
+    /// Seals and opens devices' DTLS pre-shared keys (the master key): the
+    /// DTLS listener opens what `Registry::psk_lookup` returns with it.
+    pub psk_keys: m2mhub_pki::PskKeys,
     tasks: Vec<JoinHandle<()>>,
     /// Held for the life of the server: one server per data directory.
     _lock: File,
@@ -221,6 +224,7 @@ impl Server {
         let http = bind(v.http_listen, "http.listen", "--http-listen").await?;
         let http_addr = http.local_addr()?;
         let ota = Arc::new(ota_service(v, &master, &broker, &fleet, http_addr)?);
+        let psk_keys = m2mhub_pki::PskKeys::new(master);
         tasks.push(m2mhub_ingest::ota_topics::serve(
             ota.service.clone(),
             Duration::from_secs(1),
@@ -230,6 +234,7 @@ impl Server {
             registry: registry.clone(),
             fleet: fleet.clone(),
             ca: Arc::new(ca),
+            psk_keys: psk_keys.clone(),
             cert_days: 365,
             auth_stats: Some(registry_auth.stats()),
             tsdb: tsdb.clone(),
@@ -313,6 +318,7 @@ impl Server {
             coap_addr: coap.as_ref().map(|c| c.local_addr()),
             coap,
             ota,
+            psk_keys,
             tasks,
             _lock: lock,
         })

@@ -53,6 +53,8 @@ mod persistence;
 mod process;
 #[path = "tests/profiles.rs"]
 mod profiles;
+#[path = "tests/psk.rs"]
+mod psk;
 #[path = "tests/query_cli.rs"]
 mod query_cli;
 #[path = "tests/retained.rs"]

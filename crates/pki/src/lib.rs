@@ -17,6 +17,10 @@
 //!   HTTP listeners, issued by the same CA when the operator configures none, so
 //!   `m2mhub serve` speaks TLS on 8883 out of the box.
 //!
+//! Devices' DTLS pre-shared keys are sealed under the same master key
+//! ([`PskKeys`]), bound to their device id; the registry stores the sealed
+//! bytes.
+//!
 //! The master key comes from the environment (`M2MHUB_MASTER_KEY`, 64 hex
 //! characters or base64; the caller passes the value) or from
 //! `<data_dir>/master.key`, created with mode 0600 on first start. Keeping the
@@ -34,12 +38,14 @@
 mod ca;
 mod files;
 mod master_key;
+mod psk;
 mod signing;
 
 use std::path::PathBuf;
 
 pub use ca::{ca_cert_path, fingerprint, make_csr, parse_pem_certs, DeviceCa, IssuedCert};
 pub use master_key::{KeySource, MasterKey, MASTER_KEY_ENV, MASTER_KEY_FILE};
+pub use psk::{PskKeys, PSK_LEN, PURPOSE_DTLS_PSK};
 pub use signing::{
     url_token_key, verify_firmware, FirmwareSigner, PURPOSE_FIRMWARE_KEY, PURPOSE_URL_TOKEN_KEY,
 };

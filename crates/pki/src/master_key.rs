@@ -170,7 +170,9 @@ impl MasterKey {
     /// for another, so files cannot be swapped.
     ///
     /// Random nonces are safe here because a master key seals a handful of
-    /// blobs in its life, far below the 2^32 messages where collisions matter.
+    /// files plus one blob per device PSK issued or rotated: even a large
+    /// fleet rotating often stays far below the 2^32 messages where nonce
+    /// collisions matter.
     ///
     /// # Panics
     ///

@@ -736,6 +736,7 @@ async fn the_rule_service_validates_reloads_reports_counters_and_sends() {
         registry: s.registry.clone(),
         fleet: s.fleet.clone(),
         ca: Arc::new(ca),
+        psk_keys: m2mhub_pki::PskKeys::new(key),
         cert_days: 1,
         auth_stats: None,
         tsdb: s.tsdb.clone(),

@@ -117,6 +117,7 @@ const PARAMS: &[(&str, &str, &str)] = &[
     ("/devices", "id", "device"),
     ("/devices", "token_id", "token"),
     ("/devices", "fingerprint", "fingerprint"),
+    ("/devices", "psk_id", "psk"),
     ("/devices", "metric", "metric"),
     ("/devices", "name", "shadow"),
     ("/devices", "bundle", "diagnostic"),
@@ -527,7 +528,7 @@ fn with_creds(mut c: mqtt_codec::Connect, user: &str, password: &str) -> mqtt_co
 }
 
 /// Tenant `t` with group, policy, profile, device (token, certificate,
-/// telemetry, a session, a security event, a command, an alarm), a rule, a
+/// DTLS PSK, telemetry, a session, a security event, a command, an alarm), a rule, a
 /// claim token, a banned device and an administrator.
 async fn populate(srv: &TestServer, admin: &Client, t: &str) -> Tenant {
     let grp = format!("{t}-grp");
@@ -596,6 +597,15 @@ async fn populate(srv: &TestServer, admin: &Client, t: &str) -> Tenant {
         .expect("fingerprint")
         .to_string();
     let serial = cert["serial"].as_str().expect("serial").to_string();
+    let psk = admin
+        .expect(
+            "POST",
+            &format!("/devices/{dev}/psks"),
+            Some(json!({})),
+            201,
+        )
+        .await;
+    let psk_id = psk["id"].as_str().expect("PSK id").to_string();
     admin
         .expect(
             "POST",
@@ -814,6 +824,7 @@ async fn populate(srv: &TestServer, admin: &Client, t: &str) -> Tenant {
         ("device", dev.clone()),
         ("token", token_id.clone()),
         ("fingerprint", fingerprint.clone()),
+        ("psk", psk_id.clone()),
         ("metric", "temp".to_string()),
         ("rule", rule.clone()),
         ("alarm", alarm.id.to_string()),
@@ -858,6 +869,7 @@ async fn populate(srv: &TestServer, admin: &Client, t: &str) -> Tenant {
         token_id,
         fingerprint,
         serial,
+        psk_id,
         command_id,
         bundle_id,
         diag_command,
