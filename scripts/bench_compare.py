@@ -84,7 +84,7 @@ def main():
                M2MHUB_MQTT_MAX_CONNECTS_PER_CLIENT_ID="0")
     hub = start(["taskset", "-c", "0", binary, "serve", "--data-dir", os.path.join(work, "data"),
                  "--allow-anonymous", "--mqtt-listen", "127.0.0.1:18932", "--http-listen", "127.0.0.1:18982",
-                 "--mqtts-listen", "127.0.0.1:18933", "--https-listen", "127.0.0.1:18934"], env=env)
+                 "--mqtts-listen", "127.0.0.1:18933", "--https-listen", "127.0.0.1:18934", "--coaps-listen", "127.0.0.1:18935"], env=env)
     procs = [mosq, hub]
     brokers = [("Mosquitto", 18931, mosq.pid), ("m2mhub", 18932, hub.pid)]
     if a.baseline:

@@ -328,7 +328,7 @@ def main():
     srv = subprocess.Popen(
         ["taskset", "-c", "0", args.bin, "serve", "--data-dir", os.path.join(data, "server"),
          "--mqtt-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0",
-         "--mqtts-listen", "127.0.0.1:0", "--https-listen", "127.0.0.1:0"],
+         "--mqtts-listen", "127.0.0.1:0", "--https-listen", "127.0.0.1:0", "--coaps-listen", "127.0.0.1:0"],
         stdout=subprocess.PIPE, stderr=open(os.path.join(data, "server.log"), "w"), text=True, env=env)
     procs.append(srv)
     try:

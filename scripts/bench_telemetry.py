@@ -73,7 +73,7 @@ def main():
     srv = subprocess.Popen(
         ["taskset", "-c", "0", args.bin, "serve", "--data-dir", data,
          "--mqtt-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0",
-         "--mqtts-listen", "127.0.0.1:0", "--https-listen", "127.0.0.1:0", "--allow-anonymous"],
+         "--mqtts-listen", "127.0.0.1:0", "--https-listen", "127.0.0.1:0", "--coaps-listen", "127.0.0.1:0", "--allow-anonymous"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     user = password = None
     mqtt = http = None

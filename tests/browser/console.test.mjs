@@ -32,7 +32,7 @@ async function startDemo() {
   const log = createWriteStream(logPath);
   demo = spawn(BIN, [
     "demo", "--data-dir", join(dir, "data"),
-    "--mqtt-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--mqtts-listen", "127.0.0.1:0", "--https-listen", "127.0.0.1:0",
+    "--mqtt-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--mqtts-listen", "127.0.0.1:0", "--https-listen", "127.0.0.1:0", "--coaps-listen", "127.0.0.1:0",
     "--count", "2", "--interval", "300ms", "--duration", "300s",
   ], { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, M2MHUB_CONFIG: "", M2MHUB_MASTER_KEY: "" } });
   demo.stderr.pipe(log);

@@ -30,6 +30,37 @@ pub struct IssueBody {
     /// The PSK identity the device will send; the device id when absent.
     identity: Option<String>,
     expires_in_days: Option<u32>,
+    /// A key the device already has (factory-provisioned), hex, 16 to 64
+    /// bytes; generated when absent.
+    key_hex: Option<String>,
+}
+
+/// The smallest and largest key a device may bring (RFC 4279 allows up
+/// to 64 bytes; fewer than 16 is too weak).
+const MIN_KEY: usize = 16;
+const MAX_KEY: usize = 64;
+
+fn parse_key_hex(s: &str) -> Result<Vec<u8>, Problem> {
+    let s = s.trim();
+    let bad = || {
+        Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation",
+            format!("key_hex must be {MIN_KEY} to {MAX_KEY} bytes as hex digits (two per byte)"),
+        )
+    };
+    if !s.len().is_multiple_of(2) {
+        return Err(bad());
+    }
+    let key: Vec<u8> = (0..s.len())
+        .step_by(2)
+        .map(|i| s.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
+        .collect::<Option<_>>()
+        .ok_or_else(bad)?;
+    if !(MIN_KEY..=MAX_KEY).contains(&key.len()) {
+        return Err(bad());
+    }
+    Ok(key)
 }
 
 /// An optional JSON body: empty means all defaults; anything else must
@@ -111,7 +142,17 @@ pub async fn issue(
             ))
         }
     };
-    let (key, sealed) = new_sealed_key(&state.psk_keys, &id)?;
+    let (key, sealed) = match &b.key_hex {
+        Some(h) => {
+            let key = parse_key_hex(h)?;
+            let sealed = state.psk_keys.seal(&id, &key);
+            (key, sealed)
+        }
+        None => {
+            let (key, sealed) = new_sealed_key(&state.psk_keys, &id)?;
+            (key.to_vec(), sealed)
+        }
+    };
     let info = state
         .registry
         .create_psk(&id, b.identity, sealed, expires_ms)?;
@@ -120,7 +161,7 @@ pub async fn issue(
         &caller,
         "credential.psk.issue",
         &id,
-        json!({"psk_id": info.id, "identity": info.identity, "expires_ms": info.expires_ms}),
+        json!({"psk_id": info.id, "identity": info.identity, "expires_ms": info.expires_ms, "key": if b.key_hex.is_some() { "brought" } else { "generated" }}),
     );
     Ok(key_response(StatusCode::CREATED, &info, &key, json!({})))
 }

@@ -44,6 +44,36 @@ pub struct CoapResources {
     pub broker: Broker,
     pub ingest: Arc<Ingest>,
     pub fleet: Fleet,
+    /// Devices that registered to observe their commands, and when: only
+    /// their commands are taken (marked delivered) to be pushed; anyone
+    /// else's stay for MQTT, HTTP polls or a later GET. Shared by the CoAP
+    /// and CoAPS listeners.
+    pub observing: Arc<parking_lot::Mutex<std::collections::HashMap<String, std::time::Instant>>>,
+}
+
+/// A command observation counts as live this long after its registration
+/// (a device re-registers when it wakes; the CoAP layer drops observers
+/// whose confirmable notifications go unanswered).
+const OBSERVATION_LIFETIME: std::time::Duration = std::time::Duration::from_secs(3600);
+/// Bound on the observing table.
+const MAX_OBSERVING: usize = 100_000;
+
+impl CoapResources {
+    pub fn new(broker: Broker, ingest: Arc<Ingest>, fleet: Fleet) -> CoapResources {
+        CoapResources {
+            broker,
+            ingest,
+            fleet,
+            observing: Arc::default(),
+        }
+    }
+
+    fn observes_commands(&self, device: &str) -> bool {
+        self.observing
+            .lock()
+            .get(device)
+            .is_some_and(|t| t.elapsed() < OBSERVATION_LIFETIME)
+    }
 }
 
 /// Observers of a device's commands are registered under this key.
@@ -235,9 +265,16 @@ impl CoapResources {
             None => String::new(),
         };
         let r = Response::content(cf::JSON, body);
+        let mut observing = self.observing.lock();
         if req.observe {
+            if observing.len() >= MAX_OBSERVING {
+                observing.retain(|_, t| t.elapsed() < OBSERVATION_LIFETIME);
+            }
+            observing.insert(c.device.to_string(), std::time::Instant::now());
             r.with_observe(commands_key(&c.device))
         } else {
+            // A plain GET (or a deregistration): no longer pushed to.
+            observing.remove(&*c.device);
             r
         }
     }
@@ -318,8 +355,8 @@ impl CoapResources {
     }
 
     /// Watch the broker for what CoAP observers wait for (new commands,
-    /// shadow deltas) and notify them.
-    pub fn start_notifications(&self, notifier: Notifier) {
+    /// shadow deltas) and notify them through every listener's notifier.
+    pub fn start_notifications(&self, notifiers: Vec<Notifier>) {
         let (id, mut rx) = self.broker.observer(4096);
         self.broker.set_observed(
             id,
@@ -330,14 +367,19 @@ impl CoapResources {
             ],
         );
         let fleet = self.fleet.clone();
+        let this = self.clone();
         tokio::spawn(async move {
             while let Some(msg) = rx.recv().await {
                 let levels: Vec<&str> = msg.topic.split('/').collect();
                 let (key, payload) = match levels.as_slice() {
                     ["devices", device, "commands"] => {
+                        // Only for a device that observes its commands.
                         // Take it now: the notification carries it, so it
                         // is delivered (NON notifications may be lost; a
                         // device that misses one GETs `commands`).
+                        if !this.observes_commands(device) {
+                            continue;
+                        }
                         let Some(cmd) = fleet.take_next_command(device) else {
                             continue;
                         };
@@ -356,8 +398,10 @@ impl CoapResources {
                     }
                     _ => continue,
                 };
-                if let Err(e) = notifier.notify(key, payload, Some(cf::JSON)) {
-                    tracing::debug!(error = %e, "CoAP notification dropped");
+                for n in &notifiers {
+                    if let Err(e) = n.notify(key.clone(), payload.clone(), Some(cf::JSON)) {
+                        tracing::debug!(error = %e, "CoAP notification dropped");
+                    }
                 }
             }
         });

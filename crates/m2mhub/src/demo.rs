@@ -57,6 +57,9 @@ pub struct DemoArgs {
     /// HTTPS listener (console, API and HTTP devices), HOST:PORT; "" for none.
     #[arg(long, default_value = "127.0.0.1:8443")]
     https_listen: String,
+    /// CoAPS (DTLS-PSK) listener, HOST:PORT; "" for none.
+    #[arg(long, default_value = "127.0.0.1:5684")]
+    coaps_listen: String,
     /// Simulated devices per profile (five profiles).
     #[arg(long, default_value_t = 60)]
     count: usize,
@@ -186,6 +189,7 @@ fn settings(args: &DemoArgs) -> Result<m2mhub::settings::Validated> {
     s.mqtt.tls_listen = args.mqtts_listen.clone();
     s.http.listen = args.http_listen.clone();
     s.http.tls_listen = args.https_listen.clone();
+    s.coap.dtls_listen = args.coaps_listen.clone();
     // Every simulated device connects from this machine: the per-address
     // limits meant for the internet would refuse most of them.
     s.mqtt.max_connections_per_ip = 0;

@@ -216,6 +216,9 @@ struct ServeArgs {
     /// Plain CoAP listener (UDP), HOST:PORT (default: none).
     #[arg(long)]
     coap_listen: Option<String>,
+    /// CoAPS (DTLS-PSK) listener (UDP), HOST:PORT (default 0.0.0.0:5684; "" for none).
+    #[arg(long)]
+    coaps_listen: Option<String>,
     /// Server certificate chain (PEM) for MQTT over TLS.
     #[arg(long)]
     tls_cert: Option<PathBuf>,
@@ -515,6 +518,9 @@ fn load_serve_settings(args: &ServeArgs) -> Result<m2mhub::settings::Validated> 
     if let Some(a) = &args.coap_listen {
         s.coap.listen = a.clone();
     }
+    if let Some(a) = &args.coaps_listen {
+        s.coap.dtls_listen = a.clone();
+    }
     let path = |p: &PathBuf| p.display().to_string();
     if let Some(p) = &args.tls_cert {
         s.mqtt.tls_cert = path(p);
@@ -563,7 +569,7 @@ async fn run_server(settings: m2mhub::settings::Validated) -> Result<()> {
     tracing::info!(data_dir = %settings.data_dir.display(), "m2mhub started");
     // One machine-readable line on stdout, for scripts and tests.
     println!(
-        "m2mhub ready mqtt={} mqtts={} http={} ws=ws://{}/mqtt https={} coap={}",
+        "m2mhub ready mqtt={} mqtts={} http={} ws=ws://{}/mqtt https={} coap={} coaps={}",
         server.mqtt_addr,
         server
             .mqtts_addr
@@ -577,6 +583,10 @@ async fn run_server(settings: m2mhub::settings::Validated) -> Result<()> {
             .unwrap_or_else(|| "-".into()),
         server
             .coap_addr
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| "-".into()),
+        server
+            .coaps_addr
             .map(|a| a.to_string())
             .unwrap_or_else(|| "-".into()),
     );

@@ -45,6 +45,9 @@ pub struct Server {
     /// The plain CoAP listener's address, when one is configured.
     pub coap_addr: Option<SocketAddr>,
     coap: Option<m2mhub_coap::CoapServer>,
+    /// The CoAPS listener's address, when one is configured.
+    pub coaps_addr: Option<SocketAddr>,
+    coaps: Option<m2mhub_coap::CoapServer>,
     /// OTA firmware: image files, the signing key, download URLs.
     pub ota: Arc<m2mhub_api::ota::OtaApi>,
     /// Seals and opens devices' DTLS pre-shared keys (the master key): the
@@ -253,27 +256,59 @@ impl Server {
             fleet.clone(),
         ));
 
-        // Plain CoAP, when configured (it carries token secrets in clear).
+        // CoAP: plain (only when configured: token secrets travel in clear)
+        // and CoAPS (DTLS with the devices' pre-shared keys), one set of
+        // resources and one notification task for both.
+        let resources = m2mhub_ingest::coap_resources::CoapResources::new(
+            broker.clone(),
+            pipeline.clone(),
+            fleet.clone(),
+        );
         let coap = match &v.coap {
-            Some(config) => {
-                let resources = m2mhub_ingest::coap_resources::CoapResources {
-                    broker: broker.clone(),
-                    ingest: pipeline.clone(),
-                    fleet: fleet.clone(),
-                };
-                let server = m2mhub_coap::CoapServer::bind(config.clone(), resources.clone())
+            Some(config) => Some(
+                m2mhub_coap::CoapServer::bind(config.clone(), resources.clone())
                     .await
                     .with_context(|| {
                         format!(
                             "cannot serve CoAP on {} (`coap.listen`): is another server using it?",
                             config.bind
                         )
-                    })?;
-                resources.start_notifications(server.notifier());
-                Some(server)
+                    })?,
+            ),
+            None => None,
+        };
+        let coaps = match &v.coaps {
+            Some((config, limits)) => {
+                let store = Arc::new(crate::coaps::RegistryPsks::new(
+                    registry.clone(),
+                    psk_keys.clone(),
+                ));
+                Some(
+                    m2mhub_coap::CoapServer::bind_dtls(
+                        config.clone(),
+                        store,
+                        limits.clone(),
+                        resources.clone(),
+                    )
+                    .await
+                    .with_context(|| {
+                        format!(
+                            "cannot serve CoAPS on {} (`coap.dtls_listen`): is another server using it? choose another address with --coaps-listen",
+                            config.bind
+                        )
+                    })?,
+                )
             }
             None => None,
         };
+        let notifiers: Vec<_> = coap
+            .iter()
+            .chain(coaps.iter())
+            .map(|c| c.notifier())
+            .collect();
+        if !notifiers.is_empty() {
+            resources.start_notifications(notifiers);
+        }
         let https_addr = match v.https_listen {
             Some(addr) => {
                 let listener = bind(addr, "http.tls_listen", "--https-listen").await?;
@@ -317,6 +352,8 @@ impl Server {
             https_addr,
             coap_addr: coap.as_ref().map(|c| c.local_addr()),
             coap,
+            coaps_addr: coaps.as_ref().map(|c| c.local_addr()),
+            coaps,
             ota,
             psk_keys,
             tasks,
@@ -327,6 +364,9 @@ impl Server {
     /// Graceful stop: refuse new connections, tell clients, flush the store.
     pub async fn shutdown(self) {
         if let Some(c) = self.coap {
+            c.shutdown().await;
+        }
+        if let Some(c) = self.coaps {
             c.shutdown().await;
         }
         self.broker.shutdown(Duration::from_secs(5)).await;

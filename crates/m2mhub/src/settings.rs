@@ -152,6 +152,13 @@ chunk_bytes = 16384
 url_ttl_secs = 3600
 
 [coap]
+# CoAPS: CoAP over DTLS 1.2 with a per-device pre-shared key (issue one with
+# `m2mhub device psk issue ID`; the device presents its PSK identity and
+# uses the resources directly: coaps://host/telemetry). Empty: no CoAPS.
+dtls_listen = "0.0.0.0:5684"
+# DTLS sessions at most, and the idle time after which one is forgotten.
+dtls_max_sessions = 10000
+dtls_idle_secs = 600
 # Plain CoAP (RFC 7252, UDP) for constrained devices that name their device
 # id and token secret in the path: coap://host/{device_id}/{secret}/telemetry
 # (resources: telemetry, commands (Observe), commands/{id}, shadow[/{name}]).
@@ -204,6 +211,9 @@ pub struct Settings {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CoapSettings {
+    pub dtls_listen: String,
+    pub dtls_max_sessions: usize,
+    pub dtls_idle_secs: u64,
     pub listen: String,
     pub rate_per_second: u32,
     pub rate_burst: u32,
@@ -213,6 +223,9 @@ pub struct CoapSettings {
 impl Default for CoapSettings {
     fn default() -> Self {
         CoapSettings {
+            dtls_listen: "0.0.0.0:5684".into(),
+            dtls_max_sessions: 10_000,
+            dtls_idle_secs: 600,
             listen: String::new(),
             rate_per_second: 20,
             rate_burst: 40,
@@ -724,25 +737,48 @@ impl Settings {
             },
         };
         let c = &self.coap;
+        let coap_config = |key: &str, a: &str| -> Result<m2mhub_coap::CoapConfig> {
+            let config = m2mhub_coap::CoapConfig {
+                bind: addr(key, a)?,
+                rate_per_second: c.rate_per_second,
+                rate_burst: c.rate_burst,
+                max_body: c.max_body_kb.saturating_mul(1024),
+                ..Default::default()
+            };
+            config
+                .validate()
+                .map_err(|e| anyhow!("invalid `coap` settings: {e}"))?;
+            Ok(config)
+        };
         let coap = match c.listen.trim() {
             "" => None,
+            a => Some(coap_config("coap.listen", a)?),
+        };
+        let coaps = match c.dtls_listen.trim() {
+            "" => None,
             a => {
-                let bind = addr("coap.listen", a)?;
-                let config = m2mhub_coap::CoapConfig {
-                    bind,
-                    rate_per_second: c.rate_per_second,
-                    rate_burst: c.rate_burst,
-                    max_body: c.max_body_kb.saturating_mul(1024),
-                    ..Default::default()
-                };
-                config
-                    .validate()
-                    .map_err(|e| anyhow!("invalid `coap` settings: {e}"))?;
-                Some(config)
+                if c.dtls_max_sessions == 0 {
+                    bail!("invalid value for `coap.dtls_max_sessions`: 0; use at least 1");
+                }
+                if c.dtls_idle_secs < 10 {
+                    bail!(
+                        "invalid value for `coap.dtls_idle_secs`: {}; use at least 10 (seconds)",
+                        c.dtls_idle_secs
+                    );
+                }
+                Some((
+                    coap_config("coap.dtls_listen", a)?,
+                    m2mhub_coap::dtls::DtlsLimits {
+                        max_sessions: c.dtls_max_sessions,
+                        max_handshakes: c.dtls_max_sessions.min(1024),
+                        idle_timeout: Duration::from_secs(c.dtls_idle_secs),
+                    },
+                ))
             }
         };
         Ok(Validated {
             coap,
+            coaps,
             gateways,
             ota,
             telemetry,
@@ -779,6 +815,8 @@ pub struct Validated {
     pub gateways: m2mhub_ingest::gateways::GatewayConfig,
     /// Plain CoAP, when configured.
     pub coap: Option<m2mhub_coap::CoapConfig>,
+    /// CoAPS (DTLS with pre-shared keys), when configured.
+    pub coaps: Option<(m2mhub_coap::CoapConfig, m2mhub_coap::dtls::DtlsLimits)>,
     pub telemetry: TelemetryConfig,
     /// Diagnostic bundles: where, how large, how long.
     pub diagnostics: m2mhub_fleet::DiagnosticsConfig,

@@ -18,6 +18,10 @@ pub enum PskCmd {
         /// Days until it expires (default: never).
         #[arg(long, value_name = "DAYS", value_parser = clap::value_parser!(u32).range(1..=36_500))]
         expires_in_days: Option<u32>,
+        /// A key the device already has (factory-provisioned), as hex, 16
+        /// to 64 bytes (default: a new random 16-byte key).
+        #[arg(long, value_name = "HEX")]
+        key_hex: Option<String>,
     },
     /// A device's pre-shared keys (never the keys themselves).
     List { id: String },
@@ -49,8 +53,12 @@ pub(super) async fn psk(c: &ApiClient, j: bool, cmd: PskCmd) -> Result<()> {
             id,
             identity,
             expires_in_days,
+            key_hex,
         } => {
-            let body = json!({"identity": identity, "expires_in_days": expires_in_days});
+            let mut body = json!({"identity": identity, "expires_in_days": expires_in_days});
+            if let Some(k) = key_hex {
+                body["key_hex"] = json!(k);
+            }
             let v = c
                 .post(&format!("/api/v1/devices/{}/psks", enc(&id)), &body)
                 .await?

@@ -380,3 +380,104 @@ async fn coap_refuses_bad_credentials_bad_input_and_other_tenants() {
         "{latest}"
     );
 }
+
+fn unhex(s: &str) -> Vec<u8> {
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coaps_device_posts_with_its_psk_and_a_revoked_psk_ends_the_session() {
+    let srv = TestServer::with(secure).await;
+    let admin = Api::admin(&srv);
+    admin
+        .expect("POST", "/devices", Some(json!({"id": "probe-s"})), 201)
+        .await;
+    let psk = admin
+        .expect("POST", "/devices/probe-s/psks", Some(json!({})), 201)
+        .await;
+    let identity = psk["identity"].as_str().expect("identity").to_string();
+    let key = unhex(psk["key_hex"].as_str().expect("key"));
+    let psk_id = psk["id"].as_str().expect("id").to_string();
+    let addr = srv.get().coaps_addr.expect("the CoAPS listener");
+
+    let mut c = Client::new_psk(addr, identity.as_bytes(), &key)
+        .await
+        .expect("DTLS handshake with the issued key");
+    // No credentials in the path: the session's key names the device.
+    let r = post_call(
+        &mut c,
+        "telemetry",
+        cf::SENML_CBOR,
+        &senml_cbor("depth", 0.75),
+    )
+    .await
+    .expect("POST over DTLS");
+    assert_eq!(
+        r.code,
+        Code::CHANGED,
+        "{:?}",
+        String::from_utf8_lossy(&r.payload)
+    );
+    until(&admin, "/devices/probe-s/telemetry", "stored", |v| {
+        latest(v, "depth") == Some(json!(0.75))
+    })
+    .await;
+
+    // A wrong key gets no session.
+    let wrong = tokio::time::timeout(
+        Duration::from_secs(15),
+        Client::new_psk(addr, identity.as_bytes(), b"0000000000000000"),
+    )
+    .await;
+    assert!(!matches!(wrong, Ok(Ok(_))), "a wrong key got a session");
+
+    // Revoked: the live session ends and a new handshake fails.
+    admin
+        .expect(
+            "DELETE",
+            &format!("/devices/probe-s/psks/{psk_id}"),
+            None,
+            204,
+        )
+        .await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    c.timeout = Duration::from_secs(3);
+    let r = post_call(
+        &mut c,
+        "telemetry",
+        cf::SENML_CBOR,
+        &senml_cbor("depth", 0.5),
+    )
+    .await;
+    assert!(
+        r.is_err() || !c.is_open(),
+        "the revoked session still answers: {r:?}"
+    );
+    let again = tokio::time::timeout(
+        Duration::from_secs(15),
+        Client::new_psk(addr, identity.as_bytes(), &key),
+    )
+    .await;
+    assert!(!matches!(again, Ok(Ok(_))), "a revoked key got a session");
+    let latest_now = admin
+        .expect("GET", "/devices/probe-s/telemetry", None, 200)
+        .await;
+    assert_eq!(latest(&latest_now, "depth"), Some(json!(0.75)));
+    // The handshakes are audited.
+    let audit = admin
+        .expect("GET", "/audit?action=coap.auth&limit=100", None, 200)
+        .await;
+    let outcomes: Vec<&str> = audit["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .filter_map(|r| r["outcome"].as_str())
+        .collect();
+    assert!(
+        outcomes.contains(&"ok") && outcomes.contains(&"denied"),
+        "{outcomes:?}"
+    );
+}

@@ -77,6 +77,7 @@ pub fn test_settings(dir: &std::path::Path) -> Settings {
     s.mqtt.listen = "127.0.0.1:0".into();
     s.mqtt.tls_listen = "127.0.0.1:0".into();
     s.http.tls_listen = "127.0.0.1:0".into();
+    s.coap.dtls_listen = "127.0.0.1:0".into();
     s.http.listen = "127.0.0.1:0".into();
     s.mqtt.allow_anonymous = true;
     s.mqtt.sys_interval_secs = 0;
@@ -1064,6 +1065,8 @@ impl BinServer {
                 "127.0.0.1:0",
                 "--https-listen",
                 "127.0.0.1:0",
+                "--coaps-listen",
+                "127.0.0.1:0",
                 "--allow-anonymous",
             ])
             .env_remove("M2MHUB_CONFIG")
@@ -1217,6 +1220,8 @@ impl BinServer {
                 "--mqtts-listen",
                 "127.0.0.1:0",
                 "--https-listen",
+                "127.0.0.1:0",
+                "--coaps-listen",
                 "127.0.0.1:0",
             ])
             .env_remove("M2MHUB_CONFIG")
