@@ -297,6 +297,53 @@ impl Client {
         Ok(())
     }
 
+    /// GET `path` block by block (Block2 of `size` bytes, 16..=1024),
+    /// answering an RFC 9175 Echo challenge when the server sends one;
+    /// returns the whole body.
+    pub async fn download_blockwise(
+        &mut self,
+        path: &str,
+        size: usize,
+        max_body: usize,
+    ) -> Result<Vec<u8>, ClientError> {
+        let szx = BlockValue::szx_for_size(size)
+            .ok_or_else(|| ClientError::Block(format!("block size {size} is not 16..=1024")))?;
+        let mut body = Vec::new();
+        let mut num = 0u32;
+        let mut echo: Option<Vec<u8>> = None;
+        loop {
+            let block = BlockValue::new(num, false, szx)
+                .ok_or_else(|| ClientError::Block(format!("block {num} cannot be numbered")))?;
+            let mut m = self.request(Code::GET, path);
+            m.set_block(option::BLOCK2, block);
+            if let Some(e) = &echo {
+                m.set_option(option::ECHO, Bytes::copy_from_slice(e));
+            }
+            let r = self.call(m).await?;
+            if r.code == Code::UNAUTHORIZED && echo.is_none() {
+                if let Some(e) = r.option(option::ECHO) {
+                    echo = Some(e.value.to_vec());
+                    continue;
+                }
+            }
+            if r.code != Code::CONTENT {
+                return Err(ClientError::Block(format!(
+                    "block {num}: {} {}",
+                    r.code,
+                    String::from_utf8_lossy(&r.payload)
+                )));
+            }
+            body.extend_from_slice(&r.payload);
+            if body.len() > max_body {
+                return Err(ClientError::Block(format!("more than {max_body} bytes")));
+            }
+            match r.block2() {
+                Some(Ok(b)) if b.more => num = b.num + 1,
+                _ => return Ok(body),
+            }
+        }
+    }
+
     /// POST or PUT `body` in Block1 blocks of `size` bytes (16..=1024, a
     /// power of two); returns the final response.
     pub async fn upload_blockwise(

@@ -20,7 +20,9 @@
 //! | `telemetry` | POST, PUT | readings: SenML+CBOR (112), SenML+JSON (110), CBOR (60), JSON (50), text numbers (0); 2.04 once durable |
 //! | `commands` | GET (+Observe) | the oldest undelivered command (2.05, JSON; empty payload: none); observers are told each new command |
 //! | `commands/{cid}` | POST, PUT | the device's answer (JSON; `"status":"failed"` fails it) |
-//! | `shadow[/{name}]` | GET (+Observe), POST, PUT | the shadow document; an update (`{"state":{"reported":…}}`); observers get each delta |
+//! | `shadow[/{name}]` | GET (+Observe), POST, PUT, PATCH | the shadow document; an update (`{"state":{"reported":…}}`); observers get each delta |
+//! | `ota` | GET, POST | the device's firmware job (the MQTT job document; `{"jobId": null}`: none); POST a status report |
+//! | `ota/{job}` | GET | the job's image, in Block2 blocks (images up to `max_image`; larger: the job's HTTP URL) |
 //!
 //! Large uploads arrive in Block1 blocks and large answers leave in Block2
 //! blocks (the CoAP layer reassembles and slices). Codes: 4.00 bad input
@@ -49,6 +51,10 @@ pub struct CoapResources {
     /// else's stay for MQTT, HTTP polls or a later GET. Shared by the CoAP
     /// and CoAPS listeners.
     pub observing: Arc<parking_lot::Mutex<std::collections::HashMap<String, std::time::Instant>>>,
+    /// Firmware jobs and images (`ota`, `ota/{job}`), when OTA runs.
+    pub ota: Option<Arc<crate::ota_topics::OtaService>>,
+    /// The largest image served over CoAP (larger ones: the HTTP URL).
+    pub max_image: usize,
 }
 
 /// A command observation counts as live this long after its registration
@@ -65,6 +71,8 @@ impl CoapResources {
             ingest,
             fleet,
             observing: Arc::default(),
+            ota: None,
+            max_image: 1024 * 1024,
         }
     }
 
@@ -354,6 +362,59 @@ impl CoapResources {
         }
     }
 
+    async fn ota_job(&self, c: &Caller, req: &Request) -> Response {
+        let Some(ota) = &self.ota else {
+            return text(
+                Code::NOT_FOUND,
+                "firmware updates are not running on this server",
+            );
+        };
+        let report = req.method == Code::POST;
+        let (accepted, body) =
+            crate::ota_topics::device_request(ota, &c.device, report, req.payload.clone()).await;
+        match (report, accepted) {
+            (false, _) => json_content(&body),
+            (true, true) => {
+                let mut r = json_content(&body);
+                r.code = Code::CHANGED;
+                r
+            }
+            (true, false) => {
+                let mut r = json_content(&body);
+                r.code = Code::BAD_REQUEST;
+                r
+            }
+        }
+    }
+
+    async fn ota_image(&self, c: &Caller, job: &str) -> Response {
+        let Some(ota) = self.ota.clone() else {
+            return text(
+                Code::NOT_FOUND,
+                "firmware updates are not running on this server",
+            );
+        };
+        let (device, job, limit) = (c.device.to_string(), job.to_string(), self.max_image);
+        let image = tokio::task::spawn_blocking(move || {
+            crate::ota_topics::job_image(&ota, &device, &job, limit)
+        })
+        .await;
+        use crate::ota_topics::ImageRefusal;
+        match image {
+            Ok(Ok(bytes)) => Response::content(cf::OCTET_STREAM, bytes),
+            Ok(Err(ImageRefusal::NotYours(why))) => text(Code::NOT_FOUND, &why),
+            Ok(Err(ImageRefusal::TooLarge { size, limit })) => text(
+                Code::REQUEST_ENTITY_TOO_LARGE,
+                &format!("the image is {size} bytes; CoAP serves up to {limit}: download it from the job's url"),
+            ),
+            Ok(Err(ImageRefusal::Io(why))) => {
+                tracing::error!(error = %why, "reading a firmware image failed");
+                unavailable("the image cannot be read now")
+            }
+            Err(_) => unavailable("the image cannot be read now"),
+        }
+    }
+
     /// Watch the broker for what CoAP observers wait for (new commands,
     /// shadow deltas) and notify them through every listener's notifier.
     pub fn start_notifications(&self, notifiers: Vec<Notifier>) {
@@ -415,7 +476,7 @@ impl Handler for CoapResources {
             Err(r) => return r,
         };
         let m = req.method;
-        let post_or_put = m == Code::POST || m == Code::PUT;
+        let post_or_put = m == Code::POST || m == Code::PUT || m == Code::new(0, 6);
         match rest {
             [r] if r == "telemetry" && post_or_put => self.telemetry(&caller, &req).await,
             [r] if r == "commands" && m == Code::GET => self.next_command(&caller, &req),
@@ -426,12 +487,16 @@ impl Handler for CoapResources {
             [r, name] if r == "shadow" && (m == Code::GET || post_or_put) => {
                 self.shadow(&caller, name, &req).await
             }
-            [r, ..] if ["telemetry", "commands", "shadow"].contains(&r.as_str()) => {
+            [r] if r == "ota" && (m == Code::GET || m == Code::POST) => {
+                self.ota_job(&caller, &req).await
+            }
+            [r, job] if r == "ota" && m == Code::GET => self.ota_image(&caller, job).await,
+            [r, ..] if ["telemetry", "commands", "shadow", "ota"].contains(&r.as_str()) => {
                 Response::new(Code::METHOD_NOT_ALLOWED)
             }
             _ => text(
                 Code::NOT_FOUND,
-                "resources: telemetry, commands, commands/{id}, shadow, shadow/{name}",
+                "resources: telemetry, commands, commands/{id}, shadow, shadow/{name}, ota, ota/{job}",
             ),
         }
     }

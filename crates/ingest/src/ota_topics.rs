@@ -271,6 +271,81 @@ async fn handle(svc: &Arc<OtaService>, msg: &Message) {
     }
 }
 
+/// The job and status requests of a device on a request protocol (CoAP):
+/// the same answers as the MQTT topics give, as `(accepted, body)`. A
+/// succeeded job's version goes into the shadow before the answer.
+pub async fn device_request(
+    svc: &Arc<OtaService>,
+    device: &str,
+    status_report: bool,
+    payload: bytes::Bytes,
+) -> (bool, Value) {
+    let request = if status_report {
+        Request::Status
+    } else {
+        Request::JobGet
+    };
+    let (s, d) = (Arc::clone(svc), device.to_string());
+    let answers = match tokio::task::spawn_blocking(move || answer(&s, &d, request, &payload)).await
+    {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::error!(error = %e, "OTA request failed");
+            return (false, json!({"code": 500, "message": "the request failed"}));
+        }
+    };
+    let mut out = (false, json!({"jobId": null}));
+    for (topic, body, shadow) in answers {
+        if let Some((change, update)) = shadow {
+            crate::shadow_topics::publish_update(
+                &svc.broker,
+                &change,
+                &update,
+                PublishProperties::default(),
+            )
+            .await;
+        }
+        if let Body::Json(v) = body {
+            out = (!topic.ends_with("/rejected"), v);
+        }
+    }
+    out
+}
+
+/// Why an image cannot be served over a request protocol.
+#[derive(Debug)]
+pub enum ImageRefusal {
+    /// No such job for this device, or not in progress.
+    NotYours(String),
+    /// Larger than the protocol's limit: use the HTTP download URL.
+    TooLarge {
+        size: u64,
+        limit: usize,
+    },
+    Io(String),
+}
+
+/// The whole image of a device's job in progress (`job_id`), at most
+/// `limit` bytes (CoAP serves it in Block2 blocks).
+pub fn job_image(
+    svc: &OtaService,
+    device: &str,
+    job_id: &str,
+    limit: usize,
+) -> Result<Vec<u8>, ImageRefusal> {
+    let a = svc
+        .fleet
+        .ota_artifact_for(device, job_id)
+        .map_err(|e| ImageRefusal::NotYours(e.to_string()))?;
+    if a.size > limit as u64 {
+        return Err(ImageRefusal::TooLarge {
+            size: a.size,
+            limit,
+        });
+    }
+    std::fs::read(svc.files.path(&a.id)).map_err(|e| ImageRefusal::Io(e.to_string()))
+}
+
 enum Body {
     Json(Value),
     Bytes(bytes::Bytes),

@@ -259,11 +259,12 @@ impl Server {
         // CoAP: plain (only when configured: token secrets travel in clear)
         // and CoAPS (DTLS with the devices' pre-shared keys), one set of
         // resources and one notification task for both.
-        let resources = m2mhub_ingest::coap_resources::CoapResources::new(
+        let mut resources = m2mhub_ingest::coap_resources::CoapResources::new(
             broker.clone(),
             pipeline.clone(),
             fleet.clone(),
         );
+        resources.ota = Some(Arc::new(ota.service.clone()));
         let coap = match &v.coap {
             Some(config) => Some(
                 m2mhub_coap::CoapServer::bind(config.clone(), resources.clone())

@@ -481,3 +481,144 @@ async fn a_coaps_device_posts_with_its_psk_and_a_revoked_psk_ends_the_session() 
         "{outcomes:?}"
     );
 }
+
+async fn upload_artifact(srv: &TestServer, query: &str, image: &[u8]) -> Value {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let head = format!(
+        "POST /api/v1/ota/artifacts?{query} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+         Authorization: Bearer {}\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
+        srv.admin_token(),
+        image.len()
+    );
+    let mut s = tokio::net::TcpStream::connect(srv.http())
+        .await
+        .expect("connect");
+    s.write_all(head.as_bytes()).await.expect("write");
+    s.write_all(image).await.expect("write");
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await.expect("read");
+    let r = parse_http(&raw);
+    assert_eq!(r.status, 201, "{}", r.body);
+    r.json()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_coaps_a_device_is_told_of_commands_and_takes_a_firmware_update_block_wise() {
+    let srv = TestServer::with(secure).await;
+    let admin = Api::admin(&srv);
+    admin
+        .expect("POST", "/devices", Some(json!({"id": "pump-s"})), 201)
+        .await;
+    let psk = admin
+        .expect("POST", "/devices/pump-s/psks", Some(json!({})), 201)
+        .await;
+    let key = unhex(psk["key_hex"].as_str().expect("key"));
+    admin
+        .expect(
+            "POST",
+            "/rules",
+            Some(json!({
+                "id": "overpressure",
+                "sql": "SELECT device, pressure FROM 'devices/+/telemetry' WHERE pressure > 8",
+                "actions": [{"type": "command", "name": "vent", "timeout_secs": 60}]
+            })),
+            201,
+        )
+        .await;
+    let addr = srv.get().coaps_addr.expect("CoAPS");
+    let mut c = Client::new_psk(addr, b"pump-s", &key)
+        .await
+        .expect("handshake");
+
+    // Observe commands; a high reading makes the rule send one.
+    let mut obs = c.request(Code::GET, "commands");
+    obs.set_observe(0);
+    let obs_id = c.send(obs).expect("observe");
+    let first = c
+        .next_response(obs_id, Duration::from_secs(5))
+        .await
+        .expect("registered");
+    assert!(first.observe().is_some());
+    let r = post_call(
+        &mut c,
+        "telemetry",
+        cf::SENML_CBOR,
+        &senml_cbor("pressure", 9.5),
+    )
+    .await
+    .expect("reading");
+    assert_eq!(r.code, Code::CHANGED);
+    let note = c
+        .next_response(obs_id, Duration::from_secs(10))
+        .await
+        .expect("the rule's command");
+    let cmd: Value = serde_json::from_slice(&note.payload).expect("JSON");
+    assert_eq!(cmd["name"], "vent");
+
+    // A firmware job: told by GET ota, the image fetched in Block2 blocks,
+    // verified, and the success reported.
+    let image: Vec<u8> = (0..20_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let art = upload_artifact(&srv, "name=pump-fw&version=3.0.0", &image).await;
+    admin
+        .expect(
+            "POST",
+            "/ota/campaigns",
+            Some(json!({"artifact": art["id"], "devices": ["pump-s"]})),
+            201,
+        )
+        .await;
+    let job = {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let m = c.request(Code::GET, "ota");
+            let r = c.call(m).await.expect("GET ota");
+            let doc: Value = serde_json::from_slice(&r.payload).expect("job JSON");
+            if !doc["jobId"].is_null() {
+                break doc;
+            }
+            assert!(std::time::Instant::now() < deadline, "no job: {doc}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    let job_id = job["jobId"].as_str().expect("job id").to_string();
+    assert_eq!(job["artifact"]["size"], image.len());
+    let got = c
+        .download_blockwise(&format!("ota/{job_id}"), 1024, 1 << 20)
+        .await
+        .expect("block-wise download");
+    assert_eq!(got, image, "the image arrives whole");
+    let digest: String = ring::digest::digest(&ring::digest::SHA256, &got)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(job["artifact"]["sha256"], digest);
+    for state in ["downloading", "installing", "succeeded"] {
+        let r = post_call(
+            &mut c,
+            "ota",
+            cf::JSON,
+            json!({"jobId": job_id, "state": state, "version": "3.0.0"})
+                .to_string()
+                .as_bytes(),
+        )
+        .await
+        .expect("status");
+        assert_eq!(
+            r.code,
+            Code::CHANGED,
+            "{state}: {:?}",
+            String::from_utf8_lossy(&r.payload)
+        );
+    }
+    let shadow = admin
+        .expect("GET", "/devices/pump-s/shadow", None, 200)
+        .await;
+    assert_eq!(
+        shadow["state"]["reported"]["firmware"]["version"], "3.0.0",
+        "{shadow}"
+    );
+    // Another job id is not this device's.
+    let m = c.request(Code::GET, "ota/cmp-0000000000000000");
+    assert_eq!(c.call(m).await.expect("answer").code, Code::NOT_FOUND);
+}
