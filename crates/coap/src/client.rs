@@ -43,6 +43,17 @@ pub struct Client {
     pub timeout: Duration,
     /// CoAPS: the DTLS session every message goes through.
     dtls: Option<ClientDtls>,
+    /// What went over the socket (UDP payloads).
+    pub wire: WireStats,
+}
+
+/// Datagrams and UDP payload bytes the client sent and received.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct WireStats {
+    pub datagrams_sent: u64,
+    pub bytes_sent: u64,
+    pub datagrams_received: u64,
+    pub bytes_received: u64,
 }
 
 struct ClientDtls {
@@ -109,6 +120,7 @@ impl Client {
             events: VecDeque::new(),
             timeout: Duration::from_secs(10),
             dtls: None,
+            wire: WireStats::default(),
         })
     }
 
@@ -230,6 +242,8 @@ impl Client {
         tokio::select! {
             r = self.socket.recv_from(&mut buf) => {
                 let (n, peer) = r?;
+                self.wire.datagrams_received += 1;
+                self.wire.bytes_received += n as u64;
                 self.receive(peer, &buf[..n]).await?;
             }
             _ = tokio::time::sleep_until(wake) => {
@@ -261,7 +275,7 @@ impl Client {
         let (mut records, mut plain) = (Vec::new(), Vec::new());
         d.drain(&mut records, &mut plain);
         for r in records {
-            self.socket.send_to(&r, self.server).await?;
+            self.send_datagram(&r).await?;
         }
         for p in plain {
             self.endpoint.handle_datagram(Instant::now(), peer, &p);
@@ -273,8 +287,8 @@ impl Client {
         let mut records = Vec::new();
         match &mut self.dtls {
             None => {
-                while let Some((peer, bytes)) = self.endpoint.poll_transmit() {
-                    self.socket.send_to(&bytes, peer).await?;
+                while let Some((_, bytes)) = self.endpoint.poll_transmit() {
+                    self.send_datagram(&bytes).await?;
                 }
                 return Ok(());
             }
@@ -292,8 +306,15 @@ impl Client {
             }
         }
         for r in records {
-            self.socket.send_to(&r, self.server).await?;
+            self.send_datagram(&r).await?;
         }
+        Ok(())
+    }
+
+    async fn send_datagram(&mut self, bytes: &[u8]) -> Result<(), ClientError> {
+        self.socket.send_to(bytes, self.server).await?;
+        self.wire.datagrams_sent += 1;
+        self.wire.bytes_sent += bytes.len() as u64;
         Ok(())
     }
 

@@ -40,9 +40,14 @@ pub struct CoapLoadReport {
     pub errors: u64,
     pub p50_ms: f64,
     pub p99_ms: f64,
-    /// The CoAP message of one reading, in bytes (UDP payload; DTLS adds
-    /// its record header and tag on CoAPS).
+    /// The CoAP message of one reading, in bytes (before DTLS).
     pub request_bytes: usize,
+    /// Measured: UDP payload bytes both ways per answered reading (DTLS
+    /// records included on CoAPS; the handshake excluded).
+    pub wire_bytes_per_reading: f64,
+    /// Measured: UDP payload bytes of one DTLS handshake, both ways (0 on
+    /// plain CoAP).
+    pub handshake_bytes: u64,
 }
 
 /// One reading as SenML+CBOR: `[{0: "t", 2: <f64>}]`.
@@ -73,8 +78,13 @@ pub async fn run(load: CoapLoad) -> Result<CoapLoadReport, String> {
     let mut tasks = Vec::new();
     let started = Instant::now();
     let mut request_bytes = 0;
+    let mut handshake_bytes = 0;
     for i in 0..load.clients {
         let (mut c, path) = client(&load).await?;
+        let at_start = c.wire;
+        if i == 0 {
+            handshake_bytes = at_start.bytes_sent + at_start.bytes_received;
+        }
         if i == 0 {
             let mut m = c.request(Code::POST, &path);
             m.set_content_format(content_format::SENML_CBOR);
@@ -102,15 +112,20 @@ pub async fn run(load: CoapLoad) -> Result<CoapLoadReport, String> {
                 }
                 n += 1;
             }
-            (h, errors)
+            let w = c.wire;
+            let bytes =
+                (w.bytes_sent + w.bytes_received) - (at_start.bytes_sent + at_start.bytes_received);
+            (h, errors, bytes)
         }));
     }
     let mut h = Histogram::new();
     let mut errors = 0;
+    let mut bytes = 0u64;
     for t in tasks {
-        let (th, te) = t.await.map_err(|e| e.to_string())?;
+        let (th, te, tb) = t.await.map_err(|e| e.to_string())?;
         h.merge(&th);
         errors += te;
+        bytes += tb;
     }
     let seconds = started.elapsed().as_secs_f64();
     Ok(CoapLoadReport {
@@ -128,6 +143,12 @@ pub async fn run(load: CoapLoad) -> Result<CoapLoadReport, String> {
         p50_ms: h.percentile(50.0) as f64 / 1000.0,
         p99_ms: h.percentile(99.0) as f64 / 1000.0,
         request_bytes,
+        wire_bytes_per_reading: if h.count() > 0 {
+            bytes as f64 / h.count() as f64
+        } else {
+            0.0
+        },
+        handshake_bytes,
     })
 }
 
