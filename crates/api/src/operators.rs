@@ -428,7 +428,15 @@ pub async fn put_policy(
     caller.require(Role::Admin)?;
     let tenant = caller.scope(Some(&tenant))?.unwrap_or_default();
     let Json(mut v) = body.map_err(bad_json)?;
-    v["name"] = json!(name);
+    // Indexing a JSON value that is not an object would panic.
+    let Some(fields) = v.as_object_mut() else {
+        return Err(Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation",
+            "a policy is a JSON object: {\"group\": null, \"publish\": [filters], \"subscribe\": [filters]}",
+        ));
+    };
+    fields.insert("name".into(), json!(name));
     let policy: Policy = serde_json::from_value(v.clone()).map_err(|e| {
         Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "validation", format!("a policy is {{\"group\": null, \"publish\": [filters], \"subscribe\": [filters]}}: {e}"))
     })?;

@@ -197,6 +197,35 @@ pub async fn uniform_errors(req: axum::extract::Request, next: axum::middleware:
     keep_headers(Problem::new(status, kind, detail), parts.headers)
 }
 
+/// Middleware: a handler that panics answers 500 with a problem document
+/// (and the panic is logged), instead of the connection being dropped
+/// with no answer. Panics are bugs; this keeps them visible to clients as
+/// what they are.
+pub async fn catch_panic(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    use futures_util::FutureExt;
+    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    match std::panic::AssertUnwindSafe(next.run(req))
+        .catch_unwind()
+        .await
+    {
+        Ok(resp) => resp,
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            tracing::error!(%method, %path, panic = %what, "HTTP handler panicked");
+            Problem::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "the server failed to handle this request (a bug: it is logged)",
+            )
+            .into_response()
+        }
+    }
+}
+
 fn keep_headers(p: Problem, headers: axum::http::HeaderMap) -> Response {
     let mut resp = p.into_response();
     for (name, value) in headers.iter() {
@@ -211,6 +240,41 @@ fn keep_headers(p: Problem, headers: axum::http::HeaderMap) -> Response {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[tokio::test]
+    async fn a_panicking_handler_answers_a_500_problem() {
+        use axum::routing::get;
+        let mut app: axum::Router = axum::Router::new()
+            .route(
+                "/boom",
+                get(|| async {
+                    if true {
+                        panic!("boom");
+                    }
+                    "unreachable"
+                }),
+            )
+            .layer(axum::middleware::from_fn(catch_panic));
+        let req = axum::http::Request::get("/boom")
+            .body(axum::body::Body::empty())
+            .expect("request");
+        let resp = tower_service::Service::call(&mut app, req)
+            .await
+            .expect("infallible");
+        assert_eq!(resp.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(
+            resp.headers()[header::CONTENT_TYPE],
+            "application/problem+json"
+        );
+    }
+
+    #[test]
+    fn retry_after_is_a_header_and_a_member() {
+        let resp = Problem::new(StatusCode::TOO_MANY_REQUESTS, "x", "wait")
+            .retry_after(std::time::Duration::from_millis(1500))
+            .into_response();
+        assert_eq!(resp.headers()[header::RETRY_AFTER], "2");
+    }
 
     #[test]
     fn extension_members_sit_beside_the_standard_ones() {

@@ -415,3 +415,25 @@ async fn cors_is_closed_by_default_and_open_only_to_configured_origins() {
         assert!(r.header("access-control-allow-origin").is_none(), "{evil}");
     }
 }
+
+/// Found by fuzzing: a policy body that is JSON but not an object made the
+/// handler panic (the connection dropped with no answer).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_that_is_not_a_json_object_is_refused_not_a_crash() {
+    let srv = TestServer::start().await;
+    let admin = Api::admin(&srv);
+    for body in [json!([]), json!(1e300), json!("x"), json!(true)] {
+        let r = admin
+            .call("PUT", "/tenants/default/policies/p1", Some(body.clone()))
+            .await;
+        assert_problem(&r, 422, "a policy is a JSON object");
+    }
+    admin
+        .expect(
+            "PUT",
+            "/tenants/default/policies/p1",
+            Some(json!({"group": null, "publish": [], "subscribe": []})),
+            200,
+        )
+        .await;
+}
