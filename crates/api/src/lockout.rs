@@ -64,7 +64,23 @@ pub enum LoginKey {
     Address(IpAddr),
 }
 
+/// User names longer than any valid one (64 bytes) are counted by their
+/// digest, so a flood of megabyte-long names cannot fill the memory.
+const MAX_NAME_KEY: usize = 64;
+
 impl LoginKey {
+    pub fn user(name: &str) -> LoginKey {
+        if name.len() <= MAX_NAME_KEY {
+            return LoginKey::User(name.to_string());
+        }
+        let d = ring::digest::digest(&ring::digest::SHA256, name.as_bytes());
+        let hex: String = d.as_ref()[..16]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        LoginKey::User(format!("#sha256:{hex}"))
+    }
+
     pub fn address(ip: IpAddr) -> LoginKey {
         LoginKey::Address(match ip {
             IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
@@ -205,7 +221,7 @@ impl Counters {
     /// forgotten (an address's are not: one good account must not let an
     /// address guess at the others).
     pub fn succeed(&mut self, user: &str) {
-        self.records.remove(&LoginKey::User(user.to_string()));
+        self.records.remove(&LoginKey::user(user));
     }
 
     /// Records held (for tests and metrics).
@@ -339,7 +355,7 @@ impl LoginGuard {
     pub fn check(&self, user: &str, addr: Option<IpAddr>) -> Result<(), Duration> {
         let now = Instant::now();
         let c = self.counters.lock();
-        let user = c.locked(&LoginKey::User(user.to_string()), now);
+        let user = c.locked(&LoginKey::user(user), now);
         let addr = addr.and_then(|a| c.locked(&LoginKey::address(a), now));
         match user.max(addr) {
             Some(wait) => {
@@ -355,7 +371,7 @@ impl LoginGuard {
         let now = Instant::now();
         let mut c = self.counters.lock();
         let mut started = Vec::new();
-        started.extend(c.fail(LoginKey::User(user.to_string()), now));
+        started.extend(c.fail(LoginKey::user(user), now));
         if let Some(a) = addr {
             started.extend(c.fail(LoginKey::address(a), now));
         }
@@ -507,6 +523,18 @@ mod tests {
         // Idle records are pruned once their window has passed.
         c.fail(user("late"), t + Duration::from_secs(120));
         assert!(c.len() <= 2, "{} records", c.len());
+    }
+
+    #[test]
+    fn long_user_names_are_counted_by_digest() {
+        let long = "x".repeat(1 << 20);
+        let LoginKey::User(k) = LoginKey::user(&long) else {
+            panic!("a user key");
+        };
+        assert!(k.len() < 64, "{k}");
+        assert_eq!(LoginKey::user(&long), LoginKey::user(&long));
+        assert_ne!(LoginKey::user(&long), LoginKey::user(&"y".repeat(1 << 20)));
+        assert_eq!(LoginKey::user("alice"), user("alice"));
     }
 
     #[test]

@@ -92,11 +92,12 @@ pub async fn login(
                 Some(a) => json!({"addr": a.to_string()}),
                 None => json!({}),
             };
+            let name = shown_name(&b.username);
             let _ = state
                 .registry
-                .audit(&b.username, "auth.login", &b.username, "denied", detail);
+                .audit(&name, "auth.login", &name, "denied", detail);
             for lockout in guard.failed(&b.username, addr) {
-                record_lockout(&state, &b.username, addr, &lockout);
+                record_lockout(&state, &name, addr, &lockout);
             }
             return Err(Problem::new(
                 StatusCode::UNAUTHORIZED,
@@ -125,6 +126,21 @@ pub async fn login(
         "role": role_name(user.role),
         "tenant": user.tenant,
     })))
+}
+
+/// A user name as recorded for a failed login: no valid name is longer
+/// than 64 bytes, and a made-up megabyte-long one must not bloat the audit
+/// log.
+fn shown_name(name: &str) -> String {
+    const MAX: usize = 64;
+    if name.len() <= MAX {
+        return name.to_string();
+    }
+    let mut end = MAX;
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &name[..end])
 }
 
 /// 429 while a user name or address is locked out.

@@ -108,11 +108,13 @@ async fn a_flood_from_one_address_is_limited_across_user_names() {
         .registry
         .create_user("carol", PASSWORD, Role::Viewer, None)
         .expect("user");
-    // Four different (unknown) names from 127.0.0.1…
-    for i in 0..4 {
+    // Four different (unknown) names from 127.0.0.1, one of them huge…
+    for i in 0..3 {
         let r = login(&srv, &format!("guess{i}"), "password1").await;
         assert_problem(&r, 401, "wrong user name or password");
     }
+    let huge = "n".repeat(200_000);
+    assert_problem(&login(&srv, &huge, "password1").await, 401, "wrong");
     // …lock the address: even a real user with the right password waits.
     let r = login(&srv, "carol", PASSWORD).await;
     assert_problem(&r, 429, "from this address");
@@ -126,6 +128,20 @@ async fn a_flood_from_one_address_is_limited_across_user_names() {
     assert_eq!(items.len(), 1, "{audit}");
     assert_eq!(items[0]["target"], "127.0.0.1");
     assert_eq!(items[0]["detail"]["scope"], "address");
+    // The huge name is recorded cut short.
+    let denied = admin
+        .expect("GET", "/audit?action=auth.login", None, 200)
+        .await;
+    let actors: Vec<&str> = denied["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .filter_map(|r| r["actor"].as_str())
+        .collect();
+    assert!(actors.iter().all(|a| a.len() <= 70), "{actors:?}");
+    assert!(actors
+        .iter()
+        .any(|a| a.starts_with("nnnn") && a.ends_with('…')));
     let events = admin.expect("GET", "/security/events", None, 200).await;
     assert!(
         events["items"]
