@@ -11,6 +11,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -53,6 +54,10 @@ pub struct HttpLimits {
     pub config: HttpConfig,
     connections: parking_lot::Mutex<HashMap<IpAddr, usize>>,
     in_flight: parking_lot::Mutex<HashMap<[u8; 32], usize>>,
+    /// Connections closed at once: their address held its maximum.
+    pub connections_refused: AtomicU64,
+    /// Requests refused (429): their token had its maximum in flight.
+    pub requests_refused: AtomicU64,
 }
 
 impl HttpLimits {
@@ -71,6 +76,7 @@ impl HttpLimits {
         let mut c = self.connections.lock();
         let n = c.entry(key).or_insert(0);
         if max > 0 && *n >= max {
+            self.connections_refused.fetch_add(1, Ordering::Relaxed);
             return None;
         }
         *n += 1;
@@ -105,6 +111,24 @@ impl HttpLimits {
             limits: Some(self.clone()),
             key,
         })
+    }
+}
+
+impl HttpLimits {
+    /// `(name, help, value)` for Prometheus text.
+    pub fn counters(&self) -> [(&'static str, &'static str, u64); 2] {
+        [
+            (
+                "connections_refused",
+                "HTTP connections closed at once: their address held http.max_connections_per_ip",
+                self.connections_refused.load(Ordering::Relaxed),
+            ),
+            (
+                "requests_refused_per_token",
+                "API requests refused with 429: their token had http.max_requests_per_token in flight",
+                self.requests_refused.load(Ordering::Relaxed),
+            ),
+        ]
     }
 }
 
@@ -186,6 +210,7 @@ pub async fn per_token(
     };
     let slot = limits.enter(token);
     if slot.as_ref().is_some_and(|s| s.limits.is_none()) {
+        limits.requests_refused.fetch_add(1, Ordering::Relaxed);
         return Problem::new(
             StatusCode::TOO_MANY_REQUESTS,
             "too-many-requests",

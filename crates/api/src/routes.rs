@@ -266,6 +266,11 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
             let _ = writeln!(text, "# TYPE m2mhub_login_{name}_total counter");
             let _ = writeln!(text, "m2mhub_login_{name}_total {v}");
         }
+        for (name, help, v) in state.http.counters() {
+            let _ = writeln!(text, "# HELP m2mhub_http_{name}_total {help}");
+            let _ = writeln!(text, "# TYPE m2mhub_http_{name}_total counter");
+            let _ = writeln!(text, "m2mhub_http_{name}_total {v}");
+        }
     }
     crate::telemetry::metrics_text(&state, &mut text);
     if let Some(r) = &state.rules {

@@ -178,7 +178,7 @@ async fn connections_per_address_are_bounded() {
     let mut raw = Vec::new();
     let _ = within("close", s.read_to_end(&mut raw)).await;
     assert!(raw.is_empty(), "{}", String::from_utf8_lossy(&raw));
-    // One closes: there is room again.
+    // One closes: there is room again (and the refusal was counted).
     drop(held.pop());
     let mut ok = false;
     for _ in 0..50 {
@@ -196,6 +196,26 @@ async fn connections_per_address_are_bounded() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(ok, "a connection is accepted once one closed");
+    drop(held);
+    let refused = within("the metric", async {
+        loop {
+            let mut s = TcpStream::connect(srv.http()).await.expect("connect");
+            let _ = s
+                .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .await;
+            let mut raw = Vec::new();
+            let _ = s.read_to_end(&mut raw).await;
+            if raw.starts_with(b"HTTP/1.1 200") {
+                break metric(
+                    &parse_http(&raw).body,
+                    "m2mhub_http_connections_refused_total",
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(refused >= 1, "{refused}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -242,6 +262,10 @@ async fn requests_in_flight_per_token_are_bounded() {
     assert_eq!(r.header("retry-after"), Some("1"));
     // Other tokens are not affected.
     assert_eq!(admin.call("GET", "/devices/poller", None).await.status, 200);
+    assert_eq!(
+        scrape(http, "m2mhub_http_requests_refused_per_token_total").await,
+        1
+    );
     // When the polls go away, so do their slots.
     drop(polls);
     let mut ok = false;
