@@ -26,6 +26,9 @@ pub struct HttpConfig {
     /// connecting or of the previous response; this closes stalled
     /// (slowloris) and idle keep-alive connections alike.
     pub header_read_timeout: Duration,
+    /// Once a request's header is in, its body may pause at most this long
+    /// between two pieces (slow-body slowloris); beyond, 408.
+    pub body_read_timeout: Duration,
     /// Open connections per source address (IPv6: per /64); 0 = unlimited.
     pub max_connections_per_ip: usize,
     /// Requests in flight per bearer token; beyond, 429. 0 = unlimited.
@@ -41,6 +44,7 @@ impl Default for HttpConfig {
         HttpConfig {
             max_body_bytes: 1 << 20,
             header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(30),
             max_connections_per_ip: 256,
             max_requests_per_token: 32,
             cors_origins: Vec::new(),
@@ -224,6 +228,73 @@ pub async fn per_token(
     }
     let resp = next.run(req).await;
     drop(slot);
+    resp
+}
+
+/// The error a request body ends with when it stalled.
+#[derive(Debug)]
+struct BodyStalled(Duration);
+
+impl std::fmt::Display for BodyStalled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "no request body data for {} s", self.0.as_secs())
+    }
+}
+
+impl std::error::Error for BodyStalled {}
+
+/// Middleware: a request body that stalls for `body_read_timeout` ends
+/// with an error, and whatever the handler made of that (a parse error, an
+/// interrupted upload) is replaced by 408. Requests without a body are
+/// left alone (long polls and streams wait on the server's side, not the
+/// client's).
+pub async fn body_timeout(
+    State(limits): State<Arc<HttpLimits>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    use axum::body::{Body, HttpBody};
+    use futures_util::StreamExt;
+    if req.body().size_hint().exact() == Some(0) {
+        return next.run(req).await;
+    }
+    let idle = limits.config.body_read_timeout;
+    let stalled = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stalled.clone();
+    let (parts, body) = req.into_parts();
+    let data = futures_util::stream::unfold(Some(body.into_data_stream()), move |state| {
+        let flag = flag.clone();
+        async move {
+            let mut s = state?;
+            match tokio::time::timeout(idle, s.next()).await {
+                Ok(Some(chunk)) => Some((chunk, Some(s))),
+                Ok(None) => None,
+                Err(_) => {
+                    flag.store(true, Ordering::Relaxed);
+                    Some((Err(axum::Error::new(BodyStalled(idle))), None))
+                }
+            }
+        }
+    });
+    let resp = next
+        .run(Request::from_parts(parts, Body::from_stream(data)))
+        .await;
+    if !stalled.load(Ordering::Relaxed) {
+        return resp;
+    }
+    let mut resp = Problem::new(
+        StatusCode::REQUEST_TIMEOUT,
+        "body-timeout",
+        format!(
+            "the request body stalled for {} s (`http.body_read_timeout_secs`)",
+            idle.as_secs()
+        ),
+    )
+    .into_response();
+    resp.headers_mut().insert(
+        header::CONNECTION,
+        axum::http::HeaderValue::from_static("close"),
+    );
     resp
 }
 

@@ -204,6 +204,10 @@ pub fn router(state: AppState) -> Router {
             limits.clone(),
             crate::limits::per_token,
         ))
+        .layer(axum::middleware::from_fn_with_state(
+            limits.clone(),
+            crate::limits::body_timeout,
+        ))
         .layer(axum::middleware::from_fn(crate::problem::catch_panic))
         .layer(axum::middleware::from_fn(crate::problem::uniform_errors))
         .layer(axum::middleware::from_fn_with_state(

@@ -147,6 +147,9 @@ max_body_bytes = 1048576
 # connecting or of its previous response: closes stalled (slowloris) and
 # idle keep-alive connections.
 header_read_timeout_secs = 10
+# Once a request's header is in, its body may pause at most this many
+# seconds between two pieces; a stalled body is answered 408.
+body_read_timeout_secs = 30
 # Open HTTP(S) connections per source address (IPv6: per /64); 0 = unlimited.
 max_connections_per_ip = 256
 # API requests in flight per bearer token; more are refused with 429
@@ -304,6 +307,7 @@ pub struct HttpSettings {
     pub public_url: String,
     pub max_body_bytes: u64,
     pub header_read_timeout_secs: u32,
+    pub body_read_timeout_secs: u32,
     pub max_connections_per_ip: u32,
     pub max_requests_per_token: u32,
     pub cors_origins: Vec<String>,
@@ -436,6 +440,7 @@ impl Default for HttpSettings {
             public_url: String::new(),
             max_body_bytes: 1 << 20,
             header_read_timeout_secs: 10,
+            body_read_timeout_secs: 30,
             max_connections_per_ip: 256,
             max_requests_per_token: 32,
             cors_origins: Vec::new(),
@@ -747,6 +752,12 @@ impl HttpSettings {
                 self.header_read_timeout_secs
             );
         }
+        if !(1..=3600).contains(&self.body_read_timeout_secs) {
+            bail!(
+                "invalid value for `http.body_read_timeout_secs`: {}; use 1 to 3600 (seconds)",
+                self.body_read_timeout_secs
+            );
+        }
         for o in &self.cors_origins {
             if !valid_origin(o) {
                 bail!("invalid value in `http.cors_origins`: {o:?}; use scheme://host[:port] with no path (e.g. https://app.example.com), or \"*\" for any origin");
@@ -755,6 +766,7 @@ impl HttpSettings {
         Ok(m2mhub_api::HttpConfig {
             max_body_bytes: usize::try_from(self.max_body_bytes).unwrap_or(usize::MAX),
             header_read_timeout: Duration::from_secs(u64::from(self.header_read_timeout_secs)),
+            body_read_timeout: Duration::from_secs(u64::from(self.body_read_timeout_secs)),
             max_connections_per_ip: self.max_connections_per_ip as usize,
             max_requests_per_token: self.max_requests_per_token as usize,
             cors_origins: self.cors_origins.clone(),

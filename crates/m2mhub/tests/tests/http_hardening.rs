@@ -156,6 +156,57 @@ async fn a_stalled_request_header_is_cut_off_and_normal_requests_are_not() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_request_body_gets_a_408() {
+    let srv = TestServer::with(|s| s.http.body_read_timeout_secs = 1).await;
+    let token = srv.admin_token();
+    // The header and a part of the body, then nothing.
+    let mut s = TcpStream::connect(srv.http()).await.expect("connect");
+    s.write_all(
+        format!(
+            "POST /api/v1/devices HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\
+             Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"id\": "
+        )
+        .as_bytes(),
+    )
+    .await
+    .expect("write");
+    let t = Instant::now();
+    let mut raw = Vec::new();
+    within("the 408", s.read_to_end(&mut raw))
+        .await
+        .expect("read");
+    let r = parse_http(&raw);
+    assert_problem(&r, 408, "http.body_read_timeout_secs");
+    assert!(
+        t.elapsed() >= Duration::from_millis(800),
+        "{:?}",
+        t.elapsed()
+    );
+    // A body that keeps coming, even slowly, is fine.
+    let mut s = TcpStream::connect(srv.http()).await.expect("connect");
+    let body = br#"{"id": "slow-but-steady"}"#;
+    s.write_all(
+        format!(
+            "POST /api/v1/devices HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\
+             Content-Type: application/json\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .expect("write");
+    for part in body.chunks(8) {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        s.write_all(part).await.expect("write");
+    }
+    let mut raw = Vec::new();
+    within("the answer", s.read_to_end(&mut raw))
+        .await
+        .expect("read");
+    assert_eq!(parse_http(&raw).status, 201);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_per_address_are_bounded() {
     let srv = TestServer::with(|s| s.http.max_connections_per_ip = 3).await;
     let mut held = Vec::new();
