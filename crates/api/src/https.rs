@@ -11,11 +11,10 @@
 
 use crate::device_http;
 use crate::state::AppState;
-use axum::extract::connect_info::Connected;
 use axum::extract::{ConnectInfo, Request};
 use axum::middleware::Next;
 use axum::response::Response;
-use axum::serve::{IncomingStream, Listener};
+use axum::serve::Listener;
 use m2mhub_broker::auth::TlsPeer;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -48,12 +47,6 @@ impl std::fmt::Debug for TlsInfo {
                 &self.cert.as_ref().and_then(|c| c.common_name.as_deref()),
             )
             .finish()
-    }
-}
-
-impl Connected<IncomingStream<'_, TlsListener>> for TlsInfo {
-    fn connect_info(stream: IncomingStream<'_, TlsListener>) -> Self {
-        stream.remote_addr().clone()
     }
 }
 
@@ -150,10 +143,11 @@ pub async fn serve_tls(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let tls = TlsListener::start(listener, acceptor)?;
+    let limits = state.http.clone();
     let app = crate::router(state)
         .layer(axum::middleware::from_fn(crate::timing::server_timing))
         .layer(axum::middleware::from_fn(tls_extensions));
-    axum::serve(tls, app.into_make_service_with_connect_info::<TlsInfo>())
-        .with_graceful_shutdown(shutdown)
-        .await
+    // The same connection limits as plain HTTP: header read and idle
+    // timeouts, connections per address.
+    crate::connections::serve_router(tls, app, limits, |i: &TlsInfo| i.peer.ip(), shutdown).await
 }

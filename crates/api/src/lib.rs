@@ -10,13 +10,17 @@
 mod alarms;
 mod caller;
 mod commands;
+pub mod connections;
 mod console;
 mod device_events;
 pub mod device_http;
 mod devices;
 pub mod diagnostics;
+mod headers;
 pub mod https;
+pub mod limits;
 pub mod live;
+pub mod lockout;
 pub mod openapi;
 mod operators;
 pub mod ota;
@@ -35,6 +39,8 @@ pub mod timing;
 mod websocket;
 
 pub use https::serve_tls;
+pub use limits::{HttpConfig, HttpLimits};
+pub use lockout::{LoginConfig, LoginGuard};
 pub use m2mhub_automation::{RuleProblem, RuleService};
 pub use m2mhub_pki::PskKeys;
 pub use problem::Problem;
@@ -45,18 +51,16 @@ use std::future::Future;
 use std::net::SocketAddr;
 use tokio::net::TcpListener;
 
-/// Serve HTTP on `listener` until `shutdown` resolves.
+/// Serve HTTP on `listener` until `shutdown` resolves, within the
+/// state's limits (`limits.rs`: connections per address, header read
+/// timeout).
 pub async fn serve(
     listener: TcpListener,
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    let limits = state.http.clone();
     // Every response carries `Server-Timing: app;dur=<ms>` (timing.rs).
     let app = router(state).layer(axum::middleware::from_fn(timing::server_timing));
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
+    connections::serve_router(listener, app, limits, |a: &SocketAddr| a.ip(), shutdown).await
 }

@@ -121,6 +121,32 @@ impl<S: Clone + Send + Sync + 'static> Default for ApiBuilder<S> {
     }
 }
 
+/// Operations whose body is not JSON: firmware images, diagnostic bundles,
+/// and device telemetry (any payload format MQTT takes).
+const RAW_BODIES: [(&str, &str); 3] = [
+    ("POST", "/ota/artifacts"),
+    ("PUT", "/diagnostics/upload/{token}"),
+    ("POST", "/devices/{id}/telemetry"),
+];
+
+/// What a write takes: the schemas of the bodies are not written down
+/// yet, so any JSON value (or bytes) is declared. That is still worth
+/// documenting: fuzzers (`scripts/schemathesis.sh`) then send every write
+/// arbitrary bodies, and the server must answer each with a 4xx problem,
+/// never a 5xx.
+fn request_body(op: &Operation) -> Option<Value> {
+    if !matches!(op.method, "POST" | "PUT" | "PATCH") {
+        return None;
+    }
+    let raw = RAW_BODIES.contains(&(op.method, op.path));
+    let content = if raw {
+        json!({"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}})
+    } else {
+        json!({"application/json": {"schema": {}}})
+    };
+    Some(json!({"required": false, "content": content}))
+}
+
 /// The OpenAPI 3.1 document for `ops` (paths relative to `/api/v1`).
 pub fn document(ops: &[Operation]) -> Value {
     let mut paths = Map::new();
@@ -144,6 +170,9 @@ pub fn document(ops: &[Operation]) -> Value {
                 "default": {"description": "An RFC 9457 problem document", "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}}
             }
         });
+        if let Some(body) = request_body(op) {
+            operation["requestBody"] = body;
+        }
         if op.stream {
             operation["x-stream"] = json!(true);
             operation["responses"]["2XX"] = json!({"description": "A stream of server-sent events", "content": {"text/event-stream": {}}});

@@ -3,15 +3,18 @@
 
 use crate::caller::Caller;
 use crate::devices::audit;
+use crate::lockout::Lockout;
 use crate::problem::{bad_json, Problem};
 use crate::state::AppState;
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{Path, State};
+use axum::extract::{ConnectInfo, Path, State};
 use axum::http::StatusCode;
-use axum::Json;
-use m2mhub_identity::{now_ms, ClaimSpec, Policy, Role};
+use axum::{Extension, Json};
+use m2mhub_identity::{now_ms, ClaimSpec, Policy, Role, SecurityEvent, SecurityKind};
 use serde::Deserialize;
 use serde_json::{json, Value};
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
 
 /// Lifetime of a token handed out by a password login.
 const LOGIN_TOKEN_MS: i64 = 12 * 3600 * 1000;
@@ -44,18 +47,58 @@ pub struct LoginBody {
     password: String,
 }
 
+/// `POST /auth/login`. Throttled (`lockout.rs`): a locked user name or
+/// address is refused with 429 before any hashing; the Argon2id check runs
+/// on the blocking pool behind a bounded slot (503 when the queue is full).
 pub async fn login(
     State(state): State<AppState>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     body: Result<Json<LoginBody>, JsonRejection>,
 ) -> Result<Json<Value>, Problem> {
     let Json(b) = body.map_err(bad_json)?;
-    let user = match state.registry.verify_password(&b.username, &b.password) {
+    let addr = peer.map(|Extension(ConnectInfo(a))| a.ip());
+    let guard = &state.login;
+    guard.check(&b.username, addr).map_err(locked_out)?;
+    let _slot = guard.hash_slot().await.map_err(|_| {
+        Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "busy",
+            "too many logins are being checked at once; try again shortly",
+        )
+        .retry_after(Duration::from_secs(1))
+    })?;
+    // Attempts that queued behind the one that locked the name are refused
+    // as well, still without hashing.
+    guard.check(&b.username, addr).map_err(locked_out)?;
+    guard.checking();
+    let registry = state.registry.clone();
+    let username = b.username.clone();
+    let checked =
+        tokio::task::spawn_blocking(move || registry.verify_password(&username, &b.password))
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "password check task failed");
+                Problem::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "the password check failed",
+                )
+            })?;
+    drop(_slot);
+    let user = match checked {
         Ok(u) => u,
         Err(_) => {
-            let _ =
-                state
-                    .registry
-                    .audit(&b.username, "auth.login", &b.username, "denied", json!({}));
+            let detail = match addr {
+                Some(a) => json!({"addr": a.to_string()}),
+                None => json!({}),
+            };
+            let name = shown_name(&b.username);
+            let _ = state
+                .registry
+                .audit(&name, "auth.login", &name, "denied", detail);
+            for lockout in guard.failed(&b.username, addr) {
+                record_lockout(&state, &name, addr, &lockout);
+            }
             return Err(Problem::new(
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",
@@ -63,6 +106,7 @@ pub async fn login(
             ));
         }
     };
+    guard.succeeded(&user.username);
     let expires = now_ms() + LOGIN_TOKEN_MS;
     let (info, secret) =
         state
@@ -82,6 +126,62 @@ pub async fn login(
         "role": role_name(user.role),
         "tenant": user.tenant,
     })))
+}
+
+/// A user name as recorded for a failed login: no valid name is longer
+/// than 64 bytes, and a made-up megabyte-long one must not bloat the audit
+/// log.
+fn shown_name(name: &str) -> String {
+    const MAX: usize = 64;
+    if name.len() <= MAX {
+        return name.to_string();
+    }
+    let mut end = MAX;
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &name[..end])
+}
+
+/// 429 while a user name or address is locked out.
+fn locked_out(wait: Duration) -> Problem {
+    Problem::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "login-locked",
+        "too many failed logins for this user name or from this address; wait before trying again",
+    )
+    .retry_after(wait)
+}
+
+/// A lockout began: audit it (`auth.lockout`) and record a security event.
+fn record_lockout(state: &AppState, username: &str, addr: Option<IpAddr>, l: &Lockout) {
+    let detail = json!({
+        "scope": l.key.scope(),
+        "user": username,
+        "addr": addr.map(|a| a.to_string()),
+        "seconds": l.duration.as_secs(),
+        "failures": l.failures,
+        "strike": l.strike,
+    });
+    tracing::warn!(scope = l.key.scope(), key = %l.key, seconds = l.duration.as_secs(), strike = l.strike, "login lockout");
+    if let Err(e) = state.registry.audit(
+        username,
+        "auth.lockout",
+        &l.key.to_string(),
+        "denied",
+        detail.clone(),
+    ) {
+        tracing::error!(error = %e, "cannot audit a login lockout");
+    }
+    if let Err(e) = state.registry.record_security_event(SecurityEvent {
+        kind: SecurityKind::LoginLockout,
+        device_id: None,
+        addr: addr.map(|a| a.to_string()),
+        detail,
+        ts_ms: None,
+    }) {
+        tracing::error!(error = %e, "cannot record a login lockout");
+    }
 }
 
 pub async fn me(caller: Caller) -> Json<Value> {
@@ -344,7 +444,15 @@ pub async fn put_policy(
     caller.require(Role::Admin)?;
     let tenant = caller.scope(Some(&tenant))?.unwrap_or_default();
     let Json(mut v) = body.map_err(bad_json)?;
-    v["name"] = json!(name);
+    // Indexing a JSON value that is not an object would panic.
+    let Some(fields) = v.as_object_mut() else {
+        return Err(Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation",
+            "a policy is a JSON object: {\"group\": null, \"publish\": [filters], \"subscribe\": [filters]}",
+        ));
+    };
+    fields.insert("name".into(), json!(name));
     let policy: Policy = serde_json::from_value(v.clone()).map_err(|e| {
         Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "validation", format!("a policy is {{\"group\": null, \"publish\": [filters], \"subscribe\": [filters]}}: {e}"))
     })?;

@@ -191,6 +191,7 @@ pub fn router(state: AppState) -> Router {
         .finish();
     let doc = std::sync::Arc::new(crate::openapi::document(&ops));
     let api = api.fallback(api_not_found).layer(axum::Extension(doc));
+    let limits = state.http.clone();
     Router::new()
         // The operator console (outside `/api/v1`; it is a client of it).
         .route("/", get(crate::console::index))
@@ -202,6 +203,23 @@ pub fn router(state: AppState) -> Router {
         .nest("/api/v1", api)
         .fallback(not_found)
         .with_state(state)
+        // Every route without a cap of its own (the uploads and device
+        // telemetry above set theirs) buffers at most `http.max_body_bytes`.
+        .layer(DefaultBodyLimit::max(limits.config.max_body_bytes))
+        .layer(axum::middleware::from_fn_with_state(
+            limits.clone(),
+            crate::limits::per_token,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            limits.clone(),
+            crate::limits::body_timeout,
+        ))
+        .layer(axum::middleware::from_fn(crate::problem::catch_panic))
+        .layer(axum::middleware::from_fn(crate::problem::uniform_errors))
+        .layer(axum::middleware::from_fn_with_state(
+            limits,
+            crate::headers::secure,
+        ))
 }
 
 async fn openapi_doc(
@@ -249,6 +267,19 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
             let _ = writeln!(text, "# HELP m2mhub_identity_{name}_total {help}");
             let _ = writeln!(text, "# TYPE m2mhub_identity_{name}_total counter");
             let _ = writeln!(text, "m2mhub_identity_{name}_total {v}");
+        }
+    }
+    {
+        use std::fmt::Write;
+        for (name, help, v) in state.login.stats.counters() {
+            let _ = writeln!(text, "# HELP m2mhub_login_{name}_total {help}");
+            let _ = writeln!(text, "# TYPE m2mhub_login_{name}_total counter");
+            let _ = writeln!(text, "m2mhub_login_{name}_total {v}");
+        }
+        for (name, help, v) in state.http.counters() {
+            let _ = writeln!(text, "# HELP m2mhub_http_{name}_total {help}");
+            let _ = writeln!(text, "# TYPE m2mhub_http_{name}_total counter");
+            let _ = writeln!(text, "m2mhub_http_{name}_total {v}");
         }
     }
     crate::telemetry::metrics_text(&state, &mut text);

@@ -37,4 +37,9 @@ pub struct AppState {
     pub pipeline: Option<Arc<m2mhub_ingest::Ingest>>,
     /// Command polls of HTTP devices waiting for a command.
     pub command_waiters: Option<Arc<crate::device_http::CommandWaiters>>,
+    /// Limits of the HTTP server: body size, header timeout, connections
+    /// per address, requests per token, CORS origins.
+    pub http: Arc<crate::limits::HttpLimits>,
+    /// Failed-login counting and lockouts; the bound on password checks.
+    pub login: Arc<crate::lockout::LoginGuard>,
 }

@@ -18,6 +18,9 @@ pub enum SecurityKind {
     NewAddress,
     RateAnomaly,
     Flapping,
+    /// Operator logins refused for a while after repeated wrong passwords,
+    /// for one user name or one source address (`api/src/lockout.rs`).
+    LoginLockout,
 }
 
 impl SecurityKind {
@@ -29,6 +32,7 @@ impl SecurityKind {
             SecurityKind::NewAddress => "new_address",
             SecurityKind::RateAnomaly => "rate_anomaly",
             SecurityKind::Flapping => "flapping",
+            SecurityKind::LoginLockout => "login_lockout",
         }
     }
 }
@@ -49,6 +53,7 @@ impl FromStr for SecurityKind {
             "new_address" => SecurityKind::NewAddress,
             "rate_anomaly" => SecurityKind::RateAnomaly,
             "flapping" => SecurityKind::Flapping,
+            "login_lockout" => SecurityKind::LoginLockout,
             _ => {
                 return Err(RegistryError::Validation(format!(
                     "unknown security event kind {s:?}"
@@ -165,7 +170,13 @@ mod tests {
         assert_eq!(seq, 4);
         let all = reg.list_security_events(None, 2).expect("list");
         assert_eq!(all.len(), 2);
-        for k in ["ban", "flapping", "rate_anomaly", "auth_failure_burst"] {
+        for k in [
+            "ban",
+            "flapping",
+            "rate_anomaly",
+            "auth_failure_burst",
+            "login_lockout",
+        ] {
             assert_eq!(k.parse::<SecurityKind>().expect("parse").as_str(), k);
         }
     }

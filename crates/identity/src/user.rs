@@ -318,14 +318,24 @@ impl Registry {
             Some(rec) if password_matches(&rec.password_hash, password) => Ok(rec.user),
             Some(_) => Err(RegistryError::Unauthorized),
             None => {
-                let dummy = self
-                    .shared
-                    .dummy_password_hash
-                    .get_or_init(|| hash_password("not-a-real-password").unwrap_or_default());
-                let _ = password_matches(dummy, password);
+                let _ = password_matches(self.dummy_password_hash(), password);
                 Err(RegistryError::Unauthorized)
             }
         }
+    }
+
+    /// Compute the hash unknown user names are checked against, so that
+    /// even the first such login costs one Argon2 verification like any
+    /// other (not a hash and a verification). Call it once at start, off
+    /// the async workers: it takes as long as a login.
+    pub fn prepare_password_checks(&self) {
+        let _ = self.dummy_password_hash();
+    }
+
+    fn dummy_password_hash(&self) -> &str {
+        self.shared
+            .dummy_password_hash
+            .get_or_init(|| hash_password("not-a-real-password").unwrap_or_default())
     }
 
     /// Create an API token for a user with at most the user's role.

@@ -647,6 +647,10 @@ struct BenchCoapArgs {
     /// Measure full DTLS handshakes per second instead (needs the PSK).
     #[arg(long)]
     handshakes: bool,
+    /// Plain CoAP POSTs to this path with no credentials (e.g. a peer
+    /// CoAP server's resource).
+    #[arg(long)]
+    path: Option<String>,
 }
 
 fn bench_coap(args: BenchCoapArgs) -> ExitCode {
@@ -686,6 +690,7 @@ fn bench_coap(args: BenchCoapArgs) -> ExitCode {
             return serde_json::to_string(&r).map_err(|e| e.to_string());
         }
         let auth = match (psk, args.device, args.secret) {
+            _ if args.path.is_some() => CoapAuth::Path(args.path.clone().unwrap_or_default()),
             (Some((identity, key)), _, _) => CoapAuth::Psk { identity, key },
             (None, Some(device), Some(secret)) => CoapAuth::Token { device, secret },
             _ => {

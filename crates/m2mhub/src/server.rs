@@ -247,7 +247,13 @@ impl Server {
             ota: Some(ota.clone()),
             pipeline: Some(pipeline.clone()),
             command_waiters: Some(m2mhub_api::device_http::CommandWaiters::start(&broker)),
+            http: Arc::new(m2mhub_api::HttpLimits::new(v.http.clone())),
+            login: Arc::new(m2mhub_api::LoginGuard::new(v.login.clone())),
         };
+        // The hash unknown user names are checked against, computed now so
+        // that no login pays for it (timing must not tell names apart).
+        let r = registry.clone();
+        tokio::task::spawn_blocking(move || r.prepare_password_checks());
         tasks.push(tokio::spawn(m2mhub_api::provision::serve_mqtt(
             state.clone(),
         )));

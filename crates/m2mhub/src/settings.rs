@@ -139,6 +139,45 @@ tls_listen = "0.0.0.0:8443"
 # (with 127.0.0.1 for an unspecified address), which only suits devices on
 # this machine.
 public_url = ""
+# Largest request body of the JSON API routes, in bytes (1 MiB); a larger
+# one is refused with 413. Uploads have their own caps
+# (ota.max_artifact_mb, diagnostics.max_bundle_bytes; device telemetry 1 MiB).
+max_body_bytes = 1048576
+# A client must send a request's whole header within this many seconds of
+# connecting or of its previous response: closes stalled (slowloris) and
+# idle keep-alive connections.
+header_read_timeout_secs = 10
+# Once a request's header is in, its body may pause at most this many
+# seconds between two pieces; a stalled body is answered 408.
+body_read_timeout_secs = 30
+# Open HTTP(S) connections per source address (IPv6: per /64); 0 = unlimited.
+max_connections_per_ip = 256
+# API requests in flight per bearer token; more are refused with 429
+# (0 = unlimited).
+max_requests_per_token = 32
+# Origins (scheme://host[:port]) whose web pages may call the API from a
+# browser (CORS), or ["*"] for any. Empty: none; the console needs none.
+# Environment: a comma-separated list.
+cors_origins = []
+
+[login]
+# Operator password logins (POST /api/v1/auth/login). Failed logins of one
+# user name within failure_window_secs that lock the name out (0 = never)...
+max_failures_per_user = 5
+# ...and from one source address, whatever the user names (0 = never).
+max_failures_per_address = 20
+failure_window_secs = 300
+# A lockout lasts lockout_secs, doubling with each repeat up to
+# max_lockout_secs; a locked login is answered 429 with Retry-After.
+# A successful login clears the user name's count.
+lockout_secs = 60
+max_lockout_secs = 3600
+# Password checks (Argon2id: tens of milliseconds and 19 MiB each) running
+# at once, and waiting; beyond that a login is answered 503 with Retry-After.
+max_concurrent_hashes = 2
+max_queued_hashes = 16
+# User names and addresses counted at once (bounds the memory).
+max_tracked = 10000
 
 [ota]
 # Firmware images: stored under <data_dir>/ota, signed with the platform's
@@ -202,6 +241,7 @@ pub struct Settings {
     pub telemetry: TelemetrySettings,
     pub diagnostics: DiagnosticsSettings,
     pub http: HttpSettings,
+    pub login: LoginSettings,
     pub ota: OtaSettings,
     pub gateways: GatewaySettings,
     pub coap: CoapSettings,
@@ -347,6 +387,40 @@ pub struct HttpSettings {
     pub listen: String,
     pub tls_listen: String,
     pub public_url: String,
+    pub max_body_bytes: u64,
+    pub header_read_timeout_secs: u32,
+    pub body_read_timeout_secs: u32,
+    pub max_connections_per_ip: u32,
+    pub max_requests_per_token: u32,
+    pub cors_origins: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoginSettings {
+    pub max_failures_per_user: u32,
+    pub max_failures_per_address: u32,
+    pub failure_window_secs: u32,
+    pub lockout_secs: u32,
+    pub max_lockout_secs: u32,
+    pub max_concurrent_hashes: u32,
+    pub max_queued_hashes: u32,
+    pub max_tracked: u32,
+}
+
+impl Default for LoginSettings {
+    fn default() -> Self {
+        LoginSettings {
+            max_failures_per_user: 5,
+            max_failures_per_address: 20,
+            failure_window_secs: 300,
+            lockout_secs: 60,
+            max_lockout_secs: 3600,
+            max_concurrent_hashes: 2,
+            max_queued_hashes: 16,
+            max_tracked: 10_000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -392,6 +466,7 @@ impl Default for Settings {
             telemetry: TelemetrySettings::default(),
             diagnostics: DiagnosticsSettings::default(),
             http: HttpSettings::default(),
+            login: LoginSettings::default(),
             ota: OtaSettings::default(),
             gateways: GatewaySettings::default(),
             coap: CoapSettings::default(),
@@ -447,6 +522,12 @@ impl Default for HttpSettings {
             listen: "0.0.0.0:8080".into(),
             tls_listen: "0.0.0.0:8443".into(),
             public_url: String::new(),
+            max_body_bytes: 1 << 20,
+            header_read_timeout_secs: 10,
+            body_read_timeout_secs: 30,
+            max_connections_per_ip: 256,
+            max_requests_per_token: 32,
+            cors_origins: Vec::new(),
         }
     }
 }
@@ -462,11 +543,12 @@ impl Default for LogSettings {
 
 /// The sections of the file; an environment variable `M2MHUB_MQTT_LISTEN`
 /// is the key `listen` of section `mqtt`.
-const SECTIONS: [&str; 8] = [
+const SECTIONS: [&str; 9] = [
     "mqtt",
     "telemetry",
     "diagnostics",
     "http",
+    "login",
     "ota",
     "gateways",
     "coap",
@@ -776,7 +858,11 @@ impl Settings {
                 ))
             }
         };
+        let http = self.http.validate()?;
+        let login = self.login.validate()?;
         Ok(Validated {
+            http,
+            login,
             coap,
             coaps,
             gateways,
@@ -797,6 +883,111 @@ impl Settings {
     }
 }
 
+impl HttpSettings {
+    /// The HTTP server's limits; the listeners and public URL are checked
+    /// with the other addresses.
+    fn validate(&self) -> Result<m2mhub_api::HttpConfig> {
+        if self.max_body_bytes < 1024 {
+            bail!(
+                "invalid value for `http.max_body_bytes`: {}; use at least 1024 (bytes)",
+                self.max_body_bytes
+            );
+        }
+        if !(1..=3600).contains(&self.header_read_timeout_secs) {
+            bail!(
+                "invalid value for `http.header_read_timeout_secs`: {}; use 1 to 3600 (seconds)",
+                self.header_read_timeout_secs
+            );
+        }
+        if !(1..=3600).contains(&self.body_read_timeout_secs) {
+            bail!(
+                "invalid value for `http.body_read_timeout_secs`: {}; use 1 to 3600 (seconds)",
+                self.body_read_timeout_secs
+            );
+        }
+        for o in &self.cors_origins {
+            if !valid_origin(o) {
+                bail!("invalid value in `http.cors_origins`: {o:?}; use scheme://host[:port] with no path (e.g. https://app.example.com), or \"*\" for any origin");
+            }
+        }
+        Ok(m2mhub_api::HttpConfig {
+            max_body_bytes: usize::try_from(self.max_body_bytes).unwrap_or(usize::MAX),
+            header_read_timeout: Duration::from_secs(u64::from(self.header_read_timeout_secs)),
+            body_read_timeout: Duration::from_secs(u64::from(self.body_read_timeout_secs)),
+            max_connections_per_ip: self.max_connections_per_ip as usize,
+            max_requests_per_token: self.max_requests_per_token as usize,
+            cors_origins: self.cors_origins.clone(),
+        })
+    }
+}
+
+/// An origin as browsers send it: `scheme://host[:port]`, nothing after.
+fn valid_origin(o: &str) -> bool {
+    if o == "*" {
+        return true;
+    }
+    let Some((scheme, rest)) = o.split_once("://") else {
+        return false;
+    };
+    let host =
+        rest.rsplit_once(':').map_or(
+            rest,
+            |(h, port)| {
+                if port.parse::<u16>().is_ok() {
+                    h
+                } else {
+                    rest
+                }
+            },
+        );
+    matches!(scheme, "http" | "https")
+        && !host.is_empty()
+        && !rest.contains(['/', '?', '#', ' ', '@'])
+}
+
+impl LoginSettings {
+    fn validate(&self) -> Result<m2mhub_api::LoginConfig> {
+        let positive = |key: &str, v: u32, unit: &str| -> Result<()> {
+            if v == 0 {
+                bail!("invalid value for `login.{key}`: 0; use at least 1 ({unit})");
+            }
+            Ok(())
+        };
+        positive("failure_window_secs", self.failure_window_secs, "seconds")?;
+        positive("lockout_secs", self.lockout_secs, "seconds")?;
+        if self.max_lockout_secs < self.lockout_secs {
+            bail!(
+                "invalid value for `login.max_lockout_secs`: {}; use at least lockout_secs ({})",
+                self.max_lockout_secs,
+                self.lockout_secs
+            );
+        }
+        if !(1..=64).contains(&self.max_concurrent_hashes) {
+            bail!(
+                "invalid value for `login.max_concurrent_hashes`: {}; use 1 to 64 (each check takes 19 MiB of memory)",
+                self.max_concurrent_hashes
+            );
+        }
+        if self.max_tracked < 100 {
+            bail!(
+                "invalid value for `login.max_tracked`: {}; use at least 100",
+                self.max_tracked
+            );
+        }
+        let secs = |v: u32| Duration::from_secs(u64::from(v));
+        Ok(m2mhub_api::LoginConfig {
+            max_failures_per_user: self.max_failures_per_user,
+            max_failures_per_address: self.max_failures_per_address,
+            window: secs(self.failure_window_secs),
+            lockout: secs(self.lockout_secs),
+            max_lockout: secs(self.max_lockout_secs),
+            max_concurrent_hashes: self.max_concurrent_hashes as usize,
+            max_queued_hashes: self.max_queued_hashes as usize,
+            max_tracked: self.max_tracked as usize,
+        })
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct TlsFiles {
     pub listen: SocketAddr,
@@ -810,6 +1001,10 @@ pub struct TlsFiles {
 #[derive(Debug, Clone)]
 pub struct Validated {
     pub data_dir: PathBuf,
+    /// Limits of the HTTP(S) server and its CORS origins.
+    pub http: m2mhub_api::HttpConfig,
+    /// Login throttling.
+    pub login: m2mhub_api::LoginConfig,
     pub ota: OtaConfig,
     /// Sparkplug B and ChirpStack.
     pub gateways: m2mhub_ingest::gateways::GatewayConfig,
@@ -942,6 +1137,62 @@ mod tests {
         let e = s.validate().expect_err("zero ttl");
         assert!(
             e.to_string().contains("diagnostics.upload_url_ttl_s"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn http_and_login_settings() {
+        let s = Settings::load(
+            None,
+            &env(&[
+                (
+                    "M2MHUB_HTTP_CORS_ORIGINS",
+                    "https://app.example.com, http://localhost:3000",
+                ),
+                ("M2MHUB_HTTP_MAX_BODY_BYTES", "4096"),
+                ("M2MHUB_LOGIN_LOCKOUT_SECS", "2"),
+                ("M2MHUB_LOGIN_MAX_LOCKOUT_SECS", "8"),
+            ]),
+        )
+        .expect("load");
+        let v = s.validate().expect("valid");
+        assert_eq!(
+            v.http.cors_origins,
+            ["https://app.example.com", "http://localhost:3000"]
+        );
+        assert_eq!(v.http.max_body_bytes, 4096);
+        assert_eq!(v.http.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(v.login.lockout, Duration::from_secs(2));
+        assert_eq!(v.login.max_lockout, Duration::from_secs(8));
+        assert_eq!(v.login.max_failures_per_user, 5);
+        for bad in [
+            "app.example.com",
+            "https://a.example.com/",
+            "ftp://x",
+            "https://",
+        ] {
+            let mut s = Settings::default();
+            s.http.cors_origins = vec![bad.into()];
+            let e = s.validate().expect_err(bad);
+            assert!(e.to_string().contains("http.cors_origins"), "{e}");
+        }
+        let mut s = Settings::default();
+        s.http.cors_origins = vec!["*".into(), "https://[::1]:8443".into()];
+        s.validate().expect("wildcard and IPv6 origins");
+        let mut s = Settings::default();
+        s.login.max_lockout_secs = 10;
+        let e = s.validate().expect_err("ceiling under the base");
+        assert!(e.to_string().contains("login.max_lockout_secs"), "{e}");
+        let mut s = Settings::default();
+        s.login.max_concurrent_hashes = 0;
+        let e = s.validate().expect_err("no hashing");
+        assert!(e.to_string().contains("login.max_concurrent_hashes"), "{e}");
+        let mut s = Settings::default();
+        s.http.header_read_timeout_secs = 0;
+        let e = s.validate().expect_err("no timeout");
+        assert!(
+            e.to_string().contains("http.header_read_timeout_secs"),
             "{e}"
         );
     }

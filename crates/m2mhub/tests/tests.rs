@@ -39,12 +39,16 @@ mod gateways;
 mod http;
 #[path = "tests/http_devices.rs"]
 mod http_devices;
+#[path = "tests/http_hardening.rs"]
+mod http_hardening;
 #[path = "tests/identity.rs"]
 mod identity;
 #[path = "tests/limits.rs"]
 mod limits;
 #[path = "tests/live.rs"]
 mod live;
+#[path = "tests/login.rs"]
+mod login;
 #[path = "tests/ota.rs"]
 mod ota;
 #[path = "tests/persistence.rs"]

@@ -17,6 +17,8 @@ pub enum CoapAuth {
     Token { device: String, secret: String },
     /// CoAPS with this PSK identity and key: `/telemetry`.
     Psk { identity: Vec<u8>, key: Vec<u8> },
+    /// Plain CoAP to this path, no credentials (a peer server's resource).
+    Path(String),
 }
 
 #[derive(Debug, Clone)]
@@ -63,6 +65,10 @@ async fn client(load: &CoapLoad) -> Result<(Client, String), String> {
             Client::new(load.target).await.map_err(|e| e.to_string())?,
             format!("{device}/{secret}/telemetry"),
         )),
+        CoapAuth::Path(p) => Ok((
+            Client::new(load.target).await.map_err(|e| e.to_string())?,
+            p.trim_start_matches('/').to_string(),
+        )),
         CoapAuth::Psk { identity, key } => Ok((
             Client::new_psk(load.target, identity, key)
                 .await
@@ -105,7 +111,7 @@ pub async fn run(load: CoapLoad) -> Result<CoapLoadReport, String> {
                 m.payload = senml_reading(n as f64).into();
                 let t = Instant::now();
                 match c.call(m).await {
-                    Ok(r) if r.code == Code::CHANGED => {
+                    Ok(r) if r.code == Code::CHANGED || r.code == Code::CREATED => {
                         h.record(t.elapsed().as_micros() as u64);
                     }
                     _ => errors += 1,
@@ -134,6 +140,8 @@ pub async fn run(load: CoapLoad) -> Result<CoapLoadReport, String> {
             (CoapAuth::Token { .. }, true) => "coap NON".into(),
             (CoapAuth::Psk { .. }, false) => "coaps CON".into(),
             (CoapAuth::Psk { .. }, true) => "coaps NON".into(),
+            (CoapAuth::Path(_), false) => "coap CON (path)".into(),
+            (CoapAuth::Path(_), true) => "coap NON (path)".into(),
         },
         clients: load.clients,
         seconds,

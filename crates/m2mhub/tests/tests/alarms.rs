@@ -746,6 +746,8 @@ async fn the_rule_service_validates_reloads_reports_counters_and_sends() {
         ota: None,
         pipeline: None,
         command_waiters: None,
+        http: Default::default(),
+        login: Default::default(),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
