@@ -54,8 +54,9 @@ pub struct EndpointConfig {
     pub request_timeout: Duration,
     /// The largest datagram accepted.
     pub max_message_size: usize,
-    /// The most message ids remembered for deduplication. When full, ids
-    /// older than MAX_TRANSMIT_SPAN (after which a peer no longer
+    /// The most message ids remembered for deduplication. When full, the
+    /// oldest ids are forgotten first — those older than MAX_TRANSMIT_SPAN
+    /// (after which a peer no longer
     /// retransmits) are forgotten early; only if none is that old are new
     /// requests refused.
     pub max_dedup: usize,
@@ -241,7 +242,8 @@ pub struct Endpoint {
     config: EndpointConfig,
     limits: DecodeLimits,
     rng: Xorshift,
-    next_mid: u16,
+    /// The next message id per peer (see `allocate_mid`).
+    mids: HashMap<SocketAddr, u16>,
     next_id: u64,
     incoming: HashMap<ExchangeId, Incoming>,
     in_flight: HashMap<(SocketAddr, u16), InFlight>,
@@ -251,6 +253,8 @@ pub struct Endpoint {
     exchanges: usize,
     dedup: HashMap<(SocketAddr, u16), Dedup>,
     dedup_bytes: usize,
+    /// Ids forgotten before MAX_TRANSMIT_SPAN because the table was full.
+    dedup_evicted_young: u64,
     /// Message ids in arrival order, with their arrival time.
     dedup_con: VecDeque<(Instant, SocketAddr, u16)>,
     dedup_non: VecDeque<(Instant, SocketAddr, u16)>,
@@ -268,8 +272,7 @@ pub struct Endpoint {
 impl Endpoint {
     /// A new endpoint; `seed` seeds message ids and tokens.
     pub fn new(config: EndpointConfig, seed: u64) -> Endpoint {
-        let mut rng = Xorshift(seed | 1);
-        let next_mid = rng.next() as u16;
+        let rng = Xorshift(seed | 1);
         Endpoint {
             limits: DecodeLimits {
                 max_size: config.max_message_size,
@@ -277,7 +280,7 @@ impl Endpoint {
             },
             config,
             rng,
-            next_mid,
+            mids: HashMap::new(),
             next_id: 1,
             incoming: HashMap::new(),
             in_flight: HashMap::new(),
@@ -287,6 +290,7 @@ impl Endpoint {
             exchanges: 0,
             dedup: HashMap::new(),
             dedup_bytes: 0,
+            dedup_evicted_young: 0,
             dedup_con: VecDeque::new(),
             dedup_non: VecDeque::new(),
             sent_non: HashMap::new(),
@@ -363,6 +367,11 @@ impl Endpoint {
     /// Message ids remembered for deduplication.
     pub fn dedup_len(&self) -> usize {
         self.dedup.len()
+    }
+
+    /// Ids forgotten before MAX_TRANSMIT_SPAN because the table was full.
+    pub fn dedup_evicted_young(&self) -> u64 {
+        self.dedup_evicted_young
     }
 
     /// Feed one received datagram.
@@ -873,19 +882,27 @@ impl Endpoint {
         Duration::from_millis(base + extra)
     }
 
-    /// The next message id not in flight to `peer`. Ids count up from a
-    /// random start; with one counter for all peers an id returns to the
-    /// same peer only after 65,536 messages.
+    /// The next message id not in flight to `peer`. Each peer has its own
+    /// counter (from a random start), so an id returns to a peer only after
+    /// 65,536 messages *to that peer* — RFC 7252 §4.4 forbids reusing one
+    /// within EXCHANGE_LIFETIME, and a peer that deduplicates our NON
+    /// messages would drop a reused one. The table is bounded; a peer
+    /// forgotten when it is full starts again from a random id.
     fn allocate_mid(&mut self, peer: SocketAddr) -> u16 {
+        if !self.mids.contains_key(&peer) && self.mids.len() >= self.config.max_dedup {
+            self.mids.clear();
+        }
+        let start = self.rng.next() as u16;
+        let counter = self.mids.entry(peer).or_insert(start);
         for _ in 0..16 {
-            let mid = self.next_mid;
-            self.next_mid = self.next_mid.wrapping_add(1);
+            let mid = *counter;
+            *counter = counter.wrapping_add(1);
             if !self.in_flight.contains_key(&(peer, mid)) {
                 return mid;
             }
         }
-        let mid = self.next_mid;
-        self.next_mid = self.next_mid.wrapping_add(1);
+        let mid = *counter;
+        *counter = counter.wrapping_add(1);
         mid
     }
 
@@ -1039,8 +1056,13 @@ impl Endpoint {
             let Some(&(at, peer, mid)) = queue.front() else {
                 return false;
             };
+            // Ids older than MAX_TRANSMIT_SPAN go first (the queues are in
+            // arrival order); under a load that fills the table sooner,
+            // younger ones go too: a late retransmission of a forgotten id
+            // may then be processed twice, which beats refusing every new
+            // request until ids age out.
             if now.saturating_duration_since(at) < span {
-                return false;
+                self.dedup_evicted_young += 1;
             }
             queue.pop_front();
             let waiting = self

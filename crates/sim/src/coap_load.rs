@@ -17,7 +17,8 @@ pub enum CoapAuth {
     Token { device: String, secret: String },
     /// CoAPS with this PSK identity and key: `/telemetry`.
     Psk { identity: Vec<u8>, key: Vec<u8> },
-    /// Plain CoAP to this path, no credentials (a peer server's resource).
+    /// Plain CoAP PUTs to this path, no credentials (a peer server's
+    /// resource, e.g. libcoap's `example_data`).
     Path(String),
 }
 
@@ -98,12 +99,21 @@ pub async fn run(load: CoapLoad) -> Result<CoapLoadReport, String> {
             request_bytes = m.encode().map(|b| b.len()).unwrap_or(0);
         }
         let non = load.non;
+        // A NON request or its answer may be lost: do not wait long.
+        if non {
+            c.timeout = Duration::from_secs(2);
+        }
+        let method = if matches!(load.auth, CoapAuth::Path(_)) {
+            Code::PUT
+        } else {
+            Code::POST
+        };
         tasks.push(tokio::spawn(async move {
             let mut h = Histogram::new();
             let mut errors = 0u64;
             let mut n = 0u64;
             while Instant::now() < deadline {
-                let mut m = c.request(Code::POST, &path);
+                let mut m = c.request(method, &path);
                 if non {
                     m.mtype = MessageType::NonConfirmable;
                 }

@@ -354,26 +354,42 @@ fn dedup_cache_is_bounded_and_forgets_ids_past_max_transmit_span_first() {
         ..config()
     };
     let mut ep = Endpoint::new(cfg, 1);
-    let now = Instant::now();
-    for mid in 0..6 {
-        ep.handle_datagram(now, addr(CLIENT), &get(MessageType::NonConfirmable, mid, 1));
-    }
-    // Full of young ids: the fifth and sixth are dropped.
-    assert_eq!(ep.dedup_len(), 4);
-    for ev in events(&mut ep) {
-        if let Event::Request { id, .. } = ev {
-            ep.respond(now, id, content("x")).unwrap();
+    let t0 = Instant::now();
+    // MAX_TRANSMIT_SPAN is 2 s x 15 = 30 s here.
+    let later = t0 + Duration::from_secs(31);
+    let mut delivered = 0;
+    let mut send = |ep: &mut Endpoint, at: Instant, mid: u16| {
+        ep.handle_datagram(at, addr(CLIENT), &get(MessageType::NonConfirmable, mid, 1));
+        for ev in events(ep) {
+            if let Event::Request { id, .. } = ev {
+                ep.respond(at, id, content("x")).unwrap();
+                delivered += 1;
+            }
         }
+        drain(ep);
+    };
+    send(&mut ep, t0, 0);
+    send(&mut ep, t0, 1);
+    for mid in 2..5 {
+        send(&mut ep, later, mid);
     }
-    drain(&mut ep);
-    let con = get(MessageType::Confirmable, 10, 1);
-    ep.handle_datagram(now, addr(CLIENT), &con);
-    assert_eq!(drain(&mut ep)[0].code, Code::SERVICE_UNAVAILABLE);
-    // MAX_TRANSMIT_SPAN (2 s x 15 = 30 s here) later, old ids make room.
-    let later = now + Duration::from_secs(31);
-    ep.handle_datagram(later, addr(CLIENT), &con);
-    request_id(&events(&mut ep));
+    // Full at four: the id past MAX_TRANSMIT_SPAN (0) went, no young one.
     assert_eq!(ep.dedup_len(), 4);
+    assert_eq!(ep.dedup_evicted_young(), 0);
+    send(&mut ep, later, 5);
+    assert_eq!(ep.dedup_evicted_young(), 0, "id 1 was old too");
+    // Under load that fills the table sooner, young ids go as well: every
+    // request is served, none refused.
+    send(&mut ep, later, 6);
+    assert_eq!(ep.dedup_evicted_young(), 1);
+    assert_eq!(delivered, 7);
+    assert_eq!(ep.dedup_len(), 4);
+    // A duplicate of a remembered id is still answered from the cache.
+    ep.handle_datagram(later, addr(CLIENT), &get(MessageType::NonConfirmable, 6, 1));
+    assert!(
+        events(&mut ep).is_empty(),
+        "a duplicate is not delivered again"
+    );
 }
 
 #[test]
@@ -393,8 +409,10 @@ fn dedup_cache_is_bounded_in_bytes() {
             answered += 1;
         }
     }
-    // Each cached reply is about 45 bytes: three fit under 100.
-    assert_eq!(answered, 3);
+    // Every request is served; each cached reply is about 45 bytes, so the
+    // cache keeps the newest few under 100 bytes.
+    assert_eq!(answered, 10);
+    assert!(ep.dedup_len() <= 3, "{} ids kept", ep.dedup_len());
 }
 
 /// Move every datagram from `from` to `to`.
@@ -529,4 +547,30 @@ fn replaced_notification_keeps_the_retransmission_schedule() {
             ..
         }]
     ));
+}
+
+#[test]
+fn message_ids_count_per_peer_so_a_busy_peer_does_not_spend_anothers() {
+    let mut ep = Endpoint::new(config(), 7);
+    let now = Instant::now();
+    let (a, b) = (addr(CLIENT), "127.0.0.1:6000".parse().expect("addr"));
+    let mids = |ep: &mut Endpoint, peer, n| -> Vec<u16> {
+        (0..n)
+            .map(|i| {
+                let token = Token::new(&[i as u8, (i >> 8) as u8]).expect("token");
+                let mut m = Message::new(MessageType::NonConfirmable, Code::POST, 0, token);
+                m.set_uri_path("x");
+                ep.send_request(now, peer, m).expect("sent");
+                let (_, bytes) = ep.poll_transmit().expect("a datagram");
+                // Not waiting for answers: the per-peer exchange cap.
+                ep.cancel_request(peer, token);
+                Message::decode(&bytes).expect("decode").message_id
+            })
+            .collect()
+    };
+    let to_a = mids(&mut ep, a, 300);
+    let to_b = mids(&mut ep, b, 2);
+    // Consecutive per peer: 300 messages to `a` cost `b` nothing.
+    assert!(to_a.windows(2).all(|w| w[1] == w[0].wrapping_add(1)));
+    assert_eq!(to_b[1], to_b[0].wrapping_add(1));
 }
