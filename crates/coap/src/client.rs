@@ -131,16 +131,35 @@ impl Client {
         identity: &[u8],
         key: &[u8],
     ) -> Result<Client, ClientError> {
-        let mut c = Client::new(server).await?;
-        let cfg = dimpl::Config::builder()
+        let cfg = Self::psk_config(identity, key)?;
+        Self::with_psk_config(server, cfg).await
+    }
+
+    /// The DTLS configuration of a PSK client, to share between many
+    /// handshakes (building one validates the crypto provider, which is
+    /// costly).
+    pub fn psk_config(
+        identity: &[u8],
+        key: &[u8],
+    ) -> Result<std::sync::Arc<dimpl::Config>, ClientError> {
+        dimpl::Config::builder()
             .with_psk_client(
                 identity.to_vec(),
                 std::sync::Arc::new(FixedKey(key.to_vec())),
             )
             .build()
-            .map_err(|e| ClientError::Dtls(e.to_string()))?;
+            .map(std::sync::Arc::new)
+            .map_err(|e| ClientError::Dtls(e.to_string()))
+    }
+
+    /// A CoAPS client with a configuration from [`Client::psk_config`].
+    pub async fn with_psk_config(
+        server: SocketAddr,
+        cfg: std::sync::Arc<dimpl::Config>,
+    ) -> Result<Client, ClientError> {
+        let mut c = Client::new(server).await?;
         let now = Instant::now();
-        let mut dtls = dimpl::Dtls::new_12_psk(std::sync::Arc::new(cfg), now);
+        let mut dtls = dimpl::Dtls::new_12_psk(cfg, now);
         dtls.set_active(true);
         // The engine draws its random values and starts on its first timer.
         dtls.handle_timeout(now)

@@ -192,14 +192,17 @@ pub async fn handshakes(
     let deadline = Instant::now() + duration;
     let started = Instant::now();
     let mut tasks = Vec::new();
+    // One client configuration for all: the load generator should spend
+    // its time in handshakes, not in building configurations.
+    let cfg = Client::psk_config(&identity, &key).map_err(|e| e.to_string())?;
     for _ in 0..concurrency {
-        let (identity, key) = (identity.clone(), key.clone());
+        let cfg = cfg.clone();
         tasks.push(tokio::spawn(async move {
             let mut h = Histogram::new();
             let mut failures = 0u64;
             while Instant::now() < deadline {
                 let t = Instant::now();
-                match Client::new_psk(target, &identity, &key).await {
+                match Client::with_psk_config(target, cfg.clone()).await {
                     Ok(_) => h.record(t.elapsed().as_micros() as u64),
                     Err(_) => failures += 1,
                 }
