@@ -144,6 +144,8 @@ pub struct DtlsStats {
     pub handshakes_failed: u64,
     pub refused_full: u64,
     pub closed_revoked: u64,
+    /// Established sessions dropped to make room for a new handshake.
+    pub evicted: u64,
 }
 
 /// What one datagram or timer produced.
@@ -297,10 +299,30 @@ impl DtlsSessions {
         };
         if full(self) {
             self.evict_idle(now);
-            if full(self) {
-                self.stats.refused_full += 1;
-                return false;
+        }
+        // Still full of established sessions: the least recently active
+        // one goes (its device handshakes again when it next speaks) rather
+        // than refusing a new device. Unfinished handshakes are never
+        // evicted for another: their cap refuses instead.
+        let handshaking =
+            self.sessions.values().filter(|s| !s.connected).count() + self.replacements.len();
+        if self.sessions.len() >= self.limits.max_sessions
+            && handshaking < self.limits.max_handshakes
+        {
+            let oldest = self
+                .sessions
+                .iter()
+                .filter(|(_, s)| s.connected)
+                .min_by_key(|(_, s)| s.last_active)
+                .map(|(p, _)| *p);
+            if let Some(p) = oldest {
+                self.sessions.remove(&p);
+                self.stats.evicted += 1;
             }
+        }
+        if full(self) {
+            self.stats.refused_full += 1;
+            return false;
         }
         true
     }
@@ -631,6 +653,28 @@ mod tests {
         );
         assert_eq!(server.len(), 1);
         assert_eq!(server.stats.handshakes_completed, 2);
+    }
+
+    #[test]
+    fn a_full_table_makes_room_by_dropping_the_least_recently_active_session() {
+        let limits = DtlsLimits {
+            max_sessions: 3,
+            ..DtlsLimits::default()
+        };
+        let mut server = DtlsSessions::new(Arc::new(OneKey), limits);
+        let t0 = Instant::now();
+        for i in 0..5u16 {
+            let peer: SocketAddr = ([127, 0, 0, 1], 20_000 + i).into();
+            let at = t0 + Duration::from_millis(u64::from(i));
+            assert!(
+                handshake(&mut server, peer, at),
+                "device {i} gets a session"
+            );
+        }
+        assert_eq!(server.len(), 3);
+        assert_eq!(server.stats.evicted, 2);
+        assert!(server.identity(([127, 0, 0, 1], 20_000).into()).is_none());
+        assert!(server.identity(([127, 0, 0, 1], 20_004).into()).is_some());
     }
 
     #[test]
