@@ -622,3 +622,54 @@ async fn over_coaps_a_device_is_told_of_commands_and_takes_a_firmware_update_blo
     let m = c.request(Code::GET, "ota/cmp-0000000000000000");
     assert_eq!(c.call(m).await.expect("answer").code, Code::NOT_FOUND);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coaps_device_observing_its_shadow_is_told_of_desired_changes() {
+    let srv = TestServer::with(secure).await;
+    let admin = Api::admin(&srv);
+    admin
+        .expect("POST", "/devices", Some(json!({"id": "thermo-s"})), 201)
+        .await;
+    let psk = admin
+        .expect("POST", "/devices/thermo-s/psks", Some(json!({})), 201)
+        .await;
+    let key = unhex(psk["key_hex"].as_str().expect("key"));
+    let addr = srv.get().coaps_addr.expect("CoAPS");
+    let mut c = Client::new_psk(addr, b"thermo-s", &key)
+        .await
+        .expect("handshake");
+    // The device reports, then observes its shadow.
+    let mut upd = c.request(Code::new(0, 6), "shadow");
+    upd.set_content_format(cf::JSON);
+    upd.payload = bytes::Bytes::from(r#"{"state":{"reported":{"setpoint":20}}}"#);
+    let r = c.call(upd).await.expect("report");
+    assert_eq!(
+        r.code,
+        Code::CONTENT,
+        "{:?}",
+        String::from_utf8_lossy(&r.payload)
+    );
+    let mut obs = c.request(Code::GET, "shadow");
+    obs.set_observe(0);
+    let obs_id = c.send(obs).expect("observe");
+    let first = c
+        .next_response(obs_id, Duration::from_secs(5))
+        .await
+        .expect("the document");
+    assert!(first.observe().is_some(), "registered");
+    // An operator changes the desired setpoint while the device sleeps.
+    admin
+        .expect(
+            "PATCH",
+            "/devices/thermo-s/shadow",
+            Some(json!({"state": {"desired": {"setpoint": 17}}})),
+            200,
+        )
+        .await;
+    let note = c
+        .next_response(obs_id, Duration::from_secs(10))
+        .await
+        .expect("the delta");
+    let delta: Value = serde_json::from_slice(&note.payload).expect("delta JSON");
+    assert_eq!(delta["state"]["setpoint"], 17, "{delta}");
+}
