@@ -1016,7 +1016,7 @@ impl Inner {
                         identity: identity.clone(),
                     });
                     st.protocol = protocol;
-                    st.generation += 1;
+                    st.generation = st.generation.wrapping_add(1);
                     st.disconnected_at = None;
                     st.owner = Some(identity);
                     existing.set_online(true);

@@ -80,6 +80,11 @@ enum End {
     Shutdown,
 }
 
+thread_local! {
+    /// Deliveries of the PUBLISH being routed on this worker thread.
+    static ROUTE_SCRATCH: std::cell::RefCell<Vec<Delivery>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 pub(crate) struct Connection<S: Transport> {
     inner: Arc<Inner>,
     stream: S,
@@ -110,7 +115,6 @@ pub(crate) struct Connection<S: Transport> {
     /// The CONNECT counted toward its client id's flapping limit (taken
     /// back if the client ends the connection with DISCONNECT).
     flap_counted: bool,
-    scratch: Vec<Delivery>,
     /// Publish rate limiter, allocated only when a rate is configured.
     publish_limit: Option<Box<PublishLimiter>>,
     /// This client's own publish-rate baseline, allocated on its first PUBLISH.
@@ -121,7 +125,8 @@ pub(crate) struct Connection<S: Transport> {
     /// The publish hook with its generation: a PUBLISH then costs one
     /// atomic load instead of a lock and a reference count every core
     /// shares.
-    publish_hook: Option<(u64, Arc<dyn PublishHook>)>,
+    /// Boxed: a pointer per idle connection instead of three words.
+    publish_hook: Option<Box<(u64, Arc<dyn PublishHook>)>>,
 }
 
 /// `mqtt.max_publish_rate` for one connection.
@@ -286,7 +291,6 @@ pub(crate) fn serve<S: Transport>(
         admit,
         ip_counted,
         flap_counted: false,
-        scratch: Vec::new(),
         publish_limit: None,
         baseline: None,
         acks: None,
@@ -949,11 +953,11 @@ impl<S: Transport> Connection<S> {
         if generation == 0 {
             return None;
         }
-        if self.publish_hook.as_ref().map(|(g, _)| *g) != Some(generation) {
+        if self.publish_hook.as_ref().map(|b| b.0) != Some(generation) {
             let (g, hook) = self.inner.hooks.publish();
-            self.publish_hook = hook.map(|h| (g, h));
+            self.publish_hook = hook.map(|h| Box::new((g, h)));
         }
-        let (_, hook) = self.publish_hook.as_ref()?;
+        let hook = &self.publish_hook.as_ref()?.1;
         hook.on_publish(&self.client_id, &self.identity, msg)
     }
 
@@ -1060,7 +1064,14 @@ impl<S: Transport> Connection<S> {
             publisher: session.id,
         });
         let mut ops = Vec::new();
-        let matched = self.inner.publish(&msg, &mut self.scratch, &mut ops);
+        // The routing scratch is per worker thread, not per connection: an
+        // idle connection holds none (publish does not await).
+        let matched = ROUTE_SCRATCH.with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            let matched = self.inner.publish(&msg, &mut scratch, &mut ops);
+            scratch.clear();
+            matched
+        });
         // Before our own commit, so the platform's write overlaps it.
         let gate = self.run_publish_hook(&msg);
         let mut code = if matched == 0 {
@@ -1351,7 +1362,7 @@ impl<S: Transport> Connection<S> {
     /// Publish the will now or after its delay (see [`SessionTimers`]).
     /// The session's own end stays with the broker's expiry sweep; this
     /// only waits for the will.
-    fn schedule_will(&self, session: &Arc<Session>, will: LastWill, expiry: u32, generation: u64) {
+    fn schedule_will(&self, session: &Arc<Session>, will: LastWill, expiry: u32, generation: u32) {
         let now = Instant::now();
         let delay = lifetime::will_delay(self.v5(), will.properties.will_delay_interval, expiry);
         let mut timers = SessionTimers::default();

@@ -83,7 +83,7 @@ pub(crate) struct SessionState {
     pub disconnected_at: Option<Instant>,
     /// Bumped on every (re)connection, so a delayed will can tell whether
     /// the client came back in the meantime.
-    pub generation: u64,
+    pub generation: u32,
     /// Messages dropped because the queue was full or too large for the client.
     pub dropped: u64,
     /// The session was discarded; late deliveries are ignored.
