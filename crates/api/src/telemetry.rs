@@ -27,6 +27,13 @@ use std::time::Duration;
 
 /// Prometheus text of the ingest counters and the store's figures.
 pub fn metrics_text(state: &AppState, out: &mut String) {
+    if let Some(g) = state.pipeline.as_ref().and_then(|p| p.gateways.as_ref()) {
+        for (name, help, v) in g.counters.counters() {
+            let _ = writeln!(out, "# HELP m2mhub_gateway_{name}_total {help}");
+            let _ = writeln!(out, "# TYPE m2mhub_gateway_{name}_total counter");
+            let _ = writeln!(out, "m2mhub_gateway_{name}_total {v}");
+        }
+    }
     if let Some(c) = &state.ingest {
         for (name, help, v) in c.counters() {
             let _ = writeln!(out, "# HELP m2mhub_telemetry_{name}_total {help}");

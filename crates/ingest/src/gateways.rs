@@ -85,6 +85,50 @@ pub struct GatewayCounters {
     pub outbox_dropped: AtomicU64,
 }
 
+impl GatewayCounters {
+    /// `(name, help, value)` for each counter, for `/metrics`.
+    pub fn counters(&self) -> [(&'static str, &'static str, u64); 7] {
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        [
+            (
+                "sparkplug_messages",
+                "Sparkplug B messages read",
+                l(&self.sparkplug_messages),
+            ),
+            (
+                "sparkplug_rebirths",
+                "Sparkplug rebirth requests sent",
+                l(&self.sparkplug_rebirths),
+            ),
+            (
+                "chirpstack_events",
+                "ChirpStack integration events read",
+                l(&self.chirpstack_events),
+            ),
+            (
+                "downlinks",
+                "commands sent to LoRaWAN devices as downlinks",
+                l(&self.downlinks),
+            ),
+            (
+                "devices_registered",
+                "devices registered on a gateway's first mention",
+                l(&self.devices_registered),
+            ),
+            (
+                "refused",
+                "gateway messages or devices refused (kept as device events)",
+                l(&self.refused),
+            ),
+            (
+                "outbox_dropped",
+                "rebirths, downlinks or republished points dropped by a full outbox",
+                l(&self.outbox_dropped),
+            ),
+        ]
+    }
+}
+
 struct Outgoing {
     topic: String,
     payload: Bytes,

@@ -216,6 +216,11 @@ async fn a_sparkplug_edge_node_births_publishes_and_dies() {
         |v| !v["items"].as_array().map(Vec::is_empty).unwrap_or(true),
     )
     .await;
+    assert_eq!(
+        scrape(srv.http(), "m2mhub_gateway_sparkplug_rebirths_total").await,
+        1
+    );
+    assert!(scrape(srv.http(), "m2mhub_gateway_sparkplug_messages_total").await >= 6);
     let latest = admin
         .expect("GET", "/devices/plc-1/telemetry", None, 200)
         .await;
@@ -386,4 +391,15 @@ async fn a_chirpstack_bridge_feeds_lorawan_devices_and_carries_their_downlinks()
         .expect("GET", "/devices/00aabbccddeeff00/telemetry", None, 200)
         .await;
     assert_eq!(latest_value(&theirs, "temperature"), None, "{theirs}");
+    // Counted in /metrics.
+    assert!(scrape(srv.http(), "m2mhub_gateway_chirpstack_events_total").await >= 4);
+    assert_eq!(
+        scrape(srv.http(), "m2mhub_gateway_downlinks_total").await,
+        1
+    );
+    assert!(scrape(srv.http(), "m2mhub_gateway_refused_total").await >= 2);
+    assert_eq!(
+        scrape(srv.http(), "m2mhub_gateway_devices_registered_total").await,
+        1
+    );
 }
