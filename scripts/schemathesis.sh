@@ -47,6 +47,7 @@ trap cleanup EXIT
 M2MHUB_LOGIN_MAX_FAILURES_PER_ADDRESS=0 M2MHUB_LOGIN_MAX_FAILURES_PER_USER=0 \
   "$BIN" serve --data-dir "$WORK/data" \
   --mqtt-listen 127.0.0.1:0 --http-listen 127.0.0.1:0 --mqtts-listen 127.0.0.1:0 --https-listen 127.0.0.1:0 \
+  --coaps-listen 127.0.0.1:0 \
   >"$WORK/stdout" 2>"$WORK/stderr" &
 SERVER_PID=$!
 for _ in $(seq 1 100); do
