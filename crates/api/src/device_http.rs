@@ -32,7 +32,7 @@ use base64::Engine;
 use bytes::Bytes;
 use m2mhub_broker::auth::{ClientIdentity, ConnectInfo as MqttConnectInfo, TlsPeer};
 use m2mhub_broker::Broker;
-use m2mhub_fleet::{CommandStatus, CommandUpdate};
+use m2mhub_fleet::CommandUpdate;
 use m2mhub_ingest::{Invalid, Outcome, Refusal};
 use mqtt_codec::{reason, PublishProperties, QoS};
 use parking_lot::Mutex;
@@ -516,17 +516,10 @@ pub async fn command_response(
     if *command.device_id != *caller.device {
         return Err(not_found());
     }
-    let failed = answer.get("status").and_then(Value::as_str) == Some("failed");
-    let update = CommandUpdate {
-        status: if failed {
-            CommandStatus::Failed
-        } else {
-            CommandStatus::Answered
-        },
-        response: Some(answer),
-        error: None,
-    };
-    match state.fleet.update_command(&cid, update)? {
+    match state
+        .fleet
+        .update_command(&cid, CommandUpdate::answer(answer))?
+    {
         Some(c) => Ok(Json(json!({"id": c.id, "status": c.status}))),
         None => Err(Problem::new(
             StatusCode::CONFLICT,

@@ -409,17 +409,10 @@ fn on_response(shared: &Shared, device: &str, msg: &Message) {
     };
     match shared.fleet.get_command(&id) {
         Ok(c) if c.device_id == device => {
-            let failed = body.get("status").and_then(Value::as_str) == Some("failed");
-            let update = CommandUpdate {
-                status: if failed {
-                    CommandStatus::Failed
-                } else {
-                    CommandStatus::Answered
-                },
-                response: Some(body),
-                error: None,
-            };
-            if let Ok(Some(_)) = shared.fleet.update_command(&id, update) {
+            if let Ok(Some(_)) = shared
+                .fleet
+                .update_command(&id, CommandUpdate::answer(body))
+            {
                 shared
                     .stats
                     .commands_answered

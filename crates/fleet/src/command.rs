@@ -158,6 +158,21 @@ pub struct CommandUpdate {
 }
 
 impl CommandUpdate {
+    /// A device's answer, whatever carried it (MQTT, HTTP, CoAP): answered,
+    /// or failed when it says `"status": "failed"`; the answer is recorded.
+    pub fn answer(response: serde_json::Value) -> CommandUpdate {
+        let failed = response.get("status").and_then(serde_json::Value::as_str) == Some("failed");
+        CommandUpdate {
+            status: if failed {
+                CommandStatus::Failed
+            } else {
+                CommandStatus::Answered
+            },
+            response: Some(response),
+            error: None,
+        }
+    }
+
     /// Just a new status.
     pub fn status(status: CommandStatus) -> CommandUpdate {
         CommandUpdate {

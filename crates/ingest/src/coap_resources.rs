@@ -35,7 +35,7 @@ use m2mhub_broker::auth::{ClientIdentity, ConnectInfo};
 use m2mhub_broker::Broker;
 use m2mhub_coap::message::content_format as cf;
 use m2mhub_coap::{Code, Handler, Notifier, Request, Response};
-use m2mhub_fleet::{CommandStatus, CommandUpdate, Fleet, ShadowUpdate, ShadowWriter};
+use m2mhub_fleet::{CommandUpdate, Fleet, ShadowUpdate, ShadowWriter};
 use mqtt_codec::{reason, PublishProperties, QoS};
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -300,17 +300,10 @@ impl CoapResources {
             Ok(cmd) if *cmd.device_id == *c.device => {}
             _ => return text(Code::NOT_FOUND, "no such command for this device"),
         }
-        let failed = answer.get("status").and_then(Value::as_str) == Some("failed");
-        let update = CommandUpdate {
-            status: if failed {
-                CommandStatus::Failed
-            } else {
-                CommandStatus::Answered
-            },
-            response: Some(answer),
-            error: None,
-        };
-        match self.fleet.update_command(cid, update) {
+        match self
+            .fleet
+            .update_command(cid, CommandUpdate::answer(answer))
+        {
             Ok(Some(_)) => Response::new(Code::CHANGED),
             Ok(None) => text(Code::PRECONDITION_FAILED, "the command is already finished"),
             Err(e) => text(Code::BAD_REQUEST, &e.to_string()),

@@ -24,24 +24,6 @@ async fn coap_server() -> TestServer {
     .await
 }
 
-/// A registered device `id` (of `tenant`) and its token secret.
-async fn device(admin: &Api, id: &str, tenant: Option<&str>) -> String {
-    let mut body = json!({"id": id});
-    if let Some(t) = tenant {
-        body["tenant"] = json!(t);
-    }
-    admin.expect("POST", "/devices", Some(body), 201).await;
-    let tok = admin
-        .expect(
-            "POST",
-            &format!("/devices/{id}/tokens"),
-            Some(json!({})),
-            201,
-        )
-        .await;
-    tok["secret"].as_str().expect("secret").to_string()
-}
-
 /// SenML+CBOR `[{0: name, 2: value}]` (RFC 8428 integer labels).
 fn senml_cbor(name: &str, value: f64) -> Vec<u8> {
     let mut b = vec![0x81, 0xa2, 0x00];
@@ -99,7 +81,7 @@ fn coap_addr(srv: &TestServer) -> SocketAddr {
 async fn a_coap_device_posts_senml_cbor_and_gets_a_rules_command_through_observe() {
     let srv = coap_server().await;
     let admin = Api::admin(&srv);
-    let secret = device(&admin, "probe-1", None).await;
+    let secret = registered_device(&admin, "probe-1", None).await;
     admin
         .expect(
             "POST",
@@ -186,7 +168,7 @@ async fn a_coap_device_posts_senml_cbor_and_gets_a_rules_command_through_observe
 async fn a_retransmitted_con_is_stored_once_and_large_bodies_arrive_in_blocks() {
     let srv = coap_server().await;
     let admin = Api::admin(&srv);
-    let secret = device(&admin, "meter-7", None).await;
+    let secret = registered_device(&admin, "meter-7", None).await;
     let addr = coap_addr(&srv);
 
     // The same CON (same message id) three times, as a device whose ACK
@@ -292,8 +274,8 @@ async fn coap_refuses_bad_credentials_bad_input_and_other_tenants() {
     admin
         .expect("POST", "/tenants", Some(json!({"id": "green"})), 201)
         .await;
-    let secret = device(&admin, "soil-1", None).await;
-    let theirs = device(&admin, "soil-2", Some("green")).await;
+    let secret = registered_device(&admin, "soil-1", None).await;
+    let theirs = registered_device(&admin, "soil-2", Some("green")).await;
     let mut c = Client::new(coap_addr(&srv)).await.expect("client");
     let cases: Vec<(String, u16, &[u8], Code)> = vec![
         (

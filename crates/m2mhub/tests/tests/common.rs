@@ -1348,6 +1348,57 @@ impl Api {
     }
 }
 
+/// Register device `id` (in `tenant`, else the default one) through the
+/// API and issue it a token; returns the token's secret.
+pub async fn registered_device(admin: &Api, id: &str, tenant: Option<&str>) -> String {
+    let mut body = serde_json::json!({ "id": id });
+    if let Some(t) = tenant {
+        body["tenant"] = serde_json::json!(t);
+    }
+    admin.expect("POST", "/devices", Some(body), 201).await;
+    let tok = admin
+        .expect(
+            "POST",
+            &format!("/devices/{id}/tokens"),
+            Some(serde_json::json!({})),
+            201,
+        )
+        .await;
+    tok["secret"].as_str().expect("secret").to_string()
+}
+
+/// A rustls client configuration trusting `trust_pem`, with a client
+/// certificate when `identity` (certificate PEM, key PEM) is given.
+pub fn client_tls_config(
+    trust_pem: &str,
+    identity: Option<(&str, &str)>,
+) -> std::sync::Arc<tokio_rustls::rustls::ClientConfig> {
+    use tokio_rustls::rustls;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(trust_pem.as_bytes()) {
+        roots.add(c.expect("trust PEM")).expect("trust anchor");
+    }
+    let b = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("protocol versions")
+    .with_root_certificates(roots);
+    std::sync::Arc::new(match identity {
+        Some((cert_pem, key_pem)) => {
+            let chain: Vec<CertificateDer<'static>> =
+                CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+                    .collect::<Result<_, _>>()
+                    .expect("client certificate PEM");
+            let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).expect("client key PEM");
+            b.with_client_auth_cert(chain, key).expect("client cert")
+        }
+        None => b.with_no_client_auth(),
+    })
+}
+
 /// A problem document with `status` whose detail contains `needle`.
 pub fn assert_problem(r: &HttpResponse, status: u16, needle: &str) {
     assert_eq!(r.status, status, "{}", r.body);

@@ -132,20 +132,9 @@ fn sha256_hex(data: &[u8]) -> String {
         .collect()
 }
 
-/// A registered device `id` and its token secret.
+/// A registered device and its token secret.
 async fn device(admin: &Api, id: &str) -> String {
-    admin
-        .expect("POST", "/devices", Some(json!({"id": id})), 201)
-        .await;
-    let tok = admin
-        .expect(
-            "POST",
-            &format!("/devices/{id}/tokens"),
-            Some(json!({})),
-            201,
-        )
-        .await;
-    tok["secret"].as_str().expect("secret").to_string()
+    registered_device(admin, id, None).await
 }
 
 /// The device, connected with its token and subscribed to its commands.

@@ -13,24 +13,6 @@ use mqtt_codec::{reason, Packet, Publish, QoS};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 
-/// A registered device `id` (of `tenant`) and its token secret.
-async fn device(admin: &Api, id: &str, tenant: Option<&str>) -> String {
-    let mut body = json!({"id": id});
-    if let Some(t) = tenant {
-        body["tenant"] = json!(t);
-    }
-    admin.expect("POST", "/devices", Some(body), 201).await;
-    let tok = admin
-        .expect(
-            "POST",
-            &format!("/devices/{id}/tokens"),
-            Some(json!({})),
-            201,
-        )
-        .await;
-    tok["secret"].as_str().expect("secret").to_string()
-}
-
 async fn connect_as(srv: &TestServer, id: &str, secret: &str) -> Raw {
     let mut c = v5(id);
     c.username = Some(id.into());
@@ -86,8 +68,8 @@ fn latest_value(v: &Value, metric: &str) -> Option<Value> {
 async fn a_sparkplug_edge_node_births_publishes_and_dies() {
     let srv = TestServer::with(|s| s.gateways.sparkplug_host_id = "scada".into()).await;
     let admin = Api::admin(&srv);
-    let secret = device(&admin, "plc-1", None).await;
-    let other = device(&admin, "plc-2", None).await;
+    let secret = registered_device(&admin, "plc-1", None).await;
+    let other = registered_device(&admin, "plc-2", None).await;
 
     // An observer of the telemetry topics: Sparkplug data is routed there.
     let (mut watch, _) = Raw::connect_ok(srv.mqtt(), v5("watcher")).await;
@@ -276,7 +258,7 @@ async fn a_chirpstack_bridge_feeds_lorawan_devices_and_carries_their_downlinks()
     admin
         .expect("POST", "/tenants", Some(json!({"id": "cold"})), 201)
         .await;
-    let secret = device(&admin, "lns-1", Some("cold")).await;
+    let secret = registered_device(&admin, "lns-1", Some("cold")).await;
     let mut bridge = connect_as(&srv, "lns-1", &secret).await;
     // ChirpStack's command_topic, inside the bridge's namespace.
     bridge
@@ -368,7 +350,7 @@ async fn a_chirpstack_bridge_feeds_lorawan_devices_and_carries_their_downlinks()
     .await;
 
     // A device of another tenant cannot be fed through this bridge.
-    device(&admin, "00aabbccddeeff00", None).await;
+    registered_device(&admin, "00aabbccddeeff00", None).await;
     let foreign =
         "devices/lns-1/chirpstack/application/cold-chain/device/00aabbccddeeff00/event/up";
     accepted(

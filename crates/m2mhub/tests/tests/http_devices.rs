@@ -14,26 +14,8 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::rustls;
-use tokio_rustls::rustls::pki_types::pem::PemObject;
-use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
-/// A registered device `id` (of `tenant`) and its token secret.
-async fn device(admin: &Api, id: &str, tenant: Option<&str>) -> String {
-    let mut body = json!({"id": id});
-    if let Some(t) = tenant {
-        body["tenant"] = json!(t);
-    }
-    admin.expect("POST", "/devices", Some(body), 201).await;
-    let tok = admin
-        .expect(
-            "POST",
-            &format!("/devices/{id}/tokens"),
-            Some(json!({})),
-            201,
-        )
-        .await;
-    tok["secret"].as_str().expect("secret").to_string()
-}
+use tokio_rustls::rustls::pki_types::ServerName;
 
 /// One HTTP/1.1 request over any stream, with raw headers and body.
 async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
@@ -110,8 +92,8 @@ async fn post_telemetry(
 async fn a_device_posts_telemetry_with_its_token_and_it_is_stored_and_routed() {
     let srv = TestServer::with(secure).await;
     let admin = Api::admin(&srv);
-    let secret = device(&admin, "pump-1", None).await;
-    let other = device(&admin, "pump-2", None).await;
+    let secret = registered_device(&admin, "pump-1", None).await;
+    let other = registered_device(&admin, "pump-2", None).await;
     let http = srv.http();
 
     // The device also listens to its own telemetry topic over MQTT: an
@@ -251,8 +233,8 @@ async fn a_device_posts_telemetry_with_its_token_and_it_is_stored_and_routed() {
 async fn a_device_long_polls_its_commands_and_answers_them() {
     let srv = TestServer::with(secure).await;
     let admin = Api::admin(&srv);
-    let secret = device(&admin, "valve-1", None).await;
-    let other = device(&admin, "valve-2", None).await;
+    let secret = registered_device(&admin, "valve-1", None).await;
+    let other = registered_device(&admin, "valve-2", None).await;
     let http = srv.http();
     let poll = |wait: &'static str, secret: String| async move {
         send(
@@ -403,7 +385,7 @@ async fn guessing_a_device_token_over_http_bans_the_address() {
     })
     .await;
     let admin = Api::admin(&srv);
-    let secret = device(&admin, "meter-9", None).await;
+    let secret = registered_device(&admin, "meter-9", None).await;
     let http = srv.http();
     let mut codes = Vec::new();
     for _ in 0..5 {
@@ -419,30 +401,6 @@ async fn guessing_a_device_token_over_http_bans_the_address() {
     c.password = Some(bytes::Bytes::from(secret));
     let (_, ack) = Raw::connect(srv.mqtt(), c).await;
     assert_eq!(ack.reason_code, mqtt_codec::reason::BANNED);
-}
-
-fn tls_config(trust_pem: &str, identity: Option<(&str, &str)>) -> Arc<rustls::ClientConfig> {
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_slice_iter(trust_pem.as_bytes()) {
-        roots.add(c.expect("trust PEM")).expect("trust anchor");
-    }
-    let b = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("protocol versions")
-    .with_root_certificates(roots);
-    Arc::new(match identity {
-        Some((cert_pem, key_pem)) => {
-            let chain: Vec<CertificateDer<'static>> =
-                CertificateDer::pem_slice_iter(cert_pem.as_bytes())
-                    .collect::<Result<_, _>>()
-                    .expect("client certificate PEM");
-            let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).expect("client key PEM");
-            b.with_client_auth_cert(chain, key).expect("client cert")
-        }
-        None => b.with_no_client_auth(),
-    })
 }
 
 async fn send_tls(
@@ -488,8 +446,8 @@ async fn over_https_a_device_authenticates_with_its_client_certificate() {
         .as_str()
         .expect("fingerprint")
         .to_string();
-    let with_cert = tls_config(&ca, Some((cert, &key)));
-    let without = tls_config(&ca, None);
+    let with_cert = client_tls_config(&ca, Some((cert, &key)));
+    let without = client_tls_config(&ca, None);
 
     // The operator API works over HTTPS without a client certificate.
     let r = send_tls(
@@ -577,8 +535,8 @@ async fn http_devices_stay_inside_their_tenant() {
             201,
         )
         .await;
-    let red = device(&admin, "red-1", None).await;
-    let _blue = device(&admin, "blue-1", Some("blue")).await;
+    let red = registered_device(&admin, "red-1", None).await;
+    let _blue = registered_device(&admin, "blue-1", Some("blue")).await;
     let http = srv.http();
     // A red device's secret does not open a blue device's routes, in any form.
     for h in [bearer(&red), basic("red-1", &red), basic("blue-1", &red)] {

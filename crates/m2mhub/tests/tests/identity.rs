@@ -14,8 +14,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_rustls::rustls;
-use tokio_rustls::rustls::pki_types::pem::PemObject;
-use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+
+use tokio_rustls::rustls::pki_types::ServerName;
 
 // ---------------------------------------------------------------------------
 // Helpers
@@ -187,27 +187,7 @@ async fn recv_msg(c: &mut Raw) -> mqtt_codec::Publish {
 // TLS
 
 fn tls_config(trust_pem: &str, identity: Option<(&str, &str)>) -> Arc<rustls::ClientConfig> {
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_slice_iter(trust_pem.as_bytes()) {
-        roots.add(c.expect("trust PEM")).expect("trust anchor");
-    }
-    let b = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("protocol versions")
-    .with_root_certificates(roots);
-    Arc::new(match identity {
-        Some((cert_pem, key_pem)) => {
-            let chain: Vec<CertificateDer<'static>> =
-                CertificateDer::pem_slice_iter(cert_pem.as_bytes())
-                    .collect::<Result<_, _>>()
-                    .expect("client certificate PEM");
-            let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).expect("client key PEM");
-            b.with_client_auth_cert(chain, key).expect("client cert")
-        }
-        None => b.with_no_client_auth(),
-    })
+    client_tls_config(trust_pem, identity)
 }
 
 /// TLS to `localhost`, then an MQTT 5 CONNECT with `client_id` and no

@@ -10,20 +10,9 @@ use bytes::Bytes;
 use mqtt_codec::{Connect, Packet, Protocol, Publish, QoS};
 use serde_json::{json, Value};
 
-/// A registered device `id` and its token secret.
+/// A registered device and its token secret.
 async fn device(admin: &Api, id: &str) -> String {
-    admin
-        .expect("POST", "/devices", Some(json!({"id": id})), 201)
-        .await;
-    let tok = admin
-        .expect(
-            "POST",
-            &format!("/devices/{id}/tokens"),
-            Some(json!({})),
-            201,
-        )
-        .await;
-    tok["secret"].as_str().expect("secret").to_string()
+    registered_device(admin, id, None).await
 }
 
 fn creds(mut c: Connect, id: &str, secret: &str) -> Connect {
