@@ -9,6 +9,7 @@
 
 mod alarms;
 mod caller;
+mod cluster;
 mod commands;
 pub mod connections;
 mod console;

@@ -28,6 +28,7 @@ pub fn router(state: AppState) -> Router {
         .route("/", get(api_index), &[("GET", "API index", Public)])
         .route("/openapi.json", get(openapi_doc), &[("GET", "This OpenAPI document", Public)])
         .route("/broker", get(broker_stats), &[("GET", "Broker statistics", Viewer)])
+        .route("/cluster", get(crate::cluster::show), &[("GET", "The cluster: this node's id, the live nodes with their load (connections, sessions, subscriptions, messages exchanged), and this node's fabric counters; `enabled: false` on a single node", Viewer)])
         .route("/sessions", get(list_sessions), &[("GET", "MQTT sessions, paged", Viewer)])
         .route("/sessions/{client_id}", get(show_session), &[("GET", "One MQTT session", Viewer)])
         .route("/auth/login", post(o::login), &[("POST", "Log in with user name and password; returns an API token", Public)])
@@ -234,6 +235,15 @@ async fn healthz() -> impl IntoResponse {
 
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     let mut text = state.broker.metrics_text();
+    if let Some(c) = &state.cluster {
+        use std::fmt::Write;
+        for (name, help, v) in c.stats().counters() {
+            let _ = write!(
+                text,
+                "# HELP m2mhub_cluster_{name}_total {help}\n# TYPE m2mhub_cluster_{name}_total counter\nm2mhub_cluster_{name}_total {v}\n"
+            );
+        }
+    }
     if let Some(a) = &state.auth_stats {
         use std::fmt::Write;
         use std::sync::atomic::Ordering::Relaxed;

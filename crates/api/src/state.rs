@@ -42,4 +42,6 @@ pub struct AppState {
     pub http: Arc<crate::limits::HttpLimits>,
     /// Failed-login counting and lockouts; the bound on password checks.
     pub login: Arc<crate::lockout::LoginGuard>,
+    /// This node's membership in a cluster; `None` on a single node.
+    pub cluster: Option<Arc<m2mhub_cluster::Cluster>>,
 }

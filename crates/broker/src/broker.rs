@@ -4,6 +4,7 @@
 
 use crate::auth::{AuthDecision, Authenticator, Authorizer, ClientIdentity, ConnectInfo};
 use crate::ban::{BanInfo, BanKey, Bans};
+use crate::cluster::ClusterLink;
 use crate::config::BrokerConfig;
 use crate::events::{ConnectionEvents, Hooks, PublishHook, SecurityEventKind, SecurityEvents};
 use crate::limits::Limits;
@@ -39,6 +40,10 @@ pub enum BrokerError {
 
 pub(crate) struct Inner {
     pub config: BrokerConfig,
+    /// The cluster fabric, when this node is one of several.
+    pub(crate) cluster: RwLock<Option<Arc<dyn ClusterLink>>>,
+    /// `cluster.is_some()`, read on the publish path without the lock.
+    pub(crate) clustered: AtomicBool,
     pub tree: RwLock<TopicTree>,
     pub retained: RwLock<RetainedStore>,
     pub sessions: Mutex<HashMap<Arc<str>, Arc<Session>>>,
@@ -195,6 +200,8 @@ impl Broker {
             shutdown,
             shutting_down: std::sync::atomic::AtomicBool::new(false),
             started: Instant::now(),
+            cluster: RwLock::new(None),
+            clustered: AtomicBool::new(false),
         });
         if let Some(rec) = recovered {
             inner.recover(rec);
@@ -898,7 +905,10 @@ impl Inner {
         } else {
             0
         };
-        self.tree.read().matches(&msg.topic, msg.publisher, scratch);
+        let clustered = self.clustered.load(Ordering::Acquire);
+        self.tree
+            .read()
+            .matches(&msg.topic, msg.publisher, !clustered, scratch);
         let n = scratch.len() + internal;
         for d in scratch.drain(..) {
             let qos = d.qos.min(msg.qos);
@@ -912,7 +922,30 @@ impl Inner {
             };
             self.enqueue(&d.session, out, ops, &mut stored);
         }
+        if clustered && !msg.topic.starts_with("$SYS") {
+            if let Some(link) = self.cluster.read().as_ref() {
+                link.forward(msg);
+                // Other nodes may have subscribers this node cannot see:
+                // never answer "no matching subscribers" (0x10) here.
+                return n.max(1);
+            }
+        }
         n
+    }
+
+    /// Tell the cluster link what the last change to the subscription index
+    /// did to this node's interest. Called with the index write-locked, so
+    /// the link sees the changes in the order they happened.
+    fn interest_changed(&self, tree: &mut TopicTree) {
+        if !self.clustered.load(Ordering::Acquire) {
+            return;
+        }
+        let changes = tree.take_interest_changes();
+        if let Some(link) = self.cluster.read().as_ref() {
+            for (interest, on) in &changes {
+                link.interest(interest, *on);
+            }
+        }
     }
 
     /// Queue one delivery for a session (bounded), waking its connection.
@@ -1020,6 +1053,7 @@ impl Inner {
                     st.disconnected_at = None;
                     st.owner = Some(identity);
                     existing.set_online(true);
+                    self.claim(client_id);
                     return Ok((existing.clone(), true));
                 }
             }
@@ -1041,7 +1075,17 @@ impl Inner {
         }
         session.set_online(true);
         sessions.insert(session.client_id.clone(), session.clone());
+        self.claim(client_id);
         Ok((session, false))
+    }
+
+    /// Tell the other nodes that `client_id` connected here.
+    fn claim(&self, client_id: &str) {
+        if self.clustered.load(Ordering::Acquire) {
+            if let Some(link) = self.cluster.read().as_ref() {
+                link.claimed(client_id);
+            }
+        }
     }
 
     /// End a session for good (its device was deleted): the connection is
@@ -1090,6 +1134,7 @@ impl Inner {
             for f in &filters {
                 tree.unsubscribe(f, session.id);
             }
+            self.interest_changed(&mut tree);
         }
         {
             let mut sessions = self.sessions.lock();
@@ -1156,19 +1201,27 @@ impl Inner {
             st.subscriptions
                 .insert(filter.to_string(), SubscriptionRecord { options, sub_id });
         }
-        Some(self.tree.write().subscribe(
+        let mut tree = self.tree.write();
+        let new = tree.subscribe(
             filter,
             Subscriber {
                 session: session.clone(),
                 options,
                 sub_id,
             },
-        ))
+        );
+        self.interest_changed(&mut tree);
+        Some(new)
     }
 
     pub fn unsubscribe(&self, session: &Arc<Session>, filter: &str) -> bool {
         let existed = session.state.lock().subscriptions.remove(filter).is_some();
-        let in_tree = self.tree.write().unsubscribe(filter, session.id);
+        let in_tree = {
+            let mut tree = self.tree.write();
+            let removed = tree.unsubscribe(filter, session.id);
+            self.interest_changed(&mut tree);
+            removed
+        };
         existed || in_tree
     }
 

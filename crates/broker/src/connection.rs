@@ -46,6 +46,10 @@ use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::time::{Instant, Sleep};
 
+/// How long a SUBACK waits for the cluster to confirm the subscription's
+/// interest before it is sent anyway (NATS unreachable).
+const CLUSTER_SETTLE_WAIT: Duration = Duration::from_secs(2);
+
 /// Messages moved from the session queue per batch.
 const BATCH: usize = 512;
 /// Output buffers above this size are released once written.
@@ -1190,6 +1194,17 @@ impl<S: Transport> Connection<S> {
         if let Some(op) = self.inner.session_put_op(&session) {
             if self.inner.commit(vec![op]).await.is_err() {
                 tracing::error!(client_id = %self.client_id, "cannot persist subscriptions");
+            }
+        }
+        // In a cluster, SUBACK once the other nodes route to this one: a
+        // client that subscribes and then has something published anywhere
+        // gets it.
+        if let Some(settled) = self.inner.cluster_settled() {
+            if tokio::time::timeout(CLUSTER_SETTLE_WAIT, settled)
+                .await
+                .is_err()
+            {
+                tracing::warn!(client_id = %self.client_id, "the cluster did not confirm a subscription in time; acknowledging it anyway");
             }
         }
         self.send(&Packet::SubAck(SubAck {

@@ -22,6 +22,7 @@ mod ack_queue;
 pub mod auth;
 pub mod ban;
 mod broker;
+pub mod cluster;
 pub mod config;
 mod connection;
 pub mod events;

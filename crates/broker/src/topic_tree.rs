@@ -8,6 +8,7 @@
 //! Shared subscriptions (`$share/group/filter`) are stored per filter node
 //! and pick one member per message, round-robin, preferring online members.
 
+use crate::cluster::Interest;
 use crate::session::Session;
 use mqtt_codec::{QoS, SubscriptionOptions};
 use std::collections::HashMap;
@@ -55,6 +56,11 @@ pub(crate) struct Delivery {
 pub(crate) struct TopicTree {
     root: Node,
     count: usize,
+    /// In a cluster: record when a filter gains its first subscriber on
+    /// this node or loses its last (see [`crate::cluster`]), so the node's
+    /// interest follows its subscriptions. Off on a single node.
+    track_interest: bool,
+    interest_changes: Vec<(Interest, bool)>,
 }
 
 impl TopicTree {
@@ -67,6 +73,16 @@ impl TopicTree {
     /// validated; may be `$share/…`). Returns true if it was new.
     pub fn subscribe(&mut self, filter: &str, sub: Subscriber) -> bool {
         let (share, inner) = split_share(filter);
+        let had = self.track_interest && self.has_filter(share, inner);
+        let new = self.insert(share, inner, sub);
+        if self.track_interest && !had {
+            self.interest_changes
+                .push((Interest::new(share, inner), true));
+        }
+        new
+    }
+
+    fn insert(&mut self, share: Option<&str>, inner: &str, sub: Subscriber) -> bool {
         let mut node = &mut self.root;
         for level in inner.split('/') {
             node = node.children.entry(level.into()).or_default();
@@ -106,13 +122,55 @@ impl TopicTree {
         let removed = remove_rec(&mut self.root, &levels, share, inner, session_id);
         if removed {
             self.count -= 1;
+            if self.track_interest && !self.has_filter(share, inner) {
+                self.interest_changes
+                    .push((Interest::new(share, inner), false));
+            }
         }
         removed
     }
 
+    /// Whether anyone on this node subscribes to `inner` (through `share`'s
+    /// group when given).
+    fn has_filter(&self, share: Option<&str>, inner: &str) -> bool {
+        let mut node = &self.root;
+        for level in inner.split('/') {
+            match node.children.get(level) {
+                Some(n) => node = n,
+                None => return false,
+            }
+        }
+        match share {
+            None => !node.subscribers.is_empty(),
+            Some(group) => node.shared.iter().any(|g| {
+                g.name.strip_suffix(inner).and_then(|n| n.strip_suffix('/')) == Some(group)
+                    && !g.members.is_empty()
+            }),
+        }
+    }
+
+    /// Start recording interest changes; returns what this node already
+    /// subscribes to (each filter once).
+    pub fn track_interest(&mut self) -> Vec<Interest> {
+        self.track_interest = true;
+        let mut out = Vec::new();
+        let mut path = Vec::new();
+        interests_rec(&self.root, &mut path, &mut out);
+        out
+    }
+
+    /// The interest changes recorded since the last call, in order.
+    pub fn take_interest_changes(&mut self) -> Vec<(Interest, bool)> {
+        std::mem::take(&mut self.interest_changes)
+    }
+
     /// Collect the deliveries for a message published on `topic` into `out`
     /// (cleared first), skipping No Local subscriptions of `publisher`.
-    pub fn matches(&self, topic: &str, publisher: u64, out: &mut Vec<Delivery>) {
+    ///
+    /// `shared: false` leaves shared groups out: in a cluster a message
+    /// reaches a shared group through the fabric's queue group, which picks
+    /// one node (this one included) per message.
+    pub fn matches(&self, topic: &str, publisher: u64, shared: bool, out: &mut Vec<Delivery>) {
         out.clear();
         let dollar = topic.starts_with('$');
         let mut stack: Vec<(&Node, usize)> = Vec::new();
@@ -120,17 +178,17 @@ impl TopicTree {
         stack.push((&self.root, 0));
         while let Some((node, depth)) = stack.pop() {
             if depth == levels.len() {
-                collect(node, topic, publisher, out);
+                collect(node, publisher, shared, out);
                 // `a/#` also matches `a`.
                 if let Some(hash) = node.children.get("#") {
-                    collect(hash, topic, publisher, out);
+                    collect(hash, publisher, shared, out);
                 }
                 continue;
             }
             let wild_ok = !(dollar && depth == 0);
             if wild_ok {
                 if let Some(hash) = node.children.get("#") {
-                    collect(hash, topic, publisher, out);
+                    collect(hash, publisher, shared, out);
                 }
                 if let Some(plus) = node.children.get("+") {
                     stack.push((plus, depth + 1));
@@ -190,8 +248,30 @@ fn remove_rec(
     removed
 }
 
-fn collect(node: &Node, topic: &str, publisher: u64, out: &mut Vec<Delivery>) {
-    let _ = topic;
+fn interests_rec<'a>(node: &'a Node, path: &mut Vec<&'a str>, out: &mut Vec<Interest>) {
+    if !path.is_empty() {
+        let inner = path.join("/");
+        if !node.subscribers.is_empty() {
+            out.push(Interest::new(None, &inner));
+        }
+        for g in node.shared.iter().filter(|g| !g.members.is_empty()) {
+            if let Some(group) = g
+                .name
+                .strip_suffix(inner.as_str())
+                .and_then(|n| n.strip_suffix('/'))
+            {
+                out.push(Interest::new(Some(group), &inner));
+            }
+        }
+    }
+    for (level, child) in &node.children {
+        path.push(level);
+        interests_rec(child, path, out);
+        path.pop();
+    }
+}
+
+fn collect(node: &Node, publisher: u64, shared: bool, out: &mut Vec<Delivery>) {
     for s in &node.subscribers {
         if s.options.no_local && s.session.id == publisher {
             continue;
@@ -215,6 +295,9 @@ fn collect(node: &Node, topic: &str, publisher: u64, out: &mut Vec<Delivery>) {
             share: None,
         });
     }
+    if !shared {
+        return;
+    }
     for g in &node.shared {
         let n = g.members.len();
         if n == 0 {
@@ -236,16 +319,36 @@ fn collect(node: &Node, topic: &str, publisher: u64, out: &mut Vec<Delivery>) {
 }
 
 impl TopicTree {
-    /// Pick an online member of a shared group other than `except`, to hand
-    /// over a message that `except` will never acknowledge.
-    pub fn pick_shared_member(&self, group_filter: &str, except: u64) -> Option<Subscriber> {
-        let (group, inner) = group_filter.split_once('/')?;
-        let _ = group;
+    /// Pick a member of a shared group (`group/filter`) for a message the
+    /// cluster's queue group gave this node: an online one, round-robin,
+    /// or any when none is online (a persistent member queues it).
+    pub fn pick_for_group(&self, group_filter: &str) -> Option<Subscriber> {
+        let g = self.group(group_filter)?;
+        let n = g.members.len();
+        if n == 0 {
+            return None;
+        }
+        let start = g.next.fetch_add(1, Ordering::Relaxed);
+        (0..n)
+            .map(|i| &g.members[(start + i) % n])
+            .find(|m| m.session.is_online())
+            .or_else(|| g.members.get(start % n))
+            .cloned()
+    }
+
+    fn group(&self, group_filter: &str) -> Option<&SharedGroup> {
+        let (_, inner) = group_filter.split_once('/')?;
         let mut node = &self.root;
         for level in inner.split('/') {
             node = node.children.get(level)?;
         }
-        let g = node.shared.iter().find(|g| &*g.name == group_filter)?;
+        node.shared.iter().find(|g| &*g.name == group_filter)
+    }
+
+    /// Pick an online member of a shared group other than `except`, to hand
+    /// over a message that `except` will never acknowledge.
+    pub fn pick_shared_member(&self, group_filter: &str, except: u64) -> Option<Subscriber> {
+        let g = self.group(group_filter)?;
         let n = g.members.len();
         let start = g.next.fetch_add(1, Ordering::Relaxed);
         (0..n)
@@ -280,7 +383,7 @@ mod tests {
 
     fn matched(tree: &TopicTree, topic: &str, publisher: u64) -> Vec<(u64, QoS, Vec<u32>)> {
         let mut out = Vec::new();
-        tree.matches(topic, publisher, &mut out);
+        tree.matches(topic, publisher, true, &mut out);
         let mut v: Vec<_> = out
             .into_iter()
             .map(|mut d| {

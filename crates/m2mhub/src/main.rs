@@ -234,6 +234,15 @@ struct ServeArgs {
     /// Password file written with `m2mhub passwd`.
     #[arg(long)]
     password_file: Option<PathBuf>,
+    /// Join a cluster of m2mhub nodes through NATS (see `[cluster]`).
+    #[arg(long)]
+    cluster: bool,
+    /// NATS server URL(s) for the cluster, comma-separated.
+    #[arg(long)]
+    nats_url: Option<String>,
+    /// This node's name in the cluster (default: made on first start, kept in the data folder).
+    #[arg(long)]
+    node_id: Option<String>,
 }
 
 #[derive(Args)]
@@ -536,6 +545,15 @@ fn load_serve_settings(args: &ServeArgs) -> Result<m2mhub::settings::Validated> 
     }
     if let Some(p) = &args.password_file {
         s.mqtt.password_file = path(p);
+    }
+    if args.cluster {
+        s.cluster.enabled = true;
+    }
+    if let Some(u) = &args.nats_url {
+        s.cluster.nats_url = u.clone();
+    }
+    if let Some(n) = &args.node_id {
+        s.cluster.node_id = n.clone();
     }
     s.validate()
 }

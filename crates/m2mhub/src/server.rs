@@ -53,6 +53,8 @@ pub struct Server {
     /// Seals and opens devices' DTLS pre-shared keys (the master key): the
     /// DTLS listener opens what `Registry::psk_lookup` returns with it.
     pub psk_keys: m2mhub_pki::PskKeys,
+    /// This node's membership in a cluster, when `[cluster]` is enabled.
+    pub cluster: Option<Arc<m2mhub_cluster::Cluster>>,
     tasks: Vec<JoinHandle<()>>,
     /// Held for the life of the server: one server per data directory.
     _lock: File,
@@ -183,6 +185,27 @@ impl Server {
         let mut tasks = Vec::new();
         let mqtt = bind(v.mqtt_listen, "mqtt.listen", "--mqtt-listen").await?;
         let mqtt_addr = mqtt.local_addr()?;
+        let http = bind(v.http_listen, "http.listen", "--http-listen").await?;
+        let http_addr = http.local_addr()?;
+        // Join before the first client is accepted, so that everything
+        // published here reaches the other nodes.
+        let cluster = match &v.cluster {
+            Some(join) => Some(
+                m2mhub_cluster::Cluster::join(
+                    broker.clone(),
+                    m2mhub_cluster::ClusterConfig {
+                        nats_url: join.nats_url.clone(),
+                        name: join.name.clone(),
+                        node_id: node_id(&v.data_dir, join.node_id.as_deref())?,
+                        mqtt_addr: mqtt_addr.to_string(),
+                        http_addr: http_addr.to_string(),
+                    },
+                )
+                .await
+                .context("cannot join the cluster (`cluster.nats_url`, --nats-url)")?,
+            ),
+            None => None,
+        };
         let b = broker.clone();
         tasks.push(tokio::spawn(async move { b.run_tcp(mqtt).await }));
 
@@ -224,8 +247,6 @@ impl Server {
         tasks.push(tokio::spawn(sweep_diagnostics(fleet.clone())));
 
         let automation = Automation::start(broker.clone(), fleet.clone());
-        let http = bind(v.http_listen, "http.listen", "--http-listen").await?;
-        let http_addr = http.local_addr()?;
         let ota = Arc::new(ota_service(v, &master, &broker, &fleet, http_addr)?);
         let psk_keys = m2mhub_pki::PskKeys::new(master);
         tasks.push(m2mhub_ingest::ota_topics::serve(
@@ -249,6 +270,7 @@ impl Server {
             command_waiters: Some(m2mhub_api::device_http::CommandWaiters::start(&broker)),
             http: Arc::new(m2mhub_api::HttpLimits::new(v.http.clone())),
             login: Arc::new(m2mhub_api::LoginGuard::new(v.login.clone())),
+            cluster: cluster.clone(),
         };
         // The hash unknown user names are checked against, computed now so
         // that no login pays for it (timing must not tell names apart).
@@ -363,6 +385,7 @@ impl Server {
             coaps,
             ota,
             psk_keys,
+            cluster,
             tasks,
             _lock: lock,
         })
@@ -377,6 +400,9 @@ impl Server {
             c.shutdown().await;
         }
         self.broker.shutdown(Duration::from_secs(5)).await;
+        if let Some(c) = &self.cluster {
+            c.leave().await;
+        }
         for t in self.tasks {
             t.abort();
             let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
@@ -388,6 +414,41 @@ impl Server {
         let tsdb = self.tsdb.clone();
         let _ = tokio::task::spawn_blocking(move || tsdb.close()).await;
     }
+}
+
+/// This node's id in a cluster: the configured one, else the one kept in
+/// the data folder (`node-id`), made on first start from the host name and
+/// a random suffix so that two nodes on one host differ.
+fn node_id(data_dir: &std::path::Path, configured: Option<&str>) -> Result<String> {
+    if let Some(id) = configured {
+        return Ok(id.to_string());
+    }
+    let path = data_dir.join("node-id");
+    if let Ok(id) = std::fs::read_to_string(&path) {
+        let id = id.trim();
+        if !id.is_empty() {
+            return Ok(id.to_string());
+        }
+    }
+    let host: String = std::fs::read_to_string("/etc/hostname")
+        .unwrap_or_default()
+        .trim()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+        .take(40)
+        .collect();
+    let mut suffix = [0u8; 4];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut suffix)
+        .map_err(|_| anyhow::anyhow!("no random numbers for a node id"))?;
+    let hex: String = suffix.iter().map(|b| format!("{b:02x}")).collect();
+    let id = if host.is_empty() {
+        format!("node-{hex}")
+    } else {
+        format!("{host}-{hex}")
+    };
+    std::fs::write(&path, format!("{id}\n"))
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(id)
 }
 
 /// How often expired upload URLs are marked and old bundles deleted.

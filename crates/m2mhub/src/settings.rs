@@ -226,6 +226,21 @@ sparkplug_host_id = ""
 # At most one Sparkplug rebirth request per edge node this often (seconds).
 rebirth_interval_secs = 10
 
+[cluster]
+# Run as one node of a cluster: nodes share MQTT routing (interest-based),
+# shared subscriptions, retained messages and session takeover through NATS
+# with JetStream (`nats-server -js`). Off: a single node with no external
+# service. Also --cluster.
+enabled = false
+# NATS server URL(s), comma-separated (--nats-url).
+nats_url = "nats://127.0.0.1:4222"
+# This node's name in the cluster; empty: one generated on first start and
+# kept in the data folder (file node-id). Letters, digits, - and _ only.
+node_id = ""
+# The cluster's name: every node of one cluster uses the same; it prefixes
+# the NATS subjects and JetStream buckets, so clusters can share a NATS.
+name = "m2mhub"
+
 [log]
 # trace, debug, info, warn or error (RUST_LOG overrides it).
 level = "info"
@@ -245,7 +260,37 @@ pub struct Settings {
     pub ota: OtaSettings,
     pub gateways: GatewaySettings,
     pub coap: CoapSettings,
+    pub cluster: ClusterSettings,
     pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterSettings {
+    pub enabled: bool,
+    pub nats_url: String,
+    pub node_id: String,
+    pub name: String,
+}
+
+impl Default for ClusterSettings {
+    fn default() -> Self {
+        ClusterSettings {
+            enabled: false,
+            nats_url: "nats://127.0.0.1:4222".into(),
+            node_id: String::new(),
+            name: "m2mhub".into(),
+        }
+    }
+}
+
+/// How this node joins a cluster (see `[cluster]`).
+#[derive(Debug, Clone)]
+pub struct ClusterJoin {
+    pub nats_url: String,
+    pub name: String,
+    /// `None`: the one kept in the data folder (made on first start).
+    pub node_id: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -469,6 +514,7 @@ impl Default for Settings {
             login: LoginSettings::default(),
             ota: OtaSettings::default(),
             gateways: GatewaySettings::default(),
+            cluster: ClusterSettings::default(),
             coap: CoapSettings::default(),
             log: LogSettings::default(),
         }
@@ -543,7 +589,7 @@ impl Default for LogSettings {
 
 /// The sections of the file; an environment variable `M2MHUB_MQTT_LISTEN`
 /// is the key `listen` of section `mqtt`.
-const SECTIONS: [&str; 9] = [
+const SECTIONS: [&str; 10] = [
     "mqtt",
     "telemetry",
     "diagnostics",
@@ -552,6 +598,7 @@ const SECTIONS: [&str; 9] = [
     "ota",
     "gateways",
     "coap",
+    "cluster",
     "log",
 ];
 
@@ -860,7 +907,38 @@ impl Settings {
         };
         let http = self.http.validate()?;
         let login = self.login.validate()?;
+        let cl = &self.cluster;
+        let cluster = if cl.enabled {
+            if cl.nats_url.trim().is_empty() {
+                bail!("`cluster.nats_url` is empty; set the NATS server URL, e.g. nats://127.0.0.1:4222 (or --nats-url)");
+            }
+            let node_id = cl.node_id.trim();
+            if !node_id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+                || node_id.len() > 64
+            {
+                bail!("invalid value for `cluster.node_id`: {node_id:?}; use up to 64 letters, digits, - and _ (or \"\" for one made on first start)");
+            }
+            let name = cl.name.trim();
+            if name.is_empty()
+                || name.len() > 32
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                bail!("invalid value for `cluster.name`: {name:?}; use 1 to 32 letters, digits, - and _");
+            }
+            Some(ClusterJoin {
+                name: name.to_string(),
+                nats_url: cl.nats_url.trim().to_string(),
+                node_id: (!node_id.is_empty()).then(|| node_id.to_string()),
+            })
+        } else {
+            None
+        };
         Ok(Validated {
+            cluster,
             http,
             login,
             coap,
@@ -1001,6 +1079,8 @@ pub struct TlsFiles {
 #[derive(Debug, Clone)]
 pub struct Validated {
     pub data_dir: PathBuf,
+    /// `Some`: this node is one of a cluster.
+    pub cluster: Option<ClusterJoin>,
     /// Limits of the HTTP(S) server and its CORS origins.
     pub http: m2mhub_api::HttpConfig,
     /// Login throttling.

@@ -19,6 +19,8 @@ mod authz;
 mod bad_input;
 #[path = "tests/cli.rs"]
 mod cli;
+#[path = "tests/cluster.rs"]
+mod cluster;
 #[path = "tests/coap.rs"]
 mod coap;
 #[path = "tests/conformance.rs"]

@@ -732,6 +732,7 @@ async fn the_rule_service_validates_reloads_reports_counters_and_sends() {
     let (ca, _) =
         m2mhub_pki::DeviceCa::load_or_create(&srv.dir.path().join("ca2"), &key).expect("device CA");
     let state = AppState {
+        cluster: None,
         broker: s.broker.clone(),
         registry: s.registry.clone(),
         fleet: s.fleet.clone(),

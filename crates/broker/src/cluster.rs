@@ -1,0 +1,210 @@
+//! The seam between the broker and a cluster fabric (`crates/cluster`
+//! implements it over NATS). The broker stays one node's broker: it tells
+//! the link what this node publishes and subscribes to, and takes in what
+//! other nodes publish through [`crate::Broker::route_remote`].
+//!
+//! What crosses the seam:
+//! - every message published on this node (by a client, a will or the
+//!   platform; `$SYS` stays local) is handed to [`ClusterLink::forward`]
+//!   after local routing;
+//! - the node's *interest*: when a filter gains its first subscriber here
+//!   or loses its last, [`ClusterLink::interest`] is told (called under the
+//!   subscription index's write lock, so the changes arrive in order; it
+//!   must not block);
+//! - a client id connecting here: [`ClusterLink::claimed`], so that the
+//!   node holding its session lets it go (takeover across nodes).
+//!
+//! Platform subscriptions ([`crate::Broker::subscribe_internal`],
+//! observers) are not interest: the platform on each node processes what
+//! entered that node, so a reading is stored and evaluated once.
+
+use crate::message::Message;
+use std::sync::Arc;
+
+/// A filter this node subscribes to, plainly or through a shared group.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Interest {
+    /// The topic filter without any `$share/{group}/` prefix.
+    pub filter: String,
+    /// The shared subscription's group, if any.
+    pub group: Option<String>,
+}
+
+impl Interest {
+    pub fn new(group: Option<&str>, filter: &str) -> Interest {
+        Interest {
+            filter: filter.to_string(),
+            group: group.map(str::to_string),
+        }
+    }
+
+    /// The key the subscription index uses for a shared group:
+    /// `{group}/{filter}`.
+    pub fn group_key(&self) -> Option<String> {
+        self.group.as_ref().map(|g| format!("{g}/{}", self.filter))
+    }
+}
+
+/// A cluster fabric. Every method is called on the broker's hot paths or
+/// under its locks: queue the work and return.
+pub trait ClusterLink: Send + Sync + 'static {
+    /// A message published on this node, after local routing.
+    fn forward(&self, msg: &Arc<Message>);
+    /// This node's interest in a filter began (`true`) or ended.
+    fn interest(&self, interest: &Interest, on: bool);
+    /// A client with this id connected to this node.
+    fn claimed(&self, client_id: &str);
+    /// `Some(f)` while interest changes are on their way to the fabric: `f`
+    /// resolves once they, and all before them, are in effect there.
+    fn settled(&self) -> Option<SettledFuture> {
+        None
+    }
+}
+
+/// See [`ClusterLink::settled`].
+pub type SettledFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+use crate::session::Outgoing;
+use crate::{persist, Broker};
+use m2mhub_broker_log::Op;
+use std::sync::atomic::Ordering;
+use tokio::time::Instant;
+
+impl crate::broker::Inner {
+    /// See [`ClusterLink::settled`]; `None` on a single node.
+    pub(crate) fn cluster_settled(&self) -> Option<SettledFuture> {
+        if !self.clustered.load(Ordering::Acquire) {
+            return None;
+        }
+        self.cluster.read().as_ref()?.settled()
+    }
+}
+
+/// The broker's side of the seam: what the cluster link calls.
+impl Broker {
+    /// Join a cluster: from now on this node's publishes, interest and
+    /// client ids go to `link`, and shared groups are served through it.
+    /// Returns what this node subscribes to already (e.g. recovered
+    /// persistent sessions), for the link to announce.
+    pub fn set_cluster_link(&self, link: Arc<dyn ClusterLink>) -> Vec<Interest> {
+        let mut tree = self.inner.tree.write();
+        let current = tree.track_interest();
+        *self.inner.cluster.write() = Some(link);
+        self.inner.clustered.store(true, Ordering::Release);
+        current
+    }
+
+    /// Route a message another node published to this node's sessions.
+    /// `group` is `Some("{group}/{filter}")` when the fabric picked this
+    /// node for a shared group: then one member of that group gets it and
+    /// no one else. Platform subscriptions and the retained store are left
+    /// alone (the platform handles a message on the node it entered;
+    /// retained messages arrive through [`Broker::set_retained_remote`]).
+    /// Returns the number of sessions it was queued for.
+    pub fn route_remote(&self, msg: Arc<Message>, group: Option<&str>) -> usize {
+        let inner = &self.inner;
+        let mut ops = Vec::new();
+        let mut stored = None;
+        let mut queued = 0;
+        match group {
+            None => {
+                let mut deliveries = Vec::new();
+                inner
+                    .tree
+                    .read()
+                    .matches(&msg.topic, 0, false, &mut deliveries);
+                for d in deliveries {
+                    let out = Outgoing {
+                        msg: msg.clone(),
+                        qos: d.qos.min(msg.qos),
+                        retain: d.retain_as_published && msg.retain,
+                        sub_ids: d.sub_ids,
+                        seq: None,
+                        share: None,
+                    };
+                    queued += usize::from(inner.enqueue(&d.session, out, &mut ops, &mut stored));
+                }
+            }
+            Some(key) => {
+                let member = inner.tree.read().pick_for_group(key);
+                if let Some(m) = member {
+                    let out = Outgoing {
+                        msg: msg.clone(),
+                        qos: m.options.qos.min(msg.qos),
+                        retain: m.options.retain_as_published && msg.retain,
+                        sub_ids: m.sub_id.into_iter().collect(),
+                        seq: None,
+                        share: Some(key.into()),
+                    };
+                    queued += usize::from(inner.enqueue(&m.session, out, &mut ops, &mut stored));
+                }
+            }
+        }
+        inner.submit(ops);
+        queued
+    }
+
+    /// Set (Some) or clear (None) a retained message decided by the
+    /// cluster (the cluster-wide retained store is the authority).
+    pub fn set_retained_remote(&self, topic: &str, msg: Option<Arc<Message>>) {
+        let inner = &self.inner;
+        if !inner.config.retain_available {
+            return;
+        }
+        let persist = inner.store.is_some() && !topic.starts_with("$SYS");
+        match msg {
+            None => {
+                inner.retained.write().set(topic, None);
+                if persist {
+                    inner.submit(vec![Op::RetainDelete {
+                        topic: topic.to_string(),
+                    }]);
+                }
+            }
+            Some(m) => {
+                if persist {
+                    inner.submit(vec![Op::RetainPut(persist::to_stored(&m))]);
+                }
+                inner.retained.write().set(topic, Some(m));
+            }
+        }
+    }
+
+    /// This node's retained messages (`$SYS` excluded, expired ones too).
+    pub fn retained_messages(&self) -> Vec<Arc<Message>> {
+        let mut all = Vec::new();
+        self.inner
+            .retained
+            .read()
+            .matching("#", Instant::now(), &mut all);
+        all
+    }
+
+    /// The topics of this node's retained messages (`$SYS` excluded).
+    pub fn retained_topics(&self) -> Vec<String> {
+        self.retained_messages()
+            .iter()
+            .map(|m| m.topic.clone())
+            .collect()
+    }
+
+    /// `client_id` connected to another node: close its connection here
+    /// (DISCONNECT 0x8E, session taken over) and end its session here.
+    /// Returns whether this node held a session for it.
+    pub fn release_claimed(&self, client_id: &str) -> bool {
+        let Some(session) = self.inner.sessions.lock().get(client_id).cloned() else {
+            return false;
+        };
+        {
+            let mut st = session.state.lock();
+            if let Some(old) = st.conn.take() {
+                st.kicked = Some((old.conn_id, mqtt_codec::reason::SESSION_TAKEN_OVER));
+                old.waker.notify();
+            }
+        }
+        session.set_online(false);
+        crate::metrics::Metrics::inc(&self.inner.metrics.sessions_taken_over);
+        self.inner.end_session(&session);
+        true
+    }
+}

@@ -1,0 +1,793 @@
+//! m2mhub nodes as one platform, over NATS.
+//!
+//! Each node keeps its own broker (sessions, subscription index, routing on
+//! its cores) and joins the others through a NATS server or cluster with
+//! JetStream; no consensus or replication is written here.
+//!
+//! Every subject and bucket starts with the cluster's name (`m2mhub` by
+//! default), so several clusters can share one NATS system.
+//!
+//! - **Routing with interest propagation.** A message published on a node
+//!   goes out on the subject of its topic (`{cluster}.t.{levels}`,
+//!   [`subject`]); a node subscribes
+//!   to the subjects of the filters its clients subscribe to, so NATS hands
+//!   a message only to the nodes that want it. A node routes what it
+//!   receives through its own index (exact MQTT matching, QoS downgrade, No
+//!   Local does not apply across nodes). Overlapping filters make NATS
+//!   deliver one message once per matching subscription: the receiver
+//!   drops repeats by the message's cluster-wide id ([`dedupe`]).
+//! - **Shared subscriptions** become NATS queue groups (one per
+//!   `$share/{group}/{filter}`, on a second connection), so each message
+//!   goes to one member node, which picks one of its members; the publishing
+//!   node's own members take part through the same queue group.
+//! - **Retained messages** live in the JetStream key-value bucket
+//!   `{cluster}_retained` (key: the encoded topic, value: the message's
+//!   [`frame`]). Every node watches it and mirrors it into its local
+//!   retained store, so a SUBSCRIBE on any node gets the same retained
+//!   messages.
+//! - **Takeover across nodes.** A node accepting a client id announces it on
+//!   `{cluster}.claim` with the time; the node holding a session for that id
+//!   closes it with DISCONNECT 0x8E and ends it there, unless the client
+//!   connected there again after the claim was made (the newest wins).
+//! - **Membership.** Each node writes its load to the bucket `{cluster}_nodes`
+//!   every two seconds (entries expire after ten), which `/api/v1/cluster`
+//!   lists.
+//!
+//! Not yet here: persistent sessions and their offline queues in
+//! JetStream (a session lives on the node its client last connected to),
+//! and QoS 1/2 across the fabric is at most once while NATS is reachable.
+#![forbid(unsafe_code)]
+
+pub mod dedupe;
+pub mod frame;
+pub mod subject;
+
+use async_nats::jetstream::{self, kv};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use m2mhub_broker::cluster::{ClusterLink, Interest};
+use m2mhub_broker::message::Message;
+use m2mhub_broker::Broker;
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+/// How often a node writes its entry in the nodes bucket, and how long an
+/// entry lives without being rewritten.
+const HEARTBEAT: Duration = Duration::from_secs(2);
+const NODE_TTL: Duration = Duration::from_secs(10);
+/// How long a node remembers when a client id connected to it, to tell a
+/// stale claim (sent before that) from a new one. Far above the time a
+/// claim takes to cross NATS; nodes' clocks must agree better than this.
+const CLAIM_WINDOW: Duration = Duration::from_secs(30);
+/// Messages waiting to be forwarded; beyond this they are dropped and
+/// counted (publishers never wait for the fabric).
+const FORWARD_QUEUE: usize = 65_536;
+
+/// Why the cluster could not be joined.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("cannot connect to NATS at {url}: {source} (is nats-server running there, with JetStream on: `nats-server -js`?)")]
+    Connect {
+        url: String,
+        source: async_nats::ConnectError,
+    },
+    #[error("cannot open the JetStream key-value bucket {bucket}: {detail} (the NATS server needs JetStream: start it with `-js`)")]
+    Bucket { bucket: String, detail: String },
+    #[error("invalid cluster name {0:?}: use 1 to 32 letters, digits, - and _")]
+    Name(String),
+    #[error("NATS: {0}")]
+    Nats(String),
+}
+
+/// How this node joins.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// NATS server URL(s), comma-separated.
+    pub nats_url: String,
+    /// The cluster's name: the prefix of its subjects and buckets, so that
+    /// several clusters can share one NATS system.
+    pub name: String,
+    /// This node's name in the cluster (unique per node).
+    pub node_id: String,
+    /// What other nodes and operators see of this node's listeners.
+    pub mqtt_addr: String,
+    pub http_addr: String,
+}
+
+/// A node as the nodes bucket shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct NodeInfo {
+    pub node_id: String,
+    pub version: String,
+    pub mqtt: String,
+    pub http: String,
+    pub started_ms: u64,
+    pub updated_ms: u64,
+    pub connections: u64,
+    pub sessions: u64,
+    pub subscriptions: u64,
+    pub retained: u64,
+    /// Messages this node sent to / received from other nodes.
+    pub forwarded: u64,
+    pub received: u64,
+}
+
+/// Counters of the fabric on this node.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub forwarded: AtomicU64,
+    pub forward_dropped: AtomicU64,
+    pub publish_errors: AtomicU64,
+    pub received: AtomicU64,
+    pub duplicates: AtomicU64,
+    pub bad_frames: AtomicU64,
+    pub delivered: AtomicU64,
+    pub claims_sent: AtomicU64,
+    pub sessions_released: AtomicU64,
+    pub retained_applied: AtomicU64,
+}
+
+impl Stats {
+    /// `(name, help, value)` for `/metrics`.
+    pub fn counters(&self) -> Vec<(&'static str, &'static str, u64)> {
+        let v = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        vec![
+            (
+                "forwarded",
+                "messages sent to other nodes",
+                v(&self.forwarded),
+            ),
+            (
+                "forward_dropped",
+                "messages not forwarded: the forward queue was full",
+                v(&self.forward_dropped),
+            ),
+            (
+                "publish_errors",
+                "messages NATS refused to take",
+                v(&self.publish_errors),
+            ),
+            (
+                "received",
+                "messages received from other nodes",
+                v(&self.received),
+            ),
+            (
+                "duplicates",
+                "repeats of a received message dropped (overlapping filters)",
+                v(&self.duplicates),
+            ),
+            (
+                "bad_frames",
+                "received frames that did not decode",
+                v(&self.bad_frames),
+            ),
+            (
+                "delivered",
+                "deliveries to this node's sessions of messages from other nodes",
+                v(&self.delivered),
+            ),
+            (
+                "claims_sent",
+                "client ids announced to other nodes",
+                v(&self.claims_sent),
+            ),
+            (
+                "sessions_released",
+                "sessions ended here because their client connected to another node",
+                v(&self.sessions_released),
+            ),
+            (
+                "retained_applied",
+                "retained messages set or cleared from the cluster's bucket",
+                v(&self.retained_applied),
+            ),
+        ]
+    }
+}
+
+/// Work for the control task, in the order the broker produced it.
+enum Control {
+    Interest(Interest, bool),
+    Claim(String),
+    /// Answered once everything before it reached the NATS server.
+    Barrier(tokio::sync::oneshot::Sender<()>),
+}
+
+/// What the broker calls: queues and returns.
+struct Link {
+    /// Interest changes sent to the control task and not yet confirmed by
+    /// a barrier; SUBACKs wait only while this is above zero.
+    unsettled: Arc<AtomicU64>,
+    /// When each client id last connected here (wall clock, ms), kept for
+    /// [`CLAIM_WINDOW`]: a claim from another node older than that is stale.
+    local_claims: Arc<Mutex<HashMap<String, u64>>>,
+    forward: mpsc::Sender<Arc<Message>>,
+    control: mpsc::UnboundedSender<Control>,
+    stats: Arc<Stats>,
+}
+
+impl ClusterLink for Link {
+    fn forward(&self, msg: &Arc<Message>) {
+        if self.forward.try_send(msg.clone()).is_err() {
+            self.stats.forward_dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn interest(&self, interest: &Interest, on: bool) {
+        self.unsettled.fetch_add(1, Ordering::AcqRel);
+        let _ = self.control.send(Control::Interest(interest.clone(), on));
+    }
+
+    fn settled(&self) -> Option<m2mhub_broker::cluster::SettledFuture> {
+        if self.unsettled.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.control.send(Control::Barrier(tx)).ok()?;
+        Some(Box::pin(async move {
+            let _ = rx.await;
+        }))
+    }
+
+    fn claimed(&self, client_id: &str) {
+        let at = now_ms();
+        self.local_claims.lock().insert(client_id.to_string(), at);
+        let _ = self
+            .control
+            .send(Control::Claim(format!("{at} {client_id}")));
+    }
+}
+
+/// This node's membership in a cluster. Dropping it leaves the tasks
+/// running until the NATS connections close; call [`Cluster::leave`].
+pub struct Cluster {
+    config: ClusterConfig,
+    started_ms: u64,
+    nodes: kv::Store,
+    plain: async_nats::Client,
+    groups: async_nats::Client,
+    stats: Arc<Stats>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// An id for this process's messages: the node id's hash mixed with the
+/// start time, so a restarted node's sequence numbers never look like
+/// repeats of its previous life's.
+fn origin_id(node_id: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in node_id.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    h ^ nanos.rotate_left(17)
+}
+
+impl Cluster {
+    /// Connect to NATS, open the buckets, mirror the cluster's retained
+    /// messages, announce what this node already subscribes to, and start
+    /// forwarding. Must be called inside a tokio runtime.
+    pub async fn join(broker: Broker, config: ClusterConfig) -> Result<Arc<Cluster>, ClusterError> {
+        let name = config.name.clone();
+        if name.is_empty()
+            || name.len() > 32
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(ClusterError::Name(name));
+        }
+        let (retained_bucket, nodes_bucket) = (format!("{name}_retained"), format!("{name}_nodes"));
+        let connect = |name: String, no_echo: bool| {
+            let mut opts = async_nats::ConnectOptions::new()
+                .name(name)
+                .subscription_capacity(65_536)
+                .client_capacity(65_536);
+            if no_echo {
+                opts = opts.no_echo();
+            }
+            let url = config.nats_url.clone();
+            async move {
+                opts.connect(url.as_str())
+                    .await
+                    .map_err(|source| ClusterError::Connect { url, source })
+            }
+        };
+        // Plain routing and claims on a connection that does not hear its
+        // own messages; queue groups on another, which must (this node's
+        // shared members are in the same groups as everyone else's).
+        let plain = connect(format!("m2mhub {} routing", config.node_id), true).await?;
+        let groups = connect(format!("m2mhub {} shared", config.node_id), false).await?;
+        let js = jetstream::new(plain.clone());
+        let retained = js
+            .create_or_update_key_value(kv::Config {
+                bucket: retained_bucket.clone(),
+                description: "m2mhub: retained MQTT messages, key = encoded topic".into(),
+                history: 1,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| ClusterError::Bucket {
+                bucket: retained_bucket,
+                detail: e.to_string(),
+            })?;
+        let nodes = js
+            .create_or_update_key_value(kv::Config {
+                bucket: nodes_bucket.clone(),
+                description: "m2mhub: cluster members and their load".into(),
+                history: 1,
+                max_age: NODE_TTL,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| ClusterError::Bucket {
+                bucket: nodes_bucket,
+                detail: e.to_string(),
+            })?;
+
+        let stats = Arc::new(Stats::default());
+        let origin = origin_id(&config.node_id);
+        let dedupe = Arc::new(Mutex::new(dedupe::Recent::new(8192)));
+        let mut tasks = Vec::new();
+
+        // Retained: seed an empty bucket from this node, else obey the bucket.
+        sync_retained(&broker, &retained, origin, &stats).await?;
+        tasks.push(tokio::spawn(watch_retained(
+            broker.clone(),
+            retained.clone(),
+            stats.clone(),
+        )));
+
+        // Claims from other nodes.
+        let claim_subject = format!("{name}.claim");
+        let mut claims = plain
+            .subscribe(claim_subject.clone())
+            .await
+            .map_err(|e| ClusterError::Nats(e.to_string()))?;
+        let local_claims = Arc::new(Mutex::new(HashMap::<String, u64>::new()));
+        {
+            let (broker, stats, local) = (broker.clone(), stats.clone(), local_claims.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut prune = tokio::time::interval(CLAIM_WINDOW);
+                loop {
+                    let m = tokio::select! {
+                        m = claims.next() => match m {
+                            Some(m) => m,
+                            None => return,
+                        },
+                        _ = prune.tick() => {
+                            let cutoff = now_ms().saturating_sub(CLAIM_WINDOW.as_millis() as u64);
+                            local.lock().retain(|_, t| *t >= cutoff);
+                            continue;
+                        }
+                    };
+                    let Some((at, client_id)) = std::str::from_utf8(&m.payload)
+                        .ok()
+                        .and_then(|p| p.split_once(' '))
+                        .and_then(|(at, id)| Some((at.parse::<u64>().ok()?, id)))
+                    else {
+                        stats.bad_frames.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    };
+                    // A claim that left its node before the client connected
+                    // here again is stale: the newest connection wins.
+                    if local.lock().get(client_id).is_some_and(|t| *t > at) {
+                        continue;
+                    }
+                    if broker.release_claimed(client_id) {
+                        stats.sessions_released.fetch_add(1, Ordering::Relaxed);
+                        tracing::info!(client_id, "session taken over by another node");
+                    }
+                }
+            }));
+        }
+
+        let (fwd_tx, fwd_rx) = mpsc::channel(FORWARD_QUEUE);
+        let unsettled = Arc::new(AtomicU64::new(0));
+        let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
+        let current = broker.set_cluster_link(Arc::new(Link {
+            forward: fwd_tx,
+            control: ctl_tx.clone(),
+            stats: stats.clone(),
+            local_claims,
+            unsettled: unsettled.clone(),
+        }));
+        for i in current {
+            unsettled.fetch_add(1, Ordering::AcqRel);
+            let _ = ctl_tx.send(Control::Interest(i, true));
+        }
+        tasks.push(tokio::spawn(forward_loop(
+            fwd_rx,
+            plain.clone(),
+            name.clone(),
+            retained,
+            origin,
+            stats.clone(),
+        )));
+        tasks.push(tokio::spawn(control_loop(
+            ctl_rx,
+            claim_subject,
+            unsettled,
+            Subscriptions {
+                cluster: name.clone(),
+                broker: broker.clone(),
+                plain: plain.clone(),
+                groups: groups.clone(),
+                dedupe,
+                stats: stats.clone(),
+                active: HashMap::new(),
+            },
+        )));
+
+        let cluster = Arc::new(Cluster {
+            started_ms: now_ms(),
+            config,
+            nodes,
+            plain,
+            groups,
+            stats,
+            tasks: Mutex::new(Vec::new()),
+        });
+        cluster.put_node_info(&broker).await;
+        {
+            let (c, b) = (Arc::downgrade(&cluster), broker.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut tick = tokio::time::interval(HEARTBEAT);
+                loop {
+                    tick.tick().await;
+                    let Some(c) = c.upgrade() else { return };
+                    c.put_node_info(&b).await;
+                }
+            }));
+        }
+        *cluster.tasks.lock() = tasks;
+        tracing::info!(node = %cluster.config.node_id, nats = %cluster.config.nats_url, "joined the cluster");
+        Ok(cluster)
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.config.node_id
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    fn info(&self, broker: &Broker) -> NodeInfo {
+        let g = broker.gauges();
+        NodeInfo {
+            node_id: self.config.node_id.clone(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            mqtt: self.config.mqtt_addr.clone(),
+            http: self.config.http_addr.clone(),
+            started_ms: self.started_ms,
+            updated_ms: now_ms(),
+            connections: g.connections,
+            sessions: g.sessions,
+            subscriptions: g.subscriptions,
+            retained: g.retained,
+            forwarded: self.stats.forwarded.load(Ordering::Relaxed),
+            received: self.stats.received.load(Ordering::Relaxed),
+        }
+    }
+
+    async fn put_node_info(&self, broker: &Broker) {
+        let info = self.info(broker);
+        let Ok(json) = serde_json::to_vec(&info) else {
+            return;
+        };
+        let key = subject::encode_topic(&self.config.node_id);
+        if let Err(e) = self.nodes.put(key, json.into()).await {
+            tracing::warn!(error = %e, "cannot write this node's entry in the nodes bucket");
+        }
+    }
+
+    /// The live members (entries rewritten within the last ten seconds),
+    /// sorted by node id.
+    pub async fn nodes(&self) -> Result<Vec<NodeInfo>, ClusterError> {
+        let mut keys = self
+            .nodes
+            .keys()
+            .await
+            .map_err(|e| ClusterError::Nats(e.to_string()))?;
+        let mut out = Vec::new();
+        while let Some(k) = keys.next().await {
+            let Ok(k) = k else { continue };
+            if let Ok(Some(v)) = self.nodes.get(&k).await {
+                if let Ok(info) = serde_json::from_slice::<NodeInfo>(&v) {
+                    out.push(info);
+                }
+            }
+        }
+        out.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+        Ok(out)
+    }
+
+    /// Leave: stop the tasks, remove this node's entry, flush what is
+    /// queued on the connections.
+    pub async fn leave(&self) {
+        for t in self.tasks.lock().drain(..) {
+            t.abort();
+        }
+        let key = subject::encode_topic(&self.config.node_id);
+        let _ = self.nodes.purge(key).await;
+        let _ = self.plain.flush().await;
+        let _ = self.groups.flush().await;
+    }
+}
+
+/// Make this node's retained store the bucket's: an empty bucket is seeded
+/// with this node's retained messages (a single node becoming the first of
+/// a cluster keeps them); otherwise what the bucket lacks is cleared here
+/// (it was cleared while this node was away). The watcher then applies the
+/// bucket's values.
+async fn sync_retained(
+    broker: &Broker,
+    bucket: &kv::Store,
+    origin: u64,
+    stats: &Stats,
+) -> Result<(), ClusterError> {
+    let mut keys = bucket
+        .keys()
+        .await
+        .map_err(|e| ClusterError::Nats(e.to_string()))?;
+    let mut present = HashSet::new();
+    while let Some(k) = keys.next().await {
+        if let Ok(k) = k {
+            present.insert(k);
+        }
+    }
+    let local = broker.retained_topics();
+    if present.is_empty() {
+        let now = Instant::now();
+        let mut seq = 0;
+        for m in broker.retained_messages() {
+            seq += 1;
+            let key = subject::encode_topic(&m.topic);
+            if let Err(e) = bucket.put(key, frame::encode(origin, seq, &m, now)).await {
+                tracing::warn!(topic = %m.topic, error = %e, "cannot seed a retained message into the cluster");
+            }
+        }
+        return Ok(());
+    }
+    for topic in local {
+        if !present.contains(&subject::encode_topic(&topic)) {
+            broker.set_retained_remote(&topic, None);
+            stats.retained_applied.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    Ok(())
+}
+
+/// Mirror the retained bucket into the local store, history first.
+async fn watch_retained(broker: Broker, bucket: kv::Store, stats: Arc<Stats>) {
+    let mut watch = match bucket.watch_with_history(">").await {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot watch the cluster's retained messages");
+            return;
+        }
+    };
+    while let Some(entry) = watch.next().await {
+        let entry = match entry {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(error = %e, "retained messages watch");
+                continue;
+            }
+        };
+        match entry.operation {
+            kv::Operation::Put => match frame::decode(entry.value, Instant::now()) {
+                Ok(f) => {
+                    let mut msg = f.message;
+                    msg.retain = true;
+                    let topic = msg.topic.clone();
+                    broker.set_retained_remote(&topic, Some(Arc::new(msg)));
+                }
+                Err(e) => {
+                    stats.bad_frames.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(key = %entry.key, error = %e, "bad retained message in the bucket");
+                    continue;
+                }
+            },
+            kv::Operation::Delete | kv::Operation::Purge => {
+                let Some(topic) = subject::decode_topic(&entry.key) else {
+                    stats.bad_frames.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                };
+                broker.set_retained_remote(&topic, None);
+            }
+        }
+        stats.retained_applied.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Send this node's messages to the fabric, in order; retained changes go
+/// to the bucket too.
+async fn forward_loop(
+    mut rx: mpsc::Receiver<Arc<Message>>,
+    nats: async_nats::Client,
+    cluster: String,
+    retained: kv::Store,
+    origin: u64,
+    stats: Arc<Stats>,
+) {
+    let mut seq = 0u64;
+    let mut batch = Vec::with_capacity(256);
+    // Retained writes wait for JetStream's acknowledgement: keep them off
+    // the routing path, in order, on their own task.
+    let (ret_tx, mut ret_rx) = mpsc::unbounded_channel::<(String, Option<bytes::Bytes>)>();
+    tokio::spawn(async move {
+        while let Some((key, value)) = ret_rx.recv().await {
+            let r = match value {
+                Some(v) => retained
+                    .put(&key, v)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string()),
+                None => retained.delete(&key).await.map_err(|e| e.to_string()),
+            };
+            if let Err(e) = r {
+                tracing::warn!(key, error = %e, "cannot write a retained message to the cluster");
+            }
+        }
+    });
+    while rx.recv_many(&mut batch, 256).await > 0 {
+        let now = Instant::now();
+        for msg in batch.drain(..) {
+            seq += 1;
+            let bytes = frame::encode(origin, seq, &msg, now);
+            if msg.retain {
+                let key = subject::encode_topic(&msg.topic);
+                let value = (!msg.payload.is_empty()).then(|| bytes.clone());
+                let _ = ret_tx.send((key, value));
+            }
+            match nats
+                .publish(subject::topic_subject(&cluster, &msg.topic), bytes)
+                .await
+            {
+                Ok(()) => stats.forwarded.fetch_add(1, Ordering::Relaxed),
+                Err(e) => {
+                    tracing::debug!(error = %e, "forwarding a message failed");
+                    stats.publish_errors.fetch_add(1, Ordering::Relaxed)
+                }
+            };
+        }
+    }
+}
+
+/// This node's NATS subscriptions, one set per interest.
+struct Subscriptions {
+    cluster: String,
+    broker: Broker,
+    plain: async_nats::Client,
+    groups: async_nats::Client,
+    dedupe: Arc<Mutex<dedupe::Recent>>,
+    stats: Arc<Stats>,
+    active: HashMap<Interest, Vec<JoinHandle<()>>>,
+}
+
+impl Subscriptions {
+    async fn add(&mut self, interest: Interest) {
+        if self.active.contains_key(&interest) {
+            return;
+        }
+        let mut readers = Vec::new();
+        for subj in subject::filter_subjects(&self.cluster, &interest.filter) {
+            let sub = match &interest.group {
+                None => self.plain.subscribe(subj.clone()).await,
+                Some(g) => {
+                    self.groups
+                        .queue_subscribe(
+                            subj.clone(),
+                            subject::queue_group(&self.cluster, g, &interest.filter),
+                        )
+                        .await
+                }
+            };
+            let mut sub = match sub {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(subject = %subj, error = %e, "cannot subscribe on NATS");
+                    continue;
+                }
+            };
+            let broker = self.broker.clone();
+            let stats = self.stats.clone();
+            let dedupe = self.dedupe.clone();
+            let group_key = interest.group_key();
+            readers.push(tokio::spawn(async move {
+                while let Some(m) = sub.next().await {
+                    stats.received.fetch_add(1, Ordering::Relaxed);
+                    let f = match frame::decode(m.payload, Instant::now()) {
+                        Ok(f) => f,
+                        Err(e) => {
+                            stats.bad_frames.fetch_add(1, Ordering::Relaxed);
+                            tracing::debug!(error = %e, "bad frame from the fabric");
+                            continue;
+                        }
+                    };
+                    // Queue groups get each message once per group; plain
+                    // subscriptions once per overlapping filter.
+                    if group_key.is_none() && !dedupe.lock().first_time(f.origin, f.seq) {
+                        stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    let n = broker.route_remote(Arc::new(f.message), group_key.as_deref());
+                    stats.delivered.fetch_add(n as u64, Ordering::Relaxed);
+                }
+            }));
+        }
+        self.active.insert(interest, readers);
+    }
+
+    fn remove(&mut self, interest: &Interest) {
+        // Aborting a reader drops its subscriber, which unsubscribes.
+        for r in self.active.remove(interest).into_iter().flatten() {
+            r.abort();
+        }
+    }
+}
+
+/// Apply interest changes and send claims, in the order the broker made
+/// them.
+async fn control_loop(
+    mut rx: mpsc::UnboundedReceiver<Control>,
+    claim_subject: String,
+    unsettled: Arc<AtomicU64>,
+    mut subs: Subscriptions,
+) {
+    // Interest changes applied since the last barrier.
+    let mut applied = 0u64;
+    while let Some(c) = rx.recv().await {
+        match c {
+            Control::Interest(i, on) => {
+                if on {
+                    subs.add(i).await;
+                } else {
+                    subs.remove(&i);
+                }
+                applied += 1;
+            }
+            Control::Claim(claim) => {
+                if let Err(e) = subs
+                    .plain
+                    .publish(claim_subject.clone(), claim.into_bytes().into())
+                    .await
+                {
+                    tracing::warn!(error = %e, "cannot announce a client id to the cluster");
+                } else {
+                    subs.stats.claims_sent.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Control::Barrier(done) => {
+                // `flush` only writes the socket; a request is a round
+                // trip, answered (by "no responders") only after the server
+                // has read, and so applied, everything sent before it.
+                let probe = format!("{}.barrier", subs.cluster);
+                let _ = subs.plain.request(probe.clone(), Bytes::new()).await;
+                let _ = subs.groups.request(probe, Bytes::new()).await;
+                unsettled.fetch_sub(std::mem::take(&mut applied), Ordering::AcqRel);
+                let _ = done.send(());
+            }
+        }
+    }
+}

@@ -1,0 +1,308 @@
+//! Three m2mhub nodes in a cluster over a real NATS server with JetStream
+//! (started by `scripts/nats.sh`, which `.ci/run` runs; the URL comes in
+//! `M2MHUB_TEST_NATS_URL`). Ignored by a plain `cargo test`: the
+//! single-node suite needs no external service.
+//!
+//! No test waits for the cluster to settle: a SUBACK in a cluster comes
+//! once the subscription is in effect on every node, so a message published
+//! anywhere after it is routed here.
+//!
+//! Each test names its own cluster, so tests running at once on one NATS
+//! server never see each other's subjects, buckets or nodes.
+
+use crate::common::*;
+use mqtt_codec::{reason, Packet, PubResponse, QoS};
+use serde_json::Value;
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+const NEEDS_NATS: &str = "needs NATS: run with scripts/nats.sh (see .ci/run)";
+
+fn nats_url() -> String {
+    std::env::var("M2MHUB_TEST_NATS_URL").unwrap_or_else(|_| {
+        panic!("M2MHUB_TEST_NATS_URL is not set: {NEEDS_NATS}");
+    })
+}
+
+/// A fresh cluster name per test.
+fn cluster_name(test: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "t{}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed),
+        test
+    )
+}
+
+async fn nodes(test: &str, n: usize) -> Vec<TestServer> {
+    let name = cluster_name(test);
+    let url = nats_url();
+    let mut out = Vec::new();
+    for i in 0..n {
+        let (name, url) = (name.clone(), url.clone());
+        out.push(
+            TestServer::with(move |s| {
+                s.cluster.enabled = true;
+                s.cluster.nats_url = url;
+                s.cluster.name = name;
+                s.cluster.node_id = format!("node-{i}");
+            })
+            .await,
+        );
+    }
+    out
+}
+
+fn cluster_counter(node: &TestServer, name: &str) -> u64 {
+    let c = node.get().cluster.as_ref().expect("clustered");
+    c.stats()
+        .counters()
+        .into_iter()
+        .find(|(n, _, _)| *n == name)
+        .map(|(_, _, v)| v)
+        .unwrap_or_else(|| panic!("no cluster counter {name}"))
+}
+
+/// Read PUBLISHes until `quiet` passes without one, acknowledging QoS 1.
+async fn drain(c: &mut Raw, quiet: Duration) -> Vec<(String, String, QoS)> {
+    let mut got = Vec::new();
+    loop {
+        match c.next(quiet).await {
+            Next::Packet(Packet::Publish(p)) => {
+                match (p.qos, p.packet_id) {
+                    (QoS::AtLeastOnce, Some(id)) => c.puback(id).await,
+                    (QoS::ExactlyOnce, Some(id)) => {
+                        c.send(&Packet::PubRec(PubResponse::new(id, 0))).await
+                    }
+                    _ => {}
+                }
+                got.push((p.topic.clone(), text(&p), p.qos));
+            }
+            Next::Packet(Packet::PubRel(r)) => {
+                c.send(&Packet::PubComp(PubResponse::new(r.packet_id, 0)))
+                    .await;
+            }
+            Next::Packet(other) => panic!("unexpected {other:?}"),
+            Next::Timeout => return got,
+            Next::Closed => panic!("connection closed"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs NATS: scripts/nats.sh"]
+async fn messages_cross_nodes_with_their_qos_and_only_to_interested_nodes() {
+    let n = nodes("route", 3).await;
+    let (mut sub_b, _) = Raw::connect_ok(n[1].mqtt(), v5("sub-b")).await;
+    sub_b.subscribe(1, "plant/+/temp", QoS::ExactlyOnce).await;
+    let (mut sub_c, _) = Raw::connect_ok(n[2].mqtt(), v5("sub-c")).await;
+    sub_c.subscribe(1, "plant/#", QoS::AtLeastOnce).await;
+    // Overlapping filters on one node: still one copy.
+    sub_c.subscribe(2, "plant/1/temp", QoS::AtMostOnce).await;
+
+    let (mut publisher, _) = Raw::connect_ok(n[0].mqtt(), v5("pub-a")).await;
+    publisher
+        .publish(publish("plant/1/temp", QoS::AtMostOnce, 0, "q0"))
+        .await;
+    assert_eq!(
+        publisher
+            .publish(publish("plant/1/temp", QoS::AtLeastOnce, 1, "q1"))
+            .await,
+        reason::SUCCESS
+    );
+    publisher
+        .publish(publish("plant/1/temp", QoS::ExactlyOnce, 2, "q2"))
+        .await;
+    publisher
+        .publish(publish("plant/1/pressure", QoS::AtLeastOnce, 3, "p"))
+        .await;
+
+    let got_b = drain(&mut sub_b, QUIET).await;
+    assert_eq!(
+        got_b,
+        vec![
+            ("plant/1/temp".into(), "q0".into(), QoS::AtMostOnce),
+            ("plant/1/temp".into(), "q1".into(), QoS::AtLeastOnce),
+            ("plant/1/temp".into(), "q2".into(), QoS::ExactlyOnce),
+        ],
+        "node B gets what its filter matches, each at min(published, subscribed) QoS, in order"
+    );
+    let got_c = drain(&mut sub_c, QUIET).await;
+    let bodies: Vec<&str> = got_c.iter().map(|(_, b, _)| b.as_str()).collect();
+    assert_eq!(
+        bodies,
+        vec!["q0", "q1", "q2", "p"],
+        "one copy each: {got_c:?}; node C's counters: {:?}",
+        n[2].get().cluster.as_ref().map(|c| c.stats().counters())
+    );
+    assert_eq!(
+        got_c[2].2,
+        QoS::AtLeastOnce,
+        "QoS 2 capped at the subscription's 1"
+    );
+
+    // Interest, not broadcast: node A subscribes to nothing, so what B and
+    // C publish never reaches it.
+    let (mut pub_b, _) = Raw::connect_ok(n[1].mqtt(), v5("pub-b")).await;
+    pub_b
+        .publish(publish("plant/2/temp", QoS::AtLeastOnce, 1, "from-b"))
+        .await;
+    let got_c = drain(&mut sub_c, QUIET).await;
+    assert_eq!(got_c.len(), 1, "{got_c:?}");
+    assert_eq!(cluster_counter(&n[0], "received"), 0);
+    assert!(cluster_counter(&n[2], "duplicates") >= 1, "overlap dropped");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs NATS: scripts/nats.sh"]
+async fn shared_subscriptions_balance_across_nodes() {
+    let n = nodes("share", 3).await;
+    let mut members = Vec::new();
+    for (i, node) in n.iter().enumerate() {
+        let (mut c, _) = Raw::connect_ok(node.mqtt(), v5(&format!("worker-{i}"))).await;
+        c.subscribe(1, "$share/workers/jobs/#", QoS::AtLeastOnce)
+            .await;
+        members.push(c);
+    }
+    let (mut publisher, _) = Raw::connect_ok(n[0].mqtt(), v5("jobs-pub")).await;
+    let total = 60u16;
+    for i in 0..total {
+        publisher
+            .publish(publish("jobs/x", QoS::AtLeastOnce, i + 1, i.to_string()))
+            .await;
+    }
+    let mut all = BTreeSet::new();
+    let mut counts = Vec::new();
+    for m in &mut members {
+        let got = drain(m, QUIET).await;
+        counts.push(got.len());
+        for (_, body, _) in got {
+            assert!(all.insert(body.clone()), "{body} delivered twice");
+        }
+    }
+    assert_eq!(all.len(), usize::from(total), "every job once: {counts:?}");
+    assert!(
+        counts.iter().all(|c| *c > 0),
+        "every node's member gets a share: {counts:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs NATS: scripts/nats.sh"]
+async fn retained_messages_are_the_same_on_every_node() {
+    let n = nodes("retained", 3).await;
+    let (mut a, _) = Raw::connect_ok(n[0].mqtt(), v5("ret-pub")).await;
+    let mut p = publish("site/1/status", QoS::AtLeastOnce, 1, "online");
+    p.retain = true;
+    a.publish(p).await;
+    // Every node's retained store follows the cluster's bucket.
+    for node in &n[1..] {
+        eventually("retained message mirrored", || {
+            node.get().broker.retained_topics() == vec!["site/1/status".to_string()]
+        })
+        .await;
+    }
+    let (mut c, _) = Raw::connect_ok(n[2].mqtt(), v5("ret-sub")).await;
+    c.subscribe(1, "site/#", QoS::AtLeastOnce).await;
+    let got = c.recv_publish().await;
+    assert!(got.retain, "delivered as retained");
+    assert_eq!(text(&got), "online");
+
+    // Cleared on another node: gone everywhere.
+    let (mut b, _) = Raw::connect_ok(n[1].mqtt(), v5("ret-clear")).await;
+    let mut clear = publish("site/1/status", QoS::AtLeastOnce, 1, "");
+    clear.retain = true;
+    b.publish(clear).await;
+    for node in &n {
+        eventually("retained message cleared", || {
+            node.get().broker.retained_topics().is_empty()
+        })
+        .await;
+    }
+    // A node that joins later gets the bucket's state.
+    let (mut a2, _) = Raw::connect_ok(n[0].mqtt(), v5("ret-pub2")).await;
+    let mut p = publish("site/2/status", QoS::AtLeastOnce, 1, "up");
+    p.retain = true;
+    a2.publish(p).await;
+    let name = n[0].settings.cluster.name.clone();
+    let late = TestServer::with(move |s| {
+        s.cluster.enabled = true;
+        s.cluster.nats_url = nats_url();
+        s.cluster.name = name;
+        s.cluster.node_id = "late".into();
+    })
+    .await;
+    eventually("late node mirrors the retained messages", || {
+        late.get().broker.retained_topics() == vec!["site/2/status".to_string()]
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs NATS: scripts/nats.sh"]
+async fn a_client_id_connecting_to_another_node_takes_the_session_over() {
+    let n = nodes("takeover", 2).await;
+    let (mut first, _) = Raw::connect_ok(n[0].mqtt(), v5_persistent("meter-7", false, 3600)).await;
+    first.subscribe(1, "cmd/meter-7", QoS::AtLeastOnce).await;
+    let (mut second, _) = Raw::connect_ok(n[1].mqtt(), v5("meter-7")).await;
+    first.expect_disconnect(reason::SESSION_TAKEN_OVER).await;
+    eventually("the old node let the session go", || {
+        n[0].get().broker.session("meter-7").is_none()
+    })
+    .await;
+    assert_eq!(cluster_counter(&n[0], "sessions_released"), 1);
+    second.ping().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs NATS: scripts/nats.sh"]
+async fn a_will_reaches_subscribers_on_other_nodes() {
+    let n = nodes("will", 2).await;
+    let (mut watcher, _) = Raw::connect_ok(n[1].mqtt(), v5("watcher")).await;
+    watcher.subscribe(1, "status/+", QoS::AtLeastOnce).await;
+    let mut c = v5("truck-3");
+    c.will = Some(will("status/truck-3", "lost"));
+    let (dev, _) = Raw::connect_ok(n[0].mqtt(), c).await;
+    dev.drop_abruptly().await;
+    let got = match watcher.next(Duration::from_secs(5)).await {
+        Next::Packet(Packet::Publish(p)) => p,
+        other => panic!(
+            "no will on node B: {other:?}; A: {:?}; B: {:?}",
+            n[0].get().cluster.as_ref().map(|c| c.stats().counters()),
+            n[1].get().cluster.as_ref().map(|c| c.stats().counters())
+        ),
+    };
+    assert_eq!(
+        (got.topic.as_str(), text(&got).as_str()),
+        ("status/truck-3", "lost")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs NATS: scripts/nats.sh"]
+async fn the_api_lists_the_nodes_of_the_cluster() {
+    let n = nodes("api", 3).await;
+    let token = n[2].admin_token();
+    let mut body = Value::Null;
+    for _ in 0..50 {
+        let resp = http_get_as(n[2].http(), "/api/v1/cluster", &token).await;
+        assert_eq!(resp.status, 200, "{}", resp.body);
+        body = resp.json();
+        if body["nodes"].as_array().is_some_and(|a| a.len() == 3) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(body["enabled"], true, "{body}");
+    assert_eq!(body["node_id"], "node-2");
+    let ids: Vec<&str> = body["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .filter_map(|n| n["node_id"].as_str())
+        .collect();
+    assert_eq!(ids, vec!["node-0", "node-1", "node-2"], "{body}");
+    assert_eq!(body["nodes"][0]["mqtt"], n[0].mqtt().to_string());
+}
