@@ -850,6 +850,11 @@ impl Inner {
         self.ids.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// A new sequence number for the broker's log.
+    pub(crate) fn next_seq(&self) -> u64 {
+        self.seq.fetch_add(1, Ordering::Relaxed)
+    }
+
     pub fn gauges(&self) -> Gauges {
         Gauges {
             connections: self.connections.load(Ordering::Relaxed),
@@ -870,6 +875,18 @@ impl Inner {
         scratch: &mut Vec<Delivery>,
         ops: &mut Vec<Op>,
     ) -> usize {
+        self.publish_gated(msg, scratch, ops).0
+    }
+
+    /// [`Inner::publish`], and in a cluster the gate that resolves once
+    /// the fabric holds the message durably (QoS 1/2): a publisher's
+    /// acknowledgement waits for it.
+    pub fn publish_gated(
+        &self,
+        msg: &Arc<Message>,
+        scratch: &mut Vec<Delivery>,
+        ops: &mut Vec<Op>,
+    ) -> (usize, Option<crate::events::AckGate>) {
         let mut stored: Option<Arc<StoredMessage>> = None;
         let persist_topic = self.store.is_some() && !msg.topic.starts_with("$SYS");
         if msg.retain && self.config.retain_available {
@@ -924,13 +941,13 @@ impl Inner {
         }
         if clustered && !msg.topic.starts_with("$SYS") {
             if let Some(link) = self.cluster.read().as_ref() {
-                link.forward(msg);
+                let gate = link.forward(msg);
                 // Other nodes may have subscribers this node cannot see:
                 // never answer "no matching subscribers" (0x10) here.
-                return n.max(1);
+                return (n.max(1), gate);
             }
         }
-        n
+        (n, None)
     }
 
     /// Tell the cluster link what the last change to the subscription index
@@ -991,6 +1008,7 @@ impl Inner {
         if ops.is_empty() {
             return;
         }
+        self.sessions_to_cluster(&ops);
         if let Some(store) = &self.store {
             store.submit(ops);
         }
@@ -1001,6 +1019,7 @@ impl Inner {
         if ops.is_empty() {
             return Ok(());
         }
+        self.sessions_to_cluster(&ops);
         match &self.store {
             Some(store) => {
                 let r = store.commit(ops).await;
@@ -1327,7 +1346,30 @@ impl Inner {
         }
         let mut restored = 0usize;
         for rs in rec.sessions {
-            let s = &rs.session;
+            let queue = rs
+                .queue
+                .iter()
+                .map(|(seq, m)| (*seq, Arc::new(persist::from_stored(m, now, now_ms))));
+            self.restore_session(&rs.session, queue, now, now_ms);
+            restored += 1;
+        }
+        tracing::info!(
+            retained = rec.retained.len(),
+            sessions = restored,
+            "recovered broker state"
+        );
+    }
+
+    /// Rebuild one offline persistent session: its subscriptions (in the
+    /// index) and its queue (`(store seq, message)`, oldest first).
+    pub(crate) fn restore_session(
+        &self,
+        s: &m2mhub_broker_log::StoredSession,
+        queue: impl Iterator<Item = (u64, Arc<Message>)>,
+        now: Instant,
+        now_ms: u64,
+    ) -> Arc<Session> {
+        {
             let protocol = if s.protocol_v5 {
                 Protocol::V5
             } else {
@@ -1361,9 +1403,8 @@ impl Inner {
                 .collect();
             {
                 let mut st = session.state.lock();
-                for (seq, m) in &rs.queue {
-                    let msg = Arc::new(persist::from_stored(m, now, now_ms));
-                    st.queue.push_back(redelivery(msg, &subs, *seq));
+                for (seq, msg) in queue {
+                    st.queue.push_back(redelivery(msg, &subs, seq));
                 }
             }
             for (filter, options, sub_id) in &subs {
@@ -1371,14 +1412,9 @@ impl Inner {
             }
             self.sessions
                 .lock()
-                .insert(session.client_id.clone(), session);
-            restored += 1;
+                .insert(session.client_id.clone(), session.clone());
+            session
         }
-        tracing::info!(
-            retained = rec.retained.len(),
-            sessions = restored,
-            "recovered broker state"
-        );
     }
 }
 

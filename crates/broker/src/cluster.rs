@@ -12,7 +12,15 @@
 //!   subscription index's write lock, so the changes arrive in order; it
 //!   must not block);
 //! - a client id connecting here: [`ClusterLink::claimed`], so that the
-//!   node holding its session lets it go (takeover across nodes).
+//!   node holding its session lets it go (takeover across nodes);
+//! - persistent sessions: every record the broker writes to its own log is
+//!   also given to [`ClusterLink::session_saved`] / `session_ended`, and a
+//!   client resuming a session this node does not hold is first offered to
+//!   [`ClusterLink::restore`] (its subscriptions and the messages it missed,
+//!   from wherever the cluster keeps them).
+//!
+//! A QoS 1/2 message's publisher is acknowledged once the fabric holds the
+//! message durably: [`ClusterLink::forward`] returns that gate.
 //!
 //! Platform subscriptions ([`crate::Broker::subscribe_internal`],
 //! observers) are not interest: the platform on each node processes what
@@ -48,8 +56,9 @@ impl Interest {
 /// A cluster fabric. Every method is called on the broker's hot paths or
 /// under its locks: queue the work and return.
 pub trait ClusterLink: Send + Sync + 'static {
-    /// A message published on this node, after local routing.
-    fn forward(&self, msg: &Arc<Message>);
+    /// A message published on this node, after local routing. `Some(gate)`
+    /// (QoS 1/2): resolves once the fabric holds it durably.
+    fn forward(&self, msg: &Arc<Message>) -> Option<crate::events::AckGate>;
     /// This node's interest in a filter began (`true`) or ended.
     fn interest(&self, interest: &Interest, on: bool);
     /// A client with this id connected to this node.
@@ -59,24 +68,106 @@ pub trait ClusterLink: Send + Sync + 'static {
     fn settled(&self) -> Option<SettledFuture> {
         None
     }
+    /// A persistent session's record (metadata and subscriptions) changed.
+    fn session_saved(&self, _session: &StoredSession) {}
+    /// A persistent session ended here (expired, cleaned, or released).
+    fn session_ended(&self, _client_id: &str) {}
+    /// A client resumes a session this node does not hold: `Some(f)` looks
+    /// for it in the cluster; `f` yields the session and the QoS 1/2
+    /// messages it is owed, oldest first, or `None`.
+    fn restore(&self, _client_id: &str) -> Option<RestoreFuture> {
+        None
+    }
 }
+
+/// A session found in the cluster and the messages it is owed.
+pub type Restored = (StoredSession, Vec<Arc<Message>>);
+
+/// See [`ClusterLink::restore`].
+pub type RestoreFuture =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Option<Restored>> + Send>>;
 
 /// See [`ClusterLink::settled`].
 pub type SettledFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
-use crate::session::Outgoing;
+use crate::session::{Outgoing, Session};
 use crate::{persist, Broker};
-use m2mhub_broker_log::Op;
+use m2mhub_broker_log::{Op, StoredSession};
 use std::sync::atomic::Ordering;
 use tokio::time::Instant;
 
 impl crate::broker::Inner {
-    /// See [`ClusterLink::settled`]; `None` on a single node.
-    pub(crate) fn cluster_settled(&self) -> Option<SettledFuture> {
+    fn link(&self) -> Option<Arc<dyn ClusterLink>> {
         if !self.clustered.load(Ordering::Acquire) {
             return None;
         }
-        self.cluster.read().as_ref()?.settled()
+        self.cluster.read().clone()
+    }
+
+    /// See [`ClusterLink::settled`]; `None` on a single node.
+    pub(crate) fn cluster_settled(&self) -> Option<SettledFuture> {
+        self.link()?.settled()
+    }
+
+    /// Hand the session records among `ops` to the cluster.
+    pub(crate) fn sessions_to_cluster(&self, ops: &[Op]) {
+        let Some(link) = self.link() else { return };
+        for op in ops {
+            match op {
+                Op::SessionPut(s) => link.session_saved(s),
+                Op::SessionDelete { client_id } => link.session_ended(client_id),
+                _ => {}
+            }
+        }
+    }
+
+    /// A CONNECT resuming `client_id`'s session on this node: when this
+    /// node does not hold it, ask the cluster and adopt what it returns
+    /// (as an offline session, which the CONNECT then attaches to).
+    pub(crate) async fn restore_from_cluster(&self, client_id: &str, wait: std::time::Duration) {
+        if self.sessions.lock().contains_key(client_id) {
+            return;
+        }
+        let Some(f) = self.link().and_then(|l| l.restore(client_id)) else {
+            return;
+        };
+        let Ok(Some((record, messages))) = tokio::time::timeout(wait, f).await else {
+            return;
+        };
+        if record.client_id != client_id || self.sessions.lock().contains_key(client_id) {
+            return;
+        }
+        let now = Instant::now();
+        let now_ms = persist::unix_ms_now();
+        let mut ops = Vec::new();
+        let queue: Vec<(u64, Arc<Message>)> = messages
+            .into_iter()
+            .filter(|m| !m.is_expired(now))
+            .map(|m| {
+                let seq = self.next_seq();
+                (seq, m)
+            })
+            .collect();
+        if self.store.is_some() {
+            for (seq, m) in &queue {
+                ops.push(Op::Enqueue {
+                    client_id: client_id.to_string(),
+                    seq: *seq,
+                    msg: persist::to_stored(m),
+                });
+            }
+        }
+        let adopted = queue.len();
+        let session: Arc<Session> = self.restore_session(&record, queue.into_iter(), now, now_ms);
+        if let Some(op) = self.session_put_op(&session) {
+            ops.push(op);
+        }
+        self.submit(ops);
+        tracing::info!(
+            client_id,
+            messages = adopted,
+            "resumed a session from the cluster"
+        );
     }
 }
 

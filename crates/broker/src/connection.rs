@@ -49,6 +49,9 @@ use tokio::time::{Instant, Sleep};
 /// How long a SUBACK waits for the cluster to confirm the subscription's
 /// interest before it is sent anyway (NATS unreachable).
 const CLUSTER_SETTLE_WAIT: Duration = Duration::from_secs(2);
+/// How long a CONNECT resuming a session waits for the cluster to find it
+/// (NATS unreachable: the client gets a new session).
+const CLUSTER_RESTORE_WAIT: Duration = Duration::from_secs(5);
 
 /// Messages moved from the session queue per batch.
 const BATCH: usize = 512;
@@ -680,6 +683,11 @@ impl<S: Transport> Connection<S> {
         }
         self.core.set_will(c.will.take());
 
+        if !c.clean_start {
+            self.inner
+                .restore_from_cluster(&client_id, CLUSTER_RESTORE_WAIT)
+                .await;
+        }
         let Ok((session, present)) = self.inner.attach(
             &client_id,
             c.clean_start,
@@ -1070,14 +1078,20 @@ impl<S: Transport> Connection<S> {
         let mut ops = Vec::new();
         // The routing scratch is per worker thread, not per connection: an
         // idle connection holds none (publish does not await).
-        let matched = ROUTE_SCRATCH.with(|scratch| {
+        let (matched, cluster_gate) = ROUTE_SCRATCH.with(|scratch| {
             let mut scratch = scratch.borrow_mut();
-            let matched = self.inner.publish(&msg, &mut scratch, &mut ops);
+            let routed = self.inner.publish_gated(&msg, &mut scratch, &mut ops);
             scratch.clear();
-            matched
+            routed
         });
         // Before our own commit, so the platform's write overlaps it.
-        let gate = self.run_publish_hook(&msg);
+        let gate = match (self.run_publish_hook(&msg), cluster_gate) {
+            (g, None) | (None, g) => g,
+            (Some(a), Some(b)) => Some(Box::pin(async move {
+                a.await?;
+                b.await
+            }) as crate::events::AckGate),
+        };
         let mut code = if matched == 0 {
             reason::NO_MATCHING_SUBSCRIBERS
         } else {

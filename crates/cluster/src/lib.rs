@@ -33,13 +33,16 @@
 //!   every two seconds (entries expire after ten), which `/api/v1/cluster`
 //!   lists.
 //!
-//! Not yet here: persistent sessions and their offline queues in
-//! JetStream (a session lives on the node its client last connected to),
-//! and QoS 1/2 across the fabric is at most once while NATS is reachable.
+//! - **QoS 1/2 and persistent sessions** ([`sessions`]): QoS 1/2 messages
+//!   go through the JetStream stream `{cluster}_msgs` (the publisher is
+//!   acknowledged once it holds them), persistent sessions' records live in
+//!   the bucket `{cluster}_sessions`, and a node resuming a session it does
+//!   not hold rebuilds it from both.
 #![forbid(unsafe_code)]
 
 pub mod dedupe;
 pub mod frame;
+pub mod sessions;
 pub mod subject;
 
 use async_nats::jetstream::{self, kv};
@@ -54,7 +57,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -66,6 +69,11 @@ const NODE_TTL: Duration = Duration::from_secs(10);
 /// stale claim (sent before that) from a new one. Far above the time a
 /// claim takes to cross NATS; nodes' clocks must agree better than this.
 const CLAIM_WINDOW: Duration = Duration::from_secs(30);
+/// How often drained sessions' floors are looked at, and how old a floor
+/// gets before it is moved (bounds both the bucket's writes and what a
+/// resumed session may receive twice).
+const FLOOR_SWEEP: Duration = Duration::from_secs(5);
+const FLOOR_STEP: Duration = Duration::from_secs(30);
 /// Messages waiting to be forwarded; beyond this they are dropped and
 /// counted (publishers never wait for the fabric).
 const FORWARD_QUEUE: usize = 65_536;
@@ -99,6 +107,9 @@ pub struct ClusterConfig {
     /// What other nodes and operators see of this node's listeners.
     pub mqtt_addr: String,
     pub http_addr: String,
+    /// How long the cluster keeps QoS 1/2 messages for sessions resumed on
+    /// another node (the stream's age limit).
+    pub queue_retention: Duration,
 }
 
 /// A node as the nodes bucket shows it.
@@ -131,6 +142,8 @@ pub struct Stats {
     pub delivered: AtomicU64,
     pub claims_sent: AtomicU64,
     pub sessions_released: AtomicU64,
+    pub sessions_restored: AtomicU64,
+    pub durable_errors: AtomicU64,
     pub retained_applied: AtomicU64,
 }
 
@@ -185,6 +198,16 @@ impl Stats {
                 v(&self.sessions_released),
             ),
             (
+                "sessions_restored",
+                "sessions resumed here from the cluster (record and owed messages)",
+                v(&self.sessions_restored),
+            ),
+            (
+                "durable_errors",
+                "QoS 1/2 messages JetStream did not confirm (their publishers were refused)",
+                v(&self.durable_errors),
+            ),
+            (
                 "retained_applied",
                 "retained messages set or cleared from the cluster's bucket",
                 v(&self.retained_applied),
@@ -209,16 +232,93 @@ struct Link {
     /// When each client id last connected here (wall clock, ms), kept for
     /// [`CLAIM_WINDOW`]: a claim from another node older than that is stale.
     local_claims: Arc<Mutex<HashMap<String, u64>>>,
-    forward: mpsc::Sender<Arc<Message>>,
+    forward: mpsc::Sender<Forward>,
     control: mpsc::UnboundedSender<Control>,
+    sessions: mpsc::UnboundedSender<SessionChange>,
+    restore: Arc<RestoreParts>,
     stats: Arc<Stats>,
 }
 
+/// A message to forward and, for QoS 1/2, where to say when JetStream has
+/// it.
+type Forward = (Arc<Message>, Option<oneshot::Sender<Result<(), u8>>>);
+
+/// What resuming a session elsewhere needs.
+struct RestoreParts {
+    sessions: kv::Store,
+    js: jetstream::Context,
+    stream: String,
+    durable_space: String,
+}
+
+/// A persistent session's record changed here, or it ended here.
+enum SessionChange {
+    Saved(m2mhub_broker_log::StoredSession),
+    Ended(String),
+}
+
 impl ClusterLink for Link {
-    fn forward(&self, msg: &Arc<Message>) {
-        if self.forward.try_send(msg.clone()).is_err() {
+    fn forward(&self, msg: &Arc<Message>) -> Option<m2mhub_broker::AckGate> {
+        let (tx, rx) = if msg.qos == mqtt_codec::QoS::AtMostOnce {
+            (None, None)
+        } else {
+            let (tx, rx) = oneshot::channel();
+            (Some(tx), Some(rx))
+        };
+        if self.forward.try_send((msg.clone(), tx)).is_err() {
             self.stats.forward_dropped.fetch_add(1, Ordering::Relaxed);
+            // The fabric is behind: a QoS 1/2 publisher hears "quota
+            // exceeded" and sends again.
+            return rx.map(|_| {
+                Box::pin(async { Err(mqtt_codec::reason::QUOTA_EXCEEDED) })
+                    as m2mhub_broker::AckGate
+            });
         }
+        rx.map(|rx| {
+            Box::pin(async move {
+                rx.await
+                    .unwrap_or(Err(mqtt_codec::reason::UNSPECIFIED_ERROR))
+            }) as m2mhub_broker::AckGate
+        })
+    }
+
+    fn session_saved(&self, session: &m2mhub_broker_log::StoredSession) {
+        let _ = self.sessions.send(SessionChange::Saved(session.clone()));
+    }
+
+    fn session_ended(&self, client_id: &str) {
+        let _ = self
+            .sessions
+            .send(SessionChange::Ended(client_id.to_string()));
+    }
+
+    fn restore(&self, client_id: &str) -> Option<m2mhub_broker::cluster::RestoreFuture> {
+        let parts = self.restore.clone();
+        let client_id = client_id.to_string();
+        let stats = self.stats.clone();
+        Some(Box::pin(async move {
+            match sessions::restore(
+                &parts.sessions,
+                &parts.js,
+                &parts.stream,
+                &parts.durable_space,
+                &client_id,
+                now_ms(),
+            )
+            .await
+            {
+                Ok(found) => {
+                    if found.is_some() {
+                        stats.sessions_restored.fetch_add(1, Ordering::Relaxed);
+                    }
+                    found
+                }
+                Err(e) => {
+                    tracing::warn!(client_id, error = %e, "cannot resume a session from the cluster");
+                    None
+                }
+            }
+        }))
     }
 
     fn interest(&self, interest: &Interest, on: bool) {
@@ -296,6 +396,8 @@ impl Cluster {
             return Err(ClusterError::Name(name));
         }
         let (retained_bucket, nodes_bucket) = (format!("{name}_retained"), format!("{name}_nodes"));
+        let (sessions_bucket, msgs_stream) = (format!("{name}_sessions"), format!("{name}_msgs"));
+        let (fast_space, durable_space) = (format!("{name}.t"), format!("{name}.d"));
         let connect = |name: String, no_echo: bool| {
             let mut opts = async_nats::ConnectOptions::new()
                 .name(name)
@@ -342,6 +444,35 @@ impl Cluster {
                 bucket: nodes_bucket,
                 detail: e.to_string(),
             })?;
+
+        let sessions_kv = js
+            .create_or_update_key_value(kv::Config {
+                bucket: sessions_bucket.clone(),
+                description: "m2mhub: persistent MQTT sessions, key = encoded client id".into(),
+                history: 1,
+                storage: jetstream::stream::StorageType::File,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| ClusterError::Bucket {
+                bucket: sessions_bucket,
+                detail: e.to_string(),
+            })?;
+        js.get_or_create_stream(jetstream::stream::Config {
+            name: msgs_stream.clone(),
+            description: Some(
+                "m2mhub: QoS 1/2 messages, for sessions resumed on another node".into(),
+            ),
+            subjects: vec![format!("{durable_space}.>")],
+            max_age: config.queue_retention,
+            storage: jetstream::stream::StorageType::File,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| ClusterError::Bucket {
+            bucket: msgs_stream.clone(),
+            detail: e.to_string(),
+        })?;
 
         let stats = Arc::new(Stats::default());
         let origin = origin_id(&config.node_id);
@@ -403,7 +534,21 @@ impl Cluster {
         let (fwd_tx, fwd_rx) = mpsc::channel(FORWARD_QUEUE);
         let unsettled = Arc::new(AtomicU64::new(0));
         let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
+        let (sess_tx, sess_rx) = mpsc::unbounded_channel();
+        tasks.push(tokio::spawn(session_loop(
+            sess_rx,
+            broker.clone(),
+            sessions_kv.clone(),
+            config.node_id.clone(),
+        )));
         let current = broker.set_cluster_link(Arc::new(Link {
+            sessions: sess_tx,
+            restore: Arc::new(RestoreParts {
+                sessions: sessions_kv,
+                js: js.clone(),
+                stream: msgs_stream,
+                durable_space: durable_space.clone(),
+            }),
             forward: fwd_tx,
             control: ctl_tx.clone(),
             stats: stats.clone(),
@@ -417,7 +562,8 @@ impl Cluster {
         tasks.push(tokio::spawn(forward_loop(
             fwd_rx,
             plain.clone(),
-            name.clone(),
+            js.clone(),
+            (fast_space.clone(), durable_space.clone()),
             retained,
             origin,
             stats.clone(),
@@ -427,6 +573,7 @@ impl Cluster {
             claim_subject,
             unsettled,
             Subscriptions {
+                spaces: [fast_space, durable_space],
                 cluster: name.clone(),
                 broker: broker.clone(),
                 plain: plain.clone(),
@@ -623,9 +770,10 @@ async fn watch_retained(broker: Broker, bucket: kv::Store, stats: Arc<Stats>) {
 /// Send this node's messages to the fabric, in order; retained changes go
 /// to the bucket too.
 async fn forward_loop(
-    mut rx: mpsc::Receiver<Arc<Message>>,
+    mut rx: mpsc::Receiver<Forward>,
     nats: async_nats::Client,
-    cluster: String,
+    js: jetstream::Context,
+    (fast_space, durable_space): (String, String),
     retained: kv::Store,
     origin: u64,
     stats: Arc<Stats>,
@@ -650,9 +798,33 @@ async fn forward_loop(
             }
         }
     });
+    // JetStream's confirmations are awaited in order on their own task, so
+    // the next messages go out meanwhile.
+    let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<(
+        jetstream::context::PublishAckFuture,
+        Option<oneshot::Sender<Result<(), u8>>>,
+    )>();
+    {
+        let stats = stats.clone();
+        tokio::spawn(async move {
+            while let Some((ack, done)) = ack_rx.recv().await {
+                let r = match ack.await {
+                    Ok(_) => Ok(()),
+                    Err(e) => {
+                        stats.durable_errors.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(error = %e, "JetStream did not confirm a message");
+                        Err(mqtt_codec::reason::UNSPECIFIED_ERROR)
+                    }
+                };
+                if let Some(done) = done {
+                    let _ = done.send(r);
+                }
+            }
+        });
+    }
     while rx.recv_many(&mut batch, 256).await > 0 {
         let now = Instant::now();
-        for msg in batch.drain(..) {
+        for (msg, done) in batch.drain(..) {
             seq += 1;
             let bytes = frame::encode(origin, seq, &msg, now);
             if msg.retain {
@@ -660,22 +832,46 @@ async fn forward_loop(
                 let value = (!msg.payload.is_empty()).then(|| bytes.clone());
                 let _ = ret_tx.send((key, value));
             }
-            match nats
-                .publish(subject::topic_subject(&cluster, &msg.topic), bytes)
+            if msg.qos == mqtt_codec::QoS::AtMostOnce {
+                match nats
+                    .publish(subject::topic_subject(&fast_space, &msg.topic), bytes)
+                    .await
+                {
+                    Ok(()) => stats.forwarded.fetch_add(1, Ordering::Relaxed),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "forwarding a message failed");
+                        stats.publish_errors.fetch_add(1, Ordering::Relaxed)
+                    }
+                };
+                continue;
+            }
+            // QoS 1/2: into the stream, which also hands it to the nodes
+            // subscribed to its subject.
+            match js
+                .publish(subject::topic_subject(&durable_space, &msg.topic), bytes)
                 .await
             {
-                Ok(()) => stats.forwarded.fetch_add(1, Ordering::Relaxed),
-                Err(e) => {
-                    tracing::debug!(error = %e, "forwarding a message failed");
-                    stats.publish_errors.fetch_add(1, Ordering::Relaxed)
+                Ok(ack) => {
+                    stats.forwarded.fetch_add(1, Ordering::Relaxed);
+                    let _ = ack_tx.send((ack, done));
                 }
-            };
+                Err(e) => {
+                    stats.publish_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(error = %e, "forwarding a message failed");
+                    if let Some(done) = done {
+                        let _ = done.send(Err(mqtt_codec::reason::UNSPECIFIED_ERROR));
+                    }
+                }
+            }
         }
     }
 }
 
 /// This node's NATS subscriptions, one set per interest.
 struct Subscriptions {
+    /// Where QoS 0 and QoS 1/2 messages travel: a filter is subscribed in
+    /// both.
+    spaces: [String; 2],
     cluster: String,
     broker: Broker,
     plain: async_nats::Client,
@@ -691,7 +887,12 @@ impl Subscriptions {
             return;
         }
         let mut readers = Vec::new();
-        for subj in subject::filter_subjects(&self.cluster, &interest.filter) {
+        let subjects: Vec<String> = self
+            .spaces
+            .iter()
+            .flat_map(|space| subject::filter_subjects(space, &interest.filter))
+            .collect();
+        for subj in subjects {
             let sub = match &interest.group {
                 None => self.plain.subscribe(subj.clone()).await,
                 Some(g) => {
@@ -726,12 +927,20 @@ impl Subscriptions {
                         }
                     };
                     // Queue groups get each message once per group; plain
-                    // subscriptions once per overlapping filter.
-                    if group_key.is_none() && !dedupe.lock().first_time(f.origin, f.seq) {
-                        stats.duplicates.fetch_add(1, Ordering::Relaxed);
-                        continue;
-                    }
-                    let n = broker.route_remote(Arc::new(f.message), group_key.as_deref());
+                    // subscriptions once per overlapping filter, each on its
+                    // own reader. Whichever reader comes first routes it,
+                    // under the lock: a reader reaches a message only after
+                    // the ones before it, so they are routed in order.
+                    let n = if group_key.is_none() {
+                        let mut seen = dedupe.lock();
+                        if !seen.first_time(f.origin, f.seq) {
+                            stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                            continue;
+                        }
+                        broker.route_remote(Arc::new(f.message), None)
+                    } else {
+                        broker.route_remote(Arc::new(f.message), group_key.as_deref())
+                    };
                     stats.delivered.fetch_add(n as u64, Ordering::Relaxed);
                 }
             }));
@@ -787,6 +996,82 @@ async fn control_loop(
                 let _ = subs.groups.request(probe, Bytes::new()).await;
                 unsettled.fetch_sub(std::mem::take(&mut applied), Ordering::AcqRel);
                 let _ = done.send(());
+            }
+        }
+    }
+}
+
+/// Keep the sessions bucket in step with this node's persistent sessions,
+/// and move each drained session's floor forward now and then.
+async fn session_loop(
+    mut rx: mpsc::UnboundedReceiver<SessionChange>,
+    broker: Broker,
+    bucket: kv::Store,
+    node: String,
+) {
+    struct Held {
+        record: m2mhub_broker_log::StoredSession,
+        floor_ms: u64,
+        revision: u64,
+    }
+    let mut held: HashMap<String, Held> = HashMap::new();
+    let mut tick = tokio::time::interval(FLOOR_SWEEP);
+    let put = |record: &m2mhub_broker_log::StoredSession, floor_ms: u64| {
+        let doc = sessions::SessionDoc::new(&node, floor_ms, record);
+        let key = subject::encode_topic(&record.client_id);
+        let bucket = bucket.clone();
+        async move {
+            let json = serde_json::to_vec(&doc).map_err(|e| e.to_string())?;
+            bucket
+                .put(key, json.into())
+                .await
+                .map_err(|e| e.to_string())
+        }
+    };
+    loop {
+        tokio::select! {
+            change = rx.recv() => match change {
+                Some(SessionChange::Saved(record)) => {
+                    let id = record.client_id.clone();
+                    let floor_ms = held.get(&id).map_or_else(now_ms, |h| h.floor_ms);
+                    match put(&record, floor_ms).await {
+                        Ok(revision) => {
+                            held.insert(id, Held { record, floor_ms, revision });
+                        }
+                        Err(e) => tracing::warn!(client_id = %id, error = %e, "cannot save a session in the cluster"),
+                    }
+                }
+                Some(SessionChange::Ended(id)) => {
+                    // Only our own write: the client may have moved on to
+                    // another node, which wrote the record since.
+                    if let Some(h) = held.remove(&id) {
+                        let key = subject::encode_topic(&id);
+                        let _ = bucket.delete_expect_revision(key, Some(h.revision)).await;
+                    }
+                }
+                None => return,
+            },
+            _ = tick.tick() => {
+                let now = now_ms();
+                let due: Vec<String> = held
+                    .iter()
+                    .filter(|(_, h)| now.saturating_sub(h.floor_ms) >= FLOOR_STEP.as_millis() as u64)
+                    .map(|(id, _)| id.clone())
+                    .collect();
+                for id in due {
+                    let drained = broker
+                        .session(&id)
+                        .is_some_and(|s| s.queued == 0 && s.inflight == 0);
+                    if !drained {
+                        continue;
+                    }
+                    if let Some(h) = held.get_mut(&id) {
+                        if let Ok(revision) = put(&h.record, now).await {
+                            h.floor_ms = now;
+                            h.revision = revision;
+                        }
+                    }
+                }
             }
         }
     }

@@ -43,20 +43,21 @@ pub fn encode_topic(topic: &str) -> String {
     out
 }
 
-/// The subject a message on `topic` is published to:
-/// `{cluster}.t.{levels}`.
-pub fn topic_subject(cluster: &str, topic: &str) -> String {
-    let mut s = String::with_capacity(cluster.len() + topic.len() + 12);
-    s.push_str(cluster);
-    s.push_str(".t.");
+/// The subject a message on `topic` is published to in a subject space
+/// (`{cluster}.t` for QoS 0, `{cluster}.d` for QoS 1/2, which JetStream
+/// keeps): `{space}.{levels}`.
+pub fn topic_subject(space: &str, topic: &str) -> String {
+    let mut s = String::with_capacity(space.len() + topic.len() + 12);
+    s.push_str(space);
+    s.push('.');
     s.push_str(&encode_topic(topic));
     s
 }
 
 /// The subjects a node subscribes to for a topic filter (without any
 /// `$share/` prefix): one, or two for a filter ending in `/#`.
-pub fn filter_subjects(cluster: &str, filter: &str) -> Vec<String> {
-    let mut main = format!("{cluster}.t.");
+pub fn filter_subjects(space: &str, filter: &str) -> Vec<String> {
+    let mut main = format!("{space}.");
     let mut parent: Option<String> = None;
     let levels: Vec<&str> = filter.split('/').collect();
     for (i, level) in levels.iter().enumerate() {
@@ -145,14 +146,20 @@ mod tests {
 
     #[test]
     fn topics_and_filters() {
-        assert_eq!(topic_subject("m2m", "a/b"), "m2m.t.a.b");
-        assert_eq!(topic_subject("m2m", "/a//"), "m2m.t._.a._._");
-        assert_eq!(topic_subject("m2m", "x.y z/$SYS"), "m2m.t.x_2ey_20z._24SYS");
-        assert_eq!(topic_subject("m2m", "a_b"), "m2m.t.a__b");
-        assert_eq!(filter_subjects("m2m", "a/+/c"), vec!["m2m.t.a.*.c"]);
-        assert_eq!(filter_subjects("m2m", "a/#"), vec!["m2m.t.a.>", "m2m.t.a"]);
-        assert_eq!(filter_subjects("m2m", "#"), vec!["m2m.t.>"]);
-        assert_eq!(filter_subjects("m2m", "+"), vec!["m2m.t.*"]);
+        assert_eq!(topic_subject("m2m.t", "a/b"), "m2m.t.a.b");
+        assert_eq!(topic_subject("m2m.t", "/a//"), "m2m.t._.a._._");
+        assert_eq!(
+            topic_subject("m2m.t", "x.y z/$SYS"),
+            "m2m.t.x_2ey_20z._24SYS"
+        );
+        assert_eq!(topic_subject("m2m.d", "a_b"), "m2m.d.a__b");
+        assert_eq!(filter_subjects("m2m.t", "a/+/c"), vec!["m2m.t.a.*.c"]);
+        assert_eq!(
+            filter_subjects("m2m.t", "a/#"),
+            vec!["m2m.t.a.>", "m2m.t.a"]
+        );
+        assert_eq!(filter_subjects("m2m.d", "#"), vec!["m2m.d.>"]);
+        assert_eq!(filter_subjects("m2m.t", "+"), vec!["m2m.t.*"]);
         assert_eq!(queue_group("m2m", "g 1", "a/+/#"), "m2m.g_201.a._2b._23");
     }
 

@@ -240,6 +240,9 @@ node_id = ""
 # The cluster's name: every node of one cluster uses the same; it prefixes
 # the NATS subjects and JetStream buckets, so clusters can share a NATS.
 name = "m2mhub"
+# How long the cluster keeps QoS 1/2 messages (a JetStream stream) so that a
+# persistent session resumes on another node with what it missed, hours.
+queue_retention_hours = 24
 
 [log]
 # trace, debug, info, warn or error (RUST_LOG overrides it).
@@ -271,6 +274,7 @@ pub struct ClusterSettings {
     pub nats_url: String,
     pub node_id: String,
     pub name: String,
+    pub queue_retention_hours: u32,
 }
 
 impl Default for ClusterSettings {
@@ -280,6 +284,7 @@ impl Default for ClusterSettings {
             nats_url: "nats://127.0.0.1:4222".into(),
             node_id: String::new(),
             name: "m2mhub".into(),
+            queue_retention_hours: 24,
         }
     }
 }
@@ -289,6 +294,7 @@ impl Default for ClusterSettings {
 pub struct ClusterJoin {
     pub nats_url: String,
     pub name: String,
+    pub queue_retention: Duration,
     /// `None`: the one kept in the data folder (made on first start).
     pub node_id: Option<String>,
 }
@@ -929,7 +935,13 @@ impl Settings {
             {
                 bail!("invalid value for `cluster.name`: {name:?}; use 1 to 32 letters, digits, - and _");
             }
+            if cl.queue_retention_hours == 0 {
+                bail!(
+                    "invalid value for `cluster.queue_retention_hours`: 0; use at least 1 (hours)"
+                );
+            }
             Some(ClusterJoin {
+                queue_retention: Duration::from_secs(u64::from(cl.queue_retention_hours) * 3600),
                 name: name.to_string(),
                 nats_url: cl.nats_url.trim().to_string(),
                 node_id: (!node_id.is_empty()).then(|| node_id.to_string()),
