@@ -385,3 +385,66 @@ async fn a_persistent_session_resumes_on_another_node_with_the_messages_it_misse
     let p = back.recv_publish().await;
     assert_eq!(text(&p), "c5");
 }
+
+/// The proof: a node holding 100 persistent sessions with queued
+/// QoS 1 messages is killed (-9); the devices reconnect to another node and
+/// get every message whose publisher was acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs NATS: scripts/nats.sh"]
+async fn kill_9_of_a_node_loses_no_acknowledged_message_of_its_sessions() {
+    let n = nodes("kill9", 1).await;
+    let name = n[0].settings.cluster.name.clone();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = nats_url();
+    let mut victim = BinServer::start_with(
+        &dir.path().join("data"),
+        &dir.path().join("victim.log"),
+        &["--cluster", "--nats-url", &url, "--node-id", "victim"],
+        &[
+            ("M2MHUB_CLUSTER_NAME", &name),
+            // 100 devices connecting from 127.0.0.1 at once.
+            ("M2MHUB_MQTT_MAX_CONNECT_RATE_PER_IP", "0"),
+            ("M2MHUB_MQTT_MAX_CONNECTS_PER_CLIENT_ID", "0"),
+        ],
+    )
+    .await;
+    let devices = 100usize;
+    for i in 0..devices {
+        let id = format!("truck-{i}");
+        let (mut c, _) = Raw::connect_ok(victim.mqtt, v5_persistent(&id, true, 86_400)).await;
+        c.subscribe(1, &format!("fleet/{id}/cmd"), QoS::AtLeastOnce)
+            .await;
+        c.disconnect().await;
+    }
+    // Three commands per device through the surviving node, each acked.
+    let (mut ops, _) = Raw::connect_ok(n[0].mqtt(), v5("dispatcher")).await;
+    let mut pid = 0u16;
+    for round in 0..3 {
+        for i in 0..devices {
+            pid += 1;
+            let code = ops
+                .publish(publish(
+                    &format!("fleet/truck-{i}/cmd"),
+                    QoS::AtLeastOnce,
+                    pid,
+                    format!("{round}"),
+                ))
+                .await;
+            assert_eq!(code, reason::SUCCESS);
+        }
+    }
+    victim.kill9().await;
+    // Every device comes back through the survivor.
+    for i in 0..devices {
+        let id = format!("truck-{i}");
+        let (mut c, ack) = Raw::connect_ok(n[0].mqtt(), v5_persistent(&id, false, 86_400)).await;
+        assert!(ack.session_present, "{id}: session found in the cluster");
+        let got: Vec<String> = drain(&mut c, Duration::from_millis(100))
+            .await
+            .into_iter()
+            .map(|(_, b, _)| b)
+            .collect();
+        assert_eq!(got, vec!["0", "1", "2"], "{id}");
+    }
+    assert_eq!(cluster_counter(&n[0], "sessions_restored"), devices as u64);
+}

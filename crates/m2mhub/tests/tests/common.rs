@@ -1051,9 +1051,19 @@ impl BinServer {
     /// Start `m2mhub serve` on loopback port 0 with `data_dir`, anonymous
     /// access allowed, and wait for its `m2mhub ready` line.
     pub async fn start(data_dir: &std::path::Path, log: &std::path::Path) -> BinServer {
+        Self::start_with(data_dir, log, &[], &[]).await
+    }
+
+    /// [`BinServer::start`] with more arguments and environment variables.
+    pub async fn start_with(
+        data_dir: &std::path::Path,
+        log: &std::path::Path,
+        args: &[&str],
+        envs: &[(&str, &str)],
+    ) -> BinServer {
         use std::io::BufRead;
         let log_file = std::fs::File::create(log).expect("log file");
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_m2mhub"))
+        let mut child = m2mhub_command()
             .args(["serve", "--data-dir"])
             .arg(data_dir)
             .args([
@@ -1069,6 +1079,8 @@ impl BinServer {
                 "127.0.0.1:0",
                 "--allow-anonymous",
             ])
+            .args(args)
+            .envs(envs.iter().copied())
             .env_remove("M2MHUB_CONFIG")
             .env("RUST_LOG", "info")
             .stdin(std::process::Stdio::null())
@@ -1168,7 +1180,7 @@ impl Drop for BinServer {
 
 /// Run the binary to completion (at most 10 s): (exit code, stdout, stderr).
 pub async fn run_bin(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_m2mhub"));
+    let mut cmd = m2mhub_command();
     cmd.args(args)
         .env_remove("M2MHUB_CONFIG")
         .stdin(std::process::Stdio::null())
@@ -1209,7 +1221,7 @@ impl BinServer {
     ) -> (BinServer, Vec<String>) {
         use std::io::BufRead;
         let log_file = std::fs::File::create(log).expect("log file");
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_m2mhub"))
+        let mut child = m2mhub_command()
             .args(["serve", "--data-dir"])
             .arg(data_dir)
             .args([
@@ -1408,4 +1420,17 @@ pub fn assert_problem(r: &HttpResponse, status: u16, needle: &str) {
         detail.contains(needle),
         "{detail:?} should contain {needle:?}"
     );
+}
+
+/// The binary under test, without the tests' own `M2MHUB_TEST_*` settings
+/// (service URLs) in its environment: the server refuses `M2MHUB_`
+/// variables that name no config key.
+pub fn m2mhub_command() -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_m2mhub"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("M2MHUB_TEST_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd
 }
