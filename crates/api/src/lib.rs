@@ -8,10 +8,11 @@
 #![forbid(unsafe_code)]
 
 mod alarms;
+pub mod broker_history;
 mod caller;
 mod commands;
 pub mod connections;
-mod console;
+pub mod console;
 mod device_events;
 pub mod device_http;
 mod devices;
@@ -38,6 +39,7 @@ pub mod telemetry;
 pub mod timing;
 mod websocket;
 
+pub use console::ConsoleConfig;
 pub use https::serve_tls;
 pub use limits::{HttpConfig, HttpLimits};
 pub use lockout::{LoginConfig, LoginGuard};

@@ -42,4 +42,9 @@ pub struct AppState {
     pub http: Arc<crate::limits::HttpLimits>,
     /// Failed-login counting and lockouts; the bound on password checks.
     pub login: Arc<crate::lockout::LoginGuard>,
+    /// The console's tile server and the Content-Security-Policy it needs.
+    pub console: Arc<crate::console::ConsoleConfig>,
+    /// One-minute samples of the broker's counters over the last hour
+    /// (filled by `broker_history::sample_every_minute`).
+    pub broker_history: Arc<crate::broker_history::BrokerHistory>,
 }
