@@ -457,8 +457,8 @@ async function overview(view, gen) {
     const tData = [xs, r.points.map((p) => p.messages_in_per_s), r.points.map((p) => p.messages_out_per_s)];
     const cData = [xs, r.points.map((p) => p.connections), r.points.map((p) => p.connects_per_s * 60)];
     if (!traffic) {
-      traffic = timeChart(trafficBox, [{ name: "in" }, { name: "out" }], tData, { height: 200 });
-      conns = timeChart(connBox, [{ name: "open connections" }, { name: "connects / min" }], cData, { height: 200 });
+      traffic = timeChart(trafficBox, [{ name: "in", zero: true }, { name: "out", zero: true }], tData, { height: 200 });
+      conns = timeChart(connBox, [{ name: "open connections", zero: true }, { name: "connects / min", zero: true }], cData, { height: 200 });
       onLeave(() => { traffic.destroy(); conns.destroy(); });
     } else {
       traffic.setData(tData, !traffic.zoomed());
@@ -1018,6 +1018,7 @@ function historyPanel(box, id, rangeKey, metrics, gen) {
   };
 
   let shown = []; // metrics in the chart, in order
+  let detail = false; // the data is a zoomed window read finer, not the range
   let tables = []; // their tables, for the live tail
   let loadedSpan = null;
   const load = async (from = "-" + (range.ms / 60e3) + "m", to = "now", bucket = range.bucket, raw = !!range.raw, keepScale = false) => {
@@ -1035,23 +1036,33 @@ function historyPanel(box, id, rangeKey, metrics, gen) {
     tables = results.map((r) => r.cols);
     const data = align(tables);
     const metricsDef = list.map((m, i) => ({ name: m, band: results[i].band }));
+    // A long range shows all of itself, however little data it holds.
+    const whole = !keepScale && !raw ? [Date.now() - range.ms, Date.now()] : null;
     const sameShape = chart && shown.length === list.length && shown.every((x, i) => x.name === metricsDef[i].name && x.band === metricsDef[i].band);
     if (chart && sameShape && keepScale) {
       chart.setData(data, false);
     } else {
       if (chart) chart.destroy();
       plotBox.replaceChildren();
-      chart = timeChart(plotBox, metricsDef, data, { onZoom });
+      chart = timeChart(plotBox, metricsDef, data, { onZoom, onReset, span: whole });
     }
     shown = metricsDef;
     plotBox.dataset.metrics = list.join(",");
     plotBox.dataset.points = String(data[0].length);
-    if (!keepScale) loadedSpan = data[0].length ? [data[0][0], data[0][data[0].length - 1]] : null;
+    if (!keepScale) loadedSpan = whole || (data[0].length ? [data[0][0], data[0][data[0].length - 1]] : null);
+    detail = keepScale;
+  };
+
+  // Zoom out: the whole range again (read anew if a zoom replaced it).
+  const onReset = () => {
+    if (detail) load().catch(showError);
+    else if (chart && loadedSpan) chart.plot.setScale("x", { min: loadedSpan[0], max: loadedSpan[1] });
   };
 
   // A zoom into a long range: once the operator stops, read the window
   // again with buckets about 300 to the width (never finer than 5 s).
   let zoomTimer = null;
+  let lastDetail = null; // [bucket, min, max] of the last window read finer
   const onZoom = (min, max, zoomed) => {
     plotBox.dataset.view = Math.round(min) + "-" + Math.round(max);
     if (range.raw || !zoomed || !loadedSpan) return;
@@ -1061,6 +1072,9 @@ function historyPanel(box, id, rangeKey, metrics, gen) {
       const want = (max - min) / 300;
       const b = BUCKETS.find(([, ms]) => ms >= want) || BUCKETS[BUCKETS.length - 1];
       if (b[0] === range.bucket) return;
+      // Already read at this resolution for a window that covers it.
+      if (detail && lastDetail && b[0] === lastDetail[0] && min >= lastDetail[1] && max <= lastDetail[2]) return;
+      lastDetail = [b[0], min, max];
       load(String(Math.floor(min)), String(Math.ceil(max)), b[0], false, true)
         .then(() => { if (chart) chart.plot.setScale("x", { min, max }); })
         .catch(showError);
@@ -1072,7 +1086,7 @@ function historyPanel(box, id, rangeKey, metrics, gen) {
   return {
     load: () => load(),
     destroy,
-    zoomed: () => !!chart && chart.zoomed(),
+    zoomed: () => detail || (!!chart && chart.zoomed()),
     // A live value: appended on short ranges; the oldest beyond the range
     // fall off (unless the operator zoomed, who keeps what they look at).
     tail(m, ts, v) {

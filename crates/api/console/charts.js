@@ -53,9 +53,12 @@ function fmtTick(v) {
 
 /// Draw a chart into `box`.
 ///
-/// `metrics`: `[{ name, band }]` in the order of `data` (after x: the
-/// metric's values, then its min and max when `band`). `opts.onZoom(min,
-/// max, zoomed)` is told when the visible x span changes.
+/// `metrics`: `[{ name, band, zero }]` in the order of `data` (after x: the
+/// metric's values, then its min and max when `band`; `zero`: the y scale
+/// starts at 0). `opts.onZoom(min,
+/// max, zoomed)` is told when the visible x span changes; `opts.onReset()`
+/// replaces the default zoom-out (double-click, `0`, `reset()`);
+/// `opts.span`: the x span the chart stands for, if not the data's.
 export function timeChart(box, metrics, data, opts = {}) {
   const colors = themeColors();
   const height = opts.height || 260;
@@ -66,10 +69,13 @@ export function timeChart(box, metrics, data, opts = {}) {
     ticks: { stroke: colors.grid },
   }];
   const bands = [];
+  const scales = { x: { time: true } };
   metrics.forEach((m, i) => {
     const c = colors.series[i % colors.series.length];
     const scale = "y:" + m.name;
     const at = series.length;
+    // Rates and counts start at zero, so a flat 33 ± 0.5 reads as flat.
+    if (m.zero) scales[scale] = { range: (u, min, max) => [0, max > 0 ? max * 1.1 : 1] };
     // Points show by themselves where the data is sparse (uPlot's default).
     series.push({ label: m.name, scale, stroke: c, width: 1.5, spanGaps: true });
     if (m.band) {
@@ -87,7 +93,7 @@ export function timeChart(box, metrics, data, opts = {}) {
   });
   let full = null; // the x span of the data, for "zoomed?"
   const span = (d) => (d[0].length ? [d[0][0], d[0][d[0].length - 1]] : null);
-  full = span(data);
+  full = opts.span || span(data);
   const plot = new uPlot({
     width: Math.max(200, box.clientWidth - 16),
     height,
@@ -97,7 +103,7 @@ export function timeChart(box, metrics, data, opts = {}) {
     bands,
     cursor: { drag: { x: true, y: false, setScale: true } },
     legend: { live: true },
-    scales: { x: { time: true } },
+    scales,
     hooks: {
       setScale: [(u, key) => {
         if (key !== "x" || !opts.onZoom) return;
@@ -108,6 +114,7 @@ export function timeChart(box, metrics, data, opts = {}) {
       }],
     },
   }, data, box);
+  if (opts.span) plot.setScale("x", { min: opts.span[0], max: opts.span[1] });
   box.dataset.zoomed = "false";
   const ro = new ResizeObserver(() => plot.setSize({ width: Math.max(200, box.clientWidth - 16), height }));
   ro.observe(box);
@@ -116,9 +123,12 @@ export function timeChart(box, metrics, data, opts = {}) {
   const api = {
     plot,
     /// Replace the data; keep the operator's zoom unless `rescale`.
-    setData(d, rescale = true) {
-      full = span(d);
+    /// `whole`: the x span the chart stands for (the range asked for, which
+    /// the data may not fill), else the data's extent.
+    setData(d, rescale = true, whole = null) {
+      full = whole || span(d);
       plot.setData(d, rescale);
+      if (rescale && whole) plot.setScale("x", { min: whole[0], max: whole[1] });
     },
     pan(frac) {
       const { min, max } = plot.scales.x;
@@ -130,12 +140,16 @@ export function timeChart(box, metrics, data, opts = {}) {
       const mid = (min + max) / 2, half = ((max - min) / 2) * factor;
       plot.setScale("x", { min: mid - half, max: mid + half });
     },
+    // Whole range: the caller's (`opts.onReset`, e.g. read the range
+    // again after a zoom read a window finer), else the data's extent.
     reset() {
-      if (full) plot.setScale("x", { min: full[0], max: full[1] });
+      if (opts.onReset) opts.onReset();
+      else if (full) plot.setScale("x", { min: full[0], max: full[1] });
     },
     zoomed: () => box.dataset.zoomed === "true",
     destroy() { ro.disconnect(); plot.destroy(); },
   };
+  if (opts.onReset) plot.over.addEventListener("dblclick", () => opts.onReset());
   box.addEventListener("keydown", (ev) => {
     const act = { ArrowLeft: () => api.pan(-0.25), ArrowRight: () => api.pan(0.25), "+": () => api.zoom(0.5), "=": () => api.zoom(0.5), "-": () => api.zoom(2), "0": () => api.reset() }[ev.key];
     if (act) { ev.preventDefault(); act(); }
