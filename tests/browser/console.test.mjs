@@ -389,6 +389,21 @@ test("a viewer sees the fleet live but no control that changes anything", async 
   }
 });
 
+/// Run `body` on a new page (see `newPage`); on failure keep a screenshot
+/// named `name` beside the demo's data; close the page whatever happens.
+async function withPage(name, options, body) {
+  const p = await newPage(options);
+  try {
+    await body(p);
+    await assertClean(p.page, p.errors);
+  } catch (e) {
+    await p.page.screenshot({ path: join(dir, name + "-failure.png"), fullPage: true }).catch(() => {});
+    throw e;
+  } finally {
+    await p.context.close();
+  }
+}
+
 /// Log in through the API and hand the token to the page (faster than the
 /// form, which the first test covers).
 async function loggedIn(page, name = user, pass = password) {
@@ -398,9 +413,8 @@ async function loggedIn(page, name = user, pass = password) {
   return token;
 }
 
-test("the map shows the embedded basemap with no internet, clusters the fleet, replays a truck's route and stays smooth with 5,000 trucks", async () => {
-  const { page, context, errors, tiles } = await newPage();
-  try {
+test("the map shows the embedded basemap with no internet, clusters the fleet, replays a truck's route and stays smooth with 5,000 trucks", () =>
+  withPage("map", {}, async ({ page, tiles }) => {
     const token = await loggedIn(page);
     const trucks = await apiAs(token, "GET", "/devices?group=truck&limit=10");
     const truck = trucks.items[0].id;
@@ -477,18 +491,10 @@ test("the map shows the embedded basemap with no internet, clusters the fleet, r
     assert.ok(perf.add < 5000 && perf.move < 5000 && perf.gap < 1500, JSON.stringify(perf));
     console.log("5,000 markers: " + JSON.stringify(perf));
     await shot(page, "map-5000");
-    await assertClean(page, errors);
-  } catch (e) {
-    await page.screenshot({ path: join(dir, "map-failure.png"), fullPage: true }).catch(() => {});
-    throw e;
-  } finally {
-    await context.close();
-  }
-});
+  }));
 
-test("a device's chart changes range, zooms by dragging, pans, and tails live values", async () => {
-  const { page, context, errors } = await newPage();
-  try {
+test("a device's chart changes range, zooms by dragging, pans, and tails live values", () =>
+  withPage("chart", {}, async ({ page }) => {
     const token = await loggedIn(page);
     const trucks = await apiAs(token, "GET", "/devices?group=truck&limit=1");
     const id = trucks.items[0].id;
@@ -547,18 +553,10 @@ test("a device's chart changes range, zooms by dragging, pans, and tails live va
     const session = page.locator("td.session");
     await session.locator("dl.facts").waitFor();
     assert.ok(!(await session.textContent()).includes("{"), await session.textContent());
-    await assertClean(page, errors);
-  } catch (e) {
-    await page.screenshot({ path: join(dir, "chart-failure.png"), fullPage: true }).catch(() => {});
-    throw e;
-  } finally {
-    await context.close();
-  }
-});
+  }));
 
 test("the overview charts the last hour; every page reads in dark mode and at a phone's width", async () => {
-  const { page, context, errors } = await newPage();
-  try {
+  await withPage("overview", {}, async ({ page }) => {
     await loggedIn(page);
     await page.goto(base + "/#/");
     await page.locator(".chart-box[data-chart=traffic] canvas").waitFor();
@@ -585,8 +583,10 @@ test("the overview charts the last hour; every page reads in dark mode and at a 
 
     // Dark mode: the toggle cycles auto → dark → light, and is remembered.
     await page.click("#nav a[href='#/']");
+    const theme = () => page.evaluate(() => [document.documentElement.dataset.themeChoice, document.documentElement.dataset.theme]);
+    assert.deepEqual(await theme(), ["auto", "light"]);
     await page.click("#theme");
-    assert.equal(await page.evaluate(() => document.documentElement.dataset.theme), "dark");
+    assert.deepEqual(await theme(), ["dark", "dark"]);
     const bg = await page.evaluate(() => getComputedStyle(document.body).backgroundColor);
     assert.equal(bg, "rgb(17, 21, 27)");
     await page.locator(".chart-box[data-chart=traffic] canvas").waitFor();
@@ -595,25 +595,20 @@ test("the overview charts the last hour; every page reads in dark mode and at a 
     await page.locator("#fleet-map path.bm-land").first().waitFor();
     await shot(page, "map-dark");
     await page.reload();
-    assert.equal(await page.evaluate(() => document.documentElement.dataset.theme), "dark");
+    await page.locator("#fleet-map path.bm-land").first().waitFor();
+    assert.deepEqual(await theme(), ["dark", "dark"]);
     await page.click("#theme");
-    assert.equal(await page.evaluate(() => document.documentElement.dataset.theme), "light");
+    assert.deepEqual(await theme(), ["light", "light"]);
     await page.click("#theme");
-    assert.equal(await page.evaluate(() => document.documentElement.dataset.theme), undefined);
-    await assertClean(page, errors);
-  } catch (e) {
-    await page.screenshot({ path: join(dir, "overview-failure.png"), fullPage: true }).catch(() => {});
-    throw e;
-  } finally {
-    await context.close();
-  }
+    assert.deepEqual(await theme(), ["auto", "light"]);
+  });
 
   // The system's preference alone turns the console dark; at a phone's
   // width nothing is wider than the screen, and the keyboard reaches the
   // navigation.
-  const phone = await newPage({ viewport: { width: 390, height: 844 }, colorScheme: "dark", isMobile: true, hasTouch: true });
-  try {
-    const token = await loggedIn(phone.page);
+  const phone = { viewport: { width: 390, height: 844 }, colorScheme: "dark", isMobile: true, hasTouch: true };
+  await withPage("phone", phone, async ({ page }) => {
+    const token = await loggedIn(page);
     const trucks = await apiAs(token, "GET", "/devices?group=truck&limit=1");
     for (const [name, hash, ready] of [
       ["phone-overview", "#/", ".chart-box[data-chart=traffic] canvas"],
@@ -622,16 +617,13 @@ test("the overview charts the last hour; every page reads in dark mode and at a 
       ["phone-map", "#/map", "#fleet-map path.bm-land"],
       ["phone-alarms", "#/alarms", "main h1"],
     ]) {
-      await phone.page.goto(base + "/" + hash);
-      await phone.page.locator(ready).first().waitFor();
-      const bg = await phone.page.evaluate(() => getComputedStyle(document.body).backgroundColor);
+      await page.goto(base + "/" + hash);
+      await page.locator(ready).first().waitFor();
+      const bg = await page.evaluate(() => getComputedStyle(document.body).backgroundColor);
       assert.equal(bg, "rgb(17, 21, 27)", name + " is dark");
-      const overflow = await phone.page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
+      const overflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
       assert.ok(overflow <= 1, `${name}: ${overflow}px wider than the screen`);
-      await shot(phone.page, name);
+      await shot(page, name);
     }
-    await assertClean(phone.page, phone.errors);
-  } finally {
-    await phone.context.close();
-  }
+  });
 });

@@ -139,6 +139,22 @@ async function api(method, path, body) {
 
 const get = (path) => api("GET", path);
 
+// `fn` over `items` with at most `limit` calls in flight: the API bounds
+// requests in flight per token (`http.max_requests_per_token`), and a page
+// that fans out should leave room for the others.
+async function mapLimit(items, limit, fn) {
+  const out = new Array(items.length);
+  let next = 0;
+  const worker = async () => {
+    while (next < items.length) {
+      const i = next++;
+      out[i] = await fn(items[i], i);
+    }
+  };
+  await Promise.all(Array.from({ length: Math.min(limit, items.length) }, worker));
+  return out;
+}
+
 function query(params) {
   const q = new URLSearchParams();
   for (const [k, v] of Object.entries(params)) if (v !== "" && v !== null && v !== undefined) q.set(k, v);
@@ -207,16 +223,19 @@ async function consoleConfig() {
 // ---- Theme -----------------------------------------------------------------------
 //
 // auto (the system's preference) → dark → light, remembered in local
-// storage; the stylesheet does the rest. Pages with charts redraw, since
-// uPlot paints with the colours of the moment.
+// storage. `data-theme` on the root is always the one in effect (light or
+// dark), so the stylesheet has one dark palette. Pages with charts redraw,
+// since uPlot paints with the colours of the moment.
 
 const THEMES = ["auto", "dark", "light"];
+const systemDark = matchMedia("(prefers-color-scheme: dark)");
 
-function applyTheme(theme) {
-  if (theme === "auto") document.documentElement.removeAttribute("data-theme");
-  else document.documentElement.setAttribute("data-theme", theme);
+function applyTheme(choice) {
+  const dark = choice === "dark" || (choice === "auto" && systemDark.matches);
+  document.documentElement.dataset.theme = dark ? "dark" : "light";
+  document.documentElement.dataset.themeChoice = choice;
   const b = $("theme");
-  if (b) replace(b, "Theme: " + theme);
+  if (b) replace(b, "Theme: " + choice);
 }
 
 function cycleTheme() {
@@ -508,12 +527,12 @@ async function overview(view, gen) {
   const drawTalkers = async () => {
     if (!metricNames) {
       const sampleDevs = (await get("/devices?limit=25")).items;
-      const lists = await Promise.all(sampleDevs.map((d) => get("/devices/" + enc(d.id) + "/series").catch(() => ({ items: [] }))));
+      const lists = await mapLimit(sampleDevs, 4, (d) => get("/devices/" + enc(d.id) + "/series").catch(() => ({ items: [] })));
       metricNames = [...new Set(lists.flatMap((l) => l.items.filter((x) => x.kind !== "string").map((x) => x.metric)))].sort();
     }
     const counts = new Map();
-    const answers = await Promise.all(metricNames.map((m) =>
-      get("/telemetry/aggregate" + query({ metric: m, from: "-1h", bucket: "1h", fn: "count" })).catch(() => ({ series: [] }))));
+    const answers = await mapLimit(metricNames, 4, (m) =>
+      get("/telemetry/aggregate" + query({ metric: m, from: "-1h", bucket: "1h", fn: "count" })).catch(() => ({ series: [] })));
     for (const a of answers) {
       for (const sr of a.series || []) {
         const n = sr.buckets.reduce((acc, b) => acc + (Number(b.count) || 0), 0);
@@ -1695,9 +1714,10 @@ async function security(view, gen, parts, params) {
 function start() {
   applyTheme(localStorage.getItem(THEME_KEY) || "auto");
   $("theme").addEventListener("click", cycleTheme);
-  // Re-draw charts when the system switches between light and dark.
-  matchMedia("(prefers-color-scheme: dark)").addEventListener("change", () => {
-    if (!localStorage.getItem(THEME_KEY) || localStorage.getItem(THEME_KEY) === "auto") render();
+  // Follow the system when it switches between light and dark (on auto).
+  systemDark.addEventListener("change", () => {
+    const choice = localStorage.getItem(THEME_KEY) || "auto";
+    if (choice === "auto") { applyTheme(choice); render(); }
   });
   $("logout").addEventListener("click", () => logout());
   window.addEventListener("hashchange", render);

@@ -199,57 +199,49 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     })
 }
 
-static INDEX: Asset = asset(
-    include_str!("../console/index.html"),
-    "text/html; charset=utf-8",
-);
-static APP_JS: Asset = asset(
-    include_str!("../console/app.js"),
-    "text/javascript; charset=utf-8",
-);
-static CHARTS_JS: Asset = asset(
-    include_str!("../console/charts.js"),
-    "text/javascript; charset=utf-8",
-);
-static MAP_JS: Asset = asset(
-    include_str!("../console/map.js"),
-    "text/javascript; charset=utf-8",
-);
-static APP_CSS: Asset = asset(
-    include_str!("../console/app.css"),
-    "text/css; charset=utf-8",
-);
-
-/// The vendored libraries and the basemap (`console/vendor/`).
-macro_rules! vendor {
-    ($name:literal, $type:expr) => {
-        asset(include_str!(concat!("../console/vendor/", $name)), $type)
-    };
-}
+const HTML: &str = "text/html; charset=utf-8";
 const JS: &str = "text/javascript; charset=utf-8";
 const CSS: &str = "text/css; charset=utf-8";
+
+/// A file of `console/`, embedded.
+macro_rules! embed {
+    ($path:literal, $type:expr) => {
+        asset(include_str!(concat!("../console/", $path)), $type)
+    };
+}
+
+static INDEX: Asset = embed!("index.html", HTML);
+
+/// The console's own files (`/console/{file}`).
+static FILES: [(&str, Asset); 4] = [
+    ("app.js", embed!("app.js", JS)),
+    ("charts.js", embed!("charts.js", JS)),
+    ("map.js", embed!("map.js", JS)),
+    ("app.css", embed!("app.css", CSS)),
+];
+
+/// The vendored libraries and the basemap (`/console/vendor/{file}`).
 static VENDOR: [(&str, Asset); 7] = [
-    ("leaflet.js", vendor!("leaflet.js", JS)),
-    ("leaflet.css", vendor!("leaflet.css", CSS)),
+    ("leaflet.js", embed!("vendor/leaflet.js", JS)),
+    ("leaflet.css", embed!("vendor/leaflet.css", CSS)),
     (
         "leaflet.markercluster.js",
-        vendor!("leaflet.markercluster.js", JS),
+        embed!("vendor/leaflet.markercluster.js", JS),
     ),
-    ("markercluster.css", vendor!("markercluster.css", CSS)),
-    ("uplot.js", vendor!("uplot.js", JS)),
-    ("uplot.css", vendor!("uplot.css", CSS)),
-    ("basemap.json", vendor!("basemap.json", "application/json")),
+    ("markercluster.css", embed!("vendor/markercluster.css", CSS)),
+    ("uplot.js", embed!("vendor/uplot.js", JS)),
+    ("uplot.css", embed!("vendor/uplot.css", CSS)),
+    (
+        "basemap.json",
+        embed!("vendor/basemap.json", "application/json"),
+    ),
 ];
 
 fn lookup(name: &str) -> Option<&'static Asset> {
-    match name {
-        "index.html" => Some(&INDEX),
-        "app.js" => Some(&APP_JS),
-        "charts.js" => Some(&CHARTS_JS),
-        "map.js" => Some(&MAP_JS),
-        "app.css" => Some(&APP_CSS),
-        _ => None,
+    if name == "index.html" {
+        return Some(&INDEX);
     }
+    FILES.iter().find(|(n, _)| *n == name).map(|(_, a)| a)
 }
 
 fn lookup_vendor(name: &str) -> Option<&'static Asset> {
@@ -267,10 +259,12 @@ pub async fn file(
     Path(name): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    match lookup(&name) {
-        Some(a) => respond(a, &headers, &state.console),
-        None => Problem::not_found(&format!("/console/{name}")).into_response(),
-    }
+    serve(
+        lookup(&name),
+        || format!("/console/{name}"),
+        &headers,
+        &state,
+    )
 }
 
 /// `GET /console/vendor/{file}`: a vendored library or the basemap.
@@ -279,9 +273,24 @@ pub async fn vendor_file(
     Path(name): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    match lookup_vendor(&name) {
-        Some(a) => respond(a, &headers, &state.console),
-        None => Problem::not_found(&format!("/console/vendor/{name}")).into_response(),
+    let found = lookup_vendor(&name);
+    serve(
+        found,
+        || format!("/console/vendor/{name}"),
+        &headers,
+        &state,
+    )
+}
+
+fn serve(
+    found: Option<&Asset>,
+    path: impl FnOnce() -> String,
+    headers: &HeaderMap,
+    state: &AppState,
+) -> Response {
+    match found {
+        Some(a) => respond(a, headers, &state.console),
+        None => Problem::not_found(&path()).into_response(),
     }
 }
 
@@ -329,20 +338,18 @@ mod tests {
 
     #[test]
     fn every_embedded_file_has_a_distinct_etag() {
-        let tags = [
-            INDEX.etag(),
-            APP_JS.etag(),
-            APP_CSS.etag(),
-            CHARTS_JS.etag(),
-            MAP_JS.etag(),
-        ];
-        assert!(lookup("nope.js").is_none());
-        assert!(lookup("../lib.rs").is_none());
-        let mut all: Vec<u64> = tags.to_vec();
-        all.extend(VENDOR.iter().map(|(_, a)| a.etag()));
+        let mut all: Vec<u64> = FILES
+            .iter()
+            .chain(VENDOR.iter())
+            .map(|(_, a)| a.etag())
+            .collect();
+        all.push(INDEX.etag());
         all.sort_unstable();
         all.dedup();
-        assert_eq!(all.len(), tags.len() + VENDOR.len());
+        assert_eq!(all.len(), 1 + FILES.len() + VENDOR.len());
+        assert!(lookup("app.js").is_some());
+        assert!(lookup("nope.js").is_none());
+        assert!(lookup("../lib.rs").is_none());
         assert!(lookup_vendor("leaflet.js").is_some());
         assert!(lookup_vendor("../app.js").is_none());
     }
