@@ -573,6 +573,20 @@ test("the overview charts the last hour; every page reads in dark mode and at a 
     await page.locator("main table td[data-counter=received] .small").first().waitFor({ timeout: 15_000 });
     await shot(page, "rules");
 
+    // The other pages, photographed at 1280×800.
+    for (const [name, hash, ready] of [
+      ["devices", "#/devices", "main table"],
+      ["settings", "#/settings", "main h1"],
+      ["firmware", "#/ota", "main table"],
+      ["audit", "#/audit", "main table"],
+      ["security", "#/security", "main h1"],
+    ]) {
+      await page.goto(base + "/" + hash);
+      await page.locator(ready).first().waitFor();
+      await shot(page, name);
+    }
+    await page.goto(base + "/#/");
+
     // The keyboard reaches the navigation first, and a link opens its page.
     await page.evaluate(() => document.activeElement && document.activeElement.blur());
     await page.keyboard.press("Tab");

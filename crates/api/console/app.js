@@ -61,7 +61,7 @@ const $ = (id) => document.getElementById(id);
 function table(headers, rows, empty) {
   if (!rows.length) return h("p", { class: "muted" }, empty || "Nothing here.");
   return h("table", {},
-    h("thead", {}, h("tr", {}, headers.map((t) => h("th", {}, t)))),
+    h("thead", {}, h("tr", {}, headers.map((t) => (t instanceof Node ? t : h("th", {}, t))))),
     h("tbody", {}, rows));
 }
 
@@ -541,7 +541,7 @@ async function overview(view, gen) {
     }
     if (!current(gen)) return;
     const top = [...counts].sort((a, b) => b[1] - a[1]).slice(0, 10);
-    replace(talkersBox, table(["Device", "Readings", "Per minute"], top.map(([d, n]) => h("tr", { "data-talker": d },
+    replace(talkersBox, table(["Device", h("th", { class: "num" }, "Readings"), h("th", { class: "num" }, "Per minute")], top.map(([d, n]) => h("tr", { "data-talker": d },
       h("td", {}, h("a", { href: "#/devices/" + enc(d) }, d)), h("td", { class: "num" }, String(n)),
       h("td", { class: "num" }, fmtRate(n / 60)))), "No readings in the last hour."));
   };
@@ -1573,7 +1573,7 @@ async function rules(view, gen) {
       if (!was || !rule.counters || dt <= 0) return null;
       return Math.max(0, (rule.counters[k] || 0) - (was[k] || 0)) / dt;
     };
-    replace(body, table(["Rule", "Enabled", ...RULE_COUNTERS.map(([, l]) => l), "Last error", ""], r.items.map((rule) => {
+    replace(body, table(["Rule", "Enabled", ...RULE_COUNTERS.map(([, l]) => h("th", { class: "num" }, l)), "Last error", ""], r.items.map((rule) => {
       const c = rule.counters;
       const lastError = c && (c.last_action_error || c.last_error);
       return h("tr", { "data-rule": rule.id },

@@ -45,6 +45,14 @@ export function align(tables) {
   return out;
 }
 
+/// Tick labels with as many decimals as the step between ticks needs
+/// (uPlot's default keeps three, so 48.3508 and 48.3512 both read 48.351).
+function tickValues(u, splits, axisIdx, space, incr) {
+  let d = 0;
+  while (d < 12 && incr > 0 && Math.abs(Math.round(incr * 10 ** d) - incr * 10 ** d) > 1e-6) d += 1;
+  return splits.map((v) => (Math.abs(v) >= 1e6 ? v.toExponential(2) : v.toFixed(d)));
+}
+
 function fmtTick(v) {
   const a = Math.abs(v);
   if (a >= 1e6 || (a > 0 && a < 1e-3)) return v.toExponential(1);
@@ -85,9 +93,12 @@ export function timeChart(box, metrics, data, opts = {}) {
     }
     if (i < 2) {
       axes.push({
-        scale, side: i === 0 ? 3 : 1, stroke: c, size: 56,
+        // Wide enough for the longest label (about 7 px a character).
+        scale, side: i === 0 ? 3 : 1, stroke: c,
+        size: (u, values) => (values && values.length ? Math.max(...values.map((v) => String(v).length)) * 7 + 18 : 50),
         grid: { show: i === 0, stroke: colors.grid, width: 1 },
         ticks: { stroke: colors.grid },
+        values: tickValues,
       });
     }
   });
