@@ -3,13 +3,20 @@
 // Model: the URL fragment names the page (#/devices/abc); `render()` runs the
 // page function, which builds DOM nodes with `h()` (text always goes in as
 // text nodes: no data ever passes through innerHTML). Each page may start
-// timers with `every()` and live streams with `live()`; both stop when the
-// page changes. Async work checks
-// `current(gen)` so a slow answer never draws over a newer page.
-"use strict";
+// timers with `every()` and live streams with `live()`, and register
+// cleanups with `onLeave()`; all stop when the page changes. Async work
+// checks `current(gen)` so a slow answer never draws over a newer page.
+//
+// A plain ES module: charts (uPlot) and the map (Leaflet) live in their
+// own modules; the vendored libraries are classic scripts loaded before
+// this one (index.html), as globals.
+
+import { timeChart, barChart, align } from "./charts.js";
+import { createMap, fleetLayer, fenceLayer, trackLayer } from "./map.js";
 
 const TOKEN_KEY = "m2mhub.token";
-const state = { me: null, gen: 0, timers: [], streams: [] };
+const THEME_KEY = "m2mhub.theme";
+const state = { me: null, gen: 0, timers: [], streams: [], leave: [], config: null };
 
 // ---- DOM -------------------------------------------------------------------
 
@@ -54,13 +61,28 @@ const $ = (id) => document.getElementById(id);
 function table(headers, rows, empty) {
   if (!rows.length) return h("p", { class: "muted" }, empty || "Nothing here.");
   return h("table", {},
-    h("thead", {}, h("tr", {}, headers.map((t) => h("th", {}, t)))),
+    h("thead", {}, h("tr", {}, headers.map((t) => (t instanceof Node ? t : h("th", {}, t))))),
     h("tbody", {}, rows));
 }
 
+// Times are shown in the operator's zone (the browser's), named in the bar.
 function fmtTime(ms) {
   if (ms === null || ms === undefined) return "—";
   return new Date(ms).toLocaleString();
+}
+
+function fmtDuration(secs) {
+  if (secs === null || secs === undefined) return "—";
+  if (secs < 120) return secs + " s";
+  if (secs < 7200) return Math.round(secs / 60) + " min";
+  if (secs < 172800) return Math.round(secs / 3600) + " h";
+  return Math.round(secs / 86400) + " d";
+}
+
+function fmtRate(r) {
+  if (!Number.isFinite(r)) return "—";
+  if (r === 0) return "0";
+  return r >= 100 ? r.toFixed(0) : r >= 1 ? r.toFixed(1) : r.toFixed(2);
 }
 
 function ago(ms) {
@@ -117,6 +139,22 @@ async function api(method, path, body) {
 
 const get = (path) => api("GET", path);
 
+// `fn` over `items` with at most `limit` calls in flight: the API bounds
+// requests in flight per token (`http.max_requests_per_token`), and a page
+// that fans out should leave room for the others.
+async function mapLimit(items, limit, fn) {
+  const out = new Array(items.length);
+  let next = 0;
+  const worker = async () => {
+    while (next < items.length) {
+      const i = next++;
+      out[i] = await fn(items[i], i);
+    }
+  };
+  await Promise.all(Array.from({ length: Math.min(limit, items.length) }, worker));
+  return out;
+}
+
 function query(params) {
   const q = new URLSearchParams();
   for (const [k, v] of Object.entries(params)) if (v !== "" && v !== null && v !== undefined) q.set(k, v);
@@ -161,13 +199,51 @@ function writeButton(label, fn, cls) {
 }
 
 
-// Stop what the current page started: timers and live streams.
+// Stop what the current page started: timers, live streams, cleanups
+// (charts and maps release their observers and listeners).
 function stopPage() {
   state.gen += 1;
   state.timers.forEach(clearInterval);
   state.timers = [];
   state.streams.forEach((c) => c.abort());
   state.streams = [];
+  for (const f of state.leave.splice(0)) { try { f(); } catch (e) { console.warn("cleanup", e); } }
+}
+
+function onLeave(f) {
+  state.leave.push(f);
+}
+
+// The console's settings from the server (the map's tile server), once.
+async function consoleConfig() {
+  if (!state.config) state.config = await get("/console/config");
+  return state.config;
+}
+
+// ---- Theme -----------------------------------------------------------------------
+//
+// auto (the system's preference) → dark → light, remembered in local
+// storage. `data-theme` on the root is always the one in effect (light or
+// dark), so the stylesheet has one dark palette. Pages with charts redraw,
+// since uPlot paints with the colours of the moment.
+
+const THEMES = ["auto", "dark", "light"];
+const systemDark = matchMedia("(prefers-color-scheme: dark)");
+
+function applyTheme(choice) {
+  const dark = choice === "dark" || (choice === "auto" && systemDark.matches);
+  document.documentElement.dataset.theme = dark ? "dark" : "light";
+  document.documentElement.dataset.themeChoice = choice;
+  const b = $("theme");
+  if (b) replace(b, "Theme: " + choice);
+}
+
+function cycleTheme() {
+  const cur = localStorage.getItem(THEME_KEY) || "auto";
+  const next = THEMES[(THEMES.indexOf(cur) + 1) % THEMES.length];
+  localStorage.setItem(THEME_KEY, next);
+  applyTheme(next);
+  render();
 }
 
 // ---- Live updates ------------------------------------------------------------
@@ -298,6 +374,7 @@ async function render() {
 
 function renderBar(section) {
   $("bar").hidden = false;
+  replace($("zone"), Intl.DateTimeFormat().resolvedOptions().timeZone || "");
   replace($("nav"), NAV.filter(([, , show]) => show()).map(([href, label]) =>
     h("a", { href, class: href === "#/" + section ? "active" : null }, label)));
   replace($("who"), state.me.username, " · ", state.me.role, state.me.tenant ? " · " + state.me.tenant : "");
@@ -352,11 +429,22 @@ async function overview(view, gen) {
   };
   const alarmsBox = h("div", { class: "cards" });
   const badge = liveBadge();
+  const trafficBox = h("div", { class: "chart-box", "data-chart": "traffic" });
+  const connBox = h("div", { class: "chart-box", "data-chart": "connections" });
+  const alarmChartBox = h("div", { class: "chart-box", "data-chart": "alarms" });
+  const talkersBox = h("div", {}, h("p", { class: "muted" }, "Loading…"));
+  const silentBox = h("div", {}, h("p", { class: "muted" }, "Loading…"));
   replace(view,
     h("h1", {}, "Fleet overview ", badge),
     h("div", { class: "cards" },
       card("total", "Devices"), card("online", "Online"), card("offline", "Offline"), card("rate", "Messages / s")),
-    h("h2", {}, "Active alarms"), alarmsBox);
+    h("h2", {}, "Active alarms"), alarmsBox,
+    h("div", { class: "overview-charts" },
+      h("section", {}, h("h2", {}, "Messages per second, last hour"), trafficBox),
+      h("section", {}, h("h2", {}, "Connections, last hour"), connBox),
+      h("section", {}, h("h2", {}, "Alarms raised per hour, last 24 h"), alarmChartBox),
+      h("section", {}, h("h2", {}, "Top talkers, last hour"), talkersBox)),
+    h("h2", {}, "Gone silent"), silentBox);
   let last = null;
   const sample = async () => {
     const [devs, broker, summary] = await Promise.all([
@@ -377,14 +465,110 @@ async function overview(view, gen) {
         h("span", { class: "badge sev-" + sev }, sev), h("div", { class: "figure" }, summary[sev] || 0))),
     h("div", { class: "card" }, h("div", { class: "muted" }, "Not acknowledged"), h("div", { class: "figure" }, summary.unacked || 0)));
   };
+
+  // Rates over the last hour: the API's one-minute ring (the last point is
+  // the minute in progress).
+  let traffic = null, conns = null;
+  const drawHistory = async () => {
+    const r = await get("/broker/history");
+    if (!current(gen)) return;
+    const xs = r.points.map((p) => p.ts_ms);
+    const tData = [xs, r.points.map((p) => p.messages_in_per_s), r.points.map((p) => p.messages_out_per_s)];
+    const cData = [xs, r.points.map((p) => p.connections), r.points.map((p) => p.connects_per_s * 60)];
+    if (!traffic) {
+      traffic = timeChart(trafficBox, [{ name: "in", zero: true }, { name: "out", zero: true }], tData, { height: 200 });
+      conns = timeChart(connBox, [{ name: "open connections", zero: true }, { name: "connects / min", zero: true }], cData, { height: 200 });
+      onLeave(() => { traffic.destroy(); conns.destroy(); });
+    } else {
+      traffic.setData(tData, !traffic.zoomed());
+      conns.setData(cData, !conns.zoomed());
+    }
+    // The whole hour, however little of it the ring holds yet.
+    const now = Date.now();
+    for (const c of [traffic, conns]) if (!c.zoomed()) c.plot.setScale("x", { min: now - 3600e3, max: now });
+    trafficBox.dataset.points = String(xs.length);
+  };
+
+  // Alarms raised per hour over a day, by severity group, from the alarm
+  // history (newest first, paged by `before`; at most 2,000 read).
+  let alarmChart = null;
+  const drawAlarms = async () => {
+    const since = Date.now() - 24 * 3600e3;
+    const items = [];
+    let before = "";
+    for (let i = 0; i < 4; i++) {
+      const r = await get("/alarms" + query({ limit: 500, before }));
+      items.push(...r.items);
+      if (!r.next || !r.items.length || r.items[r.items.length - 1].created_ms < since) break;
+      before = r.next;
+    }
+    if (!current(gen)) return;
+    const hour = 3600e3;
+    const first = Math.floor(since / hour) * hour;
+    const xs = Array.from({ length: 25 }, (_, i) => first + i * hour);
+    const severe = xs.map(() => 0), other = xs.map(() => 0);
+    for (const a of items) {
+      const i = Math.floor((a.created_ms - first) / hour);
+      if (i < 0 || i >= xs.length) continue;
+      if (a.severity === "critical" || a.severity === "major") severe[i] += 1; else other[i] += 1;
+    }
+    const data = [xs, severe, other];
+    if (!alarmChart) {
+      alarmChart = barChart(alarmChartBox, ["critical or major", "minor, warning, info"], data, { height: 200 });
+      onLeave(() => alarmChart.destroy());
+    } else alarmChart.setData(data);
+  };
+
+  // Top talkers: the devices with the most readings stored in the last
+  // hour. The store counts points per metric; a message carries several
+  // metrics, so a device's count is that of its busiest metric. The
+  // metric names come from the series of a sample of devices.
+  let metricNames = null;
+  const drawTalkers = async () => {
+    if (!metricNames) {
+      const sampleDevs = (await get("/devices?limit=25")).items;
+      const lists = await mapLimit(sampleDevs, 4, (d) => get("/devices/" + enc(d.id) + "/series").catch(() => ({ items: [] })));
+      metricNames = [...new Set(lists.flatMap((l) => l.items.filter((x) => x.kind !== "string").map((x) => x.metric)))].sort();
+    }
+    const counts = new Map();
+    const answers = await mapLimit(metricNames, 4, (m) =>
+      get("/telemetry/aggregate" + query({ metric: m, from: "-1h", bucket: "1h", fn: "count" })).catch(() => ({ series: [] })));
+    for (const a of answers) {
+      for (const sr of a.series || []) {
+        const n = sr.buckets.reduce((acc, b) => acc + (Number(b.count) || 0), 0);
+        counts.set(sr.device, Math.max(counts.get(sr.device) || 0, n));
+      }
+    }
+    if (!current(gen)) return;
+    const top = [...counts].sort((a, b) => b[1] - a[1]).slice(0, 10);
+    replace(talkersBox, table(["Device", h("th", { class: "num" }, "Readings"), h("th", { class: "num" }, "Per minute")], top.map(([d, n]) => h("tr", { "data-talker": d },
+      h("td", {}, h("a", { href: "#/devices/" + enc(d) }, d)), h("td", { class: "num" }, String(n)),
+      h("td", { class: "num" }, fmtRate(n / 60)))), "No readings in the last hour."));
+  };
+
+  // Gone silent: offline devices that were seen within the last day, the
+  // most recently lost first.
+  const drawSilent = async () => {
+    const r = await get("/devices" + query({ online: "false", limit: 500 }));
+    if (!current(gen)) return;
+    const day = Date.now() - 24 * 3600e3;
+    const lost = r.items.filter((d) => d.last_seen_ms && d.last_seen_ms > day).sort((a, b) => b.last_seen_ms - a.last_seen_ms).slice(0, 20);
+    replace(silentBox, table(["Device", "Group", "Last seen", ""], lost.map((d) => h("tr", { "data-silent": d.id },
+      h("td", {}, h("a", { href: "#/devices/" + enc(d.id) }, d.id)), h("td", {}, d.group || ""),
+      h("td", { title: fmtTime(d.last_seen_ms) }, ago(d.last_seen_ms)), h("td", { class: "muted" }, fmtTime(d.last_seen_ms)))),
+    "No device went silent in the last 24 h."));
+  };
+
   // Alarm and connection changes arrive live and refresh the figures at
-  // once; the message rate is sampled every 5 s.
+  // once; the message rate is sampled every 5 s, the charts every 30 s.
   let pending = null;
   const soon = () => { clearTimeout(pending); pending = setTimeout(() => { if (current(gen)) sample().catch(showError); }, 300); };
   live("", { alarm: soon, connections: soon, lagged: soon }, badge);
   await every(5000, sample);
   // A second sample soon, so the rate shows without waiting 5 s.
   setTimeout(() => { if (current(gen)) sample().catch(showError); }, 1000);
+  every(30000, () => Promise.all([drawHistory(), drawAlarms(), drawSilent()]));
+  every(60000, drawTalkers);
 }
 
 // ---- Devices -----------------------------------------------------------------
@@ -437,17 +621,31 @@ async function devices(view, gen, parts, params) {
 
 // ---- One device ----------------------------------------------------------------
 
-const RANGES = { "1h": { from: "-1h", bucket: "1m" }, "24h": { from: "-24h", bucket: "15m" }, "7d": { from: "-7d", bucket: "2h" } };
+// The history chart's ranges. Short ones read raw points and follow the
+// live stream (a live tail); long ones read buckets (answered from the
+// store's 1 min and 1 h rollups) and show each metric's min–max band.
+const RANGES = {
+  "15m": { ms: 15 * 60e3, raw: true, bucket: "5s" },
+  "1h": { ms: 3600e3, raw: true, bucket: "15s" },
+  "6h": { ms: 6 * 3600e3, bucket: "1m" },
+  "24h": { ms: 24 * 3600e3, bucket: "5m" },
+  "7d": { ms: 7 * 86400e3, bucket: "30m" },
+  "30d": { ms: 30 * 86400e3, bucket: "2h" },
+};
+// Bucket widths a zoomed-in view may use, finest first (whole minutes and
+// hours come from the rollups).
+const BUCKETS = [["5s", 5e3], ["15s", 15e3], ["1m", 60e3], ["5m", 300e3], ["15m", 900e3], ["30m", 1800e3], ["1h", 3600e3], ["2h", 7200e3]];
+const RAW_LIMIT = 5000;
 const TERMINAL = ["answered", "failed", "timed_out"];
 
 async function device(view, gen, parts, params) {
   const id = parts[1];
   const path = "/devices/" + enc(id);
-  const range = RANGES[params.get("range")] ? params.get("range") : "24h";
+  const range = RANGES[params.get("range")] ? params.get("range") : "1h";
   const meta = h("div", {}, "Loading…");
   const creds = h("div", {});
   const latest = h("div", {}, h("p", { class: "muted" }, "Loading…"));
-  const charts = h("div", { class: "charts" });
+  const charts = h("div", {});
   const events = h("div", {});
   const connections = h("div", {});
   const alarmBox = h("div", {});
@@ -455,8 +653,9 @@ async function device(view, gen, parts, params) {
   const shadowBox = h("div", {});
   const diagBox = h("div", {});
   const badge = liveBadge();
-  const rangeTabs = h("div", { class: "tabs" }, Object.keys(RANGES).map((k) =>
-    h("a", { href: "#/devices/" + enc(id) + "?range=" + k, class: k === range ? "active" : null }, k)));
+  const rangeTabs = h("div", { class: "tabs", role: "group", "aria-label": "Time range" }, Object.keys(RANGES).map((k) =>
+    h("a", { href: "#/devices/" + enc(id) + "?range=" + k, class: k === range ? "active" : null, "data-range": k,
+      "aria-current": k === range ? "true" : null }, k)));
   replace(view,
     h("h1", {}, "Device ", h("code", {}, id), " ", badge), meta,
     h("h2", {}, "Latest values"), latest,
@@ -464,7 +663,7 @@ async function device(view, gen, parts, params) {
     h("h2", {}, "Commands"), commands,
     h("h2", {}, "Shadows"), shadowBox,
     h("h2", {}, "Diagnostics"), diagBox,
-    h("h2", {}, "History"), rangeTabs, charts,
+    h("h2", { id: "history" }, "History"), rangeTabs, charts,
     h("h2", {}, "Connection history"), connections,
     h("h2", {}, "Credentials"), creds,
     h("h2", {}, "Events"), events);
@@ -481,7 +680,15 @@ async function device(view, gen, parts, params) {
     row("Labels", labels || "—"), row("Enabled", d.enabled ? "yes" : "no"),
     row("Online", online), row("Created", fmtTime(d.created_ms)),
     row("Last seen", lastSeen), row("Last address", lastAddr),
-    row("MQTT session", d.session ? json(d.session) : "none"))));
+    row("Position", h("td", {}, h("a", { href: "#/map?track=" + enc(id) }, "Track on the map"))),
+    row("MQTT session", h("td", { class: "session" }, d.session ? "Loading…" : "none")))));
+  if (d.session) {
+    get("/sessions/" + enc(id)).then((sess) => {
+      if (current(gen)) replace(meta.querySelector("td.session"), sessionPanel(sess));
+    }).catch(() => {
+      if (current(gen)) replace(meta.querySelector("td.session"), sessionPanel(d.session));
+    });
+  }
 
   const loadCreds = async () => {
     const [tokens, certs] = await Promise.all([get(path + "/tokens"), get(path + "/certificates")]);
@@ -541,6 +748,7 @@ async function device(view, gen, parts, params) {
     values.set(m, { value, kind: kind || kindOf(value), ts_ms: ts, spark, fresh: true });
   };
   let charted = "";
+  let history = null;
   const loadLatest = async () => {
     const r = await get(path + "/telemetry");
     if (!current(gen)) return;
@@ -558,21 +766,10 @@ async function device(view, gen, parts, params) {
     drawLatest();
     if (numeric.join("\n") !== charted) {
       charted = numeric.join("\n");
-      await drawCharts(numeric);
+      if (history) history.destroy();
+      history = historyPanel(charts, id, range, numeric, gen);
+      await history.load();
     }
-  };
-
-  const drawCharts = async (metrics) => {
-    const { from, bucket } = RANGES[range];
-    const results = await Promise.all(metrics.map((m) =>
-      get("/telemetry/aggregate" + query({ metric: m, device: id, from, bucket, fn: "avg,min,max" }))
-        .catch((e) => ({ error: e.message }))));
-    if (!current(gen)) return;
-    replace(charts, metrics.map((m, i) => h("div", { class: "card" },
-      h("strong", {}, m), " ", h("span", { class: "muted" }, "avg, min–max per " + bucket),
-      results[i].error ? h("p", { class: "error" }, results[i].error)
-        : lineChart(((results[i].series || [])[0] || { buckets: [] }).buckets, results[i].from_ms, results[i].to_ms))));
-    if (!metrics.length) replace(charts, h("p", { class: "muted" }, "No numeric metrics."));
   };
 
   const loadAlarms = async () => {
@@ -642,27 +839,30 @@ async function device(view, gen, parts, params) {
       h("td", {}, fmtTime(e.ts_ms)), h("td", {}, e.kind), h("td", {}, h("pre", {}, e.detail)))), "No events."));
   };
 
-  const history = [];
-  const drawConnections = () => replace(connections, table(["Time", "", "Detail"], history.slice(0, 20).map((e) => h("tr", {},
+  const connHistory = [];
+  const drawConnections = () => replace(connections, table(["Time", "", "Detail"], connHistory.slice(0, 20).map((e) => h("tr", {},
     h("td", {}, fmtTime(e.ts_ms)), h("td", {}, h("span", { class: "dot" + (e.online ? " on" : "") })), h("td", {}, e.detail))),
   "No connections recorded yet."));
   const loadConnections = async () => {
     const r = await get(path + "/events" + query({ kind: "connection", limit: 20 }));
     if (!current(gen)) return;
-    history.splice(0, history.length, ...r.items.map((e) => ({ ts_ms: e.ts_ms, online: !e.detail.startsWith("disconnected"), detail: e.detail })));
+    connHistory.splice(0, connHistory.length, ...r.items.map((e) => ({ ts_ms: e.ts_ms, online: !e.detail.startsWith("disconnected"), detail: e.detail })));
     drawConnections();
   };
 
   live("?device=" + enc(id), {
     telemetry: (ev) => {
-      for (const [m, p] of Object.entries(ev.values)) setValue(m, p.value, p.ts_ms);
+      for (const [m, p] of Object.entries(ev.values)) {
+        setValue(m, p.value, p.ts_ms);
+        if (history && typeof p.value === "number") history.tail(m, p.ts_ms, p.value);
+      }
       drawLatest();
       replace(lastSeen, fmtTime(ev.ts_ms) + " (just now)");
     },
     connection: (ev) => {
       replace(online, ev.online ? "yes" : "no");
       if (ev.online) replace(lastAddr, ev.detail.replace(/^connected from (\S+).*$/, "$1"));
-      history.unshift(ev);
+      connHistory.unshift(ev);
       drawConnections();
     },
     alarm: () => loadAlarms().catch(showError),
@@ -709,7 +909,9 @@ async function device(view, gen, parts, params) {
     every(10000, loadCommands), every(30000, loadShadows), every(5000, loadDiagnostics)]);
   // The "ago" column ages without new data; the live stream does the rest.
   every(5000, async () => drawLatest());
-  every(60000, () => drawCharts(charted ? charted.split("\n") : []));
+  // Long ranges have no live tail: read them again each minute (unless
+  // the operator is looking at a zoomed window).
+  every(60000, async () => { if (history && !RANGES[range].raw && !history.zoomed()) await history.load(); });
 }
 
 // A small live chart: the values of the last minutes, no axes.
@@ -766,38 +968,203 @@ function commandForm(path, gen, reload) {
   return form;
 }
 
-// An SVG line chart: the avg line over the min–max band.
-function lineChart(buckets, fromMs, toMs) {
-  const W = 360, H = 140, L = 44, R = 8, T = 8, B = 20;
-  const pts = buckets.filter((b) => typeof b.avg === "number");
-  if (!pts.length) return h("p", { class: "muted" }, "No data in this range.");
-  let lo = Math.min(...pts.map((b) => (typeof b.min === "number" ? b.min : b.avg)));
-  let hi = Math.max(...pts.map((b) => (typeof b.max === "number" ? b.max : b.avg)));
-  if (hi === lo) { hi += 1; lo -= 1; }
-  const t0 = fromMs || pts[0].ts_ms, t1 = toMs || pts[pts.length - 1].ts_ms;
-  const x = (t) => L + ((t - t0) / Math.max(1, t1 - t0)) * (W - L - R);
-  const y = (v) => T + (1 - (v - lo) / (hi - lo)) * (H - T - B);
-  const band = pts.map((b) => x(b.ts_ms) + "," + y(typeof b.max === "number" ? b.max : b.avg))
-    .concat(pts.slice().reverse().map((b) => x(b.ts_ms) + "," + y(typeof b.min === "number" ? b.min : b.avg)));
-  const grid = [lo, (lo + hi) / 2, hi].map((v) => [
-    s("line", { class: "grid", x1: L, x2: W - R, y1: y(v), y2: y(v) }),
-    s("text", { class: "axis", x: L - 4, y: y(v) + 3, "text-anchor": "end" }, fmtValue(Number(v.toPrecision(4)))),
-  ]);
-  const ticks = [t0, t1].map((t, i) =>
-    s("text", { class: "axis", x: i ? W - R : L, y: H - 5, "text-anchor": i ? "end" : "start" }, new Date(t).toLocaleString()));
-  return s("svg", { class: "chart", viewBox: `0 0 ${W} ${H}`, role: "img" },
-    grid, ticks,
-    s("polygon", { class: "band", points: band.join(" ") }),
-    s("polyline", { class: "avg", points: pts.map((b) => x(b.ts_ms) + "," + y(b.avg)).join(" ") }));
+// A session as an operator reads it: state, protocol, persistence and
+// expiry, queues, and the subscriptions as a table.
+function sessionPanel(sess) {
+  const facts = [
+    ["State", sess.online ? "connected" : "offline" + (sess.offline_seconds !== undefined ? " for " + fmtDuration(sess.offline_seconds) : "")],
+    sess.protocol ? ["Protocol", "MQTT " + sess.protocol] : null,
+    sess.persistent !== undefined ? ["Session", sess.persistent
+      ? "persistent" + (sess.expiry_interval ? ", kept " + fmtDuration(sess.expiry_interval) + " after disconnecting" : "")
+      : "clean (ends with the connection)"] : null,
+    ["Queued messages", String(sess.queued ?? 0)],
+    ["In flight", String(sess.inflight ?? 0)],
+    ["Dropped (queue full)", String(sess.dropped ?? 0)],
+  ].filter(Boolean);
+  const subs = sess.subscriptions || [];
+  return h("div", { class: "session-panel" },
+    h("dl", { class: "facts" }, facts.map(([k, v]) => [h("dt", {}, k), h("dd", {}, v)])),
+    subs.length
+      ? table(["Subscribed to", "QoS"], subs.map((x) => h("tr", {}, h("td", {}, h("code", {}, x.filter)), h("td", { class: "num" }, String(x.qos)))))
+      : h("p", { class: "muted" }, "No subscriptions."));
+}
+
+// The history chart of a device: metrics to pick (several on one chart),
+// the data of the chosen range, drag-to-zoom (a zoom into a long range
+// reads finer buckets for the window), pan, and a live tail on short
+// ranges. Returns { load, tail(metric, ts, value), destroy }.
+function historyPanel(box, id, rangeKey, metrics, gen) {
+  const range = RANGES[rangeKey];
+  const key = "m2mhub.chart." + id;
+  let chosen = (sessionStorage.getItem(key) || "").split(",").filter((m) => metrics.includes(m));
+  if (!chosen.length) chosen = metrics.slice(0, 2);
+  const picks = h("div", { class: "metric-picks", role: "group", "aria-label": "Metrics on the chart" }, metrics.map((m) => {
+    const cb = h("input", { type: "checkbox", value: m, name: "metric" });
+    cb.checked = chosen.includes(m);
+    cb.addEventListener("change", () => {
+      chosen = metrics.filter((x) => picks.querySelector(`input[value="${CSS.escape(x)}"]`).checked);
+      sessionStorage.setItem(key, chosen.join(","));
+      load().catch(showError);
+    });
+    return h("label", {}, cb, m);
+  }));
+  const status = h("span", { class: "muted small" });
+  const plotBox = h("div", { class: "chart-box", "data-chart": "history", "data-range": rangeKey, "aria-label": "History chart: drag to zoom, arrow keys to pan, 0 to reset" });
+  const btn = (label, title, f) => h("button", { type: "button", title, onclick: f }, label);
+  let chart = null;
+  const tools = h("div", { class: "toolbar" },
+    btn("◀", "Pan left (←)", () => chart && chart.pan(-0.25)),
+    btn("▶", "Pan right (→)", () => chart && chart.pan(0.25)),
+    btn("Zoom in", "Zoom in (+)", () => chart && chart.zoom(0.5)),
+    btn("Reset zoom", "Whole range (0, or double-click)", () => chart && chart.reset()),
+    status);
+  replace(box, picks, tools, plotBox);
+
+  // One metric's table for uPlot: [xs, avg] or, with the band, [xs, avg, min, max].
+  const fetchMetric = async (m, from, to, bucket, raw) => {
+    if (raw) {
+      const r = await get("/devices/" + enc(id) + "/telemetry/" + enc(m) + query({ from, to, limit: RAW_LIMIT }));
+      // More than a page: too dense to draw raw, read buckets instead.
+      if (!r.next) {
+        const pts = r.points.filter((p) => typeof p[1] === "number");
+        return { band: false, cols: [pts.map((p) => p[0]), pts.map((p) => p[1])] };
+      }
+    }
+    const r = await get("/telemetry/aggregate" + query({ metric: m, device: id, from, to, bucket, fn: "avg,min,max" }));
+    const b = (((r.series || [])[0] || {}).buckets || []).filter((x) => typeof x.avg === "number");
+    const half = (r.bucket_ms || 0) / 2;
+    return { band: !raw, cols: [b.map((x) => x.ts_ms + half), b.map((x) => x.avg), b.map((x) => x.min), b.map((x) => x.max)].slice(0, raw ? 2 : 4) };
+  };
+
+  let shown = []; // metrics in the chart, in order
+  let detail = false; // the data is a zoomed window read finer, not the range
+  let tables = []; // their tables, for the live tail
+  let loadedSpan = null;
+  const load = async (from = "-" + (range.ms / 60e3) + "m", to = "now", bucket = range.bucket, raw = !!range.raw, keepScale = false) => {
+    const list = chosen.slice();
+    if (!list.length) {
+      if (chart) { chart.destroy(); chart = null; }
+      replace(plotBox, h("p", { class: "muted" }, "Choose a metric."));
+      return;
+    }
+    replace(status, "loading…");
+    const results = await Promise.all(list.map((m) => fetchMetric(m, from, to, bucket, raw).catch((e) => ({ error: e.message, band: false, cols: [[], []] }))));
+    if (!current(gen)) return;
+    const errors = results.filter((r) => r.error).map((r) => r.error);
+    replace(status, errors.length ? h("span", { class: "error" }, errors[0]) : (raw ? "raw points" : "avg and min–max per " + bucket) + (range.raw ? ", live" : ""));
+    tables = results.map((r) => r.cols);
+    const data = align(tables);
+    const metricsDef = list.map((m, i) => ({ name: m, band: results[i].band }));
+    // A long range shows all of itself, however little data it holds.
+    const whole = !keepScale && !raw ? [Date.now() - range.ms, Date.now()] : null;
+    const sameShape = chart && shown.length === list.length && shown.every((x, i) => x.name === metricsDef[i].name && x.band === metricsDef[i].band);
+    if (chart && sameShape && keepScale) {
+      chart.setData(data, false);
+    } else {
+      if (chart) chart.destroy();
+      plotBox.replaceChildren();
+      chart = timeChart(plotBox, metricsDef, data, { onZoom, onReset, span: whole });
+    }
+    shown = metricsDef;
+    plotBox.dataset.metrics = list.join(",");
+    plotBox.dataset.points = String(data[0].length);
+    if (!keepScale) loadedSpan = whole || (data[0].length ? [data[0][0], data[0][data[0].length - 1]] : null);
+    detail = keepScale;
+  };
+
+  // Zoom out: the whole range again (read anew if a zoom replaced it).
+  const onReset = () => {
+    if (detail) load().catch(showError);
+    else if (chart && loadedSpan) chart.plot.setScale("x", { min: loadedSpan[0], max: loadedSpan[1] });
+  };
+
+  // A zoom into a long range: once the operator stops, read the window
+  // again with buckets about 300 to the width (never finer than 5 s).
+  let zoomTimer = null;
+  let lastDetail = null; // [bucket, min, max] of the last window read finer
+  const onZoom = (min, max, zoomed) => {
+    plotBox.dataset.view = Math.round(min) + "-" + Math.round(max);
+    if (range.raw || !zoomed || !loadedSpan) return;
+    clearTimeout(zoomTimer);
+    zoomTimer = setTimeout(() => {
+      if (!current(gen)) return;
+      const want = (max - min) / 300;
+      const b = BUCKETS.find(([, ms]) => ms >= want) || BUCKETS[BUCKETS.length - 1];
+      if (b[0] === range.bucket) return;
+      // Already read at this resolution for a window that covers it.
+      if (detail && lastDetail && b[0] === lastDetail[0] && min >= lastDetail[1] && max <= lastDetail[2]) return;
+      lastDetail = [b[0], min, max];
+      load(String(Math.floor(min)), String(Math.ceil(max)), b[0], false, true)
+        .then(() => { if (chart) chart.plot.setScale("x", { min, max }); })
+        .catch(showError);
+    }, 500);
+  };
+
+  const destroy = () => { clearTimeout(zoomTimer); if (chart) { chart.destroy(); chart = null; } };
+  onLeave(destroy);
+  return {
+    load: () => load(),
+    destroy,
+    zoomed: () => detail || (!!chart && chart.zoomed()),
+    // A live value: appended on short ranges; the oldest beyond the range
+    // fall off (unless the operator zoomed, who keeps what they look at).
+    tail(m, ts, v) {
+      if (!range.raw || !chart) return;
+      const i = shown.findIndex((x) => x.name === m);
+      if (i < 0) return;
+      const t = tables[i];
+      if (t[0].length && ts <= t[0][t[0].length - 1]) return;
+      t[0].push(ts);
+      t[1].push(v);
+      const cut = ts - range.ms;
+      while (t[0].length && t[0][0] < cut) { t[0].shift(); t[1].shift(); }
+      const data = align(tables);
+      plotBox.dataset.points = String(data[0].length);
+      chart.setData(data, !chart.zoomed());
+    },
+  };
 }
 
 // ---- Map -----------------------------------------------------------------------
 
-async function map(view, gen) {
-  const box = h("div", {}, "Loading…");
+async function map(view, gen, parts, params) {
   const badge = liveBadge();
+  const box = h("div", { class: "map", id: "fleet-map", role: "application", "aria-label": "Map of the fleet" });
+  const summary = h("span", { class: "muted" });
+  const fitBtn = h("button", { type: "button" }, "Fit the fleet");
+  // Track replay: a device, a range, the path, and a scrubber.
+  const trackDevice = h("select", { name: "track-device", "aria-label": "Device" }, h("option", { value: "" }, "device…"));
+  const trackRange = h("select", { name: "track-range", "aria-label": "Range" },
+    ["15m", "1h", "6h", "24h", "7d"].map((r) => h("option", { value: r }, "last " + r)));
+  trackRange.value = params.get("range") || "1h";
+  const showBtn = h("button", { type: "button", class: "primary" }, "Show track");
+  const playBtn = h("button", { type: "button", disabled: true, "aria-pressed": "false" }, "Play");
+  const scrub = h("input", { type: "range", min: 0, max: 0, value: 0, step: 1, disabled: true, "aria-label": "Replay position" });
+  const when = h("span", { class: "muted small", "aria-live": "polite" });
   replace(view, h("h1", {}, "Map ", badge),
-    h("p", { class: "muted" }, "Devices that reported lat/lon in the last 24 h, at their latest position; geofences of the rules (inside(lat, lon, 'POLYGON…')) as shaded areas."), box);
+    h("div", { class: "toolbar" }, fitBtn, summary),
+    box,
+    h("section", { class: "track-panel card" },
+      h("h2", {}, "Route replay"),
+      h("div", { class: "toolbar" }, trackDevice, trackRange, showBtn),
+      h("div", { class: "toolbar" }, playBtn, scrub, when)),
+    h("p", { class: "muted small" }, "Devices at their latest position (clustered; click a cluster to zoom in); the rules' geofences (inside(lat, lon, 'POLYGON…')) as dashed areas. Without tiles the embedded basemap (Natural Earth) shows coastlines and borders."));
+
+  const config = await consoleConfig().catch(() => ({}));
+  if (!current(gen)) return;
+  const lm = await createMap(box, config);
+  if (!current(gen)) { lm.remove(); return; }
+  onLeave(() => lm.remove());
+  const fleet = fleetLayer(lm, (id) => go("#/devices/" + enc(id)));
+  box.leafletFleet = fleet; // for the browser tests' performance check
+  let fitted = false;
+  const fit = () => {
+    fleet.flush();
+    const b = fleet.bounds();
+    if (b.isValid()) lm.fitBounds(b, { padding: [40, 40], maxZoom: 12 });
+  };
+  fitBtn.addEventListener("click", fit);
+
   // One aggregate per coordinate gives every device's last value at once,
   // instead of one request per device.
   const lastOf = async (metric) => {
@@ -809,29 +1176,108 @@ async function map(view, gen) {
     }
     return out;
   };
-  const positions = new Map(); // device → { lat, lon }
-  let fences = [];
-  let drawn = null;
-  const draw = () => {
-    const pts = [...positions].map(([id, p]) => ({ id, lat: p.lat, lon: p.lon }));
-    // The view is fitted on the first draw and when a device leaves it, so
-    // pins move smoothly instead of the map rescaling at every update.
-    if (!drawn || pts.some((p) => !drawn.contains(p))) drawn = mapView(pts, fences);
-    replace(box, pts.length ? mapSvg(pts, fences, drawn) : h("p", { class: "muted" }, "No device reports a position."));
+  let fences = null;
+  const valid = (lat, lon) => Math.abs(lat) <= 90 && Math.abs(lon) <= 180;
+  const refreshDevices = () => {
+    replace(summary, fleet.count() + " devices with a position");
+    const ids = fleet.ids();
+    if (trackDevice.options.length - 1 !== ids.length) {
+      const keep = trackDevice.value || params.get("track") || "";
+      replace(trackDevice, h("option", { value: "" }, "device…"), ids.map((d) => h("option", { value: d }, d)));
+      if (keep && !ids.includes(keep)) trackDevice.appendChild(h("option", { value: keep }, keep));
+      trackDevice.value = keep;
+    }
   };
   const load = async () => {
     const [lat, lon, rs] = await Promise.all([lastOf("lat"), lastOf("lon"), get("/rules").catch(() => ({ items: [] }))]);
     if (!current(gen)) return;
-    fences = rs.items.flatMap((r) => geofences(r.sql || "").map((ring) => ({ rule: r.name || r.id, ring })));
-    for (const [d, v] of lat) {
-      if (lon.has(d) && Math.abs(v) <= 90 && Math.abs(lon.get(d)) <= 180) positions.set(d, { lat: v, lon: lon.get(d) });
-    }
-    draw();
+    if (fences) fences.remove();
+    fences = fenceLayer(lm, rs.items.flatMap((r) => geofences(r.sql || "").map((ring) => ({ rule: r.name || r.id, ring }))));
+    const list = [];
+    for (const [d, v] of lat) if (lon.has(d) && valid(v, lon.get(d))) list.push({ id: d, lat: v, lon: lon.get(d) });
+    fleet.update(list);
+    fleet.flush();
+    if (!fitted && list.length && !params.get("track")) { fitted = true; fit(); }
+    refreshDevices();
+    box.dataset.loaded = "true";
   };
   live("", {
-    positions: (ev) => { for (const p of ev.items) positions.set(p.device, { lat: p.lat, lon: p.lon }); draw(); },
+    positions: (ev) => {
+      fleet.update(ev.items.filter((p) => valid(p.lat, p.lon)).map((p) => ({ id: p.device, lat: p.lat, lon: p.lon })));
+      refreshDevices();
+    },
     lagged: () => load().catch(showError),
   }, badge);
+
+  // A device's stored path: raw lat and lon points of the range, paired
+  // by timestamp (a reading carries both), at most 20,000 of each.
+  let track = null, points = [], playing = null;
+  const stop = () => { clearInterval(playing); playing = null; playBtn.setAttribute("aria-pressed", "false"); replace(playBtn, "Play"); };
+  const seek = (i) => {
+    if (!track || !points.length) return;
+    const k = Math.max(0, Math.min(points.length - 1, i));
+    scrub.value = String(k);
+    track.seek(k);
+    replace(when, fmtTime(points[k][0]) + " · " + (k + 1) + " of " + points.length);
+    box.dataset.replayAt = String(k);
+  };
+  const readAll = async (id, metric, from) => {
+    const out = [];
+    let cursor = "";
+    for (let page = 0; page < 4; page++) {
+      const r = await get("/devices/" + enc(id) + "/telemetry/" + enc(metric) + query({ from, limit: 5000, cursor }));
+      out.push(...r.points);
+      if (!r.next) break;
+      cursor = r.next;
+    }
+    return out;
+  };
+  const showTrack = async () => {
+    const id = trackDevice.value;
+    if (!id) return;
+    stop();
+    const from = "-" + trackRange.value;
+    const [lats, lons] = await Promise.all([readAll(id, "lat", from), readAll(id, "lon", from)]);
+    if (!current(gen)) return;
+    const lonAt = new Map(lons.map((p) => [p[0], p[1]]));
+    points = lats.filter((p) => typeof p[1] === "number" && typeof lonAt.get(p[0]) === "number" && valid(p[1], lonAt.get(p[0])))
+      .map((p) => [p[0], p[1], lonAt.get(p[0])]);
+    if (track) { track.remove(); track = null; }
+    if (!points.length) {
+      replace(when, "No position of " + id + " in the last " + trackRange.value + ".");
+      scrub.disabled = playBtn.disabled = true;
+      return;
+    }
+    track = trackLayer(lm, id, points);
+    scrub.max = String(points.length - 1);
+    scrub.disabled = playBtn.disabled = false;
+    box.dataset.track = id;
+    box.dataset.trackPoints = String(points.length);
+    seek(0);
+  };
+  onLeave(stop);
+  showBtn.addEventListener("click", act(showTrack));
+  scrub.addEventListener("input", () => { stop(); seek(Number(scrub.value)); });
+  // Play: the whole track in about 20 s, whatever its length.
+  playBtn.addEventListener("click", () => {
+    if (playing) return stop();
+    if (Number(scrub.value) >= points.length - 1) seek(0);
+    const step = Math.max(1, Math.round(points.length / 400));
+    playBtn.setAttribute("aria-pressed", "true");
+    replace(playBtn, "Pause");
+    playing = setInterval(() => {
+      if (!current(gen)) return stop();
+      const next = Number(scrub.value) + step;
+      seek(next);
+      if (next >= points.length - 1) stop();
+    }, 50);
+  });
+
+  if (params.get("track")) {
+    trackDevice.appendChild(h("option", { value: params.get("track") }, params.get("track")));
+    trackDevice.value = params.get("track");
+    showTrack().catch(showError);
+  }
   await every(60000, load);
 }
 
@@ -844,57 +1290,6 @@ function geofences(sql) {
     if (ring.length >= 3) out.push(ring);
   }
   return out;
-}
-
-// The projection that fits the points and fences.
-function mapView(pts, fences) {
-  const W = 900, H = 520, P = 30;
-  const lons = pts.map((p) => p.lon).concat(fences.flatMap((f) => f.ring.map((c) => c[0])));
-  const lats = pts.map((p) => p.lat).concat(fences.flatMap((f) => f.ring.map((c) => c[1])));
-  let [x0, x1] = [Math.min(...lons), Math.max(...lons)];
-  let [y0, y1] = [Math.min(...lats), Math.max(...lats)];
-  const pad = Math.max(0.01, (x1 - x0) * 0.1, (y1 - y0) * 0.1);
-  x0 -= pad; x1 += pad; y0 -= pad; y1 += pad;
-  // Equirectangular with the longitude squeezed by cos(latitude): shapes
-  // stay about right over a city or a country.
-  const k = Math.cos(((y0 + y1) / 2) * Math.PI / 180) || 1;
-  const scale = Math.min((W - 2 * P) / ((x1 - x0) * k), (H - 2 * P) / (y1 - y0));
-  return {
-    W, H, x0, x1, y0, y1,
-    x: (lon) => P + (lon - x0) * k * scale,
-    y: (lat) => H - P - (lat - y0) * scale,
-    contains: (p) => p.lon >= x0 && p.lon <= x1 && p.lat >= y0 && p.lat <= y1,
-  };
-}
-
-function mapSvg(pts, fences, v) {
-  const { W, H, x, y, x0, x1, y0, y1 } = v;
-  const step = niceStep((y1 - y0) / 5);
-  const grid = [];
-  for (let g = Math.ceil(y0 / step) * step; g <= y1; g += step) {
-    grid.push(s("line", { class: "grid", x1: 0, x2: W, y1: y(g), y2: y(g) }),
-      s("text", { class: "axis", x: 2, y: y(g) - 2 }, g.toFixed(3)));
-  }
-  for (let g = Math.ceil(x0 / step) * step; g <= x1; g += step) {
-    grid.push(s("line", { class: "grid", x1: x(g), x2: x(g), y1: 0, y2: H }),
-      s("text", { class: "axis", x: x(g) + 2, y: H - 2 }, g.toFixed(3)));
-  }
-  const areas = fences.map((f) => s("polygon", { class: "fence", points: f.ring.map((c) => x(c[0]) + "," + y(c[1])).join(" ") },
-    s("title", {}, "Geofence of rule " + f.rule)));
-  const pins = pts.map((p) => {
-    const c = s("circle", { class: "pin", cx: x(p.lon), cy: y(p.lat), r: 5, "data-device": p.id },
-      s("title", {}, p.id + " (" + p.lat.toFixed(5) + ", " + p.lon.toFixed(5) + ")"));
-    c.addEventListener("click", () => go("#/devices/" + enc(p.id)));
-    return c;
-  });
-  const labels = pts.length <= 50 ? pts.map((p) => s("text", { class: "label", x: x(p.lon) + 7, y: y(p.lat) + 3 }, p.id)) : [];
-  return s("svg", { class: "map", viewBox: `0 0 ${W} ${H}`, role: "img" }, grid, areas, pins, labels);
-}
-
-function niceStep(raw) {
-  const p = Math.pow(10, Math.floor(Math.log10(raw || 1)));
-  const f = raw / p;
-  return (f < 2 ? 1 : f < 5 ? 2 : 5) * p;
 }
 
 // ---- Alarms --------------------------------------------------------------------
@@ -1158,22 +1553,45 @@ async function campaign(view, gen, parts) {
 
 // ---- Rules ---------------------------------------------------------------------
 
+// Rule counters as a table: totals since the engine loaded the rule, and
+// per-second rates over the last poll (5 s).
+const RULE_COUNTERS = [["received", "Received"], ["matched", "Matched"], ["fired", "Fired"], ["cleared", "Cleared"], ["failed", "Failed"], ["action_failures", "Action failures"]];
+
 async function rules(view, gen) {
   const body = h("div", {}, "Loading…");
   replace(view, h("h1", {}, "Rules"),
     h("div", { class: "toolbar" }, canWrite() ? h("button", { type: "button", class: "primary", onclick: () => go("#/rules/new") }, "New rule") : null),
     body);
+  let prev = null; // { t, counters by rule id }
   const load = async () => {
     const r = await get("/rules");
     if (!current(gen)) return;
-    replace(body, table(["Rule", "Enabled", "Counters", ""], r.items.map((rule) => h("tr", {},
-      h("td", {}, h("a", { href: "#/rules/" + enc(rule.id) }, rule.name || rule.id), h("div", { class: "muted" }, rule.description || "")),
-      h("td", {}, rule.enabled ? "yes" : "no"),
-      h("td", {}, rule.counters ? Object.entries(rule.counters).map(([k, v]) => h("div", {}, k + ": " + fmtValue(v))) : h("span", { class: "muted" }, "—")),
-      h("td", {}, writeButton(rule.enabled ? "Disable" : "Enable", async () => {
-        await api("POST", "/rules/" + enc(rule.id) + (rule.enabled ? "/disable" : "/enable"));
-        await load();
-      })))), "No rules yet."));
+    const t = performance.now();
+    const dt = prev ? (t - prev.t) / 1000 : 0;
+    const rate = (rule, k) => {
+      const was = prev && prev.by[rule.id];
+      if (!was || !rule.counters || dt <= 0) return null;
+      return Math.max(0, (rule.counters[k] || 0) - (was[k] || 0)) / dt;
+    };
+    replace(body, table(["Rule", "Enabled", ...RULE_COUNTERS.map(([, l]) => h("th", { class: "num" }, l)), "Last error", ""], r.items.map((rule) => {
+      const c = rule.counters;
+      const lastError = c && (c.last_action_error || c.last_error);
+      return h("tr", { "data-rule": rule.id },
+        h("td", {}, h("a", { href: "#/rules/" + enc(rule.id) }, rule.name || rule.id), h("div", { class: "muted" }, rule.description || "")),
+        h("td", {}, rule.enabled ? "yes" : "no"),
+        RULE_COUNTERS.map(([k]) => {
+          if (!c) return h("td", { class: "num muted" }, "—");
+          const per = rate(rule, k);
+          return h("td", { class: "num", "data-counter": k }, String(c[k] ?? 0),
+            per === null ? null : h("div", { class: "muted small" }, fmtRate(per) + " /s"));
+        }),
+        h("td", { class: "small" }, lastError ? [fmtTime(lastError.ts_ms), ": ", lastError.error] : h("span", { class: "muted" }, "—")),
+        h("td", {}, writeButton(rule.enabled ? "Disable" : "Enable", async () => {
+          await api("POST", "/rules/" + enc(rule.id) + (rule.enabled ? "/disable" : "/enable"));
+          await load();
+        })));
+    }), "No rules yet."));
+    prev = { t, by: Object.fromEntries(r.items.map((x) => [x.id, x.counters || {}])) };
   };
   await every(5000, load);
 }
@@ -1293,8 +1711,19 @@ async function security(view, gen, parts, params) {
 
 // ---- Start -----------------------------------------------------------------------
 
-document.addEventListener("DOMContentLoaded", () => {
+function start() {
+  applyTheme(localStorage.getItem(THEME_KEY) || "auto");
+  $("theme").addEventListener("click", cycleTheme);
+  // Follow the system when it switches between light and dark (on auto).
+  systemDark.addEventListener("change", () => {
+    const choice = localStorage.getItem(THEME_KEY) || "auto";
+    if (choice === "auto") { applyTheme(choice); render(); }
+  });
   $("logout").addEventListener("click", () => logout());
   window.addEventListener("hashchange", render);
   render();
-});
+}
+
+// A module runs after the document is parsed (like `defer`).
+if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", start);
+else start();

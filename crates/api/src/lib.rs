@@ -8,11 +8,12 @@
 #![forbid(unsafe_code)]
 
 mod alarms;
+pub mod broker_history;
 mod caller;
 mod cluster;
 mod commands;
 pub mod connections;
-mod console;
+pub mod console;
 mod device_events;
 pub mod device_http;
 mod devices;
@@ -39,6 +40,7 @@ pub mod telemetry;
 pub mod timing;
 mod websocket;
 
+pub use console::ConsoleConfig;
 pub use https::serve_tls;
 pub use limits::{HttpConfig, HttpLimits};
 pub use lockout::{LoginConfig, LoginGuard};

@@ -29,6 +29,8 @@ pub fn router(state: AppState) -> Router {
         .route("/openapi.json", get(openapi_doc), &[("GET", "This OpenAPI document", Public)])
         .route("/broker", get(broker_stats), &[("GET", "Broker statistics", Viewer)])
         .route("/cluster", get(crate::cluster::show), &[("GET", "The cluster: this node's id, the live nodes with their load (connections, sessions, subscriptions, messages exchanged), and this node's fabric counters; `enabled: false` on a single node", Viewer)])
+        .route("/broker/history", get(crate::broker_history::history), &[("GET", "The broker's rates over the last hour, one point a minute (messages in and out, connects, authentication failures, bytes in, drops, per second) and the connections open at each minute's end; the last point is the minute in progress. Kept in memory: a restart starts afresh", Viewer)])
+        .route("/console/config", get(crate::console::config), &[("GET", "What the operator console's map uses: the tile server URL template (`null`: none, the embedded basemap alone) and its attribution", Viewer)])
         .route("/sessions", get(list_sessions), &[("GET", "MQTT sessions, paged", Viewer)])
         .route("/sessions/{client_id}", get(show_session), &[("GET", "One MQTT session", Viewer)])
         .route("/auth/login", post(o::login), &[("POST", "Log in with user name and password; returns an API token", Public)])
@@ -197,6 +199,7 @@ pub fn router(state: AppState) -> Router {
         // The operator console (outside `/api/v1`; it is a client of it).
         .route("/", get(crate::console::index))
         .route("/console/{file}", get(crate::console::file))
+        .route("/console/vendor/{file}", get(crate::console::vendor_file))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/mqtt", get(crate::websocket::upgrade))

@@ -44,4 +44,9 @@ pub struct AppState {
     pub login: Arc<crate::lockout::LoginGuard>,
     /// This node's membership in a cluster; `None` on a single node.
     pub cluster: Option<Arc<m2mhub_cluster::Cluster>>,
+    /// The console's tile server and the Content-Security-Policy it needs.
+    pub console: Arc<crate::console::ConsoleConfig>,
+    /// One-minute samples of the broker's counters over the last hour
+    /// (filled by `broker_history::sample_every_minute`).
+    pub broker_history: Arc<crate::broker_history::BrokerHistory>,
 }

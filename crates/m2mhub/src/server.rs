@@ -272,7 +272,13 @@ impl Server {
             http: Arc::new(m2mhub_api::HttpLimits::new(v.http.clone())),
             login: Arc::new(m2mhub_api::LoginGuard::new(v.login.clone())),
             cluster: cluster.clone(),
+            console: Arc::new(v.console.clone()),
+            broker_history: Default::default(),
         };
+        tasks.push(m2mhub_api::broker_history::sample_every_minute(
+            broker.clone(),
+            state.broker_history.clone(),
+        ));
         // The hash unknown user names are checked against, computed now so
         // that no login pays for it (timing must not tell names apart).
         let r = registry.clone();

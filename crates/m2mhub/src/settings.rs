@@ -243,6 +243,16 @@ name = "m2mhub"
 # How long the cluster keeps QoS 1/2 messages (a JetStream stream) so that a
 # persistent session resumes on another node with what it missed, hours.
 queue_retention_hours = 24
+[console]
+# The operator console's map (at /). Tiles come from this server, in
+# Leaflet's URL form ({s} for a subdomain, {z}/{x}/{y} the tile); the
+# console's Content-Security-Policy lets images come from its origin and no
+# other. Under the tiles, and wherever they cannot be loaded (no internet),
+# the map draws its embedded basemap (Natural Earth coastlines and borders).
+# Empty: no tiles, the embedded basemap alone.
+tile_url = "https://tile.openstreetmap.org/{z}/{x}/{y}.png"
+# Shown in the map's corner; the tile provider's licence usually requires it.
+tile_attribution = "© OpenStreetMap contributors"
 
 [log]
 # trace, debug, info, warn or error (RUST_LOG overrides it).
@@ -264,6 +274,7 @@ pub struct Settings {
     pub gateways: GatewaySettings,
     pub coap: CoapSettings,
     pub cluster: ClusterSettings,
+    pub console: ConsoleSettings,
     pub log: LogSettings,
 }
 
@@ -285,6 +296,22 @@ impl Default for ClusterSettings {
             node_id: String::new(),
             name: "m2mhub".into(),
             queue_retention_hours: 24,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConsoleSettings {
+    pub tile_url: String,
+    pub tile_attribution: String,
+}
+
+impl Default for ConsoleSettings {
+    fn default() -> Self {
+        ConsoleSettings {
+            tile_url: m2mhub_api::console::DEFAULT_TILE_URL.into(),
+            tile_attribution: m2mhub_api::console::DEFAULT_TILE_ATTRIBUTION.into(),
         }
     }
 }
@@ -522,6 +549,7 @@ impl Default for Settings {
             gateways: GatewaySettings::default(),
             cluster: ClusterSettings::default(),
             coap: CoapSettings::default(),
+            console: ConsoleSettings::default(),
             log: LogSettings::default(),
         }
     }
@@ -595,7 +623,7 @@ impl Default for LogSettings {
 
 /// The sections of the file; an environment variable `M2MHUB_MQTT_LISTEN`
 /// is the key `listen` of section `mqtt`.
-const SECTIONS: [&str; 10] = [
+const SECTIONS: [&str; 11] = [
     "mqtt",
     "telemetry",
     "diagnostics",
@@ -605,6 +633,7 @@ const SECTIONS: [&str; 10] = [
     "gateways",
     "coap",
     "cluster",
+    "console",
     "log",
 ];
 
@@ -949,10 +978,20 @@ impl Settings {
         } else {
             None
         };
+        let console =
+            m2mhub_api::ConsoleConfig::new(&self.console.tile_url, &self.console.tile_attribution)
+                .map_err(|e| {
+                    anyhow!(
+                "invalid value for `console.tile_url`: {:?} {e} (e.g. {:?}), or \"\" for none",
+                self.console.tile_url,
+                m2mhub_api::console::DEFAULT_TILE_URL
+            )
+                })?;
         Ok(Validated {
             cluster,
             http,
             login,
+            console,
             coap,
             coaps,
             gateways,
@@ -1097,6 +1136,8 @@ pub struct Validated {
     pub http: m2mhub_api::HttpConfig,
     /// Login throttling.
     pub login: m2mhub_api::LoginConfig,
+    /// The console's tile server (and so its Content-Security-Policy).
+    pub console: m2mhub_api::ConsoleConfig,
     pub ota: OtaConfig,
     /// Sparkplug B and ChirpStack.
     pub gateways: m2mhub_ingest::gateways::GatewayConfig,
@@ -1134,6 +1175,19 @@ mod tests {
     fn default_config_text_matches_defaults() {
         let parsed: Settings = toml::from_str(DEFAULT_CONFIG).expect("default config parses");
         assert_eq!(parsed, Settings::default());
+    }
+
+    #[test]
+    fn the_tile_url_is_checked_and_may_be_empty() {
+        let ok = Settings::load(None, &env(&[("M2MHUB_CONSOLE_TILE_URL", "")]))
+            .expect("load")
+            .validate()
+            .expect("no tiles is valid");
+        assert_eq!(ok.console.tile_url(), "");
+        let mut s = Settings::default();
+        s.console.tile_url = "https://t.example/{z}/{x}/{y}.png; script-src *".into();
+        let e = s.validate().expect_err("refused").to_string();
+        assert!(e.contains("console.tile_url"), "{e}");
     }
 
     #[test]

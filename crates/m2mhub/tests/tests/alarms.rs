@@ -749,6 +749,8 @@ async fn the_rule_service_validates_reloads_reports_counters_and_sends() {
         command_waiters: None,
         http: Default::default(),
         login: Default::default(),
+        console: Default::default(),
+        broker_history: Default::default(),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await

@@ -906,8 +906,9 @@ async fn retention_per_tenant(admin: &Client, tenants: &[&str]) {
 
 /// Reads whose answers change by themselves (clocks, counters, traffic) and
 /// say nothing about the objects a refused write could have touched.
-const VOLATILE_READS: [&str; 6] = [
+const VOLATILE_READS: [&str; 7] = [
     "/broker",
+    "/broker/history",
     "/telemetry/stats",
     "/sessions",
     "/sessions/{client_id}",

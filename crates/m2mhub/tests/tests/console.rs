@@ -3,12 +3,31 @@
 //! hosts (it must work on a machine with no internet).
 
 use crate::common::*;
+use mqtt_codec::QoS;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-const FILES: [(&str, &str); 3] = [
+/// Our own files: checked for references to other hosts.
+const FILES: [(&str, &str); 5] = [
     ("/", "text/html"),
     ("/console/app.js", "text/javascript"),
+    ("/console/charts.js", "text/javascript"),
+    ("/console/map.js", "text/javascript"),
     ("/console/app.css", "text/css"),
+];
+
+/// The vendored libraries and the basemap (third-party text mentions
+/// their home pages, so only the types and the policy are checked).
+const VENDOR: [(&str, &str); 7] = [
+    ("/console/vendor/leaflet.js", "text/javascript"),
+    ("/console/vendor/leaflet.css", "text/css"),
+    (
+        "/console/vendor/leaflet.markercluster.js",
+        "text/javascript",
+    ),
+    ("/console/vendor/markercluster.css", "text/css"),
+    ("/console/vendor/uplot.js", "text/javascript"),
+    ("/console/vendor/uplot.css", "text/css"),
+    ("/console/vendor/basemap.json", "application/json"),
 ];
 
 /// The `src` and `href` attribute values of an HTML page.
@@ -64,7 +83,7 @@ async fn root_serves_the_console_page_with_a_strict_csp() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn assets_have_their_content_types() {
     let srv = TestServer::start().await;
-    for (path, ty) in FILES {
+    for (path, ty) in FILES.iter().chain(VENDOR.iter()) {
         let r = http_get(srv.http(), path).await;
         assert_eq!(r.status, 200, "{path}");
         let ct = r.header("content-type").unwrap_or_default();
@@ -119,6 +138,9 @@ async fn unknown_console_files_are_404_problems() {
         "/console/app.jsx",
         "/console/..%2Fsrc%2Flib.rs",
         "/console/a/b",
+        "/console/vendor/app.js",
+        "/console/vendor/..%2Fapp.js",
+        "/console/vendor/x/leaflet.js",
     ] {
         let r = http_get(srv.http(), path).await;
         assert_eq!(r.status, 404, "{path}");
@@ -166,4 +188,94 @@ async fn the_api_and_other_routes_still_answer() {
     let r = http_get(srv.http(), "/api/v1/console/app.js").await;
     assert_eq!(r.status, 404);
     assert_eq!(r.json()["instance"], "/api/v1/console/app.js");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tile_server_is_the_one_other_image_origin_and_the_console_is_told_it() {
+    let srv = TestServer::start().await;
+    let r = http_get(srv.http(), "/").await;
+    let csp = r.header("content-security-policy").unwrap_or_default();
+    assert!(
+        csp.contains("img-src 'self' https://tile.openstreetmap.org;"),
+        "{csp}"
+    );
+    for directive in [
+        "script-src 'self';",
+        "connect-src 'self';",
+        "style-src 'self';",
+    ] {
+        assert!(csp.contains(directive), "{csp}");
+    }
+    let token = srv.admin_token();
+    let r = http_get_as(srv.http(), "/api/v1/console/config", &token).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        r.json()["tile_url"],
+        "https://tile.openstreetmap.org/{z}/{x}/{y}.png"
+    );
+    assert!(r.json()["tile_attribution"]
+        .as_str()
+        .is_some_and(|a| a.contains("OpenStreetMap")));
+    // Operators only: it is part of the API.
+    assert_eq!(
+        http_get(srv.http(), "/api/v1/console/config").await.status,
+        401
+    );
+
+    // No tiles configured: the policy is our origin alone, and the console
+    // is told there is no tile server.
+    let srv = TestServer::with(|s| s.console.tile_url = String::new()).await;
+    let csp = http_get(srv.http(), "/console/app.js")
+        .await
+        .header("content-security-policy")
+        .unwrap_or_default()
+        .to_string();
+    assert!(csp.contains("img-src 'self';"), "{csp}");
+    let token = srv.admin_token();
+    let r = http_get_as(srv.http(), "/api/v1/console/config", &token).await;
+    assert!(r.json()["tile_url"].is_null(), "{}", r.body);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_broker_history_gives_rates_minute_by_minute() {
+    let srv = TestServer::start().await;
+    let token = srv.admin_token();
+    // Some traffic: a client publishes a few messages (QoS 1, so each is
+    // counted before its PUBACK arrives) and stays connected.
+    let (mut client, _) = Raw::connect_ok(srv.mqtt(), v5("history-client")).await;
+    for pid in 1..=5 {
+        client
+            .publish(publish("history/test", QoS::AtLeastOnce, pid, "x"))
+            .await;
+    }
+    let r = http_get_as(srv.http(), "/api/v1/broker/history", &token).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = r.json();
+    assert_eq!(v["interval_s"], 60);
+    let points = v["points"].as_array().expect("points");
+    // A fresh server has its first sample and the minute in progress.
+    assert!(!points.is_empty(), "{v}");
+    let last = points.last().expect("a point");
+    assert!(
+        last["messages_in_per_s"].as_f64().is_some_and(|r| r > 0.0),
+        "{v}"
+    );
+    assert!(last["connections"].as_u64().is_some_and(|c| c >= 1), "{v}");
+    for key in [
+        "ts_ms",
+        "seconds",
+        "messages_out_per_s",
+        "connects_per_s",
+        "bytes_in_per_s",
+        "dropped_per_s",
+        "auth_failures_per_s",
+    ] {
+        assert!(!last[key].is_null(), "{key} in {last}");
+    }
+    // Anonymous callers may not read it.
+    assert_eq!(
+        http_get(srv.http(), "/api/v1/broker/history").await.status,
+        401
+    );
+    client.disconnect().await;
 }

@@ -418,8 +418,10 @@ async fn every_response_carries_the_security_headers_and_hsts_only_over_https() 
 }
 
 /// The console's policy, as `crates/api/src/console.rs` states it.
+/// The console's policy with the default tile server (`console.tile_url`),
+/// the one origin besides its own it may load images from.
 fn m2mhub_api_console_csp() -> &'static str {
-    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' https://tile.openstreetmap.org; connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
