@@ -295,8 +295,13 @@ impl Broker {
         self.inner.gauges()
     }
 
-    /// End `client_id`'s session for good (its device was deleted).
+    /// End `client_id`'s session for good (its device was deleted), on
+    /// every node of a cluster.
     pub fn discard_session(&self, client_id: &str) -> bool {
+        self.inner
+            .admin_to_cluster(&crate::cluster::AdminAction::Discard {
+                client_id: client_id.to_string(),
+            });
         self.inner.discard_session(client_id)
     }
 
@@ -446,7 +451,20 @@ impl Broker {
     /// DISCONNECT with `reason` (use a DISCONNECT reason code, e.g. 0x98
     /// Administrative action). The session itself follows its expiry as
     /// after any disconnection. False if the client is not connected.
+    ///
+    /// In a cluster the other nodes are told too: the client may be
+    /// connected to any of them.
     pub fn kick(&self, client_id: &str, reason: u8) -> bool {
+        self.inner
+            .admin_to_cluster(&crate::cluster::AdminAction::Kick {
+                client_id: client_id.to_string(),
+                reason,
+            });
+        self.kick_here(client_id, reason)
+    }
+
+    /// [`Broker::kick`] on this node only.
+    pub(crate) fn kick_here(&self, client_id: &str, reason: u8) -> bool {
         let Some(s) = self.inner.sessions.lock().get(client_id).cloned() else {
             return false;
         };

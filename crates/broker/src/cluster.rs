@@ -78,6 +78,18 @@ pub trait ClusterLink: Send + Sync + 'static {
     fn restore(&self, _client_id: &str) -> Option<RestoreFuture> {
         None
     }
+    /// An operator's action on a client that every node must apply (the
+    /// client may be connected anywhere); see [`Broker::apply_admin`].
+    fn admin(&self, _action: &AdminAction) {}
+}
+
+/// What [`ClusterLink::admin`] carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdminAction {
+    /// Close the client's connection with this DISCONNECT reason.
+    Kick { client_id: String, reason: u8 },
+    /// End the client's session for good (its device was deleted).
+    Discard { client_id: String },
 }
 
 /// A session found in the cluster and the messages it is owed.
@@ -107,6 +119,12 @@ impl crate::broker::Inner {
     /// See [`ClusterLink::settled`]; `None` on a single node.
     pub(crate) fn cluster_settled(&self) -> Option<SettledFuture> {
         self.link()?.settled()
+    }
+
+    pub(crate) fn admin_to_cluster(&self, action: &AdminAction) {
+        if let Some(link) = self.link() {
+            link.admin(action);
+        }
     }
 
     /// Hand the session records among `ops` to the cluster.
@@ -277,6 +295,14 @@ impl Broker {
             .iter()
             .map(|m| m.topic.clone())
             .collect()
+    }
+
+    /// Apply an operator's action another node announced, here only.
+    pub fn apply_admin(&self, action: &AdminAction) -> bool {
+        match action {
+            AdminAction::Kick { client_id, reason } => self.kick_here(client_id, *reason),
+            AdminAction::Discard { client_id } => self.inner.discard_session(client_id),
+        }
     }
 
     /// `client_id` connected to another node: close its connection here

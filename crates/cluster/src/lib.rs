@@ -48,7 +48,7 @@ pub mod subject;
 use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
 use futures_util::StreamExt;
-use m2mhub_broker::cluster::{ClusterLink, Interest};
+use m2mhub_broker::cluster::{AdminAction, ClusterLink, Interest};
 use m2mhub_broker::message::Message;
 use m2mhub_broker::Broker;
 use parking_lot::Mutex;
@@ -69,6 +69,94 @@ const NODE_TTL: Duration = Duration::from_secs(10);
 /// stale claim (sent before that) from a new one. Far above the time a
 /// claim takes to cross NATS; nodes' clocks must agree better than this.
 const CLAIM_WINDOW: Duration = Duration::from_secs(30);
+/// Reacts to another node's change of shared metadata.
+pub type ChangeListener = Arc<dyn Fn(&str) + Send + Sync>;
+
+/// Changes announced within this window are applied once.
+pub const CHANGE_DEBOUNCE: Duration = Duration::from_millis(200);
+
+/// `kick {reason} {client id}` or `discard {client id}`.
+fn encode_admin(a: &AdminAction) -> String {
+    match a {
+        AdminAction::Kick { client_id, reason } => format!("kick {reason} {client_id}"),
+        AdminAction::Discard { client_id } => format!("discard {client_id}"),
+    }
+}
+
+fn decode_admin(s: &str) -> Option<AdminAction> {
+    let (verb, rest) = s.split_once(' ')?;
+    match verb {
+        "kick" => {
+            let (reason, client_id) = rest.split_once(' ')?;
+            Some(AdminAction::Kick {
+                client_id: client_id.to_string(),
+                reason: reason.parse().ok()?,
+            })
+        }
+        "discard" => Some(AdminAction::Discard {
+            client_id: rest.to_string(),
+        }),
+        _ => None,
+    }
+}
+
+/// Listen for other nodes' operator actions (applied here at once) and
+/// metadata changes (handed to the listener, debounced per kind).
+async fn spawn_notices(
+    nats: &async_nats::Client,
+    name: &str,
+    broker: Broker,
+    listener: Arc<Mutex<Option<ChangeListener>>>,
+) -> Result<JoinHandle<()>, ClusterError> {
+    let mut admin = nats
+        .subscribe(format!("{name}.admin"))
+        .await
+        .map_err(|e| ClusterError::Nats(e.to_string()))?;
+    let mut changes = nats
+        .subscribe(format!("{name}.changed"))
+        .await
+        .map_err(|e| ClusterError::Nats(e.to_string()))?;
+    Ok(tokio::spawn(async move {
+        let mut pending: HashSet<String> = HashSet::new();
+        let mut due: Option<tokio::time::Instant> = None;
+        loop {
+            let wait = async {
+                match due {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                m = admin.next() => {
+                    let Some(m) = m else { return };
+                    match std::str::from_utf8(&m.payload).ok().and_then(decode_admin) {
+                        Some(action) => {
+                            broker.apply_admin(&action);
+                        }
+                        None => tracing::warn!("ignoring a malformed operator action from the cluster"),
+                    }
+                }
+                m = changes.next() => {
+                    let Some(m) = m else { return };
+                    if let Ok(what) = std::str::from_utf8(&m.payload) {
+                        pending.insert(what.to_string());
+                        due.get_or_insert_with(|| tokio::time::Instant::now() + CHANGE_DEBOUNCE);
+                    }
+                }
+                _ = wait => {
+                    due = None;
+                    let l = listener.lock().clone();
+                    for what in pending.drain() {
+                        if let Some(l) = &l {
+                            l(&what);
+                        }
+                    }
+                }
+            }
+        }
+    }))
+}
+
 /// How often drained sessions' floors are looked at, and how old a floor
 /// gets before it is moved (bounds both the bucket's writes and what a
 /// resumed session may receive twice).
@@ -220,6 +308,8 @@ impl Stats {
 enum Control {
     Interest(Interest, bool),
     Claim(String),
+    /// An encoded [`AdminAction`] for the other nodes.
+    Admin(String),
     /// Answered once everything before it reached the NATS server.
     Barrier(tokio::sync::oneshot::Sender<()>),
 }
@@ -280,6 +370,10 @@ impl ClusterLink for Link {
                     .unwrap_or(Err(mqtt_codec::reason::UNSPECIFIED_ERROR))
             }) as m2mhub_broker::AckGate
         })
+    }
+
+    fn admin(&self, action: &AdminAction) {
+        let _ = self.control.send(Control::Admin(encode_admin(action)));
     }
 
     fn session_saved(&self, session: &m2mhub_broker_log::StoredSession) {
@@ -350,6 +444,8 @@ impl ClusterLink for Link {
 /// running until the NATS connections close; call [`Cluster::leave`].
 pub struct Cluster {
     config: ClusterConfig,
+    /// Told (debounced) when another node changed shared metadata.
+    on_change: Arc<Mutex<Option<ChangeListener>>>,
     started_ms: u64,
     nodes: kv::Store,
     plain: async_nats::Client,
@@ -584,7 +680,10 @@ impl Cluster {
             },
         )));
 
+        let on_change: Arc<Mutex<Option<ChangeListener>>> = Arc::new(Mutex::new(None));
+        tasks.push(spawn_notices(&plain, &name, broker.clone(), on_change.clone()).await?);
         let cluster = Arc::new(Cluster {
+            on_change,
             started_ms: now_ms(),
             config,
             nodes,
@@ -616,6 +715,28 @@ impl Cluster {
 
     pub fn stats(&self) -> &Stats {
         &self.stats
+    }
+
+    /// Tell the other nodes that shared metadata changed here (`what`: a
+    /// short word such as `registry` or `rules`), so they reload it.
+    pub fn changed(&self, what: &str) {
+        let (nats, subject, what) = (
+            self.plain.clone(),
+            format!("{}.changed", self.config.name),
+            what.to_string(),
+        );
+        tokio::spawn(async move {
+            if let Err(e) = nats.publish(subject, what.into_bytes().into()).await {
+                tracing::warn!(error = %e, "cannot tell the cluster about a change");
+            }
+        });
+    }
+
+    /// What to call when another node announces a change (at most once per
+    /// [`CHANGE_DEBOUNCE`] per kind of change; called on a runtime worker:
+    /// hand blocking work to `spawn_blocking`).
+    pub fn on_change(&self, listener: ChangeListener) {
+        *self.on_change.lock() = Some(listener);
     }
 
     fn info(&self, broker: &Broker) -> NodeInfo {
@@ -976,6 +1097,15 @@ async fn control_loop(
                 }
                 applied += 1;
             }
+            Control::Admin(action) => {
+                if let Err(e) = subs
+                    .plain
+                    .publish(format!("{}.admin", subs.cluster), action.into())
+                    .await
+                {
+                    tracing::warn!(error = %e, "cannot tell the cluster about an operator's action");
+                }
+            }
             Control::Claim(claim) => {
                 if let Err(e) = subs
                     .plain
@@ -1073,6 +1203,29 @@ async fn session_loop(
                     }
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admin_actions_round_trip() {
+        for a in [
+            AdminAction::Kick {
+                client_id: "meter 7".into(),
+                reason: 0x98,
+            },
+            AdminAction::Discard {
+                client_id: "x y".into(),
+            },
+        ] {
+            assert_eq!(decode_admin(&encode_admin(&a)), Some(a));
+        }
+        for bad in ["", "kick", "kick x y", "nuke a", "kick 999 a"] {
+            assert_eq!(decode_admin(bad), None, "{bad:?}");
         }
     }
 }
