@@ -23,8 +23,9 @@ use rusqlite::types::Value;
 use rusqlite::{params, params_from_iter, Connection, OptionalExtension, Row};
 use std::path::Path;
 
-/// The fleet tables, version by version.
-const MIGRATIONS: &[Migration] = &[
+/// The fleet tables, version by version; the PostgreSQL store
+/// (`m2mhub-pgstore`) applies the same steps.
+pub const MIGRATIONS: &[Migration] = &[
     Migration {
         version: 1,
         sql: "

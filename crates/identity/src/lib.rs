@@ -104,7 +104,7 @@ pub trait DeviceRemoval: Send + Sync {
 /// Id and randomness helpers other domain crates share, so ids look the
 /// same everywhere.
 pub mod ids {
-    pub use crate::secret::{hex, new_id, random_bytes};
+    pub use crate::secret::{hex, new_id, random_bytes, unhex, unhex32};
     pub use crate::{validate_id, validate_name};
 }
 
