@@ -234,6 +234,10 @@ struct ServeArgs {
     /// Password file written with `m2mhub passwd`.
     #[arg(long)]
     password_file: Option<PathBuf>,
+    /// Keep the registry and fleet metadata in this PostgreSQL server
+    /// (postgres://USER:PASSWORD@HOST:PORT/DATABASE) instead of SQLite.
+    #[arg(long)]
+    postgres_url: Option<String>,
 }
 
 #[derive(Args)]
@@ -434,7 +438,9 @@ fn config_command(command: ConfigCommand) -> ExitCode {
                 s.validate()?;
                 Ok(s)
             }) {
-                Ok(s) => {
+                Ok(mut s) => {
+                    // Printed without the database password.
+                    s.storage.postgres_url = s.storage.shown_url();
                     print!("{}", toml::to_string(&s).unwrap_or_default());
                     ExitCode::SUCCESS
                 }
@@ -536,6 +542,9 @@ fn load_serve_settings(args: &ServeArgs) -> Result<m2mhub::settings::Validated> 
     }
     if let Some(p) = &args.password_file {
         s.mqtt.password_file = path(p);
+    }
+    if let Some(u) = &args.postgres_url {
+        s.storage.postgres_url = u.clone();
     }
     s.validate()
 }
