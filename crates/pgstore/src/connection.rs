@@ -153,3 +153,24 @@ impl Drop for Connection {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unreachable_server_is_a_clear_storage_error_without_the_password() {
+        // Port 1 on loopback: nothing listens, the connect is refused.
+        let url = PgUrl::parse("postgres://hub:pw-s3cret@127.0.0.1:1/meta").expect("url");
+        let e = Connection::open("pg-test", &url, |_| Ok(()), |_| Ok(()))
+            .err()
+            .expect("no server");
+        let m = e.to_string();
+        assert!(matches!(e, RegistryError::Storage(_)), "{m}");
+        assert!(
+            m.contains("cannot connect to PostgreSQL at hub@127.0.0.1:1/meta"),
+            "{m}"
+        );
+        assert!(!m.contains("pw-s3cret"), "{m}");
+    }
+}

@@ -31,6 +31,7 @@ mod error;
 mod fleet;
 mod migrate;
 mod registry;
+pub mod testing;
 mod url;
 
 pub use fleet::PgFleetStore;

@@ -9,6 +9,7 @@ mod backends;
 mod bench;
 mod fleet;
 mod registry;
+mod server;
 
 /// Define each listed test (a `fn(&dyn Backend)` of the enclosing module)
 /// once per backend: `sqlite::name` and `postgres::name`.
