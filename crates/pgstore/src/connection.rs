@@ -89,11 +89,12 @@ impl Link {
 impl Connection {
     /// Connect (failing now if the server cannot be reached), run `init`
     /// once (the migrations) and `setup` on this and every later
-    /// connection, then serve jobs on a thread named `name`.
+    /// connection, then serve jobs on a thread named `name`. Even the first
+    /// connect happens on that thread: `open` is called from async code too.
     pub(crate) fn open(
         name: &str,
         url: &PgUrl,
-        init: impl FnOnce(&mut Client) -> PgResult<()>,
+        init: impl FnOnce(&mut Client) -> PgResult<()> + Send + 'static,
         setup: Setup,
     ) -> Result<Connection> {
         let mut link = Link {
@@ -101,22 +102,35 @@ impl Connection {
             setup: |_| Ok(()),
             client: None,
         };
-        link.call(init)?;
-        link.client = None;
-        link.setup = setup;
-        link.connect()?;
         let (tx, rx) = mpsc::channel::<Job>();
+        let (ready, opened) = mpsc::sync_channel::<Result<()>>(1);
         let thread = std::thread::Builder::new()
             .name(name.into())
             .spawn(move || {
-                for job in rx {
-                    job(&mut link);
+                let result = link.call(init).and_then(|()| {
+                    // A fresh connection with the store's own settings.
+                    link.client = None;
+                    link.setup = setup;
+                    link.connect().map(|_| ())
+                });
+                let ok = result.is_ok();
+                // `open` waits for this; if it is gone there is no one to tell.
+                let _ = ready.send(result);
+                if ok {
+                    for job in rx {
+                        job(&mut link);
+                    }
                 }
             })?;
-        Ok(Connection {
+        // Dropped on an error: the thread has returned, and is joined.
+        let conn = Connection {
             jobs: Some(tx),
             thread: Some(thread),
-        })
+        };
+        opened.recv().map_err(|_| {
+            RegistryError::Storage("the PostgreSQL store's thread stopped while opening".into())
+        })??;
+        Ok(conn)
     }
 
     /// Run `f` with the client on the connection's thread and wait for it.
