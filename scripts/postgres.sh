@@ -47,44 +47,59 @@ start() {
   if [[ -e $dir && ! -e $dir/.m2mhub-postgres ]] && [[ -n $(ls -A "$dir" 2>/dev/null) ]]; then
     die "$dir is not empty and was not made by this script; choose another directory"
   fi
-  if [[ -e $dir/data/postmaster.pid ]]; then
-    log "stopping the server left running in $dir"
-    stop "$dir"
+  if [[ -e $dir/.m2mhub-postgres ]]; then
+    stop "$dir" 2>/dev/null || true
+    local old
+    old=$(cat "$dir/work" 2>/dev/null || true)
+    if [[ $old == /tmp/m2mhub-postgres.* ]]; then rm -rf "$old"; fi
   fi
   rm -rf "$dir"
   mkdir -p "$dir"
   dir=$(cd "$dir" && pwd)
   touch "$dir/.m2mhub-postgres"
-  local pass
-  pass=$(od -An -N18 -tx1 /dev/urandom | tr -d ' \n')
-  printf '%s\n' "$pass" >"$dir/pwfile"
-  chmod 600 "$dir/pwfile"
+  # Where the server's files go: DIR itself, unless the server's user
+  # cannot reach it (a checkout under /root), then a folder of its own
+  # under /tmp, recorded in DIR/work.
+  local work=$dir
   if [[ $(id -u) -eq 0 ]]; then
     id postgres >/dev/null 2>&1 || die "no postgres user to run the server as"
-    chown -R postgres: "$dir"
+    chown postgres: "$dir"
+    if ! runuser -u postgres -- test -w "$dir"; then
+      work=$(mktemp -d /tmp/m2mhub-postgres.XXXXXX)
+      chown postgres: "$work"
+    fi
   fi
-  as_owner "$bin/initdb" -D "$dir/data" -U m2mhub --pwfile="$dir/pwfile" \
+  printf '%s\n' "$work" >"$dir/work"
+  local pass
+  pass=$(od -An -N18 -tx1 /dev/urandom | tr -d ' \n')
+  printf '%s\n' "$pass" >"$work/pwfile"
+  chmod 600 "$work/pwfile"
+  if [[ $(id -u) -eq 0 ]]; then chown postgres: "$work/pwfile"; fi
+  as_owner "$bin/initdb" -D "$work/data" -U m2mhub --pwfile="$work/pwfile" \
     --auth=scram-sha-256 -E UTF8 --locale=C >"$dir/initdb.log" 2>&1 ||
     { cat "$dir/initdb.log" >&2; die "initdb failed"; }
-  rm -f "$dir/pwfile"
+  rm -f "$work/pwfile"
   # TCP on loopback only; no Unix socket (none to clash with the system's).
-  as_owner "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 \
+  as_owner "$bin/pg_ctl" -D "$work/data" -l "$work/server.log" -w -t 60 \
     -o "-c listen_addresses=127.0.0.1 -p $port -c unix_socket_directories=''" start >/dev/null ||
-    { cat "$dir/server.log" >&2; die "the server did not start on 127.0.0.1:$port"; }
+    { cat "$work/server.log" >&2; die "the server did not start on 127.0.0.1:$port"; }
   PGPASSWORD=$pass "$bin/createdb" -h 127.0.0.1 -p "$port" -U m2mhub m2mhub ||
     die "createdb m2mhub failed"
   local url="postgres://m2mhub:$pass@127.0.0.1:$port/m2mhub"
   (umask 077 && printf '%s\n' "$url" >"$dir/url")
-  log "PostgreSQL $(basename "$(dirname "$bin")") on 127.0.0.1:$port, data in $dir (stop: scripts/postgres.sh stop $dir)"
+  log "PostgreSQL $(basename "$(dirname "$bin")") on 127.0.0.1:$port, data in $work (stop: scripts/postgres.sh stop $dir)"
   printf '%s\n' "$url"
 }
 
 stop() {
   local dir=$1
-  [[ -e $dir/data/postmaster.pid ]] || { log "no server running in $dir"; return 0; }
+  local work
+  work=$(cat "$dir/work" 2>/dev/null || echo "$dir")
+  [[ -e $work/data/postmaster.pid ]] || { log "no server running in $dir"; return 0; }
   local bin
   bin=$(bin_dir) || die "no PostgreSQL binaries under /usr/lib/postgresql"
-  as_owner "$bin/pg_ctl" -D "$dir/data" -m fast -w stop >/dev/null
+  as_owner "$bin/pg_ctl" -D "$work/data" -m fast -w stop >/dev/null
+  if [[ $work == /tmp/m2mhub-postgres.* ]]; then rm -rf "$work"; fi
 }
 
 case "${1:-}" in
