@@ -156,6 +156,22 @@ impl Connection {
     }
 }
 
+impl Connection {
+    /// [`Connection::run`] with a value moved to the thread (the caller's
+    /// record, cloned): `f` gets the client and the value.
+    pub(crate) fn with<V, T>(
+        &self,
+        v: V,
+        f: impl FnOnce(&mut Client, V) -> PgResult<T> + Send + 'static,
+    ) -> Result<T>
+    where
+        V: Send + 'static,
+        T: Send + 'static,
+    {
+        self.run(move |c| f(c, v))
+    }
+}
+
 impl Drop for Connection {
     fn drop(&mut self) {
         // Closing the channel ends the thread's loop once queued jobs ran.

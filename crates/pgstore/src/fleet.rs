@@ -6,7 +6,7 @@
 use crate::connection::Connection;
 use crate::error::PgResult;
 use crate::migrate::{migrate, use_schema, Steps};
-use crate::registry::{execute_one, limit_of, rows};
+use crate::sql::{execute, execute_one, flag, limit_of, rows};
 use crate::url::PgUrl;
 use m2mhub_fleet::alarm::{Alarm, AlarmFilter, AlarmStatus};
 use m2mhub_fleet::command::Command;
@@ -78,14 +78,6 @@ impl PgFleetStore {
         Ok(PgFleetStore { conn })
     }
 
-    fn write<V: Send + 'static>(
-        &self,
-        v: V,
-        f: impl FnOnce(&mut Client, V) -> PgResult<()> + Send + 'static,
-    ) -> Result<()> {
-        self.conn.run(move |c| f(c, v))
-    }
-
     /// Diagnostic bundles `WHERE <cond>` (which may end in ORDER/LIMIT).
     fn query_diagnostics(
         &self,
@@ -103,10 +95,6 @@ impl PgFleetStore {
             )
         })
     }
-}
-
-fn flag(b: bool) -> i32 {
-    i32::from(b)
 }
 
 fn alarm_of(r: &Row) -> PgResult<Alarm> {
@@ -203,7 +191,8 @@ fn doc_of<T: serde::de::DeserializeOwned>(r: &Row) -> PgResult<T> {
 }
 
 fn put_alarm(c: &mut impl GenericClient, a: &Alarm) -> PgResult<()> {
-    c.execute(
+    execute(
+        c,
         ALARM_UPSERT,
         &[
             &i64_of(a.id)?,
@@ -223,12 +212,12 @@ fn put_alarm(c: &mut impl GenericClient, a: &Alarm) -> PgResult<()> {
             &a.cleared_by,
             &i64_of(a.count)?,
         ],
-    )?;
-    Ok(())
+    )
 }
 
 fn put_shadow(c: &mut impl GenericClient, s: &Shadow) -> PgResult<()> {
-    c.execute(
+    execute(
+        c,
         SHADOW_UPSERT,
         &[
             &s.device_id,
@@ -240,8 +229,7 @@ fn put_shadow(c: &mut impl GenericClient, s: &Shadow) -> PgResult<()> {
             &i64_of(s.version)?,
             &s.updated_ms,
         ],
-    )?;
-    Ok(())
+    )
 }
 
 fn load(c: &mut Client) -> PgResult<FleetSnapshot> {
@@ -423,8 +411,9 @@ impl FleetStore for PgFleetStore {
     }
 
     fn insert_rule(&self, r: &Rule) -> Result<()> {
-        self.write(r.clone(), |c, r| {
-            c.execute(
+        self.conn.with(r.clone(), |c, r| {
+            execute(
+                c,
                 &format!(
                     "INSERT INTO rules ({RULE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
                 ),
@@ -439,13 +428,12 @@ impl FleetStore for PgFleetStore {
                     &r.created_ms,
                     &r.updated_ms,
                 ],
-            )?;
-            Ok(())
+            )
         })
     }
 
     fn update_rule(&self, r: &Rule) -> Result<()> {
-        self.write(r.clone(), |c, r| {
+        self.conn.with(r.clone(), |c, r| {
             execute_one(
                 c,
                 "rule",
@@ -464,13 +452,13 @@ impl FleetStore for PgFleetStore {
     }
 
     fn delete_rule(&self, id: &str) -> Result<()> {
-        self.write(id.to_string(), |c, id| {
+        self.conn.with(id.to_string(), |c, id| {
             execute_one(c, "rule", "DELETE FROM rules WHERE id = $1", &[&id])
         })
     }
 
     fn delete_device(&self, device_id: &str) -> Result<()> {
-        self.write(device_id.to_string(), |c, id| {
+        self.conn.with(device_id.to_string(), |c, id| {
             let mut tx = c.transaction()?;
             for table in [
                 "device_events",
@@ -496,7 +484,7 @@ impl FleetStore for PgFleetStore {
             commands: batch.commands.to_vec(),
             commands_kept: batch.commands_kept,
         };
-        self.write(owned, |c, b| append(c, &b))
+        self.conn.with(owned, |c, b| append(c, &b))
     }
 
     fn list_device_events(
@@ -535,7 +523,7 @@ impl FleetStore for PgFleetStore {
     }
 
     fn put_alarm(&self, a: &Alarm) -> Result<()> {
-        self.write(a.clone(), |c, a| put_alarm(c, &a))
+        self.conn.with(a.clone(), |c, a| put_alarm(c, &a))
     }
 
     fn get_alarm(&self, id: u64) -> Result<Option<Alarm>> {
@@ -593,23 +581,24 @@ impl FleetStore for PgFleetStore {
     }
 
     fn put_shadow(&self, s: &Shadow) -> Result<()> {
-        self.write(s.clone(), |c, s| put_shadow(c, &s))
+        self.conn.with(s.clone(), |c, s| put_shadow(c, &s))
     }
 
     fn delete_shadow(&self, device_id: &str, name: &str) -> Result<()> {
-        self.write((device_id.to_string(), name.to_string()), |c, (d, n)| {
-            execute_one(
-                c,
-                "shadow",
-                "DELETE FROM shadows WHERE device_id = $1 AND name = $2",
-                &[&d, &n],
-            )
-        })
+        self.conn
+            .with((device_id.to_string(), name.to_string()), |c, (d, n)| {
+                execute_one(
+                    c,
+                    "shadow",
+                    "DELETE FROM shadows WHERE device_id = $1 AND name = $2",
+                    &[&d, &n],
+                )
+            })
     }
 
     fn put_shadows(&self, shadows: &[&Shadow]) -> Result<()> {
         let owned: Vec<Shadow> = shadows.iter().map(|s| (*s).clone()).collect();
-        self.write(owned, |c, shadows| {
+        self.conn.with(owned, |c, shadows| {
             let mut tx = c.transaction()?;
             for s in &shadows {
                 put_shadow(&mut tx, s)?;
@@ -622,7 +611,7 @@ impl FleetStore for PgFleetStore {
     fn put_setting(&self, s: &FleetSetting, kept: usize) -> Result<()> {
         let doc = serde_json::to_string(s)?;
         let kept = limit_of(kept);
-        self.write(s.clone(), move |c, s| {
+        self.conn.with(s.clone(), move |c, s| {
             let mut tx = c.transaction()?;
             tx.execute(
                 "INSERT INTO fleet_settings (id, tenant, created_ms, doc) VALUES ($1, $2, $3, $4)",
@@ -664,17 +653,18 @@ impl FleetStore for PgFleetStore {
 
     fn put_artifact(&self, a: &Artifact) -> Result<()> {
         let doc = serde_json::to_string(a)?;
-        self.write((a.id.clone(), a.tenant.clone()), move |c, (id, tenant)| {
-            c.execute(
-                "INSERT INTO ota_artifacts (id, tenant, doc) VALUES ($1, $2, $3)",
-                &[&id, &tenant, &doc],
-            )?;
-            Ok(())
-        })
+        self.conn
+            .with((a.id.clone(), a.tenant.clone()), move |c, (id, tenant)| {
+                execute(
+                    c,
+                    "INSERT INTO ota_artifacts (id, tenant, doc) VALUES ($1, $2, $3)",
+                    &[&id, &tenant, &doc],
+                )
+            })
     }
 
     fn delete_artifact(&self, id: &str) -> Result<()> {
-        self.write(id.to_string(), |c, id| {
+        self.conn.with(id.to_string(), |c, id| {
             execute_one(
                 c,
                 "artifact",
@@ -697,7 +687,7 @@ impl FleetStore for PgFleetStore {
                 ))
             })
             .collect::<Result<Vec<_>>>()?;
-        self.write(
+        self.conn.with(
             (camp.id.clone(), camp.tenant.clone()),
             move |c, (id, tenant)| {
                 let mut tx = c.transaction()?;
@@ -751,8 +741,9 @@ impl FleetStore for PgFleetStore {
 
     fn insert_diagnostic(&self, b: &DiagnosticBundle) -> Result<()> {
         let size = b.size.map(i64_of).transpose()?;
-        self.write(b.clone(), move |c, b| {
-            c.execute(
+        self.conn.with(b.clone(), move |c, b| {
+            execute(
+                c,
                 &format!(
                     "INSERT INTO diagnostics ({DIAGNOSTIC_COLUMNS}) \
                      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
@@ -772,14 +763,13 @@ impl FleetStore for PgFleetStore {
                     &b.token_hash,
                     &b.expires_ms,
                 ],
-            )?;
-            Ok(())
+            )
         })
     }
 
     fn update_diagnostic(&self, b: &DiagnosticBundle) -> Result<()> {
         let size = b.size.map(i64_of).transpose()?;
-        self.write(b.clone(), move |c, b| {
+        self.conn.with(b.clone(), move |c, b| {
             execute_one(
                 c,
                 "diagnostic bundle",
@@ -829,7 +819,7 @@ impl FleetStore for PgFleetStore {
     }
 
     fn delete_diagnostic(&self, id: &str) -> Result<()> {
-        self.write(id.to_string(), |c, id| {
+        self.conn.with(id.to_string(), |c, id| {
             execute_one(
                 c,
                 "diagnostic bundle",

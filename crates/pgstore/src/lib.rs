@@ -31,6 +31,7 @@ mod error;
 mod fleet;
 mod migrate;
 mod registry;
+mod sql;
 pub mod testing;
 mod url;
 

@@ -6,6 +6,7 @@
 use crate::connection::Connection;
 use crate::error::PgResult;
 use crate::migrate::{migrate, use_schema, Steps};
+use crate::sql::{execute, execute_one, flag, limit_of, rows};
 use crate::url::PgUrl;
 use m2mhub_identity::audit::{AuditQuery, AuditRecord, GENESIS_HASH};
 use m2mhub_identity::certificate::CertInfo;
@@ -21,7 +22,6 @@ use m2mhub_identity::tenant::{Group, Tenant};
 use m2mhub_identity::token::{TokenInfo, TokenRecord};
 use m2mhub_identity::user::{ApiTokenInfo, ApiTokenRecord, User, UserRecord};
 use m2mhub_identity::{Device, RegistryError, RegistryStore, Result};
-use postgres::types::ToSql;
 use postgres::{Client, GenericClient, IsolationLevel, Row};
 
 const SCHEMA: &str = "identity";
@@ -70,55 +70,25 @@ impl PgRegistryStore {
                 )?;
                 use_schema(c, SCHEMA)?;
                 // Two nodes opening at once both try: the first one wins.
-                c.execute(
+                execute(
+                    c,
                     "INSERT INTO audit_anchor (id, seq, hash) VALUES (1, 0, $1) ON CONFLICT (id) DO NOTHING",
                     &[&hex(&GENESIS_HASH)],
-                )?;
-                Ok(())
+                )
             },
             |c| use_schema(c, SCHEMA),
         )?;
         Ok(PgRegistryStore { conn })
     }
-
-    /// Execute one statement with the record `v`, moved to the thread.
-    fn write<V: Send + 'static>(
-        &self,
-        v: V,
-        f: impl FnOnce(&mut Client, V) -> PgResult<()> + Send + 'static,
-    ) -> Result<()> {
-        self.conn.run(move |c| f(c, v))
-    }
-}
-
-/// Execute an UPDATE/DELETE that must hit a row (`NotFound(what)` if none).
-pub(crate) fn execute_one(
-    c: &mut impl GenericClient,
-    what: &str,
-    sql: &str,
-    p: &[&(dyn ToSql + Sync)],
-) -> PgResult<()> {
-    if c.execute(sql, p)? == 0 {
-        return Err(RegistryError::NotFound(what.into()).into());
-    }
-    Ok(())
-}
-
-/// A limit as PostgreSQL's BIGINT.
-pub(crate) fn limit_of(n: usize) -> i64 {
-    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 fn hash_of(s: &str, what: &str) -> Result<[u8; 32]> {
     unhex32(s).ok_or_else(|| corrupt(what))
 }
 
-fn flag(b: bool) -> i32 {
-    i32::from(b)
-}
-
 fn insert_device(c: &mut impl GenericClient, d: &Device) -> PgResult<()> {
-    c.execute(
+    execute(
+        c,
         "INSERT INTO devices (id, name, tenant, group_id, profile, labels, enabled, created_ms, last_seen_ms, last_addr) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
         &[
@@ -133,13 +103,13 @@ fn insert_device(c: &mut impl GenericClient, d: &Device) -> PgResult<()> {
             &d.last_seen_ms,
             &d.last_addr,
         ],
-    )?;
-    Ok(())
+    )
 }
 
 fn insert_psk(c: &mut impl GenericClient, p: &PskRecord) -> PgResult<()> {
     let i = &p.info;
-    c.execute(
+    execute(
+        c,
         "INSERT INTO device_psks (id, device_id, identity, sealed_key, created_ms, expires_ms, revoked, replaced_by, last_used_ms) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
         &[
@@ -153,8 +123,7 @@ fn insert_psk(c: &mut impl GenericClient, p: &PskRecord) -> PgResult<()> {
             &i.replaced_by,
             &i.last_used_ms,
         ],
-    )?;
-    Ok(())
+    )
 }
 
 const UPDATE_PSK: &str =
@@ -181,16 +150,6 @@ fn audit_of(r: &Row) -> PgResult<AuditRow> {
         prev_hash: r.try_get(7)?,
         hash: r.try_get(8)?,
     })
-}
-
-/// Every row of `sql`, each turned into a `T` by `f`.
-pub(crate) fn rows<T>(
-    c: &mut impl GenericClient,
-    sql: &str,
-    p: &[&(dyn ToSql + Sync)],
-    f: impl Fn(&Row) -> PgResult<T>,
-) -> PgResult<Vec<T>> {
-    c.query(sql, p)?.iter().map(f).collect()
 }
 
 fn load(c: &mut Client) -> PgResult<Snapshot> {
@@ -527,42 +486,43 @@ impl RegistryStore for PgRegistryStore {
     }
 
     fn insert_tenant(&self, t: &Tenant) -> Result<()> {
-        self.write(t.clone(), |c, t| {
-            c.execute(
+        self.conn.with(t.clone(), |c, t| {
+            execute(
+                c,
                 "INSERT INTO tenants (id, name, created_ms) VALUES ($1, $2, $3)",
                 &[&t.id, &t.name, &t.created_ms],
-            )?;
-            Ok(())
-        })
-    }
-
-    fn insert_group(&self, g: &Group) -> Result<()> {
-        self.write(g.clone(), |c, g| {
-            c.execute(
-                "INSERT INTO device_groups (tenant, id, name, created_ms) VALUES ($1, $2, $3, $4)",
-                &[&g.tenant, &g.id, &g.name, &g.created_ms],
-            )?;
-            Ok(())
-        })
-    }
-
-    fn delete_group(&self, tenant: &str, id: &str) -> Result<()> {
-        self.write((tenant.to_string(), id.to_string()), |c, (t, id)| {
-            execute_one(
-                c,
-                "group",
-                "DELETE FROM device_groups WHERE tenant = $1 AND id = $2",
-                &[&t, &id],
             )
         })
     }
 
+    fn insert_group(&self, g: &Group) -> Result<()> {
+        self.conn.with(g.clone(), |c, g| {
+            execute(
+                c,
+                "INSERT INTO device_groups (tenant, id, name, created_ms) VALUES ($1, $2, $3, $4)",
+                &[&g.tenant, &g.id, &g.name, &g.created_ms],
+            )
+        })
+    }
+
+    fn delete_group(&self, tenant: &str, id: &str) -> Result<()> {
+        self.conn
+            .with((tenant.to_string(), id.to_string()), |c, (t, id)| {
+                execute_one(
+                    c,
+                    "group",
+                    "DELETE FROM device_groups WHERE tenant = $1 AND id = $2",
+                    &[&t, &id],
+                )
+            })
+    }
+
     fn insert_device(&self, d: &Device) -> Result<()> {
-        self.write(d.clone(), |c, d| insert_device(c, &d))
+        self.conn.with(d.clone(), |c, d| insert_device(c, &d))
     }
 
     fn update_device(&self, d: &Device) -> Result<()> {
-        self.write(d.clone(), |c, d| {
+        self.conn.with(d.clone(), |c, d| {
             execute_one(
                 c,
                 "device",
@@ -580,7 +540,7 @@ impl RegistryStore for PgRegistryStore {
     }
 
     fn delete_device(&self, id: &str, revoked_ms: i64) -> Result<()> {
-        self.write(id.to_string(), move |c, id| {
+        self.conn.with(id.to_string(), move |c, id| {
             let mut tx = c.transaction()?;
             tx.execute("DELETE FROM device_tokens WHERE device_id = $1", &[&id])?;
             tx.execute("DELETE FROM device_psks WHERE device_id = $1", &[&id])?;
@@ -600,8 +560,9 @@ impl RegistryStore for PgRegistryStore {
     }
 
     fn insert_token(&self, t: &TokenRecord) -> Result<()> {
-        self.write(t.clone(), |c, t| {
-            c.execute(
+        self.conn.with(t.clone(), |c, t| {
+            execute(
+                c,
                 "INSERT INTO device_tokens (id, device_id, hash, created_ms, expires_ms, revoked) VALUES ($1, $2, $3, $4, $5, $6)",
                 &[
                     &t.info.id,
@@ -611,13 +572,12 @@ impl RegistryStore for PgRegistryStore {
                     &t.info.expires_ms,
                     &flag(t.info.revoked),
                 ],
-            )?;
-            Ok(())
+            )
         })
     }
 
     fn update_token(&self, t: &TokenInfo) -> Result<()> {
-        self.write(t.clone(), |c, t| {
+        self.conn.with(t.clone(), |c, t| {
             execute_one(
                 c,
                 "token",
@@ -628,15 +588,15 @@ impl RegistryStore for PgRegistryStore {
     }
 
     fn insert_psk(&self, p: &PskRecord) -> Result<()> {
-        self.write(p.clone(), |c, p| insert_psk(c, &p))
+        self.conn.with(p.clone(), |c, p| insert_psk(c, &p))
     }
 
     fn update_psk(&self, p: &PskInfo) -> Result<()> {
-        self.write(p.clone(), |c, p| update_psk(c, &p))
+        self.conn.with(p.clone(), |c, p| update_psk(c, &p))
     }
 
     fn rotate_psk(&self, old: &PskInfo, new: &PskRecord) -> Result<()> {
-        self.write((old.clone(), new.clone()), |c, (old, new)| {
+        self.conn.with((old.clone(), new.clone()), |c, (old, new)| {
             let mut tx = c.transaction()?;
             // The old row first: the identity's unique index admits one
             // live row.
@@ -648,8 +608,9 @@ impl RegistryStore for PgRegistryStore {
     }
 
     fn insert_certificate(&self, c: &CertInfo) -> Result<()> {
-        self.write(c.clone(), |c, cert| {
-            c.execute(
+        self.conn.with(c.clone(), |c, cert| {
+            execute(
+                c,
                 "INSERT INTO certificates (fingerprint, device_id, serial_hex, not_after_ms, issuer, created_ms, revoked_ms) \
                  VALUES ($1, $2, $3, $4, $5, $6, $7)",
                 &[
@@ -661,13 +622,12 @@ impl RegistryStore for PgRegistryStore {
                     &cert.created_ms,
                     &cert.revoked_ms,
                 ],
-            )?;
-            Ok(())
+            )
         })
     }
 
     fn update_certificate(&self, c: &CertInfo) -> Result<()> {
-        self.write(c.clone(), |c, cert| {
+        self.conn.with(c.clone(), |c, cert| {
             execute_one(
                 c,
                 "certificate",
@@ -678,9 +638,10 @@ impl RegistryStore for PgRegistryStore {
     }
 
     fn insert_claim(&self, c: &ClaimRecord) -> Result<()> {
-        self.write(c.clone(), |c, claim| {
+        self.conn.with(c.clone(), |c, claim| {
             let i = &claim.info;
-            c.execute(
+            execute(
+                c,
                 "INSERT INTO claim_tokens (id, name, hash, tenant, group_id, profile, max_uses, uses, expires_ms, revoked, created_ms) \
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
                 &[
@@ -696,13 +657,12 @@ impl RegistryStore for PgRegistryStore {
                     &flag(i.revoked),
                     &i.created_ms,
                 ],
-            )?;
-            Ok(())
+            )
         })
     }
 
     fn update_claim(&self, c: &ClaimInfo) -> Result<()> {
-        self.write(c.clone(), |c, claim| {
+        self.conn.with(c.clone(), |c, claim| {
             execute_one(
                 c,
                 "claim token",
@@ -713,7 +673,7 @@ impl RegistryStore for PgRegistryStore {
     }
 
     fn redeem_claim(&self, c: &ClaimInfo, d: &Device) -> Result<()> {
-        self.write((c.clone(), d.clone()), |c, (claim, d)| {
+        self.conn.with((c.clone(), d.clone()), |c, (claim, d)| {
             let mut tx = c.transaction()?;
             // The guard in the WHERE clause keeps the limit when another
             // node redeems the same token at the same time.
@@ -739,8 +699,9 @@ impl RegistryStore for PgRegistryStore {
     }
 
     fn insert_user(&self, u: &UserRecord) -> Result<()> {
-        self.write(u.clone(), |c, u| {
-            c.execute(
+        self.conn.with(u.clone(), |c, u| {
+            execute(
+                c,
                 "INSERT INTO users (username, password_hash, role, tenant, created_ms) VALUES ($1, $2, $3, $4, $5)",
                 &[
                     &u.user.username,
@@ -749,13 +710,12 @@ impl RegistryStore for PgRegistryStore {
                     &u.user.tenant,
                     &u.user.created_ms,
                 ],
-            )?;
-            Ok(())
+            )
         })
     }
 
     fn update_user(&self, u: &UserRecord) -> Result<()> {
-        self.write(u.clone(), |c, u| {
+        self.conn.with(u.clone(), |c, u| {
             execute_one(
                 c,
                 "user",
@@ -766,7 +726,7 @@ impl RegistryStore for PgRegistryStore {
     }
 
     fn delete_user(&self, username: &str) -> Result<()> {
-        self.write(username.to_string(), |c, username| {
+        self.conn.with(username.to_string(), |c, username| {
             let mut tx = c.transaction()?;
             tx.execute("DELETE FROM api_tokens WHERE username = $1", &[&username])?;
             execute_one(
@@ -781,9 +741,10 @@ impl RegistryStore for PgRegistryStore {
     }
 
     fn insert_api_token(&self, t: &ApiTokenRecord) -> Result<()> {
-        self.write(t.clone(), |c, t| {
+        self.conn.with(t.clone(), |c, t| {
             let i = &t.info;
-            c.execute(
+            execute(
+                c,
                 "INSERT INTO api_tokens (id, username, name, hash, role, created_ms, expires_ms, revoked) \
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
                 &[
@@ -796,13 +757,12 @@ impl RegistryStore for PgRegistryStore {
                     &i.expires_ms,
                     &flag(i.revoked),
                 ],
-            )?;
-            Ok(())
+            )
         })
     }
 
     fn update_api_token(&self, t: &ApiTokenInfo) -> Result<()> {
-        self.write(t.clone(), |c, t| {
+        self.conn.with(t.clone(), |c, t| {
             execute_one(
                 c,
                 "API token",
@@ -813,8 +773,9 @@ impl RegistryStore for PgRegistryStore {
     }
 
     fn put_policy(&self, tenant: &str, p: &Policy) -> Result<()> {
-        self.write((tenant.to_string(), p.clone()), |c, (tenant, p)| {
-            c.execute(
+        self.conn.with((tenant.to_string(), p.clone()), |c, (tenant, p)| {
+            execute(
+                c,
                 "INSERT INTO policies (tenant, name, group_id, publish, subscribe) VALUES ($1, $2, $3, $4, $5) \
                  ON CONFLICT (tenant, name) DO UPDATE SET group_id = excluded.group_id, \
                  publish = excluded.publish, subscribe = excluded.subscribe",
@@ -825,34 +786,34 @@ impl RegistryStore for PgRegistryStore {
                     &serde_json::to_string(&p.publish)?,
                     &serde_json::to_string(&p.subscribe)?,
                 ],
-            )?;
-            Ok(())
-        })
-    }
-
-    fn delete_policy(&self, tenant: &str, name: &str) -> Result<()> {
-        self.write((tenant.to_string(), name.to_string()), |c, (t, n)| {
-            execute_one(
-                c,
-                "policy",
-                "DELETE FROM policies WHERE tenant = $1 AND name = $2",
-                &[&t, &n],
             )
         })
     }
 
+    fn delete_policy(&self, tenant: &str, name: &str) -> Result<()> {
+        self.conn
+            .with((tenant.to_string(), name.to_string()), |c, (t, n)| {
+                execute_one(
+                    c,
+                    "policy",
+                    "DELETE FROM policies WHERE tenant = $1 AND name = $2",
+                    &[&t, &n],
+                )
+            })
+    }
+
     fn insert_profile(&self, p: &DeviceProfile) -> Result<()> {
-        self.write(p.clone(), |c, p| {
-            c.execute(
+        self.conn.with(p.clone(), |c, p| {
+            execute(
+                c,
                 "INSERT INTO device_profiles (tenant, name, content_type, description, created_ms) VALUES ($1, $2, $3, $4, $5)",
                 &[&p.tenant, &p.name, &p.content_type, &p.description, &p.created_ms],
-            )?;
-            Ok(())
+            )
         })
     }
 
     fn update_profile(&self, p: &DeviceProfile) -> Result<()> {
-        self.write(p.clone(), |c, p| {
+        self.conn.with(p.clone(), |c, p| {
             execute_one(
                 c,
                 "profile",
@@ -863,14 +824,15 @@ impl RegistryStore for PgRegistryStore {
     }
 
     fn delete_profile(&self, tenant: &str, name: &str) -> Result<()> {
-        self.write((tenant.to_string(), name.to_string()), |c, (t, n)| {
-            execute_one(
-                c,
-                "profile",
-                "DELETE FROM device_profiles WHERE tenant = $1 AND name = $2",
-                &[&t, &n],
-            )
-        })
+        self.conn
+            .with((tenant.to_string(), name.to_string()), |c, (t, n)| {
+                execute_one(
+                    c,
+                    "profile",
+                    "DELETE FROM device_profiles WHERE tenant = $1 AND name = $2",
+                    &[&t, &n],
+                )
+            })
     }
 
     fn append(&self, batch: &LogBatch<'_>) -> Result<()> {
@@ -880,7 +842,7 @@ impl RegistryStore for PgRegistryStore {
             seen: batch.seen.to_vec(),
             psk_used: batch.psk_used.to_vec(),
         };
-        self.write(owned, |c, b| append(c, &b))
+        self.conn.with(owned, |c, b| append(c, &b))
     }
 
     fn list_audit(&self, q: &AuditQuery) -> Result<Vec<AuditRecord>> {
