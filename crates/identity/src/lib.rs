@@ -35,7 +35,9 @@
 //!
 //! Everything lives in one SQLite file, `registry.db` (WAL, `synchronous =
 //! NORMAL`; per-domain migrations in [`sql`]), behind the [`RegistryStore`]
-//! trait so another backend can follow; all SQL is in [`sqlite`]. Every
+//! trait; all SQL is in [`sqlite`]. `m2mhub-pgstore` implements the same
+//! trait in PostgreSQL (with the same migrations) for nodes that share one
+//! registry. Every
 //! record except the audit log and security events is also held in memory, loaded at open and
 //! updated on every write (write-through, under one writer lock), so the
 //! checks on every CONNECT, PUBLISH and SUBSCRIBE, and the ingest's

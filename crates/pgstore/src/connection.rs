@@ -47,8 +47,14 @@ impl Link {
             if config.get_connect_timeout().is_none() {
                 config.connect_timeout(Duration::from_secs(10));
             }
-            // Notice a dead peer on an idle connection within about a minute.
-            config.keepalives_idle(Duration::from_secs(30));
+            // A server that vanished without a reset (a partition, a
+            // powered-off host) fails the call within about 30 s instead of
+            // holding the store's writers for the kernel's 15 minutes: probes
+            // on an idle connection, a bound on unacknowledged writes.
+            config.keepalives_idle(Duration::from_secs(15));
+            config.keepalives_interval(Duration::from_secs(5));
+            config.keepalives_retries(3);
+            config.tcp_user_timeout(Duration::from_secs(30));
             let mut client = config.connect(NoTls).map_err(|e| {
                 RegistryError::Storage(format!(
                     "cannot connect to PostgreSQL at {}: {}",
