@@ -23,8 +23,9 @@ use rusqlite::types::Value;
 use rusqlite::{params, params_from_iter, Connection, OptionalExtension, Row};
 use std::path::Path;
 
-/// The fleet tables, version by version.
-const MIGRATIONS: &[Migration] = &[
+/// The fleet tables, version by version; the PostgreSQL store
+/// (`m2mhub-pgstore`) applies the same steps.
+pub const MIGRATIONS: &[Migration] = &[
     Migration {
         version: 1,
         sql: "
@@ -166,10 +167,12 @@ CREATE INDEX IF NOT EXISTS diagnostics_status ON diagnostics (status, expires_ms
 ",
 };
 
-const DIAGNOSTIC_COLUMNS: &str = "id, tenant, device_id, status, requested_by, requested_ms, \
+// The column lists (and COMMANDS_OPEN) are public for the PostgreSQL
+// store (`m2mhub-pgstore`), whose tables are these same ones.
+pub const DIAGNOSTIC_COLUMNS: &str = "id, tenant, device_id, status, requested_by, requested_ms, \
     uploaded_ms, size, sha256, reason, error, token_hash, expires_ms";
 
-const ALARM_COLUMNS: &str =
+pub const ALARM_COLUMNS: &str =
     "id, tenant, device_id, alarm_type, severity, status, acked, acked_by, acked_ms, \
     details, rule_id, created_ms, updated_ms, cleared_ms, cleared_by, count";
 
@@ -183,7 +186,7 @@ const ALARM_UPSERT: &str = "INSERT INTO alarms (id, tenant, device_id, alarm_typ
     details = excluded.details, rule_id = excluded.rule_id, updated_ms = excluded.updated_ms, \
     cleared_ms = excluded.cleared_ms, cleared_by = excluded.cleared_by, count = excluded.count";
 
-const COMMAND_COLUMNS: &str =
+pub const COMMAND_COLUMNS: &str =
     "id, tenant, device_id, name, params, status, created_ms, updated_ms, response, error, origin, timeout_ms";
 
 const COMMAND_UPSERT: &str =
@@ -192,9 +195,9 @@ const COMMAND_UPSERT: &str =
     ON CONFLICT (id) DO UPDATE SET status = excluded.status, updated_ms = excluded.updated_ms, \
     response = excluded.response, error = excluded.error";
 
-const COMMANDS_OPEN: &str = "('pending', 'sent', 'delivered')";
+pub const COMMANDS_OPEN: &str = "('pending', 'sent', 'delivered')";
 
-const RULE_COLUMNS: &str =
+pub const RULE_COLUMNS: &str =
     "id, tenant, name, description, sql, actions, enabled, created_ms, updated_ms";
 
 /// SQLite-backed [`FleetStore`]. One connection behind a mutex: the fleet

@@ -1,7 +1,8 @@
 //! The storage boundary of fleet operations. [`Fleet`](crate::Fleet) keeps
 //! rules, active alarms and open commands in memory and calls this trait to
 //! make each change durable; all SQL lives in the implementation
-//! ([`crate::sqlite`]), so a PostgreSQL backend is one more implementation.
+//! ([`crate::sqlite`]; PostgreSQL in `m2mhub-pgstore`, held to the same
+//! semantics by one conformance suite).
 //!
 //! Callers guarantee the invariants (existence, uniqueness, limits) before
 //! calling; a backend only has to apply each call atomically. Errors are the

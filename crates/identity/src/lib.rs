@@ -35,7 +35,9 @@
 //!
 //! Everything lives in one SQLite file, `registry.db` (WAL, `synchronous =
 //! NORMAL`; per-domain migrations in [`sql`]), behind the [`RegistryStore`]
-//! trait so another backend can follow; all SQL is in [`sqlite`]. Every
+//! trait; all SQL is in [`sqlite`]. `m2mhub-pgstore` implements the same
+//! trait in PostgreSQL (with the same migrations) for nodes that share one
+//! registry. Every
 //! record except the audit log and security events is also held in memory, loaded at open and
 //! updated on every write (write-through, under one writer lock), so the
 //! checks on every CONNECT, PUBLISH and SUBSCRIBE, and the ingest's
@@ -104,7 +106,7 @@ pub trait DeviceRemoval: Send + Sync {
 /// Id and randomness helpers other domain crates share, so ids look the
 /// same everywhere.
 pub mod ids {
-    pub use crate::secret::{hex, new_id, random_bytes};
+    pub use crate::secret::{hex, new_id, random_bytes, unhex, unhex32};
     pub use crate::{validate_id, validate_name};
 }
 

@@ -80,7 +80,7 @@ pub fn hex(b: &[u8]) -> String {
 }
 
 /// Decode hex of any even length (stored sealed keys).
-pub(crate) fn unhex(s: &str) -> Option<Vec<u8>> {
+pub fn unhex(s: &str) -> Option<Vec<u8>> {
     if !s.len().is_multiple_of(2) {
         return None;
     }
@@ -90,7 +90,7 @@ pub(crate) fn unhex(s: &str) -> Option<Vec<u8>> {
 }
 
 /// Decode exactly 32 bytes of hex (stored hashes and fingerprints).
-pub(crate) fn unhex32(s: &str) -> Option<[u8; 32]> {
+pub fn unhex32(s: &str) -> Option<[u8; 32]> {
     if s.len() != 64 {
         return None;
     }

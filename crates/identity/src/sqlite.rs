@@ -32,8 +32,10 @@ use rusqlite::{params, params_from_iter, Connection, OpenFlags, OptionalExtensio
 use std::path::Path;
 use std::time::Duration;
 
-/// The identity tables, version by version (see [`crate::sql`]).
-const MIGRATIONS: &[Migration] = &[
+/// The identity tables, version by version (see [`crate::sql`]). Plain
+/// enough SQL that the PostgreSQL store (`m2mhub-pgstore`) applies the same
+/// steps, so both backends share one schema history.
+pub const MIGRATIONS: &[Migration] = &[
     Migration {
         version: 1,
         sql: "

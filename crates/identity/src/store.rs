@@ -1,7 +1,8 @@
 //! The storage boundary. [`Registry`](crate::Registry) keeps the working
 //! copy in memory and calls this trait to make each change durable; all SQL
-//! lives in the implementation ([`crate::sqlite`]), so a PostgreSQL backend
-//! is one more implementation of this trait.
+//! lives in the implementations: [`crate::sqlite`], and PostgreSQL in
+//! `m2mhub-pgstore` (one conformance suite, `pgstore/tests/conformance`,
+//! holds both to the same semantics).
 //!
 //! Callers guarantee the invariants (existence, uniqueness, limits) before
 //! calling; a backend only has to apply each call atomically.

@@ -243,6 +243,10 @@ struct ServeArgs {
     /// This node's name in the cluster (default: made on first start, kept in the data folder).
     #[arg(long)]
     node_id: Option<String>,
+    /// Keep the registry and fleet metadata in this PostgreSQL server
+    /// (postgres://USER:PASSWORD@HOST:PORT/DATABASE) instead of SQLite.
+    #[arg(long)]
+    postgres_url: Option<String>,
 }
 
 #[derive(Args)]
@@ -443,7 +447,9 @@ fn config_command(command: ConfigCommand) -> ExitCode {
                 s.validate()?;
                 Ok(s)
             }) {
-                Ok(s) => {
+                Ok(mut s) => {
+                    // Printed without the database password.
+                    s.storage.postgres_url = s.storage.shown_url();
                     print!("{}", toml::to_string(&s).unwrap_or_default());
                     ExitCode::SUCCESS
                 }
@@ -554,6 +560,9 @@ fn load_serve_settings(args: &ServeArgs) -> Result<m2mhub::settings::Validated> 
     }
     if let Some(n) = &args.node_id {
         s.cluster.node_id = n.clone();
+    }
+    if let Some(u) = &args.postgres_url {
+        s.storage.postgres_url = u.clone();
     }
     s.validate()
 }

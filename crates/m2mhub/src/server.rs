@@ -79,12 +79,20 @@ impl Server {
                 v.data_dir.display()
             );
         }
-        let registry = Registry::open(&v.data_dir.join("registry")).with_context(|| {
-            format!(
-                "cannot open the device registry under {}",
-                v.data_dir.display()
-            )
-        })?;
+        let registry = match &v.postgres {
+            Some(url) => {
+                tracing::info!(server = %url, "metadata (registry and fleet) in PostgreSQL");
+                m2mhub_pgstore::PgRegistryStore::open(url)
+                    .and_then(|s| Registry::with_store(Box::new(s)))
+                    .with_context(|| format!("cannot open the device registry in {url}"))?
+            }
+            None => Registry::open(&v.data_dir.join("registry")).with_context(|| {
+                format!(
+                    "cannot open the device registry under {}",
+                    v.data_dir.display()
+                )
+            })?,
+        };
         let env_key = std::env::var(m2mhub_pki::MASTER_KEY_ENV).ok();
         let (master, source) = MasterKey::load_or_create(&v.data_dir, env_key.as_deref())?;
         if let m2mhub_pki::KeySource::File { created: true } = source {
@@ -98,13 +106,21 @@ impl Server {
             tracing::info!(ca = %m2mhub_pki::ca_cert_path(&v.data_dir).display(), "created the device CA");
         }
         let first_admin = registry.ensure_admin()?;
-        let fleet =
-            Fleet::open(&v.data_dir.join("registry"), registry.clone()).with_context(|| {
-                format!(
-                    "cannot open the fleet tables (alarms, commands, rules) under {}",
-                    v.data_dir.display()
-                )
-            })?;
+        let fleet = match &v.postgres {
+            Some(url) => m2mhub_pgstore::PgFleetStore::open(url)
+                .and_then(|s| Fleet::with_store(Box::new(s), registry.clone()))
+                .with_context(|| {
+                    format!("cannot open the fleet tables (alarms, commands, rules) in {url}")
+                })?,
+            None => {
+                Fleet::open(&v.data_dir.join("registry"), registry.clone()).with_context(|| {
+                    format!(
+                        "cannot open the fleet tables (alarms, commands, rules) under {}",
+                        v.data_dir.display()
+                    )
+                })?
+            }
+        };
         fleet.configure_diagnostics(v.diagnostics.clone());
 
         let registry_auth = Arc::new(RegistryAuth::new(

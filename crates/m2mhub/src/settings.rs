@@ -254,6 +254,17 @@ tile_url = "https://tile.openstreetmap.org/{z}/{x}/{y}.png"
 # Shown in the map's corner; the tile provider's licence usually requires it.
 tile_attribution = "© OpenStreetMap contributors"
 
+[storage]
+# Devices, credentials, tenants, operators, API tokens, policies, alarms,
+# commands, rules, shadows, OTA campaigns and the audit log live in
+# <data_dir>/registry/registry.db (SQLite) unless this names a PostgreSQL
+# server, e.g. "postgres://m2mhub:PASSWORD@db.example.com:5432/m2mhub",
+# which several m2mhub nodes can share (tables in the schemas `identity` and
+# `fleet`, created and migrated at start). Telemetry, retained messages and
+# sessions stay under data_dir. The password is never logged. No TLS to the
+# database yet: use a private network or a local tunnel.
+postgres_url = ""
+
 [log]
 # trace, debug, info, warn or error (RUST_LOG overrides it).
 level = "info"
@@ -275,7 +286,35 @@ pub struct Settings {
     pub coap: CoapSettings,
     pub cluster: ClusterSettings,
     pub console: ConsoleSettings,
+    pub storage: StorageSettings,
     pub log: LogSettings,
+}
+
+/// Where the metadata lives. `Debug` hides the URL's password, so settings
+/// can be logged whole.
+#[derive(Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageSettings {
+    pub postgres_url: String,
+}
+
+impl StorageSettings {
+    /// The URL as it may be shown: without its password.
+    pub fn shown_url(&self) -> String {
+        match self.postgres_url.trim() {
+            "" => String::new(),
+            url => m2mhub_pgstore::PgUrl::parse(url)
+                .map_or_else(|_| "(invalid, not shown)".into(), |u| u.to_string()),
+        }
+    }
+}
+
+impl std::fmt::Debug for StorageSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StorageSettings")
+            .field("postgres_url", &self.shown_url())
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -550,6 +589,7 @@ impl Default for Settings {
             cluster: ClusterSettings::default(),
             coap: CoapSettings::default(),
             console: ConsoleSettings::default(),
+            storage: StorageSettings::default(),
             log: LogSettings::default(),
         }
     }
@@ -623,7 +663,7 @@ impl Default for LogSettings {
 
 /// The sections of the file; an environment variable `M2MHUB_MQTT_LISTEN`
 /// is the key `listen` of section `mqtt`.
-const SECTIONS: [&str; 11] = [
+const SECTIONS: [&str; 12] = [
     "mqtt",
     "telemetry",
     "diagnostics",
@@ -634,6 +674,7 @@ const SECTIONS: [&str; 11] = [
     "coap",
     "cluster",
     "console",
+    "storage",
     "log",
 ];
 
@@ -987,8 +1028,16 @@ impl Settings {
                 m2mhub_api::console::DEFAULT_TILE_URL
             )
                 })?;
+        let postgres = match self.storage.postgres_url.trim() {
+            "" => None,
+            // The error never repeats the value: it holds a password.
+            url => Some(m2mhub_pgstore::PgUrl::parse(url).map_err(|e| {
+                anyhow!("invalid value for `storage.postgres_url`: {e} (or \"\" for SQLite under data_dir)")
+            })?),
+        };
         Ok(Validated {
             cluster,
+            postgres,
             http,
             login,
             console,
@@ -1132,6 +1181,9 @@ pub struct Validated {
     pub data_dir: PathBuf,
     /// `Some`: this node is one of a cluster.
     pub cluster: Option<ClusterJoin>,
+    /// The metadata stores' PostgreSQL server; `None`: SQLite under
+    /// `data_dir`.
+    pub postgres: Option<m2mhub_pgstore::PgUrl>,
     /// Limits of the HTTP(S) server and its CORS origins.
     pub http: m2mhub_api::HttpConfig,
     /// Login throttling.
@@ -1188,6 +1240,39 @@ mod tests {
         s.console.tile_url = "https://t.example/{z}/{x}/{y}.png; script-src *".into();
         let e = s.validate().expect_err("refused").to_string();
         assert!(e.contains("console.tile_url"), "{e}");
+    }
+
+    #[test]
+    fn the_postgres_url_comes_from_the_environment_and_its_password_never_shows() {
+        let s = Settings::load(
+            None,
+            &env(&[(
+                "M2MHUB_STORAGE_POSTGRES_URL",
+                "postgres://hub:pw-s3cret@10.0.0.5:5432/meta",
+            )]),
+        )
+        .expect("load");
+        let v = s.validate().expect("valid");
+        let url = v.postgres.as_ref().expect("a PostgreSQL store");
+        assert_eq!(url.expose(), "postgres://hub:pw-s3cret@10.0.0.5:5432/meta");
+        for shown in [format!("{s:?}"), format!("{v:?}"), s.storage.shown_url()] {
+            assert!(!shown.contains("pw-s3cret"), "{shown}");
+            assert!(shown.contains("hub@10.0.0.5:5432/meta"), "{shown}");
+        }
+        assert!(Settings::default()
+            .validate()
+            .expect("valid")
+            .postgres
+            .is_none());
+        let bad = Settings {
+            storage: StorageSettings {
+                postgres_url: "postgres://hub:pw-s3cret@[::1".into(),
+            },
+            ..Settings::default()
+        };
+        let e = bad.validate().expect_err("invalid").to_string();
+        assert!(e.contains("storage.postgres_url"), "{e}");
+        assert!(!e.contains("pw-s3cret"), "{e}");
     }
 
     #[test]

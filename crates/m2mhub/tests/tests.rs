@@ -55,6 +55,8 @@ mod login;
 mod ota;
 #[path = "tests/persistence.rs"]
 mod persistence;
+#[path = "tests/postgres.rs"]
+mod postgres;
 #[path = "tests/process.rs"]
 mod process;
 #[path = "tests/profiles.rs"]

@@ -1,0 +1,595 @@
+//! `FleetStore`: every method, its errors, the batch trimming, and
+//! `load()` after reopening.
+
+use crate::backends::Backend;
+use m2mhub_fleet::diagnostic::BundleStatus;
+use m2mhub_fleet::ota::{Artifact, Campaign, Job};
+use m2mhub_fleet::store::FleetBatch;
+use m2mhub_fleet::{
+    Alarm, AlarmFilter, AlarmStatus, Command, CommandStatus, DeviceEvent, DiagnosticBundle,
+    FleetSetting, RegistryError, Rule, Severity, Shadow,
+};
+use serde_json::json;
+
+crate::conformance!(
+    rules,
+    device_events_in_batches,
+    alarms,
+    commands,
+    shadows,
+    fleet_settings,
+    ota_artifacts_campaigns_and_jobs,
+    diagnostics,
+    deleting_a_device_deletes_what_the_fleet_kept,
+);
+
+fn not_found(r: Result<(), RegistryError>) {
+    assert!(
+        matches!(r, Err(RegistryError::NotFound(_))),
+        "expected NotFound, got {r:?}"
+    );
+}
+
+fn already_exists(r: Result<(), RegistryError>) {
+    assert!(
+        matches!(r, Err(RegistryError::AlreadyExists(_))),
+        "expected AlreadyExists, got {r:?}"
+    );
+}
+
+fn batch<'a>(
+    events: &'a [DeviceEvent],
+    alarms: &'a [Alarm],
+    commands: &'a [Command],
+) -> FleetBatch<'a> {
+    FleetBatch {
+        device_events: events,
+        device_events_kept: 3,
+        alarms,
+        alarms_kept: 2,
+        commands,
+        commands_kept: 2,
+    }
+}
+
+fn rule(id: &str) -> Rule {
+    Rule {
+        id: id.into(),
+        tenant: "t1".into(),
+        name: format!("rule {id}"),
+        description: "too hot".into(),
+        sql: "SELECT * FROM 'devices/+/telemetry' WHERE t > 30".into(),
+        actions: json!([{"type": "alarm", "alarm_type": "hot"}]),
+        enabled: true,
+        created_ms: 1,
+        updated_ms: 1,
+    }
+}
+
+fn event(id: u64, device: &str, kind: &str) -> DeviceEvent {
+    DeviceEvent {
+        id,
+        tenant: "t1".into(),
+        device_id: device.into(),
+        ts_ms: 100 + i64::try_from(id).expect("small"),
+        kind: kind.into(),
+        detail: format!("event {id}"),
+    }
+}
+
+fn alarm(id: u64, device: &str, status: AlarmStatus) -> Alarm {
+    Alarm {
+        id,
+        tenant: "t1".into(),
+        device_id: device.into(),
+        alarm_type: format!("type{id}"),
+        severity: Severity::Major,
+        status,
+        acked: false,
+        acked_by: None,
+        acked_ms: None,
+        details: json!({"t": 31}),
+        rule_id: Some("r1".into()),
+        created_ms: 10,
+        updated_ms: 10,
+        cleared_ms: (status == AlarmStatus::Cleared).then_some(20),
+        cleared_by: (status == AlarmStatus::Cleared).then(|| "rule".to_string()),
+        count: 1,
+    }
+}
+
+fn command(id: &str, device: &str, created_ms: i64, status: CommandStatus) -> Command {
+    Command {
+        id: id.into(),
+        tenant: "t1".into(),
+        device_id: device.into(),
+        name: "reboot".into(),
+        params: json!({"delay": 5}),
+        status,
+        created_ms,
+        updated_ms: created_ms,
+        response: status.is_finished().then(|| json!({"ok": true})),
+        error: None,
+        origin: "operator:ops".into(),
+        timeout_ms: 30_000,
+    }
+}
+
+fn shadow(device: &str, name: &str, version: u64) -> Shadow {
+    let map = |v: serde_json::Value| match v {
+        serde_json::Value::Object(m) => m,
+        _ => unreachable!("an object literal"),
+    };
+    Shadow {
+        tenant: "t1".into(),
+        device_id: device.into(),
+        name: name.into(),
+        desired: map(json!({"interval": version})),
+        reported: map(json!({"fw": "1.0"})),
+        metadata: map(json!({"desired": {"interval": {"timestamp_ms": 5}}})),
+        version,
+        updated_ms: 5,
+    }
+}
+
+fn rules(b: &dyn Backend) {
+    let s = b.fleet();
+    s.insert_rule(&rule("r1")).expect("insert");
+    already_exists(s.insert_rule(&rule("r1")));
+    s.insert_rule(&rule("r2")).expect("second");
+    let mut r = rule("r1");
+    r.name = "renamed".into();
+    r.enabled = false;
+    r.actions = json!([]);
+    r.updated_ms = 9;
+    s.update_rule(&r).expect("update");
+    not_found(s.update_rule(&rule("nope")));
+    s.delete_rule("r2").expect("delete");
+    not_found(s.delete_rule("r2"));
+    drop(s);
+    assert_eq!(b.fleet().load().expect("load").rules, vec![r]);
+}
+
+fn device_events_in_batches(b: &dyn Backend) {
+    let s = b.fleet();
+    let first: Vec<DeviceEvent> = (1..=4)
+        .map(|i| {
+            event(
+                i,
+                "d1",
+                if i % 2 == 0 {
+                    "decode_error"
+                } else {
+                    "connection"
+                },
+            )
+        })
+        .chain([event(5, "d2", "connection")])
+        .collect();
+    s.append(&batch(&first, &[], &[])).expect("batch 1");
+    // Only the newest 3 of d1 are kept.
+    let ids = |v: Vec<DeviceEvent>| v.iter().map(|e| e.id).collect::<Vec<u64>>();
+    assert_eq!(
+        ids(s
+            .list_device_events(None, "d1", None, None, 10)
+            .expect("list")),
+        vec![4, 3, 2]
+    );
+    s.append(&batch(&[event(6, "d1", "decode_error")], &[], &[]))
+        .expect("batch 2");
+    assert_eq!(
+        ids(s
+            .list_device_events(None, "d1", None, None, 10)
+            .expect("list")),
+        vec![6, 4, 3]
+    );
+    assert_eq!(
+        ids(s
+            .list_device_events(None, "d1", Some("decode_error"), None, 10)
+            .expect("by kind")),
+        vec![6, 4]
+    );
+    assert_eq!(
+        ids(s
+            .list_device_events(None, "d1", None, Some(4), 1)
+            .expect("page")),
+        vec![3]
+    );
+    assert_eq!(
+        ids(s
+            .list_device_events(Some("t2"), "d1", None, None, 10)
+            .expect("other tenant")),
+        Vec::<u64>::new()
+    );
+    assert_eq!(
+        s.list_device_events(Some("t1"), "d2", None, None, 10)
+            .expect("d2"),
+        vec![event(5, "d2", "connection")]
+    );
+    // A reused id fails the whole batch.
+    already_exists(s.append(&batch(
+        &[event(7, "d2", "x"), event(6, "d2", "x")],
+        &[],
+        &[],
+    )));
+    assert_eq!(
+        ids(s
+            .list_device_events(None, "d2", None, None, 10)
+            .expect("d2")),
+        vec![5]
+    );
+    drop(s);
+    assert_eq!(b.fleet().load().expect("load").device_event_seq, 6);
+}
+
+fn alarms(b: &dyn Backend) {
+    let s = b.fleet();
+    let a1 = alarm(1, "d1", AlarmStatus::Active);
+    s.put_alarm(&a1).expect("put");
+    assert_eq!(s.get_alarm(1).expect("get"), Some(a1.clone()));
+    assert_eq!(s.get_alarm(99).expect("get missing"), None);
+    // Upsert by id: the same id again replaces the mutable fields.
+    let mut a1b = a1.clone();
+    a1b.count = 3;
+    a1b.acked = true;
+    a1b.acked_by = Some("ops".into());
+    a1b.acked_ms = Some(15);
+    a1b.severity = Severity::Critical;
+    s.put_alarm(&a1b).expect("put again");
+    assert_eq!(s.get_alarm(1).expect("get"), Some(a1b.clone()));
+    // Cleared alarms beyond `alarms_kept` (2) per device are trimmed.
+    let cleared: Vec<Alarm> = (2..=5)
+        .map(|i| alarm(i, "d1", AlarmStatus::Cleared))
+        .collect();
+    let a6 = alarm(6, "d2", AlarmStatus::Active);
+    let mut all = cleared.clone();
+    all.push(a6.clone());
+    s.append(&batch(&[], &all, &[])).expect("batch");
+    let ids = |v: Vec<Alarm>| v.iter().map(|a| a.id).collect::<Vec<u64>>();
+    assert_eq!(
+        ids(s.list_alarms(&AlarmFilter::default(), 10).expect("all")),
+        vec![6, 5, 4, 1]
+    );
+    let f = |f: AlarmFilter| ids(s.list_alarms(&f, 10).expect("list"));
+    assert_eq!(
+        f(AlarmFilter {
+            device_id: Some("d1".into()),
+            status: Some(AlarmStatus::Active),
+            ..Default::default()
+        }),
+        vec![1]
+    );
+    assert_eq!(
+        f(AlarmFilter {
+            severity: Some(Severity::Critical),
+            ..Default::default()
+        }),
+        vec![1]
+    );
+    assert_eq!(
+        f(AlarmFilter {
+            alarm_type: Some("type5".into()),
+            tenant: Some("t1".into()),
+            ..Default::default()
+        }),
+        vec![5]
+    );
+    assert_eq!(
+        f(AlarmFilter {
+            tenant: Some("t2".into()),
+            ..Default::default()
+        }),
+        Vec::<u64>::new()
+    );
+    assert_eq!(
+        f(AlarmFilter {
+            before: Some(5),
+            ..Default::default()
+        }),
+        vec![4, 1]
+    );
+    assert_eq!(
+        ids(s.list_alarms(&AlarmFilter::default(), 2).expect("limit")),
+        vec![6, 5]
+    );
+    drop(s);
+    let snap = b.fleet().load().expect("load");
+    assert_eq!(snap.active_alarms, vec![a1b, a6]);
+    assert_eq!(snap.alarm_seq, 6);
+}
+
+fn commands(b: &dyn Backend) {
+    let s = b.fleet();
+    let open = command("cmd-1", "d1", 10, CommandStatus::Pending);
+    s.append(&batch(&[], &[], std::slice::from_ref(&open)))
+        .expect("batch");
+    assert_eq!(s.get_command("cmd-1").expect("get"), Some(open.clone()));
+    assert_eq!(s.get_command("cmd-x").expect("missing"), None);
+    // Upsert: a later status replaces status, response and error.
+    let mut sent = open.clone();
+    sent.status = CommandStatus::Sent;
+    sent.updated_ms = 11;
+    s.append(&batch(&[], &[], std::slice::from_ref(&sent)))
+        .expect("update");
+    assert_eq!(s.get_command("cmd-1").expect("get"), Some(sent.clone()));
+    // Finished commands beyond `commands_kept` (2) per device go, by
+    // (created_ms, id); open ones stay.
+    let done: Vec<Command> = [("cmd-2", 20), ("cmd-3", 30), ("cmd-4", 30), ("cmd-5", 40)]
+        .iter()
+        .map(|(id, at)| command(id, "d1", *at, CommandStatus::Answered))
+        .collect();
+    s.append(&batch(&[], &[], &done)).expect("finished");
+    let ids = |v: Vec<Command>| v.iter().map(|c| c.id.clone()).collect::<Vec<String>>();
+    assert_eq!(
+        ids(s.list_commands(None, "d1", None, 10).expect("list")),
+        vec!["cmd-5", "cmd-4", "cmd-1"]
+    );
+    assert_eq!(
+        ids(s
+            .list_commands(Some("t1"), "d1", Some("cmd-4"), 10)
+            .expect("page")),
+        vec!["cmd-1"]
+    );
+    assert_eq!(
+        ids(s
+            .list_commands(None, "d1", Some("cmd-unknown"), 10)
+            .expect("bad cursor")),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        ids(s
+            .list_commands(Some("t2"), "d1", None, 10)
+            .expect("other tenant")),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        ids(s.list_commands(None, "d1", None, 1).expect("limit")),
+        vec!["cmd-5"]
+    );
+    assert_eq!(
+        s.get_command("cmd-5").expect("get").expect("kept").response,
+        Some(json!({"ok": true}))
+    );
+    drop(s);
+    assert_eq!(b.fleet().load().expect("load").open_commands, vec![sent]);
+}
+
+fn shadows(b: &dyn Backend) {
+    let s = b.fleet();
+    s.put_shadow(&shadow("d1", "", 1)).expect("put");
+    s.put_shadow(&shadow("d1", "", 2)).expect("replace");
+    s.put_shadows(&[&shadow("d1", "net", 1), &shadow("d2", "", 7)])
+        .expect("many");
+    s.put_shadow(&shadow("d3", "", 1)).expect("d3");
+    s.delete_shadow("d3", "").expect("delete");
+    not_found(s.delete_shadow("d3", ""));
+    drop(s);
+    let mut got = b.fleet().load().expect("load").shadows;
+    got.sort_by(|a, b| (&a.device_id, &a.name).cmp(&(&b.device_id, &b.name)));
+    assert_eq!(
+        got,
+        vec![
+            shadow("d1", "", 2),
+            shadow("d1", "net", 1),
+            shadow("d2", "", 7)
+        ]
+    );
+}
+
+fn setting(id: &str, tenant: &str, created_ms: i64) -> FleetSetting {
+    serde_json::from_value(json!({
+        "id": id, "tenant": tenant,
+        "selector": {"group": "g1", "label": null, "profile": null},
+        "shadow": "", "state": {"interval": 60},
+        "targets": ["d1", "d2"], "failed": [["d3", "too large"]],
+        "created_ms": created_ms, "created_by": "ops"
+    }))
+    .expect("a fleet setting")
+}
+
+fn fleet_settings(b: &dyn Backend) {
+    let s = b.fleet();
+    for (i, t) in [(1, "t1"), (2, "t2"), (3, "t1"), (4, "t1")] {
+        s.put_setting(&setting(&format!("fs-{i}"), t, i), 3)
+            .expect("put");
+    }
+    already_exists(s.put_setting(&setting("fs-4", "t1", 5), 3));
+    // Only the newest 3 are kept, all tenants together.
+    assert_eq!(s.get_setting("fs-1").expect("get"), None);
+    assert_eq!(
+        s.get_setting("fs-3").expect("get"),
+        Some(setting("fs-3", "t1", 3))
+    );
+    let ids = |v: Vec<FleetSetting>| v.iter().map(|f| f.id.clone()).collect::<Vec<String>>();
+    assert_eq!(
+        ids(s.list_settings(None, 10).expect("all")),
+        vec!["fs-4", "fs-3", "fs-2"]
+    );
+    assert_eq!(
+        ids(s.list_settings(Some("t1"), 1).expect("t1")),
+        vec!["fs-4"]
+    );
+}
+
+fn artifact(id: &str) -> Artifact {
+    serde_json::from_value(json!({
+        "id": id, "tenant": "t1", "name": "fw", "version": "1.2.3",
+        "hardware": "rev-b", "profile": null, "size": 1024,
+        "sha256": "ab".repeat(32), "signature": "c2ln", "signed_by": "platform",
+        "created_ms": 3, "created_by": "ops"
+    }))
+    .expect("an artifact")
+}
+
+fn campaign(status: &str) -> Campaign {
+    serde_json::from_value(json!({
+        "id": "camp-1", "tenant": "t1", "name": "rollout", "artifact_id": "art-1",
+        "selector": {"group": null, "label": "site=north", "profile": null},
+        "devices": null, "waves": [{"size": 2, "started_ms": 4}],
+        "wave_wait_s": 60, "max_starts_per_minute": 10, "failure_threshold": 0.2,
+        "deadline_ms": null, "job_timeout_s": 600, "status": status, "reason": null,
+        "skipped": [], "created_ms": 4, "created_by": "ops", "updated_ms": 4
+    }))
+    .expect("a campaign")
+}
+
+fn job(device: &str, state: &str) -> Job {
+    serde_json::from_value(json!({
+        "campaign_id": "camp-1", "device_id": device, "tenant": "t1", "wave": 0,
+        "state": state, "progress": 0, "reason": null, "notified_ms": null, "updated_ms": 4
+    }))
+    .expect("a job")
+}
+
+fn ota_artifacts_campaigns_and_jobs(b: &dyn Backend) {
+    let s = b.fleet();
+    s.put_artifact(&artifact("art-1")).expect("artifact");
+    already_exists(s.put_artifact(&artifact("art-1")));
+    s.put_artifact(&artifact("art-2")).expect("second");
+    s.delete_artifact("art-2").expect("delete");
+    not_found(s.delete_artifact("art-2"));
+    s.put_campaign(
+        &campaign("running"),
+        &[job("d1", "pending"), job("d2", "queued")],
+    )
+    .expect("campaign");
+    // Again: the campaign and the named jobs are replaced, others kept.
+    s.put_campaign(&campaign("paused"), &[job("d1", "succeeded")])
+        .expect("update");
+    drop(s);
+    let snap = b.fleet().load().expect("load");
+    assert_eq!(snap.artifacts, vec![artifact("art-1")]);
+    assert_eq!(snap.campaigns, vec![campaign("paused")]);
+    let mut jobs = snap.jobs;
+    jobs.sort_by(|a, b| a.device_id.cmp(&b.device_id));
+    assert_eq!(jobs, vec![job("d1", "succeeded"), job("d2", "queued")]);
+}
+
+fn bundle(id: &str, device: &str, requested_ms: i64, token: &str) -> DiagnosticBundle {
+    DiagnosticBundle {
+        id: id.into(),
+        tenant: "t1".into(),
+        device_id: device.into(),
+        status: BundleStatus::Requested,
+        requested_by: "ops".into(),
+        requested_ms,
+        uploaded_ms: None,
+        size: None,
+        sha256: None,
+        reason: Some("flaky wifi".into()),
+        error: None,
+        token_hash: token.into(),
+        expires_ms: requested_ms + 100,
+    }
+}
+
+fn diagnostics(b: &dyn Backend) {
+    let s = b.fleet();
+    let b1 = bundle("db-1", "d1", 1_000, "h1");
+    s.insert_diagnostic(&b1).expect("insert");
+    already_exists(s.insert_diagnostic(&b1));
+    already_exists(s.insert_diagnostic(&bundle("db-9", "d1", 1, "h1")));
+    s.insert_diagnostic(&bundle("db-2", "d1", 2_000, "h2"))
+        .expect("second");
+    s.insert_diagnostic(&bundle("db-3", "d2", 3_000, "h3"))
+        .expect("third");
+    let mut up = bundle("db-2", "d1", 2_000, "h2");
+    up.status = BundleStatus::Uploaded;
+    up.uploaded_ms = Some(2_050);
+    up.size = Some(4096);
+    up.sha256 = Some("cd".repeat(32));
+    s.update_diagnostic(&up).expect("update");
+    not_found(s.update_diagnostic(&bundle("db-x", "d1", 1, "hx")));
+    assert_eq!(s.get_diagnostic("db-2").expect("get"), Some(up.clone()));
+    assert_eq!(s.get_diagnostic("db-x").expect("get"), None);
+    assert_eq!(
+        s.find_diagnostic_by_token("h1").expect("by token"),
+        Some(b1.clone())
+    );
+    assert_eq!(s.find_diagnostic_by_token("nope").expect("none"), None);
+    let ids = |v: Vec<DiagnosticBundle>| v.iter().map(|b| b.id.clone()).collect::<Vec<String>>();
+    assert_eq!(
+        ids(s.list_diagnostics(None, "d1", 10).expect("list")),
+        vec!["db-2", "db-1"]
+    );
+    assert_eq!(
+        ids(s.list_diagnostics(Some("t1"), "d1", 1).expect("limit")),
+        vec!["db-2"]
+    );
+    assert_eq!(
+        ids(s.list_diagnostics(Some("t2"), "d1", 10).expect("tenant")),
+        Vec::<String>::new()
+    );
+    // Expired requests (db-1 expires at 1100) and anything uploaded or
+    // expired before the retention point (db-2 uploaded at 2050).
+    let mut due = ids(s.diagnostics_due(1_100, 2_050).expect("due"));
+    due.sort();
+    assert_eq!(due, vec!["db-1", "db-2"]);
+    assert_eq!(
+        ids(s.diagnostics_due(1_099, 1_099).expect("none due")),
+        Vec::<String>::new()
+    );
+    s.delete_diagnostic("db-1").expect("delete");
+    not_found(s.delete_diagnostic("db-1"));
+}
+
+fn deleting_a_device_deletes_what_the_fleet_kept(b: &dyn Backend) {
+    let s = b.fleet();
+    for d in ["d1", "d2"] {
+        let n = if d == "d1" { 1 } else { 2 };
+        s.append(&batch(
+            &[event(n, d, "connection")],
+            &[alarm(n, d, AlarmStatus::Active)],
+            &[command(&format!("cmd-{d}"), d, 1, CommandStatus::Pending)],
+        ))
+        .expect("batch");
+        s.put_shadow(&shadow(d, "", 1)).expect("shadow");
+        s.insert_diagnostic(&bundle(&format!("db-{d}"), d, 1, &format!("h-{d}")))
+            .expect("bundle");
+    }
+    s.put_campaign(
+        &campaign("running"),
+        &[job("d1", "pending"), job("d2", "pending")],
+    )
+    .expect("campaign");
+    s.delete_device("d1").expect("delete");
+    // Nothing kept is fine too.
+    s.delete_device("never-existed").expect("delete nothing");
+    assert!(s
+        .list_device_events(None, "d1", None, None, 10)
+        .expect("events")
+        .is_empty());
+    assert!(s
+        .list_diagnostics(None, "d1", 10)
+        .expect("bundles")
+        .is_empty());
+    drop(s);
+    let snap = b.fleet().load().expect("load");
+    let devices = |v: Vec<String>| v;
+    assert_eq!(
+        devices(
+            snap.active_alarms
+                .iter()
+                .map(|a| a.device_id.clone())
+                .collect()
+        ),
+        vec!["d2"]
+    );
+    assert_eq!(
+        devices(
+            snap.open_commands
+                .iter()
+                .map(|c| c.device_id.clone())
+                .collect()
+        ),
+        vec!["d2"]
+    );
+    assert_eq!(
+        devices(snap.shadows.iter().map(|s| s.device_id.clone()).collect()),
+        vec!["d2"]
+    );
+    assert_eq!(
+        devices(snap.jobs.iter().map(|j| j.device_id.clone()).collect()),
+        vec!["d2"]
+    );
+}
