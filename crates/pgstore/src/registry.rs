@@ -395,33 +395,55 @@ struct OwnedBatch {
     psk_used: Vec<PskUseUpdate>,
 }
 
+/// The key of the transaction-scoped advisory lock that serializes audit
+/// appends across every node sharing the database.
+const AUDIT_APPEND_LOCK: i64 = 0x6d32_6d68_6175_6474; // "m2mhaudt"
+
 fn append(c: &mut Client, b: &OwnedBatch) -> PgResult<()> {
     let mut tx = c.transaction()?;
     if !b.audit.is_empty() {
+        // Several nodes append to one chain: each batch continues from the
+        // table's real tail, under a lock all nodes take, and is numbered
+        // and hashed again from there. A node's own idea of the tail (which
+        // another node's appends make stale) only ever orders its batch.
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&AUDIT_APPEND_LOCK])?;
+        let tail = tx.query_one("SELECT seq, hash FROM audit_anchor WHERE id = 1", &[])?;
+        let mut seq: i64 = tail.get(0);
+        let mut prev = hash_of(&tail.get::<_, String>(1), "audit anchor")?;
         let ins = tx.prepare(&format!(
             "INSERT INTO audit_log ({AUDIT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
         ))?;
         for r in &b.audit {
+            seq += 1;
+            let hash = m2mhub_identity::audit::record_hash(
+                &prev,
+                u64::try_from(seq).unwrap_or(0),
+                r.ts_ms,
+                &r.actor,
+                &r.action,
+                &r.target,
+                &r.outcome,
+                &r.detail,
+            );
             tx.execute(
                 &ins,
                 &[
-                    &i64_of(r.seq)?,
+                    &seq,
                     &r.ts_ms,
                     &r.actor,
                     &r.action,
                     &r.target,
                     &r.outcome,
                     &r.detail,
-                    &r.prev_hash,
-                    &r.hash,
+                    &hex(&prev),
+                    &hex(&hash),
                 ],
             )?;
+            prev = hash;
         }
-    }
-    if let Some(last) = b.audit.last() {
         tx.execute(
             "UPDATE audit_anchor SET seq = $1, hash = $2 WHERE id = 1",
-            &[&i64_of(last.seq)?, &last.hash],
+            &[&seq, &hex(&prev)],
         )?;
     }
     if !b.events.is_empty() {

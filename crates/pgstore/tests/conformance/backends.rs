@@ -13,6 +13,13 @@ pub trait Backend {
     fn registry(&self) -> Box<dyn RegistryStore>;
     /// Open (again) the fleet store of this test's database.
     fn fleet(&self) -> Box<dyn FleetStore>;
+    /// Whether several nodes share the store: then an audit batch is
+    /// numbered and chained again from the store's own tail (another node
+    /// may have appended since this one's last batch) rather than refused
+    /// for a sequence number already taken.
+    fn shared(&self) -> bool {
+        false
+    }
 }
 
 pub struct Sqlite {
@@ -50,6 +57,10 @@ impl Postgres {
 }
 
 impl Backend for Postgres {
+    fn shared(&self) -> bool {
+        true
+    }
+
     fn registry(&self) -> Box<dyn RegistryStore> {
         Box::new(PgRegistryStore::open(self.db.url()).expect("open the PostgreSQL registry store"))
     }

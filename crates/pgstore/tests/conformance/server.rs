@@ -117,4 +117,45 @@ mod postgres {
             Ok(_) => panic!("a newer schema was accepted"),
         }
     }
+
+    /// Two nodes share one database and audit at the same time: each
+    /// batch continues the one chain, which verifies whole.
+    #[test]
+    #[ignore = "needs PostgreSQL: scripts/postgres.sh"]
+    fn nodes_auditing_at_once_keep_one_chain() {
+        let db = database();
+        let open = || {
+            m2mhub_identity::Registry::with_store(Box::new(
+                PgRegistryStore::open(db.url()).expect("open"),
+            ))
+            .expect("registry")
+        };
+        let (a, b) = (open(), open());
+        let before = a.verify_audit().expect("verify").records;
+        std::thread::scope(|scope| {
+            for (node, r) in [("a", &a), ("b", &b)] {
+                scope.spawn(move || {
+                    for i in 0..50 {
+                        r.audit(
+                            node,
+                            "test.write",
+                            &format!("t{i}"),
+                            "ok",
+                            serde_json::json!({}),
+                        )
+                        .expect("audit");
+                        if i % 7 == 0 {
+                            r.flush().expect("flush");
+                        }
+                    }
+                    r.flush().expect("flush");
+                });
+            }
+        });
+        for r in [&a, &b] {
+            let report = r.verify_audit().expect("verify");
+            assert!(report.ok, "{report:?}");
+            assert_eq!(report.records, before + 100, "{report:?}");
+        }
+    }
 }
