@@ -447,14 +447,21 @@ fn append(c: &mut Client, b: &OwnedBatch) -> PgResult<()> {
         )?;
     }
     if !b.events.is_empty() {
+        // Numbered after the table's last event, under the same lock as the
+        // audit chain: nodes sharing the store number events apart.
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&AUDIT_APPEND_LOCK])?;
+        let mut seq: i64 = tx
+            .query_one("SELECT COALESCE(MAX(seq), 0) FROM security_events", &[])?
+            .get(0);
         let ins = tx.prepare(
             "INSERT INTO security_events (seq, ts_ms, kind, device_id, addr, detail) VALUES ($1, $2, $3, $4, $5, $6)",
         )?;
         for e in &b.events {
+            seq += 1;
             tx.execute(
                 &ins,
                 &[
-                    &i64_of(e.seq)?,
+                    &seq,
                     &e.ts_ms,
                     &e.kind.as_str(),
                     &e.device_id,
