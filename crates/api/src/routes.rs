@@ -24,6 +24,7 @@ pub fn router(state: AppState) -> Router {
     use crate::{
         devices as d, operators as o, provision as p, security as s, settings as st, shadows as sh,
     };
+    let cluster = state.cluster.clone();
     let (api, ops) = ApiBuilder::<AppState>::new()
         .route("/", get(api_index), &[("GET", "API index", Public)])
         .route("/openapi.json", get(openapi_doc), &[("GET", "This OpenAPI document", Public)])
@@ -217,6 +218,10 @@ pub fn router(state: AppState) -> Router {
         .layer(axum::middleware::from_fn_with_state(
             limits.clone(),
             crate::limits::body_timeout,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            cluster,
+            crate::cluster::announce_changes,
         ))
         .layer(axum::middleware::from_fn(crate::problem::catch_panic))
         .layer(axum::middleware::from_fn(crate::problem::uniform_errors))

@@ -243,6 +243,44 @@ impl Registry {
     /// Use another storage backend.
     pub fn with_store(store: Box<dyn RegistryStore>) -> Result<Registry> {
         let snap = store.load()?;
+        let (audit_tail, security_seq) = (snap.audit_tail.clone(), snap.security_seq);
+        let (mut state, seen) = State::from_snapshot(snap);
+        if !state.tenants.contains_key(DEFAULT_TENANT) {
+            let t = Tenant {
+                id: DEFAULT_TENANT.into(),
+                name: "Default".into(),
+                created_ms: now_ms(),
+            };
+            store.insert_tenant(&t)?;
+            state.tenants.insert(t.id.clone(), t);
+        }
+        let log = LogQueue {
+            last_seq: audit_tail.0,
+            last_hash: audit_tail.1,
+            last_event_seq: security_seq,
+            ..Default::default()
+        };
+        Self::start(store, state, seen, log)
+    }
+
+    /// Read everything again from the store, replacing the in-memory copy:
+    /// in a cluster another node changed the shared store (a device
+    /// created, a credential revoked). Last-seen times and the logs are
+    /// this node's own and stay as they are.
+    pub fn reload(&self) -> Result<()> {
+        // Under the writer lock, so no write of this node's falls between
+        // the read and the swap.
+        let _w = self.shared.write.lock();
+        let snap = self.shared.store.load()?;
+        let (state, _) = State::from_snapshot(snap);
+        *self.shared.state.write() = state;
+        Ok(())
+    }
+}
+
+impl State {
+    /// The in-memory copy of a snapshot, and the devices' last-seen times.
+    fn from_snapshot(snap: store::Snapshot) -> (State, HashMap<String, Seen>) {
         let mut state = State::default();
         for t in snap.tenants {
             state.tenants.insert(t.id.clone(), t);
@@ -304,21 +342,17 @@ impl Registry {
             state.profiles.insert((p.tenant.clone(), p.name.clone()), p);
         }
         state.rebuild_ingest();
-        if !state.tenants.contains_key(DEFAULT_TENANT) {
-            let t = Tenant {
-                id: DEFAULT_TENANT.into(),
-                name: "Default".into(),
-                created_ms: now_ms(),
-            };
-            store.insert_tenant(&t)?;
-            state.tenants.insert(t.id.clone(), t);
-        }
-        let log = LogQueue {
-            last_seq: snap.audit_tail.0,
-            last_hash: snap.audit_tail.1,
-            last_event_seq: snap.security_seq,
-            ..Default::default()
-        };
+        (state, seen)
+    }
+}
+
+impl Registry {
+    fn start(
+        store: Box<dyn RegistryStore>,
+        state: State,
+        seen: HashMap<String, Seen>,
+        log: LogQueue,
+    ) -> Result<Registry> {
         let shared = Arc::new(Shared {
             store,
             state: RwLock::new(state),

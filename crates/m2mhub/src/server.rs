@@ -270,6 +270,19 @@ impl Server {
             ota.service.clone(),
             Duration::from_secs(1),
         ));
+        if let Some(c) = &cluster {
+            // Another node changed the shared metadata: read it again.
+            let r = registry.clone();
+            c.on_change(Arc::new(move |what| {
+                tracing::debug!(what, "metadata changed on another node; reloading");
+                let r = r.clone();
+                tokio::task::spawn_blocking(move || {
+                    if let Err(e) = r.reload() {
+                        tracing::warn!(error = %e, "cannot reload the registry");
+                    }
+                });
+            }));
+        }
         let state = AppState {
             broker: broker.clone(),
             registry: registry.clone(),

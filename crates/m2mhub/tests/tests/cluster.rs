@@ -448,3 +448,71 @@ async fn kill_9_of_a_node_loses_no_acknowledged_message_of_its_sessions() {
     }
     assert_eq!(cluster_counter(&n[0], "sessions_restored"), devices as u64);
 }
+
+/// Two nodes sharing their metadata in PostgreSQL (`storage.postgres_url`)
+/// and their routing in NATS: a device created through one node connects
+/// through the other, and disabling it through the first ends its session
+/// on the second within a second. Needs both services (`.ci/run` starts
+/// them): `M2MHUB_TEST_NATS_URL` and `M2MHUB_TEST_POSTGRES_URL`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs NATS and PostgreSQL: scripts/nats.sh, scripts/postgres.sh"]
+async fn metadata_shared_in_postgresql_takes_effect_on_every_node() {
+    let db = m2mhub_pgstore::testing::TestDatabase::create().unwrap_or_else(|e| panic!("{e}"));
+    let pg = db.url().expose().to_string();
+    let name = cluster_name("pg");
+    let url = nats_url();
+    let mut n = Vec::new();
+    for i in 0..2 {
+        let (pg, name, url) = (pg.clone(), name.clone(), url.clone());
+        n.push(
+            TestServer::with(move |s| {
+                secure(s);
+                s.storage.postgres_url = pg;
+                s.cluster.enabled = true;
+                s.cluster.nats_url = url;
+                s.cluster.name = name;
+                s.cluster.node_id = format!("pg-node-{i}");
+            })
+            .await,
+        );
+    }
+    let admin = Api::admin(&n[0]);
+    let secret = registered_device(&admin, "shared-1", None).await;
+    // Node 1 learns of the device (announced by node 0) and lets it in.
+    let mut c = v5("shared-1");
+    c.username = Some("shared-1".into());
+    c.password = Some(bytes::Bytes::from(secret.clone()));
+    let mut dev = None;
+    for _ in 0..50 {
+        let (raw, ack) = Raw::connect(n[1].mqtt(), c.clone()).await;
+        if ack.reason_code == reason::SUCCESS {
+            dev = Some(raw);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut dev = dev.expect("the device connects through the other node");
+    // Disabled through node 0: its session on node 1 ends at once.
+    let t0 = std::time::Instant::now();
+    admin
+        .expect(
+            "PATCH",
+            "/devices/shared-1",
+            Some(serde_json::json!({"enabled": false})),
+            200,
+        )
+        .await;
+    dev.expect_disconnect(reason::ADMINISTRATIVE_ACTION).await;
+    let took = t0.elapsed();
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    // And node 1 refuses it from now on.
+    let mut refused = false;
+    for _ in 0..50 {
+        if Raw::connect(n[1].mqtt(), c.clone()).await.1.reason_code != reason::SUCCESS {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(refused, "node 1 refuses the disabled device");
+}
