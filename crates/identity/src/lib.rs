@@ -243,7 +243,7 @@ impl Registry {
     /// Use another storage backend.
     pub fn with_store(store: Box<dyn RegistryStore>) -> Result<Registry> {
         let snap = store.load()?;
-        let (audit_tail, security_seq) = (snap.audit_tail.clone(), snap.security_seq);
+        let (audit_tail, security_seq) = (snap.audit_tail, snap.security_seq);
         let (mut state, seen) = State::from_snapshot(snap);
         if !state.tenants.contains_key(DEFAULT_TENANT) {
             let t = Tenant {
