@@ -12,6 +12,7 @@ use crate::{Fleet, RegistryError, Result};
 use m2mhub_identity::ids::{new_id, validate_id, validate_name};
 use m2mhub_identity::now_ms;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 /// Rule SQL and the actions' JSON are limited to this many bytes.
 pub const MAX_RULE_TEXT: usize = 64 * 1024;
@@ -145,6 +146,30 @@ impl Fleet {
         s.store.insert_rule(&r)?;
         s.rules.write().insert(r.id.clone(), r.clone());
         Ok(r)
+    }
+
+    /// Read the rule definitions again from the store (in a cluster another
+    /// node changed them in the shared store); returns the ids of the rules
+    /// added, changed or removed, for the rule service to reload.
+    pub fn reload_rules(&self) -> Result<Vec<String>> {
+        let s = &self.shared;
+        let _w = s.write.lock();
+        let fresh: BTreeMap<String, Rule> = s
+            .store
+            .load()?
+            .rules
+            .into_iter()
+            .map(|r| (r.id.clone(), r))
+            .collect();
+        let mut rules = s.rules.write();
+        let mut changed: Vec<String> = fresh
+            .iter()
+            .filter(|(id, r)| rules.get(*id) != Some(*r))
+            .map(|(id, _)| id.clone())
+            .collect();
+        changed.extend(rules.keys().filter(|id| !fresh.contains_key(*id)).cloned());
+        *rules = fresh;
+        Ok(changed)
     }
 
     pub fn get_rule(&self, id: &str) -> Result<Rule> {

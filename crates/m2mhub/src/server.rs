@@ -271,14 +271,23 @@ impl Server {
             Duration::from_secs(1),
         ));
         if let Some(c) = &cluster {
-            // Another node changed the shared metadata: read it again.
-            let r = registry.clone();
+            // Another node changed the shared metadata: read it again (the
+            // registry, and the rules, which the rule service recompiles).
+            let (r, f, a) = (registry.clone(), fleet.clone(), automation.clone());
             c.on_change(Arc::new(move |what| {
                 tracing::debug!(what, "metadata changed on another node; reloading");
-                let r = r.clone();
+                let (r, f, a) = (r.clone(), f.clone(), a.clone());
                 tokio::task::spawn_blocking(move || {
                     if let Err(e) = r.reload() {
                         tracing::warn!(error = %e, "cannot reload the registry");
+                    }
+                    match f.reload_rules() {
+                        Ok(changed) => {
+                            for id in changed {
+                                m2mhub_automation::RuleService::reload(&a, &id);
+                            }
+                        }
+                        Err(e) => tracing::warn!(error = %e, "cannot reload the rules"),
                     }
                 });
             }));

@@ -492,6 +492,42 @@ async fn metadata_shared_in_postgresql_takes_effect_on_every_node() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let mut dev = dev.expect("the device connects through the other node");
+    // A rule created through node 0 runs on node 1, where the device's
+    // readings enter: its alarm is in the shared store, seen through node 0.
+    admin
+        .expect(
+            "POST",
+            "/rules",
+            Some(serde_json::json!({
+                "id": "hot",
+                "sql": "SELECT device, temperature FROM 'devices/+/telemetry' WHERE temperature > 80",
+                "actions": [{"type": "alarm", "alarm_type": "hot", "severity": "major"}]
+            })),
+            201,
+        )
+        .await;
+    let mut alarmed = false;
+    for i in 0..50u16 {
+        dev.publish(publish(
+            "devices/shared-1/telemetry",
+            QoS::AtLeastOnce,
+            i + 1,
+            r#"{"temperature": 95}"#,
+        ))
+        .await;
+        let alarms = admin
+            .expect("GET", "/alarms?device=shared-1", None, 200)
+            .await;
+        if alarms["items"].as_array().is_some_and(|a| !a.is_empty()) {
+            alarmed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        alarmed,
+        "the rule made on node 0 raised its alarm on node 1"
+    );
     // Disabled through node 0: its session on node 1 ends at once.
     let t0 = std::time::Instant::now();
     admin
