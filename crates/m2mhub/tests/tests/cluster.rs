@@ -492,6 +492,15 @@ async fn metadata_shared_in_postgresql_takes_effect_on_every_node() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let mut dev = dev.expect("the device connects through the other node");
+    // The API of either node lists the device.
+    let admin1 = Api::admin(&n[1]);
+    let listed = admin1.expect("GET", "/devices", None, 200).await;
+    assert!(
+        listed["items"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|d| d["id"] == "shared-1")),
+        "{listed}"
+    );
     // A rule created through node 0 runs on node 1, where the device's
     // readings enter: its alarm is in the shared store, seen through node 0.
     admin
@@ -551,4 +560,113 @@ async fn metadata_shared_in_postgresql_takes_effect_on_every_node() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(refused, "node 1 refuses the disabled device");
+}
+
+/// A rule keeps firing after the node its device was connected to is
+/// killed: the device reconnects through another node, which has the rule
+/// (shared in PostgreSQL) and evaluates its readings from then on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs NATS and PostgreSQL: scripts/nats.sh, scripts/postgres.sh"]
+async fn a_rule_keeps_firing_after_its_node_is_killed() {
+    let db = m2mhub_pgstore::testing::TestDatabase::create().unwrap_or_else(|e| panic!("{e}"));
+    let pg = db.url().expose().to_string();
+    let name = cluster_name("rulekill");
+    let url = nats_url();
+    let (pg2, name2, url2) = (pg.clone(), name.clone(), url.clone());
+    let survivor = TestServer::with(move |s| {
+        secure(s);
+        s.storage.postgres_url = pg2;
+        s.cluster.enabled = true;
+        s.cluster.nats_url = url2;
+        s.cluster.name = name2;
+        s.cluster.node_id = "survivor".into();
+    })
+    .await;
+    let admin = Api::admin(&survivor);
+    let secret = registered_device(&admin, "press-7", None).await;
+    admin
+        .expect(
+            "POST",
+            "/rules",
+            Some(serde_json::json!({
+                "id": "overpressure",
+                "sql": "SELECT device, pressure FROM 'devices/+/telemetry' WHERE pressure > 8",
+                "actions": [{"type": "alarm", "alarm_type": "overpressure", "severity": "critical"}]
+            })),
+            201,
+        )
+        .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut victim = BinServer::start_with(
+        &dir.path().join("data"),
+        &dir.path().join("victim.log"),
+        &["--cluster", "--nats-url", &url, "--node-id", "victim"],
+        &[
+            ("M2MHUB_CLUSTER_NAME", &name),
+            ("M2MHUB_STORAGE_POSTGRES_URL", &pg),
+            ("M2MHUB_MQTT_ALLOW_ANONYMOUS", "false"),
+        ],
+    )
+    .await;
+    let mut c = v5("press-7");
+    c.username = Some("press-7".into());
+    c.password = Some(bytes::Bytes::from(secret));
+    let alarms = |admin: &Api| {
+        let admin = Api {
+            addr: admin.addr,
+            token: admin.token.clone(),
+        };
+        async move {
+            admin
+                .expect("GET", "/alarms?device=press-7&status=active", None, 200)
+                .await["items"]
+                .as_array()
+                .map_or(0, |a| a.len())
+        }
+    };
+    // Fires on the victim node, where the device is connected.
+    let (mut dev, _) = Raw::connect_ok(victim.mqtt, c.clone()).await;
+    dev.publish(publish(
+        "devices/press-7/telemetry",
+        QoS::AtLeastOnce,
+        1,
+        r#"{"pressure": 9}"#,
+    ))
+    .await;
+    let mut fired = false;
+    for _ in 0..50 {
+        if alarms(&admin).await > 0 {
+            fired = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(fired, "the rule fired on the victim node");
+    // The survivor's own rule engine has not fired it: the readings went
+    // to the victim.
+    let fired_here = || async {
+        let r = admin.expect("GET", "/rules/overpressure", None, 200).await;
+        r["counters"]["fired"].as_u64().unwrap_or(0)
+    };
+    assert_eq!(fired_here().await, 0);
+    // Kill the node; the device reconnects through the survivor, whose
+    // engine fires the rule from then on.
+    victim.kill9().await;
+    let (mut dev, _) = Raw::connect_ok(survivor.mqtt(), c).await;
+    let mut fired_again = false;
+    for i in 0..50u16 {
+        dev.publish(publish(
+            "devices/press-7/telemetry",
+            QoS::AtLeastOnce,
+            i + 1,
+            r#"{"pressure": 9.5}"#,
+        ))
+        .await;
+        if fired_here().await > 0 {
+            fired_again = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(fired_again, "the rule keeps firing on the surviving node");
 }
