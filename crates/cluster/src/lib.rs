@@ -41,6 +41,7 @@
 #![forbid(unsafe_code)]
 
 pub mod dedupe;
+pub mod fuzz;
 pub mod frame;
 pub mod sessions;
 pub mod subject;

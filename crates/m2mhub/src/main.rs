@@ -254,6 +254,10 @@ struct BenchArgs {
     /// Broker address HOST:PORT.
     #[arg(long, default_value = "127.0.0.1:1883")]
     host: String,
+    /// Fan-in, fan-out, pairs: subscribers connect here instead of --host
+    /// (another node of a cluster: the cost of crossing it).
+    #[arg(long)]
+    sub_host: Option<String>,
     /// fan-in, fan-out, pairs, idle, connect (connection rate), telemetry
     /// (devices publishing 10-metric JSON readings), or command-latency
     /// (hot/cold readings; time from a hot reading to the rule's command),
@@ -771,6 +775,7 @@ fn bench(args: BenchArgs) -> ExitCode {
     };
     let opts = BenchOptions {
         host: args.host,
+        sub_host: args.sub_host,
         scenario,
         publishers: args.publishers,
         subscribers: args.subscribers,

@@ -114,6 +114,9 @@ impl std::str::FromStr for Scenario {
 pub struct BenchOptions {
     /// Broker address, `host:port`.
     pub host: String,
+    /// Where subscribers connect (fan-in, fan-out, pairs), when not `host`:
+    /// another node of a cluster, to measure what crossing it costs.
+    pub sub_host: Option<String>,
     pub scenario: Scenario,
     /// Publishers (FanIn, Pairs); FanOut always uses one.
     pub publishers: usize,
@@ -175,6 +178,7 @@ impl Default for BenchOptions {
     fn default() -> Self {
         BenchOptions {
             host: "127.0.0.1:1883".into(),
+            sub_host: None,
             scenario: Scenario::FanIn,
             publishers: 10,
             subscribers: 10,
@@ -564,7 +568,10 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
     };
     let suffix = random_suffix();
     let config = |role: &str, i: usize| ClientConfig {
-        host: opts.host.clone(),
+        host: match (&opts.sub_host, role) {
+            (Some(h), "sub") => h.clone(),
+            _ => opts.host.clone(),
+        },
         client_id: if telemetry {
             format!("{}{i}", opts.device_prefix)
         } else {
