@@ -24,7 +24,11 @@ pub fn frame(data: &[u8]) {
     }
     if let Ok(text) = std::str::from_utf8(data) {
         if let Some(topic) = subject::decode_topic(text) {
-            assert_eq!(subject::encode_topic(&topic), text, "decoding is not injective");
+            assert_eq!(
+                subject::encode_topic(&topic),
+                text,
+                "decoding is not injective"
+            );
         }
     }
 }
@@ -76,11 +80,51 @@ mod tests {
             ..Default::default()
         };
         let seeds: Vec<(&str, Vec<u8>)> = vec![
-            ("qos0", frame::encode(1, 1, &msg("a/b", b"x", QoS::AtMostOnce, false, Default::default()), now).to_vec()),
-            ("qos1-retained", frame::encode(2, 9, &msg("devices/m-1/telemetry", b"{\"t\":21}", QoS::AtLeastOnce, true, Default::default()), now).to_vec()),
-            ("qos2-properties", frame::encode(3, 7, &msg("cmd/x", b"", QoS::ExactlyOnce, false, full), now).to_vec()),
-            ("truncated", frame::encode(4, 1, &msg("a", b"p", QoS::AtMostOnce, false, Default::default()), now)[..12].to_vec()),
-            ("key", subject::encode_topic("site 1/x.y/$SYS/_").into_bytes()),
+            (
+                "qos0",
+                frame::encode(
+                    1,
+                    1,
+                    &msg("a/b", b"x", QoS::AtMostOnce, false, Default::default()),
+                    now,
+                )
+                .to_vec(),
+            ),
+            (
+                "qos1-retained",
+                frame::encode(
+                    2,
+                    9,
+                    &msg(
+                        "devices/m-1/telemetry",
+                        b"{\"t\":21}",
+                        QoS::AtLeastOnce,
+                        true,
+                        Default::default(),
+                    ),
+                    now,
+                )
+                .to_vec(),
+            ),
+            (
+                "qos2-properties",
+                frame::encode(3, 7, &msg("cmd/x", b"", QoS::ExactlyOnce, false, full), now)
+                    .to_vec(),
+            ),
+            (
+                "truncated",
+                frame::encode(
+                    4,
+                    1,
+                    &msg("a", b"p", QoS::AtMostOnce, false, Default::default()),
+                    now,
+                )[..12]
+                    .to_vec(),
+            ),
+            (
+                "key",
+                subject::encode_topic("site 1/x.y/$SYS/_").into_bytes(),
+            ),
             ("bad-key", b"_zz.a".to_vec()),
         ];
         std::fs::create_dir_all(corpus()).expect("corpus directory");

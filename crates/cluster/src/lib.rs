@@ -41,8 +41,8 @@
 #![forbid(unsafe_code)]
 
 pub mod dedupe;
-pub mod fuzz;
 pub mod frame;
+pub mod fuzz;
 pub mod sessions;
 pub mod subject;
 
