@@ -453,6 +453,16 @@ pub struct Cluster {
     groups: async_nats::Client,
     stats: Arc<Stats>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// The fabric's runtime (see [`Cluster::join`]).
+    runtime: Mutex<Option<tokio::runtime::Runtime>>,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if let Some(rt) = self.runtime.lock().take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 fn now_ms() -> u64 {
@@ -482,7 +492,30 @@ impl Cluster {
     /// Connect to NATS, open the buckets, mirror the cluster's retained
     /// messages, announce what this node already subscribes to, and start
     /// forwarding. Must be called inside a tokio runtime.
+    ///
+    /// The fabric's tasks (and the NATS clients' own) run on a runtime of
+    /// their own, one thread: on a node whose cores are busy with client
+    /// connections they would otherwise barely run, and messages meant for
+    /// other nodes would pile up and be dropped.
     pub async fn join(broker: Broker, config: ClusterConfig) -> Result<Arc<Cluster>, ClusterError> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("m2mhub-fabric")
+            .enable_all()
+            .build()
+            .map_err(|e| ClusterError::Nats(format!("cannot start the fabric's thread: {e}")))?;
+        let cluster = rt
+            .spawn(Self::join_here(broker, config))
+            .await
+            .map_err(|e| ClusterError::Nats(format!("joining failed: {e}")))??;
+        *cluster.runtime.lock() = Some(rt);
+        Ok(cluster)
+    }
+
+    async fn join_here(
+        broker: Broker,
+        config: ClusterConfig,
+    ) -> Result<Arc<Cluster>, ClusterError> {
         let name = config.name.clone();
         if name.is_empty()
             || name.len() > 32
@@ -692,6 +725,7 @@ impl Cluster {
             groups,
             stats,
             tasks: Mutex::new(Vec::new()),
+            runtime: Mutex::new(None),
         });
         cluster.put_node_info(&broker).await;
         {
