@@ -580,11 +580,16 @@ test("the overview charts the last hour; every page reads in dark mode and at a 
       ["firmware", "#/ota", "main table"],
       ["audit", "#/audit", "main table"],
       ["security", "#/security", "main h1"],
+      ["cluster", "#/cluster", "main p"],
     ]) {
       await page.goto(base + "/" + hash);
       await page.locator(ready).first().waitFor();
       await shot(page, name);
     }
+    // The demo is one node: the cluster page says so (the three-node case
+    // is tested against the API in the cluster tests).
+    await page.goto(base + "/#/cluster");
+    await page.getByText("This node runs alone").waitFor();
     await page.goto(base + "/#/");
 
     // The keyboard reaches the navigation first, and a link opens its page.

@@ -345,6 +345,7 @@ const NAV = [
   ["#/ota", "Firmware", () => true],
   ["#/audit", "Audit", isAdmin],
   ["#/security", "Security events", () => true],
+  ["#/cluster", "Cluster", () => true],
 ];
 
 async function render() {
@@ -362,7 +363,7 @@ async function render() {
   const page = {
     "": overview, devices: parts[1] ? device : devices, map: map, alarms: alarms,
     rules: parts[1] ? ruleForm : rules, audit: audit, security: security,
-    ota: parts[1] ? campaign : firmware, settings: fleetSettings,
+    ota: parts[1] ? campaign : firmware, settings: fleetSettings, cluster: cluster,
   }[parts[0] || ""];
   try {
     if (page) await page(view, gen, parts, params);
@@ -1689,6 +1690,36 @@ async function audit(view, gen, parts, params) {
     h("div", { class: "pager" },
       after ? h("a", { href: "#/audit" }, "First page") : null,
       r.next ? h("a", { href: "#/audit?after=" + r.next }, "Next page") : null));
+}
+
+// The nodes of a cluster as any node sees them (GET /cluster), every 2 s.
+async function cluster(view, gen) {
+  const nodesBox = h("div", {}, h("p", { class: "muted" }, "Loading…"));
+  const countersBox = h("div", {});
+  replace(view, h("h1", {}, "Cluster"), nodesBox, countersBox);
+  await every(2000, async () => {
+    const c = await get("/cluster");
+    if (!current(gen)) return;
+    if (!c.enabled) {
+      replace(nodesBox, h("p", {}, "This node runs alone: start nodes with ", h("code", {}, "--cluster"),
+        " and a NATS server to make them one platform (README: A cluster of nodes)."));
+      replace(countersBox);
+      return;
+    }
+    const num = (v) => h("td", { class: "num" }, String(v));
+    replace(nodesBox,
+      h("p", {}, "This console is served by ", h("strong", {}, c.node_id), "; ", String(c.nodes.length),
+        c.nodes.length === 1 ? " node is" : " nodes are", " alive."),
+      table(["Node", "MQTT", "Connections", "Sessions", "Subscriptions", "Retained", "Sent to others", "Received", "Seen"],
+        c.nodes.map((n) => h("tr", {},
+          h("td", {}, n.node_id === c.node_id ? h("strong", {}, n.node_id + " (this one)") : n.node_id),
+          h("td", {}, n.mqtt), num(n.connections), num(n.sessions), num(n.subscriptions), num(n.retained),
+          num(n.forwarded), num(n.received), h("td", {}, ago(n.updated_ms)))),
+        "No node has reported in the last ten seconds."));
+    replace(countersBox, h("h2", {}, "This node's fabric"),
+      table(["Counter", "Value"], Object.entries(c.counters).map(([k, v]) =>
+        h("tr", {}, h("td", {}, k.replaceAll("_", " ")), num(v)))));
+  });
 }
 
 async function security(view, gen, parts, params) {
