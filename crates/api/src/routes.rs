@@ -144,6 +144,7 @@ pub fn router(state: AppState) -> Router {
             ("GET", "Rules (SQL over the message stream, with actions) with their counters: filter by tenant", Viewer),
             ("POST", "Create a rule; refused with the position of the fault if it does not validate", Operator),
         ])
+        .route("/rules/backtest", post(crate::backtest::backtest), &[("POST", "Backtest a rule over stored telemetry: `sql` and `actions`, or a stored rule's `rule_id` (its `sql`/`actions` replaced when given); `from`, `to` (epoch ms, RFC 3339, `-24h`), optional `devices` and `tenant`. The points are replayed in time order through the rule's compiled plan on the data's clock; answers every fire, repeat and clear with the actions it would have run (nothing is executed). At most 31 days (422), 2,000,000 points (413) and 20 s (422)", Operator)])
         .route("/rules/{id}", get(ru::show).put(ru::update).delete(ru::delete), &[
             ("GET", "One rule with its counters", Viewer),
             ("PUT", "Change a rule (absent fields stay); takes effect at once", Operator),

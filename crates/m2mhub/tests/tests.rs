@@ -15,6 +15,8 @@ mod architecture;
 mod auth;
 #[path = "tests/authz.rs"]
 mod authz;
+#[path = "tests/backtest.rs"]
+mod backtest;
 #[path = "tests/bad_input.rs"]
 mod bad_input;
 #[path = "tests/cli.rs"]
