@@ -555,6 +555,52 @@ test("a device's chart changes range, zooms by dragging, pans, and tails live va
     assert.ok(!(await session.textContent()).includes("{"), await session.textContent());
   }));
 
+test("an operator backtests a rule before saving it: where it would have fired, on a chart and in a table, with nothing executed", () =>
+  withPage("backtest", {}, async ({ page }) => {
+    const token = await loggedIn(page);
+    const machine = (await apiAs(token, "GET", "/devices?group=factory&limit=1")).items[0].id;
+    // A threshold at the median of the machine's last hour: the rule both
+    // fires and clears over it.
+    let temps = [];
+    for (let i = 0; i < 60 && temps.length < 20; i++) {
+      const r = await apiAs(token, "GET", `/devices/${encodeURIComponent(machine)}/telemetry/temperature?from=-1h&limit=5000`);
+      temps = r.points.map((p) => p[1]).filter((v) => typeof v === "number");
+      if (temps.length < 20) await new Promise((ok) => setTimeout(ok, 500));
+    }
+    assert.ok(temps.length >= 20, "the demo machine reports temperature");
+    const median = [...temps].sort((a, b) => a - b)[Math.floor(temps.length / 2)];
+    await page.goto(base + "/#/rules/new");
+    const sql = page.locator("label", { hasText: "SQL" }).locator("textarea");
+    const actions = page.locator("label", { hasText: "Actions" }).locator("textarea");
+    // A mistake is shown under the SQL, as when saving.
+    await sql.fill("SELECT device, temperature FROM 'devices/+/telemetry' WHERE frobnicate(temperature) > 1");
+    await page.click("button[name=backtest]");
+    await page.locator(".caret", { hasText: /unknown function/ }).waitFor();
+    await sql.fill(`SELECT device, temperature FROM 'devices/+/telemetry' WHERE temperature > ${median} CLEAR WHEN temperature <= ${median}`);
+    await actions.fill(JSON.stringify([{ type: "alarm", alarm_type: "backtest-probe", severity: "minor" }]));
+    await page.selectOption("select[name=backtest-range]", "1h");
+    await page.fill("input[name=backtest-devices]", machine);
+    await page.click("button[name=backtest]");
+    await page.locator(".backtest-summary").waitFor();
+    assert.equal(await page.locator(".caret").count(), 0, "the mistake is gone");
+    const fires = page.locator(".backtest-result tr[data-event=fire]");
+    await fires.first().waitFor();
+    assert.ok((await page.locator(".backtest-result tr[data-event=clear]").count()) >= 1, "it clears too");
+    assert.match(await fires.first().textContent(), /raise minor alarm backtest-probe on /);
+    // The chart: the machine's temperature with a mark at every fire.
+    const box = page.locator(".chart-box[data-chart=backtest]");
+    await box.locator("canvas").first().waitFor();
+    await page.waitForFunction(() => Number(document.querySelector(".chart-box[data-chart=backtest]").dataset.fires) >= 1);
+    assert.equal(await box.getAttribute("data-metric"), "temperature");
+    assert.equal(Number(await box.getAttribute("data-fires")), await fires.count());
+    await shot(page, "rule-backtest");
+    // Nothing was executed or saved.
+    const raised = await apiAs(token, "GET", "/alarms?type=backtest-probe");
+    assert.equal(raised.items.length, 0);
+    const rules = await apiAs(token, "GET", "/rules");
+    assert.ok(!rules.items.some((r) => /backtest-probe/.test(JSON.stringify(r.actions))));
+  }));
+
 test("the overview charts the last hour; every page reads in dark mode and at a phone's width", async () => {
   await withPage("overview", {}, async ({ page }) => {
     await loggedIn(page);

@@ -1641,7 +1641,131 @@ async function ruleForm(view, gen, parts) {
       else showError(e);
     }
   });
-  replace(view, h("h1", {}, id ? "Rule " + (rule.name || id) : "New rule"), form);
+  replace(view, h("h1", {}, id ? "Rule " + (rule.name || id) : "New rule"), form,
+    readOnly ? null : backtestPanel(id, sql, actions, sqlError, actionsError, gen));
+}
+
+// ---- Rule backtest ----------------------------------------------------------------
+
+const BACKTEST_RANGES = [["1h", 3600e3], ["6h", 6 * 3600e3], ["24h", 86400e3], ["7d", 7 * 86400e3], ["30d", 30 * 86400e3]];
+
+// "Backtest": the rule as written in the form (saved or not) replayed over
+// the stored telemetry of a range (`POST /rules/backtest`): the totals, a
+// chart of the rule's metric on one device with a mark where it fired and
+// cleared, and a table of every output with what its actions would have
+// done. Nothing is executed.
+function backtestPanel(id, sql, actions, sqlError, actionsError, gen) {
+  const range = h("select", { name: "backtest-range", "aria-label": "Backtest range" },
+    BACKTEST_RANGES.map(([k]) => h("option", { value: k }, "last " + k)), h("option", { value: "custom" }, "custom…"));
+  range.value = "24h";
+  const local = (ms) => new Date(ms - new Date(ms).getTimezoneOffset() * 60e3).toISOString().slice(0, 16);
+  const from = h("input", { type: "datetime-local", name: "backtest-from", value: local(Date.now() - 86400e3) });
+  const to = h("input", { type: "datetime-local", name: "backtest-to", value: local(Date.now()) });
+  const custom = h("span", { class: "custom-range" }, " from ", from, " to ", to);
+  custom.hidden = true;
+  range.addEventListener("change", () => { custom.hidden = range.value !== "custom"; });
+  const devices = h("input", { name: "backtest-devices", placeholder: "all devices (or ids, comma-separated)", size: 32 });
+  const result = h("div", { class: "backtest-result" });
+  let chart = null;
+  onLeave(() => { if (chart) chart.destroy(); });
+  const run = act(async () => {
+    replace(sqlError);
+    replace(actionsError);
+    let acts;
+    try { acts = JSON.parse(actions.value || "[]"); } catch (e) {
+      replace(actionsError, h("p", { class: "error" }, "Not JSON: " + e.message));
+      return;
+    }
+    let span;
+    if (range.value === "custom") span = [new Date(from.value).getTime(), new Date(to.value).getTime()];
+    else { const now = Date.now(); span = [now - BACKTEST_RANGES.find(([k]) => k === range.value)[1], now]; }
+    if (!(span[0] < span[1])) throw new Error("The range must start before it ends.");
+    const body = { sql: sql.value, actions: acts, from: Math.floor(span[0]), to: Math.ceil(span[1]) };
+    if (id) body.rule_id = id;
+    const ids = devices.value.split(",").map((d) => d.trim()).filter(Boolean);
+    if (ids.length) body.devices = ids;
+    replace(result, h("p", { class: "muted" }, "Replaying…"));
+    let r;
+    try { r = await api("POST", "/rules/backtest", body); } catch (e) {
+      replace(result);
+      if (e instanceof ApiError && e.status === 422 && (e.problem.line || e.problem.type === "invalid-rule" || /invalid-rule/.test(e.problem.type || ""))) showRuleProblem(e.problem, sql, sqlError, actionsError);
+      else if (e instanceof ApiError && (e.status === 413 || e.status === 422)) replace(result, h("p", { class: "error" }, e.message));
+      else throw e;
+      return;
+    }
+    if (!current(gen)) return;
+    if (chart) { chart.destroy(); chart = null; }
+    const chartBox = h("div", { class: "chart-box", "data-chart": "backtest" });
+    const pick = h("select", { name: "backtest-device", "aria-label": "Device on the chart" });
+    const firedDevices = [...new Set(r.firings.map((f) => f.device).filter(Boolean))];
+    for (const d of firedDevices) pick.append(h("option", { value: d }, d));
+    replace(result,
+      h("p", { class: "backtest-summary" },
+        `${r.messages} messages from ${r.devices} devices (${r.points} points): `,
+        h("strong", {}, `fired ${r.fired}`), `, repeated ${r.repeated}, cleared ${r.cleared}`,
+        r.failed ? `, failed ${r.failed}` : "", ` — ${r.elapsed_ms} ms`),
+      r.last_error ? h("p", { class: "error" }, "Last error: " + r.last_error) : null,
+      firedDevices.length ? h("div", { class: "toolbar" }, h("label", {}, "Chart of ", pick)) : null,
+      firedDevices.length ? chartBox : null,
+      table(["Time", "Event", "Device", "Row", "Actions"], r.firings.slice(0, 500).map((f) => h("tr", { "data-event": f.event },
+        h("td", {}, fmtTime(f.ts_ms)), h("td", {}, h("span", { class: "event-" + f.event }, f.event)),
+        h("td", {}, f.device || "—"), h("td", {}, h("code", {}, json(f.row))),
+        h("td", {}, f.actions.map((a) => h("div", {}, a.summary))))), "The rule would not have fired in this range."),
+      r.firings.length > 500 || r.truncated ? h("p", { class: "muted small" }, `Only the first ${Math.min(500, r.firings.length)} of ${r.fired + r.repeated + r.cleared} outputs are listed.`) : null);
+    const draw = async () => {
+      const device = pick.value;
+      if (!device) return;
+      const mine = r.firings.filter((f) => f.device === device);
+      const metric = await chartMetric(device, mine, sql.value);
+      if (!current(gen)) return;
+      if (chart) { chart.destroy(); chart = null; }
+      chartBox.replaceChildren();
+      if (!metric) { replace(chartBox, h("p", { class: "muted" }, "No stored metric of this device in the rule's rows.")); return; }
+      const want = (r.to_ms - r.from_ms) / 400;
+      const b = BUCKETS.find(([, ms]) => ms >= want) || BUCKETS[BUCKETS.length - 1];
+      const a = await get("/telemetry/aggregate" + query({ metric, device, from: r.from_ms, to: r.to_ms, bucket: b[0], fn: "avg" }));
+      if (!current(gen)) return;
+      const buckets = (((a.series || [])[0] || {}).buckets || []).filter((x) => typeof x.avg === "number");
+      const half = (a.bucket_ms || 0) / 2;
+      const line = [buckets.map((x) => x.ts_ms + half), buckets.map((x) => x.avg)];
+      // A mark at the output's value of the metric, else on the line.
+      const at = (f) => {
+        const v = f.row && f.row[metric];
+        if (typeof v === "number") return v;
+        let best = null;
+        line[0].forEach((x, i) => { if (best === null || Math.abs(x - f.ts_ms) < Math.abs(line[0][best] - f.ts_ms)) best = i; });
+        return best === null ? null : line[1][best];
+      };
+      const marks = (ev) => { const fs = mine.filter((f) => f.event === ev); return [fs.map((f) => f.ts_ms), fs.map(at)]; };
+      const fires = marks("fire"), clears = marks("clear");
+      chartBox.dataset.metric = metric;
+      chartBox.dataset.fires = String(fires[0].length);
+      chartBox.dataset.clears = String(clears[0].length);
+      chart = timeChart(chartBox, [
+        { name: metric },
+        { name: "fired", marks: true, scaleOf: metric, color: "--bad" },
+        { name: "cleared", marks: true, scaleOf: metric, color: "--ok" },
+      ], align([line, fires, clears]), { span: [r.from_ms, r.to_ms] });
+    };
+    pick.addEventListener("change", () => draw().catch(showError));
+    await draw();
+  });
+  return h("section", { class: "backtest" },
+    h("h2", {}, "Backtest"),
+    h("p", { class: "muted small" }, "What the rule as written above would have done over the stored telemetry of a range: every fire, repeat and clear, with the actions it would have run. Nothing is executed; timers run on the readings' own clock."),
+    h("div", { class: "toolbar" }, range, custom, devices,
+      h("button", { type: "button", class: "primary", name: "backtest", onclick: run }, "Backtest")),
+    result);
+}
+
+// The metric a backtest chart draws for a device: the first column of the
+// rule's rows the device stores, else the first of its metrics the SQL
+// names.
+async function chartMetric(device, firings, sqlText) {
+  const r = await get("/devices/" + enc(device) + "/series");
+  const stored = (r.items || r.series || []).map((x) => (typeof x === "string" ? x : x.metric)).filter(Boolean);
+  for (const f of firings) for (const [k, v] of Object.entries(f.row || {})) if (typeof v === "number" && stored.includes(k)) return k;
+  return stored.find((m) => new RegExp("\\b" + m.replace(/[.*+?^${}()|[\]\\]/g, "\\$&") + "\\b").test(sqlText)) || null;
 }
 
 // A rule the service refused: the message under the SQL, the faulty line
