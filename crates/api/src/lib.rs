@@ -15,6 +15,7 @@ mod cluster;
 mod commands;
 pub mod connections;
 pub mod console;
+mod dashboards;
 mod device_events;
 pub mod device_http;
 mod devices;

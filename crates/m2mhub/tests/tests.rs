@@ -29,6 +29,8 @@ mod coap;
 mod conformance;
 #[path = "tests/console.rs"]
 mod console;
+#[path = "tests/dashboards.rs"]
+mod dashboards;
 #[path = "tests/demo.rs"]
 mod demo;
 #[path = "tests/diagnostics.rs"]
