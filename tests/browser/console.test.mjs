@@ -601,6 +601,91 @@ test("an operator backtests a rule before saving it: where it would have fired, 
     assert.ok(!rules.items.some((r) => /backtest-probe/.test(JSON.stringify(r.actions))));
   }));
 
+test("an operator builds a dashboard and shares it; the link opens it read-only without login, and refuses writes", async () => {
+  let link, dashId, token;
+  await withPage("dashboard-edit", {}, async ({ page }) => {
+    token = await loggedIn(page);
+    const machine = (await apiAs(token, "GET", "/devices?group=factory&limit=1")).items[0].id;
+    await page.goto(base + "/#/dashboards");
+    await page.fill("input[name=dashboard-name]", "Plant floor");
+    await page.click("button:text('New dashboard')");
+    await page.locator("h1", { hasText: "Plant floor" }).waitFor();
+    await page.waitForURL(/#\/dashboards\/.+edit=1/);
+    dashId = decodeURIComponent(page.url().split("#/dashboards/")[1].split("?")[0]);
+    const add = async (type, fields) => {
+      await page.selectOption("select[name=widget-type]", type);
+      for (const [k, v] of Object.entries(fields)) {
+        const el = page.locator(`.widget-form [name=widget-${k}]`);
+        if ((await el.evaluate((e) => e.tagName)) === "SELECT") await el.selectOption(v);
+        else await el.fill(v);
+      }
+      await page.click("button[name=add-widget]");
+    };
+    await add("value", { title: "Machine temperature", device: machine, metric: "temperature" });
+    await add("gauge", { device: machine, metric: "temperature", min: "0", max: "120" });
+    await add("chart", { device: machine, metric: "temperature", range: "1h" });
+    await add("alarms", {});
+    await add("devices", { group: "factory", metrics: "temperature" });
+    await add("group", { title: "Hottest machine", group: "factory", metric: "temperature", fn: "max", range: "1h" });
+    await add("map", { group: "truck" });
+    assert.equal(await page.locator(".dash-grid .widget").count(), 7);
+    // Arrange: the alarm list first, then remove the gauge.
+    const alarmsCard = page.locator(".widget[data-widget=alarms]");
+    for (let i = 0; i < 3; i++) await alarmsCard.locator("button[aria-label='Move earlier']").click();
+    await page.locator(".widget[data-widget=gauge] button[name=remove-widget]").click();
+    assert.deepEqual(await page.locator(".dash-grid .widget").evaluateAll((els) => els.map((e) => e.dataset.widget)),
+      ["alarms", "value", "chart", "devices", "group", "map"]);
+    await page.click("button[name=save]");
+    await page.locator("button[name=save]", { hasText: "Saved" }).waitFor();
+    const saved = await apiAs(token, "GET", "/dashboards/" + encodeURIComponent(dashId));
+    assert.deepEqual(saved.layout.widgets.map((w) => w.type), ["alarms", "value", "chart", "devices", "group", "map"]);
+    // The data drawn: a value, a chart, a group figure, a map.
+    await page.locator(".widget[data-widget=value] .figure").filter({ hasText: /\d/ }).waitFor();
+    await page.locator(".widget[data-widget=chart] canvas").first().waitFor();
+    await page.locator(".widget[data-widget=group] .figure").filter({ hasText: /\d/ }).waitFor();
+    await page.locator(".widget[data-widget=map] path.bm-land").first().waitFor();
+    // Share it.
+    await page.selectOption("select[name=share-expiry]", "24h");
+    await page.click("button:text('Create link')");
+    link = await page.locator("a.share-link").getAttribute("href");
+    assert.match(link, /#\/shared\/dsh_/);
+    await page.locator("tr[data-share]").first().waitFor();
+    await shot(page, "dashboard-edit");
+  });
+
+  // Someone with the link, not logged in.
+  await withPage("dashboard-shared", {}, async ({ page }) => {
+    await page.goto(link);
+    await page.locator("h1", { hasText: "Plant floor" }).waitFor();
+    await page.locator(".shared-note", { hasText: /Read-only/ }).waitFor();
+    assert.equal(await page.locator(".dash-grid .widget").count(), 6);
+    await page.locator(".widget[data-widget=value] .figure").filter({ hasText: /\d/ }).waitFor();
+    await page.locator(".widget[data-widget=chart] canvas").first().waitFor();
+    // No edit control, no navigation, nothing to press.
+    assert.equal(await page.locator("main button").count(), 0);
+    assert.equal(await page.locator("select, input, textarea").count(), 0);
+    assert.ok(await page.locator("#bar").isHidden());
+    await shot(page, "dashboard-shared");
+    // The share token opens this dashboard and writes nothing.
+    const shareToken = link.split("#/shared/")[1];
+    const write = await page.evaluate(async ([id, t]) => {
+      const r = await fetch("/api/v1/dashboards/" + encodeURIComponent(id), {
+        method: "PUT", headers: { Authorization: "Bearer " + t, "Content-Type": "application/json" },
+        body: JSON.stringify({ name: "hacked" }),
+      });
+      return r.status;
+    }, [dashId, shareToken]);
+    assert.equal(write, 401);
+    // Revoked: the link stops working.
+    const shares = await apiAs(token, "GET", "/dashboards/" + encodeURIComponent(dashId) + "/shares");
+    await apiAs(token, "DELETE", "/dashboards/" + encodeURIComponent(dashId) + "/shares/" + encodeURIComponent(shares.items[0].id));
+    await page.reload();
+    await page.locator("h1", { hasText: "This link no longer works" }).waitFor();
+  });
+  const still = await apiAs(token, "GET", "/dashboards/" + encodeURIComponent(dashId));
+  assert.equal(still.name, "Plant floor");
+});
+
 test("the overview charts the last hour; every page reads in dark mode and at a phone's width", async () => {
   await withPage("overview", {}, async ({ page }) => {
     await loggedIn(page);
