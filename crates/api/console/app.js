@@ -1872,8 +1872,16 @@ async function dashboard(view, gen, parts, params) {
     } : null);
   };
   const changed = () => { dirty = true; renderTools(); draw(); };
+  const renderSaveButton = () => {
+    const b = tools.querySelector("button[name=save]");
+    if (b) { b.disabled = !dirty; b.textContent = dirty ? "Save" : "Saved"; }
+  };
+  // The device profile this dashboard is the default of ("" for none).
+  const profile = h("input", { name: "dashboard-profile", placeholder: "default of profile…", value: d.profile || "", size: 18,
+    title: "Opened from a device of this profile, widgets that name no device show that device" });
+  profile.addEventListener("input", () => { dirty = true; renderSaveButton(); });
   const save = act(async () => {
-    d = await api("PUT", "/dashboards/" + enc(id), { name: d.name, layout: { ...(d.layout || {}), widgets } });
+    d = await api("PUT", "/dashboards/" + enc(id), { name: d.name, profile: profile.value.trim() || null, layout: { ...(d.layout || {}), widgets } });
     dirty = false;
     renderTools();
     await load();
@@ -1883,6 +1891,7 @@ async function dashboard(view, gen, parts, params) {
     replace(tools,
       h("button", { type: "button", name: "edit", "aria-pressed": String(editing), onclick: () => { editing = !editing; renderTools(); draw(); } }, editing ? "Done editing" : "Edit"),
       editing ? h("button", { type: "button", name: "save", class: "primary", disabled: !dirty, onclick: save }, dirty ? "Save" : "Saved") : null,
+      editing ? profile : null,
       editing ? writeButton("Delete dashboard", async () => {
         if (!confirm("Delete dashboard " + d.name + "? Its share links stop working.")) return;
         await api("DELETE", "/dashboards/" + enc(id));
