@@ -1636,13 +1636,8 @@ async function ruleForm(view, gen, parts) {
       }) }, "Delete") : null));
   form.addEventListener("submit", async (ev) => {
     ev.preventDefault();
-    replace(sqlError);
-    replace(actionsError);
-    let acts;
-    try { acts = JSON.parse(actions.value || "[]"); } catch (e) {
-      replace(actionsError, h("p", { class: "error" }, "Not JSON: " + e.message));
-      return;
-    }
+    const acts = ruleActions(actions, sqlError, actionsError);
+    if (!acts) return;
     const body = { name: name.value, description: description.value, sql: sql.value, actions: acts, enabled: enabled.checked };
     try {
       const saved = id ? await api("PUT", "/rules/" + enc(id), body) : await api("POST", "/rules", body);
@@ -1680,13 +1675,8 @@ function backtestPanel(id, sql, actions, sqlError, actionsError, gen) {
   let chart = null;
   onLeave(() => { if (chart) chart.destroy(); });
   const run = act(async () => {
-    replace(sqlError);
-    replace(actionsError);
-    let acts;
-    try { acts = JSON.parse(actions.value || "[]"); } catch (e) {
-      replace(actionsError, h("p", { class: "error" }, "Not JSON: " + e.message));
-      return;
-    }
+    const acts = ruleActions(actions, sqlError, actionsError);
+    if (!acts) return;
     let span;
     if (range.value === "custom") span = [new Date(from.value).getTime(), new Date(to.value).getTime()];
     else { const now = Date.now(); span = [now - BACKTEST_RANGES.find(([k]) => k === range.value)[1], now]; }
@@ -1777,6 +1767,17 @@ async function chartMetric(device, firings, sqlText) {
   const stored = (r.items || r.series || []).map((x) => (typeof x === "string" ? x : x.metric)).filter(Boolean);
   for (const f of firings) for (const [k, v] of Object.entries(f.row || {})) if (typeof v === "number" && stored.includes(k)) return k;
   return stored.find((m) => new RegExp("\\b" + m.replace(/[.*+?^${}()|[\]\\]/g, "\\$&") + "\\b").test(sqlText)) || null;
+}
+
+// The rule form's actions, parsed, with the errors of an earlier try
+// cleared; `null` (and the reason under the actions) when not JSON.
+function ruleActions(actions, sqlError, actionsError) {
+  replace(sqlError);
+  replace(actionsError);
+  try { return JSON.parse(actions.value || "[]"); } catch (e) {
+    replace(actionsError, h("p", { class: "error" }, "Not JSON: " + e.message));
+    return null;
+  }
 }
 
 // A rule the service refused: the message under the SQL, the faulty line

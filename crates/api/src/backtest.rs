@@ -97,6 +97,14 @@ pub async fn backtest(
         Some(t) => time_of("to", t, now)?,
         None => now,
     };
+    // Far outside any stored time (and so no arithmetic on them overflows).
+    const FAR: i64 = 1_000_000_000_000_000;
+    if !(-FAR..=FAR).contains(&from) || !(-FAR..=FAR).contains(&to) {
+        return Err(invalid(
+            "invalid-range",
+            "`from` and `to` must be within ±10^15 ms of the epoch",
+        ));
+    }
     if from >= to {
         return Err(invalid("invalid-range", "`from` must be before `to`"));
     }

@@ -48,17 +48,10 @@ pub enum RuleCmd {
 pub struct BacktestArgs {
     /// A stored rule (else give --sql or --sql-file).
     id: Option<String>,
-    #[arg(long, conflicts_with = "sql_file")]
-    sql: Option<String>,
-    /// Read the SQL from this file (`-`: stdin).
-    #[arg(long, value_name = "FILE")]
-    sql_file: Option<PathBuf>,
-    /// A JSON array of actions (default: the stored rule's, or none).
-    #[arg(long, value_name = "JSON", value_parser = actions_arg, conflicts_with = "actions_file")]
-    actions: Option<Value>,
-    /// Read the actions (a JSON array) from this file (`-`: stdin).
-    #[arg(long, value_name = "FILE")]
-    actions_file: Option<PathBuf>,
+    /// The SQL and actions to try (default: the stored rule's; actions
+    /// default to none for new SQL).
+    #[command(flatten)]
+    text: RuleText,
     /// Start of the range: epoch ms, RFC 3339, or relative (`-24h`).
     #[arg(long, default_value = "-24h")]
     from: String,
@@ -108,9 +101,10 @@ pub struct AddArgs {
     disabled: bool,
 }
 
+/// A rule's SQL and actions, each from a flag or a file; any may be
+/// absent (what is absent stays as stored).
 #[derive(Args, Debug)]
-pub struct SetArgs {
-    id: String,
+pub struct RuleText {
     #[arg(long, conflicts_with = "sql_file")]
     sql: Option<String>,
     /// Read the SQL from this file (`-`: stdin).
@@ -122,6 +116,13 @@ pub struct SetArgs {
     /// Read the actions (a JSON array) from this file (`-`: stdin).
     #[arg(long, value_name = "FILE")]
     actions_file: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct SetArgs {
+    id: String,
+    #[command(flatten)]
+    text: RuleText,
     #[arg(long)]
     name: Option<String>,
     #[arg(long)]
@@ -225,12 +226,12 @@ pub async fn rule(conn: &Conn, cmd: RuleCmd, env: &[(String, String)]) -> Result
             print_rule(&v, j)?;
         }
         RuleCmd::Set(a) => {
-            let sql = sql_from(a.sql, a.sql_file)?;
+            let sql = sql_from(a.text.sql, a.text.sql_file)?;
             let mut body = Map::new();
             if let Some(s) = &sql {
                 body.insert("sql".into(), json!(s));
             }
-            if let Some(acts) = actions_from(a.actions, a.actions_file)? {
+            if let Some(acts) = actions_from(a.text.actions, a.text.actions_file)? {
                 body.insert("actions".into(), acts);
             }
             if let Some(n) = a.name {
@@ -270,7 +271,7 @@ pub async fn rule(conn: &Conn, cmd: RuleCmd, env: &[(String, String)]) -> Result
             done(&v, j, &format!("disabled rule {id}"))?;
         }
         RuleCmd::Backtest(a) => {
-            let sql = sql_from(a.sql, a.sql_file)?;
+            let sql = sql_from(a.text.sql, a.text.sql_file)?;
             if a.id.is_none() && sql.is_none() {
                 return Err(UsageError(
                     "give a stored rule's id, or the rule's --sql (or --sql-file)".into(),
@@ -286,7 +287,7 @@ pub async fn rule(conn: &Conn, cmd: RuleCmd, env: &[(String, String)]) -> Result
             if let Some(s) = &sql {
                 body.insert("sql".into(), json!(s));
             }
-            if let Some(acts) = actions_from(a.actions, a.actions_file)? {
+            if let Some(acts) = actions_from(a.text.actions, a.text.actions_file)? {
                 body.insert("actions".into(), acts);
             }
             if !a.devices.is_empty() {

@@ -26,17 +26,6 @@ const SQL: &str =
 const MINUTE: i64 = 60_000;
 const READINGS: i64 = 24 * 60;
 
-fn add_device(srv: &TestServer, id: &str) {
-    srv.get()
-        .registry
-        .create_device(m2mhub_identity::NewDevice {
-            id: Some(id.into()),
-            tenant: m2mhub_identity::DEFAULT_TENANT.into(),
-            ..Default::default()
-        })
-        .expect("device");
-}
-
 /// A machine's temperature at minute `i`: a slow wave crossing both
 /// thresholds eight times a day, with deterministic jitter, two decimals.
 fn temperature(machine: i64, i: i64) -> f64 {
@@ -84,8 +73,8 @@ async fn publish_day(srv: &TestServer, machine: i64, device: &str, start: i64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backtest_fires_when_the_live_engine_fired() {
     let srv = TestServer::start().await;
-    add_device(&srv, "kiln-1");
-    add_device(&srv, "kiln-2");
+    add_default_device(&srv, "kiln-1");
+    add_default_device(&srv, "kiln-2");
     let token = srv.admin_token();
     let broker = srv.get().broker.clone();
     let (observer, mut alerts) = broker.observer(65_536);
