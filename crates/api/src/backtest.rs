@@ -77,7 +77,14 @@ fn time_of(name: &str, v: &Value, now: i64) -> Result<i64, Problem> {
     })
 }
 
+/// How much one replay may read and how long it may take.
+struct Bounds {
+    max_points: usize,
+    deadline: tokio::time::Instant,
+}
+
 /// Why a replay stopped early.
+#[derive(Debug, PartialEq)]
 enum Stop {
     TooManyPoints,
     OverBudget,
@@ -202,8 +209,12 @@ pub async fn backtest(
     let store = state.tsdb.clone();
     let started = tokio::time::Instant::now();
     let deadline = started + BUDGET;
+    let bounds = Bounds {
+        max_points: MAX_POINTS,
+        deadline,
+    };
     let run = tokio::task::spawn_blocking(move || {
-        replay(&*store, &tenant, &series, &metas, bt, from, to, deadline)
+        replay(&*store, &tenant, &series, &metas, bt, (from, to), &bounds)
     })
     .await
     .map_err(|e| Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
@@ -276,17 +287,16 @@ fn value_json(v: &TsValue) -> Value {
 /// Read every series in the range, then replay the messages in time
 /// order (ties by device). Returns the report, the devices replayed and
 /// the points read.
-#[allow(clippy::too_many_arguments)]
 fn replay(
     store: &dyn TimeSeriesStore,
     tenant: &str,
     series: &[(Arc<str>, Arc<str>)],
     metas: &HashMap<Arc<str>, Value>,
     mut bt: Backtest,
-    from: i64,
-    to: i64,
-    deadline: tokio::time::Instant,
+    (from, to): (i64, i64),
+    bounds: &Bounds,
 ) -> Result<(m2mhub_automation::backtest::Report, usize, usize), Stop> {
+    let deadline = bounds.deadline;
     let mut points: Vec<Point> = Vec::new();
     for (i, (device, metric)) in series.iter().enumerate() {
         let mut after = None;
@@ -305,7 +315,7 @@ fn replay(
                     after,
                 })
                 .map_err(|e| Stop::Store(e.to_string()))?;
-            if points.len() + page.points.len() > MAX_POINTS {
+            if points.len() + page.points.len() > bounds.max_points {
                 return Err(Stop::TooManyPoints);
             }
             points.extend(page.points.iter().map(|p| Point {
@@ -348,4 +358,66 @@ fn replay(
         i = j;
     }
     Ok((bt.finish(to), devices.len(), read))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use m2mhub_tsdb::{InPoint, Options, Tsdb};
+    use std::time::Duration;
+
+    /// A store with `n` readings a second of `temp` from `m1`, from 0 s.
+    fn store(n: i64) -> (tempfile::TempDir, Tsdb) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = Tsdb::open(dir.path(), Options::default()).expect("tsdb");
+        let points: Vec<InPoint<'_>> = (0..n)
+            .map(|i| InPoint {
+                metric: "temp",
+                ts_ms: 1_000 * i,
+                value: TsValue::F64(if i % 10 < 5 { 90.0 } else { 70.0 }),
+            })
+            .collect();
+        db.append("t", "m1", &points)
+            .expect("append")
+            .ticket
+            .wait_blocking()
+            .expect("durable");
+        (dir, db)
+    }
+
+    fn run(db: &Tsdb, max_points: usize, budget: Duration) -> Result<(u64, usize), Stop> {
+        let bt = Backtest::new(
+            "SELECT * FROM 'devices/+/telemetry' WHERE temp > 80",
+            &json!([]),
+        )
+        .expect("rule");
+        let series = [(Arc::from("m1"), Arc::from("temp"))];
+        let bounds = Bounds {
+            max_points,
+            deadline: tokio::time::Instant::now() + budget,
+        };
+        replay(
+            db,
+            "t",
+            &series,
+            &HashMap::new(),
+            bt,
+            (0, 1_000_000),
+            &bounds,
+        )
+        .map(|(r, _, points)| (r.fired, points))
+    }
+
+    #[test]
+    fn replays_within_its_bounds() {
+        let (_dir, db) = store(100);
+        // Hot for five readings in every ten: ten fires.
+        assert_eq!(run(&db, 1_000, Duration::from_secs(10)), Ok((10, 100)));
+        assert_eq!(
+            run(&db, 99, Duration::from_secs(10)),
+            Err(Stop::TooManyPoints)
+        );
+        assert_eq!(run(&db, 1_000, Duration::ZERO), Err(Stop::OverBudget));
+        db.close();
+    }
 }
