@@ -684,6 +684,28 @@ test("an operator builds a dashboard and shares it; the link opens it read-only 
   });
   const still = await apiAs(token, "GET", "/dashboards/" + encodeURIComponent(dashId));
   assert.equal(still.name, "Plant floor");
+
+  // The default dashboard of a device profile: a widget that names no
+  // device shows the device whose page opened it.
+  await withPage("dashboard-profile", {}, async ({ page }) => {
+    await loggedIn(page);
+    const machine = (await apiAs(token, "GET", "/devices?group=factory&limit=1")).items[0];
+    assert.ok(machine.profile, "demo machines have a profile");
+    await page.goto(base + "/#/dashboards/" + encodeURIComponent(dashId) + "?edit=1");
+    await page.fill("input[name=dashboard-profile]", machine.profile);
+    await page.selectOption("select[name=widget-type]", "value");
+    await page.fill(".widget-form [name=widget-title]", "This machine");
+    await page.fill(".widget-form [name=widget-metric]", "temperature");
+    await page.click("button[name=add-widget]");
+    await page.click("button[name=save]");
+    await page.locator("button[name=save]", { hasText: "Saved" }).waitFor();
+    await page.goto(base + "/#/devices/" + encodeURIComponent(machine.id));
+    await page.click("td.profile-dashboard a");
+    await page.waitForURL(new RegExp("device=" + encodeURIComponent(machine.id)));
+    await page.locator("h1", { hasText: machine.id }).waitFor();
+    const card = page.locator(".widget[data-widget=value]", { hasText: "This machine" });
+    await card.locator(".figure").filter({ hasText: /\d/ }).waitFor();
+  });
 });
 
 test("the overview charts the last hour; every page reads in dark mode and at a phone's width", async () => {
