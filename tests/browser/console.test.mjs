@@ -555,6 +555,159 @@ test("a device's chart changes range, zooms by dragging, pans, and tails live va
     assert.ok(!(await session.textContent()).includes("{"), await session.textContent());
   }));
 
+test("an operator backtests a rule before saving it: where it would have fired, on a chart and in a table, with nothing executed", () =>
+  withPage("backtest", {}, async ({ page }) => {
+    const token = await loggedIn(page);
+    const machine = (await apiAs(token, "GET", "/devices?group=factory&limit=1")).items[0].id;
+    // A threshold at the median of the machine's last hour: the rule both
+    // fires and clears over it.
+    let temps = [];
+    for (let i = 0; i < 60 && temps.length < 20; i++) {
+      const r = await apiAs(token, "GET", `/devices/${encodeURIComponent(machine)}/telemetry/temperature?from=-1h&limit=5000`);
+      temps = r.points.map((p) => p[1]).filter((v) => typeof v === "number");
+      if (temps.length < 20) await new Promise((ok) => setTimeout(ok, 500));
+    }
+    assert.ok(temps.length >= 20, "the demo machine reports temperature");
+    const median = [...temps].sort((a, b) => a - b)[Math.floor(temps.length / 2)];
+    await page.goto(base + "/#/rules/new");
+    const sql = page.locator("label", { hasText: "SQL" }).locator("textarea");
+    const actions = page.locator("label", { hasText: "Actions" }).locator("textarea");
+    // A mistake is shown under the SQL, as when saving.
+    await sql.fill("SELECT device, temperature FROM 'devices/+/telemetry' WHERE frobnicate(temperature) > 1");
+    await page.click("button[name=backtest]");
+    await page.locator(".caret", { hasText: /unknown function/ }).waitFor();
+    await sql.fill(`SELECT device, temperature FROM 'devices/+/telemetry' WHERE temperature > ${median} CLEAR WHEN temperature <= ${median}`);
+    await actions.fill(JSON.stringify([{ type: "alarm", alarm_type: "backtest-probe", severity: "minor" }]));
+    await page.selectOption("select[name=backtest-range]", "1h");
+    await page.fill("input[name=backtest-devices]", machine);
+    await page.click("button[name=backtest]");
+    await page.locator(".backtest-summary").waitFor();
+    assert.equal(await page.locator(".caret").count(), 0, "the mistake is gone");
+    const fires = page.locator(".backtest-result tr[data-event=fire]");
+    await fires.first().waitFor();
+    assert.ok((await page.locator(".backtest-result tr[data-event=clear]").count()) >= 1, "it clears too");
+    assert.match(await fires.first().textContent(), /raise minor alarm backtest-probe on /);
+    // The chart: the machine's temperature with a mark at every fire.
+    const box = page.locator(".chart-box[data-chart=backtest]");
+    await box.locator("canvas").first().waitFor();
+    await page.waitForFunction(() => Number(document.querySelector(".chart-box[data-chart=backtest]").dataset.fires) >= 1);
+    assert.equal(await box.getAttribute("data-metric"), "temperature");
+    assert.equal(Number(await box.getAttribute("data-fires")), await fires.count());
+    await shot(page, "rule-backtest");
+    // Nothing was executed or saved.
+    const raised = await apiAs(token, "GET", "/alarms?type=backtest-probe");
+    assert.equal(raised.items.length, 0);
+    const rules = await apiAs(token, "GET", "/rules");
+    assert.ok(!rules.items.some((r) => /backtest-probe/.test(JSON.stringify(r.actions))));
+  }));
+
+test("an operator builds a dashboard and shares it; the link opens it read-only without login, and refuses writes", async () => {
+  let link, dashId, token;
+  await withPage("dashboard-edit", {}, async ({ page }) => {
+    token = await loggedIn(page);
+    const machine = (await apiAs(token, "GET", "/devices?group=factory&limit=1")).items[0].id;
+    await page.goto(base + "/#/dashboards");
+    await page.fill("input[name=dashboard-name]", "Plant floor");
+    await page.click("button:text('New dashboard')");
+    await page.locator("h1", { hasText: "Plant floor" }).waitFor();
+    await page.waitForURL(/#\/dashboards\/.+edit=1/);
+    dashId = decodeURIComponent(page.url().split("#/dashboards/")[1].split("?")[0]);
+    const add = async (type, fields) => {
+      await page.selectOption("select[name=widget-type]", type);
+      for (const [k, v] of Object.entries(fields)) {
+        const el = page.locator(`.widget-form [name=widget-${k}]`);
+        if ((await el.evaluate((e) => e.tagName)) === "SELECT") await el.selectOption(v);
+        else await el.fill(v);
+      }
+      await page.click("button[name=add-widget]");
+    };
+    await add("value", { title: "Machine temperature", device: machine, metric: "temperature" });
+    await add("gauge", { device: machine, metric: "temperature", min: "0", max: "120" });
+    await add("chart", { device: machine, metric: "temperature", range: "1h" });
+    await add("alarms", {});
+    await add("devices", { group: "factory", metrics: "temperature" });
+    await add("group", { title: "Hottest machine", group: "factory", metric: "temperature", fn: "max", range: "1h" });
+    await add("map", { group: "truck" });
+    assert.equal(await page.locator(".dash-grid .widget").count(), 7);
+    // Arrange: the alarm list first, then remove the gauge.
+    const alarmsCard = page.locator(".widget[data-widget=alarms]");
+    for (let i = 0; i < 3; i++) await alarmsCard.locator("button[aria-label='Move earlier']").click();
+    await page.locator(".widget[data-widget=gauge] button[name=remove-widget]").click();
+    assert.deepEqual(await page.locator(".dash-grid .widget").evaluateAll((els) => els.map((e) => e.dataset.widget)),
+      ["alarms", "value", "chart", "devices", "group", "map"]);
+    await page.click("button[name=save]");
+    await page.locator("button[name=save]", { hasText: "Saved" }).waitFor();
+    const saved = await apiAs(token, "GET", "/dashboards/" + encodeURIComponent(dashId));
+    assert.deepEqual(saved.layout.widgets.map((w) => w.type), ["alarms", "value", "chart", "devices", "group", "map"]);
+    // The data drawn: a value, a chart, a group figure, a map.
+    await page.locator(".widget[data-widget=value] .figure").filter({ hasText: /\d/ }).waitFor();
+    await page.locator(".widget[data-widget=chart] canvas").first().waitFor();
+    await page.locator(".widget[data-widget=group] .figure").filter({ hasText: /\d/ }).waitFor();
+    await page.locator(".widget[data-widget=map] path.bm-land").first().waitFor();
+    // Share it.
+    await page.selectOption("select[name=share-expiry]", "24h");
+    await page.click("button:text('Create link')");
+    link = await page.locator("a.share-link").getAttribute("href");
+    assert.match(link, /#\/shared\/dsh_/);
+    await page.locator("tr[data-share]").first().waitFor();
+    await shot(page, "dashboard-edit");
+  });
+
+  // Someone with the link, not logged in.
+  await withPage("dashboard-shared", {}, async ({ page }) => {
+    await page.goto(link);
+    await page.locator("h1", { hasText: "Plant floor" }).waitFor();
+    await page.locator(".shared-note", { hasText: /Read-only/ }).waitFor();
+    assert.equal(await page.locator(".dash-grid .widget").count(), 6);
+    await page.locator(".widget[data-widget=value] .figure").filter({ hasText: /\d/ }).waitFor();
+    await page.locator(".widget[data-widget=chart] canvas").first().waitFor();
+    // No edit control, no navigation, nothing to press.
+    assert.equal(await page.locator("main button").count(), 0);
+    assert.equal(await page.locator("select, input, textarea").count(), 0);
+    assert.ok(await page.locator("#bar").isHidden());
+    await shot(page, "dashboard-shared");
+    // The share token opens this dashboard and writes nothing.
+    const shareToken = link.split("#/shared/")[1];
+    const write = await page.evaluate(async ([id, t]) => {
+      const r = await fetch("/api/v1/dashboards/" + encodeURIComponent(id), {
+        method: "PUT", headers: { Authorization: "Bearer " + t, "Content-Type": "application/json" },
+        body: JSON.stringify({ name: "hacked" }),
+      });
+      return r.status;
+    }, [dashId, shareToken]);
+    assert.equal(write, 401);
+    // Revoked: the link stops working.
+    const shares = await apiAs(token, "GET", "/dashboards/" + encodeURIComponent(dashId) + "/shares");
+    await apiAs(token, "DELETE", "/dashboards/" + encodeURIComponent(dashId) + "/shares/" + encodeURIComponent(shares.items[0].id));
+    await page.reload();
+    await page.locator("h1", { hasText: "This link no longer works" }).waitFor();
+  });
+  const still = await apiAs(token, "GET", "/dashboards/" + encodeURIComponent(dashId));
+  assert.equal(still.name, "Plant floor");
+
+  // The default dashboard of a device profile: a widget that names no
+  // device shows the device whose page opened it.
+  await withPage("dashboard-profile", {}, async ({ page }) => {
+    await loggedIn(page);
+    const machine = (await apiAs(token, "GET", "/devices?group=factory&limit=1")).items[0];
+    assert.ok(machine.profile, "demo machines have a profile");
+    await page.goto(base + "/#/dashboards/" + encodeURIComponent(dashId) + "?edit=1");
+    await page.fill("input[name=dashboard-profile]", machine.profile);
+    await page.selectOption("select[name=widget-type]", "value");
+    await page.fill(".widget-form [name=widget-title]", "This machine");
+    await page.fill(".widget-form [name=widget-metric]", "temperature");
+    await page.click("button[name=add-widget]");
+    await page.click("button[name=save]");
+    await page.locator("button[name=save]", { hasText: "Saved" }).waitFor();
+    await page.goto(base + "/#/devices/" + encodeURIComponent(machine.id));
+    await page.click("td.profile-dashboard a");
+    await page.waitForURL(new RegExp("device=" + encodeURIComponent(machine.id)));
+    await page.locator("h1", { hasText: machine.id }).waitFor();
+    const card = page.locator(".widget[data-widget=value]", { hasText: "This machine" });
+    await card.locator(".figure").filter({ hasText: /\d/ }).waitFor();
+  });
+});
+
 test("the overview charts the last hour; every page reads in dark mode and at a phone's width", async () => {
   await withPage("overview", {}, async ({ page }) => {
     await loggedIn(page);

@@ -341,6 +341,7 @@ const NAV = [
   ["#/map", "Map", () => true],
   ["#/alarms", "Alarms", () => true],
   ["#/rules", "Rules", () => true],
+  ["#/dashboards", "Dashboards", () => true],
   ["#/settings", "Fleet settings", () => true],
   ["#/ota", "Firmware", () => true],
   ["#/audit", "Audit", isAdmin],
@@ -352,6 +353,8 @@ async function render() {
   stopPage();
   clearError();
   const { parts, params } = parseHash();
+  // A shared dashboard opens without login: its token is in the link.
+  if (parts[0] === "shared" && parts[1]) return sharedDashboard(parts[1]);
   if (!sessionStorage.getItem(TOKEN_KEY)) return renderLogin();
   if (!state.me) {
     try { state.me = await get("/auth/me"); } catch (e) { if (!(e instanceof ApiError && e.status === 401)) showError(e); return; }
@@ -363,6 +366,7 @@ async function render() {
   const page = {
     "": overview, devices: parts[1] ? device : devices, map: map, alarms: alarms,
     rules: parts[1] ? ruleForm : rules, audit: audit, security: security,
+    dashboards: parts[1] ? dashboard : dashboards,
     ota: parts[1] ? campaign : firmware, settings: fleetSettings, cluster: cluster,
   }[parts[0] || ""];
   try {
@@ -682,7 +686,14 @@ async function device(view, gen, parts, params) {
     row("Online", online), row("Created", fmtTime(d.created_ms)),
     row("Last seen", lastSeen), row("Last address", lastAddr),
     row("Position", h("td", {}, h("a", { href: "#/map?track=" + enc(id) }, "Track on the map"))),
+    row("Dashboard", h("td", { class: "profile-dashboard" }, "—")),
     row("MQTT session", h("td", { class: "session" }, d.session ? "Loading…" : "none")))));
+  if (d.profile) {
+    get("/dashboards" + query({ profile: d.profile, tenant: d.tenant })).then((r) => {
+      const b = r.items[0];
+      if (b && current(gen)) replace(meta.querySelector("td.profile-dashboard"), h("a", { href: "#/dashboards/" + enc(b.id) + "?device=" + enc(id) }, b.name));
+    }).catch(() => {});
+  }
   if (d.session) {
     get("/sessions/" + enc(id)).then((sess) => {
       if (current(gen)) replace(meta.querySelector("td.session"), sessionPanel(sess));
@@ -1626,13 +1637,8 @@ async function ruleForm(view, gen, parts) {
       }) }, "Delete") : null));
   form.addEventListener("submit", async (ev) => {
     ev.preventDefault();
-    replace(sqlError);
-    replace(actionsError);
-    let acts;
-    try { acts = JSON.parse(actions.value || "[]"); } catch (e) {
-      replace(actionsError, h("p", { class: "error" }, "Not JSON: " + e.message));
-      return;
-    }
+    const acts = ruleActions(actions, sqlError, actionsError);
+    if (!acts) return;
     const body = { name: name.value, description: description.value, sql: sql.value, actions: acts, enabled: enabled.checked };
     try {
       const saved = id ? await api("PUT", "/rules/" + enc(id), body) : await api("POST", "/rules", body);
@@ -1642,7 +1648,137 @@ async function ruleForm(view, gen, parts) {
       else showError(e);
     }
   });
-  replace(view, h("h1", {}, id ? "Rule " + (rule.name || id) : "New rule"), form);
+  replace(view, h("h1", {}, id ? "Rule " + (rule.name || id) : "New rule"), form,
+    readOnly ? null : backtestPanel(id, sql, actions, sqlError, actionsError, gen));
+}
+
+// ---- Rule backtest ----------------------------------------------------------------
+
+const BACKTEST_RANGES = [["1h", 3600e3], ["6h", 6 * 3600e3], ["24h", 86400e3], ["7d", 7 * 86400e3], ["30d", 30 * 86400e3]];
+
+// "Backtest": the rule as written in the form (saved or not) replayed over
+// the stored telemetry of a range (`POST /rules/backtest`): the totals, a
+// chart of the rule's metric on one device with a mark where it fired and
+// cleared, and a table of every output with what its actions would have
+// done. Nothing is executed.
+function backtestPanel(id, sql, actions, sqlError, actionsError, gen) {
+  const range = h("select", { name: "backtest-range", "aria-label": "Backtest range" },
+    BACKTEST_RANGES.map(([k]) => h("option", { value: k }, "last " + k)), h("option", { value: "custom" }, "custom…"));
+  range.value = "24h";
+  const local = (ms) => new Date(ms - new Date(ms).getTimezoneOffset() * 60e3).toISOString().slice(0, 16);
+  const from = h("input", { type: "datetime-local", name: "backtest-from", value: local(Date.now() - 86400e3) });
+  const to = h("input", { type: "datetime-local", name: "backtest-to", value: local(Date.now()) });
+  const custom = h("span", { class: "custom-range" }, " from ", from, " to ", to);
+  custom.hidden = true;
+  range.addEventListener("change", () => { custom.hidden = range.value !== "custom"; });
+  const devices = h("input", { name: "backtest-devices", placeholder: "all devices (or ids, comma-separated)", size: 32 });
+  const result = h("div", { class: "backtest-result" });
+  let chart = null;
+  onLeave(() => { if (chart) chart.destroy(); });
+  const run = act(async () => {
+    const acts = ruleActions(actions, sqlError, actionsError);
+    if (!acts) return;
+    let span;
+    if (range.value === "custom") span = [new Date(from.value).getTime(), new Date(to.value).getTime()];
+    else { const now = Date.now(); span = [now - BACKTEST_RANGES.find(([k]) => k === range.value)[1], now]; }
+    if (!(span[0] < span[1])) throw new Error("The range must start before it ends.");
+    const body = { sql: sql.value, actions: acts, from: Math.floor(span[0]), to: Math.ceil(span[1]) };
+    if (id) body.rule_id = id;
+    const ids = devices.value.split(",").map((d) => d.trim()).filter(Boolean);
+    if (ids.length) body.devices = ids;
+    replace(result, h("p", { class: "muted" }, "Replaying…"));
+    let r;
+    try { r = await api("POST", "/rules/backtest", body); } catch (e) {
+      replace(result);
+      if (e instanceof ApiError && e.status === 422 && (e.problem.line || e.problem.type === "invalid-rule" || /invalid-rule/.test(e.problem.type || ""))) showRuleProblem(e.problem, sql, sqlError, actionsError);
+      else if (e instanceof ApiError && (e.status === 413 || e.status === 422)) replace(result, h("p", { class: "error" }, e.message));
+      else throw e;
+      return;
+    }
+    if (!current(gen)) return;
+    if (chart) { chart.destroy(); chart = null; }
+    const chartBox = h("div", { class: "chart-box", "data-chart": "backtest" });
+    const pick = h("select", { name: "backtest-device", "aria-label": "Device on the chart" });
+    const firedDevices = [...new Set(r.firings.map((f) => f.device).filter(Boolean))];
+    for (const d of firedDevices) pick.append(h("option", { value: d }, d));
+    replace(result,
+      h("p", { class: "backtest-summary" },
+        `${r.messages} messages from ${r.devices} devices (${r.points} points): `,
+        h("strong", {}, `fired ${r.fired}`), `, repeated ${r.repeated}, cleared ${r.cleared}`,
+        r.failed ? `, failed ${r.failed}` : "", ` — ${r.elapsed_ms} ms`),
+      r.last_error ? h("p", { class: "error" }, "Last error: " + r.last_error) : null,
+      firedDevices.length ? h("div", { class: "toolbar" }, h("label", {}, "Chart of ", pick)) : null,
+      firedDevices.length ? chartBox : null,
+      table(["Time", "Event", "Device", "Row", "Actions"], r.firings.slice(0, 500).map((f) => h("tr", { "data-event": f.event },
+        h("td", {}, fmtTime(f.ts_ms)), h("td", {}, h("span", { class: "event-" + f.event }, f.event)),
+        h("td", {}, f.device || "—"), h("td", {}, h("code", {}, json(f.row))),
+        h("td", {}, f.actions.map((a) => h("div", {}, a.summary))))), "The rule would not have fired in this range."),
+      r.firings.length > 500 || r.truncated ? h("p", { class: "muted small" }, `Only the first ${Math.min(500, r.firings.length)} of ${r.fired + r.repeated + r.cleared} outputs are listed.`) : null);
+    const draw = async () => {
+      const device = pick.value;
+      if (!device) return;
+      const mine = r.firings.filter((f) => f.device === device);
+      const metric = await chartMetric(device, mine, sql.value);
+      if (!current(gen)) return;
+      if (chart) { chart.destroy(); chart = null; }
+      chartBox.replaceChildren();
+      if (!metric) { replace(chartBox, h("p", { class: "muted" }, "No stored metric of this device in the rule's rows.")); return; }
+      const want = (r.to_ms - r.from_ms) / 400;
+      const b = BUCKETS.find(([, ms]) => ms >= want) || BUCKETS[BUCKETS.length - 1];
+      const a = await get("/telemetry/aggregate" + query({ metric, device, from: r.from_ms, to: r.to_ms, bucket: b[0], fn: "avg" }));
+      if (!current(gen)) return;
+      const buckets = (((a.series || [])[0] || {}).buckets || []).filter((x) => typeof x.avg === "number");
+      const half = (a.bucket_ms || 0) / 2;
+      const line = [buckets.map((x) => x.ts_ms + half), buckets.map((x) => x.avg)];
+      // A mark at the output's value of the metric, else on the line.
+      const at = (f) => {
+        const v = f.row && f.row[metric];
+        if (typeof v === "number") return v;
+        let best = null;
+        line[0].forEach((x, i) => { if (best === null || Math.abs(x - f.ts_ms) < Math.abs(line[0][best] - f.ts_ms)) best = i; });
+        return best === null ? null : line[1][best];
+      };
+      const marks = (ev) => { const fs = mine.filter((f) => f.event === ev); return [fs.map((f) => f.ts_ms), fs.map(at)]; };
+      const fires = marks("fire"), clears = marks("clear");
+      chartBox.dataset.metric = metric;
+      chartBox.dataset.fires = String(fires[0].length);
+      chartBox.dataset.clears = String(clears[0].length);
+      chart = timeChart(chartBox, [
+        { name: metric },
+        { name: "fired", marks: true, scaleOf: metric, color: "--bad" },
+        { name: "cleared", marks: true, scaleOf: metric, color: "--ok" },
+      ], align([line, fires, clears]), { span: [r.from_ms, r.to_ms] });
+    };
+    pick.addEventListener("change", () => draw().catch(showError));
+    await draw();
+  });
+  return h("section", { class: "backtest" },
+    h("h2", {}, "Backtest"),
+    h("p", { class: "muted small" }, "What the rule as written above would have done over the stored telemetry of a range: every fire, repeat and clear, with the actions it would have run. Nothing is executed; timers run on the readings' own clock."),
+    h("div", { class: "toolbar" }, range, custom, devices,
+      h("button", { type: "button", class: "primary", name: "backtest", onclick: run }, "Backtest")),
+    result);
+}
+
+// The metric a backtest chart draws for a device: the first column of the
+// rule's rows the device stores, else the first of its metrics the SQL
+// names.
+async function chartMetric(device, firings, sqlText) {
+  const r = await get("/devices/" + enc(device) + "/series");
+  const stored = (r.items || r.series || []).map((x) => (typeof x === "string" ? x : x.metric)).filter(Boolean);
+  for (const f of firings) for (const [k, v] of Object.entries(f.row || {})) if (typeof v === "number" && stored.includes(k)) return k;
+  return stored.find((m) => new RegExp("\\b" + m.replace(/[.*+?^${}()|[\]\\]/g, "\\$&") + "\\b").test(sqlText)) || null;
+}
+
+// The rule form's actions, parsed, with the errors of an earlier try
+// cleared; `null` (and the reason under the actions) when not JSON.
+function ruleActions(actions, sqlError, actionsError) {
+  replace(sqlError);
+  replace(actionsError);
+  try { return JSON.parse(actions.value || "[]"); } catch (e) {
+    replace(actionsError, h("p", { class: "error" }, "Not JSON: " + e.message));
+    return null;
+  }
 }
 
 // A rule the service refused: the message under the SQL, the faulty line
@@ -1666,6 +1802,294 @@ function showRuleProblem(problem, sql, sqlError, actionsError) {
   const word = /^\w+/.exec(text.slice(col - 1));
   sql.focus();
   sql.setSelectionRange(start, start + Math.max(1, word ? word[0].length : 1));
+}
+
+// ---- Dashboards --------------------------------------------------------------------
+//
+// A dashboard is a saved list of widgets (`layout.widgets`), drawn in order
+// on a grid of four columns (each widget 1–4 wide). The data comes in one
+// request, `GET /dashboards/{id}/data` (or `/shared/{token}` for a share
+// link), resolved by the server within the dashboard's tenant; the page
+// redraws it every 15 s. Operators switch to editing: add a widget, move it,
+// widen or narrow it, remove it, then save the layout.
+
+const WIDGETS = {
+  value: { label: "Value", fields: ["device", "metric"] },
+  gauge: { label: "Gauge", fields: ["device", "metric", "min", "max"] },
+  chart: { label: "Chart", fields: ["device", "metric", "range"] },
+  map: { label: "Map", fields: ["group"] },
+  alarms: { label: "Alarm list", fields: ["device"] },
+  devices: { label: "Device table", fields: ["group", "metrics"] },
+  group: { label: "Group aggregate", fields: ["group", "metric", "fn", "range"] },
+};
+
+async function dashboards(view, gen) {
+  const body = h("div", {}, "Loading…");
+  const name = h("input", { name: "dashboard-name", placeholder: "Name", required: true });
+  const create = h("form", { class: "toolbar" }, name, h("button", { type: "submit", class: "primary" }, "New dashboard"));
+  create.addEventListener("submit", act(async (ev) => {
+    ev.preventDefault();
+    const d = await api("POST", "/dashboards", { name: name.value, layout: { widgets: [] } });
+    go("#/dashboards/" + enc(d.id) + "?edit=1");
+  }));
+  replace(view, h("h1", {}, "Dashboards"), canWrite() ? create : null, body);
+  const r = await get("/dashboards");
+  if (!current(gen)) return;
+  replace(body, table(["Name", "Tenant", "Default of profile", "Widgets", "Updated"], r.items.map((d) => h("tr", { "data-dashboard": d.id },
+    h("td", {}, h("a", { href: "#/dashboards/" + enc(d.id) }, d.name), h("div", { class: "muted" }, d.description || "")),
+    h("td", {}, d.tenant), h("td", {}, d.profile || "—"),
+    h("td", { class: "num" }, ((d.layout || {}).widgets || []).length),
+    h("td", {}, fmtTime(d.updated_ms) + " by " + d.updated_by))), "No dashboards yet."));
+}
+
+async function dashboard(view, gen, parts, params) {
+  const id = parts[1];
+  const forDevice = params.get("device") || "";
+  let d = await get("/dashboards/" + enc(id));
+  if (!current(gen)) return;
+  let editing = canWrite() && params.get("edit") === "1";
+  let widgets = ((d.layout || {}).widgets || []).slice();
+  let dirty = false;
+  const title = h("h1", {}, d.name, forDevice ? h("span", { class: "muted" }, " · ", forDevice) : null);
+  const tools = h("div", { class: "toolbar" });
+  const editor = h("div", {});
+  const grid = h("div", { class: "dash-grid", "data-dashboard": id });
+  const sharing = h("div", {});
+  replace(view, title, tools, editor, grid, sharing);
+  let data = null;
+  const charts = [];
+  onLeave(() => charts.splice(0).forEach((c) => c.destroy()));
+  const load = async () => {
+    if (dirty) return; // an unsaved layout is drawn from what was read
+    const r = await get("/dashboards/" + enc(id) + "/data" + query({ device: forDevice }));
+    if (!current(gen)) return;
+    data = r.data;
+    draw();
+  };
+  const draw = () => {
+    drawDashboard(grid, widgets, data, charts, editing ? {
+      move(i, by) { const j = i + by; if (j < 0 || j >= widgets.length) return; [widgets[i], widgets[j]] = [widgets[j], widgets[i]]; if (data) [data[i], data[j]] = [data[j], data[i]]; changed(); },
+      widen(i, by) { const w = Math.min(4, Math.max(1, (widgets[i].width || 1) + by)); widgets[i] = { ...widgets[i], width: w }; changed(); },
+      remove(i) { widgets.splice(i, 1); if (data) data.splice(i, 1); changed(); },
+    } : null);
+  };
+  const changed = () => { dirty = true; renderTools(); draw(); };
+  const renderSaveButton = () => {
+    const b = tools.querySelector("button[name=save]");
+    if (b) { b.disabled = !dirty; b.textContent = dirty ? "Save" : "Saved"; }
+  };
+  // The device profile this dashboard is the default of ("" for none).
+  const profile = h("input", { name: "dashboard-profile", placeholder: "default of profile…", value: d.profile || "", size: 18,
+    title: "Opened from a device of this profile, widgets that name no device show that device" });
+  profile.addEventListener("input", () => { dirty = true; renderSaveButton(); });
+  const save = act(async () => {
+    d = await api("PUT", "/dashboards/" + enc(id), { name: d.name, profile: profile.value.trim() || null, layout: { ...(d.layout || {}), widgets } });
+    dirty = false;
+    renderTools();
+    await load();
+  });
+  const renderTools = () => {
+    if (!canWrite()) { replace(tools); return; }
+    replace(tools,
+      h("button", { type: "button", name: "edit", "aria-pressed": String(editing), onclick: () => { editing = !editing; renderTools(); draw(); } }, editing ? "Done editing" : "Edit"),
+      editing ? h("button", { type: "button", name: "save", class: "primary", disabled: !dirty, onclick: save }, dirty ? "Save" : "Saved") : null,
+      editing ? profile : null,
+      editing ? writeButton("Delete dashboard", async () => {
+        if (!confirm("Delete dashboard " + d.name + "? Its share links stop working.")) return;
+        await api("DELETE", "/dashboards/" + enc(id));
+        go("#/dashboards");
+      }, "danger") : null);
+    replace(editor, editing ? widgetForm((w) => {
+      widgets.push(w);
+      if (data) data.push({ pending: true });
+      changed();
+    }, d) : null);
+    if (editing) renderSharing(); else replace(sharing);
+  };
+  const renderSharing = async () => {
+    const r = await get("/dashboards/" + enc(id) + "/shares");
+    if (!current(gen) || !editing) return;
+    const expiry = h("select", { name: "share-expiry", "aria-label": "Link expires after" },
+      ["1h", "24h", "7d", "30d"].map((x) => h("option", { value: x }, x)));
+    expiry.value = "7d";
+    const made = h("div", {});
+    replace(sharing, h("h2", {}, "Share read-only"),
+      h("p", { class: "muted small" }, "Anyone with the link sees this dashboard, read-only, without logging in, until it expires or is revoked."),
+      h("div", { class: "toolbar" }, "Expires after ", expiry, writeButton("Create link", async () => {
+        const s = await api("POST", "/dashboards/" + enc(id) + "/shares", { expires_in: expiry.value });
+        const url = location.origin + s.console_path;
+        await renderSharing();
+        replace(sharing.querySelector(".share-made"), h("div", { class: "secret" }, "Link (shown once): ", h("a", { href: url, class: "share-link" }, url)));
+      })),
+      h("div", { class: "share-made" }, made),
+      table(["Created", "By", "Expires", "State", ""], r.items.map((x) => h("tr", { "data-share": x.id },
+        h("td", {}, fmtTime(x.created_ms)), h("td", {}, x.created_by), h("td", {}, fmtTime(x.expires_ms)),
+        h("td", {}, x.revoked_ms ? "revoked" : x.live ? "live" : "expired"),
+        h("td", {}, x.live ? writeButton("Revoke", async () => {
+          await api("DELETE", "/dashboards/" + enc(id) + "/shares/" + enc(x.id));
+          await renderSharing();
+        }) : null))), "No links."));
+  };
+  renderTools();
+  draw();
+  await every(15000, load);
+}
+
+// The form that adds a widget: its type, a title and the fields it reads.
+function widgetForm(add, d) {
+  const type = h("select", { name: "widget-type", "aria-label": "Widget type" }, Object.entries(WIDGETS).map(([k, v]) => h("option", { value: k }, v.label)));
+  const inputs = {
+    title: h("input", { name: "widget-title", placeholder: "Title" }),
+    device: h("input", { name: "widget-device", placeholder: d.profile ? "device (empty: the device opened)" : "device" }),
+    metric: h("input", { name: "widget-metric", placeholder: "metric" }),
+    group: h("input", { name: "widget-group", placeholder: "group (empty: all)" }),
+    metrics: h("input", { name: "widget-metrics", placeholder: "metrics, comma-separated" }),
+    range: h("select", { name: "widget-range", "aria-label": "Range" }, ["1h", "6h", "24h", "7d", "30d"].map((x) => h("option", { value: x }, x))),
+    fn: h("select", { name: "widget-fn", "aria-label": "Aggregate" }, ["avg", "min", "max", "sum", "count"].map((x) => h("option", { value: x }, x))),
+    min: h("input", { name: "widget-min", type: "number", placeholder: "min", value: "0" }),
+    max: h("input", { name: "widget-max", type: "number", placeholder: "max", value: "100" }),
+  };
+  const fields = h("span", { class: "widget-fields" });
+  const show = () => replace(fields, inputs.title, WIDGETS[type.value].fields.map((f) => inputs[f]));
+  type.addEventListener("change", show);
+  show();
+  const form = h("form", { class: "toolbar widget-form" }, "Add ", type, fields, h("button", { type: "submit", name: "add-widget" }, "Add widget"));
+  form.addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    const w = { type: type.value, width: type.value === "chart" || type.value === "map" || type.value === "devices" ? 2 : 1 };
+    if (inputs.title.value) w.title = inputs.title.value;
+    for (const f of WIDGETS[type.value].fields) {
+      const v = inputs[f].value.trim();
+      if (!v) continue;
+      if (f === "min" || f === "max") w[f] = Number(v);
+      else if (f === "metrics") w[f] = v.split(",").map((x) => x.trim()).filter(Boolean);
+      else w[f] = v;
+    }
+    add(w);
+    inputs.title.value = "";
+  });
+  return form;
+}
+
+// Draw every widget into `grid`. `edit`: the controls of the editor
+// (move, widen, remove), absent read-only.
+function drawDashboard(grid, widgets, data, charts, edit) {
+  charts.splice(0).forEach((c) => c.destroy());
+  grid.replaceChildren();
+  if (!widgets.length) grid.append(h("p", { class: "muted" }, edit ? "No widgets yet: add one above." : "This dashboard has no widgets."));
+  widgets.forEach((w, i) => {
+    const body = h("div", { class: "widget-body" });
+    const controls = edit ? h("span", { class: "widget-controls" },
+      h("button", { type: "button", title: "Move earlier", "aria-label": "Move earlier", onclick: () => edit.move(i, -1) }, "◀"),
+      h("button", { type: "button", title: "Move later", "aria-label": "Move later", onclick: () => edit.move(i, 1) }, "▶"),
+      h("button", { type: "button", title: "Narrower", "aria-label": "Narrower", onclick: () => edit.widen(i, -1) }, "−"),
+      h("button", { type: "button", title: "Wider", "aria-label": "Wider", onclick: () => edit.widen(i, 1) }, "+"),
+      h("button", { type: "button", class: "danger", title: "Remove", "aria-label": "Remove", name: "remove-widget", onclick: () => edit.remove(i) }, "×")) : null;
+    const card = h("section", { class: "card widget w" + Math.min(4, Math.max(1, w.width || 1)), "data-widget": w.type },
+      h("div", { class: "widget-head" }, h("strong", {}, w.title || widgetTitle(w)), controls), body);
+    grid.append(card);
+    const v = data && data[i];
+    if (!v || v.pending) { replace(body, h("p", { class: "muted" }, v && v.pending ? "Save to see its data." : "Loading…")); return; }
+    if (v.error) { replace(body, h("p", { class: "error" }, v.error)); return; }
+    try { drawWidget(body, w, v, charts); } catch (e) { replace(body, h("p", { class: "error" }, String(e.message || e))); }
+  });
+}
+
+function widgetTitle(w) {
+  const what = [w.device, w.metric, w.group].filter(Boolean).join(" · ");
+  return WIDGETS[w.type] ? WIDGETS[w.type].label + (what ? ": " + what : "") : w.type;
+}
+
+function drawWidget(body, w, v, charts) {
+  switch (w.type) {
+    case "value":
+      replace(body, h("div", { class: "figure", "data-value": String(v.value) }, v.value === null ? "—" : fmtValue(v.value)),
+        h("div", { class: "muted small" }, v.ts_ms ? ago(v.ts_ms) : "no data"));
+      break;
+    case "gauge": {
+      const min = Number(w.min ?? 0), max = Number(w.max ?? 100);
+      const frac = typeof v.value === "number" && max > min ? Math.min(1, Math.max(0, (v.value - min) / (max - min))) : 0;
+      // A half circle from the left (min) to the right (max).
+      const a = Math.PI * (1 - frac);
+      const x = 60 + 50 * Math.cos(a), y = 60 - 50 * Math.sin(a);
+      replace(body, s("svg", { viewBox: "0 0 120 70", class: "gauge", role: "img", "aria-label": `${v.value} of ${min}–${max}` },
+        s("path", { d: "M10 60 A50 50 0 0 1 110 60", class: "gauge-track" }),
+        frac > 0 ? s("path", { d: `M10 60 A50 50 0 0 1 ${x.toFixed(2)} ${y.toFixed(2)}`, class: "gauge-fill" }) : null),
+      h("div", { class: "figure", "data-value": String(v.value) }, v.value === null ? "—" : fmtValue(v.value)),
+      h("div", { class: "muted small" }, `${min} – ${max}` + (v.ts_ms ? " · " + ago(v.ts_ms) : "")));
+      break;
+    }
+    case "chart": {
+      const box = h("div", { class: "chart-box", "data-chart": "widget", "data-points": String(v.points.length) });
+      replace(body, box);
+      const p = v.points;
+      const c = timeChart(box, [{ name: v.metric, band: true }], [p.map((x) => x[0]), p.map((x) => x[1]), p.map((x) => x[2]), p.map((x) => x[3])], { height: 180, span: [v.from_ms, v.to_ms] });
+      charts.push(c);
+      break;
+    }
+    case "map": {
+      const box = h("div", { class: "widget-map", "data-devices": String(v.items.length) });
+      replace(body, box, h("div", { class: "muted small" }, v.items.length + " devices with a position"));
+      // Leaflet needs the box in the document, which it now is.
+      (async () => {
+        const config = sessionStorage.getItem(TOKEN_KEY) ? await consoleConfig().catch(() => null) : null;
+        const lm = await createMap(box, config);
+        const fleet = fleetLayer(lm, (id) => { if (sessionStorage.getItem(TOKEN_KEY)) go("#/devices/" + enc(id)); });
+        fleet.update(v.items);
+        fleet.flush();
+        const b = fleet.bounds();
+        if (b.isValid()) lm.fitBounds(b, { padding: [20, 20], maxZoom: 10 });
+        charts.push({ destroy: () => lm.remove() });
+      })().catch(showError);
+      break;
+    }
+    case "alarms":
+      replace(body, table(["Severity", "Device", "Type", "Since"], v.items.map((a) => h("tr", {},
+        h("td", {}, h("span", { class: "sev sev-" + a.severity }, a.severity)), h("td", {}, a.device), h("td", {}, a.type),
+        h("td", {}, ago(a.created_ms)))), "No active alarms."));
+      break;
+    case "devices":
+      replace(body, table(["Device", "Online", ...v.metrics.map((m) => h("th", { class: "num" }, m))], v.items.map((d) => h("tr", {},
+        h("td", {}, d.name || d.id), h("td", {}, d.online ? "yes" : "no"),
+        ...v.metrics.map((m) => h("td", { class: "num" }, d.values[m] === null || d.values[m] === undefined ? "—" : fmtValue(d.values[m]))))), "No devices."));
+      break;
+    case "group":
+      replace(body, h("div", { class: "figure", "data-value": String(v.value) }, v.value === null ? "—" : fmtValue(v.value)),
+        h("div", { class: "muted small" }, `${v.fn} of ${v.metric} over ${v.reporting ?? 0} of ${v.devices} devices, last ${fmtDuration(Math.round((v.range_ms || 0) / 1000))}`));
+      break;
+    default:
+      replace(body, h("p", { class: "muted" }, "Unknown widget " + w.type));
+  }
+}
+
+// A shared dashboard: no login, no navigation, no control; the token in
+// the link is the only credential, sent in the path of its one request.
+async function sharedDashboard(token) {
+  stopPage();
+  $("bar").hidden = true;
+  const gen = state.gen;
+  const view = $("view");
+  const grid = h("div", { class: "dash-grid read-only" });
+  const title = h("h1", {}, "Shared dashboard");
+  const note = h("p", { class: "muted small shared-note" });
+  replace(view, title, note, grid);
+  const charts = [];
+  onLeave(() => charts.splice(0).forEach((c) => c.destroy()));
+  const load = async () => {
+    const resp = await fetch("/api/v1/shared/" + enc(token), { headers: { Accept: "application/json" } });
+    if (!current(gen)) return;
+    if (!resp.ok) {
+      charts.splice(0).forEach((c) => c.destroy());
+      replace(view, h("h1", {}, "This link no longer works"), h("p", { class: "muted" }, "It was revoked or has expired. Ask for a new one."));
+      stopPage();
+      return;
+    }
+    const r = await resp.json();
+    replace(title, r.dashboard.name);
+    replace(note, "Read-only shared view · updated " + fmtTime(r.ts_ms) + " · link expires " + fmtTime(r.expires_ms));
+    drawDashboard(grid, r.dashboard.layout.widgets || [], r.data, charts, null);
+  };
+  await every(30000, load);
 }
 
 // ---- Audit and security events ---------------------------------------------------

@@ -61,9 +61,11 @@ function fmtTick(v) {
 
 /// Draw a chart into `box`.
 ///
-/// `metrics`: `[{ name, band, zero }]` in the order of `data` (after x: the
-/// metric's values, then its min and max when `band`; `zero`: the y scale
-/// starts at 0). `opts.onZoom(min,
+/// `metrics`: `[{ name, band, zero, marks, scaleOf, color }]` in the order
+/// of `data` (after x: the metric's values, then its min and max when
+/// `band`; `zero`: the y scale starts at 0; `marks`: points only, on the
+/// scale of the metric `scaleOf`, e.g. where a rule fired; `color`: a CSS
+/// variable). `opts.onZoom(min,
 /// max, zoomed)` is told when the visible x span changes; `opts.onReset()`
 /// replaces the default zoom-out (double-click, `0`, `reset()`);
 /// `opts.span`: the x span the chart stands for, if not the data's.
@@ -79,9 +81,14 @@ export function timeChart(box, metrics, data, opts = {}) {
   const bands = [];
   const scales = { x: { time: true } };
   metrics.forEach((m, i) => {
-    const c = colors.series[i % colors.series.length];
-    const scale = "y:" + m.name;
+    const c = m.color ? cssVar(m.color) || colors.series[i % colors.series.length] : colors.series[i % colors.series.length];
+    // Marks (points only) sit on the scale of the metric they annotate.
+    const scale = "y:" + (m.scaleOf || m.name);
     const at = series.length;
+    if (m.marks) {
+      series.push({ label: m.name, scale, stroke: c, fill: c, width: 0, paths: () => null, points: { show: true, size: 10, width: 2, stroke: c, fill: c } });
+      return;
+    }
     // Rates and counts start at zero, so a flat 33 ± 0.5 reads as flat.
     if (m.zero) scales[scale] = { range: (u, min, max) => [0, max > 0 ? max * 1.1 : 1] };
     // Points show by themselves where the data is sparse (uPlot's default).

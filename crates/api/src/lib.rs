@@ -8,12 +8,14 @@
 #![forbid(unsafe_code)]
 
 mod alarms;
+mod backtest;
 pub mod broker_history;
 mod caller;
 mod cluster;
 mod commands;
 pub mod connections;
 pub mod console;
+mod dashboards;
 mod device_events;
 pub mod device_http;
 mod devices;

@@ -136,6 +136,22 @@ pub fn router(state: AppState) -> Router {
         .route("/ota/campaigns/{campaign}/cancel", post(fw::cancel), &[("POST", "Cancel (`{\"reason\"}` optional): jobs not begun are cancelled, devices already told are told", Operator)])
         .route("/ota/download/{artifact}", get(fw::download), &[("GET", "A device downloads its job's image with the signed URL from its job (`Range` supported)", Public)])
         .route("/commands/{id}", get(cm::show), &[("GET", "One command and its status (pending, sent, delivered, answered, failed, timed_out)", Viewer)])
+        .route("/dashboards", get(crate::dashboards::list).post(crate::dashboards::create), &[
+            ("GET", "Dashboards (`?tenant=`; `?profile=`: the default dashboard of a device profile)", Viewer),
+            ("POST", "Save a dashboard: `name`, `layout` {\"widgets\": [{\"type\": value|chart|gauge|map|alarms|devices|group, …}]}, optional `profile` (the default of that device profile, one per profile), `description`, `id`, `tenant`; 201", Operator),
+        ])
+        .route("/dashboards/{id}", get(crate::dashboards::show).put(crate::dashboards::update).delete(crate::dashboards::delete), &[
+            ("GET", "One dashboard and its layout", Viewer),
+            ("PUT", "Change a dashboard (absent fields stay; `profile: null` unsets)", Operator),
+            ("DELETE", "Delete a dashboard; its share links stop working", Operator),
+        ])
+        .route("/dashboards/{id}/data", get(crate::dashboards::data), &[("GET", "What each widget of a dashboard shows, in layout order (latest values, chart buckets, positions, active alarms, device rows, group aggregates), read within the dashboard's tenant; `?device=` fills widgets that name no device (a profile's default dashboard)", Viewer)])
+        .route("/dashboards/{id}/shares", get(crate::dashboards::list_shares).post(crate::dashboards::create_share), &[
+            ("GET", "A dashboard's read-only share links (never their tokens)", Operator),
+            ("POST", "Create a read-only share link (`expires_in`: 1h…365d, default 7d); 201 with the token, shown once, and the console path that opens it", Operator),
+        ])
+        .route("/dashboards/{id}/shares/{share}", delete(crate::dashboards::revoke_share), &[("DELETE", "Revoke a share link at once", Operator)])
+        .route("/shared/{token}", get(crate::dashboards::shared), &[("GET", "A shared dashboard and its data, read-only, for the holder of its share token (no login; 404 once revoked or expired)", Public)])
         .route("/alarms", get(al::list), &[("GET", "Alarms, active and cleared, newest first: filter by tenant, device, status, severity, type; paged by `before`", Viewer)])
         .route("/alarms/summary", get(al::summary), &[("GET", "Active alarms by severity (`?tenant=`)", Viewer)])
         .route("/alarms/{id}", get(al::show), &[("GET", "One alarm", Viewer)])
@@ -145,6 +161,7 @@ pub fn router(state: AppState) -> Router {
             ("GET", "Rules (SQL over the message stream, with actions) with their counters: filter by tenant", Viewer),
             ("POST", "Create a rule; refused with the position of the fault if it does not validate", Operator),
         ])
+        .route("/rules/backtest", post(crate::backtest::backtest), &[("POST", "Backtest a rule over stored telemetry: `sql` and `actions`, or a stored rule's `rule_id` (its `sql`/`actions` replaced when given); `from`, `to` (epoch ms, RFC 3339, `-24h`), optional `devices` and `tenant`. The points are replayed in time order through the rule's compiled plan on the data's clock; answers every fire, repeat and clear with the actions it would have run (nothing is executed). At most 31 days (422), 2,000,000 points (413) and 20 s (422)", Operator)])
         .route("/rules/{id}", get(ru::show).put(ru::update).delete(ru::delete), &[
             ("GET", "One rule with its counters", Viewer),
             ("PUT", "Change a rule (absent fields stay); takes effect at once", Operator),

@@ -10,10 +10,13 @@
 //!   retained messages, republish, signed webhooks (`webhook.rs`), logs;
 //! * it implements [`RuleService`] (`control.rs`), which the HTTP API calls,
 //!   so rules created over HTTP are validated (line and column of a
-//!   mistake) and take effect at once.
+//!   mistake) and take effect at once;
+//! * [`backtest`] replays stored readings through a rule's compiled plan
+//!   on the data's own clock: what it would have fired, before it runs.
 #![forbid(unsafe_code)]
 
 pub mod actions;
+pub mod backtest;
 pub mod control;
 mod service;
 pub mod webhook;

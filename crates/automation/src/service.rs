@@ -632,7 +632,7 @@ fn device_meta(shared: &Shared, device: &str) -> Option<Value> {
         }
     }
     let d = shared.fleet.identity().get_device(device).ok()?;
-    let v = json!({"name": d.name, "group": d.group, "profile": d.profile, "labels": d.labels, "tenant": d.tenant});
+    let v = crate::backtest::device_meta(&d);
     let mut cache = shared.meta.lock();
     if cache.len() > 100_000 {
         cache.clear();

@@ -29,6 +29,7 @@
 
 pub mod alarm;
 pub mod command;
+pub mod dashboard;
 pub mod device_event;
 pub mod diagnostic;
 pub mod ota;
@@ -43,6 +44,7 @@ pub use alarm::{
     Severity,
 };
 pub use command::{Command, CommandStatus, CommandUpdate, NewCommand};
+pub use dashboard::{Dashboard, DashboardShare, DashboardUpdate, NewDashboard};
 pub use device_event::{DeviceEvent, DeviceEventCounts};
 pub use diagnostic::{
     BundleStatus, BundleUpload, DiagnosticBundle, DiagnosticsConfig, RequestedBundle, SweepReport,

@@ -9,6 +9,7 @@
 
 use crate::alarm::{Alarm, AlarmFilter, AlarmStatus};
 use crate::command::{Command, CommandStatus};
+use crate::dashboard::{Dashboard, DashboardShare};
 use crate::device_event::DeviceEvent;
 use crate::diagnostic::DiagnosticBundle;
 use crate::ota::{Artifact, Campaign, Job};
@@ -140,6 +141,24 @@ CREATE INDEX IF NOT EXISTS ota_jobs_device ON ota_jobs (device_id);
 ",
     },
     DIAGNOSTICS_MIGRATION,
+    Migration {
+        version: 6,
+        sql: "
+CREATE TABLE IF NOT EXISTS dashboards (
+    id TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    doc TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS dashboards_tenant ON dashboards (tenant);
+CREATE TABLE IF NOT EXISTS dashboard_shares (
+    id TEXT PRIMARY KEY,
+    dashboard_id TEXT NOT NULL,
+    token_hash TEXT NOT NULL UNIQUE,
+    doc TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS dashboard_shares_dashboard ON dashboard_shares (dashboard_id);
+",
+    },
 ];
 
 /// Diagnostic bundles (`diagnostic.rs`): kept apart so it can be
@@ -930,6 +949,96 @@ impl FleetStore for SqliteFleetStore {
              OR COALESCE(uploaded_ms, expires_ms) <= ?2",
             params![expired_at, retained_until],
         )
+    }
+
+    fn put_dashboard(&self, d: &Dashboard) -> Result<()> {
+        self.exec(
+            "INSERT INTO dashboards (id, tenant, doc) VALUES (?, ?, ?) \
+             ON CONFLICT (id) DO UPDATE SET tenant = excluded.tenant, doc = excluded.doc",
+            params![d.id, d.tenant, serde_json::to_string(d)?],
+        )?;
+        Ok(())
+    }
+
+    fn get_dashboard(&self, id: &str) -> Result<Option<Dashboard>> {
+        let c = self.conn.lock();
+        let doc: Option<String> = c
+            .query_row(
+                "SELECT doc FROM dashboards WHERE id = ?",
+                params![id],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(doc.map(|d| serde_json::from_str(&d)).transpose()?)
+    }
+
+    fn list_dashboards(&self, tenant: Option<&str>) -> Result<Vec<Dashboard>> {
+        let c = self.conn.lock();
+        let mut st = c.prepare("SELECT doc FROM dashboards WHERE (?1 IS NULL OR tenant = ?1)")?;
+        let rows = st.query_map(params![tenant], |r| r.get::<_, String>(0))?;
+        let mut out = Vec::new();
+        for doc in rows {
+            out.push(serde_json::from_str(&doc?)?);
+        }
+        Ok(out)
+    }
+
+    fn delete_dashboard(&self, id: &str) -> Result<()> {
+        let mut c = self.conn.lock();
+        let tx = c.transaction()?;
+        tx.execute(
+            "DELETE FROM dashboard_shares WHERE dashboard_id = ?",
+            params![id],
+        )?;
+        tx.execute("DELETE FROM dashboards WHERE id = ?", params![id])?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn put_dashboard_share(&self, s: &DashboardShare) -> Result<()> {
+        self.exec(
+            "INSERT INTO dashboard_shares (id, dashboard_id, token_hash, doc) VALUES (?, ?, ?, ?) \
+             ON CONFLICT (id) DO UPDATE SET doc = excluded.doc",
+            params![
+                s.id,
+                s.dashboard_id,
+                s.token_hash,
+                serde_json::to_string(s)?
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn list_dashboard_shares(&self, dashboard_id: &str) -> Result<Vec<DashboardShare>> {
+        let c = self.conn.lock();
+        let mut st =
+            c.prepare("SELECT doc, token_hash FROM dashboard_shares WHERE dashboard_id = ?")?;
+        let rows = st.query_map(params![dashboard_id], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (doc, hash) = row?;
+            let mut s: DashboardShare = serde_json::from_str(&doc)?;
+            s.token_hash = hash;
+            out.push(s);
+        }
+        Ok(out)
+    }
+
+    fn find_dashboard_share(&self, token_hash: &str) -> Result<Option<DashboardShare>> {
+        let c = self.conn.lock();
+        let doc: Option<String> = c
+            .query_row(
+                "SELECT doc FROM dashboard_shares WHERE token_hash = ?",
+                params![token_hash],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let Some(doc) = doc else { return Ok(None) };
+        let mut s: DashboardShare = serde_json::from_str(&doc)?;
+        s.token_hash = token_hash.to_string();
+        Ok(Some(s))
     }
 }
 

@@ -11,6 +11,7 @@
 
 use crate::alarm::{Alarm, AlarmFilter};
 use crate::command::Command;
+use crate::dashboard::{Dashboard, DashboardShare};
 use crate::device_event::DeviceEvent;
 use crate::diagnostic::DiagnosticBundle;
 use crate::ota::{Artifact, Campaign, Job};
@@ -141,4 +142,19 @@ pub trait FleetStore: Send + Sync + 'static {
         expired_at: i64,
         retained_until: i64,
     ) -> Result<Vec<DiagnosticBundle>>;
+
+    /// Insert or replace a dashboard (by id).
+    fn put_dashboard(&self, d: &Dashboard) -> Result<()>;
+    fn get_dashboard(&self, id: &str) -> Result<Option<Dashboard>>;
+    /// Dashboards of `tenant` if given, else all; in any order.
+    fn list_dashboards(&self, tenant: Option<&str>) -> Result<Vec<Dashboard>>;
+    /// Delete a dashboard and all its shares in one transaction.
+    fn delete_dashboard(&self, id: &str) -> Result<()>;
+    /// Insert or replace a share (by id); token hashes are unique.
+    fn put_dashboard_share(&self, s: &DashboardShare) -> Result<()>;
+    /// A dashboard's shares, revoked and expired included; in any order.
+    fn list_dashboard_shares(&self, dashboard_id: &str) -> Result<Vec<DashboardShare>>;
+    /// The share whose token hashes to `token_hash` (hex SHA-256),
+    /// whatever its state.
+    fn find_dashboard_share(&self, token_hash: &str) -> Result<Option<DashboardShare>>;
 }

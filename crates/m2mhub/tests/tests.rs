@@ -15,6 +15,8 @@ mod architecture;
 mod auth;
 #[path = "tests/authz.rs"]
 mod authz;
+#[path = "tests/backtest.rs"]
+mod backtest;
 #[path = "tests/bad_input.rs"]
 mod bad_input;
 #[path = "tests/cli.rs"]
@@ -27,6 +29,8 @@ mod coap;
 mod conformance;
 #[path = "tests/console.rs"]
 mod console;
+#[path = "tests/dashboards.rs"]
+mod dashboards;
 #[path = "tests/demo.rs"]
 mod demo;
 #[path = "tests/diagnostics.rs"]

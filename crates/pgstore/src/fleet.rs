@@ -10,6 +10,7 @@ use crate::sql::{execute, execute_one, flag, limit_of, rows};
 use crate::url::PgUrl;
 use m2mhub_fleet::alarm::{Alarm, AlarmFilter, AlarmStatus};
 use m2mhub_fleet::command::Command;
+use m2mhub_fleet::dashboard::{Dashboard, DashboardShare};
 use m2mhub_fleet::device_event::DeviceEvent;
 use m2mhub_fleet::diagnostic::DiagnosticBundle;
 use m2mhub_fleet::ota::{Artifact, Campaign, Job};
@@ -839,5 +840,103 @@ impl FleetStore for PgFleetStore {
              OR COALESCE(uploaded_ms, expires_ms) <= $2",
             vec![Box::new(expired_at), Box::new(retained_until)],
         )
+    }
+
+    fn put_dashboard(&self, d: &Dashboard) -> Result<()> {
+        let doc = serde_json::to_string(d)?;
+        self.conn
+            .with((d.id.clone(), d.tenant.clone()), move |c, (id, tenant)| {
+                execute(
+                    c,
+                    "INSERT INTO dashboards (id, tenant, doc) VALUES ($1, $2, $3) \
+                     ON CONFLICT (id) DO UPDATE SET tenant = excluded.tenant, doc = excluded.doc",
+                    &[&id, &tenant, &doc],
+                )
+            })
+    }
+
+    fn get_dashboard(&self, id: &str) -> Result<Option<Dashboard>> {
+        let id = id.to_string();
+        self.conn.run(move |c| {
+            c.query_opt("SELECT doc FROM dashboards WHERE id = $1", &[&id])?
+                .as_ref()
+                .map(doc_of)
+                .transpose()
+        })
+    }
+
+    fn list_dashboards(&self, tenant: Option<&str>) -> Result<Vec<Dashboard>> {
+        let tenant = tenant.map(str::to_string);
+        self.conn.run(move |c| {
+            rows(
+                c,
+                "SELECT doc FROM dashboards WHERE ($1::TEXT IS NULL OR tenant = $1)",
+                &[&tenant],
+                doc_of,
+            )
+        })
+    }
+
+    fn delete_dashboard(&self, id: &str) -> Result<()> {
+        self.conn.with(id.to_string(), |c, id| {
+            let mut tx = c.transaction()?;
+            execute(
+                &mut tx,
+                "DELETE FROM dashboard_shares WHERE dashboard_id = $1",
+                &[&id],
+            )?;
+            execute(&mut tx, "DELETE FROM dashboards WHERE id = $1", &[&id])?;
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    fn put_dashboard_share(&self, s: &DashboardShare) -> Result<()> {
+        let doc = serde_json::to_string(s)?;
+        self.conn.with(
+            (s.id.clone(), s.dashboard_id.clone(), s.token_hash.clone()),
+            move |c, (id, dashboard, hash)| {
+                execute(
+                    c,
+                    "INSERT INTO dashboard_shares (id, dashboard_id, token_hash, doc) \
+                     VALUES ($1, $2, $3, $4) ON CONFLICT (id) DO UPDATE SET doc = excluded.doc",
+                    &[&id, &dashboard, &hash, &doc],
+                )
+            },
+        )
+    }
+
+    fn list_dashboard_shares(&self, dashboard_id: &str) -> Result<Vec<DashboardShare>> {
+        let id = dashboard_id.to_string();
+        self.conn.run(move |c| {
+            rows(
+                c,
+                "SELECT doc, token_hash FROM dashboard_shares WHERE dashboard_id = $1",
+                &[&id],
+                |r| {
+                    // The hash is kept in its column only (the document
+                    // omits it), as in SQLite.
+                    let mut s: DashboardShare = doc_of(r)?;
+                    s.token_hash = r.try_get(1)?;
+                    Ok(s)
+                },
+            )
+        })
+    }
+
+    fn find_dashboard_share(&self, token_hash: &str) -> Result<Option<DashboardShare>> {
+        let hash = token_hash.to_string();
+        self.conn.run(move |c| {
+            let Some(r) = c.query_opt(
+                "SELECT doc FROM dashboard_shares WHERE token_hash = $1",
+                &[&hash],
+            )?
+            else {
+                return Ok(None);
+            };
+            let mut s: DashboardShare = doc_of(&r)?;
+            s.token_hash = hash.clone();
+            Ok(Some(s))
+        })
     }
 }

@@ -37,6 +37,34 @@ pub enum RuleCmd {
     Disable { id: String },
     /// Delete a rule; it stops at once.
     Delete { id: String },
+    /// What a rule would have done over stored telemetry: every fire,
+    /// repeat and clear with the actions it would have run (nothing is
+    /// executed). A stored rule by id (`--sql`/`--actions` try a change
+    /// first), or new SQL.
+    Backtest(BacktestArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct BacktestArgs {
+    /// A stored rule (else give --sql or --sql-file).
+    id: Option<String>,
+    /// The SQL and actions to try (default: the stored rule's; actions
+    /// default to none for new SQL).
+    #[command(flatten)]
+    text: RuleText,
+    /// Start of the range: epoch ms, RFC 3339, or relative (`-24h`).
+    #[arg(long, default_value = "-24h")]
+    from: String,
+    /// End of the range (default: now).
+    #[arg(long, default_value = "now")]
+    to: String,
+    /// Only this device (repeatable; default: every device of the tenant).
+    #[arg(long = "device", value_name = "ID")]
+    devices: Vec<String>,
+    /// The tenant whose telemetry is replayed (platform users; default:
+    /// the rule's, or the default tenant).
+    #[arg(long)]
+    tenant: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -73,9 +101,10 @@ pub struct AddArgs {
     disabled: bool,
 }
 
+/// A rule's SQL and actions, each from a flag or a file; any may be
+/// absent (what is absent stays as stored).
 #[derive(Args, Debug)]
-pub struct SetArgs {
-    id: String,
+pub struct RuleText {
     #[arg(long, conflicts_with = "sql_file")]
     sql: Option<String>,
     /// Read the SQL from this file (`-`: stdin).
@@ -87,6 +116,13 @@ pub struct SetArgs {
     /// Read the actions (a JSON array) from this file (`-`: stdin).
     #[arg(long, value_name = "FILE")]
     actions_file: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct SetArgs {
+    id: String,
+    #[command(flatten)]
+    text: RuleText,
     #[arg(long)]
     name: Option<String>,
     #[arg(long)]
@@ -190,12 +226,12 @@ pub async fn rule(conn: &Conn, cmd: RuleCmd, env: &[(String, String)]) -> Result
             print_rule(&v, j)?;
         }
         RuleCmd::Set(a) => {
-            let sql = sql_from(a.sql, a.sql_file)?;
+            let sql = sql_from(a.text.sql, a.text.sql_file)?;
             let mut body = Map::new();
             if let Some(s) = &sql {
                 body.insert("sql".into(), json!(s));
             }
-            if let Some(acts) = actions_from(a.actions, a.actions_file)? {
+            if let Some(acts) = actions_from(a.text.actions, a.text.actions_file)? {
                 body.insert("actions".into(), acts);
             }
             if let Some(n) = a.name {
@@ -233,6 +269,42 @@ pub async fn rule(conn: &Conn, cmd: RuleCmd, env: &[(String, String)]) -> Result
                 .await?
                 .ok()?;
             done(&v, j, &format!("disabled rule {id}"))?;
+        }
+        RuleCmd::Backtest(a) => {
+            let sql = sql_from(a.text.sql, a.text.sql_file)?;
+            if a.id.is_none() && sql.is_none() {
+                return Err(UsageError(
+                    "give a stored rule's id, or the rule's --sql (or --sql-file)".into(),
+                )
+                .into());
+            }
+            let mut body = Map::new();
+            body.insert("from".into(), json!(a.from));
+            body.insert("to".into(), json!(a.to));
+            if let Some(id) = &a.id {
+                body.insert("rule_id".into(), json!(id));
+            }
+            if let Some(s) = &sql {
+                body.insert("sql".into(), json!(s));
+            }
+            if let Some(acts) = actions_from(a.text.actions, a.text.actions_file)? {
+                body.insert("actions".into(), acts);
+            }
+            if !a.devices.is_empty() {
+                body.insert("devices".into(), json!(a.devices));
+            }
+            if let Some(t) = a.tenant {
+                body.insert("tenant".into(), json!(t));
+            }
+            let v = submit(
+                &c,
+                "POST",
+                "/api/v1/rules/backtest",
+                &Value::Object(body),
+                sql.as_deref(),
+            )
+            .await?;
+            print_backtest(&v, j)?;
         }
         RuleCmd::Delete { id } => {
             c.delete(&rule_path(&id)).await?.ok()?;
@@ -386,6 +458,61 @@ fn print_rule(v: &Value, j: bool) -> Result<()> {
         .map(|(k, c)| (format!("  {k}"), c))
         .collect();
     fields(&rows);
+    Ok(())
+}
+
+/// The totals, then one line per output: time, event, device, the SELECT
+/// row and what the actions would have done.
+fn print_backtest(v: &Value, j: bool) -> Result<()> {
+    if j {
+        return print_json(v);
+    }
+    println!(
+        "{} messages from {} devices ({} points), {} to {}: fired {}, repeated {}, cleared {}, failed {}",
+        text(&v["messages"]),
+        text(&v["devices"]),
+        text(&v["points"]),
+        time_text(&v["from_ms"]),
+        time_text(&v["to_ms"]),
+        text(&v["fired"]),
+        text(&v["repeated"]),
+        text(&v["cleared"]),
+        text(&v["failed"]),
+    );
+    if let Some(e) = v["last_error"].as_str() {
+        println!("last error: {e}");
+    }
+    let items: Vec<Value> = v["firings"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|f| {
+            let actions: Vec<&str> = f["actions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|a| a["summary"].as_str())
+                .collect();
+            json!({
+                "time": time_text(&f["ts_ms"]), "event": f["event"], "device": f["device"],
+                "row": f["row"].to_string(), "actions": actions.join("; "),
+            })
+        })
+        .collect();
+    if !items.is_empty() {
+        println!();
+        table(
+            &json!({ "items": items }),
+            false,
+            &["time", "event", "device", "row", "actions"],
+        );
+    }
+    if v["truncated"] == json!(true) {
+        println!(
+            "(only the first {} outputs are listed)",
+            text(&v["max_listed"])
+        );
+    }
     Ok(())
 }
 

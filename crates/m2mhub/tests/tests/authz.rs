@@ -29,7 +29,7 @@ const ACCESS_LEVELS: [&str; 4] = ["public", "viewer", "operator", "admin"];
 
 /// Exactly these operations need no credentials; anything else made public
 /// by accident fails `every_operation_declares_who_may_call_it`.
-const PUBLIC_OPERATIONS: [(&str, &str); 9] = [
+const PUBLIC_OPERATIONS: [(&str, &str); 10] = [
     ("GET", "/"),
     // Authorized by the signed, short-lived URL a device's job carries.
     ("GET", "/ota/download/{artifact}"),
@@ -37,6 +37,8 @@ const PUBLIC_OPERATIONS: [(&str, &str); 9] = [
     ("GET", "/ota/public-key"),
     // Authorized by the one-time token in its path alone.
     ("PUT", "/diagnostics/upload/{token}"),
+    // The one dashboard a share token opens, read-only.
+    ("GET", "/shared/{token}"),
     ("GET", "/openapi.json"),
     ("POST", "/auth/login"),
     ("POST", "/provision"),
@@ -124,6 +126,9 @@ const PARAMS: &[(&str, &str, &str)] = &[
     ("/devices", "cid", "command"),
     ("/diagnostics", "token", "upload_token"),
     ("/rules", "id", "rule"),
+    ("/dashboards", "id", "dashboard"),
+    ("/dashboards", "share", "share"),
+    ("/shared", "token", "share_token"),
     ("/alarms", "id", "alarm"),
     ("/commands", "id", "command"),
     ("/settings", "id", "setting"),
@@ -212,6 +217,8 @@ fn body_for(method: &str, template: &str) -> Option<Value> {
             "actions": [],
         }),
         ("PUT", "/rules/{id}") => json!({"name": "hacked", "enabled": false}),
+        ("POST", "/dashboards") => json!({"name": "intruder-dash"}),
+        ("PUT", "/dashboards/{id}") => json!({"name": "hacked", "layout": {"widgets": []}}),
         ("PUT", "/telemetry/retention") => json!({"rules": []}),
         ("POST", "/profiles") => json!({"name": "intruder-prof"}),
         ("PUT", "/profiles/{name}") => json!({"description": "hacked", "content_type": null}),
@@ -636,6 +643,28 @@ async fn populate(srv: &TestServer, admin: &Client, t: &str) -> Tenant {
             201,
         )
         .await;
+    let dashboard = format!("{t}-dash");
+    admin
+        .expect(
+            "POST",
+            "/dashboards",
+            Some(json!({
+                "id": dashboard, "tenant": t, "name": format!("{t} board"),
+                "layout": {"widgets": [{"type": "value", "device": dev, "metric": "temp"}]},
+            })),
+            201,
+        )
+        .await;
+    let share = admin
+        .expect(
+            "POST",
+            &format!("/dashboards/{dashboard}/shares"),
+            Some(json!({"expires_in": "7d"})),
+            201,
+        )
+        .await;
+    let share_id = share["id"].as_str().expect("share id").to_string();
+    let share_token = share["token"].as_str().expect("share token").to_string();
     let (alarm, _) = srv
         .get()
         .fleet
@@ -827,6 +856,9 @@ async fn populate(srv: &TestServer, admin: &Client, t: &str) -> Tenant {
         ("psk", psk_id.clone()),
         ("metric", "temp".to_string()),
         ("rule", rule.clone()),
+        ("dashboard", dashboard.clone()),
+        ("share", share_id.clone()),
+        ("share_token", share_token),
         ("alarm", alarm.id.to_string()),
         ("command", command_id.clone()),
         ("diagnostic", bundle_id.clone()),
@@ -853,6 +885,9 @@ async fn populate(srv: &TestServer, admin: &Client, t: &str) -> Tenant {
         rule,
         user,
         banned,
+        dashboard,
+        format!("{t} board"),
+        share_id,
         format!("{t}-site"),
         format!("{t}-claim"),
         format!("{t}-overheat"),
@@ -906,7 +941,8 @@ async fn retention_per_tenant(admin: &Client, tenants: &[&str]) {
 
 /// Reads whose answers change by themselves (clocks, counters, traffic) and
 /// say nothing about the objects a refused write could have touched.
-const VOLATILE_READS: [&str; 7] = [
+const VOLATILE_READS: [&str; 8] = [
+    "/dashboards/{id}/data",
     "/broker",
     "/broker/history",
     "/telemetry/stats",
@@ -1291,6 +1327,7 @@ async fn a_tenant_reaches_and_sees_nothing_of_another_tenant() {
     for expected in [
         "/devices",
         "/rules",
+        "/dashboards",
         "/alarms",
         "/profiles",
         "/claim-tokens",

@@ -1434,3 +1434,15 @@ pub fn m2mhub_command() -> std::process::Command {
     }
     cmd
 }
+
+/// Register a device in the default tenant.
+pub fn add_default_device(srv: &TestServer, id: &str) {
+    srv.get()
+        .registry
+        .create_device(m2mhub_identity::NewDevice {
+            id: Some(id.into()),
+            tenant: m2mhub_identity::DEFAULT_TENANT.into(),
+            ..Default::default()
+        })
+        .expect("device");
+}

@@ -57,17 +57,6 @@ impl Cli {
     }
 }
 
-fn add_device(srv: &TestServer, id: &str) {
-    srv.get()
-        .registry
-        .create_device(m2mhub_identity::NewDevice {
-            id: Some(id.into()),
-            tenant: m2mhub_identity::DEFAULT_TENANT.into(),
-            ..Default::default()
-        })
-        .expect("device");
-}
-
 /// Publish a JSON batch at QoS 1; the PUBACK comes once it is stored.
 async fn publish_batch(srv: &TestServer, device: &str, batch: &[Value]) {
     let (mut c, _) = Raw::connect_ok(srv.mqtt(), v5(device)).await;
@@ -89,8 +78,8 @@ async fn publish_batch(srv: &TestServer, device: &str, batch: &[Value]) {
 /// temp 10.
 async fn two_devices() -> TestServer {
     let srv = TestServer::start().await;
-    add_device(&srv, "m1");
-    add_device(&srv, "m2");
+    add_default_device(&srv, "m1");
+    add_default_device(&srv, "m2");
     let m1: Vec<Value> = (0..120)
         .map(|i| {
             json!({

@@ -13,17 +13,6 @@ use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-fn add_device(srv: &TestServer, id: &str) {
-    srv.get()
-        .registry
-        .create_device(m2mhub_identity::NewDevice {
-            id: Some(id.into()),
-            tenant: m2mhub_identity::DEFAULT_TENANT.into(),
-            ..Default::default()
-        })
-        .expect("device");
-}
-
 async fn alarms(srv: &TestServer, token: &str, query: &str) -> Vec<Value> {
     api(srv, token, "GET", &format!("/alarms?{query}"), None).await["items"]
         .as_array()
@@ -34,7 +23,7 @@ async fn alarms(srv: &TestServer, token: &str, query: &str) -> Vec<Value> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_overheating_machine_gets_an_alarm_and_a_shutdown_command() {
     let srv = TestServer::start().await;
-    add_device(&srv, "press-1");
+    add_default_device(&srv, "press-1");
     let token = srv.admin_token();
     let rule = api(
         &srv,
@@ -173,7 +162,7 @@ async fn an_overheating_machine_gets_an_alarm_and_a_shutdown_command() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vibration_alone_fires_at_once() {
     let srv = TestServer::start().await;
-    add_device(&srv, "press-2");
+    add_default_device(&srv, "press-2");
     let token = srv.admin_token();
     api(
         &srv,
@@ -262,7 +251,7 @@ async fn webhook_server() -> (
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_truck_leaving_its_geofence_raises_an_alarm_and_calls_a_signed_webhook() {
     let srv = TestServer::start().await;
-    add_device(&srv, "truck-7");
+    add_default_device(&srv, "truck-7");
     let token = srv.admin_token();
     let (hook, mut calls) = webhook_server().await;
     api(
@@ -352,7 +341,7 @@ async fn rules_see_only_their_own_tenant_and_bad_messages_are_counted() {
     let srv = TestServer::start().await;
     let reg = &srv.get().registry;
     reg.create_tenant("beta", "Beta").expect("tenant");
-    add_device(&srv, "a-1");
+    add_default_device(&srv, "a-1");
     reg.create_device(m2mhub_identity::NewDevice {
         id: Some("b-1".into()),
         tenant: "beta".into(),

@@ -72,17 +72,6 @@ impl Cli {
     }
 }
 
-fn add_device(srv: &TestServer, id: &str) {
-    srv.get()
-        .registry
-        .create_device(m2mhub_identity::NewDevice {
-            id: Some(id.into()),
-            tenant: m2mhub_identity::DEFAULT_TENANT.into(),
-            ..Default::default()
-        })
-        .expect("device");
-}
-
 fn items(v: &Value) -> &Vec<Value> {
     v["items"].as_array().expect("items")
 }
@@ -139,7 +128,7 @@ fn assert_caret(stderr: &str, line: u64, sql_line: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rule_added_with_the_cli_raises_an_alarm_that_is_acked_and_cleared() {
     let srv = TestServer::start().await;
-    add_device(&srv, "m1");
+    add_default_device(&srv, "m1");
     let cli = Cli::new(&srv);
 
     let out = cli
@@ -472,7 +461,7 @@ async fn receive_command(c: &mut Raw) -> (Publish, Value) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_are_sent_listed_and_awaited() {
     let srv = TestServer::start().await;
-    add_device(&srv, "m1");
+    add_default_device(&srv, "m1");
     let cli = Cli::new(&srv);
 
     // Nobody listening: recorded and sent, not answered.

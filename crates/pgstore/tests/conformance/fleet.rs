@@ -21,6 +21,7 @@ crate::conformance!(
     ota_artifacts_campaigns_and_jobs,
     diagnostics,
     deleting_a_device_deletes_what_the_fleet_kept,
+    dashboards_and_their_shares,
 );
 
 fn not_found(r: Result<(), RegistryError>) {
@@ -592,4 +593,69 @@ fn deleting_a_device_deletes_what_the_fleet_kept(b: &dyn Backend) {
         devices(snap.jobs.iter().map(|j| j.device_id.clone()).collect()),
         vec!["d2"]
     );
+}
+
+fn dashboards_and_their_shares(b: &dyn Backend) {
+    use m2mhub_fleet::dashboard::{Dashboard, DashboardShare};
+    let s = b.fleet();
+    let dash = |id: &str, tenant: &str| Dashboard {
+        id: id.into(),
+        tenant: tenant.into(),
+        name: format!("{id} name"),
+        description: String::new(),
+        profile: Some("meter".into()),
+        layout: json!({"widgets": [{"type": "value", "metric": "kwh"}]}),
+        created_ms: 1,
+        updated_ms: 2,
+        updated_by: "ops".into(),
+    };
+    s.put_dashboard(&dash("d1", "t1")).expect("put");
+    s.put_dashboard(&dash("d2", "t2")).expect("put");
+    let mut changed = dash("d1", "t1");
+    changed.name = "renamed".into();
+    s.put_dashboard(&changed).expect("a put replaces");
+    assert_eq!(s.get_dashboard("d1").expect("get"), Some(changed.clone()));
+    assert_eq!(s.get_dashboard("nope").expect("get"), None);
+    let mut all: Vec<String> = s
+        .list_dashboards(None)
+        .expect("list")
+        .into_iter()
+        .map(|d| d.id)
+        .collect();
+    all.sort();
+    assert_eq!(all, vec!["d1", "d2"]);
+    assert_eq!(s.list_dashboards(Some("t2")).expect("list").len(), 1);
+
+    let share = |id: &str, hash: &str| DashboardShare {
+        id: id.into(),
+        dashboard_id: "d1".into(),
+        tenant: "t1".into(),
+        token_hash: hash.into(),
+        created_by: "ops".into(),
+        created_ms: 3,
+        expires_ms: 4,
+        revoked_ms: None,
+    };
+    s.put_dashboard_share(&share("s1", "aa")).expect("share");
+    s.put_dashboard_share(&share("s2", "bb")).expect("share");
+    let mut revoked = share("s1", "aa");
+    revoked.revoked_ms = Some(5);
+    s.put_dashboard_share(&revoked).expect("a put replaces");
+    assert_eq!(s.find_dashboard_share("aa").expect("find"), Some(revoked));
+    assert_eq!(s.find_dashboard_share("cc").expect("find"), None);
+    let mut shares = s.list_dashboard_shares("d1").expect("list");
+    shares.sort_by(|a, b| a.id.cmp(&b.id));
+    assert_eq!(shares.len(), 2);
+    assert_eq!(shares[1].token_hash, "bb", "the hash comes back");
+    // Deleting a dashboard deletes its shares.
+    s.delete_dashboard("d1").expect("delete");
+    assert_eq!(s.get_dashboard("d1").expect("get"), None);
+    assert!(s.list_dashboard_shares("d1").expect("list").is_empty());
+    assert_eq!(s.find_dashboard_share("bb").expect("find"), None);
+    drop(s);
+    assert!(b
+        .fleet()
+        .get_dashboard("d2")
+        .expect("after reopen")
+        .is_some());
 }
