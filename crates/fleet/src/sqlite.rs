@@ -12,6 +12,7 @@ use crate::command::{Command, CommandStatus};
 use crate::device_event::DeviceEvent;
 use crate::diagnostic::DiagnosticBundle;
 use crate::ota::{Artifact, Campaign, Job};
+use crate::report::{Report, ReportRun};
 use crate::rule::Rule;
 use crate::setting::FleetSetting;
 use crate::shadow::Shadow;
@@ -139,6 +140,7 @@ CREATE INDEX IF NOT EXISTS ota_jobs_device ON ota_jobs (device_id);
 ",
     },
     DIAGNOSTICS_MIGRATION,
+    REPORTS_MIGRATION,
 ];
 
 /// Diagnostic bundles (`diagnostic.rs`): kept apart so it can be
@@ -163,6 +165,27 @@ CREATE TABLE IF NOT EXISTS diagnostics (
 );
 CREATE INDEX IF NOT EXISTS diagnostics_device ON diagnostics (device_id, requested_ms);
 CREATE INDEX IF NOT EXISTS diagnostics_status ON diagnostics (status, expires_ms);
+",
+};
+
+/// Scheduled reports (`report.rs`): definitions and runs as JSON
+/// documents, with the columns their queries select on. Kept apart so it
+/// can be renumbered when branches merge.
+const REPORTS_MIGRATION: Migration = Migration {
+    version: 6,
+    sql: "
+CREATE TABLE IF NOT EXISTS reports (
+    id TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    doc TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS report_runs (
+    id TEXT PRIMARY KEY,
+    report_id TEXT NOT NULL,
+    started_ms BIGINT NOT NULL,
+    doc TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS report_runs_report ON report_runs (report_id, started_ms);
 ",
 };
 
@@ -927,6 +950,72 @@ impl FleetStore for SqliteFleetStore {
              OR COALESCE(uploaded_ms, expires_ms) <= ?2",
             params![expired_at, retained_until],
         )
+    }
+
+    fn put_report(&self, r: &Report) -> Result<()> {
+        self.exec(
+            "INSERT INTO reports (id, tenant, doc) VALUES (?, ?, ?) \
+             ON CONFLICT (id) DO UPDATE SET tenant = excluded.tenant, doc = excluded.doc",
+            params![r.id, r.tenant, serde_json::to_string(r)?],
+        )?;
+        Ok(())
+    }
+
+    fn delete_report(&self, id: &str) -> Result<()> {
+        let mut c = self.conn.lock();
+        let tx = c.transaction()?;
+        tx.execute("DELETE FROM report_runs WHERE report_id = ?", params![id])?;
+        execute_one(
+            &tx,
+            "report",
+            "DELETE FROM reports WHERE id = ?",
+            params![id],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn list_reports(&self) -> Result<Vec<Report>> {
+        docs(&self.conn.lock(), "SELECT doc FROM reports")
+    }
+
+    fn put_report_run(&self, run: &ReportRun) -> Result<()> {
+        self.exec(
+            "INSERT INTO report_runs (id, report_id, started_ms, doc) VALUES (?, ?, ?, ?) \
+             ON CONFLICT (id) DO UPDATE SET doc = excluded.doc",
+            params![
+                run.id,
+                run.report_id,
+                run.started_ms,
+                serde_json::to_string(run)?
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn list_report_runs(&self, report_id: &str, limit: usize) -> Result<Vec<ReportRun>> {
+        let c = self.conn.lock();
+        let mut st = c.prepare_cached(
+            "SELECT doc FROM report_runs WHERE report_id = ? \
+             ORDER BY started_ms DESC, id DESC LIMIT ?",
+        )?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = st.query_map(params![report_id, limit], |r| r.get::<_, String>(0))?;
+        let mut out = Vec::new();
+        for doc in rows {
+            out.push(serde_json::from_str(&doc?)?);
+        }
+        Ok(out)
+    }
+
+    fn delete_report_runs(&self, ids: &[String]) -> Result<()> {
+        let mut c = self.conn.lock();
+        let tx = c.transaction()?;
+        for id in ids {
+            tx.execute("DELETE FROM report_runs WHERE id = ?", params![id])?;
+        }
+        tx.commit()?;
+        Ok(())
     }
 }
 

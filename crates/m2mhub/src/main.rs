@@ -443,7 +443,11 @@ fn config_command(command: ConfigCommand) -> ExitCode {
                 s.validate()?;
                 Ok(s)
             }) {
-                Ok(s) => {
+                Ok(mut s) => {
+                    // The effective configuration, but not the secret in it.
+                    if !s.reports.smtp_password.is_empty() {
+                        s.reports.smtp_password = "<redacted>".into();
+                    }
                     print!("{}", toml::to_string(&s).unwrap_or_default());
                     ExitCode::SUCCESS
                 }
