@@ -1636,7 +1636,7 @@ async function reportPage(view, gen, parts) {
     day: h("input", { name: "day", type: "number", min: 1, max: 31, value: r.schedule.day || 1 }),
     zone: h("input", { name: "time_zone", value: r.schedule.time_zone, placeholder: "Europe/Berlin, UTC or +05:30" }),
     email: h("input", { name: "email", placeholder: "ops@example.com, …", value: (r.delivery.email || []).join(", ") }),
-    hook: h("input", { name: "webhook", placeholder: "https://…", value: r.delivery.webhook ? r.delivery.webhook.url : "" }),
+    hook: h("input", { name: "webhook", placeholder: "where each run is posted", value: r.delivery.webhook ? r.delivery.webhook.url : "" }),
     secret: h("input", { name: "secret", type: "password", placeholder: r.delivery.webhook && r.delivery.webhook.secret_set ? "(unchanged)" : "optional" }),
     keepRuns: h("input", { name: "keep_runs", type: "number", min: 1, max: 1000, value: r.retention.keep_runs }),
     keepDays: h("input", { name: "keep_days", type: "number", min: 0, value: r.retention.keep_days || 0 }),

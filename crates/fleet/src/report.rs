@@ -228,6 +228,16 @@ impl Fleet {
         Ok(new)
     }
 
+    /// Move a definition's next run (the scheduler), leaving everything else
+    /// as stored: a change made through the API meanwhile is kept.
+    pub fn set_report_next_run(&self, id: &str, next_run_ms: Option<i64>) -> Result<()> {
+        let s = &*self.shared;
+        let _w = s.write.lock();
+        let mut r = self.get_report(id)?;
+        r.next_run_ms = next_run_ms;
+        s.store.put_report(&r)
+    }
+
     /// Delete a definition and its runs' rows; the caller deletes the files.
     pub fn delete_report(&self, id: &str) -> Result<()> {
         let _w = self.shared.write.lock();
@@ -343,6 +353,12 @@ mod tests {
         changed.tenant = "other".into();
         let u = fleet.update_report(&changed).expect("update");
         assert_eq!((u.name.as_str(), u.tenant.as_str()), ("renamed", "default"));
+        fleet.set_report_next_run("r1", Some(42)).expect("next run");
+        let moved = fleet.get_report("r1").expect("get");
+        assert_eq!(
+            (moved.next_run_ms, moved.name.as_str()),
+            (Some(42), "renamed")
+        );
 
         for (i, t) in [10, 30, 20].into_iter().enumerate() {
             fleet

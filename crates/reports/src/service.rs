@@ -384,15 +384,13 @@ impl Reports {
                 return;
             }
         };
-        for mut r in due {
+        for r in due {
             let Some(at) = r.next_run_ms.filter(|at| r.enabled && *at <= now) else {
                 continue;
             };
-            let period = match Plan::new(&r.schedule).and_then(|p| {
-                let period = p.period_of(at)?;
-                r.next_run_ms = Some(p.next_after(now)?);
-                Ok(period)
-            }) {
+            let planned =
+                Plan::new(&r.schedule).and_then(|p| Ok((p.period_of(at)?, p.next_after(now)?)));
+            let (period, next) = match planned {
                 Ok(p) => p,
                 Err(e) => {
                     tracing::warn!(report = %r.id, error = %e, "report schedule failed");
@@ -400,7 +398,7 @@ impl Reports {
                 }
             };
             // Moved on first, so a run that fails is not repeated forever.
-            if let Err(e) = self.fleet.update_report(&r) {
+            if let Err(e) = self.fleet.set_report_next_run(&r.id, Some(next)) {
                 tracing::warn!(report = %r.id, error = %e, "report schedule not saved");
                 continue;
             }
