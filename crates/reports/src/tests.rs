@@ -546,6 +546,40 @@ fn part_after(data: &str, marker: &str) -> Vec<u8> {
         .expect("base64")
 }
 
+/// A relay at `localhost:port` (or 127.0.0.1 without TLS).
+fn relay_config(
+    port: u16,
+    security: SmtpSecurity,
+    ca_pem: Option<String>,
+    login: Option<(&str, &str)>,
+) -> SmtpConfig {
+    SmtpConfig {
+        host: if security == SmtpSecurity::None {
+            "127.0.0.1"
+        } else {
+            "localhost"
+        }
+        .into(),
+        port,
+        security,
+        username: login.map(|l| l.0.to_string()),
+        password: login.map(|l| l.1.to_string()),
+        from: "hub@example.com".into(),
+        extra_roots_pem: ca_pem,
+        timeout: Duration::from_secs(10),
+    }
+}
+
+fn short_mail(id: &str, subject: &str) -> crate::smtp::Mail {
+    crate::smtp::Mail {
+        to: vec!["ops@example.com".into()],
+        subject: subject.into(),
+        html: "<p>report</p>".into(),
+        attachments: vec![],
+        id: id.into(),
+    }
+}
+
 /// A run is mailed through a relay that requires STARTTLS and a password:
 /// the relay's certificate is checked against the configured CA, the
 /// password goes only over TLS, and the CSV arrives attached.
@@ -553,16 +587,12 @@ fn part_after(data: &str, marker: &str) -> Vec<u8> {
 async fn mail_over_starttls_with_the_csv_attached() {
     let (ca_pem, server) = test_pki();
     let (port, relay) = start_relay(server).await;
-    let smtp = SmtpConfig {
-        host: "localhost".into(),
+    let smtp = relay_config(
         port,
-        security: SmtpSecurity::StartTls,
-        username: Some("reports".into()),
-        password: Some("s3cret-pw".into()),
-        from: "hub@example.com".into(),
-        extra_roots_pem: Some(ca_pem),
-        timeout: Duration::from_secs(10),
-    };
+        SmtpSecurity::StartTls,
+        Some(ca_pem),
+        Some(("reports", "s3cret-pw")),
+    );
     let p0 = ms("2026-03-01T00:00:00Z");
     let w = world(&[], &[connection(1, "m1", p0 - H, true)], Some(smtp));
     let mut d = definition(ReportKind::Availability, "UTC");
@@ -606,6 +636,74 @@ async fn mail_over_starttls_with_the_csv_attached() {
     assert_eq!(rows[1], row(&["m1", "100.00", "86400", "0", "0"]));
     let html = part_after(&got.data, "Content-Type: text/html");
     assert!(String::from_utf8_lossy(&html).contains("<svg"));
+}
+
+/// Implicit TLS (port 465 style): TLS from the first byte, then the same
+/// session; the message reaches the relay.
+#[tokio::test]
+async fn mail_over_implicit_tls() {
+    let (ca_pem, server) = test_pki();
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+    let relay = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.expect("accept");
+        let tls = acceptor.accept(tcp).await.expect("TLS handshake");
+        let mut c = Lines {
+            io: tls,
+            buf: Vec::new(),
+        };
+        c.say("220 relay.test ESMTP\r\n").await;
+        smtp_secure(c).await
+    });
+    let cfg = relay_config(port, SmtpSecurity::Tls, Some(ca_pem), None);
+    crate::smtp::send(&cfg, &short_mail("m1", "Énergie"))
+        .await
+        .expect("sent");
+    let got = relay.await.expect("relay");
+    assert_eq!(got.auth, "", "no credentials configured");
+    assert!(got.data.contains("Subject: =?utf-8?B?"), "{}", got.data);
+}
+
+/// Without TLS the password is never sent: the session stops before AUTH.
+#[tokio::test]
+async fn no_password_without_tls() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let relay = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.expect("accept");
+        let mut c = Lines {
+            io: tcp,
+            buf: Vec::new(),
+        };
+        c.say("220 relay.test ESMTP\r\n").await;
+        let mut seen = Vec::new();
+        loop {
+            let mut b = [0u8; 1024];
+            match c.io.read(&mut b).await {
+                Ok(0) | Err(_) => return seen,
+                Ok(n) => c.buf.extend_from_slice(&b[..n]),
+            }
+            while let Some(i) = c.buf.windows(2).position(|w| w == b"\r\n") {
+                let l: Vec<u8> = c.buf.drain(..i + 2).collect();
+                seen.push(String::from_utf8_lossy(&l).into_owned());
+                c.say("250-relay.test\r\n250 AUTH PLAIN\r\n").await;
+            }
+        }
+    });
+    let cfg = relay_config(
+        port,
+        SmtpSecurity::None,
+        None,
+        Some(("u", "never-in-clear")),
+    );
+    let err = crate::smtp::send(&cfg, &short_mail("m2", "s"))
+        .await
+        .expect_err("refused");
+    assert!(err.to_string().contains("without TLS"), "{err}");
+    assert!(!err.to_string().contains("never-in-clear"));
+    let seen = relay.await.expect("relay");
+    assert!(seen.iter().all(|l| !l.starts_with("AUTH")), "{seen:?}");
 }
 
 /// A run is posted to a webhook: JSON with the download links, signed
