@@ -343,6 +343,7 @@ const NAV = [
   ["#/rules", "Rules", () => true],
   ["#/dashboards", "Dashboards", () => true],
   ["#/settings", "Fleet settings", () => true],
+  ["#/reports", "Reports", () => true],
   ["#/ota", "Firmware", () => true],
   ["#/audit", "Audit", isAdmin],
   ["#/security", "Security events", () => true],
@@ -368,6 +369,7 @@ async function render() {
     rules: parts[1] ? ruleForm : rules, audit: audit, security: security,
     dashboards: parts[1] ? dashboard : dashboards,
     ota: parts[1] ? campaign : firmware, settings: fleetSettings, cluster: cluster,
+    reports: parts[1] ? reportPage : reports,
   }[parts[0] || ""];
   try {
     if (page) await page(view, gen, parts, params);
@@ -1564,6 +1566,170 @@ async function campaign(view, gen, parts) {
 }
 
 // ---- Rules ---------------------------------------------------------------------
+
+// ---- Scheduled reports -----------------------------------------------------------
+
+const WEEKDAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"];
+
+function describeKind(k) {
+  if (k.type === "energy") return "Energy (" + k.metric + ", " + (k.mode || "counter") + ")";
+  return k.type === "availability" ? "Availability" : "Alarm summary";
+}
+
+function describeSchedule(sc) {
+  const when = sc.every === "weekly" ? "weekly on " + WEEKDAYS[(sc.weekday || 1) - 1]
+    : sc.every === "monthly" ? "monthly on day " + sc.day : "daily";
+  return when + " at " + sc.at + " (" + sc.time_zone + ")";
+}
+
+function describeDelivery(d) {
+  const out = [];
+  if (d.email && d.email.length) out.push("mail to " + d.email.join(", "));
+  if (d.webhook) out.push("webhook " + d.webhook.url);
+  return out.join("; ") || "download only";
+}
+
+// A run's file: fetched with the token (a plain link would carry none) and
+// saved through a blob URL.
+async function downloadRun(reportId, run, ext) {
+  const resp = await fetch("/api/v1/reports/" + enc(reportId) + "/runs/" + enc(run.id) + "/" + ext, {
+    headers: { Authorization: "Bearer " + sessionStorage.getItem(TOKEN_KEY) },
+  });
+  if (!resp.ok) throw new ApiError(resp.status, { detail: "download failed: HTTP " + resp.status });
+  const url = URL.createObjectURL(await resp.blob());
+  const a = h("a", { href: url, download: reportId + "-" + run.id + "." + ext });
+  document.body.appendChild(a);
+  a.click();
+  a.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 10000);
+}
+
+async function reports(view, gen) {
+  const body = h("div", {}, "Loading…");
+  replace(view, h("h1", {}, "Reports"),
+    h("p", { class: "muted" }, "Energy, availability and alarm summaries on a schedule, as CSV and HTML with charts: mailed, posted to a webhook and kept for download."),
+    h("div", { class: "toolbar" }, canWrite() ? h("button", { type: "button", class: "primary", onclick: () => go("#/reports/new") }, "New report") : null),
+    body);
+  const load = async () => {
+    const r = await get("/reports");
+    if (!current(gen)) return;
+    replace(body, table(["Report", "Kind", "Schedule", "Next run", "Delivery", ""], r.items.map((x) => h("tr", { "data-report": x.id },
+      h("td", {}, h("a", { href: "#/reports/" + enc(x.id) }, x.name), h("div", { class: "muted small" }, x.id)),
+      h("td", {}, describeKind(x.kind)),
+      h("td", {}, describeSchedule(x.schedule)),
+      h("td", {}, x.enabled && x.next_run_ms ? fmtTime(x.next_run_ms) : h("span", { class: "muted" }, "disabled")),
+      h("td", { class: "small" }, describeDelivery(x.delivery)),
+      h("td", {}, writeButton("Run now", async () => {
+        await api("POST", "/reports/" + enc(x.id) + "/run");
+        go("#/reports/" + enc(x.id));
+      })))), "No reports yet."));
+  };
+  await every(10000, load);
+}
+
+async function reportPage(view, gen, parts) {
+  const id = parts[1] === "new" ? null : parts[1];
+  const zone = Intl.DateTimeFormat().resolvedOptions().timeZone || "UTC";
+  const r = id ? await get("/reports/" + enc(id)) : {
+    name: "", kind: { type: "energy", metric: "energy_kwh", mode: "counter" }, devices: [],
+    schedule: { every: "daily", at: "06:00", time_zone: zone }, delivery: { email: [] },
+    retention: { keep_runs: 30, keep_days: 0 }, enabled: true,
+  };
+  if (!current(gen)) return;
+  const f = {
+    name: h("input", { name: "name", required: true, value: r.name }),
+    type: h("select", { name: "type" }, ["energy", "availability", "alarms"].map((t) => h("option", { value: t }, t))),
+    metric: h("input", { name: "metric", value: r.kind.metric || "" }),
+    mode: h("select", { name: "mode" }, h("option", { value: "counter" }, "counter (increase)"), h("option", { value: "sum" }, "sum")),
+    devices: h("input", { name: "devices", placeholder: "all devices", value: (r.devices || []).join(", ") }),
+    every: h("select", { name: "every" }, ["daily", "weekly", "monthly"].map((t) => h("option", { value: t }, t))),
+    at: h("input", { name: "at", type: "time", value: r.schedule.at }),
+    weekday: h("select", { name: "weekday" }, WEEKDAYS.map((d, i) => h("option", { value: String(i + 1) }, d))),
+    day: h("input", { name: "day", type: "number", min: 1, max: 31, value: r.schedule.day || 1 }),
+    zone: h("input", { name: "time_zone", value: r.schedule.time_zone, placeholder: "Europe/Berlin, UTC or +05:30" }),
+    email: h("input", { name: "email", placeholder: "ops@example.com, …", value: (r.delivery.email || []).join(", ") }),
+    hook: h("input", { name: "webhook", placeholder: "where each run is posted", value: r.delivery.webhook ? r.delivery.webhook.url : "" }),
+    secret: h("input", { name: "secret", type: "password", placeholder: r.delivery.webhook && r.delivery.webhook.secret_set ? "(unchanged)" : "optional" }),
+    keepRuns: h("input", { name: "keep_runs", type: "number", min: 1, max: 1000, value: r.retention.keep_runs }),
+    keepDays: h("input", { name: "keep_days", type: "number", min: 0, value: r.retention.keep_days || 0 }),
+    enabled: h("input", { name: "enabled", type: "checkbox" }),
+  };
+  f.type.value = r.kind.type;
+  f.mode.value = r.kind.mode || "counter";
+  f.every.value = r.schedule.every;
+  f.weekday.value = String(r.schedule.weekday || 1);
+  f.enabled.checked = !!r.enabled;
+  const energyOnly = h("div", { class: "stack" }, h("label", {}, "Metric", f.metric), h("label", {}, "Method", f.mode));
+  const weekdayBox = h("label", {}, "Weekday", f.weekday);
+  const dayBox = h("label", {}, "Day of the month (a shorter month runs on its last day)", f.day);
+  // `display`, not `hidden`: the form's labels are flex boxes, which the
+  // attribute's default style does not override.
+  const show = (el, on) => { el.style.display = on ? "" : "none"; };
+  const sync = () => {
+    show(energyOnly, f.type.value === "energy");
+    show(weekdayBox, f.every.value === "weekly");
+    show(dayBox, f.every.value === "monthly");
+  };
+  f.type.addEventListener("change", sync);
+  f.every.addEventListener("change", sync);
+  sync();
+  const readOnly = !canWrite();
+  for (const el of Object.values(f)) el.disabled = readOnly;
+  const list = (v) => v.split(",").map((x) => x.trim()).filter(Boolean);
+  const form = h("form", { class: "stack card report-form" },
+    h("label", {}, "Name", f.name), h("label", {}, "Kind", f.type), energyOnly,
+    h("label", {}, "Devices (comma-separated)", f.devices),
+    h("label", {}, "Every", f.every), weekdayBox, dayBox, h("label", {}, "At", f.at), h("label", {}, "Time zone", f.zone),
+    h("label", {}, "Mail to", f.email), h("label", {}, "Webhook URL", f.hook), h("label", {}, "Webhook secret", f.secret),
+    h("label", {}, "Runs kept", f.keepRuns), h("label", {}, "Days kept (0: no limit)", f.keepDays),
+    h("label", {}, h("span", {}, f.enabled, " enabled")),
+    readOnly ? null : h("div", { class: "toolbar" },
+      h("button", { class: "primary", type: "submit" }, id ? "Save" : "Create"),
+      id ? h("button", { type: "button", onclick: act(async () => { await api("POST", "/reports/" + enc(id) + "/run"); await loadRuns(); }) }, "Run now") : null,
+      id ? h("button", { type: "button", class: "danger", onclick: act(async () => {
+        if (!confirm("Delete report " + r.name + " and its runs?")) return;
+        await api("DELETE", "/reports/" + enc(id));
+        go("#/reports");
+      }) }, "Delete") : null));
+  form.addEventListener("submit", act(async (ev) => {
+    ev.preventDefault();
+    const kind = f.type.value === "energy" ? { type: "energy", metric: f.metric.value, mode: f.mode.value } : { type: f.type.value };
+    const schedule = { every: f.every.value, at: f.at.value, time_zone: f.zone.value };
+    if (f.every.value === "weekly") schedule.weekday = Number(f.weekday.value);
+    if (f.every.value === "monthly") schedule.day = Number(f.day.value);
+    const delivery = { email: list(f.email.value) };
+    if (f.hook.value) {
+      delivery.webhook = { url: f.hook.value };
+      if (f.secret.value) delivery.webhook.secret = f.secret.value;
+    }
+    const body = {
+      name: f.name.value, kind, devices: list(f.devices.value), schedule, delivery,
+      retention: { keep_runs: Number(f.keepRuns.value), keep_days: Number(f.keepDays.value) }, enabled: f.enabled.checked,
+    };
+    const saved = id ? await api("PUT", "/reports/" + enc(id), body) : await api("POST", "/reports", body);
+    go("#/reports/" + enc(saved.id));
+  }));
+  const runsBox = h("div", {}, id ? "Loading…" : "");
+  const loadRuns = async () => {
+    if (!id) return;
+    const runs = await get("/reports/" + enc(id) + "/runs");
+    if (!current(gen)) return;
+    replace(runsBox, table(["Started", "Period", "Trigger", "Rows", "Deliveries", ""], runs.items.map((run) => h("tr", { "data-run": run.id },
+      h("td", {}, fmtTime(run.started_ms)),
+      h("td", {}, fmtTime(run.from_ms), " – ", fmtTime(run.to_ms)),
+      h("td", {}, run.trigger),
+      h("td", { class: "num" }, run.ok ? String(run.rows) : h("span", { class: "error" }, run.error || "failed")),
+      h("td", { class: "small" }, run.deliveries.map((d) => h("div", {}, d.channel, ": ", d.ok ? "sent" : h("span", { class: "error" }, d.error || "failed")))),
+      h("td", {}, run.ok ? [
+        h("button", { type: "button", onclick: act(() => downloadRun(id, run, "csv")) }, "CSV"), " ",
+        h("button", { type: "button", onclick: act(() => downloadRun(id, run, "html")) }, "HTML"),
+      ] : null))), "No runs yet."));
+  };
+  replace(view, h("h1", {}, id ? "Report " + r.name : "New report"),
+    id ? h("p", { class: "muted" }, describeSchedule(r.schedule), r.next_run_ms && r.enabled ? "; next run " + fmtTime(r.next_run_ms) : "") : null,
+    form, id ? h("h2", {}, "Runs") : null, runsBox);
+  if (id) await every(10000, loadRuns);
+}
 
 // Rule counters as a table: totals since the engine loaded the rule, and
 // per-second rates over the last poll (5 s).

@@ -32,6 +32,7 @@ mod problem;
 mod profiles;
 pub mod provision;
 mod psk;
+mod reports;
 mod routes;
 pub mod rules;
 mod security;

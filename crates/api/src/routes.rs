@@ -167,6 +167,19 @@ pub fn router(state: AppState) -> Router {
             ("PUT", "Change a rule (absent fields stay); takes effect at once", Operator),
             ("DELETE", "Delete a rule", Operator),
         ])
+        .route("/reports", get(crate::reports::list).post(crate::reports::create), &[
+            ("GET", "Scheduled report definitions (`?tenant=`); webhook secrets are shown only as `secret_set`", Viewer),
+            ("POST", "Create a scheduled report: `name`, `kind` ({type: energy, metric, mode: counter|sum} | {type: availability} | {type: alarms}), `schedule` {every: daily|weekly|monthly, at: HH:MM, weekday 1-7, day 1-31, time_zone: IANA name, UTC or +HH:MM}, optional `devices`, `delivery` {email: [...], webhook: {url, secret}}, `retention` {keep_runs, keep_days}, `enabled`; 201", Operator),
+        ])
+        .route("/reports/{id}", get(crate::reports::show).put(crate::reports::update).delete(crate::reports::delete), &[
+            ("GET", "One report definition with its next run (`next_run_ms`)", Viewer),
+            ("PUT", "Replace a report definition (a webhook without `secret` keeps the stored one for the same URL)", Operator),
+            ("DELETE", "Delete a report, its runs and their files", Operator),
+        ])
+        .route("/reports/{id}/run", post(crate::reports::run), &[("POST", "Run a report now and deliver it: the period a scheduled run now would cover, or `{from_ms, to_ms}`; 201 with the run, 409 while it is running", Operator)])
+        .route("/reports/{id}/runs", get(crate::reports::runs), &[("GET", "A report's runs, newest first (`?limit=`): period, rows, file sizes, each delivery's outcome", Viewer)])
+        .route("/reports/{id}/runs/{run}/csv", get(crate::reports::csv), &[("GET", "Download a run's CSV", Viewer)])
+        .route("/reports/{id}/runs/{run}/html", get(crate::reports::html), &[("GET", "Download a run's HTML (charts inline as SVG)", Viewer)])
         .route("/rules/{id}/enable", post(ru::enable), &[("POST", "Enable a rule", Operator)])
         .route("/rules/{id}/disable", post(ru::disable), &[("POST", "Disable a rule", Operator)])
         .route("/devices/{id}/telemetry", get(t::latest).post(dh::post_telemetry).layer(DefaultBodyLimit::max(dh::MAX_TELEMETRY_BODY)), &[

@@ -49,4 +49,7 @@ pub struct AppState {
     /// One-minute samples of the broker's counters over the last hour
     /// (filled by `broker_history::sample_every_minute`).
     pub broker_history: Arc<crate::broker_history::BrokerHistory>,
+    /// Scheduled reports: checks definitions, runs them, finds their files.
+    /// `None`: the report routes that need it answer 503.
+    pub reports: Option<Arc<m2mhub_reports::Reports>>,
 }

@@ -4,7 +4,8 @@
 //! ([`device_event`]), and the rules engine's definitions as written
 //! ([`rule`]), device shadows ([`shadow`]) and fleet-wide settings
 //! ([`setting`]), OTA firmware campaigns ([`ota`]) and diagnostic bundles
-//! uploaded by devices on request ([`diagnostic`]).
+//! uploaded by devices on request ([`diagnostic`]), and scheduled report
+//! definitions with their runs ([`report`]).
 //!
 //! # The model
 //!
@@ -33,6 +34,7 @@ pub mod dashboard;
 pub mod device_event;
 pub mod diagnostic;
 pub mod ota;
+pub mod report;
 pub mod rule;
 pub mod setting;
 pub mod shadow;
@@ -54,6 +56,10 @@ pub use m2mhub_identity::{RegistryError, Result};
 pub use ota::{
     Artifact, ArtifactFiles, Campaign, CampaignStatus, Job, JobState, NewCampaign, Notice,
     SignedBy, StatusReport, WaveSize,
+};
+pub use report::{
+    Delivery, DeliveryOutcome, EnergyMode, Frequency, Report, ReportKind, ReportRun, ReportWebhook,
+    RunRetention, RunTrigger, Schedule,
 };
 pub use rule::{NewRule, Rule, RuleUpdate};
 pub use setting::{FleetSetting, Progress, Selector};

@@ -13,6 +13,7 @@ use crate::dashboard::{Dashboard, DashboardShare};
 use crate::device_event::DeviceEvent;
 use crate::diagnostic::DiagnosticBundle;
 use crate::ota::{Artifact, Campaign, Job};
+use crate::report::{Report, ReportRun};
 use crate::rule::Rule;
 use crate::setting::FleetSetting;
 use crate::shadow::Shadow;
@@ -159,7 +160,28 @@ CREATE TABLE IF NOT EXISTS dashboard_shares (
 CREATE INDEX IF NOT EXISTS dashboard_shares_dashboard ON dashboard_shares (dashboard_id);
 ",
     },
+    REPORTS_MIGRATION,
 ];
+
+/// Scheduled reports (`report.rs`): definitions and runs as JSON
+/// documents, with the columns their queries select on.
+const REPORTS_MIGRATION: Migration = Migration {
+    version: 7,
+    sql: "
+CREATE TABLE IF NOT EXISTS reports (
+    id TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    doc TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS report_runs (
+    id TEXT PRIMARY KEY,
+    report_id TEXT NOT NULL,
+    started_ms BIGINT NOT NULL,
+    doc TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS report_runs_report ON report_runs (report_id, started_ms);
+",
+};
 
 /// Diagnostic bundles (`diagnostic.rs`): kept apart so it can be
 /// renumbered when branches merge.
@@ -1039,6 +1061,72 @@ impl FleetStore for SqliteFleetStore {
         let mut s: DashboardShare = serde_json::from_str(&doc)?;
         s.token_hash = token_hash.to_string();
         Ok(Some(s))
+    }
+
+    fn put_report(&self, r: &Report) -> Result<()> {
+        self.exec(
+            "INSERT INTO reports (id, tenant, doc) VALUES (?, ?, ?) \
+             ON CONFLICT (id) DO UPDATE SET tenant = excluded.tenant, doc = excluded.doc",
+            params![r.id, r.tenant, serde_json::to_string(r)?],
+        )?;
+        Ok(())
+    }
+
+    fn delete_report(&self, id: &str) -> Result<()> {
+        let mut c = self.conn.lock();
+        let tx = c.transaction()?;
+        tx.execute("DELETE FROM report_runs WHERE report_id = ?", params![id])?;
+        execute_one(
+            &tx,
+            "report",
+            "DELETE FROM reports WHERE id = ?",
+            params![id],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn list_reports(&self) -> Result<Vec<Report>> {
+        docs(&self.conn.lock(), "SELECT doc FROM reports")
+    }
+
+    fn put_report_run(&self, run: &ReportRun) -> Result<()> {
+        self.exec(
+            "INSERT INTO report_runs (id, report_id, started_ms, doc) VALUES (?, ?, ?, ?) \
+             ON CONFLICT (id) DO UPDATE SET doc = excluded.doc",
+            params![
+                run.id,
+                run.report_id,
+                run.started_ms,
+                serde_json::to_string(run)?
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn list_report_runs(&self, report_id: &str, limit: usize) -> Result<Vec<ReportRun>> {
+        let c = self.conn.lock();
+        let mut st = c.prepare_cached(
+            "SELECT doc FROM report_runs WHERE report_id = ? \
+             ORDER BY started_ms DESC, id DESC LIMIT ?",
+        )?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = st.query_map(params![report_id, limit], |r| r.get::<_, String>(0))?;
+        let mut out = Vec::new();
+        for doc in rows {
+            out.push(serde_json::from_str(&doc?)?);
+        }
+        Ok(out)
+    }
+
+    fn delete_report_runs(&self, ids: &[String]) -> Result<()> {
+        let mut c = self.conn.lock();
+        let tx = c.transaction()?;
+        for id in ids {
+            tx.execute("DELETE FROM report_runs WHERE id = ?", params![id])?;
+        }
+        tx.commit()?;
+        Ok(())
     }
 }
 

@@ -15,6 +15,7 @@ use crate::dashboard::{Dashboard, DashboardShare};
 use crate::device_event::DeviceEvent;
 use crate::diagnostic::DiagnosticBundle;
 use crate::ota::{Artifact, Campaign, Job};
+use crate::report::{Report, ReportRun};
 use crate::rule::Rule;
 use crate::setting::FleetSetting;
 use crate::shadow::Shadow;
@@ -157,4 +158,18 @@ pub trait FleetStore: Send + Sync + 'static {
     /// The share whose token hashes to `token_hash` (hex SHA-256),
     /// whatever its state.
     fn find_dashboard_share(&self, token_hash: &str) -> Result<Option<DashboardShare>>;
+
+    /// Insert or replace a report definition (by id).
+    fn put_report(&self, r: &Report) -> Result<()>;
+    /// Delete a report definition and every row of its runs in one
+    /// transaction (`NotFound` if it is gone).
+    fn delete_report(&self, id: &str) -> Result<()>;
+    /// Every report definition, of every tenant, in any order.
+    fn list_reports(&self) -> Result<Vec<Report>>;
+    /// Insert or replace a report run (by id).
+    fn put_report_run(&self, run: &ReportRun) -> Result<()>;
+    /// A report's runs, newest (by start, then id) first, at most `limit`.
+    fn list_report_runs(&self, report_id: &str, limit: usize) -> Result<Vec<ReportRun>>;
+    /// Delete these runs' rows (ids that are gone are ignored).
+    fn delete_report_runs(&self, ids: &[String]) -> Result<()>;
 }

@@ -454,6 +454,10 @@ fn config_command(command: ConfigCommand) -> ExitCode {
                 Ok(mut s) => {
                     // Printed without the database password.
                     s.storage.postgres_url = s.storage.shown_url();
+                    // The effective configuration, but not the secret in it.
+                    if !s.reports.smtp_password.is_empty() {
+                        s.reports.smtp_password = "<redacted>".into();
+                    }
                     print!("{}", toml::to_string(&s).unwrap_or_default());
                     ExitCode::SUCCESS
                 }

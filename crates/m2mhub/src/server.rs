@@ -292,6 +292,17 @@ impl Server {
                 });
             }));
         }
+        let reports = m2mhub_reports::Reports::new(
+            fleet.clone(),
+            tsdb.clone(),
+            m2mhub_reports::ReportsConfig {
+                dir: v.data_dir.join("reports"),
+                smtp: v.reports.smtp.clone(),
+                public_url: public_base(v, http_addr),
+                webhook_timeout: Duration::from_secs(10),
+            },
+        );
+        tasks.push(reports.clone().start(v.reports.check_interval));
         let state = AppState {
             broker: broker.clone(),
             registry: registry.clone(),
@@ -312,6 +323,7 @@ impl Server {
             cluster: cluster.clone(),
             console: Arc::new(v.console.clone()),
             broker_history: Default::default(),
+            reports: Some(reports.clone()),
         };
         tasks.push(m2mhub_api::broker_history::sample_every_minute(
             broker.clone(),
@@ -584,6 +596,19 @@ impl SecurityEvents for SecurityToRegistry {
 /// The OTA parts: image files under `<data_dir>/ota`, the firmware signing
 /// key and the URL token secret (both sealed under the master key), and the
 /// base URL devices download from.
+/// The base URL of links handed out (firmware downloads, report files):
+/// `http.public_url`, else the HTTP listener's address.
+fn public_base(v: &Validated, http_addr: std::net::SocketAddr) -> String {
+    v.ota.public_url.clone().unwrap_or_else(|| {
+        let ip = match http_addr.ip() {
+            ip if ip.is_unspecified() && ip.is_ipv4() => std::net::IpAddr::from([127, 0, 0, 1]),
+            ip if ip.is_unspecified() => std::net::IpAddr::from(std::net::Ipv6Addr::LOCALHOST),
+            ip => ip,
+        };
+        format!("http://{}", std::net::SocketAddr::new(ip, http_addr.port()))
+    })
+}
+
 fn ota_service(
     v: &Validated,
     master: &MasterKey,
@@ -599,14 +624,7 @@ fn ota_service(
         tracing::info!(public_key = %signer.public_key_base64(), "created the firmware signing key: devices pin this public key");
     }
     let secret = m2mhub_pki::url_token_key(&v.data_dir, master)?;
-    let base = v.ota.public_url.clone().unwrap_or_else(|| {
-        let ip = match http_addr.ip() {
-            ip if ip.is_unspecified() && ip.is_ipv4() => std::net::IpAddr::from([127, 0, 0, 1]),
-            ip if ip.is_unspecified() => std::net::IpAddr::from(std::net::Ipv6Addr::LOCALHOST),
-            ip => ip,
-        };
-        format!("http://{}", std::net::SocketAddr::new(ip, http_addr.port()))
-    });
+    let base = public_base(v, http_addr);
     Ok(m2mhub_api::ota::OtaApi {
         service: m2mhub_ingest::ota_topics::OtaService {
             broker: broker.clone(),

@@ -126,6 +126,28 @@ retention_hours = 168
 # Seconds a device has to upload once asked (the one-time URL's lifetime).
 upload_url_ttl_s = 900
 
+[reports]
+# Scheduled reports (/api/v1/reports): runs' CSV and HTML are kept under
+# <data_dir>/reports; each report says how many. Seconds between checks for
+# reports that are due.
+check_interval_secs = 30
+# The mail relay reports are sent through. Empty host: no mail (reports
+# with mail recipients are refused).
+smtp_host = ""
+# 587 with starttls, 465 with tls; none only for a relay on this machine
+# (no password is sent without TLS).
+smtp_port = 587
+smtp_security = "starttls"
+smtp_username = ""
+# Better in the environment: M2MHUB_REPORTS_SMTP_PASSWORD. Never logged.
+smtp_password = ""
+# The sender address.
+smtp_from = "m2mhub@localhost"
+# PEM file of a private CA the relay's certificate is checked against
+# besides the system's.
+smtp_ca_file = ""
+smtp_timeout_secs = 30
+
 [http]
 # HTTP server: /healthz, /metrics, MQTT over WebSocket at /mqtt, API at /api/v1.
 listen = "0.0.0.0:8080"
@@ -279,6 +301,7 @@ pub struct Settings {
     pub mqtt: MqttSettings,
     pub telemetry: TelemetrySettings,
     pub diagnostics: DiagnosticsSettings,
+    pub reports: ReportSettings,
     pub http: HttpSettings,
     pub login: LoginSettings,
     pub ota: OtaSettings,
@@ -407,6 +430,103 @@ impl Default for GatewaySettings {
             rebirth_interval_secs: 10,
         }
     }
+}
+
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReportSettings {
+    pub check_interval_secs: u32,
+    pub smtp_host: String,
+    pub smtp_port: u16,
+    pub smtp_security: String,
+    pub smtp_username: String,
+    pub smtp_password: String,
+    pub smtp_from: String,
+    pub smtp_ca_file: String,
+    pub smtp_timeout_secs: u32,
+}
+
+impl std::fmt::Debug for ReportSettings {
+    /// Everything but the password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReportSettings")
+            .field("smtp_host", &self.smtp_host)
+            .field("smtp_port", &self.smtp_port)
+            .field("smtp_security", &self.smtp_security)
+            .field("smtp_username", &self.smtp_username)
+            .field("smtp_from", &self.smtp_from)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for ReportSettings {
+    fn default() -> Self {
+        ReportSettings {
+            check_interval_secs: 30,
+            smtp_host: String::new(),
+            smtp_port: 587,
+            smtp_security: "starttls".into(),
+            smtp_username: String::new(),
+            smtp_password: String::new(),
+            smtp_from: "m2mhub@localhost".into(),
+            smtp_ca_file: String::new(),
+            smtp_timeout_secs: 30,
+        }
+    }
+}
+
+impl ReportSettings {
+    fn validate(&self) -> Result<ReportConfig> {
+        if self.check_interval_secs == 0 {
+            bail!("invalid value for `reports.check_interval_secs`: 0; use at least 1 (seconds)");
+        }
+        let smtp = if self.smtp_host.trim().is_empty() {
+            None
+        } else {
+            let security = match self.smtp_security.as_str() {
+                "starttls" => m2mhub_reports::SmtpSecurity::StartTls,
+                "tls" => m2mhub_reports::SmtpSecurity::Tls,
+                "none" => m2mhub_reports::SmtpSecurity::None,
+                other => bail!("invalid value for `reports.smtp_security`: {other:?}; use starttls, tls or none"),
+            };
+            if m2mhub_reports::validate_email(&self.smtp_from).is_err() {
+                bail!("invalid value for `reports.smtp_from`: {:?}; use a mail address (reports@example.com)", self.smtp_from);
+            }
+            let opt = |s: &str| (!s.is_empty()).then(|| s.to_string());
+            if opt(&self.smtp_password).is_some() && security == m2mhub_reports::SmtpSecurity::None
+            {
+                bail!("invalid value for `reports.smtp_security`: none, with a password set; use starttls or tls (a password is never sent in clear)");
+            }
+            let extra_roots_pem = match opt(&self.smtp_ca_file) {
+                Some(path) => Some(
+                    std::fs::read_to_string(&path)
+                        .with_context(|| format!("cannot read `reports.smtp_ca_file` {path}"))?,
+                ),
+                None => None,
+            };
+            Some(m2mhub_reports::SmtpConfig {
+                host: self.smtp_host.trim().to_string(),
+                port: self.smtp_port,
+                security,
+                username: opt(&self.smtp_username),
+                password: opt(&self.smtp_password),
+                from: self.smtp_from.clone(),
+                extra_roots_pem,
+                timeout: Duration::from_secs(u64::from(self.smtp_timeout_secs.max(1))),
+            })
+        };
+        Ok(ReportConfig {
+            check_interval: Duration::from_secs(u64::from(self.check_interval_secs)),
+            smtp,
+        })
+    }
+}
+
+/// Report settings the server runs with.
+#[derive(Debug, Clone)]
+pub struct ReportConfig {
+    pub check_interval: Duration,
+    pub smtp: Option<m2mhub_reports::SmtpConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -582,6 +702,7 @@ impl Default for Settings {
             mqtt: MqttSettings::default(),
             telemetry: TelemetrySettings::default(),
             diagnostics: DiagnosticsSettings::default(),
+            reports: ReportSettings::default(),
             http: HttpSettings::default(),
             login: LoginSettings::default(),
             ota: OtaSettings::default(),
@@ -663,10 +784,11 @@ impl Default for LogSettings {
 
 /// The sections of the file; an environment variable `M2MHUB_MQTT_LISTEN`
 /// is the key `listen` of section `mqtt`.
-const SECTIONS: [&str; 12] = [
+const SECTIONS: [&str; 13] = [
     "mqtt",
     "telemetry",
     "diagnostics",
+    "reports",
     "http",
     "login",
     "ota",
@@ -1036,6 +1158,7 @@ impl Settings {
             })?),
         };
         Ok(Validated {
+            reports: self.reports.validate()?,
             cluster,
             postgres,
             http,
@@ -1200,6 +1323,8 @@ pub struct Validated {
     pub telemetry: TelemetryConfig,
     /// Diagnostic bundles: where, how large, how long.
     pub diagnostics: m2mhub_fleet::DiagnosticsConfig,
+    /// Scheduled reports: how often due ones are looked for, the mail relay.
+    pub reports: ReportConfig,
     pub mqtt_listen: SocketAddr,
     pub http_listen: SocketAddr,
     /// `None`: no HTTPS listener.

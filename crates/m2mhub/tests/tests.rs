@@ -69,6 +69,8 @@ mod profiles;
 mod psk;
 #[path = "tests/query_cli.rs"]
 mod query_cli;
+#[path = "tests/reports.rs"]
+mod reports;
 #[path = "tests/retained.rs"]
 mod retained;
 #[path = "tests/rules.rs"]

@@ -14,6 +14,7 @@ use m2mhub_fleet::dashboard::{Dashboard, DashboardShare};
 use m2mhub_fleet::device_event::DeviceEvent;
 use m2mhub_fleet::diagnostic::DiagnosticBundle;
 use m2mhub_fleet::ota::{Artifact, Campaign, Job};
+use m2mhub_fleet::report::{Report, ReportRun};
 use m2mhub_fleet::rule::Rule;
 use m2mhub_fleet::setting::FleetSetting;
 use m2mhub_fleet::shadow::Shadow;
@@ -937,6 +938,78 @@ impl FleetStore for PgFleetStore {
             let mut s: DashboardShare = doc_of(&r)?;
             s.token_hash = hash.clone();
             Ok(Some(s))
+        })
+    }
+
+    fn put_report(&self, r: &Report) -> Result<()> {
+        let doc = serde_json::to_string(r)?;
+        self.conn
+            .with((r.id.clone(), r.tenant.clone()), move |c, (id, tenant)| {
+                execute(
+                    c,
+                    "INSERT INTO reports (id, tenant, doc) VALUES ($1, $2, $3) \
+                     ON CONFLICT (id) DO UPDATE SET tenant = excluded.tenant, doc = excluded.doc",
+                    &[&id, &tenant, &doc],
+                )
+            })
+    }
+
+    fn delete_report(&self, id: &str) -> Result<()> {
+        self.conn.with(id.to_string(), |c, id| {
+            let mut tx = c.transaction()?;
+            execute(
+                &mut tx,
+                "DELETE FROM report_runs WHERE report_id = $1",
+                &[&id],
+            )?;
+            execute_one(
+                &mut tx,
+                "report",
+                "DELETE FROM reports WHERE id = $1",
+                &[&id],
+            )?;
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    fn list_reports(&self) -> Result<Vec<Report>> {
+        self.conn
+            .run(|c| rows(c, "SELECT doc FROM reports", &[], doc_of))
+    }
+
+    fn put_report_run(&self, run: &ReportRun) -> Result<()> {
+        let doc = serde_json::to_string(run)?;
+        self.conn.with(
+            (run.id.clone(), run.report_id.clone(), run.started_ms),
+            move |c, (id, report, started)| {
+                execute(
+                    c,
+                    "INSERT INTO report_runs (id, report_id, started_ms, doc) \
+                     VALUES ($1, $2, $3, $4) ON CONFLICT (id) DO UPDATE SET doc = excluded.doc",
+                    &[&id, &report, &started, &doc],
+                )
+            },
+        )
+    }
+
+    fn list_report_runs(&self, report_id: &str, limit: usize) -> Result<Vec<ReportRun>> {
+        let id = report_id.to_string();
+        let limit = limit_of(limit);
+        self.conn.run(move |c| {
+            rows(
+                c,
+                "SELECT doc FROM report_runs WHERE report_id = $1 \
+                 ORDER BY started_ms DESC, id DESC LIMIT $2",
+                &[&id, &limit],
+                doc_of,
+            )
+        })
+    }
+
+    fn delete_report_runs(&self, ids: &[String]) -> Result<()> {
+        self.conn.with(ids.to_vec(), |c, ids| {
+            execute(c, "DELETE FROM report_runs WHERE id = ANY($1)", &[&ids])
         })
     }
 }

@@ -751,6 +751,7 @@ async fn the_rule_service_validates_reloads_reports_counters_and_sends() {
         login: Default::default(),
         console: Default::default(),
         broker_history: Default::default(),
+        reports: None,
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await

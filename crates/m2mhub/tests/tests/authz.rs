@@ -142,6 +142,8 @@ const PARAMS: &[(&str, &str, &str)] = &[
     ("/sessions", "client_id", "device"),
     ("/users", "username", "user"),
     ("/security", "key", "ban"),
+    ("/reports", "id", "report"),
+    ("/reports", "run", "report_run"),
 ];
 
 /// Fixture kind → the id of one such object.
@@ -225,6 +227,15 @@ fn body_for(method: &str, template: &str) -> Option<Value> {
         ("POST", "/claim-tokens") => json!({"max_uses": 1}),
         ("POST", "/settings") => json!({"state": {"hacked": true}}),
         ("POST", "/security/bans") => json!({"ip": "192.0.2.1", "seconds": 60}),
+        ("POST", "/reports") => json!({
+            "id": "intruder-report", "name": "intruder", "kind": {"type": "alarms"},
+            "schedule": {"every": "daily", "at": "06:00", "time_zone": "UTC"},
+        }),
+        ("PUT", "/reports/{id}") => json!({
+            "name": "hacked", "kind": {"type": "availability"}, "enabled": false,
+            "schedule": {"every": "weekly", "weekday": 1, "at": "00:00", "time_zone": "UTC"},
+        }),
+        ("POST", "/reports/{id}/run") => return None,
         ("POST", "/alarms/{id}/ack" | "/alarms/{id}/clear")
         | ("POST", "/rules/{id}/enable" | "/rules/{id}/disable") => return None,
         ("POST" | "PUT" | "PATCH", _) => json!({}),
@@ -244,7 +255,16 @@ struct Reply {
 }
 
 impl Reply {
+    /// The JSON body; a download that is not JSON (a report's CSV or
+    /// HTML) as one string, so snapshots and leak checks read it too.
     fn json(&self) -> Value {
+        let json = self
+            .content_type
+            .as_deref()
+            .is_none_or(|c| c.contains("json"));
+        if !json {
+            return Value::String(self.body.clone());
+        }
         serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
     }
 }
@@ -844,6 +864,25 @@ async fn populate(srv: &TestServer, admin: &Client, t: &str) -> Tenant {
     })
     .await;
 
+    // A scheduled report with one run (its files kept for download).
+    let report = format!("{t}-report");
+    admin
+        .expect(
+            "POST",
+            "/reports",
+            Some(json!({
+                "id": report, "tenant": t, "name": format!("{t} energy"),
+                "kind": {"type": "energy", "metric": "temp", "mode": "sum"},
+                "schedule": {"every": "monthly", "day": 31, "at": "06:00", "time_zone": "Europe/Berlin"},
+            })),
+            201,
+        )
+        .await;
+    let run = admin
+        .expect("POST", &format!("/reports/{report}/run"), None, 201)
+        .await;
+    let run_id = run["id"].as_str().expect("run id").to_string();
+
     let ids: Ids = [
         ("tenant", t.to_string()),
         ("setting", setting_id.clone()),
@@ -873,6 +912,8 @@ async fn populate(srv: &TestServer, admin: &Client, t: &str) -> Tenant {
         ("user", user.clone()),
         ("ban", format!("client:{banned}")),
         ("group", grp.clone()),
+        ("report", report.clone()),
+        ("report_run", run_id.clone()),
     ]
     .into_iter()
     .collect();
@@ -911,6 +952,9 @@ async fn populate(srv: &TestServer, admin: &Client, t: &str) -> Tenant {
         format!("{t}-diag"),
         claim_id,
         api_token,
+        report,
+        format!("{t} energy"),
+        run_id,
     ];
     Tenant {
         ids,

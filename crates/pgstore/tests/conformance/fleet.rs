@@ -22,6 +22,7 @@ crate::conformance!(
     diagnostics,
     deleting_a_device_deletes_what_the_fleet_kept,
     dashboards_and_their_shares,
+    reports_and_their_runs,
 );
 
 fn not_found(r: Result<(), RegistryError>) {
@@ -658,4 +659,80 @@ fn dashboards_and_their_shares(b: &dyn Backend) {
         .get_dashboard("d2")
         .expect("after reopen")
         .is_some());
+}
+
+fn reports_and_their_runs(b: &dyn Backend) {
+    use m2mhub_fleet::report::{
+        Delivery, EnergyMode, Frequency, Report, ReportKind, ReportRun, RunRetention, RunTrigger,
+        Schedule,
+    };
+    let s = b.fleet();
+    let report = |id: &str| Report {
+        id: id.into(),
+        tenant: "default".into(),
+        name: "energy".into(),
+        kind: ReportKind::Energy {
+            metric: "kwh".into(),
+            mode: EnergyMode::Counter,
+        },
+        devices: vec![],
+        schedule: Schedule {
+            every: Frequency::Monthly,
+            at: "06:00".into(),
+            weekday: None,
+            day: Some(31),
+            time_zone: "Europe/Berlin".into(),
+        },
+        delivery: Delivery::default(),
+        retention: RunRetention::default(),
+        enabled: true,
+        next_run_ms: Some(1),
+        created_by: "admin".into(),
+        created_ms: 1,
+        updated_ms: 1,
+    };
+    let run = |id: &str, started_ms: i64| ReportRun {
+        id: id.into(),
+        report_id: "r1".into(),
+        tenant: "default".into(),
+        trigger: RunTrigger::Manual,
+        started_ms,
+        finished_ms: started_ms,
+        from_ms: 0,
+        to_ms: 1,
+        ok: true,
+        error: None,
+        rows: 1,
+        csv_bytes: 1,
+        html_bytes: 1,
+        deliveries: vec![],
+    };
+    s.put_report(&report("r1")).expect("put");
+    let mut changed = report("r1");
+    changed.enabled = false;
+    s.put_report(&changed).expect("a put replaces");
+    s.put_report(&report("r2")).expect("put");
+    let mut all = s.list_reports().expect("list");
+    all.sort_by(|a, b| a.id.cmp(&b.id));
+    assert_eq!(all, vec![changed, report("r2")]);
+    for (id, t) in [("a", 10), ("b", 30), ("c", 20)] {
+        s.put_report_run(&run(id, t)).expect("run");
+    }
+    let ids = |runs: Vec<ReportRun>| runs.into_iter().map(|r| r.id).collect::<Vec<_>>();
+    assert_eq!(
+        ids(s.list_report_runs("r1", 10).expect("runs")),
+        vec!["b", "c", "a"]
+    );
+    assert_eq!(ids(s.list_report_runs("r1", 1).expect("runs")), vec!["b"]);
+    s.delete_report_runs(&["b".into(), "gone".into()])
+        .expect("delete runs");
+    assert_eq!(
+        ids(s.list_report_runs("r1", 10).expect("runs")),
+        vec!["c", "a"]
+    );
+    s.delete_report("r1").expect("delete");
+    assert!(s.list_report_runs("r1", 10).expect("runs").is_empty());
+    not_found(s.delete_report("r1"));
+    drop(s);
+    assert_eq!(b.fleet().list_reports().expect("after reopen").len(), 1);
 }
