@@ -24,7 +24,7 @@ type Job = Box<dyn FnOnce(&mut Link) + Send>;
 
 /// Runs once on every new connection, before any job (the store's
 /// `search_path`).
-type Setup = fn(&mut Client) -> PgResult<()>;
+pub(crate) type Setup = fn(&mut Client) -> PgResult<()>;
 
 /// The handle the store methods use; dropping it ends the thread.
 pub(crate) struct Connection {
@@ -40,6 +40,16 @@ pub(crate) struct Link {
 }
 
 impl Link {
+    /// A link that connects on first use, for a thread that runs its own
+    /// loop (the telemetry writer) rather than serving jobs.
+    pub(crate) fn new(url: &PgUrl, setup: Setup) -> Link {
+        Link {
+            url: url.clone(),
+            setup,
+            client: None,
+        }
+    }
+
     fn connect(&mut self) -> Result<&mut Client> {
         if self.client.as_ref().is_none_or(Client::is_closed) {
             self.client = None;
@@ -73,7 +83,7 @@ impl Link {
 
     /// Run `f` on a live connection; a connection found broken afterwards
     /// is dropped, so the next call connects again.
-    fn call<T>(&mut self, f: impl FnOnce(&mut Client) -> PgResult<T>) -> Result<T> {
+    pub(crate) fn call<T>(&mut self, f: impl FnOnce(&mut Client) -> PgResult<T>) -> Result<T> {
         let client = self.connect()?;
         let out = f(client);
         if client.is_closed() {

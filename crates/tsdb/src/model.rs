@@ -24,7 +24,8 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub(crate) fn code(self) -> u8 {
+    /// The kind's stable number, as stores persist it.
+    pub fn code(self) -> u8 {
         match self {
             Kind::Float => 0,
             Kind::Bool => 1,
@@ -32,7 +33,7 @@ impl Kind {
         }
     }
 
-    pub(crate) fn from_code(c: u8) -> Option<Kind> {
+    pub fn from_code(c: u8) -> Option<Kind> {
         match c {
             0 => Some(Kind::Float),
             1 => Some(Kind::Bool),
@@ -326,6 +327,21 @@ impl Retention {
             Some((_, keep)) => keep,
             None => self.default,
         }
+    }
+
+    /// Refuse rule names the stores cannot keep (the embedded store saves
+    /// rules as tab-separated lines; every backend refuses the same names).
+    pub fn validate(&self) -> Result<(), crate::TsdbError> {
+        for rule in &self.rules {
+            for name in [&rule.tenant, &rule.metric].into_iter().flatten() {
+                if name.is_empty() || name.contains(['\t', '\n', '\r']) {
+                    return Err(crate::TsdbError::Invalid(format!(
+                        "retention rule name {name:?} must be non-empty, without tabs or line breaks"
+                    )));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The longest time anything is kept (`None`: forever), which bounds

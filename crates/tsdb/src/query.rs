@@ -85,15 +85,16 @@ fn decode_num(p: &Piece, mut f: impl FnMut(i64, f64)) -> Result<(), TsdbError> {
 
 /// Accumulates points into buckets. Points mostly arrive in time order,
 /// so the current bucket is kept aside and the map is touched only when
-/// the bucket changes.
-struct Bucketer {
+/// the bucket changes. Public so that every backend buckets (and breaks
+/// first/last ties) the same way.
+pub struct Bucketer {
     width: i64,
     cur: Option<(i64, Agg)>,
     map: BTreeMap<i64, Agg>,
 }
 
 impl Bucketer {
-    fn new(width: i64) -> Self {
+    pub fn new(width: i64) -> Self {
         Self {
             width,
             cur: None,
@@ -101,8 +102,9 @@ impl Bucketer {
         }
     }
 
+    /// Merge a partial aggregate (a rollup row) whose points lie at `t`'s bucket.
     #[inline]
-    fn merge(&mut self, t: i64, a: &Agg) {
+    pub fn merge(&mut self, t: i64, a: &Agg) {
         let k = t.div_euclid(self.width) * self.width;
         match &mut self.cur {
             Some((ck, ca)) if *ck == k => ca.merge(a),
@@ -119,11 +121,12 @@ impl Bucketer {
     }
 
     #[inline]
-    fn add(&mut self, t: i64, v: f64) {
+    pub fn add(&mut self, t: i64, v: f64) {
         self.merge(t, &Agg::of(t, v));
     }
 
-    fn finish(mut self) -> Vec<(i64, Agg)> {
+    /// The buckets, ascending, empty ones left out.
+    pub fn finish(mut self) -> Vec<(i64, Agg)> {
         if let Some((ck, ca)) = self.cur.take() {
             self.map
                 .entry(ck)
