@@ -35,7 +35,16 @@ pub(crate) struct Catalog {
 pub(crate) struct Batch {
     pub tenant: Arc<str>,
     pub device: Arc<str>,
-    pub points: Vec<(Arc<str>, i64, Value)>,
+    pub points: Vec<BatchPoint>,
+}
+
+pub(crate) struct BatchPoint {
+    pub metric: Arc<str>,
+    /// The series' id when the node had it at append time (its kind was
+    /// checked then, and never changes); `None` for the writer to resolve.
+    pub id: Option<i32>,
+    pub ts: i64,
+    pub value: Value,
 }
 
 impl Catalog {
@@ -174,7 +183,12 @@ fn admit(
         let name = cat
             .metric_name(&tenant, &device, p.metric)
             .unwrap_or_else(|| p.metric.into());
-        out.push((name, p.ts_ms, p.value.clone()));
+        out.push(BatchPoint {
+            metric: name,
+            id: known.id,
+            ts: p.ts_ms,
+            value: p.value.clone(),
+        });
     }
     (
         Batch {

@@ -18,7 +18,6 @@ use crate::error::PgResult;
 use m2mhub_tsdb::{Agg, Completion, Kind, TsdbError, Value, HOUR, MINUTE};
 use postgres::binary_copy::BinaryCopyInWriter;
 use postgres::types::{ToSql, Type};
-use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, SyncSender};
 use std::sync::Arc;
@@ -141,9 +140,7 @@ fn write_group(
             days.add(d);
         }
     }
-    let minute = rollups(&rows, MINUTE);
-    let hour = rollups(&rows, HOUR);
-    let latest = latest(&rows);
+    let summary = summarize(&rows);
     let bytes: u64 = rows
         .iter()
         .map(|r| 28 + r.text.as_ref().map_or(8, |t| t.len() as u64))
@@ -151,9 +148,9 @@ fn write_group(
     link.call(|c| {
         let mut tx = c.transaction()?;
         copy_points(&mut tx, &rows)?;
-        upsert_rollups(&mut tx, "rollup_1m", &minute)?;
-        upsert_rollups(&mut tx, "rollup_1h", &hour)?;
-        upsert_latest(&mut tx, &latest)?;
+        upsert_rollups(&mut tx, "rollup_1m", &summary.minute)?;
+        upsert_rollups(&mut tx, "rollup_1h", &summary.hour)?;
+        upsert_latest(&mut tx, &summary.latest)?;
         tx.commit()?;
         Ok(())
     })
@@ -172,9 +169,9 @@ fn resolve_series(link: &mut Link, shared: &Shared, group: &[Pending]) -> Result
         let cat = shared.catalog.read();
         for p in group {
             let b = &p.batch;
-            for (metric, _, _) in &b.points {
-                if let Some(Known { id: None, kind }) = cat.get(&b.tenant, &b.device, metric) {
-                    missing.push((b.tenant.clone(), b.device.clone(), metric.clone(), kind));
+            for bp in b.points.iter().filter(|bp| bp.id.is_none()) {
+                if let Some(Known { id: None, kind }) = cat.get(&b.tenant, &b.device, &bp.metric) {
+                    missing.push((b.tenant.clone(), b.device.clone(), bp.metric.clone(), kind));
                 }
             }
         }
@@ -243,28 +240,28 @@ fn rows(shared: &Shared, group: &[Pending]) -> Vec<Row> {
     let mut dropped = 0u64;
     for p in group {
         let b = &p.batch;
-        let Some(metrics) = cat.device(&b.tenant, &b.device) else {
-            dropped += b.points.len() as u64;
-            continue;
-        };
-        for (metric, ts, value) in &b.points {
-            let Some(Known {
-                id: Some(series),
-                kind,
-            }) = metrics.get(metric).copied()
-            else {
-                dropped += 1;
-                continue;
+        for bp in &b.points {
+            let series = match bp.id {
+                Some(id) => id,
+                // Resolved by now, unless the series' insert failed.
+                None => match cat.get(&b.tenant, &b.device, &bp.metric) {
+                    Some(Known { id: Some(id), kind }) if fits(kind, &bp.value) => id,
+                    Some(Known { id: Some(_), kind }) => {
+                        tracing::warn!(
+                            tenant = %b.tenant, device = %b.device,
+                            reason = %mismatch(&bp.metric, kind, &bp.value),
+                            "a point is dropped: another node created its series with another kind"
+                        );
+                        dropped += 1;
+                        continue;
+                    }
+                    _ => {
+                        dropped += 1;
+                        continue;
+                    }
+                },
             };
-            if !fits(kind, value) {
-                tracing::warn!(
-                    tenant = %b.tenant, device = %b.device,
-                    reason = %mismatch(metric, kind, value),
-                    "a point is dropped: another node created its series with another kind"
-                );
-                dropped += 1;
-                continue;
-            }
+            let value = &bp.value;
             let (value, text) = match value {
                 Value::F64(x) => (Some(*x), None),
                 Value::Bool(x) => (Some(if *x { 1.0 } else { 0.0 }), None),
@@ -272,7 +269,7 @@ fn rows(shared: &Shared, group: &[Pending]) -> Vec<Row> {
             };
             rows.push(Row {
                 series,
-                ts: *ts,
+                ts: bp.ts,
                 value,
                 text,
             });
@@ -285,38 +282,47 @@ fn rows(shared: &Shared, group: &[Pending]) -> Vec<Row> {
     rows
 }
 
-/// The group's partial aggregates per series and bucket of `width`,
-/// sorted (the upsert locks rows in this order on every node).
-fn rollups(rows: &[Row], width: i64) -> Vec<((i32, i64), Agg)> {
-    let mut map: HashMap<(i32, i64), Agg> = HashMap::new();
-    for r in rows {
-        let Some(v) = r.value else { continue };
-        let b = r.ts.div_euclid(width) * width;
-        map.entry((r.series, b))
-            .and_modify(|a| a.add(r.ts, v))
-            .or_insert_with(|| Agg::of(r.ts, v));
-    }
-    let mut out: Vec<_> = map.into_iter().collect();
-    out.sort_unstable_by_key(|(k, _)| *k);
-    out
+/// What a group adds to the rollup and latest tables, each sorted by key
+/// (the upserts lock rows in this order on every node, so two nodes
+/// cannot deadlock).
+struct Summary<'a> {
+    minute: Vec<((i32, i64), Agg)>,
+    hour: Vec<((i32, i64), Agg)>,
+    /// The newest point of each series (a later point wins a tie, as in
+    /// the embedded store).
+    latest: Vec<&'a Row>,
 }
 
-/// The newest point of each series in the group (a later point wins a
-/// tie, as in the embedded store).
-fn latest(rows: &[Row]) -> Vec<&Row> {
-    let mut map: HashMap<i32, &Row> = HashMap::new();
-    for r in rows {
-        map.entry(r.series)
-            .and_modify(|l| {
-                if r.ts >= l.ts {
-                    *l = r
-                }
-            })
-            .or_insert(r);
+/// One pass over the rows in (series, timestamp) order — stable, so
+/// points with equal timestamps keep their arrival order and first/last
+/// break ties as [`Agg`] does — instead of a hash map per table.
+fn summarize(rows: &[Row]) -> Summary<'_> {
+    let mut order: Vec<u32> = (0..rows.len() as u32).collect();
+    order.sort_by_key(|&i| {
+        let r = &rows[i as usize];
+        (r.series, r.ts)
+    });
+    let mut s = Summary {
+        minute: Vec::new(),
+        hour: Vec::new(),
+        latest: Vec::new(),
+    };
+    for i in order {
+        let r = &rows[i as usize];
+        match s.latest.last_mut() {
+            Some(l) if l.series == r.series => *l = r,
+            _ => s.latest.push(r),
+        }
+        let Some(v) = r.value else { continue };
+        for (out, width) in [(&mut s.minute, MINUTE), (&mut s.hour, HOUR)] {
+            let key = (r.series, r.ts.div_euclid(width) * width);
+            match out.last_mut() {
+                Some((k, a)) if *k == key => a.add(r.ts, v),
+                _ => out.push((key, Agg::of(r.ts, v))),
+            }
+        }
     }
-    let mut out: Vec<&Row> = map.into_values().collect();
-    out.sort_unstable_by_key(|r| r.series);
-    out
+    s
 }
 
 fn copy_points(tx: &mut postgres::Transaction<'_>, rows: &[Row]) -> PgResult<()> {

@@ -882,3 +882,143 @@ mod cluster {
         }
     }
 }
+
+/// Figures for BENCHMARKS.md: durable ingest into each backend with the
+/// shape of the embedded store's own benchmark (`tsdb/benches/store.rs`):
+/// 2 producer threads append one device's reading of 10 metrics at a time
+/// for 10,000 devices, each keeping up to 4,096 appends in flight, for
+/// `TSDB_BENCH_SECS` seconds (default 10); every ticket is waited for. Run
+/// with `cargo test -p m2mhub-pgstore --test conformance -- --ignored
+/// --nocapture telemetry_store_figures`.
+mod figures {
+    use super::{t0, Postgres};
+    use m2mhub_pgstore::PgTelemetryOptions;
+    use m2mhub_tsdb::{AggQuery, InPoint, Ticket, TimeSeriesStore, Tsdb, Value};
+    use std::collections::VecDeque;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    const METRICS: [&str; 10] = [
+        "temperature",
+        "humidity",
+        "pressure",
+        "vibration",
+        "current",
+        "voltage",
+        "power",
+        "rpm",
+        "flow",
+        "level",
+    ];
+
+    fn ingest(name: &str, db: Arc<dyn TimeSeriesStore>) {
+        let secs: u64 = std::env::var("TSDB_BENCH_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(10);
+        let devices: Arc<Vec<String>> =
+            Arc::new((0..10_000).map(|i| format!("dev-{i:05}")).collect());
+        let stop = Arc::new(AtomicBool::new(false));
+        let acked = Arc::new(AtomicU64::new(0));
+        let start = Instant::now();
+        let producers: Vec<_> = (0..2)
+            .map(|p| {
+                let (db, devices, stop, acked) =
+                    (db.clone(), devices.clone(), stop.clone(), acked.clone());
+                std::thread::spawn(move || {
+                    let mut inflight: VecDeque<Ticket> = VecDeque::new();
+                    let mut i = p;
+                    let mut ts = t0();
+                    while !stop.load(Ordering::Relaxed) {
+                        let dev = &devices[i % devices.len()];
+                        if i % devices.len() < 2 {
+                            ts += 1000;
+                        }
+                        let v = (i % 1000) as f64 * 0.1;
+                        let pts: Vec<InPoint<'_>> = METRICS
+                            .iter()
+                            .enumerate()
+                            .map(|(k, m)| InPoint {
+                                metric: m,
+                                ts_ms: ts,
+                                value: Value::F64(v + k as f64),
+                            })
+                            .collect();
+                        let a = db.append("bench", dev, &pts).expect("append");
+                        inflight.push_back(a.ticket);
+                        if inflight.len() >= 4096 {
+                            if let Some(t) = inflight.pop_front() {
+                                t.wait_blocking().expect("durable");
+                                acked.fetch_add(10, Ordering::Relaxed);
+                            }
+                        }
+                        i += 2;
+                    }
+                    for t in inflight {
+                        t.wait_blocking().expect("durable");
+                        acked.fetch_add(10, Ordering::Relaxed);
+                    }
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_secs(secs));
+        stop.store(true, Ordering::Relaxed);
+        for p in producers {
+            p.join().expect("producer");
+        }
+        let elapsed = start.elapsed().as_secs_f64();
+        let n = acked.load(Ordering::Relaxed);
+        let st = db.stats();
+        println!(
+            "{name}: {n} durable points in {elapsed:.2} s = {:.0} points/s; {} commits ({:.0} points/commit)",
+            n as f64 / elapsed,
+            st.wal_commits,
+            st.points_appended as f64 / st.wal_commits.max(1) as f64,
+        );
+        // An hourly aggregate of one device over the ingested span.
+        let devices = ["dev-00000".to_string()];
+        let t = Instant::now();
+        let (s, src) = db
+            .aggregate(&AggQuery {
+                tenant: "bench",
+                metric: "temperature",
+                devices: &devices,
+                from_ms: t0() - 3_600_000,
+                to_ms: t0() + 86_400_000,
+                bucket_ms: 3_600_000,
+            })
+            .expect("aggregate");
+        println!(
+            "  hourly aggregate of one series: {:.2} ms ({} buckets, {src:?})",
+            t.elapsed().as_secs_f64() * 1e3,
+            s.first().map_or(0, |s| s.buckets.len())
+        );
+        db.close();
+    }
+
+    #[test]
+    #[ignore = "a benchmark; needs PostgreSQL: scripts/postgres.sh"]
+    fn telemetry_store_figures() {
+        let base = concat!(env!("CARGO_MANIFEST_DIR"), "/../../target/tsdb-bench");
+        std::fs::create_dir_all(base).expect("bench dir");
+        let dir = tempfile::tempdir_in(base).expect("tempdir");
+        ingest(
+            "embedded (WAL fdatasync)",
+            Arc::new(Tsdb::open(dir.path(), Default::default()).expect("open")),
+        );
+        let pg = Postgres::new();
+        ingest(
+            "PostgreSQL (synchronous_commit on)",
+            Arc::new(pg.open_with(PgTelemetryOptions::default())),
+        );
+        let pg = Postgres::new();
+        ingest(
+            "PostgreSQL (synchronous_commit off: telemetry.mode = fast)",
+            Arc::new(pg.open_with(PgTelemetryOptions {
+                durable: false,
+                ..Default::default()
+            })),
+        );
+    }
+}
