@@ -282,7 +282,9 @@ pub async fn latest(
     // The store may be across the network (PostgreSQL): off the async workers.
     let latest = tokio::task::spawn_blocking(move || store.latest(&tenant, &device))
         .await
-        .map_err(|e| Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))??;
+        .map_err(|e| {
+            Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+        })??;
     let items: Vec<Value> = latest
         .iter()
         .map(|l| {
