@@ -13,10 +13,11 @@
 //! under an advisory lock, so nodes do not race each other.
 //!
 //! Retention: partitions whose day ended before the longest retention are
-//! dropped; series with a shorter rule of their own (tenant or metric)
-//! lose their older rows by `DELETE`; rollup rows go when their whole
-//! bucket is past their series' retention. Queries hide expired points at
-//! once, whatever the pass has done yet.
+//! dropped (every pass, each minute); series with a shorter rule of their
+//! own (tenant or metric) lose their older rows by `DELETE`, and rollup
+//! rows go when their whole bucket is past their series' retention (hourly,
+//! and on `flush`). Queries hide expired points at once, whatever the
+//! passes have done yet.
 
 use super::Shared;
 use crate::connection::Connection;
@@ -29,7 +30,7 @@ use std::sync::atomic::Ordering;
 use std::sync::mpsc::{self, RecvTimeoutError, SyncSender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub(crate) const DAY: i64 = 86_400_000;
 /// Days kept in partitions of their own when nothing is expired sooner.
@@ -201,9 +202,15 @@ fn ms(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
+/// How often the row-deleting part of retention (series kept for less than
+/// the longest, rollup rows) runs on its own: it probes an index per
+/// series, too much to repeat every minute; queries hide expired rows
+/// meanwhile.
+const SWEEP_EVERY: Duration = Duration::from_secs(3600);
+
 /// One maintenance pass: the shared retention rules, partitions ahead,
-/// retention, figures.
-fn pass(c: &mut Client, shared: &Shared) -> PgResult<()> {
+/// dropping expired partitions, figures; with `sweep`, the row deletes too.
+fn pass(c: &mut Client, shared: &Shared, sweep: bool) -> PgResult<()> {
     let rules = load_rules(c)?;
     shared.retention.write().rules = rules;
     let retention = shared.retention.read().clone();
@@ -233,7 +240,8 @@ fn pass(c: &mut Client, shared: &Shared) -> PgResult<()> {
     // Series kept for less than the longest: their own older rows; every
     // series with a retention: its rollup rows past it.
     let mut by_keep: BTreeMap<i64, Vec<i32>> = BTreeMap::new();
-    if retention.default.is_some() || retention.rules.iter().any(|r| r.keep.is_some()) {
+    let any_keep = retention.default.is_some() || retention.rules.iter().any(|r| r.keep.is_some());
+    if sweep && any_keep {
         for r in c.query(
             "SELECT id, tenant, device, metric FROM telemetry.series",
             &[],
@@ -306,21 +314,36 @@ pub(crate) fn start(
 ) -> Result<(SyncSender<MaintCmd>, JoinHandle<()>), TsdbError> {
     let (tx, rx) = mpsc::sync_channel::<MaintCmd>(16);
     let every = opts.maintenance_interval;
-    let run = move || {
+    let run = move |sweep: bool| {
         let sh = shared.clone();
-        conn.run(move |c| pass(c, &sh)).map_err(super::tsdb_error)
+        conn.run(move |c| pass(c, &sh, sweep))
+            .map_err(super::tsdb_error)
     };
     let t = std::thread::Builder::new()
         .name("pg-telemetry-maint".into())
-        .spawn(move || loop {
-            match rx.recv_timeout(every) {
-                Ok(MaintCmd::Run(MaintReq::Pass, reply)) => {
-                    let _ = reply.send(run());
-                }
-                Ok(MaintCmd::Stop) | Err(RecvTimeoutError::Disconnected) => return,
-                Err(RecvTimeoutError::Timeout) => {
-                    if let Err(e) = run() {
-                        tracing::warn!(error = %e, "telemetry maintenance in PostgreSQL failed");
+        .spawn(move || {
+            let mut last_sweep: Option<Instant> = None;
+            loop {
+                match rx.recv_timeout(every) {
+                    // Asked for (open, flush): everything, now.
+                    Ok(MaintCmd::Run(MaintReq::Pass, reply)) => {
+                        let r = run(true);
+                        if r.is_ok() {
+                            last_sweep = Some(Instant::now());
+                        }
+                        let _ = reply.send(r);
+                    }
+                    Ok(MaintCmd::Stop) | Err(RecvTimeoutError::Disconnected) => return,
+                    Err(RecvTimeoutError::Timeout) => {
+                        let sweep = last_sweep.is_none_or(|t| t.elapsed() >= SWEEP_EVERY);
+                        match run(sweep) {
+                            Ok(()) if sweep => last_sweep = Some(Instant::now()),
+                            Ok(()) => {}
+                            Err(e) => tracing::warn!(
+                                error = %e,
+                                "telemetry maintenance in PostgreSQL failed"
+                            ),
+                        }
                     }
                 }
             }
