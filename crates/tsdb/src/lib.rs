@@ -73,5 +73,5 @@ pub use engine::{Appended, Completion, Options, Ticket, Tsdb, MAX_NAME};
 pub use error::TsdbError;
 pub use model::*;
 pub use query::{Bucketer, MAX_PAGE};
-pub use rollup::{HOUR, MINUTE};
+pub use rollup::{interior as rollup_interior, HOUR, MINUTE};
 pub use store::TimeSeriesStore;

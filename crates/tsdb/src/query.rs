@@ -15,7 +15,7 @@ use crate::model::{
     SeriesId, SeriesInfo, SeriesKey, Value,
 };
 use crate::part::{ChunkRef, PartFiles, Segment};
-use crate::rollup::{self, HOUR, MINUTE};
+use crate::rollup::{self, HOUR};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -354,29 +354,7 @@ impl Tsdb {
         bucket: i64,
         sources: &mut AggSources,
     ) -> Result<Vec<(i64, Agg)>, TsdbError> {
-        let level = if bucket % HOUR == 0 {
-            HOUR
-        } else if bucket % MINUTE == 0 {
-            MINUTE
-        } else {
-            0
-        };
-        let (i0, i1) = if level > 0 {
-            let a = from.div_euclid(level) * level
-                + if from.rem_euclid(level) == 0 {
-                    0
-                } else {
-                    level
-                };
-            let b = to.div_euclid(level) * level;
-            if a < b {
-                (a, b)
-            } else {
-                (0, 0)
-            }
-        } else {
-            (0, 0)
-        };
+        let (level, i0, i1) = rollup::interior(from, to, bucket);
         let g = self.gather(id, from, to);
         let mut acc = Bucketer::new(bucket);
         let mut raw_points = 0u64;

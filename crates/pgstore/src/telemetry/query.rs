@@ -10,7 +10,7 @@ use super::PgTelemetryStore;
 use crate::error::PgResult;
 use m2mhub_tsdb::{
     Agg, AggQuery, AggSources, Bucketer, Cursor, Kind, Latest, OutPoint, RawPage, RawQuery,
-    SeriesBuckets, SeriesInfo, SeriesKey, TsdbError, Value, HOUR, MAX_PAGE, MINUTE,
+    SeriesBuckets, SeriesInfo, SeriesKey, TsdbError, Value, HOUR, MAX_PAGE,
 };
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::types::ToSql;
@@ -254,29 +254,7 @@ fn aggregate_one(
     bucket: i64,
     sources: &mut AggSources,
 ) -> PgResult<Vec<(i64, Agg)>> {
-    let level = if bucket % HOUR == 0 {
-        HOUR
-    } else if bucket % MINUTE == 0 {
-        MINUTE
-    } else {
-        0
-    };
-    let (i0, i1) = if level > 0 {
-        let a = from.div_euclid(level) * level
-            + if from.rem_euclid(level) == 0 {
-                0
-            } else {
-                level
-            };
-        let b = to.div_euclid(level) * level;
-        if a < b {
-            (a, b)
-        } else {
-            (0, 0)
-        }
-    } else {
-        (0, 0)
-    };
+    let (level, i0, i1) = m2mhub_tsdb::rollup_interior(from, to, bucket);
     let mut acc = Bucketer::new(bucket);
     let mut raw_ranges = vec![(from, to)];
     if i0 < i1 {
