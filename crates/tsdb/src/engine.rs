@@ -521,23 +521,11 @@ fn dir_size(p: &Path) -> u64 {
 
 /// A value as its series stores it, or `None` when the kinds clash.
 fn fit(kind: Kind, v: &Value) -> Option<Value> {
-    match (kind, v) {
-        (Kind::Float | Kind::Bool, Value::F64(_) | Value::Bool(_)) => Some(v.clone()),
-        (Kind::Text, Value::Str(_)) => Some(v.clone()),
-        _ => None,
-    }
+    kind.accepts(v).then(|| v.clone())
 }
 
 fn mismatch(p: &InPoint<'_>, kind: Kind) -> (String, String) {
-    (
-        p.metric.to_string(),
-        format!(
-            "metric `{}` holds {} values; a {} value does not fit",
-            p.metric,
-            kind.name(),
-            p.value.kind().name()
-        ),
-    )
+    (p.metric.to_string(), kind.refusal(p.metric, &p.value))
 }
 
 fn partition_ms(dir: &Path, opts: &Options) -> Result<i64, TsdbError> {

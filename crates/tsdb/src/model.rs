@@ -50,6 +50,26 @@ impl Kind {
         }
     }
 
+    /// Whether a series of this kind takes `v`: numbers and booleans mix
+    /// (booleans are stored as 0/1), text does not.
+    pub fn accepts(self, v: &Value) -> bool {
+        matches!(
+            (self, v),
+            (Kind::Float | Kind::Bool, Value::F64(_) | Value::Bool(_))
+                | (Kind::Text, Value::Str(_))
+        )
+    }
+
+    /// Why a point of `metric` was refused (`accepts` said no), in the
+    /// words every backend reports.
+    pub fn refusal(self, metric: &str, v: &Value) -> String {
+        format!(
+            "metric `{metric}` holds {} values; a {} value does not fit",
+            self.name(),
+            v.kind().name()
+        )
+    }
+
     /// Numeric kinds share the float chunk codec and the rollups.
     pub fn is_numeric(self) -> bool {
         !matches!(self, Kind::Text)
@@ -226,6 +246,24 @@ impl Cursor {
         format!("{}.{}", self.ts_ms, self.skip)
     }
 
+    /// Where the page after `page` starts: its last timestamp, and how
+    /// many points at that timestamp have been returned — those of this
+    /// page, plus the `skipped` a cursor skipped at `from` when the page
+    /// never left that timestamp. `None` for an empty page.
+    pub fn after_page(page: &[OutPoint], from: i64, skipped: usize) -> Option<Cursor> {
+        let last = page.last()?;
+        let same = page
+            .iter()
+            .rev()
+            .take_while(|p| p.ts_ms == last.ts_ms)
+            .count();
+        let carried = if last.ts_ms == from { skipped } else { 0 };
+        Some(Cursor {
+            ts_ms: last.ts_ms,
+            skip: u32::try_from(same + carried).unwrap_or(u32::MAX),
+        })
+    }
+
     pub fn decode(s: &str) -> Option<Cursor> {
         let (a, b) = s.split_once('.')?;
         Some(Cursor {
@@ -258,6 +296,30 @@ pub struct AggQuery<'a> {
     pub to_ms: i64,
     /// Bucket width; buckets are aligned to the epoch.
     pub bucket_ms: i64,
+}
+
+impl AggQuery<'_> {
+    /// Most buckets one query may ask for.
+    pub const MAX_BUCKETS: i128 = 1_000_000;
+
+    /// Refuse a bad bucket or too many buckets; `Ok(false)` when the range
+    /// is empty (nothing to read). Every backend checks the same way.
+    pub fn check(&self) -> Result<bool, crate::TsdbError> {
+        if self.bucket_ms <= 0 {
+            return Err(crate::TsdbError::Invalid("bucket must be positive".into()));
+        }
+        if self.to_ms <= self.from_ms {
+            return Ok(false);
+        }
+        let span = (self.to_ms as i128 - self.from_ms as i128) / self.bucket_ms as i128;
+        if span > Self::MAX_BUCKETS {
+            return Err(crate::TsdbError::Invalid(format!(
+                "{span} buckets requested; at most {} per query (widen the bucket or narrow the range)",
+                Self::MAX_BUCKETS
+            )));
+        }
+        Ok(true)
+    }
 }
 
 /// The buckets of one series.

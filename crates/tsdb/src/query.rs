@@ -262,20 +262,10 @@ impl Tsdb {
             })
             .collect();
         let more = rest.len() > limit || stopped_early;
-        let next = match page.last() {
-            Some(last) if more => {
-                let same = page
-                    .iter()
-                    .rev()
-                    .take_while(|p| p.ts_ms == last.ts_ms)
-                    .count();
-                let carried = if last.ts_ms == from { start } else { 0 };
-                Some(Cursor {
-                    ts_ms: last.ts_ms,
-                    skip: (same + carried) as u32,
-                })
-            }
-            _ => None,
+        let next = if more {
+            Cursor::after_page(&page, from, start)
+        } else {
+            None
         };
         Ok(RawPage {
             kind,
@@ -293,17 +283,8 @@ impl Tsdb {
         &self,
         q: &AggQuery<'_>,
     ) -> Result<(Vec<SeriesBuckets>, AggSources), TsdbError> {
-        if q.bucket_ms <= 0 {
-            return Err(TsdbError::Invalid("bucket must be positive".into()));
-        }
-        if q.to_ms <= q.from_ms {
+        if !q.check()? {
             return Ok((Vec::new(), AggSources::default()));
-        }
-        let span = (q.to_ms as i128 - q.from_ms as i128) / q.bucket_ms as i128;
-        if span > 1_000_000 {
-            return Err(TsdbError::Invalid(format!(
-                "{span} buckets requested; at most 1000000 per query (widen the bucket or narrow the range)"
-            )));
         }
         let ids: Vec<(Arc<str>, SeriesId, SeriesKey, Kind)> = {
             let idx = self.shared.series.read();

@@ -8,7 +8,7 @@
 //! another kind first, the database's kind wins and the writer drops the
 //! points that do not fit (counted as rejected).
 
-use super::{fits, mismatch, Shared};
+use super::Shared;
 use crate::error::PgResult;
 use m2mhub_tsdb::{InPoint, Kind, Value, MAX_NAME};
 use postgres::Client;
@@ -173,11 +173,8 @@ fn admit(
             ));
             continue;
         };
-        if !fits(known.kind, &p.value) {
-            rejected.push((
-                p.metric.to_string(),
-                mismatch(p.metric, known.kind, &p.value),
-            ));
+        if !known.kind.accepts(&p.value) {
+            rejected.push((p.metric.to_string(), known.kind.refusal(p.metric, &p.value)));
             continue;
         }
         let name = cat

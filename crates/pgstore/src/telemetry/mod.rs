@@ -39,8 +39,8 @@ use catalog::Catalog;
 use m2mhub_identity::sql::Migration;
 use m2mhub_identity::RegistryError;
 use m2mhub_tsdb::{
-    AggQuery, AggSources, Appended, InPoint, Kind, Latest, RawPage, RawQuery, Retention,
-    SeriesBuckets, SeriesInfo, Stats, TimeSeriesStore, TsdbError, Value, MAX_NAME,
+    AggQuery, AggSources, Appended, InPoint, Latest, RawPage, RawQuery, Retention, SeriesBuckets,
+    SeriesInfo, Stats, TimeSeriesStore, TsdbError, MAX_NAME,
 };
 use parking_lot::{Mutex, RwLock};
 use postgres::Client;
@@ -291,23 +291,6 @@ impl PgTelemetryStore {
     {
         self.reader().run(f).map_err(tsdb_error)
     }
-}
-
-/// A value as a series of `kind` stores it, or `None` when the kinds clash
-/// (the embedded store's rule: numbers and booleans mix, text does not).
-pub(crate) fn fits(kind: Kind, v: &Value) -> bool {
-    matches!(
-        (kind, v),
-        (Kind::Float | Kind::Bool, Value::F64(_) | Value::Bool(_)) | (Kind::Text, Value::Str(_))
-    )
-}
-
-pub(crate) fn mismatch(metric: &str, kind: Kind, v: &Value) -> String {
-    format!(
-        "metric `{metric}` holds {} values; a {} value does not fit",
-        kind.name(),
-        v.kind().name()
-    )
 }
 
 impl TimeSeriesStore for PgTelemetryStore {

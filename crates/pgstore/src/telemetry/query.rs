@@ -17,9 +17,6 @@ use postgres::types::ToSql;
 use postgres::Client;
 use std::sync::Arc;
 
-/// Most buckets one aggregate query may ask for (as the embedded store).
-const MAX_BUCKETS: i128 = 1_000_000;
-
 fn kind_of(code: i16) -> Result<Kind, TsdbError> {
     u8::try_from(code)
         .ok()
@@ -137,20 +134,10 @@ pub(crate) fn raw(s: &PgTelemetryStore, q: &RawQuery<'_>) -> Result<RawPage, Tsd
             value: value_of(kind, v, t),
         })
         .collect();
-    let next = match points.last() {
-        Some(last) if more => {
-            let same = points
-                .iter()
-                .rev()
-                .take_while(|p| p.ts_ms == last.ts_ms)
-                .count() as i64;
-            let carried = if last.ts_ms == from { start } else { 0 };
-            Some(Cursor {
-                ts_ms: last.ts_ms,
-                skip: u32::try_from(same + carried).unwrap_or(u32::MAX),
-            })
-        }
-        _ => None,
+    let next = if more {
+        Cursor::after_page(&points, from, usize::try_from(start).unwrap_or(0))
+    } else {
+        None
     };
     Ok(RawPage { kind, points, next })
 }
@@ -166,17 +153,8 @@ pub(crate) fn aggregate(
     s: &PgTelemetryStore,
     q: &AggQuery<'_>,
 ) -> Result<(Vec<SeriesBuckets>, AggSources), TsdbError> {
-    if q.bucket_ms <= 0 {
-        return Err(TsdbError::Invalid("bucket must be positive".into()));
-    }
-    if q.to_ms <= q.from_ms {
+    if !q.check()? {
         return Ok((Vec::new(), AggSources::default()));
-    }
-    let span = (q.to_ms as i128 - q.from_ms as i128) / q.bucket_ms as i128;
-    if span > MAX_BUCKETS {
-        return Err(TsdbError::Invalid(format!(
-            "{span} buckets requested; at most 1000000 per query (widen the bucket or narrow the range)"
-        )));
     }
     let (tenant, metric, devices) = (
         q.tenant.to_string(),

@@ -12,7 +12,7 @@
 
 use super::catalog::{Batch, Known};
 use super::partition::{self, Days};
-use super::{fits, mismatch, Shared};
+use super::Shared;
 use crate::connection::Link;
 use crate::error::PgResult;
 use m2mhub_tsdb::{Agg, Completion, Kind, TsdbError, Value, HOUR, MINUTE};
@@ -245,11 +245,11 @@ fn rows(shared: &Shared, group: &[Pending]) -> Vec<Row> {
                 Some(id) => id,
                 // Resolved by now, unless the series' insert failed.
                 None => match cat.get(&b.tenant, &b.device, &bp.metric) {
-                    Some(Known { id: Some(id), kind }) if fits(kind, &bp.value) => id,
+                    Some(Known { id: Some(id), kind }) if kind.accepts(&bp.value) => id,
                     Some(Known { id: Some(_), kind }) => {
                         tracing::warn!(
                             tenant = %b.tenant, device = %b.device,
-                            reason = %mismatch(&bp.metric, kind, &bp.value),
+                            reason = %kind.refusal(&bp.metric, &bp.value),
                             "a point is dropped: another node created its series with another kind"
                         );
                         dropped += 1;
