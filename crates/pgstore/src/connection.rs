@@ -86,7 +86,14 @@ impl Link {
     pub(crate) fn call<T>(&mut self, f: impl FnOnce(&mut Client) -> PgResult<T>) -> Result<T> {
         let client = self.connect()?;
         let out = f(client);
-        if client.is_closed() {
+        // The server may say it is ending the session (a FATAL error, an
+        // administrator's or a shutdown's termination) before the client
+        // has noticed the socket close: that connection is gone too.
+        let ended = match &out {
+            Err(PgError::Postgres(e)) => e.is_closed() || ends_session(e),
+            _ => false,
+        };
+        if client.is_closed() || ended {
             self.client = None;
             let e = match out {
                 Ok(_) => return out.map_err(Into::into),
@@ -100,6 +107,15 @@ impl Link {
         }
         out.map_err(Into::into)
     }
+}
+
+/// An error after which the server has closed the session: FATAL, or
+/// class 57 (operator intervention: terminated, shutting down).
+fn ends_session(e: &postgres::Error) -> bool {
+    let fatal = e
+        .as_db_error()
+        .is_some_and(|d| matches!(d.severity(), "FATAL" | "PANIC"));
+    fatal || e.code().is_some_and(|c| c.code().starts_with("57"))
 }
 
 impl Connection {

@@ -182,6 +182,7 @@ pub struct PgTelemetryStore {
 pub(crate) fn tsdb_error(e: RegistryError) -> TsdbError {
     match e {
         RegistryError::Validation(m) => TsdbError::Invalid(m),
+        RegistryError::Storage(m) => TsdbError::Io(m),
         other => TsdbError::Io(other.to_string()),
     }
 }

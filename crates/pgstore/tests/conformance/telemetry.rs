@@ -756,6 +756,44 @@ mod cluster {
 
         #[test]
         #[ignore = "needs PostgreSQL: scripts/postgres.sh"]
+        fn a_lost_connection_fails_the_group_it_hit_and_the_next_reconnects() {
+            let b = Postgres::new();
+            let s = b.open_with(PgTelemetryOptions::default());
+            let t = t0();
+            put(&s, "t1", "d1", &[pt("temp", t, 1.0)]);
+            // The server ends every connection of the store (a restart, a
+            // failover).
+            admin(&b)
+                .execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                     WHERE datname = current_database() AND pid <> pg_backend_pid()",
+                    &[],
+                )
+                .expect("terminate");
+            // The next group is not acknowledged: it was not committed.
+            let a = s
+                .append("t1", "d1", &[pt("temp", t + 1, 2.0)])
+                .expect("append");
+            let e = a.ticket.wait_blocking().expect_err("the write failed");
+            assert!(matches!(e, m2mhub_tsdb::TsdbError::Io(_)), "{e}");
+            assert!(e.to_string().contains("PostgreSQL"), "{e}");
+            // The one after is, on a new connection; the readers reconnect
+            // after one failed query each.
+            put(&s, "t1", "d1", &[pt("temp", t + 2, 3.0)]);
+            let mut ok = 0;
+            for _ in 0..4 {
+                ok += usize::from(s.latest("t1", "d1").is_ok());
+            }
+            assert!(ok >= 2, "{ok}");
+            assert_eq!(
+                raw_all(&s, "d1", "temp"),
+                vec![(t, Value::F64(1.0)), (t + 2, Value::F64(3.0))]
+            );
+            assert_eq!(s.stats().write_errors, 1);
+        }
+
+        #[test]
+        #[ignore = "needs PostgreSQL: scripts/postgres.sh"]
         fn retention_drops_whole_day_partitions() {
             let b = Postgres::new();
             let s = b.open_with(PgTelemetryOptions {
