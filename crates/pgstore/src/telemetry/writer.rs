@@ -297,9 +297,9 @@ struct Summary<'a> {
 /// points with equal timestamps keep their arrival order and first/last
 /// break ties as [`Agg`] does — instead of a hash map per table.
 fn summarize(rows: &[Row]) -> Summary<'_> {
-    let mut order: Vec<u32> = (0..rows.len() as u32).collect();
+    let mut order: Vec<usize> = (0..rows.len()).collect();
     order.sort_by_key(|&i| {
-        let r = &rows[i as usize];
+        let r = &rows[i];
         (r.series, r.ts)
     });
     let mut s = Summary {
@@ -308,7 +308,7 @@ fn summarize(rows: &[Row]) -> Summary<'_> {
         latest: Vec::new(),
     };
     for i in order {
-        let r = &rows[i as usize];
+        let r = &rows[i];
         match s.latest.last_mut() {
             Some(l) if l.series == r.series => *l = r,
             _ => s.latest.push(r),
