@@ -277,9 +277,15 @@ pub async fn latest(
 ) -> Result<Json<Value>, Problem> {
     caller.require(Role::Viewer)?;
     let d = visible(&state, &caller, &id)?;
-    let items: Vec<Value> = state
-        .tsdb
-        .latest(&d.tenant, &d.id)?
+    let store = state.tsdb.clone();
+    let (tenant, device) = (d.tenant.clone(), d.id.clone());
+    // The store may be across the network (PostgreSQL): off the async workers.
+    let latest = tokio::task::spawn_blocking(move || store.latest(&tenant, &device))
+        .await
+        .map_err(|e| {
+            Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+        })??;
+    let items: Vec<Value> = latest
         .iter()
         .map(|l| {
             json!({
@@ -396,9 +402,12 @@ pub async fn series(
 ) -> Result<Json<Value>, Problem> {
     caller.require(Role::Viewer)?;
     let d = visible(&state, &caller, &id)?;
-    let items: Vec<Value> = state
-        .tsdb
-        .series(&d.tenant, Some(&d.id), None)
+    let store = state.tsdb.clone();
+    let (tenant, device) = (d.tenant.clone(), d.id.clone());
+    let series = tokio::task::spawn_blocking(move || store.series(&tenant, Some(&device), None))
+        .await
+        .map_err(|e| Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
+    let items: Vec<Value> = series
         .iter()
         .map(|s| json!({"metric": &*s.key.metric, "kind": s.kind.name()}))
         .collect();

@@ -3,7 +3,7 @@
 //! which start real servers on ephemeral loopback ports.
 
 use crate::broker_auth::RegistryAuth;
-use crate::settings::Validated;
+use crate::settings::{TelemetryStore, Validated};
 use anyhow::{Context, Result};
 use m2mhub_api::AppState;
 use m2mhub_broker::auth::{
@@ -22,7 +22,7 @@ use tokio::task::JoinHandle;
 use m2mhub_automation::Automation;
 use m2mhub_fleet::Fleet;
 use m2mhub_ingest::{ConnectionHistory, Ingest, IngestCounters, LiveHub};
-use m2mhub_tsdb::{Retention, Tsdb};
+use m2mhub_tsdb::{Retention, TimeSeriesStore, Tsdb};
 
 /// A running m2mhub.
 pub struct Server {
@@ -30,7 +30,8 @@ pub struct Server {
     pub registry: Registry,
     /// Alarms, commands, device events and rule definitions.
     pub fleet: Fleet,
-    pub tsdb: Arc<Tsdb>,
+    /// The telemetry store: embedded, or PostgreSQL shared by the nodes.
+    pub tsdb: Arc<dyn TimeSeriesStore>,
     pub ingest: Arc<IngestCounters>,
     /// The rule service (rules, alarms, commands, webhooks).
     pub automation: Automation,
@@ -150,27 +151,45 @@ impl Server {
         broker.set_security_events(Arc::new(SecurityToRegistry(registry.clone())));
 
         let t = &v.telemetry;
-        let tsdb_dir = v.data_dir.join("tsdb");
-        let tsdb = Tsdb::open(
-            &tsdb_dir,
-            m2mhub_tsdb::Options {
-                durable: t.durable,
-                flush_interval: t.flush_interval,
-                min_free_bytes: t.min_free_bytes,
-                retention: Retention {
-                    default: t.retention,
-                    rules: Vec::new(),
-                },
-                ..Default::default()
-            },
-        )
-        .with_context(|| {
-            format!(
-                "cannot open the time-series store under {}",
-                tsdb_dir.display()
-            )
-        })?;
-        let tsdb = Arc::new(tsdb);
+        let retention = Retention {
+            default: t.retention,
+            rules: Vec::new(),
+        };
+        let tsdb: Arc<dyn TimeSeriesStore> = match &t.store {
+            TelemetryStore::Postgres(url) => {
+                tracing::info!(server = %url, "telemetry in PostgreSQL");
+                let store = m2mhub_pgstore::PgTelemetryStore::open(
+                    url,
+                    m2mhub_pgstore::PgTelemetryOptions {
+                        durable: t.durable,
+                        retention,
+                        ..Default::default()
+                    },
+                )
+                .with_context(|| format!("cannot open the telemetry store in {url}"))?;
+                Arc::new(store)
+            }
+            TelemetryStore::Embedded => {
+                let tsdb_dir = v.data_dir.join("tsdb");
+                let store = Tsdb::open(
+                    &tsdb_dir,
+                    m2mhub_tsdb::Options {
+                        durable: t.durable,
+                        flush_interval: t.flush_interval,
+                        min_free_bytes: t.min_free_bytes,
+                        retention,
+                        ..Default::default()
+                    },
+                )
+                .with_context(|| {
+                    format!(
+                        "cannot open the time-series store under {}",
+                        tsdb_dir.display()
+                    )
+                })?;
+                Arc::new(store)
+            }
+        };
         let ingest = Arc::new(IngestCounters::default());
         let live = Arc::new(LiveHub::default());
         // Every accepted shadow change, whoever wrote it, reaches the live

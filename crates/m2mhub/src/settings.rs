@@ -286,6 +286,13 @@ tile_attribution = "© OpenStreetMap contributors"
 # sessions stay under data_dir. The password is never logged. No TLS to the
 # database yet: use a private network or a local tunnel.
 postgres_url = ""
+# Where telemetry points live: "embedded" (the time-series store under
+# <data_dir>/tsdb, this node's points only) or "postgres" (the server of
+# postgres_url, schema `telemetry`: tables partitioned by day, 1 min and 1 h
+# rollups kept on ingest, shared by every node, so each node's API sees all
+# points). telemetry.mode, retention_days and max_points_per_message apply to
+# both; min_free_mb and flush_interval_secs only to the embedded store.
+telemetry = "embedded"
 
 [log]
 # trace, debug, info, warn or error (RUST_LOG overrides it).
@@ -315,10 +322,21 @@ pub struct Settings {
 
 /// Where the metadata lives. `Debug` hides the URL's password, so settings
 /// can be logged whole.
-#[derive(Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StorageSettings {
     pub postgres_url: String,
+    /// `embedded` or `postgres`.
+    pub telemetry: String,
+}
+
+impl Default for StorageSettings {
+    fn default() -> Self {
+        StorageSettings {
+            postgres_url: String::new(),
+            telemetry: "embedded".into(),
+        }
+    }
 }
 
 impl StorageSettings {
@@ -336,6 +354,7 @@ impl std::fmt::Debug for StorageSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StorageSettings")
             .field("postgres_url", &self.shown_url())
+            .field("telemetry", &self.telemetry)
             .finish()
     }
 }
@@ -611,11 +630,23 @@ impl Default for TelemetrySettings {
 /// Validated telemetry settings.
 #[derive(Debug, Clone)]
 pub struct TelemetryConfig {
+    /// Which store holds the points.
+    pub store: TelemetryStore,
     pub durable: bool,
     pub retention: Option<Duration>,
     pub min_free_bytes: u64,
     pub flush_interval: Duration,
     pub max_points: usize,
+}
+
+/// The time-series backend (`storage.telemetry`).
+#[derive(Debug, Clone)]
+pub enum TelemetryStore {
+    /// `<data_dir>/tsdb`, this node's points.
+    Embedded,
+    /// The metadata's PostgreSQL server, shared by every node (boxed: a
+    /// parsed URL is large and this is the rare case).
+    Postgres(Box<m2mhub_pgstore::PgUrl>),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -983,6 +1014,7 @@ impl Settings {
             bail!("invalid value for `telemetry.max_points_per_message`: 0; use at least 1");
         }
         let telemetry = TelemetryConfig {
+            store: TelemetryStore::Embedded,
             durable,
             retention: (t.retention_days > 0)
                 .then(|| Duration::from_secs(u64::from(t.retention_days) * 86_400)),
@@ -1156,6 +1188,20 @@ impl Settings {
             url => Some(m2mhub_pgstore::PgUrl::parse(url).map_err(|e| {
                 anyhow!("invalid value for `storage.postgres_url`: {e} (or \"\" for SQLite under data_dir)")
             })?),
+        };
+        let telemetry_store = match (self.storage.telemetry.as_str(), &postgres) {
+            ("embedded", _) => TelemetryStore::Embedded,
+            ("postgres", Some(url)) => TelemetryStore::Postgres(Box::new(url.clone())),
+            ("postgres", None) => bail!(
+                "`storage.telemetry = \"postgres\"` needs `storage.postgres_url`: name the PostgreSQL server, or use \"embedded\""
+            ),
+            (other, _) => bail!(
+                "invalid value for `storage.telemetry`: {other:?}; use embedded (under data_dir) or postgres (the server of storage.postgres_url)"
+            ),
+        };
+        let telemetry = TelemetryConfig {
+            store: telemetry_store,
+            ..telemetry
         };
         Ok(Validated {
             reports: self.reports.validate()?,
@@ -1392,12 +1438,48 @@ mod tests {
         let bad = Settings {
             storage: StorageSettings {
                 postgres_url: "postgres://hub:pw-s3cret@[::1".into(),
+                ..StorageSettings::default()
             },
             ..Settings::default()
         };
         let e = bad.validate().expect_err("invalid").to_string();
         assert!(e.contains("storage.postgres_url"), "{e}");
         assert!(!e.contains("pw-s3cret"), "{e}");
+    }
+
+    #[test]
+    fn telemetry_in_postgres_needs_the_postgres_url() {
+        let v = Settings::default().validate().expect("valid");
+        assert!(matches!(v.telemetry.store, TelemetryStore::Embedded));
+        let e = Settings::load(None, &env(&[("M2MHUB_STORAGE_TELEMETRY", "postgres")]))
+            .expect("load")
+            .validate()
+            .expect_err("no server named")
+            .to_string();
+        assert!(e.contains("storage.postgres_url"), "{e}");
+        let v = Settings::load(
+            None,
+            &env(&[
+                ("M2MHUB_STORAGE_TELEMETRY", "postgres"),
+                (
+                    "M2MHUB_STORAGE_POSTGRES_URL",
+                    "postgres://hub:pw@10.0.0.5/meta",
+                ),
+            ]),
+        )
+        .expect("load")
+        .validate()
+        .expect("valid");
+        assert!(matches!(v.telemetry.store, TelemetryStore::Postgres(_)));
+        let e = Settings::load(None, &env(&[("M2MHUB_STORAGE_TELEMETRY", "influx")]))
+            .expect("load")
+            .validate()
+            .expect_err("unknown store")
+            .to_string();
+        assert!(
+            e.contains("storage.telemetry") && e.contains("embedded"),
+            "{e}"
+        );
     }
 
     #[test]

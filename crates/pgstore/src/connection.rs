@@ -24,7 +24,7 @@ type Job = Box<dyn FnOnce(&mut Link) + Send>;
 
 /// Runs once on every new connection, before any job (the store's
 /// `search_path`).
-type Setup = fn(&mut Client) -> PgResult<()>;
+pub(crate) type Setup = fn(&mut Client) -> PgResult<()>;
 
 /// The handle the store methods use; dropping it ends the thread.
 pub(crate) struct Connection {
@@ -40,6 +40,16 @@ pub(crate) struct Link {
 }
 
 impl Link {
+    /// A link that connects on first use, for a thread that runs its own
+    /// loop (the telemetry writer) rather than serving jobs.
+    pub(crate) fn new(url: &PgUrl, setup: Setup) -> Link {
+        Link {
+            url: url.clone(),
+            setup,
+            client: None,
+        }
+    }
+
     fn connect(&mut self) -> Result<&mut Client> {
         if self.client.as_ref().is_none_or(Client::is_closed) {
             self.client = None;
@@ -73,10 +83,17 @@ impl Link {
 
     /// Run `f` on a live connection; a connection found broken afterwards
     /// is dropped, so the next call connects again.
-    fn call<T>(&mut self, f: impl FnOnce(&mut Client) -> PgResult<T>) -> Result<T> {
+    pub(crate) fn call<T>(&mut self, f: impl FnOnce(&mut Client) -> PgResult<T>) -> Result<T> {
         let client = self.connect()?;
         let out = f(client);
-        if client.is_closed() {
+        // The server may say it is ending the session (a FATAL error, an
+        // administrator's or a shutdown's termination) before the client
+        // has noticed the socket close: that connection is gone too.
+        let ended = match &out {
+            Err(PgError::Postgres(e)) => e.is_closed() || ends_session(e),
+            _ => false,
+        };
+        if client.is_closed() || ended {
             self.client = None;
             let e = match out {
                 Ok(_) => return out.map_err(Into::into),
@@ -90,6 +107,15 @@ impl Link {
         }
         out.map_err(Into::into)
     }
+}
+
+/// An error after which the server has closed the session: FATAL, or
+/// class 57 (operator intervention: terminated, shutting down).
+fn ends_session(e: &postgres::Error) -> bool {
+    let fatal = e
+        .as_db_error()
+        .is_some_and(|d| matches!(d.severity(), "FATAL" | "PANIC"));
+    fatal || e.code().is_some_and(|c| c.code().starts_with("57"))
 }
 
 impl Connection {

@@ -32,9 +32,11 @@ mod fleet;
 mod migrate;
 mod registry;
 mod sql;
+mod telemetry;
 pub mod testing;
 mod url;
 
 pub use fleet::PgFleetStore;
 pub use registry::PgRegistryStore;
+pub use telemetry::{PgTelemetryOptions, PgTelemetryStore};
 pub use url::PgUrl;

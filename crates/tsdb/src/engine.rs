@@ -85,6 +85,32 @@ impl Ticket {
     pub fn wait_blocking(self) -> Result<(), TsdbError> {
         self.0.blocking_recv().unwrap_or(Err(TsdbError::Closed))
     }
+
+    /// A ticket and the [`Completion`] that resolves it, for other
+    /// [`crate::TimeSeriesStore`] backends, whose writers complete appends
+    /// the same way the WAL thread does.
+    pub fn pending() -> (Completion, Ticket) {
+        let (tx, rx) = oneshot::channel();
+        (Completion(tx), Ticket(rx))
+    }
+
+    /// A ticket that has already resolved (nothing was queued).
+    pub fn ready(result: Result<(), TsdbError>) -> Ticket {
+        let (done, ticket) = Ticket::pending();
+        done.complete(result);
+        ticket
+    }
+}
+
+/// The writer's side of a [`Ticket`]. Dropping it unresolved resolves the
+/// ticket as [`TsdbError::Closed`].
+pub struct Completion(oneshot::Sender<Result<(), TsdbError>>);
+
+impl Completion {
+    pub fn complete(self, result: Result<(), TsdbError>) {
+        // The appender may have stopped waiting; nothing to tell then.
+        let _ = self.0.send(result);
+    }
 }
 
 /// Result of [`Tsdb::append`].
@@ -407,15 +433,7 @@ impl Tsdb {
     /// stop returning expired points at once). The rules are saved in the
     /// store and survive a restart; the default comes from [`Options`].
     pub fn set_retention(&self, r: Retention) -> Result<(), TsdbError> {
-        for rule in &r.rules {
-            for name in [&rule.tenant, &rule.metric].into_iter().flatten() {
-                if name.is_empty() || name.contains(['\t', '\n', '\r']) {
-                    return Err(TsdbError::Invalid(format!(
-                        "retention rule name {name:?} must be non-empty, without tabs or line breaks"
-                    )));
-                }
-            }
-        }
+        r.validate()?;
         let mut text = String::new();
         for rule in &r.rules {
             let keep = rule
@@ -503,23 +521,11 @@ fn dir_size(p: &Path) -> u64 {
 
 /// A value as its series stores it, or `None` when the kinds clash.
 fn fit(kind: Kind, v: &Value) -> Option<Value> {
-    match (kind, v) {
-        (Kind::Float | Kind::Bool, Value::F64(_) | Value::Bool(_)) => Some(v.clone()),
-        (Kind::Text, Value::Str(_)) => Some(v.clone()),
-        _ => None,
-    }
+    kind.accepts(v).then(|| v.clone())
 }
 
 fn mismatch(p: &InPoint<'_>, kind: Kind) -> (String, String) {
-    (
-        p.metric.to_string(),
-        format!(
-            "metric `{}` holds {} values; a {} value does not fit",
-            p.metric,
-            kind.name(),
-            p.value.kind().name()
-        ),
-    )
+    (p.metric.to_string(), kind.refusal(p.metric, &p.value))
 }
 
 fn partition_ms(dir: &Path, opts: &Options) -> Result<i64, TsdbError> {

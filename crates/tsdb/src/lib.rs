@@ -69,8 +69,9 @@ mod text;
 mod wal;
 
 pub use chunk::{decode_chunk, ChunkEncoder, ChunkError, ChunkIter};
-pub use engine::{Appended, Options, Ticket, Tsdb, MAX_NAME};
+pub use engine::{Appended, Completion, Options, Ticket, Tsdb, MAX_NAME};
 pub use error::TsdbError;
 pub use model::*;
-pub use query::MAX_PAGE;
+pub use query::{Bucketer, MAX_PAGE};
+pub use rollup::{interior as rollup_interior, HOUR, MINUTE};
 pub use store::TimeSeriesStore;

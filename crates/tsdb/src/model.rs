@@ -24,7 +24,8 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub(crate) fn code(self) -> u8 {
+    /// The kind's stable number, as stores persist it.
+    pub fn code(self) -> u8 {
         match self {
             Kind::Float => 0,
             Kind::Bool => 1,
@@ -32,7 +33,7 @@ impl Kind {
         }
     }
 
-    pub(crate) fn from_code(c: u8) -> Option<Kind> {
+    pub fn from_code(c: u8) -> Option<Kind> {
         match c {
             0 => Some(Kind::Float),
             1 => Some(Kind::Bool),
@@ -47,6 +48,26 @@ impl Kind {
             Kind::Bool => "bool",
             Kind::Text => "text",
         }
+    }
+
+    /// Whether a series of this kind takes `v`: numbers and booleans mix
+    /// (booleans are stored as 0/1), text does not.
+    pub fn accepts(self, v: &Value) -> bool {
+        matches!(
+            (self, v),
+            (Kind::Float | Kind::Bool, Value::F64(_) | Value::Bool(_))
+                | (Kind::Text, Value::Str(_))
+        )
+    }
+
+    /// Why a point of `metric` was refused (`accepts` said no), in the
+    /// words every backend reports.
+    pub fn refusal(self, metric: &str, v: &Value) -> String {
+        format!(
+            "metric `{metric}` holds {} values; a {} value does not fit",
+            self.name(),
+            v.kind().name()
+        )
     }
 
     /// Numeric kinds share the float chunk codec and the rollups.
@@ -225,6 +246,24 @@ impl Cursor {
         format!("{}.{}", self.ts_ms, self.skip)
     }
 
+    /// Where the page after `page` starts: its last timestamp, and how
+    /// many points at that timestamp have been returned — those of this
+    /// page, plus the `skipped` a cursor skipped at `from` when the page
+    /// never left that timestamp. `None` for an empty page.
+    pub fn after_page(page: &[OutPoint], from: i64, skipped: usize) -> Option<Cursor> {
+        let last = page.last()?;
+        let same = page
+            .iter()
+            .rev()
+            .take_while(|p| p.ts_ms == last.ts_ms)
+            .count();
+        let carried = if last.ts_ms == from { skipped } else { 0 };
+        Some(Cursor {
+            ts_ms: last.ts_ms,
+            skip: u32::try_from(same + carried).unwrap_or(u32::MAX),
+        })
+    }
+
     pub fn decode(s: &str) -> Option<Cursor> {
         let (a, b) = s.split_once('.')?;
         Some(Cursor {
@@ -257,6 +296,30 @@ pub struct AggQuery<'a> {
     pub to_ms: i64,
     /// Bucket width; buckets are aligned to the epoch.
     pub bucket_ms: i64,
+}
+
+impl AggQuery<'_> {
+    /// Most buckets one query may ask for.
+    pub const MAX_BUCKETS: i128 = 1_000_000;
+
+    /// Refuse a bad bucket or too many buckets; `Ok(false)` when the range
+    /// is empty (nothing to read). Every backend checks the same way.
+    pub fn check(&self) -> Result<bool, crate::TsdbError> {
+        if self.bucket_ms <= 0 {
+            return Err(crate::TsdbError::Invalid("bucket must be positive".into()));
+        }
+        if self.to_ms <= self.from_ms {
+            return Ok(false);
+        }
+        let span = (self.to_ms as i128 - self.from_ms as i128) / self.bucket_ms as i128;
+        if span > Self::MAX_BUCKETS {
+            return Err(crate::TsdbError::Invalid(format!(
+                "{span} buckets requested; at most {} per query (widen the bucket or narrow the range)",
+                Self::MAX_BUCKETS
+            )));
+        }
+        Ok(true)
+    }
 }
 
 /// The buckets of one series.
@@ -326,6 +389,21 @@ impl Retention {
             Some((_, keep)) => keep,
             None => self.default,
         }
+    }
+
+    /// Refuse rule names the stores cannot keep (the embedded store saves
+    /// rules as tab-separated lines; every backend refuses the same names).
+    pub fn validate(&self) -> Result<(), crate::TsdbError> {
+        for rule in &self.rules {
+            for name in [&rule.tenant, &rule.metric].into_iter().flatten() {
+                if name.is_empty() || name.contains(['\t', '\n', '\r']) {
+                    return Err(crate::TsdbError::Invalid(format!(
+                        "retention rule name {name:?} must be non-empty, without tabs or line breaks"
+                    )));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The longest time anything is kept (`None`: forever), which bounds

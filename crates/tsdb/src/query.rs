@@ -15,7 +15,7 @@ use crate::model::{
     SeriesId, SeriesInfo, SeriesKey, Value,
 };
 use crate::part::{ChunkRef, PartFiles, Segment};
-use crate::rollup::{self, HOUR, MINUTE};
+use crate::rollup::{self, HOUR};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -85,15 +85,16 @@ fn decode_num(p: &Piece, mut f: impl FnMut(i64, f64)) -> Result<(), TsdbError> {
 
 /// Accumulates points into buckets. Points mostly arrive in time order,
 /// so the current bucket is kept aside and the map is touched only when
-/// the bucket changes.
-struct Bucketer {
+/// the bucket changes. Public so that every backend buckets (and breaks
+/// first/last ties) the same way.
+pub struct Bucketer {
     width: i64,
     cur: Option<(i64, Agg)>,
     map: BTreeMap<i64, Agg>,
 }
 
 impl Bucketer {
-    fn new(width: i64) -> Self {
+    pub fn new(width: i64) -> Self {
         Self {
             width,
             cur: None,
@@ -101,8 +102,9 @@ impl Bucketer {
         }
     }
 
+    /// Merge a partial aggregate (a rollup row) whose points lie at `t`'s bucket.
     #[inline]
-    fn merge(&mut self, t: i64, a: &Agg) {
+    pub fn merge(&mut self, t: i64, a: &Agg) {
         let k = t.div_euclid(self.width) * self.width;
         match &mut self.cur {
             Some((ck, ca)) if *ck == k => ca.merge(a),
@@ -119,11 +121,12 @@ impl Bucketer {
     }
 
     #[inline]
-    fn add(&mut self, t: i64, v: f64) {
+    pub fn add(&mut self, t: i64, v: f64) {
         self.merge(t, &Agg::of(t, v));
     }
 
-    fn finish(mut self) -> Vec<(i64, Agg)> {
+    /// The buckets, ascending, empty ones left out.
+    pub fn finish(mut self) -> Vec<(i64, Agg)> {
         if let Some((ck, ca)) = self.cur.take() {
             self.map
                 .entry(ck)
@@ -259,20 +262,10 @@ impl Tsdb {
             })
             .collect();
         let more = rest.len() > limit || stopped_early;
-        let next = match page.last() {
-            Some(last) if more => {
-                let same = page
-                    .iter()
-                    .rev()
-                    .take_while(|p| p.ts_ms == last.ts_ms)
-                    .count();
-                let carried = if last.ts_ms == from { start } else { 0 };
-                Some(Cursor {
-                    ts_ms: last.ts_ms,
-                    skip: (same + carried) as u32,
-                })
-            }
-            _ => None,
+        let next = if more {
+            Cursor::after_page(&page, from, start)
+        } else {
+            None
         };
         Ok(RawPage {
             kind,
@@ -290,17 +283,8 @@ impl Tsdb {
         &self,
         q: &AggQuery<'_>,
     ) -> Result<(Vec<SeriesBuckets>, AggSources), TsdbError> {
-        if q.bucket_ms <= 0 {
-            return Err(TsdbError::Invalid("bucket must be positive".into()));
-        }
-        if q.to_ms <= q.from_ms {
+        if !q.check()? {
             return Ok((Vec::new(), AggSources::default()));
-        }
-        let span = (q.to_ms as i128 - q.from_ms as i128) / q.bucket_ms as i128;
-        if span > 1_000_000 {
-            return Err(TsdbError::Invalid(format!(
-                "{span} buckets requested; at most 1000000 per query (widen the bucket or narrow the range)"
-            )));
         }
         let ids: Vec<(Arc<str>, SeriesId, SeriesKey, Kind)> = {
             let idx = self.shared.series.read();
@@ -351,29 +335,7 @@ impl Tsdb {
         bucket: i64,
         sources: &mut AggSources,
     ) -> Result<Vec<(i64, Agg)>, TsdbError> {
-        let level = if bucket % HOUR == 0 {
-            HOUR
-        } else if bucket % MINUTE == 0 {
-            MINUTE
-        } else {
-            0
-        };
-        let (i0, i1) = if level > 0 {
-            let a = from.div_euclid(level) * level
-                + if from.rem_euclid(level) == 0 {
-                    0
-                } else {
-                    level
-                };
-            let b = to.div_euclid(level) * level;
-            if a < b {
-                (a, b)
-            } else {
-                (0, 0)
-            }
-        } else {
-            (0, 0)
-        };
+        let (level, i0, i1) = rollup::interior(from, to, bucket);
         let g = self.gather(id, from, to);
         let mut acc = Bucketer::new(bucket);
         let mut raw_points = 0u64;

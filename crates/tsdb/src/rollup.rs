@@ -13,6 +13,34 @@ use crate::model::Agg;
 pub const MINUTE: i64 = 60_000;
 pub const HOUR: i64 = 3_600_000;
 
+/// Which rollups answer an aggregate of `[from, to)` in buckets of
+/// `bucket`: `(level, i0, i1)`, where `level` is the rollup width (1 h when
+/// the bucket is whole hours, 1 min when whole minutes, else 0: none) and
+/// `[i0, i1)` the whole rollup buckets inside the range (empty when
+/// `i0 >= i1`); the edges outside it need raw points. Every backend plans
+/// the same way, so they read the same rows.
+pub fn interior(from: i64, to: i64, bucket: i64) -> (i64, i64, i64) {
+    let level = if bucket % HOUR == 0 {
+        HOUR
+    } else if bucket % MINUTE == 0 {
+        MINUTE
+    } else {
+        return (0, 0, 0);
+    };
+    let a = from.div_euclid(level) * level
+        + if from.rem_euclid(level) == 0 {
+            0
+        } else {
+            level
+        };
+    let b = to.div_euclid(level) * level;
+    if a < b {
+        (level, a, b)
+    } else {
+        (level, 0, 0)
+    }
+}
+
 /// Build the sorted rows of `points` in buckets of `width`.
 pub(crate) fn rows(points: &[(i64, f64)], width: i64) -> Vec<(i64, Agg)> {
     let mut out: Vec<(i64, Agg)> = Vec::new();

@@ -10,6 +10,7 @@ mod bench;
 mod fleet;
 mod registry;
 mod server;
+mod telemetry;
 
 /// Define each listed test (a `fn(&dyn Backend)` of the enclosing module)
 /// once per backend: `sqlite::name` and `postgres::name`.
