@@ -549,6 +549,7 @@ test("an operator draws a geofence on the map and makes it a rule", () =>
     // Zoomed out, the fleet is one cluster in the middle: the corners go
     // around it, away from the zoom buttons.
     await page.evaluate(() => document.querySelector("#fleet-map").leafletFleet.group._map.setZoom(3, { animate: false }));
+    const fencesBefore = await page.evaluate(() => document.querySelectorAll("#fleet-map path.fence:not(.drawing)").length);
     await page.click("button:text('Draw geofence')");
     const box = await map.boundingBox();
     for (const [fx, fy] of [[0.25, 0.2], [0.8, 0.25], [0.7, 0.8]]) {
@@ -565,7 +566,7 @@ test("an operator draws a geofence on the map and makes it a rule", () =>
     await page.waitForURL(/#\/rules\/[^/]+$/);
     // Back on the map, the new rule's fence is drawn with the others.
     await page.goto(base + "/#/map");
-    await page.waitForFunction(() => document.querySelectorAll("#fleet-map path.fence:not(.drawing)").length >= 1);
+    await page.waitForFunction((n) => document.querySelectorAll("#fleet-map path.fence:not(.drawing)").length === n + 1, fencesBefore);
   }));
 
 test("a device's chart changes range, zooms by dragging, pans, and tails live values", () =>
