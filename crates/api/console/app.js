@@ -12,7 +12,7 @@
 // this one (index.html), as globals.
 
 import { timeChart, barChart, align } from "./charts.js";
-import { createMap, fleetLayer, fenceLayer, trackLayer } from "./map.js";
+import { createMap, fleetLayer, fenceLayer, fenceDrawer, trackLayer } from "./map.js";
 
 const TOKEN_KEY = "m2mhub.token";
 const THEME_KEY = "m2mhub.theme";
@@ -1155,9 +1155,17 @@ async function map(view, gen, parts, params) {
   const playBtn = h("button", { type: "button", disabled: true, "aria-pressed": "false" }, "Play");
   const scrub = h("input", { type: "range", min: 0, max: 0, value: 0, step: 1, disabled: true, "aria-label": "Replay position" });
   const when = h("span", { class: "muted small", "aria-live": "polite" });
+  const drawBtn = h("button", { type: "button", "aria-pressed": "false" }, "Draw geofence");
+  const makeBtn = h("button", { type: "button", class: "primary", disabled: true }, "Make a rule");
+  const clearBtn = h("button", { type: "button" }, "Clear");
+  const corners = h("span", { class: "muted small", "aria-live": "polite" });
   replace(view, h("h1", {}, "Map ", badge),
     h("div", { class: "toolbar" }, fitBtn, summary),
     box,
+    canWrite() ? h("section", { class: "fence-panel card" },
+      h("h2", {}, "New geofence"),
+      h("p", { class: "muted small" }, "Draw an area on the map, corner by corner, then make it a rule that raises an alarm when a device leaves it."),
+      h("div", { class: "toolbar" }, drawBtn, makeBtn, clearBtn, corners)) : null,
     h("section", { class: "track-panel card" },
       h("h2", {}, "Route replay"),
       h("div", { class: "toolbar" }, trackDevice, trackRange, showBtn),
@@ -1170,6 +1178,25 @@ async function map(view, gen, parts, params) {
   if (!current(gen)) { lm.remove(); return; }
   onLeave(() => lm.remove());
   const fleet = fleetLayer(lm, (id) => go("#/devices/" + enc(id)));
+  // A geofence drawn here becomes a rule: "outside this polygon" in WKT,
+  // longitude first, as inside() reads it.
+  const drawer = fenceDrawer(lm);
+  const showCorners = () => {
+    replace(corners, drawer.count() ? drawer.count() + " corners" : "");
+    makeBtn.disabled = drawer.count() < 3;
+  };
+  lm.on("click", showCorners);
+  drawBtn.addEventListener("click", () => {
+    const on = drawBtn.getAttribute("aria-pressed") !== "true";
+    drawBtn.setAttribute("aria-pressed", String(on));
+    drawer.setOn(on);
+  });
+  clearBtn.addEventListener("click", () => { drawer.clear(); showCorners(); });
+  makeBtn.addEventListener("click", () => {
+    const wkt = "POLYGON((" + drawer.ring().map(([lon, lat]) => lon.toFixed(5) + " " + lat.toFixed(5)).join(", ") + "))";
+    const sql = "SELECT device, lat, lon FROM 'devices/+/telemetry' WHERE NOT inside(lat, lon, '" + wkt + "')";
+    go("#/rules/new" + query({ name: "geofence", sql }));
+  });
   box.leafletFleet = fleet; // for the browser tests' performance check
   let fitted = false;
   const fit = () => {
@@ -1774,9 +1801,15 @@ async function rules(view, gen) {
   await every(5000, load);
 }
 
-async function ruleForm(view, gen, parts) {
+async function ruleForm(view, gen, parts, params) {
   const id = parts[1] === "new" ? null : parts[1];
-  const rule = id ? await get("/rules/" + enc(id)) : { name: "", description: "", sql: "", actions: [], enabled: true };
+  // A new rule may come prefilled (the map's "Make a rule" of a drawn
+  // geofence): name and SQL from the address.
+  const rule = id ? await get("/rules/" + enc(id)) : {
+    name: (params && params.get("name")) || "", description: "", sql: (params && params.get("sql")) || "",
+    actions: (params && params.get("sql")) ? [{ type: "alarm", alarm_type: "geofence_exit", severity: "major" }] : [],
+    enabled: true,
+  };
   if (!current(gen)) return;
   const name = h("input", { value: rule.name || "" });
   const description = h("input", { value: rule.description || "" });

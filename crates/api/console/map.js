@@ -161,6 +161,26 @@ export function fenceLayer(map, fences) {
   return layer;
 }
 
+/// Drawing a new geofence: while on, each click on the map adds a corner;
+/// `ring()` is the corners as `[[lon, lat], …]` (closed), `clear()`
+/// starts over. The outline is drawn as it grows.
+export function fenceDrawer(map) {
+  let on = false;
+  const corners = [];
+  const outline = L.polygon([], { className: "fence drawing", interactive: false }).addTo(map);
+  map.on("click", (e) => {
+    if (!on) return;
+    corners.push([e.latlng.lat, e.latlng.lng]);
+    outline.setLatLngs(corners);
+  });
+  return {
+    setOn: (v) => { on = v; map.getContainer().classList.toggle("drawing", v); },
+    count: () => corners.length,
+    ring: () => corners.length ? [...corners, corners[0]].map(([lat, lon]) => [lon, lat]) : [],
+    clear: () => { corners.length = 0; outline.setLatLngs([]); },
+  };
+}
+
 /// A device's path, `points` = `[[ts_ms, lat, lon], …]` oldest first, with
 /// a marker that replays it: `seek(i)` puts the marker at the i-th point.
 export function trackLayer(map, id, points) {
