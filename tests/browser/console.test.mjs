@@ -545,18 +545,19 @@ test("an operator draws a geofence on the map and makes it a rule", () =>
     await loggedIn(page);
     await page.goto(base + "/#/map");
     const map = page.locator("#fleet-map");
+    await map.locator("path.bm-land").first().waitFor();
     await page.waitForFunction(() => document.querySelector("#fleet-map").dataset.loaded === "true");
     // Zoomed out, the fleet is one cluster in the middle: the corners go
     // around it, away from the zoom buttons.
     await page.evaluate(() => document.querySelector("#fleet-map").leafletFleet.group._map.setZoom(3, { animate: false }));
-    const fencesBefore = await page.evaluate(() => document.querySelectorAll("#fleet-map path.fence:not(.drawing)").length);
+    const fencesBefore = await page.evaluate(() => document.querySelectorAll("#fleet-map path.fence").length);
     await page.click("button:text('Draw geofence')");
     const box = await map.boundingBox();
     for (const [fx, fy] of [[0.25, 0.2], [0.8, 0.25], [0.7, 0.8]]) {
       await page.mouse.click(box.x + box.width * fx, box.y + box.height * fy);
     }
     await page.getByText("3 corners").waitFor();
-    await map.locator("path.fence.drawing").waitFor();
+    await map.locator("path.fence-draft").waitFor();
     await shot(page, "geofence-drawn");
     await page.click("button:text('Make a rule')");
     await page.waitForURL(/#\/rules\/new/);
@@ -565,8 +566,15 @@ test("an operator draws a geofence on the map and makes it a rule", () =>
     await page.click("form button:text('Create')");
     await page.waitForURL(/#\/rules\/[^/]+$/);
     // Back on the map, the new rule's fence is drawn with the others.
-    await page.goto(base + "/#/map");
-    await page.waitForFunction((n) => document.querySelectorAll("#fleet-map path.fence:not(.drawing)").length === n + 1, fencesBefore);
+    await page.click("#nav a[href='#/map']");
+    await page.waitForURL(/#\/map/);
+    await map.locator("path.bm-land").first().waitFor();
+    try {
+      await page.waitForFunction((n) => document.querySelectorAll("#fleet-map path.fence").length === n + 1, fencesBefore, { timeout: 8000 });
+    } catch (e) {
+      const now = await page.evaluate(() => [document.querySelectorAll("#fleet-map path.fence").length, document.body.innerText.slice(0, 600)]);
+      throw new Error(`fences before ${fencesBefore}, now ${JSON.stringify(now)}: ${e}`);
+    }
   }));
 
 test("a device's chart changes range, zooms by dragging, pans, and tails live values", () =>

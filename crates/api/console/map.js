@@ -167,17 +167,19 @@ export function fenceLayer(map, fences) {
 export function fenceDrawer(map) {
   let on = false;
   const corners = [];
-  const outline = L.polygon([], { className: "fence drawing", interactive: false }).addTo(map);
+  // Made at the first corner: no empty shape on the map before.
+  let outline = null;
   map.on("click", (e) => {
     if (!on) return;
     corners.push([e.latlng.lat, e.latlng.lng]);
+    if (!outline) outline = L.polygon([], { className: "fence-draft", interactive: false }).addTo(map);
     outline.setLatLngs(corners);
   });
   return {
     setOn: (v) => { on = v; map.getContainer().classList.toggle("drawing", v); },
     count: () => corners.length,
     ring: () => corners.length ? [...corners, corners[0]].map(([lat, lon]) => [lon, lat]) : [],
-    clear: () => { corners.length = 0; outline.setLatLngs([]); },
+    clear: () => { corners.length = 0; if (outline) { outline.remove(); outline = null; } },
   };
 }
 
