@@ -801,6 +801,10 @@ test("the overview charts the last hour; every page reads in dark mode and at a 
     await page.locator(".chart-box[data-chart=alarms] canvas").waitFor();
     await page.waitForFunction(() => Number(document.querySelector(".chart-box[data-chart=traffic]").dataset.points) >= 1);
     await page.locator("tr[data-talker]").first().waitFor();
+    // Storage and rule health: the demo's store has data and its rules run.
+    await page.locator(".card[data-health=disk]").waitFor();
+    const rulesCard = await page.locator(".card[data-health=rules] .figure").textContent();
+    assert.match(rulesCard, /^\d+ of \d+$/, rulesCard);
     // Times are in the operator's zone, named in the bar.
     assert.ok((await page.locator("#zone").textContent()).length > 0);
     await shot(page, "overview");

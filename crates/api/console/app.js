@@ -441,6 +441,24 @@ async function overview(view, gen) {
   const alarmChartBox = h("div", { class: "chart-box", "data-chart": "alarms" });
   const talkersBox = h("div", {}, h("p", { class: "muted" }, "Loading…"));
   const silentBox = h("div", {}, h("p", { class: "muted" }, "Loading…"));
+  const healthBox = h("div", { class: "cards", "data-health": "" }, h("p", { class: "muted" }, "Loading…"));
+  // The time-series store's state and the rules' health: what an operator
+  // must notice before readings or alarms go missing.
+  const drawHealth = async () => {
+    const [st, rs] = await Promise.all([get("/telemetry/stats"), get("/rules")]);
+    if (!current(gen)) return;
+    const items = rs.items || [];
+    const failing = items.filter((r) => r.counters && (r.counters.failed > 0 || r.counters.action_failures > 0));
+    const card = (key, label, value, bad) => h("div", { class: "card" + (bad ? " bad" : ""), "data-health": key },
+      h("div", { class: "muted" }, label), h("div", { class: "figure" }, String(value)));
+    replace(healthBox,
+      card("disk", "Stored on disk", fmtBytes(st.disk_bytes || 0)),
+      card("series", "Series", st.series ?? 0),
+      card("write-errors", "Store write errors", st.write_errors ?? 0, st.write_errors > 0),
+      card("disk-full", "Disk full", st.disk_full ? "yes" : "no", !!st.disk_full),
+      card("rules", "Rules enabled", items.filter((r) => r.enabled).length + " of " + items.length),
+      card("rules-failing", "Rules failing", failing.length, failing.length > 0));
+  };
   replace(view,
     h("h1", {}, "Fleet overview ", badge),
     h("div", { class: "cards" },
@@ -451,7 +469,8 @@ async function overview(view, gen) {
       h("section", {}, h("h2", {}, "Connections, last hour"), connBox),
       h("section", {}, h("h2", {}, "Alarms raised per hour, last 24 h"), alarmChartBox),
       h("section", {}, h("h2", {}, "Top talkers, last hour"), talkersBox)),
-    h("h2", {}, "Gone silent"), silentBox);
+    h("h2", {}, "Gone silent"), silentBox,
+    h("h2", {}, "Storage and rules"), healthBox);
   let last = null;
   const sample = async () => {
     const [devs, broker, summary] = await Promise.all([
@@ -576,6 +595,7 @@ async function overview(view, gen) {
   setTimeout(() => { if (current(gen)) sample().catch(showError); }, 1000);
   every(30000, () => Promise.all([drawHistory(), drawAlarms(), drawSilent()]));
   every(60000, drawTalkers);
+  every(30000, drawHealth);
 }
 
 // ---- Devices -----------------------------------------------------------------

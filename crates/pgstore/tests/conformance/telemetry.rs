@@ -21,7 +21,9 @@ pub fn t0() -> i64 {
         .duration_since(UNIX_EPOCH)
         .expect("clock")
         .as_millis() as i64;
-    now - now % HOUR - 48 * HOUR
+    // Aligned to 6 hours (the widest bucket the tests ask for), so that a
+    // bucket starting at t0 holds whole hours whatever the time of day.
+    now - now % (6 * HOUR) - 48 * HOUR
 }
 
 pub trait Backend {
