@@ -278,6 +278,10 @@ test("an operator logs in, finds a device, watches it live, commands it, writes 
     await page.click("form button:text('Create')");
     await page.waitForURL(/#\/rules\/[^/]+$/);
     await page.locator("h1", { hasText: "Browser test: hot" }).waitFor();
+    // The SQL is shown highlighted: keywords, the topic string, numbers.
+    assert.equal(await page.locator("pre.sql .sql-kw", { hasText: "SELECT" }).count(), 1);
+    assert.equal(await page.locator("pre.sql .sql-string").first().textContent(), `'devices/${id}/telemetry'`);
+    assert.ok(await page.locator("pre.sql .sql-number").count() >= 1);
     const rules = await apiAs(token, "GET", "/rules");
     assert.ok(rules.items.some((r) => r.name === "Browser test: hot" && r.enabled));
 

@@ -1821,6 +1821,28 @@ async function rules(view, gen) {
   await every(5000, load);
 }
 
+const SQL_KEYWORDS = new Set(["select", "from", "where", "group", "by", "having", "for", "clear", "when",
+  "and", "or", "not", "as", "is", "null", "in", "between", "like", "case", "then", "else", "end",
+  "true", "false", "tumbling", "hopping", "sliding", "silence", "every", "limit", "order", "asc", "desc"]);
+
+/// Spans for a rule's SQL: no HTML is built from the text (only text
+/// nodes), so nothing typed can inject markup.
+function highlightSql(text) {
+  const out = [];
+  const re = /(--[^\n]*)|('(?:[^']|'')*'?)|(\d+(?:\.\d+)?(?:[smhd]|ms)?\b)|([A-Za-z_][A-Za-z0-9_.]*)|(\s+|[^\sA-Za-z0-9_'-]+|-)/g;
+  let m;
+  while ((m = re.exec(text)) !== null) {
+    const [tok, comment, str, num, word] = m;
+    if (comment) out.push(h("span", { class: "sql-comment" }, tok));
+    else if (str) out.push(h("span", { class: "sql-string" }, tok));
+    else if (num) out.push(h("span", { class: "sql-number" }, tok));
+    else if (word && SQL_KEYWORDS.has(word.toLowerCase())) out.push(h("span", { class: "sql-kw" }, tok));
+    else if (word && text[re.lastIndex] === "(") out.push(h("span", { class: "sql-fn" }, tok));
+    else out.push(document.createTextNode(tok));
+  }
+  return out;
+}
+
 async function ruleForm(view, gen, parts, params) {
   const id = parts[1] === "new" ? null : parts[1];
   // A new rule may come prefilled (the map's "Make a rule" of a drawn
@@ -1835,6 +1857,12 @@ async function ruleForm(view, gen, parts, params) {
   const description = h("input", { value: rule.description || "" });
   const sql = h("textarea", { class: "code", rows: 8, spellcheck: "false", value: rule.sql || "" });
   const sqlError = h("div", {});
+  // The SQL again, highlighted as it is typed: keywords, functions,
+  // topics and strings, numbers, comments.
+  const shown = h("pre", { class: "sql", "aria-hidden": "true" });
+  const paint = () => replace(shown, highlightSql(sql.value));
+  sql.addEventListener("input", paint);
+  paint();
   const actions = h("textarea", { class: "code", rows: 8, spellcheck: "false", value: JSON.stringify(rule.actions || [], null, 2) });
   const actionsError = h("div", {});
   const enabled = h("input", { type: "checkbox" });
@@ -1844,7 +1872,7 @@ async function ruleForm(view, gen, parts, params) {
   const form = h("form", { class: "stack" },
     h("label", {}, "Name", name),
     h("label", {}, "Description", description),
-    h("label", {}, "SQL", sql), sqlError,
+    h("label", {}, "SQL", sql), shown, sqlError,
     h("label", {}, "Actions (JSON array)", actions), actionsError,
     h("label", {}, h("span", {}, enabled, " enabled")),
     readOnly ? null : h("div", { class: "toolbar" },
