@@ -70,6 +70,14 @@ const NODE_TTL: Duration = Duration::from_secs(10);
 /// stale claim (sent before that) from a new one. Far above the time a
 /// claim takes to cross NATS; nodes' clocks must agree better than this.
 const CLAIM_WINDOW: Duration = Duration::from_secs(30);
+/// Whether `s` may name a cluster or a node: at most `max` letters, digits,
+/// `-` and `_` (it becomes part of NATS subjects and bucket names).
+pub fn is_token(s: &str, max: usize) -> bool {
+    s.len() <= max
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
 /// Reacts to another node's change of shared metadata.
 pub type ChangeListener = Arc<dyn Fn(&str) + Send + Sync>;
 
@@ -517,12 +525,7 @@ impl Cluster {
         config: ClusterConfig,
     ) -> Result<Arc<Cluster>, ClusterError> {
         let name = config.name.clone();
-        if name.is_empty()
-            || name.len() > 32
-            || !name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-        {
+        if name.is_empty() || !is_token(&name, 32) {
             return Err(ClusterError::Name(name));
         }
         let (retained_bucket, nodes_bucket) = (format!("{name}_retained"), format!("{name}_nodes"));

@@ -1143,20 +1143,11 @@ impl Settings {
                 bail!("`cluster.nats_url` is empty; set the NATS server URL, e.g. nats://127.0.0.1:4222 (or --nats-url)");
             }
             let node_id = cl.node_id.trim();
-            if !node_id
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-                || node_id.len() > 64
-            {
+            if !m2mhub_cluster::is_token(node_id, 64) {
                 bail!("invalid value for `cluster.node_id`: {node_id:?}; use up to 64 letters, digits, - and _ (or \"\" for one made on first start)");
             }
             let name = cl.name.trim();
-            if name.is_empty()
-                || name.len() > 32
-                || !name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-            {
+            if name.is_empty() || !m2mhub_cluster::is_token(name, 32) {
                 bail!("invalid value for `cluster.name`: {name:?}; use 1 to 32 letters, digits, - and _");
             }
             if cl.queue_retention_hours == 0 {
