@@ -1766,7 +1766,10 @@ async function reportPage(view, gen, parts) {
       h("td", {}, fmtTime(run.from_ms), " – ", fmtTime(run.to_ms)),
       h("td", {}, run.trigger),
       h("td", { class: "num" }, run.ok ? String(run.rows) : h("span", { class: "error" }, run.error || "failed")),
-      h("td", { class: "small" }, run.deliveries.map((d) => h("div", {}, d.channel, ": ", d.ok ? "sent" : h("span", { class: "error" }, d.error || "failed")))),
+      h("td", { class: "small" }, run.deliveries.map((d) => h("div", {}, d.channel, ": ",
+        d.ok ? "sent" + ((d.attempts || 1) > 1 ? " (attempt " + d.attempts + ")" : "") : h("span", { class: "error" }, d.error || "failed"),
+        !d.ok && d.next_retry_ms ? h("span", { class: "muted" }, " · retry " + fmtTime(d.next_retry_ms)) : null,
+        !d.ok && !d.next_retry_ms && (d.attempts || 1) > 1 ? h("span", { class: "muted" }, " · gave up after " + d.attempts + " attempts") : null))),
       h("td", {}, run.ok ? [
         h("button", { type: "button", onclick: act(() => downloadRun(id, run, "csv")) }, "CSV"), " ",
         h("button", { type: "button", onclick: act(() => downloadRun(id, run, "html")) }, "HTML"),

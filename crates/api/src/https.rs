@@ -23,7 +23,7 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_rustls::server::TlsStream;
-use tokio_rustls::TlsAcceptor;
+use m2mhub_broker::tls::ReloadableConfig;
 
 /// Handshakes in progress at once; more wait in the kernel's backlog.
 pub const MAX_HANDSHAKES: usize = 256;
@@ -78,8 +78,8 @@ impl Listener for TlsListener {
 
 impl TlsListener {
     /// Accept TCP connections on `listener` and handshake them with
-    /// `acceptor` in background tasks.
-    pub fn start(listener: TcpListener, acceptor: TlsAcceptor) -> std::io::Result<TlsListener> {
+    /// `tls`'s current configuration in background tasks.
+    pub fn start(listener: TcpListener, tls: ReloadableConfig) -> std::io::Result<TlsListener> {
         let local = listener.local_addr()?;
         let (tx, ready) = mpsc::channel(64);
         let slots = Arc::new(Semaphore::new(MAX_HANDSHAKES));
@@ -101,7 +101,7 @@ impl TlsListener {
                     return;
                 }
                 let _ = stream.set_nodelay(true);
-                let (acceptor, tx) = (acceptor.clone(), tx.clone());
+                let (acceptor, tx) = (tls.acceptor(), tx.clone());
                 tokio::spawn(async move {
                     let _permit = permit;
                     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream))
@@ -138,11 +138,11 @@ async fn tls_extensions(mut req: Request, next: Next) -> Response {
 /// Serve HTTPS on `listener` until `shutdown` resolves.
 pub async fn serve_tls(
     listener: TcpListener,
-    acceptor: TlsAcceptor,
+    tls: ReloadableConfig,
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let tls = TlsListener::start(listener, acceptor)?;
+    let tls = TlsListener::start(listener, tls)?;
     let limits = state.http.clone();
     let app = crate::router(state)
         .layer(axum::middleware::from_fn(crate::timing::server_timing))

@@ -345,7 +345,14 @@ async fn file(
     caller.require(Role::Viewer)?;
     let reports = service(&state)?;
     let run = find_run(&state, &caller, &id, &run)?;
-    let path = reports.file(&run, ext);
+    let path = reports.ensure_file(&run, ext).await.map_err(|e| {
+        tracing::warn!(run = %run.id, error = %e, "cannot render a report file");
+        Problem::new(
+            StatusCode::NOT_FOUND,
+            "not-found",
+            format!("the {ext} of run {} is gone", run.id),
+        )
+    })?;
     let data = tokio::fs::read(&path).await.map_err(|e| {
         tracing::warn!(run = %run.id, error = %e, "cannot read a report file");
         Problem::new(

@@ -61,6 +61,8 @@ pub(crate) struct Inner {
     /// Set when shutdown begins; connections check it when signalled.
     pub shutting_down: std::sync::atomic::AtomicBool,
     pub started: Instant,
+    /// Every connection's keep-alive deadline, in one timer.
+    pub(crate) deadlines: Arc<crate::deadlines::Deadlines>,
     pub bans: Bans,
     pub limits: Limits,
     pub hooks: Hooks,
@@ -200,6 +202,7 @@ impl Broker {
             shutdown,
             shutting_down: std::sync::atomic::AtomicBool::new(false),
             started: Instant::now(),
+            deadlines: crate::deadlines::Deadlines::new(),
             cluster: RwLock::new(None),
             clustered: AtomicBool::new(false),
         });

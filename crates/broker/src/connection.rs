@@ -4,7 +4,9 @@
 //! This task is the I/O driver of the sans-IO protocol core
 //! ([`crate::protocol`]): it decodes packets and hands them to
 //! [`ConnState::handle_input`], encodes what the core decides to send,
-//! sleeps until [`ConnState::poll_timeout`], and does the work the core
+//! hands [`ConnState::poll_timeout`] to the broker's one keep-alive timer
+//! (`deadlines.rs`, no timer per connection) and checks the core when it
+//! fires, and does the work the core
 //! cannot do without I/O or shared state: authentication, authorization,
 //! routing, the store, the publish hook, rate limits.
 //!
@@ -39,12 +41,11 @@ use mqtt_codec::{
     Subscribe, Unsubscribe,
 };
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
 
 /// How long a SUBACK waits for the cluster to confirm the subscription's
 /// interest before it is sent anyway (NATS unreachable).
@@ -109,9 +110,6 @@ pub(crate) struct Connection<S: Transport> {
     session: Option<Arc<Session>>,
     waker: Arc<Signal>,
     identity: Arc<ClientIdentity>,
-    /// Sleeps until the core's keep-alive deadline; only while keep alive
-    /// is on.
-    ka_sleep: Option<Pin<Box<Sleep>>>,
     more_pending: bool,
     /// Admission decided at accept: [`ADMIT_OK`], [`ADMIT_CLOSE`] or the
     /// CONNACK reason code to refuse the CONNECT with.
@@ -293,7 +291,6 @@ pub(crate) fn serve<S: Transport>(
         session: None,
         waker: Arc::new(Signal::default()),
         identity: anonymous,
-        ka_sleep: None,
         more_pending: false,
         admit,
         ip_counted,
@@ -413,6 +410,17 @@ impl<S: Transport> Connection<S> {
                     if let Some(end) = self.check_kicked() {
                         return end;
                     }
+                    if self.waker.take_timer() {
+                        // Not reading (waiting for the platform) is no
+                        // fault of the client's.
+                        if let Err(Close(code)) = self.core.handle_timeout(Instant::now(), reading) {
+                            Metrics::inc(&self.inner.metrics.keepalive_timeouts);
+                            return End::Server(code);
+                        }
+                        if let Some(next) = self.core.poll_timeout() {
+                            self.inner.deadlines.arm(next, &self.waker);
+                        }
+                    }
                 }
                 _ = std::future::poll_fn(|cx| match self.acks.as_mut() {
                     Some(q) => q.poll_head(cx),
@@ -443,22 +451,6 @@ impl<S: Transport> Connection<S> {
                         }
                     }
                 },
-                _ = async {
-                    match self.ka_sleep.as_mut() {
-                        Some(s) => s.await,
-                        None => std::future::pending().await,
-                    }
-                } => {
-                    // Not reading (waiting for the platform) is no fault
-                    // of the client's.
-                    if let Err(Close(code)) = self.core.handle_timeout(Instant::now(), reading) {
-                        Metrics::inc(&self.inner.metrics.keepalive_timeouts);
-                        return End::Server(code);
-                    }
-                    if let (Some(s), Some(next)) = (self.ka_sleep.as_mut(), self.core.poll_timeout()) {
-                        s.as_mut().reset(next);
-                    }
-                }
                 _ = std::future::ready(()), if more => {}
             }
         }
@@ -679,7 +671,7 @@ impl<S: Transport> Connection<S> {
         let server_keep_alive = params.server_keep_alive;
         self.core = ConnState::new(params, Instant::now());
         if let Some(at) = self.core.poll_timeout() {
-            self.ka_sleep = Some(Box::pin(tokio::time::sleep_until(at)));
+            self.inner.deadlines.arm(at, &self.waker);
         }
         self.core.set_will(c.will.take());
 

@@ -25,6 +25,7 @@ mod broker;
 pub mod cluster;
 pub mod config;
 mod connection;
+mod deadlines;
 pub mod events;
 mod limits;
 mod listener;

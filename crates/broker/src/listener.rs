@@ -5,7 +5,6 @@ use crate::broker::Broker;
 use std::net::SocketAddr;
 
 use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
 
 impl Broker {
     /// Serve one connection over any transport (the HTTP server hands
@@ -50,7 +49,7 @@ impl Broker {
 
     /// Accept MQTT over TLS until shutdown. The handshake must finish within
     /// the CONNECT timeout.
-    pub async fn run_tls(&self, listener: TcpListener, acceptor: TlsAcceptor) {
+    pub async fn run_tls(&self, listener: TcpListener, tls: crate::tls::ReloadableConfig) {
         let mut shutdown = self.shutdown_signal();
         let timeout = self.config().connect_timeout;
         loop {
@@ -62,7 +61,7 @@ impl Broker {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
                     let broker = self.clone();
-                    let acceptor = acceptor.clone();
+                    let acceptor = tls.acceptor();
                     tokio::spawn(async move {
                         let tls = match tokio::time::timeout(timeout, acceptor.accept(stream)).await
                         {

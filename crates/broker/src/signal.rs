@@ -12,6 +12,9 @@ use std::task::{Context, Poll, Waker};
 #[derive(Default)]
 pub(crate) struct Signal {
     set: AtomicBool,
+    /// Set by the broker's keep-alive timer (`deadlines.rs`) before it
+    /// notifies: the connection's deadline has passed.
+    timer: AtomicBool,
     waker: Mutex<Option<Waker>>,
 }
 
@@ -24,6 +27,17 @@ impl Signal {
         if let Some(w) = self.waker.lock().take() {
             w.wake();
         }
+    }
+
+    /// Notify, saying that the keep-alive deadline passed.
+    pub fn notify_timer(&self) {
+        self.timer.store(true, Ordering::Release);
+        self.notify();
+    }
+
+    /// Whether the keep-alive timer signalled since the last call.
+    pub fn take_timer(&self) -> bool {
+        self.timer.load(Ordering::Acquire) && self.timer.swap(false, Ordering::AcqRel)
     }
 
     /// Ready once [`Signal::notify`] has been called since the last time it

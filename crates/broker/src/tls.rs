@@ -1,6 +1,14 @@
-//! TLS server configuration from PEM files (rustls, ring provider).
+//! TLS server configuration from PEM files (rustls, ring provider), and
+//! [`ReloadableConfig`], which lets a running listener take a renewed
+//! certificate or a new revocation list without a restart.
+//!
+//! The protocol versions are rustls's safe defaults, TLS 1.2 and 1.3 only,
+//! and its cipher suites: AEAD only (AES-GCM, ChaCha20-Poly1305), forward
+//! secret key exchange (ECDHE on X25519, P-256, P-384) — no CBC, RC4, 3DES,
+//! static RSA key exchange or SHA-1 signatures can be negotiated.
 
-use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
+use parking_lot::RwLock;
+use rustls::pki_types::{pem::PemObject, CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig, ServerConnection};
 use std::path::Path;
@@ -77,10 +85,15 @@ pub fn server_config(
 /// a client may also connect without one (and authenticate with a token),
 /// which is how devices with certificates and devices with tokens share
 /// one TLS listener.
+///
+/// `crls` (PEM) list revoked client certificates: one listed is refused at
+/// the handshake. A certificate whose issuer has no CRL here is accepted
+/// as before (the built-in device CA revokes through the registry).
 pub fn server_config_pem(
     cert_chain_pem: &str,
     key_pem: &str,
     client_roots: &[String],
+    crls: &[String],
     require_client_cert: bool,
 ) -> Result<Arc<ServerConfig>, TlsError> {
     let certs: Vec<CertificateDer<'static>> =
@@ -110,7 +123,27 @@ pub fn server_config_pem(
                 roots.add(c).map_err(|e| TlsError::Config(e.to_string()))?;
             }
         }
+        let mut lists: Vec<CertificateRevocationListDer<'static>> = Vec::new();
+        for pem in crls {
+            for c in CertificateRevocationListDer::pem_slice_iter(pem.as_bytes()) {
+                lists.push(c.map_err(|e| TlsError::Certificate {
+                    path: "(client CRL)".into(),
+                    reason: e.to_string(),
+                })?);
+            }
+        }
+        if crls.iter().any(|p| !p.trim().is_empty()) && lists.is_empty() {
+            return Err(TlsError::Certificate {
+                path: "(client CRL)".into(),
+                reason: "no PEM X509 CRL found".into(),
+            });
+        }
         let mut verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider());
+        if !lists.is_empty() {
+            verifier = verifier
+                .with_crls(lists)
+                .allow_unknown_revocation_status();
+        }
         if !require_client_cert {
             verifier = verifier.allow_unauthenticated();
         }
@@ -124,6 +157,31 @@ pub fn server_config_pem(
         .with_single_cert(certs, key)
         .map_err(|e| TlsError::Config(e.to_string()))?;
     Ok(Arc::new(config))
+}
+
+/// A server configuration shared by a listener's handshakes and replaced
+/// as a whole (SIGHUP): each handshake takes the one current when it
+/// starts, connections already open keep theirs.
+#[derive(Clone)]
+pub struct ReloadableConfig(Arc<RwLock<Arc<ServerConfig>>>);
+
+impl ReloadableConfig {
+    pub fn new(config: Arc<ServerConfig>) -> ReloadableConfig {
+        ReloadableConfig(Arc::new(RwLock::new(config)))
+    }
+
+    pub fn current(&self) -> Arc<ServerConfig> {
+        self.0.read().clone()
+    }
+
+    /// An acceptor for one handshake, with the current configuration.
+    pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        tokio_rustls::TlsAcceptor::from(self.current())
+    }
+
+    pub fn replace(&self, config: Arc<ServerConfig>) {
+        *self.0.write() = config;
+    }
 }
 
 /// The client's verified certificate, if any: its subject common name and

@@ -151,6 +151,17 @@ pub struct DeliveryOutcome {
     pub ok: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Attempts made so far (a failed delivery is retried a few times).
+    #[serde(default = "one")]
+    pub attempts: u32,
+    /// When the next attempt is due, while a failed delivery has retries
+    /// left.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_retry_ms: Option<i64>,
+}
+
+fn one() -> u32 {
+    1
 }
 
 /// One run of a report.
@@ -236,6 +247,14 @@ impl Fleet {
         let mut r = self.get_report(id)?;
         r.next_run_ms = next_run_ms;
         s.store.put_report(&r)
+    }
+
+    /// Claim the scheduled run due at `due_ms` and move the next run to
+    /// `next_run_ms`: `true` for the one scheduler (of all nodes sharing the
+    /// store) that gets it.
+    pub fn claim_report_run(&self, id: &str, due_ms: i64, next_run_ms: Option<i64>) -> Result<bool> {
+        let _w = self.shared.write.lock();
+        self.shared.store.claim_report_run(id, due_ms, next_run_ms)
     }
 
     /// Delete a definition and its runs' rows; the caller deletes the files.
@@ -359,6 +378,13 @@ mod tests {
             (moved.next_run_ms, moved.name.as_str()),
             (Some(42), "renamed")
         );
+        // A scheduled run is claimed once: the second claim of the same due
+        // time (another node's scheduler) gets nothing.
+        assert!(fleet.claim_report_run("r1", 42, Some(99)).expect("claim"));
+        assert!(!fleet.claim_report_run("r1", 42, Some(99)).expect("claim again"));
+        assert!(!fleet.claim_report_run("gone", 42, None).expect("claim unknown"));
+        let claimed = fleet.get_report("r1").expect("get");
+        assert_eq!((claimed.next_run_ms, claimed.name.as_str()), (Some(99), "renamed"));
 
         for (i, t) in [10, 30, 20].into_iter().enumerate() {
             fleet

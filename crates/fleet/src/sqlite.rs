@@ -1072,6 +1072,28 @@ impl FleetStore for SqliteFleetStore {
         Ok(())
     }
 
+    fn claim_report_run(&self, id: &str, due_ms: i64, next_run_ms: Option<i64>) -> Result<bool> {
+        let mut c = self.conn.lock();
+        let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let doc: Option<String> = tx
+            .query_row("SELECT doc FROM reports WHERE id = ?", params![id], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        let Some(doc) = doc else { return Ok(false) };
+        let mut r: Report = serde_json::from_str(&doc)?;
+        if r.next_run_ms != Some(due_ms) {
+            return Ok(false);
+        }
+        r.next_run_ms = next_run_ms;
+        tx.execute(
+            "UPDATE reports SET doc = ? WHERE id = ?",
+            params![serde_json::to_string(&r)?, id],
+        )?;
+        tx.commit()?;
+        Ok(true)
+    }
+
     fn delete_report(&self, id: &str) -> Result<()> {
         let mut c = self.conn.lock();
         let tx = c.transaction()?;

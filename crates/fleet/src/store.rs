@@ -161,6 +161,12 @@ pub trait FleetStore: Send + Sync + 'static {
 
     /// Insert or replace a report definition (by id).
     fn put_report(&self, r: &Report) -> Result<()>;
+    /// Move a definition's next run from `due_ms` to `next_run_ms`, only if
+    /// it is still `due_ms`; `false` when it is not (another node's
+    /// scheduler claimed this run first, or the definition changed or is
+    /// gone). Atomic against other nodes sharing the store, so each
+    /// scheduled run is made by exactly one of them.
+    fn claim_report_run(&self, id: &str, due_ms: i64, next_run_ms: Option<i64>) -> Result<bool>;
     /// Delete a report definition and every row of its runs in one
     /// transaction (`NotFound` if it is gone).
     fn delete_report(&self, id: &str) -> Result<()>;

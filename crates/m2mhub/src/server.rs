@@ -4,7 +4,7 @@
 
 use crate::broker_auth::RegistryAuth;
 use crate::settings::{TelemetryStore, Validated};
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use m2mhub_api::AppState;
 use m2mhub_broker::auth::{
     AuthDecision, Authenticator, Authorizer, ClientIdentity, ConnectInfo, StaticAuth,
@@ -246,39 +246,29 @@ impl Server {
         tasks.push(tokio::spawn(async move { b.run_tcp(mqtt).await }));
 
         // TLS: the configured certificate, else one from the built-in CA.
-        let (chain_pem, key_pem) = match &v.tls.files {
-            Some((cert, key)) => (
-                std::fs::read_to_string(cert)
-                    .with_context(|| format!("cannot read `mqtt.tls_cert` {}", cert.display()))?,
-                std::fs::read_to_string(key)
-                    .with_context(|| format!("cannot read `mqtt.tls_key` {}", key.display()))?,
-            ),
+        let builtin = match &v.tls.files {
+            Some(_) => None,
             None => {
                 let mut names = vec!["localhost".to_string()];
                 let host = v.tls.listen.ip();
                 if !host.is_unspecified() {
                     names.push(host.to_string());
                 }
-                ca.server_identity(&v.data_dir, &master, &names)?
+                Some(ca.server_identity(&v.data_dir, &master, &names)?)
             }
         };
-        let mut client_roots = vec![ca.ca_pem()];
-        if let Some(path) = &v.tls.client_ca {
-            client_roots.push(
-                std::fs::read_to_string(path).with_context(|| {
-                    format!("cannot read `mqtt.tls_client_ca` {}", path.display())
-                })?,
-            );
-        }
-        let tls_config =
-            m2mhub_broker::tls::server_config_pem(&chain_pem, &key_pem, &client_roots, false)?;
+        let tls_source = TlsSource {
+            files: v.tls.clone(),
+            builtin,
+            ca_pem: ca.ca_pem(),
+        };
+        let tls_config = tls_source.load()?;
+        let mqtt_tls = m2mhub_broker::tls::ReloadableConfig::new(tls_config.clone());
         let listener = bind(v.tls.listen, "mqtt.tls_listen", "--mqtts-listen").await?;
         let mqtts_addr = Some(listener.local_addr()?);
         let b = broker.clone();
-        let acceptor = tokio_rustls::TlsAcceptor::from(tls_config.clone());
-        tasks.push(tokio::spawn(
-            async move { b.run_tls(listener, acceptor).await },
-        ));
+        let tls = mqtt_tls.clone();
+        tasks.push(tokio::spawn(async move { b.run_tls(listener, tls).await }));
 
         tasks.push(tokio::spawn(sweep_diagnostics(fleet.clone())));
 
@@ -319,6 +309,7 @@ impl Server {
                 smtp: v.reports.smtp.clone(),
                 public_url: public_base(v, http_addr),
                 webhook_timeout: Duration::from_secs(10),
+                retry_delays: m2mhub_reports::default_retry_delays(),
             },
         );
         tasks.push(reports.clone().start(v.reports.check_interval));
@@ -414,19 +405,19 @@ impl Server {
         if !notifiers.is_empty() {
             resources.start_notifications(notifiers);
         }
+        let mut https_tls = None;
         let https_addr = match v.https_listen {
             Some(addr) => {
                 let listener = bind(addr, "http.tls_listen", "--https-listen").await?;
                 let local = listener.local_addr()?;
-                let mut config = (*tls_config).clone();
-                config.alpn_protocols = vec![b"http/1.1".to_vec()];
-                let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+                let tls = m2mhub_broker::tls::ReloadableConfig::new(https_config(&tls_config));
+                https_tls = Some(tls.clone());
                 let (state, mut signal) = (state.clone(), broker.shutdown_signal());
                 tasks.push(tokio::spawn(async move {
                     let stop = async move {
                         let _ = signal.changed().await;
                     };
-                    if let Err(e) = m2mhub_api::serve_tls(listener, acceptor, state, stop).await {
+                    if let Err(e) = m2mhub_api::serve_tls(listener, tls, state, stop).await {
                         tracing::error!(error = %e, "HTTPS server failed");
                     }
                 }));
@@ -434,6 +425,8 @@ impl Server {
             }
             None => None,
         };
+        #[cfg(unix)]
+        tasks.push(reload_tls_on_hangup(tls_source, mqtt_tls, https_tls)?);
         let mut signal = broker.shutdown_signal();
         tasks.push(tokio::spawn(async move {
             let stop = async move {
@@ -617,6 +610,81 @@ impl SecurityEvents for SecurityToRegistry {
 /// base URL devices download from.
 /// The base URL of links handed out (firmware downloads, report files):
 /// `http.public_url`, else the HTTP listener's address.
+/// Where the TLS listeners' configuration comes from: read at start and
+/// again on every SIGHUP (a renewed certificate, a new CRL).
+struct TlsSource {
+    files: crate::settings::TlsFiles,
+    /// The built-in CA's server identity (chain, key), when no files are
+    /// configured.
+    builtin: Option<(String, String)>,
+    ca_pem: String,
+}
+
+impl TlsSource {
+    fn load(&self) -> Result<Arc<rustls::ServerConfig>> {
+        let read = |path: &std::path::Path, key: &str| {
+            std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read `mqtt.{key}` {}", path.display()))
+        };
+        let (chain_pem, key_pem) = match (&self.files.files, &self.builtin) {
+            (Some((cert, key)), _) => (read(cert, "tls_cert")?, read(key, "tls_key")?),
+            (None, Some(builtin)) => builtin.clone(),
+            (None, None) => bail!("no TLS certificate: set mqtt.tls_cert and mqtt.tls_key"),
+        };
+        let mut client_roots = vec![self.ca_pem.clone()];
+        if let Some(path) = &self.files.client_ca {
+            client_roots.push(read(path, "tls_client_ca")?);
+        }
+        let crls = match &self.files.client_crl {
+            Some(path) => vec![read(path, "tls_client_crl")?],
+            None => Vec::new(),
+        };
+        Ok(m2mhub_broker::tls::server_config_pem(
+            &chain_pem,
+            &key_pem,
+            &client_roots,
+            &crls,
+            false,
+        )?)
+    }
+}
+
+/// The HTTPS listener's configuration: the MQTT listener's, offering
+/// HTTP/1.1 by ALPN.
+fn https_config(mqtt: &Arc<rustls::ServerConfig>) -> Arc<rustls::ServerConfig> {
+    let mut config = (**mqtt).clone();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Arc::new(config)
+}
+
+/// On SIGHUP, read the TLS files again and give new handshakes the result;
+/// a file that does not load leaves the running configuration in place.
+#[cfg(unix)]
+fn reload_tls_on_hangup(
+    source: TlsSource,
+    mqtt: m2mhub_broker::tls::ReloadableConfig,
+    https: Option<m2mhub_broker::tls::ReloadableConfig>,
+) -> Result<tokio::task::JoinHandle<()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hangup = signal(SignalKind::hangup()).context("cannot listen for SIGHUP")?;
+    Ok(tokio::spawn(async move {
+        while hangup.recv().await.is_some() {
+            match source.load() {
+                Ok(config) => {
+                    if let Some(h) = &https {
+                        h.replace(https_config(&config));
+                    }
+                    mqtt.replace(config);
+                    tracing::info!("SIGHUP: TLS certificate, client CA and CRL files read again");
+                }
+                Err(e) => {
+                    tracing::error!(error = format!("{e:#}"), "SIGHUP: TLS files not reloaded; the running configuration stays");
+                }
+            }
+        }
+    }))
+}
+
 fn public_base(v: &Validated, http_addr: std::net::SocketAddr) -> String {
     v.ota.public_url.clone().unwrap_or_else(|| {
         let ip = match http_addr.ip() {

@@ -33,6 +33,12 @@ tls_cert = ""
 tls_key = ""
 # PEM file of an extra CA whose client certificates are accepted too.
 tls_client_ca = ""
+# PEM file of certificate revocation lists (CRLs) for tls_client_ca: a
+# client certificate listed there is refused at the handshake. Kill -HUP
+# the server to read the certificate, key, CA and CRL files again (a
+# renewed certificate or a new CRL, without a restart; connections open
+# keep their session).
+tls_client_crl = ""
 # Accept clients without credentials. Off by default: devices connect with
 # their id and a token, or a certificate (see `m2mhub device`). Enable it
 # explicitly (flag --allow-anonymous) for a closed network or a quick try.
@@ -574,6 +580,7 @@ pub struct MqttSettings {
     pub tls_cert: String,
     pub tls_key: String,
     pub tls_client_ca: String,
+    pub tls_client_crl: String,
     pub allow_anonymous: bool,
     pub password_file: String,
     pub max_packet_size: u32,
@@ -755,6 +762,7 @@ impl Default for MqttSettings {
             tls_cert: String::new(),
             tls_key: String::new(),
             tls_client_ca: String::new(),
+            tls_client_crl: String::new(),
             allow_anonymous: false,
             password_file: String::new(),
             max_packet_size: 1_048_576,
@@ -955,7 +963,11 @@ impl Settings {
             listen: addr("mqtt.tls_listen", &m.tls_listen)?,
             files,
             client_ca: opt_path(&m.tls_client_ca),
+            client_crl: opt_path(&m.tls_client_crl),
         };
+        if tls.client_crl.is_some() && tls.client_ca.is_none() {
+            bail!("invalid value for `mqtt.tls_client_crl`: it lists revoked certificates of tls_client_ca, so set tls_client_ca too");
+        }
         if !["trace", "debug", "info", "warn", "error"].contains(&self.log.level.as_str()) {
             bail!(
                 "invalid value for `log.level`: {:?}; use trace, debug, info, warn or error",
@@ -1333,6 +1345,8 @@ pub struct TlsFiles {
     pub files: Option<(PathBuf, PathBuf)>,
     /// An extra CA for client certificates.
     pub client_ca: Option<PathBuf>,
+    /// Revocation lists for `client_ca`'s certificates.
+    pub client_crl: Option<PathBuf>,
 }
 
 /// Settings the server can run with.

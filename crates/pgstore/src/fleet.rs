@@ -954,6 +954,32 @@ impl FleetStore for PgFleetStore {
             })
     }
 
+    fn claim_report_run(&self, id: &str, due_ms: i64, next_run_ms: Option<i64>) -> Result<bool> {
+        self.conn.with(id.to_string(), move |c, id| {
+            let mut tx = c.transaction()?;
+            // The row lock makes a second node's claim wait for this one
+            // and then see the moved time.
+            let doc: Option<String> = tx
+                .query_opt("SELECT doc FROM reports WHERE id = $1 FOR UPDATE", &[&id])?
+                .map(|r| r.try_get(0))
+                .transpose()?;
+            let Some(doc) = doc else { return Ok(false) };
+            let mut r: Report = serde_json::from_str(&doc)?;
+            if r.next_run_ms != Some(due_ms) {
+                return Ok(false);
+            }
+            r.next_run_ms = next_run_ms;
+            let doc = serde_json::to_string(&r)?;
+            execute(
+                &mut tx,
+                "UPDATE reports SET doc = $2 WHERE id = $1",
+                &[&id, &doc],
+            )?;
+            tx.commit()?;
+            Ok(true)
+        })
+    }
+
     fn delete_report(&self, id: &str) -> Result<()> {
         self.conn.with(id.to_string(), |c, id| {
             let mut tx = c.transaction()?;

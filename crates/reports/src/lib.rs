@@ -22,7 +22,7 @@ pub mod schedule;
 mod service;
 pub mod smtp;
 
-pub use service::{validate_email, Reports, ReportsConfig, RunRequest};
+pub use service::{default_retry_delays, validate_email, Reports, ReportsConfig, RunRequest};
 pub use smtp::{SmtpConfig, SmtpSecurity};
 
 use m2mhub_identity::RegistryError;

@@ -4,9 +4,13 @@
 //! `<dir>/<report>/<run>.csv` and `.html`, records the run through the
 //! fleet store, then delivers: one mail with the HTML as body and the CSV
 //! attached, one signed webhook POST with the download links. A failed
-//! delivery is recorded on the run, not retried: the files stay for
-//! download and a run can be repeated on request. After each run the
-//! retention (count and age) is applied to the report's runs and files.
+//! delivery is recorded on the run and tried again after each of
+//! [`ReportsConfig::retry_delays`] (a mail relay or receiver down for a few
+//! minutes still gets the report); each attempt is recorded on the run.
+//! Retries live in the node that made the run: a restart drops the ones
+//! pending (the files stay for download and a run can be repeated on
+//! request). After each run the retention (count and age) is applied to
+//! the report's runs and files.
 
 use crate::content::{self, Content};
 use crate::render;
@@ -35,6 +39,14 @@ pub struct ReportsConfig {
     /// The base URL download links in mails and webhooks start with.
     pub public_url: String,
     pub webhook_timeout: Duration,
+    /// After a failed delivery, wait this long before each further
+    /// attempt (the default: 1, 5 and 30 minutes).
+    pub retry_delays: Vec<Duration>,
+}
+
+/// The default waits before retrying a failed delivery.
+pub fn default_retry_delays() -> Vec<Duration> {
+    [60, 300, 1800].map(Duration::from_secs).to_vec()
 }
 
 /// A run on request: the period, or the one a scheduled run now would
@@ -43,6 +55,61 @@ pub struct ReportsConfig {
 pub struct RunRequest {
     pub from_ms: Option<i64>,
     pub to_ms: Option<i64>,
+}
+
+/// "2026-03-01 to 2026-03-31 (Europe/Berlin)": a period as the
+/// report's readers name it.
+fn period_label(r: &Report, plan: &Plan, from_ms: i64, to_ms: i64) -> Result<String, ReportError> {
+    Ok(format!(
+        "{} to {} ({})",
+        local_date(&plan.zone, from_ms)?,
+        local_date(&plan.zone, to_ms - 1)?,
+        r.schedule.time_zone
+    ))
+}
+
+/// What a run delivers, kept for its retries.
+struct Parcel {
+    report: Report,
+    period: String,
+    csv: String,
+    html: String,
+}
+
+/// A way a run is delivered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Channel {
+    Email,
+    Webhook,
+}
+
+impl Channel {
+    fn name(self) -> &'static str {
+        match self {
+            Channel::Email => "email",
+            Channel::Webhook => "webhook",
+        }
+    }
+
+    fn named(name: &str) -> Option<Channel> {
+        match name {
+            "email" => Some(Channel::Email),
+            "webhook" => Some(Channel::Webhook),
+            _ => None,
+        }
+    }
+
+    /// The channels a report is delivered through.
+    fn of(r: &Report) -> Vec<Channel> {
+        let mut out = Vec::new();
+        if !r.delivery.email.is_empty() {
+            out.push(Channel::Email);
+        }
+        if r.delivery.webhook.is_some() {
+            out.push(Channel::Webhook);
+        }
+        out
+    }
 }
 
 /// Most devices one report may name.
@@ -214,12 +281,7 @@ impl Reports {
                 ))
             }
         };
-        let period = format!(
-            "{} to {} ({})",
-            local_date(&plan.zone, from_ms)?,
-            local_date(&plan.zone, to_ms - 1)?,
-            r.schedule.time_zone
-        );
+        let period = period_label(&r, &plan, from_ms, to_ms)?;
         let mut run = ReportRun {
             id: new_id("run"),
             report_id: r.id.clone(),
@@ -250,6 +312,7 @@ impl Reports {
         })
         .await
         .map_err(|e| ReportError::Invalid(format!("report task failed: {e}")))?;
+        let mut retry = None;
         match rendered {
             Ok((rows, csv, html)) => {
                 run.ok = true;
@@ -258,7 +321,18 @@ impl Reports {
                 run.html_bytes = html.len() as u64;
                 run.finished_ms = now_ms();
                 self.fleet.put_report_run(&run)?;
-                run.deliveries = self.deliver(&r, &run, &period, csv, html).await;
+                let parcel = Arc::new(Parcel {
+                    report: r.clone(),
+                    period: period.clone(),
+                    csv,
+                    html,
+                });
+                let mut deliveries = Vec::new();
+                for channel in Channel::of(&r) {
+                    deliveries.push(self.deliver(channel, &run, &parcel, 1).await);
+                }
+                run.deliveries = deliveries;
+                retry = Some(parcel);
             }
             Err(e) => {
                 tracing::warn!(report = %r.id, error = %e, "report run failed");
@@ -266,11 +340,53 @@ impl Reports {
             }
         }
         run.finished_ms = now_ms();
+        if let Some(parcel) = retry {
+            self.schedule_retry(&mut run, parcel, 0);
+        }
         self.fleet.put_report_run(&run)?;
         if let Err(e) = self.prune(&r, run.finished_ms) {
             tracing::warn!(report = %r.id, error = %e, "report retention failed");
         }
         Ok(run)
+    }
+
+    /// The file of a run (`csv` or `html`), rendered again from the stored
+    /// data when this node does not have it: in a cluster a run's files
+    /// are written by the node that made it, and any node serves the
+    /// download. (Data that arrived late for the period since is then in
+    /// the new copy.)
+    pub async fn ensure_file(
+        self: &Arc<Self>,
+        run: &ReportRun,
+        ext: &str,
+    ) -> Result<PathBuf, ReportError> {
+        let path = self.file(run, ext);
+        if tokio::fs::try_exists(&path).await.unwrap_or(false) {
+            return Ok(path);
+        }
+        let r = self.fleet.get_report(&run.report_id)?;
+        let this = Arc::clone(self);
+        let run = run.clone();
+        tokio::task::spawn_blocking(move || {
+            let plan = Plan::new(&r.schedule)?;
+            let period = period_label(&r, &plan, run.from_ms, run.to_ms)?;
+            let c = this.compute(&r, run.from_ms, run.to_ms)?;
+            std::fs::create_dir_all(this.config.dir.join(&r.id))?;
+            // Written aside and renamed: a concurrent download never reads
+            // half a file.
+            for (ext, body) in [
+                ("csv", render::csv(&c)),
+                ("html", render::html(&c, &r.name, &period)),
+            ] {
+                let tmp = this.file(&run, &format!("{ext}.tmp{}", new_id("t")));
+                std::fs::write(&tmp, body)?;
+                std::fs::rename(&tmp, this.file(&run, ext))?;
+            }
+            tracing::info!(report = %r.id, run = %run.id, "report files rendered again on this node");
+            Ok(path)
+        })
+        .await
+        .map_err(|e| ReportError::Invalid(format!("report task failed: {e}")))?
     }
 
     fn link(&self, run: &ReportRun, ext: &str) -> String {
@@ -282,70 +398,136 @@ impl Reports {
         )
     }
 
+    /// One attempt at one channel.
     async fn deliver(
         &self,
-        r: &Report,
+        channel: Channel,
         run: &ReportRun,
-        period: &str,
-        csv: String,
-        html: String,
-    ) -> Vec<DeliveryOutcome> {
-        let mut out = Vec::new();
-        if let (false, Some(cfg)) = (r.delivery.email.is_empty(), &self.config.smtp) {
-            let mail = Mail {
-                to: r.delivery.email.clone(),
-                subject: format!("{}: {period}", r.name),
-                html,
-                attachments: vec![(
-                    format!("{}-{}.csv", r.id, run.id),
-                    "text/csv; charset=utf-8".into(),
-                    csv.into_bytes(),
-                )],
-                id: run.id.clone(),
-            };
-            let res = smtp::send(cfg, &mail).await;
-            if let Err(e) = &res {
-                tracing::warn!(report = %r.id, error = %e, "report mail failed");
+        parcel: &Parcel,
+        attempt: u32,
+    ) -> DeliveryOutcome {
+        let r = &parcel.report;
+        let (target, res) = match channel {
+            Channel::Email => {
+                let Some(cfg) = &self.config.smtp else {
+                    return DeliveryOutcome {
+                        channel: channel.name().into(),
+                        target: r.delivery.email.join(", "),
+                        ok: false,
+                        error: Some("no mail relay is configured".into()),
+                        attempts: attempt,
+                        next_retry_ms: None,
+                    };
+                };
+                let mail = Mail {
+                    to: r.delivery.email.clone(),
+                    subject: format!("{}: {}", r.name, parcel.period),
+                    html: parcel.html.clone(),
+                    attachments: vec![(
+                        format!("{}-{}.csv", r.id, run.id),
+                        "text/csv; charset=utf-8".into(),
+                        parcel.csv.clone().into_bytes(),
+                    )],
+                    id: run.id.clone(),
+                };
+                let res = smtp::send(cfg, &mail).await.map_err(|e| e.to_string());
+                (r.delivery.email.join(", "), res)
             }
-            out.push(DeliveryOutcome {
-                channel: "email".into(),
-                target: r.delivery.email.join(", "),
-                ok: res.is_ok(),
-                error: res.err().map(|e| e.to_string()),
-            });
-        }
-        if let Some(w) = &r.delivery.webhook {
-            let body = json!({
-                "event": "report.run",
-                "report": {"id": r.id, "name": r.name, "tenant": r.tenant},
-                "run": {
-                    "id": run.id, "trigger": run.trigger, "from_ms": run.from_ms,
-                    "to_ms": run.to_ms, "rows": run.rows, "period": period,
-                },
-                "links": {"csv": self.link(run, "csv"), "html": self.link(run, "html")},
-            });
-            let target = webhook::Target {
-                url: w.url.clone(),
-                secret: w.secret.clone(),
-            };
-            let res = webhook::post(
-                &target,
-                &run.id,
-                body.to_string().as_bytes(),
-                self.config.webhook_timeout,
-            )
-            .await;
-            if let Err(e) = &res {
-                tracing::warn!(report = %r.id, error = %e, "report webhook failed");
+            Channel::Webhook => {
+                let Some(w) = &r.delivery.webhook else {
+                    return DeliveryOutcome {
+                        channel: channel.name().into(),
+                        target: String::new(),
+                        ok: false,
+                        error: Some("the report has no webhook".into()),
+                        attempts: attempt,
+                        next_retry_ms: None,
+                    };
+                };
+                let body = json!({
+                    "event": "report.run",
+                    "report": {"id": r.id, "name": r.name, "tenant": r.tenant},
+                    "run": {
+                        "id": run.id, "trigger": run.trigger, "from_ms": run.from_ms,
+                        "to_ms": run.to_ms, "rows": run.rows, "period": parcel.period,
+                    },
+                    "links": {"csv": self.link(run, "csv"), "html": self.link(run, "html")},
+                });
+                let target = webhook::Target {
+                    url: w.url.clone(),
+                    secret: w.secret.clone(),
+                };
+                // The run id is the delivery id: a receiver that saw an
+                // earlier attempt arrive can tell this one is the same.
+                let res = webhook::post(
+                    &target,
+                    &run.id,
+                    body.to_string().as_bytes(),
+                    self.config.webhook_timeout,
+                )
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string());
+                (w.url.clone(), res)
             }
-            out.push(DeliveryOutcome {
-                channel: "webhook".into(),
-                target: w.url.clone(),
-                ok: res.is_ok(),
-                error: res.err().map(|e| e.to_string()),
-            });
+        };
+        if let Err(e) = &res {
+            tracing::warn!(report = %r.id, run = %run.id, channel = channel.name(), attempt, error = %e, "report delivery failed");
         }
-        out
+        DeliveryOutcome {
+            channel: channel.name().into(),
+            target,
+            ok: res.is_ok(),
+            error: res.err(),
+            attempts: attempt,
+            next_retry_ms: None,
+        }
+    }
+
+    /// If a delivery of `run` failed and retries are left (`done` of them
+    /// made), note when the next is due on the run and start a task that
+    /// makes it; the caller stores the run.
+    fn schedule_retry(self: &Arc<Self>, run: &mut ReportRun, parcel: Arc<Parcel>, done: usize) {
+        let Some(wait) = self.config.retry_delays.get(done).copied() else {
+            return;
+        };
+        if run.deliveries.iter().all(|d| d.ok) {
+            return;
+        }
+        let due = now_ms().saturating_add(i64::try_from(wait.as_millis()).unwrap_or(i64::MAX));
+        for d in run.deliveries.iter_mut().filter(|d| !d.ok) {
+            d.next_retry_ms = Some(due);
+        }
+        let this = Arc::clone(self);
+        let mut run = run.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(wait).await;
+            for i in 0..run.deliveries.len() {
+                let d = &run.deliveries[i];
+                if d.ok {
+                    continue;
+                }
+                let Some(channel) = Channel::named(&d.channel) else {
+                    continue;
+                };
+                let attempt = d.attempts.saturating_add(1);
+                run.deliveries[i] = this.deliver(channel, &run, &parcel, attempt).await;
+            }
+            this.schedule_retry(&mut run, Arc::clone(&parcel), done + 1);
+            // The run may have been pruned or its report deleted meanwhile:
+            // then there is nothing to record.
+            if this.fleet.get_report(&run.report_id).is_ok() {
+                let kept = this
+                    .fleet
+                    .list_report_runs(&run.report_id, 100_000)
+                    .map(|runs| runs.iter().any(|r| r.id == run.id));
+                if matches!(kept, Ok(true)) {
+                    if let Err(e) = this.fleet.put_report_run(&run) {
+                        tracing::warn!(run = %run.id, error = %e, "report delivery not recorded");
+                    }
+                }
+            }
+        });
     }
 
     /// Keep the newest `keep_runs` runs, and none older than `keep_days`.
@@ -397,10 +579,19 @@ impl Reports {
                     continue;
                 }
             };
-            // Moved on first, so a run that fails is not repeated forever.
-            if let Err(e) = self.fleet.set_report_next_run(&r.id, Some(next)) {
-                tracing::warn!(report = %r.id, error = %e, "report schedule not saved");
-                continue;
+            // Claimed and moved on first: a run that fails is not repeated
+            // forever, and of the nodes sharing the store only the one whose
+            // claim succeeds makes this run.
+            match self.fleet.claim_report_run(&r.id, at, Some(next)) {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::debug!(report = %r.id, "scheduled run claimed elsewhere");
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(report = %r.id, error = %e, "report schedule not saved");
+                    continue;
+                }
             }
             let req = RunRequest {
                 from_ms: Some(period.0),

@@ -72,6 +72,7 @@ fn world(alarms: &[Alarm], events: &[DeviceEvent], smtp: Option<SmtpConfig>) -> 
             smtp,
             public_url: "http://hub.test:8080".into(),
             webhook_timeout: Duration::from_secs(5),
+            retry_delays: vec![Duration::from_millis(200), Duration::from_millis(200)],
         },
     );
     World {
@@ -401,6 +402,46 @@ async fn retention_keeps_the_newest_runs() {
     assert_eq!(kept, vec![runs[2].id.clone(), runs[1].id.clone()]);
     assert!(!w.reports.file(&runs[0], "csv").exists());
     assert!(w.reports.file(&runs[1], "csv").exists());
+}
+
+/// A node that did not make a run (in a cluster, the files are on the node
+/// that did) renders its files again from the stored data for a download.
+#[tokio::test]
+async fn a_missing_run_file_is_rendered_again() {
+    let w = world(&[], &[], None);
+    let r = create(&w, definition(ReportKind::Energy {
+        metric: "kwh".into(),
+        mode: EnergyMode::Counter,
+    }, "UTC"));
+    let day = ms("2026-03-09T00:00:00Z");
+    append(&w, "m1", "kwh", &[(day + H, 10.0), (day + 5 * H, 14.5)]).await;
+    let run = w
+        .reports
+        .run(
+            &r.id,
+            RunTrigger::Manual,
+            RunRequest {
+                from_ms: Some(day),
+                to_ms: Some(day + 24 * H),
+            },
+        )
+        .await
+        .expect("run");
+    let mut made = Vec::new();
+    for ext in ["csv", "html"] {
+        let path = w.reports.file(&run, ext);
+        made.push(std::fs::read(&path).expect("file"));
+        std::fs::remove_file(&path).expect("remove");
+    }
+    for (ext, original) in ["csv", "html"].into_iter().zip(made) {
+        let path = w.reports.ensure_file(&run, ext).await.expect("rendered");
+        assert_eq!(std::fs::read(&path).expect("file"), original, "{ext}");
+    }
+    let left: Vec<_> = std::fs::read_dir(w.reports.file(&run, "csv").parent().expect("dir"))
+        .expect("dir")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    assert_eq!(left.len(), 2, "no temporary files left: {left:?}");
 }
 
 /// Lines up to CRLF from a stream, keeping what follows.
@@ -772,4 +813,94 @@ async fn webhook_with_links_and_signature() {
             r.id, run.id
         )
     );
+}
+
+/// A receiver that is down when the run is made gets it on a retry: the
+/// run records the failed first attempt and when the next is due, then the
+/// attempt that succeeded. Two retries in all; a receiver down for good
+/// leaves the run failed with three attempts and nothing more due.
+#[tokio::test]
+async fn a_failed_webhook_is_retried() {
+    /// Answers each POST with the next status in `answers`, then counts
+    /// the requests it saw.
+    async fn receiver(listener: TcpListener, answers: Vec<u16>) -> usize {
+        let mut seen = 0;
+        for status in answers {
+            let (tcp, _) = listener.accept().await.expect("accept");
+            let mut c = Lines {
+                io: tcp,
+                buf: Vec::new(),
+            };
+            let _request = c.line().await;
+            let mut len = 0usize;
+            loop {
+                let l = c.line().await;
+                if l.is_empty() {
+                    break;
+                }
+                if let Some((k, v)) = l.split_once(':') {
+                    if k.trim().eq_ignore_ascii_case("content-length") {
+                        len = v.trim().parse().expect("length");
+                    }
+                }
+            }
+            while c.buf.len() < len {
+                let mut b = [0u8; 4096];
+                let n = c.io.read(&mut b).await.expect("read");
+                assert!(n > 0);
+                c.buf.extend_from_slice(&b[..n]);
+            }
+            c.say(&format!(
+                "HTTP/1.1 {status} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            ))
+            .await;
+            seen += 1;
+        }
+        seen
+    }
+    async fn settled(w: &World, report: &str, attempts: u32) -> m2mhub_fleet::ReportRun {
+        for _ in 0..100 {
+            let runs = w.fleet.list_report_runs(report, 10).expect("runs");
+            if runs[0].deliveries[0].attempts == attempts {
+                return runs[0].clone();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("no attempt {attempts} recorded");
+    }
+
+    let w = world(&[], &[], None);
+    for (answers, ok) in [(vec![503, 204], true), (vec![500, 502, 503], false)] {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let n = answers.len();
+        let server = tokio::spawn(receiver(listener, answers));
+        let mut d = definition(ReportKind::Alarms, "UTC");
+        d.delivery.webhook = Some(ReportWebhook {
+            url: format!("http://127.0.0.1:{port}/hooks/reports"),
+            secret: None,
+        });
+        let r = create(&w, d);
+        let run = w
+            .reports
+            .run(&r.id, RunTrigger::Manual, RunRequest::default())
+            .await
+            .expect("run");
+        let first = &run.deliveries[0];
+        assert!(!first.ok && first.attempts == 1, "{first:?}");
+        assert!(first.next_retry_ms.is_some(), "a retry is due: {first:?}");
+        let stored = w.fleet.list_report_runs(&r.id, 10).expect("runs");
+        assert_eq!(stored[0].deliveries[0].next_retry_ms, first.next_retry_ms);
+
+        let last = settled(&w, &r.id, n as u32).await;
+        let d = &last.deliveries[0];
+        assert_eq!(d.ok, ok, "{d:?}");
+        assert_eq!(d.next_retry_ms, None, "nothing more due: {d:?}");
+        assert_eq!(d.error.is_some(), !ok, "{d:?}");
+        let seen = tokio::time::timeout(Duration::from_secs(10), server)
+            .await
+            .expect("receiver done")
+            .expect("receiver task");
+        assert_eq!(seen, n);
+    }
 }

@@ -9,8 +9,10 @@
 //!
 //! The rule is a hysteresis filter: its outputs depend on the readings
 //! alone, so the comparison is exact. Timers (windows, `FOR`, silence) run
-//! on arrival time live and on the data's time in a backtest; they are
-//! tested with explicit time in `automation/src/backtest.rs`.
+//! on arrival time live and on the data's time in a backtest: a window rule
+//! is compared on readings published in real time (stored at their
+//! arrival, so both clocks agree), and `FOR` and silence are tested with
+//! explicit time in `automation/src/backtest.rs`.
 //!
 //! Also: the CLI (`m2mhub rule backtest`) over the same data, and the
 //! refusals (bad SQL with its position, a range too long, an event source).
@@ -285,4 +287,115 @@ async fn a_backtest_fires_when_the_live_engine_fired() {
     .await;
     assert_eq!(r.status, 422, "{}", r.body);
     assert!(r.body.contains("\"line\""), "{}", r.body);
+}
+
+/// A window rule, whose windows close on a timer: live they close on the
+/// clock of arrival, in a backtest on the stored readings' times. Readings
+/// published now, without their own `ts`, are stored at their arrival
+/// time, so the two clocks agree: each two-second window the live engine
+/// closed over these readings (average, count) is one the backtest closes
+/// too, with the same start. The readings are sent in the middle of each
+/// window (0.4–1.6 s in), away from its edges, so the few milliseconds
+/// between the rule engine's and the store's clocks cannot move one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_window_rule_backtests_as_it_ran_live() {
+    const WINDOW: i64 = 2_000;
+    const WINDOWS: i64 = 4;
+    let srv = TestServer::start().await;
+    add_default_device(&srv, "press-1");
+    let token = srv.admin_token();
+    let broker = srv.get().broker.clone();
+    let (observer, mut alerts) = broker.observer(1024);
+    broker.set_observed(observer, &["alerts/#".to_string()]);
+    api(
+        &srv,
+        &token,
+        "POST",
+        "/rules",
+        Some(json!({
+            "id": "press-avg",
+            "sql": "SELECT device, avg(t) AS t, count(*) AS n FROM 'devices/+/telemetry' \
+                    GROUP BY device, TUMBLING(2s)",
+            "actions": [{"type": "republish", "topic": "alerts/{device}", "qos": 1}]
+        })),
+    )
+    .await;
+
+    let (mut m, _) = Raw::connect_ok(srv.mqtt(), v5("press-1")).await;
+    let first = (m2mhub_identity::now_ms() / WINDOW + 1) * WINDOW;
+    let mut pid = 0u16;
+    for w in 0..WINDOWS {
+        for k in 0..3i64 {
+            let at = first + w * WINDOW + 400 + k * 600;
+            let wait = at - m2mhub_identity::now_ms();
+            if wait > 0 {
+                tokio::time::sleep(Duration::from_millis(wait as u64)).await;
+            }
+            pid += 1;
+            let t = 20.0 + (w * 3 + k) as f64 * 1.5;
+            let p: Publish = publish(
+                "devices/press-1/telemetry",
+                QoS::AtLeastOnce,
+                pid,
+                json!({ "t": t }).to_string(),
+            );
+            m.send(&Packet::Publish(p)).await;
+            match m.recv().await {
+                Packet::PubAck(a) => assert!(a.reason_code < 0x80, "refused: {a:?}"),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+    m.disconnect().await;
+
+    // The live engine closes each window after its end.
+    type Window = (String, i64, String, i64);
+    let mut live: Vec<Window> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while live.len() < WINDOWS as usize {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Ok(Some(msg)) = tokio::time::timeout(left, alerts.recv()).await else {
+            panic!("live windows: {live:?}");
+        };
+        let o: Value = serde_json::from_slice(&msg.payload).expect("JSON output");
+        live.push((
+            o["event"].as_str().unwrap_or_default().to_string(),
+            o["window"]["start_ms"].as_i64().expect("a window"),
+            o["row"]["t"].to_string(),
+            o["row"]["n"].as_i64().expect("a count"),
+        ));
+    }
+    live.sort();
+    let starts: Vec<i64> = live.iter().map(|w| w.1).collect();
+    assert_eq!(
+        starts,
+        (0..WINDOWS).map(|w| first + w * WINDOW).collect::<Vec<_>>(),
+        "one live window per two seconds of readings: {live:?}"
+    );
+    assert!(live.iter().all(|w| w.3 == 3), "{live:?}");
+
+    let bt = api(
+        &srv,
+        &token,
+        "POST",
+        "/rules/backtest",
+        Some(json!({"rule_id": "press-avg", "from": first, "to": first + WINDOWS * WINDOW})),
+    )
+    .await;
+    assert_eq!(bt["messages"], 3 * WINDOWS, "{bt}");
+    let mut backtested: Vec<Window> = bt["firings"]
+        .as_array()
+        .expect("firings")
+        .iter()
+        .map(|f| {
+            (
+                f["event"].as_str().unwrap_or_default().to_string(),
+                f["window"]["start_ms"].as_i64().unwrap_or_default(),
+                f["row"]["t"].to_string(),
+                f["row"]["n"].as_i64().unwrap_or_default(),
+            )
+        })
+        .collect();
+    backtested.sort();
+    assert_eq!(backtested, live, "backtest vs live");
 }

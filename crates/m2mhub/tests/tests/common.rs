@@ -1042,6 +1042,7 @@ pub async fn scrape(addr: SocketAddr, name: &str) -> u64 {
 pub struct BinServer {
     pub child: std::process::Child,
     pub mqtt: SocketAddr,
+    pub mqtts: SocketAddr,
     pub http: SocketAddr,
     pub log: std::path::PathBuf,
     _stdout: Option<std::io::BufReader<std::process::ChildStdout>>,
@@ -1126,6 +1127,7 @@ impl BinServer {
         assert!(line.starts_with("m2mhub ready "), "{line:?}");
         BinServer {
             mqtt: field("mqtt="),
+            mqtts: field("mqtts="),
             http: field("http="),
             child,
             log: log.to_path_buf(),

@@ -340,3 +340,157 @@ async fn websocket_mqtt_round_trip() {
         other => panic!("expected PUBLISH, got {other:?}"),
     }
 }
+
+/// The certificate a TLS handshake with `addr` is shown, or `None` if the
+/// handshake failed (the client certificate refused).
+async fn handshake(
+    addr: std::net::SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+) -> Option<(CertificateDer<'static>, Raw)> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("TCP");
+    let connector = tokio_rustls::TlsConnector::from(config);
+    let name = ServerName::try_from("localhost").expect("name");
+    let tls = within("TLS handshake", connector.connect(name, tcp))
+        .await
+        .ok()?;
+    let shown = tls.get_ref().1.peer_certificates()?.first()?.clone();
+    let mut raw = Raw::over(Box::new(tls), Protocol::V5);
+    // TLS 1.3 refuses a client certificate after the handshake: the first
+    // read fails then. A CONNECT answered proves the session is up.
+    let connect = bytes_of(&Packet::Connect(Box::new(v5("reload-probe"))), Protocol::V5);
+    if !raw.try_send_raw(&connect).await {
+        return None;
+    }
+    match raw.next(WAIT).await {
+        Next::Packet(Packet::ConnAck(_)) => Some((shown, raw)),
+        _ => None,
+    }
+}
+
+/// A CRL over `revoked` serial numbers, signed by `pki`'s CA.
+fn crl(pki: &Pki, revoked: &[u64]) -> String {
+    rcgen::CertificateRevocationListParams {
+        this_update: rcgen::date_time_ymd(2024, 1, 1),
+        next_update: rcgen::date_time_ymd(2099, 1, 1),
+        crl_number: rcgen::SerialNumber::from(revoked.len() as u64 + 1),
+        issuing_distribution_point: None,
+        revoked_certs: revoked
+            .iter()
+            .map(|s| rcgen::RevokedCertParams {
+                serial_number: rcgen::SerialNumber::from(*s),
+                revocation_time: rcgen::date_time_ymd(2025, 1, 1),
+                reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                invalidity_date: None,
+            })
+            .collect(),
+        key_identifier_method: rcgen::KeyIdMethod::Sha256,
+    }
+    .signed_by(&pki.ca_cert, &pki.ca_key)
+    .expect("CRL")
+    .pem()
+    .expect("CRL PEM")
+}
+
+/// A client certificate of `pki` with serial number `serial`.
+fn client_cert(pki: &Pki, cn: &str, serial: u64) -> (CertificateDer<'static>, PrivateKeyDer<'static>) {
+    let mut p = CertificateParams::new(Vec::<String>::new()).expect("params");
+    p.distinguished_name.push(DnType::CommonName, cn);
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    p.serial_number = Some(rcgen::SerialNumber::from(serial));
+    let key = KeyPair::generate().expect("key");
+    let cert = p.signed_by(&key, &pki.ca_cert, &pki.ca_key).expect("sign");
+    (cert.der().clone(), key_der(&key))
+}
+
+/// Certificate renewal and revocation without a restart: the server's
+/// certificate files are replaced and a CRL for the client CA is changed,
+/// then `kill -HUP` makes the server read them again. New handshakes get
+/// the new certificate and the new CRL; a session opened before stays up.
+/// A file that does not load leaves the running configuration in place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_certificate_and_the_revocation_list() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new("operations CA");
+    let (first, first_key) = pki.issue("localhost", true);
+    let cert = write(dir.path(), "server.pem", &first.pem());
+    let key = write(dir.path(), "server-key.pem", &first_key.serialize_pem());
+    let ca = write(dir.path(), "ca.pem", &pki.ca_cert.pem());
+    let crl_path = write(dir.path(), "crl.pem", &crl(&pki, &[2]));
+    let srv = BinServer::start_with(
+        &dir.path().join("data"),
+        &dir.path().join("server.log"),
+        &["--tls-cert", &cert, "--tls-key", &key, "--tls-client-ca", &ca],
+        &[("M2MHUB_MQTT_TLS_CLIENT_CRL", crl_path.as_str())],
+    )
+    .await;
+    let trust = pki.ca_cert.der().clone();
+    let device1 = client_cert(&pki, "device-1", 1);
+    let device2 = client_cert(&pki, "device-2", 2);
+    let with = |id: &(CertificateDer<'static>, PrivateKeyDer<'static>)| {
+        client_config(&trust, Some((id.0.clone(), id.1.clone_key())))
+    };
+
+    let (shown, mut open) = handshake(srv.mqtts, with(&device1))
+        .await
+        .expect("device-1's certificate is not revoked");
+    assert_eq!(&shown, first.der(), "the first server certificate");
+    assert!(
+        handshake(srv.mqtts, with(&device2)).await.is_none(),
+        "device-2's certificate is on the CRL"
+    );
+
+    // Renewal: a new certificate and key in the same files; a CRL that
+    // revokes device-1 instead of device-2.
+    let (second, second_key) = pki.issue("localhost", true);
+    write(dir.path(), "server.pem", &second.pem());
+    write(dir.path(), "server-key.pem", &second_key.serialize_pem());
+    write(dir.path(), "crl.pem", &crl(&pki, &[1]));
+    let hup = || {
+        let ok = std::process::Command::new("kill")
+            .args(["-HUP", &srv.child.id().to_string()])
+            .status()
+            .expect("kill")
+            .success();
+        assert!(ok, "kill -HUP");
+    };
+    hup();
+    let mut renewed = None;
+    for _ in 0..50 {
+        if let Some((shown, _)) = handshake(srv.mqtts, with(&device2)).await {
+            if &shown == second.der() {
+                renewed = Some(shown);
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(renewed.is_some(), "after SIGHUP: the new certificate, device-2 accepted");
+    assert!(
+        handshake(srv.mqtts, with(&device1)).await.is_none(),
+        "device-1 is revoked now"
+    );
+    // The session opened before the reload is still served.
+    open.send(&Packet::PingReq).await;
+    assert!(matches!(open.recv().await, Packet::PingResp));
+
+    // A broken file: the reload is refused and logged, nothing changes.
+    write(dir.path(), "server-key.pem", "not a key");
+    hup();
+    let log = dir.path().join("server.log");
+    let mut refused = false;
+    for _ in 0..50 {
+        if std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("TLS files not reloaded")
+        {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(refused, "{}", std::fs::read_to_string(&log).unwrap_or_default());
+    let (shown, _) = handshake(srv.mqtts, with(&device2))
+        .await
+        .expect("still served");
+    assert_eq!(&shown, second.der());
+}

@@ -715,6 +715,27 @@ fn reports_and_their_runs(b: &dyn Backend) {
     let mut all = s.list_reports().expect("list");
     all.sort_by(|a, b| a.id.cmp(&b.id));
     assert_eq!(all, vec![changed, report("r2")]);
+    // Four schedulers (separate store handles, as separate nodes) claim the
+    // same due run at once: exactly one gets it, and the next run moved.
+    let handles: Vec<_> = (0..4).map(|_| b.fleet()).collect();
+    let won = std::thread::scope(|sc| {
+        let claims: Vec<_> = handles
+            .iter()
+            .map(|h| sc.spawn(move || h.claim_report_run("r2", 1, Some(500)).expect("claim")))
+            .collect();
+        claims
+            .into_iter()
+            .filter(|c| c.join().expect("claim thread"))
+            .count()
+    });
+    assert_eq!(won, 1, "one node makes a scheduled run");
+    drop(handles);
+    let r2 = s.list_reports().expect("list");
+    let r2 = r2.iter().find(|r| r.id == "r2").expect("r2");
+    assert_eq!((r2.next_run_ms, r2.name.as_str()), (Some(500), "energy"));
+    assert!(!s.claim_report_run("r2", 1, Some(600)).expect("a stale claim"));
+    assert!(!s.claim_report_run("none", 1, None).expect("no such report"));
+    s.put_report(&report("r2")).expect("put back");
     for (id, t) in [("a", 10), ("b", 30), ("c", 20)] {
         s.put_report_run(&run(id, t)).expect("run");
     }
