@@ -16,6 +16,7 @@ use axum::middleware::Next;
 use axum::response::Response;
 use axum::serve::Listener;
 use m2mhub_broker::auth::TlsPeer;
+use m2mhub_broker::tls::ReloadableConfig;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -23,7 +24,6 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_rustls::server::TlsStream;
-use m2mhub_broker::tls::ReloadableConfig;
 
 /// Handshakes in progress at once; more wait in the kernel's backlog.
 pub const MAX_HANDSHAKES: usize = 256;

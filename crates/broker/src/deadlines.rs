@@ -128,7 +128,11 @@ mod tests {
         d.arm(t0 + Duration::from_secs(5), &b);
         d.arm(t0 + Duration::from_millis(100), &gone);
         drop(gone);
-        assert_eq!(d.fire(t0 + Duration::from_millis(200)), 0, "a is not due yet");
+        assert_eq!(
+            d.fire(t0 + Duration::from_millis(200)),
+            0,
+            "a is not due yet"
+        );
         assert!(!a.take_timer());
         assert_eq!(d.fire(t0 + Duration::from_millis(300)), 1);
         assert!(a.take_timer(), "a was told its deadline passed");

@@ -8,7 +8,9 @@
 //! static RSA key exchange or SHA-1 signatures can be negotiated.
 
 use parking_lot::RwLock;
-use rustls::pki_types::{pem::PemObject, CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
+use rustls::pki_types::{
+    pem::PemObject, CertificateDer, CertificateRevocationListDer, PrivateKeyDer,
+};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig, ServerConnection};
 use std::path::Path;
@@ -140,9 +142,7 @@ pub fn server_config_pem(
         }
         let mut verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider());
         if !lists.is_empty() {
-            verifier = verifier
-                .with_crls(lists)
-                .allow_unknown_revocation_status();
+            verifier = verifier.with_crls(lists).allow_unknown_revocation_status();
         }
         if !require_client_cert {
             verifier = verifier.allow_unauthenticated();

@@ -252,7 +252,12 @@ impl Fleet {
     /// Claim the scheduled run due at `due_ms` and move the next run to
     /// `next_run_ms`: `true` for the one scheduler (of all nodes sharing the
     /// store) that gets it.
-    pub fn claim_report_run(&self, id: &str, due_ms: i64, next_run_ms: Option<i64>) -> Result<bool> {
+    pub fn claim_report_run(
+        &self,
+        id: &str,
+        due_ms: i64,
+        next_run_ms: Option<i64>,
+    ) -> Result<bool> {
         let _w = self.shared.write.lock();
         self.shared.store.claim_report_run(id, due_ms, next_run_ms)
     }
@@ -381,10 +386,17 @@ mod tests {
         // A scheduled run is claimed once: the second claim of the same due
         // time (another node's scheduler) gets nothing.
         assert!(fleet.claim_report_run("r1", 42, Some(99)).expect("claim"));
-        assert!(!fleet.claim_report_run("r1", 42, Some(99)).expect("claim again"));
-        assert!(!fleet.claim_report_run("gone", 42, None).expect("claim unknown"));
+        assert!(!fleet
+            .claim_report_run("r1", 42, Some(99))
+            .expect("claim again"));
+        assert!(!fleet
+            .claim_report_run("gone", 42, None)
+            .expect("claim unknown"));
         let claimed = fleet.get_report("r1").expect("get");
-        assert_eq!((claimed.next_run_ms, claimed.name.as_str()), (Some(99), "renamed"));
+        assert_eq!(
+            (claimed.next_run_ms, claimed.name.as_str()),
+            (Some(99), "renamed")
+        );
 
         for (i, t) in [10, 30, 20].into_iter().enumerate() {
             fleet

@@ -678,7 +678,10 @@ fn reload_tls_on_hangup(
                     tracing::info!("SIGHUP: TLS certificate, client CA and CRL files read again");
                 }
                 Err(e) => {
-                    tracing::error!(error = format!("{e:#}"), "SIGHUP: TLS files not reloaded; the running configuration stays");
+                    tracing::error!(
+                        error = format!("{e:#}"),
+                        "SIGHUP: TLS files not reloaded; the running configuration stays"
+                    );
                 }
             }
         }

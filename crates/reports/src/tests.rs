@@ -409,10 +409,16 @@ async fn retention_keeps_the_newest_runs() {
 #[tokio::test]
 async fn a_missing_run_file_is_rendered_again() {
     let w = world(&[], &[], None);
-    let r = create(&w, definition(ReportKind::Energy {
-        metric: "kwh".into(),
-        mode: EnergyMode::Counter,
-    }, "UTC"));
+    let r = create(
+        &w,
+        definition(
+            ReportKind::Energy {
+                metric: "kwh".into(),
+                mode: EnergyMode::Counter,
+            },
+            "UTC",
+        ),
+    );
     let day = ms("2026-03-09T00:00:00Z");
     append(&w, "m1", "kwh", &[(day + H, 10.0), (day + 5 * H, 14.5)]).await;
     let run = w

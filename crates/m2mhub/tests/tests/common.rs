@@ -1285,6 +1285,7 @@ impl BinServer {
         };
         let server = BinServer {
             mqtt: field("mqtt="),
+            mqtts: field("mqtts="),
             http: field("http="),
             child,
             log: log.to_path_buf(),

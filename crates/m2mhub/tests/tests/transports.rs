@@ -10,6 +10,7 @@ use rcgen::{
 };
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio_rustls::rustls;
 use tokio_rustls::rustls::pki_types::{
     CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName,
@@ -346,6 +347,7 @@ async fn websocket_mqtt_round_trip() {
 async fn handshake(
     addr: std::net::SocketAddr,
     config: Arc<rustls::ClientConfig>,
+    id: &str,
 ) -> Option<(CertificateDer<'static>, Raw)> {
     let tcp = tokio::net::TcpStream::connect(addr).await.expect("TCP");
     let connector = tokio_rustls::TlsConnector::from(config);
@@ -357,12 +359,15 @@ async fn handshake(
     let mut raw = Raw::over(Box::new(tls), Protocol::V5);
     // TLS 1.3 refuses a client certificate after the handshake: the first
     // read fails then. A CONNECT answered proves the session is up.
-    let connect = bytes_of(&Packet::Connect(Box::new(v5("reload-probe"))), Protocol::V5);
+    let connect = bytes_of(&Packet::Connect(Box::new(v5(id))), Protocol::V5);
     if !raw.try_send_raw(&connect).await {
         return None;
     }
     match raw.next(WAIT).await {
-        Next::Packet(Packet::ConnAck(_)) => Some((shown, raw)),
+        Next::Packet(Packet::ConnAck(a)) => {
+            assert_eq!(a.reason_code, 0, "{id} authenticated by its certificate");
+            Some((shown, raw))
+        }
         _ => None,
     }
 }
@@ -392,7 +397,11 @@ fn crl(pki: &Pki, revoked: &[u64]) -> String {
 }
 
 /// A client certificate of `pki` with serial number `serial`.
-fn client_cert(pki: &Pki, cn: &str, serial: u64) -> (CertificateDer<'static>, PrivateKeyDer<'static>) {
+fn client_cert(
+    pki: &Pki,
+    cn: &str,
+    serial: u64,
+) -> (CertificateDer<'static>, PrivateKeyDer<'static>) {
     let mut p = CertificateParams::new(Vec::<String>::new()).expect("params");
     p.distinguished_name.push(DnType::CommonName, cn);
     p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
@@ -416,11 +425,35 @@ async fn sighup_reloads_the_certificate_and_the_revocation_list() {
     let key = write(dir.path(), "server-key.pem", &first_key.serialize_pem());
     let ca = write(dir.path(), "ca.pem", &pki.ca_cert.pem());
     let crl_path = write(dir.path(), "crl.pem", &crl(&pki, &[2]));
+    {
+        // The devices, registered before the server opens the registry.
+        let registry = m2mhub_identity::Registry::open(&dir.path().join("data").join("registry"))
+            .expect("registry");
+        for id in ["device-1", "device-2"] {
+            registry
+                .create_device(m2mhub_identity::NewDevice {
+                    id: Some(id.into()),
+                    ..Default::default()
+                })
+                .expect("device");
+        }
+    }
     let srv = BinServer::start_with(
         &dir.path().join("data"),
         &dir.path().join("server.log"),
-        &["--tls-cert", &cert, "--tls-key", &key, "--tls-client-ca", &ca],
-        &[("M2MHUB_MQTT_TLS_CLIENT_CRL", crl_path.as_str())],
+        &[
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            &key,
+            "--tls-client-ca",
+            &ca,
+        ],
+        &[
+            ("M2MHUB_MQTT_TLS_CLIENT_CRL", crl_path.as_str()),
+            // The device id is the certificate's common name.
+            ("M2MHUB_MQTT_ACCEPT_UNREGISTERED_CERTS", "true"),
+        ],
     )
     .await;
     let trust = pki.ca_cert.der().clone();
@@ -430,12 +463,14 @@ async fn sighup_reloads_the_certificate_and_the_revocation_list() {
         client_config(&trust, Some((id.0.clone(), id.1.clone_key())))
     };
 
-    let (shown, mut open) = handshake(srv.mqtts, with(&device1))
+    let (shown, mut open) = handshake(srv.mqtts, with(&device1), "device-1")
         .await
         .expect("device-1's certificate is not revoked");
     assert_eq!(&shown, first.der(), "the first server certificate");
     assert!(
-        handshake(srv.mqtts, with(&device2)).await.is_none(),
+        handshake(srv.mqtts, with(&device2), "device-2")
+            .await
+            .is_none(),
         "device-2's certificate is on the CRL"
     );
 
@@ -456,7 +491,7 @@ async fn sighup_reloads_the_certificate_and_the_revocation_list() {
     hup();
     let mut renewed = None;
     for _ in 0..50 {
-        if let Some((shown, _)) = handshake(srv.mqtts, with(&device2)).await {
+        if let Some((shown, _)) = handshake(srv.mqtts, with(&device2), "device-2").await {
             if &shown == second.der() {
                 renewed = Some(shown);
                 break;
@@ -464,9 +499,14 @@ async fn sighup_reloads_the_certificate_and_the_revocation_list() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(renewed.is_some(), "after SIGHUP: the new certificate, device-2 accepted");
     assert!(
-        handshake(srv.mqtts, with(&device1)).await.is_none(),
+        renewed.is_some(),
+        "after SIGHUP: the new certificate, device-2 accepted"
+    );
+    assert!(
+        handshake(srv.mqtts, with(&device1), "device-1")
+            .await
+            .is_none(),
         "device-1 is revoked now"
     );
     // The session opened before the reload is still served.
@@ -488,8 +528,12 @@ async fn sighup_reloads_the_certificate_and_the_revocation_list() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(refused, "{}", std::fs::read_to_string(&log).unwrap_or_default());
-    let (shown, _) = handshake(srv.mqtts, with(&device2))
+    assert!(
+        refused,
+        "{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    let (shown, _) = handshake(srv.mqtts, with(&device2), "device-2")
         .await
         .expect("still served");
     assert_eq!(&shown, second.der());

@@ -725,7 +725,8 @@ fn reports_and_their_runs(b: &dyn Backend) {
             .collect();
         claims
             .into_iter()
-            .filter(|c| c.join().expect("claim thread"))
+            .map(|c| c.join().expect("claim thread"))
+            .filter(|won| *won)
             .count()
     });
     assert_eq!(won, 1, "one node makes a scheduled run");
@@ -733,7 +734,9 @@ fn reports_and_their_runs(b: &dyn Backend) {
     let r2 = s.list_reports().expect("list");
     let r2 = r2.iter().find(|r| r.id == "r2").expect("r2");
     assert_eq!((r2.next_run_ms, r2.name.as_str()), (Some(500), "energy"));
-    assert!(!s.claim_report_run("r2", 1, Some(600)).expect("a stale claim"));
+    assert!(!s
+        .claim_report_run("r2", 1, Some(600))
+        .expect("a stale claim"));
     assert!(!s.claim_report_run("none", 1, None).expect("no such report"));
     s.put_report(&report("r2")).expect("put back");
     for (id, t) in [("a", 10), ("b", 30), ("c", 20)] {
