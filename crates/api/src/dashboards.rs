@@ -30,6 +30,7 @@ use m2mhub_identity::{DeviceFilter, Role, DEFAULT_TENANT};
 use m2mhub_tsdb::{AggQuery, Value as TsValue};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
+use std::sync::Arc;
 
 /// Devices a map or device-table widget lists, at most.
 const MAX_LISTED_DEVICES: usize = 500;
@@ -248,27 +249,32 @@ pub async fn shared(
 }
 
 /// The dashboard (for a share: without its owner's bookkeeping) and the
-/// data of every widget, read on the blocking pool (store reads).
+/// data of every widget, read on the blocking pool (store reads), the
+/// widgets side by side: a dashboard loads in the time of its slowest
+/// widgets (group aggregates over thousands of series), not their sum.
 async fn resolved(state: &AppState, d: &Dashboard, device: Option<&str>, shared: bool) -> Value {
-    let st = state.clone();
-    let dash = d.clone();
-    let device = device.map(str::to_string);
-    let widgets = tokio::task::spawn_blocking(move || {
-        let list = dash.layout["widgets"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default();
-        list.iter()
-            .map(
-                |w| match widget_data(&st, &dash.tenant, w, device.as_deref()) {
+    let list = d.layout["widgets"].as_array().cloned().unwrap_or_default();
+    let tenant: Arc<str> = d.tenant.as_str().into();
+    let device: Option<Arc<str>> = device.map(Into::into);
+    let tasks: Vec<_> = list
+        .into_iter()
+        .map(|w| {
+            let (st, tenant, device) = (state.clone(), tenant.clone(), device.clone());
+            tokio::task::spawn_blocking(move || {
+                match widget_data(&st, &tenant, &w, device.as_deref()) {
                     Ok(v) => v,
                     Err(e) => json!({"error": e}),
-                },
-            )
-            .collect::<Vec<_>>()
-    })
-    .await
-    .unwrap_or_default();
+                }
+            })
+        })
+        .collect();
+    let mut widgets = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        widgets.push(
+            t.await
+                .unwrap_or_else(|e| json!({"error": format!("widget failed: {e}")})),
+        );
+    }
     let dashboard = if shared {
         json!({"id": d.id, "name": d.name, "description": d.description, "layout": d.layout})
     } else {

@@ -6,5 +6,6 @@ pub mod admin;
 pub mod broker_auth;
 pub mod client;
 pub mod coaps;
+pub mod fd_limit;
 pub mod server;
 pub mod settings;

@@ -279,6 +279,10 @@ struct BenchArgs {
     /// Idle / connect: connection attempts in flight at most.
     #[arg(long, default_value_t = 500)]
     concurrency: usize,
+    /// Idle / connect: spread connections over 127.0.0.1 … 127.0.0.N (one
+    /// source address reaches a port only ~28,000 times).
+    #[arg(long, default_value_t = 1)]
+    source_ips: usize,
     /// Connect: then drop all connections at once and reconnect all at once.
     #[arg(long)]
     reconnect_storm: bool,
@@ -502,6 +506,13 @@ fn serve(args: ServeArgs) -> ExitCode {
         }
     };
     init_logging(&settings.log_level, settings.log_json);
+    if let Some((before, after)) = m2mhub::fd_limit::raise().filter(|(b, a)| a > b) {
+        tracing::info!(
+            before,
+            after,
+            "open-file limit (connections): soft limit raised to the hard limit"
+        );
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -770,6 +781,8 @@ fn hex_bytes(s: &str) -> Option<Vec<u8>> {
 
 fn bench(args: BenchArgs) -> ExitCode {
     use m2mhub_sim::{BenchOptions, Scenario};
+    // Each connection is a descriptor here too.
+    let _ = m2mhub::fd_limit::raise();
     let scenario = match args.scenario.parse::<Scenario>() {
         Ok(s) => s,
         Err(e) => {
@@ -785,6 +798,7 @@ fn bench(args: BenchArgs) -> ExitCode {
         subscribers: args.subscribers,
         connections: args.connections,
         concurrency: args.concurrency,
+        source_ips: args.source_ips,
         reconnect_storm: args.reconnect_storm,
         credentials: args.credentials,
         tls_ca: args.tls_ca,

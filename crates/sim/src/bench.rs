@@ -126,6 +126,10 @@ pub struct BenchOptions {
     pub connections: usize,
     /// Connection attempts in flight at most (Idle, Connect).
     pub concurrency: usize,
+    /// Idle / Connect: spread connections over this many loopback source
+    /// addresses (127.0.0.1 …), for more than one address's ~28,000
+    /// ephemeral ports; 0 or 1: the kernel's choice.
+    pub source_ips: usize,
     /// Connect: after opening all connections, drop them all at once and
     /// reconnect all at once; report the time until all are back.
     pub reconnect_storm: bool,
@@ -184,6 +188,7 @@ impl Default for BenchOptions {
             subscribers: 10,
             connections: 1000,
             concurrency: CONNECT_BATCH,
+            source_ips: 1,
             reconnect_storm: false,
             credentials: None,
             tls_ca: None,
@@ -583,6 +588,7 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
         username: opts.username.clone(),
         password: opts.password.clone(),
         tls: None,
+        local_ip: None,
     };
 
     let rss_before = opts.broker_pid.and_then(memory::rss_kb);

@@ -46,6 +46,11 @@ pub struct ClientConfig {
     pub password: Option<String>,
     /// TLS on top of TCP, when set.
     pub tls: Option<TlsClient>,
+    /// The local address to connect from (`None`: the kernel's choice).
+    /// One source address reaches one broker port about 28,000 times (the
+    /// ephemeral port range); more connections need more addresses
+    /// (127.0.0.2, 127.0.0.3… on loopback).
+    pub local_ip: Option<std::net::IpAddr>,
 }
 
 /// TLS settings of one client: a connector (server verification and, for
@@ -168,6 +173,21 @@ pub struct Conn {
     next_packet_id: u16,
 }
 
+/// Connect to `host` from the local address `ip` (any port).
+async fn connect_from(ip: std::net::IpAddr, host: &str) -> io::Result<TcpStream> {
+    let addr = tokio::net::lookup_host(host)
+        .await?
+        .find(|a| a.is_ipv4() == ip.is_ipv4())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no address of {host}")))?;
+    let socket = if ip.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.bind(std::net::SocketAddr::new(ip, 0))?;
+    socket.connect(addr).await
+}
+
 /// `true` for "too many open files" (per process or system wide).
 pub fn is_fd_exhaustion(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(23) | Some(24))
@@ -192,7 +212,11 @@ impl Conn {
     }
 
     async fn connect_inner(cfg: &ClientConfig) -> Result<Conn, BenchError> {
-        let stream = TcpStream::connect(&cfg.host).await.map_err(|e| {
+        let stream = match cfg.local_ip {
+            None => TcpStream::connect(&cfg.host).await,
+            Some(ip) => connect_from(ip, &cfg.host).await,
+        }
+        .map_err(|e| {
             if is_fd_exhaustion(&e) {
                 BenchError::TooManyOpenFiles { opened: 0 }
             } else {

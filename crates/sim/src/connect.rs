@@ -90,6 +90,8 @@ pub(crate) struct Plan {
     /// Shared connector when no client certificates are used.
     shared_tls: Option<TlsClient>,
     client_certs: Option<std::path::PathBuf>,
+    /// Loopback source addresses to spread connections over.
+    source_ips: usize,
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -186,6 +188,7 @@ impl Plan {
             server_name,
             shared_tls,
             client_certs: opts.tls_client_certs.clone(),
+            source_ips: opts.source_ips,
         })
     }
 
@@ -272,7 +275,23 @@ impl Plan {
             username,
             password,
             tls,
+            local_ip: self.source_ip(i),
         })
+    }
+
+    /// Connection `i`'s source address: with `source_ips` n > 1 on a
+    /// loopback broker, 127.0.0.1 … 127.0.0.n in turn.
+    fn source_ip(&self, i: usize) -> Option<std::net::IpAddr> {
+        if self.source_ips <= 1 {
+            return None;
+        }
+        let k = (i % self.source_ips) as u8;
+        Some(std::net::IpAddr::V4(std::net::Ipv4Addr::new(
+            127,
+            0,
+            0,
+            1 + k,
+        )))
     }
 
     /// Configurations of connections `0..n`.

@@ -682,6 +682,7 @@ async fn drive(
         username: Some(dev.device_id.clone()),
         password: Some(dev.token.clone()),
         tls: None,
+        local_ip: None,
     };
     let mut backoff = Duration::from_millis(500);
     let mut firmware = Firmware {

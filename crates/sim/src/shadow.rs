@@ -105,6 +105,7 @@ pub async fn run_shadow(opts: &BenchOptions) -> Result<BenchReport, BenchError> 
                 username: opts.username.clone(),
                 password: opts.password.clone(),
                 tls: None,
+                local_ip: None,
             };
             set.spawn(async move {
                 let mut c = Conn::connect(&cfg).await?;

@@ -137,6 +137,16 @@ impl Pki {
     }
 
     fn issue(&self, cn: &str, server: bool) -> (rcgen::Certificate, KeyPair) {
+        self.issue_numbered(cn, server, None)
+    }
+
+    /// [`Pki::issue`] with a chosen serial number (for a CRL to name).
+    fn issue_numbered(
+        &self,
+        cn: &str,
+        server: bool,
+        serial: Option<u64>,
+    ) -> (rcgen::Certificate, KeyPair) {
         let sans = if server {
             vec!["localhost".to_string()]
         } else {
@@ -149,6 +159,7 @@ impl Pki {
         } else {
             ExtendedKeyUsagePurpose::ClientAuth
         }];
+        p.serial_number = serial.map(rcgen::SerialNumber::from);
         let key = KeyPair::generate().expect("key");
         let cert = p
             .signed_by(&key, &self.ca_cert, &self.ca_key)
@@ -402,12 +413,7 @@ fn client_cert(
     cn: &str,
     serial: u64,
 ) -> (CertificateDer<'static>, PrivateKeyDer<'static>) {
-    let mut p = CertificateParams::new(Vec::<String>::new()).expect("params");
-    p.distinguished_name.push(DnType::CommonName, cn);
-    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    p.serial_number = Some(rcgen::SerialNumber::from(serial));
-    let key = KeyPair::generate().expect("key");
-    let cert = p.signed_by(&key, &pki.ca_cert, &pki.ca_key).expect("sign");
+    let (cert, key) = pki.issue_numbered(cn, false, Some(serial));
     (cert.der().clone(), key_der(&key))
 }
 
