@@ -173,6 +173,9 @@ pub(crate) struct Shared {
     tx: SyncSender<Cmd>,
     pub counters: Counters,
     pub disk_full: AtomicBool,
+    /// `Options::min_free_bytes`, changeable while running
+    /// ([`Tsdb::set_min_free_bytes`]).
+    pub min_free: std::sync::atomic::AtomicU64,
     stopping: AtomicBool,
     maint: Mutex<Vec<MaintCall>>,
     maint_cv: Condvar,
@@ -207,6 +210,7 @@ impl Tsdb {
     /// Open (creating) the store in `dir` and recover: committed partitions,
     /// series definitions, then the WAL since the last checkpoint.
     pub fn open(dir: &Path, opts: Options) -> Result<Tsdb, TsdbError> {
+        let min_free_bytes = opts.min_free_bytes;
         let wal_dir = dir.join("wal");
         let parts_dir = dir.join("parts");
         std::fs::create_dir_all(&wal_dir)?;
@@ -268,6 +272,7 @@ impl Tsdb {
             tx,
             counters: Counters::default(),
             disk_full: AtomicBool::new(false),
+            min_free: std::sync::atomic::AtomicU64::new(min_free_bytes),
             stopping: AtomicBool::new(false),
             maint: Mutex::new(Vec::new()),
             maint_cv: Condvar::new(),
@@ -306,6 +311,13 @@ impl Tsdb {
         })
     }
 
+    /// Change the free space the store keeps (`Options::min_free_bytes`);
+    /// the store reopens for writes, or closes, within a fraction of a
+    /// second.
+    pub fn set_min_free_bytes(&self, bytes: u64) {
+        self.shared.min_free.store(bytes, Ordering::Relaxed);
+    }
+
     /// Queue points of one device; see [`Appended`]. Fails as a whole only
     /// when the store cannot take writes (disk full, closed).
     pub fn append(
@@ -317,7 +329,7 @@ impl Tsdb {
         let sh = &self.shared;
         if sh.disk_full.load(Ordering::Relaxed) {
             return Err(TsdbError::DiskFull {
-                min_free: sh.opts.min_free_bytes,
+                min_free: sh.min_free.load(Ordering::Relaxed),
             });
         }
         for (what, s) in [("tenant", tenant), ("device", device)] {
@@ -658,10 +670,17 @@ fn writer_loop(sh: &Shared, rx: Receiver<Cmd>, wal: Wal) {
     };
     let mut group: Vec<PendingAppend> = Vec::new();
     loop {
-        let first = match rx.recv_timeout(Duration::from_millis(500)) {
+        let first = match rx.recv_timeout(Duration::from_millis(200)) {
             Ok(c) => c,
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 w.lazy_sync();
+                // While full, `append` refuses before anything reaches this
+                // thread: look at the free space here, or the store would
+                // stay closed after space is freed (found by the chaos
+                // harness: refused until a restart).
+                if sh.disk_full.load(Ordering::Relaxed) {
+                    w.check_space();
+                }
                 continue;
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => return,
@@ -732,12 +751,13 @@ impl Writer<'_> {
         }
         self.last_space_check = Instant::now();
         if let Some(free) = free_bytes(&self.sh.dir) {
-            let now_full = free < self.sh.opts.min_free_bytes;
+            let min_free = self.sh.min_free.load(Ordering::Relaxed);
+            let now_full = free < min_free;
             if now_full != full {
                 if now_full {
                     tracing::error!(
                         free,
-                        min_free = self.sh.opts.min_free_bytes,
+                        min_free,
                         "disk almost full: the time-series store refuses new points"
                     );
                 } else {
@@ -760,7 +780,7 @@ impl Writer<'_> {
         }
         let sh = self.sh;
         self.check_space();
-        let min_free = sh.opts.min_free_bytes;
+        let min_free = sh.min_free.load(Ordering::Relaxed);
         if sh.disk_full.load(Ordering::Relaxed) {
             self.fail(group, TsdbError::DiskFull { min_free });
             return;
