@@ -98,6 +98,7 @@ impl From<m2mhub_identity::RegistryError> for Problem {
             E::Validation(..) => (StatusCode::UNPROCESSABLE_ENTITY, "validation"),
             E::Conflict(..) => (StatusCode::CONFLICT, "conflict"),
             E::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            E::DiskFull(..) => (StatusCode::INSUFFICIENT_STORAGE, "disk-full"),
             _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         };
         if status == StatusCode::INTERNAL_SERVER_ERROR {

@@ -26,6 +26,10 @@ pub enum RegistryError {
     /// The storage backend failed (I/O, SQL, corrupt stored data).
     #[error("storage error: {0}")]
     Storage(String),
+    /// The disk is full: nothing was written; the same request succeeds
+    /// once space is freed.
+    #[error("disk full: {0}")]
+    DiskFull(String),
 }
 
 impl From<rusqlite::Error> for RegistryError {
@@ -36,6 +40,9 @@ impl From<rusqlite::Error> for RegistryError {
                     msg.clone().unwrap_or_else(|| "unique constraint".into()),
                 );
             }
+            if f.code == rusqlite::ErrorCode::DiskFull {
+                return RegistryError::DiskFull(e.to_string());
+            }
         }
         RegistryError::Storage(e.to_string())
     }
@@ -43,6 +50,9 @@ impl From<rusqlite::Error> for RegistryError {
 
 impl From<std::io::Error> for RegistryError {
     fn from(e: std::io::Error) -> Self {
+        if e.kind() == std::io::ErrorKind::StorageFull {
+            return RegistryError::DiskFull(e.to_string());
+        }
         RegistryError::Storage(e.to_string())
     }
 }

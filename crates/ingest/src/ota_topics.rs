@@ -514,6 +514,7 @@ fn code(e: &RegistryError) -> u16 {
         RegistryError::Validation(_) => 400,
         RegistryError::Unauthorized => 403,
         RegistryError::Storage(_) => 500,
+        RegistryError::DiskFull(_) => 507,
     }
 }
 

@@ -213,6 +213,7 @@ pub fn status_of(e: &RegistryError) -> u16 {
         RegistryError::Validation(_) | RegistryError::AlreadyExists(_) => 400,
         RegistryError::Unauthorized => 403,
         RegistryError::Storage(_) => 500,
+        RegistryError::DiskFull(_) => 507,
     }
 }
 

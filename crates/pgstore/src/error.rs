@@ -31,6 +31,9 @@ impl From<PgError> for RegistryError {
                 Some(c) if *c == SqlState::UNIQUE_VIOLATION => {
                     RegistryError::AlreadyExists(db_message(&e))
                 }
+                Some(c) if *c == SqlState::DISK_FULL => {
+                    RegistryError::DiskFull(format!("PostgreSQL: {}", db_message(&e)))
+                }
                 _ => RegistryError::Storage(format!("PostgreSQL: {}", db_message(&e))),
             },
         }
