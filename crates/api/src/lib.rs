@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 mod alarms;
+mod audit_durable;
 mod backtest;
 pub mod broker_history;
 mod caller;

@@ -237,6 +237,10 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/", get(api_index))
         .nest("/api/v1", api)
         .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::audit_durable::wait,
+        ))
         .with_state(state)
         // Every route without a cap of its own (the uploads and device
         // telemetry above set theirs) buffers at most `http.max_body_bytes`.

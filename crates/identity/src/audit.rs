@@ -280,6 +280,7 @@ impl Registry {
             hash: secret::hex(&hash),
         };
         q.audit.push(row);
+        q.audit_appended += 1;
         q.last_seq = seq;
         q.last_hash = hash;
         if q.audit.len() == 1 {
@@ -315,6 +316,41 @@ impl Registry {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// Once `audit_durable` returns for a mark, every record queued before
+    /// it is in the database file: another connection reads it there (as a
+    /// restart after `kill -9` would), without waiting for the background
+    /// writer.
+    #[test]
+    fn a_durable_mark_is_in_the_file() {
+        let (dir, reg) = crate::testutil::open();
+        let before = reg.audit_mark();
+        reg.audit_durable(before).expect("nothing to wait for");
+        for i in 0..50 {
+            reg.audit("admin", "device.create", &format!("d{i}"), "ok", json!({}))
+                .expect("audit");
+        }
+        let mark = reg.audit_mark();
+        assert_eq!(mark, before + 50);
+        reg.audit_durable(mark).expect("durable");
+        let other = crate::sqlite::SqliteStore::open_read_only(&dir.path().join("registry.db"))
+            .expect("second connection");
+        let found = crate::store::RegistryStore::list_audit(
+            &other,
+            &AuditQuery {
+                limit: Some(1000),
+                ..Default::default()
+            },
+        )
+        .expect("list");
+        for i in 0..50 {
+            let target = format!("d{i}");
+            assert!(
+                found.iter().any(|r| r.target == target),
+                "{target} not in the file"
+            );
+        }
+    }
 
     fn filled(n: u64) -> (tempfile::TempDir, Registry) {
         let (d, reg) = crate::testutil::open();

@@ -159,6 +159,8 @@ pub(crate) struct LogQueue {
     pub last_seq: u64,
     pub last_hash: [u8; 32],
     pub audit: Vec<store::AuditRow>,
+    /// Audit records queued since start (see [`Registry::audit_mark`]).
+    pub audit_appended: u64,
     pub last_event_seq: u64,
     pub events: Vec<SecurityEventRecord>,
 }
@@ -197,6 +199,8 @@ pub(crate) struct Shared {
     pub wake: Condvar,
     /// Serializes flushes so batches reach the store in sequence order.
     pub flush_lock: Mutex<()>,
+    /// Audit records written to the store since start, in queue order.
+    pub audit_committed: std::sync::atomic::AtomicU64,
     pub shutdown: AtomicBool,
     pub dummy_password_hash: std::sync::OnceLock<String>,
 }
@@ -363,6 +367,7 @@ impl Registry {
             removal: RwLock::new(Vec::new()),
             wake: Condvar::new(),
             flush_lock: Mutex::new(()),
+            audit_committed: std::sync::atomic::AtomicU64::new(0),
             shutdown: AtomicBool::new(false),
             dummy_password_hash: std::sync::OnceLock::new(),
         });
@@ -391,6 +396,31 @@ impl Registry {
     /// handle may outlive the process's orderly exit.
     pub fn flush(&self) -> Result<()> {
         self.shared.flush(true)
+    }
+
+    /// A mark covering every audit record queued so far, for
+    /// [`Registry::audit_durable`].
+    pub fn audit_mark(&self) -> u64 {
+        self.shared.log.lock().audit_appended
+    }
+
+    /// Make sure every audit record queued before `mark` is in the store
+    /// (committed: it survives the process being killed), writing the queue
+    /// now if the background writer has not yet. Whoever acknowledges an
+    /// audited action calls this first; concurrent callers share one write.
+    pub fn audit_durable(&self, mark: u64) -> Result<()> {
+        let committed = || self.shared.audit_committed.load(Ordering::SeqCst);
+        if committed() >= mark {
+            return Ok(());
+        }
+        self.shared.flush(false)?;
+        if committed() >= mark {
+            Ok(())
+        } else {
+            Err(RegistryError::Storage(
+                "the audit log could not be written".into(),
+            ))
+        }
     }
 
     /// How many audit records wait for the background writer.
@@ -472,7 +502,11 @@ impl Shared {
             psk_used: &psk_used,
         };
         match self.store.append(&batch) {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                self.audit_committed
+                    .fetch_add(audit.len() as u64, Ordering::SeqCst);
+                Ok(())
+            }
             Err(e) => {
                 // Put everything back in front of what arrived meanwhile so
                 // the next attempt keeps the sequence order.

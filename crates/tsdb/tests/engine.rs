@@ -436,7 +436,10 @@ fn a_full_disk_refuses_points_cleanly() {
     db.set_min_free_bytes(0);
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while db.stats().disk_full {
-        assert!(std::time::Instant::now() < deadline, "still refusing after space came back");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still refusing after space came back"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     put(&db, "m1", "temp", &sensor(1, 1000, T0 + 60_000));
