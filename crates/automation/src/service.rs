@@ -39,6 +39,35 @@ fn now_ms() -> i64 {
     m2mhub_identity::now_ms()
 }
 
+/// The rule engine's clock: the wall clock, except that it never goes
+/// back. Windows, `FOR` and silence run on it; when the system clock is
+/// stepped back (NTP, an operator), this one keeps advancing at real-time
+/// speed from where it was until the wall clock catches up, so windows
+/// keep closing on time instead of refusing every message as late for as
+/// long as the step (found by the chaos harness: a 2 h step back silenced
+/// a tumbling-window rule for 2 h). A step forward is followed at once, as
+/// the time that passed.
+fn rule_now() -> i64 {
+    static CLOCK: parking_lot::Mutex<Option<(i64, std::time::Instant)>> =
+        parking_lot::Mutex::new(None);
+    let mut last = CLOCK.lock();
+    let wall = now_ms();
+    let at = std::time::Instant::now();
+    let now = match *last {
+        None => wall,
+        Some((t, then)) => advance(t, at.saturating_duration_since(then), wall),
+    };
+    *last = Some((now, at));
+    now
+}
+
+/// The rule clock `elapsed` after it read `last`, when the wall clock
+/// reads `wall`.
+fn advance(last: i64, elapsed: Duration, wall: i64) -> i64 {
+    let elapsed = i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX);
+    wall.max(last.saturating_add(elapsed))
+}
+
 /// What the service knows about one rule besides its compiled form.
 struct Meta {
     tenant: String,
@@ -537,7 +566,7 @@ async fn run(
                 }
             },
             _ = tick.tick() => {
-                let now = now_ms();
+                let now = rule_now();
                 let outs: Vec<(String, Vec<RuleOutput>)> = {
                     let mut rules = shared.rules.lock();
                     rules
@@ -610,7 +639,7 @@ async fn on_message(shared: &Shared, m: &Message) {
     let outs = {
         let mut rules = shared.rules.lock();
         match rules.engines.get_mut(tenant) {
-            Some(e) => e.on_message(&m.topic, &payload, now_ms()),
+            Some(e) => e.on_message(&m.topic, &payload, rule_now()),
             None => return,
         }
     };
@@ -651,7 +680,7 @@ async fn on_event(shared: &Shared, topic: &str, device: Option<&str>, body: &Val
     let outs = {
         let mut rules = shared.rules.lock();
         match rules.engines.get_mut(&*tenant) {
-            Some(e) => e.on_message(topic, body, now_ms()),
+            Some(e) => e.on_message(topic, body, rule_now()),
             None => return,
         }
     };
@@ -853,6 +882,30 @@ async fn run_action(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The rule clock follows the wall clock forward, and through a step
+    /// back keeps advancing in real time until the wall catches up.
+    #[test]
+    fn the_rule_clock_never_goes_back() {
+        let s = Duration::from_secs;
+        let h = 3_600_000;
+        // Normal running: the wall clock.
+        assert_eq!(advance(1_000_000, s(1), 1_001_000), 1_001_000);
+        // A step forward of an hour: followed.
+        assert_eq!(advance(1_000_000, s(1), 1_001_000 + h), 1_001_000 + h);
+        // A step back of two hours: one second later is one second later.
+        let t0 = 10 * h;
+        let t1 = advance(t0, s(1), t0 + 1_000 - 2 * h);
+        assert_eq!(t1, t0 + 1_000);
+        let t2 = advance(t1, s(60), t0 + 61_000 - 2 * h);
+        assert_eq!(t2, t0 + 61_000);
+        // ...until the wall clock has caught up, then the wall clock again.
+        let caught = advance(t2, s(1), t0 + 2 * h);
+        assert_eq!(caught, t0 + 2 * h);
+        // Monotonic in real use too.
+        let (a, b) = (rule_now(), rule_now());
+        assert!(b >= a);
+    }
 
     #[test]
     fn devices_come_from_the_topic() {
