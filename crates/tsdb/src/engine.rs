@@ -201,6 +201,11 @@ pub(crate) fn now_ms() -> i64 {
 }
 
 /// Free bytes of the file system holding `dir`.
+/// Segments per series at which a partition is compacted even while it is
+/// still being written (with the default 10-minute flush: every 80 minutes,
+/// rewriting the day so far into one segment per series).
+const OPEN_FRAGMENTS: usize = 8;
+
 fn free_bytes(dir: &Path) -> Option<u64> {
     let st = rustix::fs::statvfs(dir).ok()?;
     Some(st.f_bavail.saturating_mul(st.f_frsize))
@@ -886,9 +891,14 @@ impl Maintenance {
                 }
                 return;
             }
+            let mut flushed = false;
             for (req, tx) in reqs {
                 let r = match req {
-                    MaintReq::Flush => self.flush(),
+                    MaintReq::Flush => {
+                        let r = self.flush();
+                        flushed |= r.is_ok();
+                        r
+                    }
                     MaintReq::Compact => self.flush().and_then(|()| self.compact(true)),
                 };
                 let _ = tx.send(r);
@@ -898,11 +908,16 @@ impl Maintenance {
                 sh.counters.wal_since_checkpoint.load(Ordering::Relaxed) >= sh.opts.flush_wal_bytes;
             let due = self.last_flush.elapsed() >= sh.opts.flush_interval;
             if wal_big || due || !self.pending.is_empty() {
-                if let Err(e) = self.flush() {
-                    tracing::error!(error = %e, "time-series flush failed; retrying later");
+                match self.flush() {
+                    Ok(()) => flushed = true,
+                    Err(e) => {
+                        tracing::error!(error = %e, "time-series flush failed; retrying later")
+                    }
                 }
             }
-            if self.last_compact.elapsed() >= Duration::from_secs(60) {
+            if self.last_compact.elapsed() >= Duration::from_secs(60)
+                || (flushed && self.fragmented())
+            {
                 if let Err(e) = self.compact(false) {
                     tracing::error!(error = %e, "time-series compaction failed");
                 }
@@ -1026,8 +1041,22 @@ impl Maintenance {
         sh.counters.disk_bytes.store(parts + wal, Ordering::Relaxed);
     }
 
-    /// Compact closed partitions (all of them when `force`) and apply
-    /// retention.
+    /// Whether a partition has [`OPEN_FRAGMENTS`] segments per series or
+    /// more: each flush adds one per series to the partition it writes, the
+    /// open one included, and the in-memory index (and every read of the
+    /// day) grows with them until the partition is compacted.
+    fn fragmented(&self) -> bool {
+        let st = self.shared.state.read();
+        st.parts
+            .values()
+            .any(|v| v.segments >= OPEN_FRAGMENTS * v.index.len().max(1))
+    }
+
+    /// Compact closed partitions (all of them when `force`), any partition
+    /// with [`OPEN_FRAGMENTS`] segments per series (the open one too: a
+    /// long-running server's memory must not grow with every flush until
+    /// the day ends — found by the soak harness, about 130 bytes per series
+    /// and flush), and apply retention.
     fn compact(&mut self, force: bool) -> Result<(), TsdbError> {
         self.last_compact = Instant::now();
         let sh = self.shared.clone();
@@ -1058,8 +1087,9 @@ impl Maintenance {
                     let end = (*pid + 1) * sh.partition_ms;
                     let closed = end + sh.opts.compact_after.as_millis() as i64 <= now;
                     let fragmented = v.segments > v.index.len();
+                    let crowded = v.segments >= OPEN_FRAGMENTS * v.index.len().max(1);
                     let expiring = self.has_expired_series(**pid, v, &retention, now);
-                    expiring || (fragmented && (force || closed))
+                    expiring || crowded || (fragmented && (force || closed))
                 })
                 .map(|(p, v)| (*p, v.clone()))
                 .collect()

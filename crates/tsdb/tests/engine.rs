@@ -499,3 +499,51 @@ fn retention_hides_then_drops_old_data() {
     db.compact().expect("compact");
     assert_eq!(db.stats().partitions, 1);
 }
+
+/// A partition still being written is compacted once it holds eight
+/// segments per series (one per flush), so a server running all day does
+/// not keep a growing index; every point stays readable, in order.
+#[test]
+fn an_open_partition_is_compacted_after_enough_flushes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = Tsdb::open(
+        dir.path(),
+        Options {
+            // Never "closed" during the test: only the fragment rule applies.
+            compact_after: Duration::from_secs(1000 * 86_400 * 365),
+            ..opts()
+        },
+    )
+    .expect("open");
+    let before = db.stats().compactions;
+    for f in 0..7 {
+        put(&db, "m1", "temp", &sensor(10, 1000, T0 + f * 10_000));
+        put(&db, "m2", "temp", &sensor(10, 1000, T0 + f * 10_000));
+        db.flush().expect("flush");
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        db.stats().compactions,
+        before,
+        "7 segments per series: not yet"
+    );
+    put(&db, "m1", "temp", &sensor(10, 1000, T0 + 70_000));
+    put(&db, "m2", "temp", &sensor(10, 1000, T0 + 70_000));
+    db.flush().expect("flush");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while db.stats().compactions == before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the crowded partition was not compacted"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for dev in ["m1", "m2"] {
+        let pts = raw_all(&db, dev, "temp", 0, i64::MAX, 1000);
+        assert_eq!(pts.len(), 80, "{dev}");
+        assert!(pts.windows(2).all(|w| w[0].0 < w[1].0), "{dev}: in order");
+    }
+    drop(db);
+    let db = Tsdb::open(dir.path(), opts()).expect("reopen");
+    assert_eq!(raw_all(&db, "m1", "temp", 0, i64::MAX, 1000).len(), 80);
+}
