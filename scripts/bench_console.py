@@ -114,22 +114,7 @@ def query(params):
 
 # ---- a minimal MQTT 3.1.1 client, for the history backfill ------------------
 
-def _str(s):
-    b = s.encode()
-    return struct.pack("!H", len(b)) + b
-
-
-def _varint(n):
-    out = bytearray()
-    while True:
-        d, n = n % 128, n // 128
-        out.append(d | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _packet(first, body):
-    return bytes([first]) + _varint(len(body)) + body
+from mqtt_wire import mqtt_str as _str, packet as _packet, varint as _varint  # noqa: E402
 
 
 def _recv_exact(sock, n):

@@ -162,22 +162,7 @@ class Deadline:
 # ---------------------------------------------------------------------------
 # A minimal MQTT 3.1.1 / 5.0 client over a plain socket.
 
-def _str(s):
-    b = s if isinstance(s, bytes) else s.encode()
-    return struct.pack("!H", len(b)) + b
-
-
-def _varint(n):
-    out = bytearray()
-    while True:
-        d, n = n % 128, n // 128
-        out.append(d | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _packet(first, body):
-    return bytes([first]) + _varint(len(body)) + body
+from mqtt_wire import mqtt_str as _str, packet as _packet, varint as _varint  # noqa: E402
 
 
 class MqttRefused(Exception):

@@ -323,22 +323,7 @@ def metrics_text(http_addr):
 
 # ---- a minimal MQTT 3.1.1 client ---------------------------------------------
 
-def _str(s):
-    b = s.encode() if isinstance(s, str) else s
-    return struct.pack("!H", len(b)) + b
-
-
-def _varint(n):
-    out = bytearray()
-    while True:
-        d, n = n % 128, n // 128
-        out.append(d | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _packet(first, body):
-    return bytes([first]) + _varint(len(body)) + body
+from mqtt_wire import mqtt_str as _str, packet as _packet, varint as _varint  # noqa: E402
 
 
 class Mqtt:
