@@ -8,9 +8,10 @@
 #                                       checked-in corpus; new inputs go to a
 #                                       scratch directory (CI: the corpus is
 #                                       left as it is)
-#   scripts/fuzz.sh SECONDS --campaign  the same, writing new inputs into the
-#                                       checked-in corpus, then minimizing it
-#                                       (`cargo fuzz cmin`) for a commit
+#   scripts/fuzz.sh SECONDS --campaign  the same, then merging into the
+#                                       checked-in corpus the new inputs that
+#                                       reach new coverage (libFuzzer -merge=1;
+#                                       nothing is deleted), for a commit
 #
 # cargo-fuzz needs nightly compiler flags (-Zsanitizer=address); with only a
 # stable toolchain on the machine, RUSTC_BOOTSTRAP=1 allows them. A crash
@@ -31,12 +32,8 @@ for dir in crates/*/fuzz; do
     mkdir -p "$corpus"
     artifacts="$root/target/fuzz-artifacts/${dir#crates/}/$t/"
     mkdir -p "$artifacts"
-    if [[ "$campaign" == "--campaign" ]]; then
-      dirs=("$corpus")
-    else
-      scratch=$(mktemp -d "$root/target/fuzz-scratch.XXXX")
-      dirs=("$scratch" "$corpus")
-    fi
+    scratch=$(mktemp -d "$root/target/fuzz-scratch.XXXX")
+    dirs=("$scratch" "$corpus")
     before=$(ls "$corpus" | wc -l)
     echo "== ${dir%/fuzz} $t: ${secs} s from $before corpus inputs"
     log="$root/target/fuzz-$(basename "${dir%/fuzz}")-$t.log"
@@ -50,10 +47,11 @@ for dir in crates/*/fuzz; do
     rate=$(sed -n 's/^stat::average_exec_per_sec: *//p' "$log" | tail -1)
     cov=$(grep -o 'cov: [0-9]*' "$log" | tail -1 | cut -d' ' -f2)
     if [[ "$campaign" == "--campaign" ]]; then
-      (cd "$dir" && cargo fuzz cmin "$t" "$corpus" >>"$log" 2>&1)
-    else
-      rm -rf "$scratch"
+      # Into the checked-in corpus: only the new inputs that reach coverage
+      # it does not (libFuzzer's merge); the named seeds stay.
+      (cd "$dir" && cargo fuzz run "$t" -j1 -- -merge=1 "$corpus" "$scratch" >>"$log" 2>&1)
     fi
+    rm -rf "$scratch"
     after=$(ls "$corpus" | wc -l)
     summary+=("| ${dir%/fuzz} | $t | $secs s | ${execs:-?} | ${rate:-?}/s | ${cov:-?} | $before → $after | 0 |")
   done
