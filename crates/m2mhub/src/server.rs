@@ -605,11 +605,6 @@ impl SecurityEvents for SecurityToRegistry {
     }
 }
 
-/// The OTA parts: image files under `<data_dir>/ota`, the firmware signing
-/// key and the URL token secret (both sealed under the master key), and the
-/// base URL devices download from.
-/// The base URL of links handed out (firmware downloads, report files):
-/// `http.public_url`, else the HTTP listener's address.
 /// Where the TLS listeners' configuration comes from: read at start and
 /// again on every SIGHUP (a renewed certificate, a new CRL).
 struct TlsSource {
@@ -688,6 +683,8 @@ fn reload_tls_on_hangup(
     }))
 }
 
+/// The base URL of links handed out (firmware downloads, report files):
+/// `http.public_url`, else the HTTP listener's address.
 fn public_base(v: &Validated, http_addr: std::net::SocketAddr) -> String {
     v.ota.public_url.clone().unwrap_or_else(|| {
         let ip = match http_addr.ip() {
@@ -699,6 +696,9 @@ fn public_base(v: &Validated, http_addr: std::net::SocketAddr) -> String {
     })
 }
 
+/// The OTA parts: image files under `<data_dir>/ota`, the firmware signing
+/// key and the URL token secret (both sealed under the master key), and the
+/// base URL devices download from.
 fn ota_service(
     v: &Validated,
     master: &MasterKey,
