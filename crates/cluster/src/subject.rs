@@ -169,7 +169,9 @@ mod tests {
 
     #[test]
     fn malformed_keys_are_refused() {
-        for bad in ["", "a..b", "_4", "_zz", "_61", "a*", "_2E", "a b", "siey._2f"] {
+        for bad in [
+            "", "a..b", "_4", "_zz", "_61", "a*", "_2E", "a b", "siey._2f",
+        ] {
             assert_eq!(decode_topic(bad), None, "{bad:?}");
         }
     }
