@@ -64,6 +64,8 @@ pub(crate) struct Inner {
     /// Every connection's keep-alive deadline, in one timer.
     pub(crate) deadlines: Arc<crate::deadlines::Deadlines>,
     pub bans: Bans,
+    /// Bumped by every IP ban, so connections re-check their address.
+    pub(crate) ip_ban_epoch: std::sync::atomic::AtomicU32,
     pub limits: Limits,
     pub hooks: Hooks,
     /// Throttle of non-ban security events (see `events.rs`).
@@ -172,6 +174,7 @@ impl Broker {
         let (shutdown, _) = watch::channel(false);
         let now = Instant::now();
         let inner = Arc::new(Inner {
+            ip_ban_epoch: std::sync::atomic::AtomicU32::new(0),
             bans: Bans::new(
                 parts.config.ban_base_duration,
                 parts.config.ban_max_duration,
@@ -386,10 +389,12 @@ impl Broker {
 impl Broker {
     /// Ban a source address (IPv6: its /64 prefix). `duration: None`
     /// escalates from `ban_base_duration` (doubling per repeat ban, up to
-    /// `ban_max_duration`). New connections from it are refused; live ones
-    /// are left alone (sessions do not record their address: close them
-    /// with [`Broker::kick`] using the address from
-    /// [`crate::ConnectionEvents::connected`]). Returns the duration applied.
+    /// `ban_max_duration`). New connections from it are refused, and the
+    /// open ones from it are closed with DISCONNECT 0x98 (every connection
+    /// is woken and checks its own address). Automatic bans for failed
+    /// logins only refuse new connections: the devices already connected
+    /// from a shared (NAT) address proved who they are. Returns the
+    /// duration applied.
     pub fn ban_ip(&self, ip: IpAddr, reason: &str, duration: Option<Duration>) -> Duration {
         self.ban(BanKey::ip(ip), reason, duration)
     }
@@ -428,7 +433,13 @@ impl Broker {
         tracing::info!(key = %key, reason, secs = d.as_secs(), "banned");
         let reason = mqtt_codec::reason::ADMINISTRATIVE_ACTION;
         let n = match &key {
-            BanKey::Ip(_) => 0,
+            BanKey::Ip(_) => {
+                // Connections know their own address: wake them all and
+                // each one with a banned address closes (`check_kicked`).
+                self.inner.ip_ban_epoch.fetch_add(1, Ordering::AcqRel);
+                self.inner.wake_all_connections();
+                0
+            }
             BanKey::ClientId(c) => self.inner.kick_matching(reason, |id, _| id == c.as_str()),
             BanKey::Device(d) => self.inner.kick_matching(reason, |_, identity| {
                 identity.device_id.as_deref() == Some(d.as_str())
@@ -694,6 +705,17 @@ impl Inner {
             tracing::info!(client_id = %session.client_id, dropped, "subscriptions no longer authorized were removed");
         }
         dropped
+    }
+
+    /// Wake every attached connection (they re-check bans and kicks).
+    pub(crate) fn wake_all_connections(&self) {
+        let sessions: Vec<Arc<Session>> = self.sessions.lock().values().cloned().collect();
+        for s in sessions {
+            let waker = s.state.lock().conn.as_ref().map(|c| c.waker.clone());
+            if let Some(w) = waker {
+                w.notify();
+            }
+        }
     }
 
     pub fn kick_matching(&self, reason: u8, pred: impl Fn(&str, &ClientIdentity) -> bool) -> usize {

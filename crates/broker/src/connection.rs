@@ -120,6 +120,11 @@ pub(crate) struct Connection<S: Transport> {
     /// The CONNECT counted toward its client id's flapping limit (taken
     /// back if the client ends the connection with DISCONNECT).
     flap_counted: bool,
+    /// The broker's IP-ban generation this connection last checked its
+    /// address against: a ban of an address wakes every connection, and
+    /// those that see a new generation look their own address up (a word
+    /// here instead of the address on every session).
+    ban_epoch: u32,
     /// Publish rate limiter, allocated only when a rate is configured.
     publish_limit: Option<Box<PublishLimiter>>,
     /// This client's own publish-rate baseline, allocated on its first PUBLISH.
@@ -277,6 +282,7 @@ pub(crate) fn serve<S: Transport>(
     inner.connections.fetch_add(1, Ordering::SeqCst);
     let (admit, ip_counted) = admission(&inner, peer.ip());
     let anonymous = inner.anonymous.clone();
+    let inner_ban_epoch = inner.ip_ban_epoch.load(Ordering::Acquire);
     let conn = Box::new(Connection {
         conn_id: inner.next_id(),
         inner,
@@ -295,6 +301,7 @@ pub(crate) fn serve<S: Transport>(
         admit,
         ip_counted,
         flap_counted: false,
+        ban_epoch: inner_ban_epoch,
         publish_limit: None,
         baseline: None,
         acks: None,
@@ -460,8 +467,25 @@ impl<S: Transport> Connection<S> {
     /// `finish` detaches as usual).
     fn check_kicked(&mut self) -> Option<End> {
         let session = self.session.as_ref()?;
-        let st = session.state.lock();
-        crate::protocol::kicked(&st, self.conn_id).map(End::Kicked)
+        {
+            let st = session.state.lock();
+            if let Some(code) = crate::protocol::kicked(&st, self.conn_id) {
+                return Some(End::Kicked(code));
+            }
+        }
+        // An address was banned since this connection last looked: is it
+        // this one's?
+        let epoch = self.inner.ip_ban_epoch.load(Ordering::Acquire);
+        if epoch != self.ban_epoch {
+            self.ban_epoch = epoch;
+            let key = crate::ban::BanKey::ip(self.peer.ip());
+            if let Some((why, _)) = self.inner.bans.check(&key, Instant::now()) {
+                tracing::info!(peer = %self.peer, client_id = %self.client_id, reason = %why, "closing the connection of a banned address");
+                Metrics::inc(&self.inner.metrics.clients_kicked);
+                return Some(End::Kicked(reason::ADMINISTRATIVE_ACTION));
+            }
+        }
+        None
     }
 
     /// A connection refused at accept (banned address, connection rate):

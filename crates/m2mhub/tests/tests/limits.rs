@@ -380,6 +380,62 @@ async fn client_ids_can_be_banned() {
     Raw::connect_ok(srv.addr, v5("evil")).await;
 }
 
+/// A TCP connection to `addr` from another loopback address (Linux routes
+/// all of 127.0.0.0/8 to the loopback interface).
+async fn tcp_from(addr: SocketAddr, local: &str) -> Raw {
+    let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+    sock.bind(SocketAddr::new(local.parse().expect("ip"), 0))
+        .expect("bind a second loopback address");
+    let s = within("TCP connect", sock.connect(addr))
+        .await
+        .expect("TCP connect");
+    s.set_nodelay(true).expect("nodelay");
+    Raw::over(Box::new(s), Protocol::V5)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn banning_an_address_closes_its_open_connections() {
+    let srv = BrokerServer::start(|_| {}).await;
+    // Two clients from 127.0.0.2 (one persistent, one idle) and one from
+    // 127.0.0.1.
+    let mut banned = Vec::new();
+    for c in [v5("from-2a"), v5_persistent("from-2b", true, 600)] {
+        let mut raw = tcp_from(srv.addr, "127.0.0.2").await;
+        assert_eq!(raw.handshake(c).await.reason_code, 0);
+        banned.push(raw);
+    }
+    let (mut other, _) = Raw::connect_ok(srv.addr, v5("from-1")).await;
+
+    srv.broker
+        .ban_ip("127.0.0.2".parse().expect("ip"), "test", None);
+    for raw in &mut banned {
+        raw.expect_disconnect(reason::ADMINISTRATIVE_ACTION).await;
+    }
+    // The other address is untouched, and the banned one cannot return.
+    other.ping().await;
+    let mut again = tcp_from(srv.addr, "127.0.0.2").await;
+    let sent = again
+        .try_send_raw(&bytes_of(
+            &Packet::Connect(Box::new(v5("from-2c"))),
+            Protocol::V5,
+        ))
+        .await;
+    if sent {
+        match again.next(WAIT).await {
+            Next::Packet(Packet::ConnAck(a)) => assert_eq!(a.reason_code, reason::BANNED),
+            Next::Closed => {}
+            other => panic!("expected CONNACK 0x8A or close, got {other:?}"),
+        }
+    }
+    // Lifting the ban lets it back in.
+    assert!(srv
+        .broker
+        .unban(&BanKey::ip("127.0.0.2".parse().expect("ip"))));
+    let mut back = tcp_from(srv.addr, "127.0.0.2").await;
+    assert_eq!(back.handshake(v5("from-2a")).await.reason_code, 0);
+    other.ping().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_flapping_bans_the_client_id() {
     let srv = BrokerServer::start(|c| c.max_connects_per_client_id = 3).await;
