@@ -11,14 +11,24 @@
 //!   {"type": "desired", "state": {"valve": "open"}, "shadow": "irrigation"},
 //!   {"type": "republish", "topic": "alerts/{device}", "qos": 1},
 //!   {"type": "webhook", "url": "https://ops.example.com/hook", "secret": "…"},
-//!   {"type": "log", "level": "warn"}
+//!   {"type": "log", "level": "warn"},
+//!   {"type": "ban", "target": "address", "duration_secs": 3600, "reason": "ACL probing"}
 //! ]
 //! ```
 //!
 //! Each action may say `"on": ["fire", "repeat", "clear"]`; the defaults
 //! are: alarm all three (fire and repeat raise or update, clear clears),
 //! command, config and desired `fire`, republish all, webhook and log `fire` and
-//! `clear`. `{device}` in a republish topic is the output's device.
+//! `clear`, ban `fire`. `{device}` in a republish topic is the output's
+//! device.
+//!
+//! A `ban` refuses new connections and closes the open ones: `target`
+//! `device` bans the output's device (any client id it uses), `address`
+//! the address in the output row's `addr` column (the security events'
+//! `$events/security/…` carry one); without `duration_secs` the ban
+//! escalates like the broker's own. An address is shared by every tenant's
+//! devices behind it, so only the default tenant's (the platform
+//! operators') rules may ban addresses.
 
 use m2mhub_fleet::Severity;
 use m2mhub_rules::OutputKind;
@@ -99,7 +109,25 @@ pub enum Kind {
     Log {
         level: LogLevel,
     },
+    Ban {
+        target: BanTarget,
+        /// `None`: escalating, as the broker's automatic bans.
+        duration_secs: Option<u64>,
+        reason: String,
+    },
 }
+
+/// What a `ban` action bans.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BanTarget {
+    /// The output's device.
+    Device,
+    /// The output row's `addr`.
+    Address,
+}
+
+/// Longest ban a rule may set: 30 days.
+const MAX_BAN_SECS: u64 = 30 * 86_400;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Action {
@@ -141,9 +169,10 @@ fn parse_one(a: &Value) -> Result<Action, String> {
         "republish" => &["type", "on", "topic", "qos", "retain"],
         "webhook" => &["type", "on", "url", "secret"],
         "log" => &["type", "on", "level"],
+        "ban" => &["type", "on", "target", "duration_secs", "reason"],
         other => {
             return Err(format!(
-                "unknown type {other:?}; use alarm, command, config, desired, republish, webhook or log"
+                "unknown type {other:?}; use alarm, command, config, desired, republish, webhook, log or ban"
             ))
         }
     };
@@ -233,6 +262,25 @@ fn parse_one(a: &Value) -> Result<Action, String> {
                 },
             }
         }
+        "ban" => Kind::Ban {
+            target: match text(a, "target", 16)?.as_str() {
+                "device" => BanTarget::Device,
+                "address" => BanTarget::Address,
+                other => return Err(format!("`target` {other:?}: use device or address")),
+            },
+            duration_secs: match a.get("duration_secs") {
+                None | Some(Value::Null) => None,
+                Some(v) => Some(
+                    v.as_u64()
+                        .filter(|s| (1..=MAX_BAN_SECS).contains(s))
+                        .ok_or(format!("`duration_secs` must be 1 to {MAX_BAN_SECS}"))?,
+                ),
+            },
+            reason: match a.get("reason") {
+                None | Some(Value::Null) => "banned by a rule".into(),
+                Some(_) => text(a, "reason", 256)?,
+            },
+        },
         _ => Kind::Log {
             level: match a.get("level").and_then(Value::as_str) {
                 None | Some("info") => LogLevel::Info,
@@ -244,7 +292,9 @@ fn parse_one(a: &Value) -> Result<Action, String> {
     };
     let default = match kind {
         Kind::Alarm { .. } | Kind::Republish { .. } => On::ALL,
-        Kind::Command { .. } | Kind::Config { .. } | Kind::Desired { .. } => On::FIRE,
+        Kind::Command { .. } | Kind::Config { .. } | Kind::Desired { .. } | Kind::Ban { .. } => {
+            On::FIRE
+        }
         Kind::Webhook { .. } | Kind::Log { .. } => On::FIRE_CLEAR,
     };
     let on = match a.get("on") {
@@ -301,6 +351,21 @@ mod tests {
         ));
         assert_eq!(a[4].on, On::FIRE_CLEAR);
         assert!(!a[5].on.fire && a[5].on.clear);
+
+        let b = parse(&json!([
+            {"type": "ban", "target": "address"},
+            {"type": "ban", "target": "device", "duration_secs": 60, "reason": "probing"}
+        ]))
+        .expect("valid bans");
+        assert_eq!(b[0].on, On::FIRE);
+        assert!(matches!(
+            &b[0].kind,
+            Kind::Ban { target: BanTarget::Address, duration_secs: None, reason } if reason == "banned by a rule"
+        ));
+        assert!(matches!(
+            &b[1].kind,
+            Kind::Ban { target: BanTarget::Device, duration_secs: Some(60), reason } if reason == "probing"
+        ));
     }
 
     #[test]
@@ -341,6 +406,15 @@ mod tests {
                 "timeout_secs",
             ),
             (json!([{"type": "log", "on": ["sometimes"]}]), "`on`"),
+            (json!([{"type": "ban"}]), "`target` is required"),
+            (
+                json!([{"type": "ban", "target": "planet"}]),
+                "use device or address",
+            ),
+            (
+                json!([{"type": "ban", "target": "device", "duration_secs": 0}]),
+                "duration_secs",
+            ),
         ] {
             let e = parse(&bad).expect_err("refused");
             assert!(e.contains(want), "{bad}: {e}");

@@ -229,6 +229,18 @@ fn describe(a: &Action, kind: OutputKind, device: Option<&str>) -> Value {
         ),
         Kind::Webhook { url, .. } => ("webhook", format!("POST {url}")),
         Kind::Log { .. } => ("log", "log the output".to_string()),
+        Kind::Ban {
+            target,
+            duration_secs,
+            ..
+        } => {
+            let what = match target {
+                crate::actions::BanTarget::Device => format!("device {on}"),
+                crate::actions::BanTarget::Address => "the output's addr".to_string(),
+            };
+            let how_long = duration_secs.map_or("escalating".to_string(), |s| format!("{s} s"));
+            ("ban", format!("ban {what} ({how_long})"))
+        }
     };
     json!({"type": ty, "summary": summary})
 }

@@ -11,6 +11,8 @@
 //! * it implements [`RuleService`] (`control.rs`), which the HTTP API calls,
 //!   so rules created over HTTP are validated (line and column of a
 //!   mistake) and take effect at once;
+//! * security events (`security.rs`) raise alarms and feed the rules on
+//!   `$events/security/<kind>`, where a `ban` action can answer them;
 //! * [`backtest`] replays stored readings through a rule's compiled plan
 //!   on the data's own clock: what it would have fired, before it runs.
 #![forbid(unsafe_code)]
@@ -18,8 +20,10 @@
 pub mod actions;
 pub mod backtest;
 pub mod control;
+pub mod security;
 mod service;
 pub mod webhook;
 
 pub use control::{RuleProblem, RuleService};
+pub use security::SecurityAlarms;
 pub use service::{command_topic, response_topic, Automation, AutomationStats};

@@ -5,12 +5,14 @@
 //!
 //! One task owns the loop: messages come from an internal broker
 //! subscription on `#`, connection events from the broker's
-//! `ConnectionEvents` hook, alarm changes from fleet operations; a timer ticks
+//! `ConnectionEvents` hook, alarm changes from fleet operations, security
+//! events from the registry (`security.rs`); a timer ticks
 //! the engines for windows, `FOR` durations and silence. Rule changes made
 //! through the API arrive as `reload` calls and take effect at once.
 
-use crate::actions::{self, Action, Kind, LogLevel};
+use crate::actions::{self, Action, BanTarget, Kind, LogLevel};
 use crate::control::{RuleProblem, RuleService};
+use crate::security::{self, SecurityAlarms};
 use crate::webhook::{Delivery, Outcome, Policy, Target, Webhooks};
 use bytes::Bytes;
 use m2mhub_broker::auth::ClientIdentity;
@@ -20,6 +22,7 @@ use m2mhub_fleet::{
     AlarmChange, ClearedBy, CommandStatus, CommandUpdate, Fleet, NewCommand, ShadowUpdate,
     ShadowWriter,
 };
+use m2mhub_identity::{SecurityEventRecord, DEFAULT_TENANT};
 use m2mhub_rules::{CompiledRule, Engine, Output, OutputKind, RuleOutput};
 use mqtt_codec::{PublishProperties, QoS};
 use parking_lot::Mutex;
@@ -146,6 +149,8 @@ struct Shared {
     filters: Mutex<Vec<String>>,
     /// Device attributes by device id (see `device_meta`).
     meta: Mutex<HashMap<String, (std::time::Instant, Value)>>,
+    /// Which security events raise alarms.
+    security_alarms: SecurityAlarms,
 }
 
 /// The running service; implements the API's [`RuleService`].
@@ -156,7 +161,7 @@ pub struct Automation {
 
 impl Automation {
     /// Load the enabled rules, install the hooks and start the loop.
-    pub fn start(broker: Broker, fleet: Fleet) -> Automation {
+    pub fn start(broker: Broker, fleet: Fleet, security_alarms: SecurityAlarms) -> Automation {
         let (out_tx, out_rx) = mpsc::unbounded_channel();
         let webhooks = Webhooks::start(Policy::default(), out_tx);
         let (ev_tx, ev_rx) = mpsc::channel(QUEUE);
@@ -171,6 +176,7 @@ impl Automation {
             webhooks,
             stats: AutomationStats::default(),
             events: ev_tx,
+            security_alarms,
         });
         let svc = Automation { shared };
         match fleet.list_rules(None) {
@@ -253,17 +259,29 @@ impl Automation {
 }
 
 impl RuleService for Automation {
-    fn validate(&self, _tenant: &str, sql: &str, acts: &Value) -> Result<(), RuleProblem> {
+    fn validate(&self, tenant: &str, sql: &str, acts: &Value) -> Result<(), RuleProblem> {
         CompiledRule::compile(sql).map_err(|e| RuleProblem {
             message: e.kind.to_string(),
             line: Some(u64::from(e.position.line)),
             column: Some(u64::from(e.position.column)),
         })?;
-        actions::parse(acts).map_err(|message| RuleProblem {
+        let parsed = actions::parse(acts).map_err(|message| RuleProblem {
             message,
             line: None,
             column: None,
         })?;
+        if let Some(i) = parsed
+            .iter()
+            .position(|a| address_ban(a) && !may_ban_addresses(tenant))
+        {
+            return Err(RuleProblem {
+                message: format!(
+                    "action {i}: only the {DEFAULT_TENANT} tenant's rules may ban addresses (an address is shared by every tenant's devices behind it); ban the device instead"
+                ),
+                line: None,
+                column: None,
+            });
+        }
         Ok(())
     }
 
@@ -375,6 +393,20 @@ impl RuleService for Automation {
         tokio::spawn(async move { publish_command(&shared, &cmd).await });
         Ok(id)
     }
+}
+
+fn address_ban(a: &Action) -> bool {
+    matches!(
+        a.kind,
+        Kind::Ban {
+            target: BanTarget::Address,
+            ..
+        }
+    )
+}
+
+fn may_ban_addresses(tenant: &str) -> bool {
+    tenant == DEFAULT_TENANT
 }
 
 /// The topic a device receives commands on, and the one it answers on.
@@ -525,6 +557,7 @@ async fn run(
     mut outcomes: mpsc::UnboundedReceiver<Outcome>,
 ) {
     let mut alarms = shared.fleet.subscribe_alarms();
+    let mut security_events = Some(shared.fleet.identity().subscribe_security_events());
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut expiry = tokio::time::interval(Duration::from_secs(1));
@@ -559,6 +592,14 @@ async fn run(
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => {
                     alarms = shared.fleet.subscribe_alarms();
                 }
+            },
+            e = async { security_events.as_mut()?.recv().await.ok_or_lag() }, if security_events.is_some() => match e {
+                Some(Ok(ev)) => on_security_event(&shared, &ev).await,
+                Some(Err(missed)) => {
+                    shared.stats.dropped.fetch_add(missed, Ordering::Relaxed);
+                    tracing::warn!(missed, "the rule service fell behind the security events (they are still stored)");
+                }
+                None => security_events = None,
             },
             o = outcomes.recv() => if let Some(o) = o {
                 if let (Some(rule), Err(e)) = (&o.rule, &o.result) {
@@ -677,15 +718,68 @@ async fn on_event(shared: &Shared, topic: &str, device: Option<&str>, body: &Val
     else {
         return;
     };
+    on_tenant_event(shared, &tenant, topic, body).await;
+}
+
+async fn on_tenant_event(shared: &Shared, tenant: &str, topic: &str, body: &Value) {
     let outs = {
         let mut rules = shared.rules.lock();
-        match rules.engines.get_mut(&*tenant) {
+        match rules.engines.get_mut(tenant) {
             Some(e) => e.on_message(topic, body, rule_now()),
             None => return,
         }
     };
     if !outs.is_empty() {
-        act(shared, &tenant, outs).await;
+        act(shared, tenant, outs).await;
+    }
+}
+
+/// A security event: an alarm on its subject (when its kind raises one),
+/// then the tenant's rules on `$events/security/<kind>`.
+async fn on_security_event(shared: &Shared, ev: &SecurityEventRecord) {
+    let identity = shared.fleet.identity();
+    let registered = ev
+        .device_id
+        .as_deref()
+        .is_some_and(|d| identity.with_device(d, |_| ()).is_some());
+    let tenant = identity.security_event_tenant(ev);
+    let subject = security::subject(ev, registered);
+    if shared.security_alarms.raises(ev.kind) {
+        let details = json!({
+            "kind": ev.kind.as_str(),
+            "client_id": ev.device_id,
+            "addr": ev.addr,
+            "detail": ev.detail,
+            "event_seq": ev.seq,
+        });
+        if let Err(e) = shared.fleet.raise_alarm(
+            &tenant,
+            &subject,
+            &security::alarm_type(ev.kind),
+            security::severity(ev.kind),
+            details,
+            None,
+        ) {
+            tracing::warn!(kind = %ev.kind, subject, error = %e, "cannot raise a security alarm");
+        }
+    }
+    let body = security::event_body(ev, &subject, registered);
+    on_tenant_event(shared, &tenant, &security::topic(ev.kind), &body).await;
+}
+
+/// `broadcast::Receiver::recv`'s answer as `Some(Ok(event))`, `Some(Err(missed))`
+/// or `None` once the sender is gone.
+trait OrLag<T> {
+    fn ok_or_lag(self) -> Option<Result<T, u64>>;
+}
+
+impl<T> OrLag<T> for Result<T, tokio::sync::broadcast::error::RecvError> {
+    fn ok_or_lag(self) -> Option<Result<T, u64>> {
+        match self {
+            Ok(v) => Some(Ok(v)),
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => Some(Err(n)),
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => None,
+        }
     }
 }
 
@@ -866,6 +960,47 @@ async fn run_action(
                     rule: Some(rule.to_string()),
                 })
                 .map_err(|e| format!("webhook: {e}"))?;
+        }
+        Kind::Ban {
+            target,
+            duration_secs,
+            reason,
+        } => {
+            let duration = duration_secs.map(Duration::from_secs);
+            let why = format!("{reason} (rule {rule})");
+            let (key, applied) = match target {
+                BanTarget::Device => {
+                    let d = need_device()?;
+                    (
+                        format!("device:{d}"),
+                        shared.broker.ban_device(d, &why, duration),
+                    )
+                }
+                BanTarget::Address => {
+                    if !may_ban_addresses(tenant) {
+                        return Err("only the default tenant's rules may ban addresses".into());
+                    }
+                    let addr =
+                        o.row.get("addr").and_then(Value::as_str).ok_or(
+                            "a ban of an address needs an `addr` column in the rule's output",
+                        )?;
+                    let ip: std::net::IpAddr = addr
+                        .parse()
+                        .map_err(|_| format!("`addr` {addr:?} is not an IP address"))?;
+                    (format!("ip:{ip}"), shared.broker.ban_ip(ip, &why, duration))
+                }
+            };
+            // A ban is an administrative action: audited like an
+            // operator's, with the rule as the actor.
+            if let Err(e) = shared.fleet.identity().audit(
+                &format!("rule:{rule}"),
+                "ban",
+                &key,
+                "ok",
+                json!({"reason": reason, "secs": applied.as_secs()}),
+            ) {
+                tracing::error!(rule, error = %e, "cannot audit a rule's ban");
+            }
         }
         Kind::Log { level } => {
             let j = output_json(rule, o);

@@ -78,7 +78,7 @@ pub use profile::{
     DEFAULT_PROFILE,
 };
 pub use psk::{PskCheck, PskInfo, SealedKey};
-pub use security::{SecurityEvent, SecurityEventRecord, SecurityKind};
+pub use security::{SecurityEvent, SecurityEventRecord, SecurityKind, SECURITY_EVENT_BACKLOG};
 pub use store::RegistryStore;
 pub use tenant::{Group, Tenant};
 pub use token::{TokenCheck, TokenInfo};
@@ -203,6 +203,9 @@ pub(crate) struct Shared {
     pub audit_committed: std::sync::atomic::AtomicU64,
     pub shutdown: AtomicBool,
     pub dummy_password_hash: std::sync::OnceLock<String>,
+    /// Security events as they are recorded, for the rule service (which
+    /// raises alarms and runs rules on them); see `security.rs`.
+    pub security_events: tokio::sync::broadcast::Sender<Arc<SecurityEventRecord>>,
 }
 
 struct FlusherGuard {
@@ -370,6 +373,7 @@ impl Registry {
             audit_committed: std::sync::atomic::AtomicU64::new(0),
             shutdown: AtomicBool::new(false),
             dummy_password_hash: std::sync::OnceLock::new(),
+            security_events: tokio::sync::broadcast::channel(SECURITY_EVENT_BACKLOG).0,
         });
         let thread_shared = Arc::clone(&shared);
         let handle = std::thread::Builder::new()

@@ -8,6 +8,7 @@ use crate::{now_ms, Registry};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -24,6 +25,17 @@ pub enum SecurityKind {
 }
 
 impl SecurityKind {
+    /// Every kind, in a stable order (settings, docs).
+    pub const ALL: [SecurityKind; 7] = [
+        SecurityKind::AuthFailureBurst,
+        SecurityKind::Ban,
+        SecurityKind::AclViolation,
+        SecurityKind::NewAddress,
+        SecurityKind::RateAnomaly,
+        SecurityKind::Flapping,
+        SecurityKind::LoginLockout,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             SecurityKind::AuthFailureBurst => "auth_failure_burst",
@@ -63,6 +75,10 @@ impl FromStr for SecurityKind {
     }
 }
 
+/// How many recorded security events a slow listener may fall behind
+/// before it misses some.
+pub const SECURITY_EVENT_BACKLOG: usize = 4096;
+
 /// A new security event.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SecurityEvent {
@@ -92,18 +108,43 @@ impl Registry {
         let mut q = s.log.lock();
         let seq = q.last_event_seq + 1;
         q.last_event_seq = seq;
-        q.events.push(SecurityEventRecord {
+        let rec = SecurityEventRecord {
             seq,
             ts_ms: ev.ts_ms.unwrap_or_else(now_ms),
             kind: ev.kind,
             device_id: ev.device_id,
             addr: ev.addr,
             detail: ev.detail,
-        });
+        };
+        if s.security_events.receiver_count() > 0 {
+            // Sent under the queue's lock, so listeners see sequence order.
+            let _ = s.security_events.send(Arc::new(rec.clone()));
+        }
+        q.events.push(rec);
         if q.events.len() == 1 {
             s.wake.notify_one();
         }
         Ok(seq)
+    }
+
+    /// Every security event recorded from now on, as it is recorded (before
+    /// it is stored). A listener that falls more than
+    /// [`SECURITY_EVENT_BACKLOG`] events behind is told how many it missed
+    /// (`RecvError::Lagged`); the events stay in the store either way.
+    pub fn subscribe_security_events(
+        &self,
+    ) -> tokio::sync::broadcast::Receiver<Arc<SecurityEventRecord>> {
+        self.shared.security_events.subscribe()
+    }
+
+    /// The tenant a security event belongs to: its device's, or the default
+    /// tenant's (the platform operators') for events about an address, an
+    /// operator login or a client id no device owns.
+    pub fn security_event_tenant(&self, ev: &SecurityEventRecord) -> String {
+        ev.device_id
+            .as_deref()
+            .and_then(|d| self.with_device(d, |d| d.tenant.clone()))
+            .unwrap_or_else(|| crate::DEFAULT_TENANT.to_string())
     }
 
     /// Events with a sequence number after `after`, oldest first.
@@ -123,6 +164,33 @@ impl Registry {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn listeners_get_events_in_order_with_their_tenant() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let reg = Registry::open(dir.path()).expect("open");
+        let mut rx = reg.subscribe_security_events();
+        for (kind, dev) in [
+            (SecurityKind::AclViolation, Some("nobody-registered")),
+            (SecurityKind::AuthFailureBurst, None),
+        ] {
+            reg.record_security_event(SecurityEvent {
+                kind,
+                device_id: dev.map(str::to_string),
+                addr: Some("10.0.0.9".into()),
+                detail: json!({}),
+                ts_ms: None,
+            })
+            .expect("record");
+        }
+        let a = rx.try_recv().expect("first");
+        let b = rx.try_recv().expect("second");
+        assert_eq!((a.kind, a.seq + 1), (SecurityKind::AclViolation, b.seq));
+        assert_eq!(b.kind, SecurityKind::AuthFailureBurst);
+        // Nobody owns either: the platform's (default) tenant.
+        assert_eq!(reg.security_event_tenant(&a), crate::DEFAULT_TENANT);
+        assert!(rx.try_recv().is_err(), "nothing else");
+    }
 
     #[test]
     fn events_round_trip_and_persist() {

@@ -272,7 +272,8 @@ impl Server {
 
         tasks.push(tokio::spawn(sweep_diagnostics(fleet.clone())));
 
-        let automation = Automation::start(broker.clone(), fleet.clone());
+        let automation =
+            Automation::start(broker.clone(), fleet.clone(), v.security_alarms.clone());
         let ota = Arc::new(ota_service(v, &master, &broker, &fleet, http_addr)?);
         let psk_keys = m2mhub_pki::PskKeys::new(master);
         tasks.push(m2mhub_ingest::ota_topics::serve(

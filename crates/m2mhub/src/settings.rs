@@ -207,6 +207,16 @@ max_queued_hashes = 16
 # User names and addresses counted at once (bounds the memory).
 max_tracked = 10000
 
+[security]
+# Security events (GET /api/v1/security/events) whose kinds raise an alarm:
+# type security_<kind>, on the device the event is about, else on
+# ip-<address> (or client-<client id>) in the default tenant. A repeat
+# while the alarm is active counts up on it. Rules see every event on
+# $events/security/<kind> whatever this lists. Kinds: auth_failure_burst,
+# ban, acl_violation, new_address, rate_anomaly, flapping, login_lockout.
+# Empty: no security alarms. Environment: a comma-separated list.
+alarms = ["auth_failure_burst", "ban", "acl_violation", "new_address", "rate_anomaly", "flapping", "login_lockout"]
+
 [ota]
 # Firmware images: stored under <data_dir>/ota, signed with the platform's
 # Ed25519 key (public key at /api/v1/ota/public-key).
@@ -317,6 +327,7 @@ pub struct Settings {
     pub reports: ReportSettings,
     pub http: HttpSettings,
     pub login: LoginSettings,
+    pub security: SecuritySettings,
     pub ota: OtaSettings,
     pub gateways: GatewaySettings,
     pub coap: CoapSettings,
@@ -384,6 +395,46 @@ impl Default for ClusterSettings {
             name: "m2mhub".into(),
             queue_retention_hours: 24,
         }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SecuritySettings {
+    /// Security event kinds that raise alarms.
+    pub alarms: Vec<String>,
+}
+
+impl Default for SecuritySettings {
+    fn default() -> Self {
+        SecuritySettings {
+            alarms: m2mhub_identity::SecurityKind::ALL
+                .iter()
+                .map(|k| k.as_str().to_string())
+                .collect(),
+        }
+    }
+}
+
+impl SecuritySettings {
+    fn validate(&self) -> Result<m2mhub_automation::SecurityAlarms> {
+        let mut kinds = Vec::new();
+        for k in &self.alarms {
+            let kind: m2mhub_identity::SecurityKind = k.parse().map_err(|_| {
+                let all: Vec<&str> = m2mhub_identity::SecurityKind::ALL
+                    .iter()
+                    .map(|k| k.as_str())
+                    .collect();
+                anyhow!(
+                    "invalid value in `security.alarms`: {k:?}; use any of {} (or [] for none)",
+                    all.join(", ")
+                )
+            })?;
+            if !kinds.contains(&kind) {
+                kinds.push(kind);
+            }
+        }
+        Ok(m2mhub_automation::SecurityAlarms { kinds })
     }
 }
 
@@ -743,6 +794,7 @@ impl Default for Settings {
             reports: ReportSettings::default(),
             http: HttpSettings::default(),
             login: LoginSettings::default(),
+            security: SecuritySettings::default(),
             ota: OtaSettings::default(),
             gateways: GatewaySettings::default(),
             cluster: ClusterSettings::default(),
@@ -823,13 +875,14 @@ impl Default for LogSettings {
 
 /// The sections of the file; an environment variable `M2MHUB_MQTT_LISTEN`
 /// is the key `listen` of section `mqtt`.
-const SECTIONS: [&str; 13] = [
+const SECTIONS: [&str; 14] = [
     "mqtt",
     "telemetry",
     "diagnostics",
     "reports",
     "http",
     "login",
+    "security",
     "ota",
     "gateways",
     "coap",
@@ -1207,6 +1260,7 @@ impl Settings {
             ..telemetry
         };
         Ok(Validated {
+            security_alarms: self.security.validate()?,
             reports: self.reports.validate()?,
             cluster,
             postgres,
@@ -1364,6 +1418,8 @@ pub struct Validated {
     pub login: m2mhub_api::LoginConfig,
     /// The console's tile server (and so its Content-Security-Policy).
     pub console: m2mhub_api::ConsoleConfig,
+    /// Which security events raise alarms.
+    pub security_alarms: m2mhub_automation::SecurityAlarms,
     pub ota: OtaConfig,
     /// Sparkplug B and ChirpStack.
     pub gateways: m2mhub_ingest::gateways::GatewayConfig,
@@ -1580,6 +1636,39 @@ mod tests {
         let e = s.validate().expect_err("zero ttl");
         assert!(
             e.to_string().contains("diagnostics.upload_url_ttl_s"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn security_alarm_kinds() {
+        let v = Settings::default().validate().expect("valid");
+        assert_eq!(v.security_alarms.kinds, m2mhub_identity::SecurityKind::ALL);
+        let s = Settings::load(
+            None,
+            &env(&[("M2MHUB_SECURITY_ALARMS", "acl_violation, login_lockout")]),
+        )
+        .expect("load");
+        let v = s.validate().expect("valid");
+        assert_eq!(
+            v.security_alarms.kinds,
+            [
+                m2mhub_identity::SecurityKind::AclViolation,
+                m2mhub_identity::SecurityKind::LoginLockout
+            ]
+        );
+        let s = Settings::load(None, &env(&[("M2MHUB_SECURITY_ALARMS", "")])).expect("load");
+        assert!(s
+            .validate()
+            .expect("valid")
+            .security_alarms
+            .kinds
+            .is_empty());
+        let mut s = Settings::default();
+        s.security.alarms = vec!["acl_violations".into()];
+        let e = s.validate().expect_err("typo").to_string();
+        assert!(
+            e.contains("security.alarms") && e.contains("acl_violation,"),
             "{e}"
         );
     }

@@ -1846,3 +1846,120 @@ async fn deleting_a_policy_removes_the_subscriptions_it_allowed() {
         s.subscriptions
     );
 }
+
+/// The alarms of `type` listed by the admin: `(device, count)` each.
+async fn alarms_of(api: &Api, alarm_type: &str) -> Vec<(String, u64)> {
+    let a = api
+        .expect(
+            "GET",
+            &format!("/alarms?type={alarm_type}&limit=100"),
+            None,
+            200,
+        )
+        .await;
+    a["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|a| {
+            (
+                a["device_id"].as_str().unwrap_or_default().to_string(),
+                a["count"].as_u64().unwrap_or_default(),
+            )
+        })
+        .collect()
+}
+
+/// Security events become alarms (on the device, or on the address), and a
+/// rule on `$events/security/…` acts on them: here it bans the device that
+/// probed outside its topics, which closes its connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn security_events_raise_alarms_and_rules_act_on_them() {
+    let srv = TestServer::with(|s| {
+        secure(s);
+        s.mqtt.auth_failures_before_ban = 3;
+    })
+    .await;
+    let api = two_tenants(&srv).await;
+    let mqtt = srv.mqtt();
+    api.expect(
+        "POST",
+        "/rules",
+        Some(json!({
+            "id": "ban-probers",
+            "sql": "SELECT device, addr, detail.topic AS topic FROM '$events/security/acl_violation' WHERE registered",
+            "actions": [{"type": "ban", "target": "device", "duration_secs": 600, "reason": "probing"}]
+        })),
+        201,
+    )
+    .await;
+
+    // An ACL violation: an alarm on the device, then the rule's ban closes
+    // its connection and refuses it back.
+    let secret = api.device_with_token(json!({"id": "prober"})).await;
+    let mut d = device_online(mqtt, "prober", &secret).await;
+    assert_eq!(sub_code(&mut d, 1, "#").await, reason::NOT_AUTHORIZED);
+    d.expect_disconnect(reason::ADMINISTRATIVE_ACTION).await;
+    assert_eq!(
+        connect_device(mqtt, "prober", &secret).await.1,
+        reason::BANNED
+    );
+    let mut alarms = Vec::new();
+    for _ in 0..100 {
+        alarms = alarms_of(&api, "security_acl_violation").await;
+        if !alarms.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(alarms, [("prober".to_string(), 1)]);
+    let bans = api.expect("GET", "/security/bans", None, 200).await;
+    assert!(
+        bans.to_string().contains("device:prober") && bans.to_string().contains("probing"),
+        "{bans}"
+    );
+    let audit = api
+        .expect("GET", "/audit?action=ban&limit=10", None, 200)
+        .await;
+    assert!(
+        audit.to_string().contains("rule:ban-probers"),
+        "the rule's ban is audited: {audit}"
+    );
+
+    // A burst of failed logins from an address: an alarm on the address.
+    for _ in 0..3 {
+        connect_device(mqtt, "nobody", "m2m_guess").await;
+    }
+    let mut alarms = Vec::new();
+    for _ in 0..100 {
+        alarms = alarms_of(&api, "security_auth_failure_burst").await;
+        if !alarms.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // One alarm (the burst banned both the address and the client id: two
+    // events, counted on the one alarm).
+    assert_eq!(alarms.len(), 1, "{alarms:?}");
+    assert_eq!(alarms[0].0, "ip-127.0.0.1");
+    assert!(alarms[0].1 >= 1);
+
+    // Only the platform's own rules may ban addresses: another tenant's
+    // operator cannot cut off devices of every tenant behind one address.
+    let t1 = login_as(&srv, &api, "t1-op", "operator", "t1").await;
+    let p = t1
+        .expect(
+            "POST",
+            "/rules",
+            Some(json!({
+                "sql": "SELECT device, addr FROM '$events/security/new_address'",
+                "actions": [{"type": "ban", "target": "address"}]
+            })),
+            422,
+        )
+        .await;
+    assert!(
+        p.to_string().contains("may ban addresses"),
+        "the refusal says why: {p}"
+    );
+}
