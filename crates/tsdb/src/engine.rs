@@ -11,7 +11,7 @@
 
 use crate::error::{is_disk_full, TsdbError};
 use crate::head::{ChunkBytes, Frozen, Heads, LatestTable};
-use crate::model::{InPoint, Kind, Retention, SeriesId, SeriesKey, Stats, Value};
+use crate::model::{Agg, InPoint, Kind, Retention, SeriesId, SeriesKey, Stats, Value};
 use crate::part::{PartView, PartWriter, SeriesWrite};
 use crate::rollup::{self, HOUR, MINUTE};
 use crate::series::{encode_def, SeriesIndex, SeriesLog, SeriesMeta};
@@ -151,6 +151,8 @@ pub(crate) struct Counters {
     pub compactions: AtomicU64,
     pub write_errors: AtomicU64,
     pub disk_bytes: AtomicU64,
+    /// See `Stats::compaction_peak_bytes`.
+    pub compaction_peak_bytes: AtomicU64,
 }
 
 enum MaintReq {
@@ -493,6 +495,7 @@ impl Tsdb {
             disk_bytes: c.disk_bytes.load(Ordering::Relaxed),
             write_errors: c.write_errors.load(Ordering::Relaxed),
             disk_full: sh.disk_full.load(Ordering::Relaxed),
+            compaction_peak_bytes: c.compaction_peak_bytes.load(Ordering::Relaxed),
         }
     }
 
@@ -973,7 +976,7 @@ impl Maintenance {
                 }
                 let writes = series
                     .into_iter()
-                    .map(|(sid, srcs)| series_write(sid, srcs, false))
+                    .map(|(sid, srcs)| series_write(sid, srcs, false, &mut Held::default()))
                     .collect::<Result<Vec<_>, _>>()?;
                 let w = self.writers.get_mut(&pid).ok_or(TsdbError::Closed)?;
                 marks.push((pid, w.data_len, w.index_len()?));
@@ -1057,6 +1060,12 @@ impl Maintenance {
     /// long-running server's memory must not grow with every flush until
     /// the day ends — found by the soak harness, about 130 bytes per series
     /// and flush), and apply retention.
+    ///
+    /// A partition is rewritten one series at a time into its next
+    /// generation file ([`PartWriter::begin_rewrite`]): the memory it takes
+    /// is one series' worth, whatever the partition's size (gathering the
+    /// whole partition first made the soak's RSS jump by the size of the
+    /// day so far, up to 778 MiB, at every compaction of the open day).
     fn compact(&mut self, force: bool) -> Result<(), TsdbError> {
         self.last_compact = Instant::now();
         let sh = self.shared.clone();
@@ -1079,7 +1088,7 @@ impl Maintenance {
                 }
             }
         }
-        let candidates: Vec<(i64, PartView)> = {
+        let candidates: Vec<i64> = {
             let st = sh.state.read();
             st.parts
                 .iter()
@@ -1091,33 +1100,47 @@ impl Maintenance {
                     let expiring = self.has_expired_series(**pid, v, &retention, now);
                     expiring || crowded || (fragmented && (force || closed))
                 })
-                .map(|(p, v)| (*p, v.clone()))
+                .map(|(p, _)| *p)
                 .collect()
         };
-        let idx = if candidates.is_empty() {
-            Vec::new()
-        } else {
-            sh.series.read().metas.clone()
-        };
-        for (pid, view) in candidates {
+        for pid in candidates {
+            // Only this thread changes a partition's view, so the clone
+            // (the small index and the file handle) stays current while
+            // the partition is rewritten; queries keep reading the old
+            // generation through their own `Arc` until the swap below.
+            let Some(view) = sh.state.read().parts.get(&pid).cloned() else {
+                continue;
+            };
+            let Some(w) = self.writers.get_mut(&pid) else {
+                continue;
+            };
             let end = (pid + 1) * sh.partition_ms;
-            let mut writes = Vec::with_capacity(view.index.len());
-            for (sid, segs) in &view.index {
-                let expired = idx
-                    .get(*sid as usize)
-                    .and_then(|m| retention.keep_for(&m.key))
-                    .is_some_and(|keep| end <= now - keep.as_millis() as i64);
-                if expired {
-                    continue;
-                }
+            // The series kept and their kinds, in id order (the new data
+            // file's layout), decided under one short lock.
+            let plan: Vec<(SeriesId, Kind)> = {
+                let idx = sh.series.read();
+                let mut plan: Vec<_> = view
+                    .index
+                    .keys()
+                    .filter_map(|sid| {
+                        let meta = idx.meta(*sid);
+                        let expired = meta
+                            .and_then(|m| retention.keep_for(&m.key))
+                            .is_some_and(|keep| end <= now - keep.as_millis() as i64);
+                        (!expired).then(|| (*sid, meta.map_or(Kind::Float, |m| m.kind)))
+                    })
+                    .collect();
+                plan.sort_unstable_by_key(|p| p.0);
+                plan
+            };
+            // One series at a time: read its chunks, merge, write, drop.
+            let mut held = Held::default();
+            let mut rw = w.begin_rewrite()?;
+            for (sid, kind) in plan {
                 let mut srcs = Vec::new();
-                for seg in segs {
+                for seg in view.index.get(&sid).into_iter().flatten() {
                     for c in &seg.chunks {
                         let bytes = view.files.read(c.block)?;
-                        let kind = idx
-                            .get(*sid as usize)
-                            .map(|m| m.kind)
-                            .unwrap_or(Kind::Float);
                         srcs.push(ChunkSrc {
                             bytes: if kind == Kind::Text {
                                 ChunkBytes::Text(bytes)
@@ -1130,13 +1153,13 @@ impl Maintenance {
                         });
                     }
                 }
-                writes.push(series_write(*sid, srcs, true)?);
+                let write = series_write(sid, srcs, true, &mut held)?;
+                rw.push(&write)?;
             }
-            writes.sort_by_key(|w| w.id);
-            let Some(w) = self.writers.get_mut(&pid) else {
-                continue;
-            };
-            let new_view = w.rewrite(self.flush_id, writes)?;
+            sh.counters
+                .compaction_peak_bytes
+                .fetch_max(held.peak as u64, Ordering::Relaxed);
+            let new_view = w.finish_rewrite(rw, self.flush_id)?;
             sh.state.write().parts.insert(pid, new_view);
             sh.counters.compactions.fetch_add(1, Ordering::Relaxed);
         }
@@ -1158,6 +1181,23 @@ impl Maintenance {
     }
 }
 
+/// The peak of the data a compaction holds in memory at once: the chunks
+/// read, the decoded points, the rollup rows and the encoded output of the
+/// series being rewritten (blobs go straight to the new file, so nothing
+/// else accumulates). Reported as `Stats::compaction_peak_bytes`, so a test
+/// can prove compaction memory follows the largest series, not the
+/// partition. The per-series index (some 30 bytes a chunk) is not counted.
+#[derive(Default)]
+struct Held {
+    peak: usize,
+}
+
+impl Held {
+    fn observe(&mut self, bytes: usize) {
+        self.peak = self.peak.max(bytes);
+    }
+}
+
 struct ChunkSrc {
     bytes: ChunkBytes,
     min_ts: i64,
@@ -1170,7 +1210,13 @@ struct ChunkSrc {
 /// and re-cut into chunks of [`COMPACT_CHUNK`] points with their rollups.
 /// Text chunks are kept as they are on a flush (`merge == false`) and
 /// merged the same way on compaction.
-fn series_write(sid: SeriesId, srcs: Vec<ChunkSrc>, merge: bool) -> Result<SeriesWrite, TsdbError> {
+fn series_write(
+    sid: SeriesId,
+    srcs: Vec<ChunkSrc>,
+    merge: bool,
+    held: &mut Held,
+) -> Result<SeriesWrite, TsdbError> {
+    let src_bytes: usize = srcs.iter().map(|s| s.bytes.len()).sum();
     let corrupt = |e: String| TsdbError::Corrupt(format!("series {sid}: {e}"));
     let text = matches!(srcs.first().map(|s| &s.bytes), Some(ChunkBytes::Text(_)));
     if text {
@@ -1183,6 +1229,8 @@ fn series_write(sid: SeriesId, srcs: Vec<ChunkSrc>, merge: bool) -> Result<Serie
                 }
             }
             pts.sort_by_key(|p| p.0);
+            let pts_bytes = pts.capacity() * std::mem::size_of::<(i64, String)>()
+                + pts.iter().map(|p| p.1.len()).sum::<usize>();
             for run in pts.chunks(COMPACT_CHUNK) {
                 let mut e = crate::text::TextEncoder::default();
                 for (t, s) in run {
@@ -1191,6 +1239,8 @@ fn series_write(sid: SeriesId, srcs: Vec<ChunkSrc>, merge: bool) -> Result<Serie
                 let (min, max) = (run[0].0, run[run.len() - 1].0);
                 chunks.push((e.snapshot(), min, max, run.len() as u32));
             }
+            let out: usize = chunks.iter().map(|c| c.0.len()).sum();
+            held.observe(src_bytes + pts_bytes + out);
         } else {
             for s in srcs {
                 if let ChunkBytes::Text(b) = s.bytes {
@@ -1215,12 +1265,16 @@ fn series_write(sid: SeriesId, srcs: Vec<ChunkSrc>, merge: bool) -> Result<Serie
     }
     // Stable: points with equal timestamps keep their arrival order.
     pts.sort_by_key(|p| p.0);
-    let r1m = rollup::encode(&rollup::rows(&pts, MINUTE));
+    let pts_bytes = pts.capacity() * std::mem::size_of::<(i64, f64)>();
+    let rows = rollup::rows(&pts, MINUTE);
+    held.observe(src_bytes + pts_bytes + rows.capacity() * std::mem::size_of::<(i64, Agg)>());
+    let r1m = rollup::encode(&rows);
+    drop(rows);
     let r1h = rollup::encode(&rollup::rows(&pts, HOUR));
     // Sealed numeric chunks are always re-cut in time order and encoded
     // in the smaller of the two chunk formats: a sorted chunk lets range
     // reads stop early, and decimal readings shrink by more than half.
-    let chunks = pts
+    let chunks: Vec<_> = pts
         .chunks(COMPACT_CHUNK)
         .map(|run| {
             (
@@ -1231,10 +1285,12 @@ fn series_write(sid: SeriesId, srcs: Vec<ChunkSrc>, merge: bool) -> Result<Serie
             )
         })
         .collect();
-    Ok(SeriesWrite {
+    let out = SeriesWrite {
         id: sid,
         chunks,
         r1m,
         r1h,
-    })
+    };
+    held.observe(src_bytes + pts_bytes + out.heap_bytes());
+    Ok(out)
 }

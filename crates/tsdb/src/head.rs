@@ -20,6 +20,14 @@ pub(crate) enum ChunkBytes {
     Text(Vec<u8>),
 }
 
+impl ChunkBytes {
+    pub fn len(&self) -> usize {
+        match self {
+            ChunkBytes::Num(b) | ChunkBytes::Text(b) => b.len(),
+        }
+    }
+}
+
 impl Enc {
     pub fn snapshot(&self) -> ChunkBytes {
         match self {

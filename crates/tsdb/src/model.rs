@@ -434,4 +434,9 @@ pub struct Stats {
     pub disk_bytes: u64,
     pub write_errors: u64,
     pub disk_full: bool,
+    /// The most data a compaction has held in memory at once since the
+    /// store opened (chunks read, decoded points, encoded output), in
+    /// bytes: bounded by the largest series of a partition, not by the
+    /// partition, so a soak can tell a compaction spike from a leak.
+    pub compaction_peak_bytes: u64,
 }

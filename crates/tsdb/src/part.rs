@@ -10,7 +10,8 @@
 //! records whose flush id is above the checkpoint's are a crash's leftovers
 //! (their points are still in the WAL) and are cut off on open. Compaction
 //! rewrites a partition into generation `gen + 1` (one chunk run and one
-//! rollup block per series), switched by renaming the new index into place.
+//! rollup block per series), streamed series by series into the new data
+//! file and switched by renaming the new index into place.
 //! Retention drops a whole directory.
 
 use crate::codec::{frame, unframe, write_varint, Reader};
@@ -88,6 +89,13 @@ pub(crate) struct SeriesWrite {
     pub chunks: Vec<(Vec<u8>, i64, i64, u32)>,
     pub r1m: Vec<u8>,
     pub r1h: Vec<u8>,
+}
+
+impl SeriesWrite {
+    /// Bytes of the blobs it carries (what the data file receives).
+    pub fn heap_bytes(&self) -> usize {
+        self.chunks.iter().map(|c| c.0.len()).sum::<usize>() + self.r1m.len() + self.r1h.len()
+    }
 }
 
 pub(crate) fn dir_name(id: i64) -> String {
@@ -283,35 +291,59 @@ impl PartWriter {
         Ok(entries)
     }
 
-    /// Write generation `gen + 1` holding exactly `series`, switch to it and
-    /// delete the old files. Returns the new view.
-    pub fn rewrite(
-        &mut self,
-        flush_id: u64,
-        series: Vec<SeriesWrite>,
-    ) -> std::io::Result<PartView> {
+    /// Start writing generation `gen + 1`; the caller pushes every series
+    /// it keeps, then hands the result to [`PartWriter::finish_rewrite`].
+    ///
+    /// The new data file is written series by series, so compaction holds
+    /// one series in memory, never the partition (a soak run's RSS jumped
+    /// by the size of the day so far at each compaction of the open day).
+    /// Until `finish_rewrite` renames the new index into place the current
+    /// generation stays the one recovery opens; a crash before that leaves
+    /// only a data file without an index, which `open` deletes.
+    pub fn begin_rewrite(&self) -> std::io::Result<Rewrite> {
         let gen = self.gen + 1;
-        let (blob, entries) = layout(0, series);
-        let dpath = data_path(&self.dir, gen);
-        {
-            let mut data = OpenOptions::new()
-                .create(true)
-                .truncate(true)
-                .write(true)
-                .open(&dpath)?;
-            data.write_all(&blob)?;
-            data.sync_data()?;
+        let path = data_path(&self.dir, gen);
+        let data = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .open(&path)?;
+        Ok(Rewrite {
+            path,
+            gen,
+            data,
+            len: 0,
+            entries: Vec::new(),
+            finished: false,
+        })
+    }
+
+    /// Make `rw` the partition's generation: fsync its data, write its
+    /// index beside the current one, fsync, rename it into place (the
+    /// commit point), fsync the directory, then delete the old generation.
+    /// Returns the new view.
+    pub fn finish_rewrite(&mut self, mut rw: Rewrite, flush_id: u64) -> std::io::Result<PartView> {
+        if rw.gen != self.gen + 1 {
+            return Err(std::io::Error::other(format!(
+                "partition rewrite to generation {} on top of {}",
+                rw.gen, self.gen
+            )));
         }
-        let data = OpenOptions::new().append(true).open(&dpath)?;
+        let gen = rw.gen;
+        rw.data.sync_data()?;
         let tmp = self.dir.join(format!("index-{gen}.tmp"));
         let mut framed = Vec::new();
-        frame(&mut framed, &encode_record(flush_id, &entries));
+        frame(&mut framed, &encode_record(flush_id, &rw.entries));
         {
             let mut f = File::create(&tmp)?;
             f.write_all(&framed)?;
             f.sync_data()?;
         }
+        drop(framed);
         std::fs::rename(&tmp, index_path(&self.dir, gen))?;
+        // From the rename on the new generation is what recovery opens:
+        // its files must survive `Rewrite`'s drop, whatever fails next.
+        rw.finished = true;
         sync_dir(&self.dir)?;
         // The switch is done; the old generation is garbage from here on.
         let _ = std::fs::remove_file(data_path(&self.dir, self.gen));
@@ -320,17 +352,18 @@ impl PartWriter {
             .read(true)
             .append(true)
             .open(index_path(&self.dir, gen))?;
-        self.data = data;
-        self.data_len = blob.len() as u64;
+        self.data = OpenOptions::new().append(true).open(&rw.path)?;
+        self.data_len = rw.len;
         self.gen = gen;
+        let entries = std::mem::take(&mut rw.entries);
         let segments = entries.len();
-        let mut index: HashMap<SeriesId, Vec<Segment>> = HashMap::new();
+        let mut index: HashMap<SeriesId, Vec<Segment>> = HashMap::with_capacity(segments);
         for (sid, seg) in entries {
             index.entry(sid).or_default().push(seg);
         }
         Ok(PartView {
             files: Arc::new(PartFiles {
-                data: File::open(&dpath)?,
+                data: File::open(&rw.path)?,
             }),
             index,
             segments,
@@ -362,40 +395,91 @@ impl PartWriter {
 fn layout(base: u64, series: Vec<SeriesWrite>) -> (Vec<u8>, Vec<(SeriesId, Segment)>) {
     let mut blob = Vec::new();
     let mut entries = Vec::with_capacity(series.len());
-    let put = |blob: &mut Vec<u8>, bytes: &[u8]| {
-        let b = BlockRef {
-            off: base + blob.len() as u64,
-            len: bytes.len() as u32,
-        };
-        blob.extend_from_slice(bytes);
-        b
-    };
     for s in series {
-        let mut chunks = Vec::with_capacity(s.chunks.len());
-        for (bytes, min_ts, max_ts, count) in &s.chunks {
-            chunks.push(ChunkRef {
-                block: put(&mut blob, bytes),
-                min_ts: *min_ts,
-                max_ts: *max_ts,
-                count: *count,
-            });
-        }
-        let r1m = put(&mut blob, &s.r1m);
-        let r1h = put(&mut blob, &s.r1h);
-        let min_ts = chunks.iter().map(|c| c.min_ts).min().unwrap_or(0);
-        let max_ts = chunks.iter().map(|c| c.max_ts).max().unwrap_or(0);
-        entries.push((
-            s.id,
-            Segment {
-                chunks,
-                r1m,
-                r1h,
-                min_ts,
-                max_ts,
-            },
-        ));
+        let seg = place(&s, |bytes| {
+            let b = BlockRef {
+                off: base + blob.len() as u64,
+                len: bytes.len() as u32,
+            };
+            blob.extend_from_slice(bytes);
+            Ok(b)
+        })
+        .unwrap_or_else(|e: std::convert::Infallible| match e {});
+        entries.push((s.id, seg));
     }
     (blob, entries)
+}
+
+/// The segment of `s`, each blob stored by `put` (chunks in order, then
+/// the 1 min and 1 h rollups), which says where it went.
+fn place<E>(
+    s: &SeriesWrite,
+    mut put: impl FnMut(&[u8]) -> Result<BlockRef, E>,
+) -> Result<Segment, E> {
+    let mut chunks = Vec::with_capacity(s.chunks.len());
+    for (bytes, min_ts, max_ts, count) in &s.chunks {
+        chunks.push(ChunkRef {
+            block: put(bytes)?,
+            min_ts: *min_ts,
+            max_ts: *max_ts,
+            count: *count,
+        });
+    }
+    let r1m = put(&s.r1m)?;
+    let r1h = put(&s.r1h)?;
+    let min_ts = chunks.iter().map(|c| c.min_ts).min().unwrap_or(0);
+    let max_ts = chunks.iter().map(|c| c.max_ts).max().unwrap_or(0);
+    Ok(Segment {
+        chunks,
+        r1m,
+        r1h,
+        min_ts,
+        max_ts,
+    })
+}
+
+/// A partition generation being written by compaction (see
+/// [`PartWriter::begin_rewrite`]). Only the small per-series index stays
+/// in memory; blobs go straight to the file. Dropped unfinished (an error
+/// half-way), it deletes its data file: the current generation was never
+/// touched, so the store is as it was.
+pub(crate) struct Rewrite {
+    path: PathBuf,
+    gen: u32,
+    data: File,
+    len: u64,
+    entries: Vec<(SeriesId, Segment)>,
+    finished: bool,
+}
+
+impl Rewrite {
+    /// Append one series' blobs and note its segment. A series is pushed
+    /// once; the data file is laid out in push order.
+    pub fn push(&mut self, s: &SeriesWrite) -> std::io::Result<()> {
+        let Rewrite { data, len, .. } = self;
+        let seg = place(s, |bytes| -> std::io::Result<BlockRef> {
+            let len32 = u32::try_from(bytes.len()).map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::InvalidInput, "blob over 4 GiB")
+            })?;
+            data.write_all(bytes)?;
+            let b = BlockRef {
+                off: *len,
+                len: len32,
+            };
+            *len += bytes.len() as u64;
+            Ok(b)
+        })?;
+        self.entries.push((s.id, seg));
+        Ok(())
+    }
+}
+
+impl Drop for Rewrite {
+    fn drop(&mut self) {
+        if !self.finished {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
 }
 
 /// Partition ids found under `root`.
@@ -434,6 +518,68 @@ mod tests {
         assert_eq!(f, 9);
         assert_eq!(e, vec![(3, seg)]);
         assert!(decode_record(&rec[..rec.len() - 1]).is_none());
+    }
+
+    /// A rewrite is committed by the rename of its index and by nothing
+    /// else: interrupted before it (a crash: the `Rewrite` never dropped),
+    /// or abandoned after an error, the old generation is what opens.
+    #[test]
+    fn a_rewrite_commits_only_at_the_rename() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let w = |id, byte| SeriesWrite {
+            id,
+            chunks: vec![(vec![byte; 5], 0, 10, 3), (vec![byte + 1; 2], 11, 12, 2)],
+            r1m: vec![byte + 2],
+            r1h: vec![byte + 3],
+        };
+        let pdir = dir.path().join(dir_name(0));
+        {
+            let (mut pw, _) = PartWriter::open(dir.path(), 0, 1).expect("open");
+            pw.append(1, vec![w(0, 10), w(1, 20)]).expect("append");
+            // A crash half-way: the new data file exists, its index not.
+            let mut rw = pw.begin_rewrite().expect("begin");
+            rw.push(&w(0, 30)).expect("push");
+            std::mem::forget(rw);
+            std::fs::write(pdir.join("index-1.tmp"), b"torn").expect("tmp");
+        }
+        let (mut pw, view) = PartWriter::open(dir.path(), 0, 1).expect("reopen");
+        assert_eq!((pw.gen, view.segments), (0, 2));
+        assert!(!pdir.join("data-1.dat").exists(), "leftover data deleted");
+        assert!(!pdir.join("index-1.tmp").exists(), "leftover index deleted");
+        // Abandoned after an error: its file goes with it.
+        let mut rw = pw.begin_rewrite().expect("begin");
+        rw.push(&w(1, 40)).expect("push");
+        drop(rw);
+        assert!(!pdir.join("data-1.dat").exists());
+        // Finished: the new generation holds exactly what was pushed.
+        let mut rw = pw.begin_rewrite().expect("begin");
+        rw.push(&w(1, 50)).expect("push");
+        let view = pw.finish_rewrite(rw, 1).expect("finish");
+        let check = |view: &PartView| {
+            assert_eq!(view.segments, 1);
+            let segs = view.index.get(&1).expect("series 1");
+            let c = segs[0].chunks[1];
+            assert_eq!((c.min_ts, c.max_ts, c.count), (11, 12, 2));
+            assert_eq!(view.files.read(c.block).expect("read"), vec![51; 2]);
+            assert_eq!(view.files.read(segs[0].r1h).expect("read"), vec![53]);
+            assert!(!view.index.contains_key(&0));
+        };
+        check(&view);
+        assert!(!pdir.join("data-0.dat").exists(), "old generation deleted");
+        // Flushes after the switch go to the new generation.
+        pw.append(2, vec![w(2, 60)]).expect("append");
+        drop(pw);
+        let (pw, view) = PartWriter::open(dir.path(), 0, 2).expect("reopen");
+        assert_eq!((pw.gen, view.segments), (1, 2));
+        let seg = &view.index.get(&2).expect("series 2")[0];
+        assert_eq!(
+            view.files.read(seg.chunks[0].block).expect("read"),
+            vec![60; 5]
+        );
+        let mut one = view.clone();
+        one.index.remove(&2);
+        one.segments -= 1;
+        check(&one);
     }
 
     #[test]

@@ -547,3 +547,289 @@ fn an_open_partition_is_compacted_after_enough_flushes() {
     let db = Tsdb::open(dir.path(), opts()).expect("reopen");
     assert_eq!(raw_all(&db, "m1", "temp", 0, i64::MAX, 1000).len(), 80);
 }
+
+/// Values that do not compress (random mantissas), so a partition's size
+/// is a known multiple of its point count: ~9 bytes a point.
+fn noisy(seed: u64, n: usize, step: i64, start: i64) -> Vec<(i64, f64)> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|i| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (start + i as i64 * step, (x >> 11) as f64 / 1e6)
+        })
+        .collect()
+}
+
+/// Compaction rewrites a partition one series at a time, so what it holds
+/// in memory is bounded by the largest series, not by the partition (a
+/// soak run's RSS jumped by the size of the day so far at every compaction
+/// of the open day). The partition here is many times the bound; a
+/// compactor that gathers the partition before writing it fails.
+#[test]
+fn compaction_holds_one_series_not_the_partition() {
+    const SERIES: usize = 200;
+    const SMALL: usize = 400; // points per series and flush
+    const BIG: usize = 4 * SMALL; // one series four times the others
+    const FLUSHES: usize = 3;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = Tsdb::open(
+        dir.path(),
+        Options {
+            durable: false,
+            compact_after: Duration::from_secs(1000 * 86_400 * 365),
+            ..opts()
+        },
+    )
+    .expect("open");
+    for f in 0..FLUSHES {
+        let start = T0 + (f * BIG) as i64 * 1000;
+        for s in 0..SERIES {
+            let n = if s == 0 { BIG } else { SMALL };
+            let pts = noisy((s * FLUSHES + f) as u64 + 1, n, 1000, start);
+            put(&db, &format!("d{s}"), "temp", &pts);
+        }
+        db.flush().expect("flush");
+    }
+    let partition = db.sealed_bytes();
+    db.compact().expect("compact");
+    let stats = db.stats();
+    assert!(stats.compactions >= 1);
+    let peak = stats.compaction_peak_bytes;
+    // The largest series' working set: its chunks read (≤ 18 B a point for
+    // incompressible values), its decoded points (16 B), its rollup rows
+    // and re-encoded chunks, and the one write of its blobs.
+    let largest_points = (BIG * FLUSHES) as u64;
+    let bound = 80 * largest_points;
+    println!(
+        "compaction peak {peak} B; bound {bound} B; partition {partition} B ({SERIES} series)"
+    );
+    assert!(
+        partition > 4 * bound,
+        "the test needs a partition much larger than one series ({partition} vs {bound})"
+    );
+    assert!(peak > 0, "the compactor's buffers were not counted");
+    assert!(
+        peak <= bound,
+        "compaction held {peak} bytes at once: more than one series' worth ({bound}); the partition has {partition}"
+    );
+    // And it still holds every point.
+    for s in [0usize, 1, SERIES - 1] {
+        let n = if s == 0 { BIG } else { SMALL } * FLUSHES;
+        assert_eq!(
+            raw_all(&db, &format!("d{s}"), "temp", 0, i64::MAX, 4096).len(),
+            n
+        );
+    }
+}
+
+/// One series' points: `(device, metric, points)`.
+type RawSeries = (String, &'static str, Vec<(i64, Value)>);
+
+/// Everything a reader can ask of a store of `devs` × (temp, fw, door).
+#[derive(Debug, PartialEq)]
+struct Snapshot {
+    raw: Vec<RawSeries>,
+    aggs: Vec<((i64, i64, i64), Vec<SeriesBuckets>)>,
+    latest: Vec<Vec<Latest>>,
+}
+
+fn snapshot(db: &Tsdb, devs: &[String]) -> Snapshot {
+    let mut raw = Vec::new();
+    for d in devs {
+        for m in ["temp", "fw", "door"] {
+            // An odd page size, so pages end inside chunks.
+            raw.push((d.clone(), m, raw_all(db, d, m, i64::MIN, i64::MAX, 333)));
+        }
+    }
+    let mut aggs = Vec::new();
+    for (from, to) in [(T0, T0 + 2 * 86_400_000), (T0 + 1_234_567, T0 + 7_777_777)] {
+        for bucket in [60_000, 45_000, 3_600_000, 86_400_000] {
+            aggs.push(((from, to, bucket), agg(db, devs, from, to, bucket).0));
+        }
+    }
+    let latest = devs
+        .iter()
+        .map(|d| db.latest("acme", d).expect("latest"))
+        .collect();
+    Snapshot { raw, aggs, latest }
+}
+
+/// Raw points and latest values exactly equal; aggregates equal but for
+/// the rounding of sums (a compacted rollup adds the same points in
+/// another grouping).
+fn same_snapshot(before: &Snapshot, after: &Snapshot, when: &str) {
+    assert_eq!(before.raw, after.raw, "{when}: raw points");
+    assert_eq!(before.latest, after.latest, "{when}: latest");
+    assert_eq!(before.aggs.len(), after.aggs.len());
+    for ((q, a), (q2, b)) in before.aggs.iter().zip(&after.aggs) {
+        assert_eq!(q, q2);
+        assert_eq!(a.len(), b.len(), "{when}: series of {q:?}");
+        for (x, y) in a.iter().zip(b) {
+            assert_eq!(x.device, y.device, "{when}: {q:?}");
+            same(&x.buckets, &y.buckets);
+        }
+    }
+}
+
+/// Compaction changes how a partition is stored, never what it answers:
+/// many series of three kinds, late and duplicate points, several flushes
+/// per generation, three generations of the open day plus a second day,
+/// and a restart onto the last generation.
+#[test]
+fn compaction_keeps_every_query_result_across_generations() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let o = || Options {
+        durable: false,
+        compact_after: Duration::from_secs(1000 * 86_400 * 365),
+        ..opts()
+    };
+    let db = Tsdb::open(dir.path(), o()).expect("open");
+    let devs: Vec<String> = (0..40).map(|i| format!("dev{i:02}")).collect();
+    let mut last = None;
+    for round in 0..3i64 {
+        for flush in 0..3i64 {
+            let start = T0 + (round * 3 + flush) * 600_000;
+            for (i, d) in devs.iter().enumerate() {
+                let n = 100 + 37 * i;
+                put(
+                    &db,
+                    d,
+                    "temp",
+                    &noisy((round * 100 + flush) as u64 + i as u64, n, 1000, start),
+                );
+                // Late points into the first flush's range, one of them on
+                // a timestamp that is already there with another value.
+                put(
+                    &db,
+                    d,
+                    "temp",
+                    &[(T0 + 5_000 + round, -1.0 - i as f64), (T0 + 7_000, 42.0)],
+                );
+                if i % 10 == 0 {
+                    // Some series reach into the next day's partition.
+                    put(
+                        &db,
+                        d,
+                        "temp",
+                        &sensor(50, 1000, T0 + 86_400_000 + start - T0),
+                    );
+                }
+                let mut typed = Vec::new();
+                for k in 0..20i64 {
+                    let ts = start + k * 5_000;
+                    if i % 4 == 0 {
+                        typed.push(InPoint {
+                            metric: "fw",
+                            ts_ms: ts,
+                            value: Value::Str(Arc::from(format!("v{round}.{flush}.{k}"))),
+                        });
+                    }
+                    if i % 4 == 1 {
+                        typed.push(InPoint {
+                            metric: "door",
+                            ts_ms: ts,
+                            value: Value::Bool((k + i as i64) % 3 == 0),
+                        });
+                    }
+                }
+                if !typed.is_empty() {
+                    let a = db.append("acme", d, &typed).expect("append");
+                    assert!(a.rejected.is_empty(), "{:?}", a.rejected);
+                    a.ticket.wait_blocking().expect("durable");
+                }
+            }
+            db.flush().expect("flush");
+        }
+        let before = snapshot(&db, &devs);
+        let compactions = db.stats().compactions;
+        db.compact().expect("compact");
+        assert!(
+            db.stats().compactions > compactions,
+            "round {round}: a new generation was written"
+        );
+        let after = snapshot(&db, &devs);
+        same_snapshot(&before, &after, &format!("round {round}"));
+        last = Some(after);
+    }
+    drop(db);
+    let db = Tsdb::open(dir.path(), o()).expect("reopen");
+    let reopened = snapshot(&db, &devs);
+    same_snapshot(
+        last.as_ref().expect("three rounds"),
+        &reopened,
+        "after a restart",
+    );
+}
+
+/// Queries read the old generation while the new one is written and the
+/// new one after the swap: a reader running through repeated compactions
+/// of the open day always sees every point, in order.
+#[test]
+fn queries_see_every_point_while_a_partition_is_compacted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = Arc::new(
+        Tsdb::open(
+            dir.path(),
+            Options {
+                durable: false,
+                compact_after: Duration::from_secs(1000 * 86_400 * 365),
+                ..opts()
+            },
+        )
+        .expect("open"),
+    );
+    let devs: Vec<String> = (0..30).map(|i| format!("d{i}")).collect();
+    const PER: usize = 300;
+    for (i, d) in devs.iter().enumerate() {
+        put(&db, d, "temp", &noisy(i as u64 + 1, PER, 1000, T0));
+    }
+    db.flush().expect("flush");
+    let written = Arc::new(std::sync::atomic::AtomicUsize::new(PER));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (db, devs, written, stop) = (db.clone(), devs.clone(), written.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut reads = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                for d in devs.iter().step_by(7) {
+                    // Points only grow: at least what was there before the read.
+                    let floor = written.load(std::sync::atomic::Ordering::SeqCst);
+                    let pts = raw_all(&db, d, "temp", 0, i64::MAX, 1000);
+                    assert!(
+                        pts.len() >= floor,
+                        "{d}: {} points, expected {floor}",
+                        pts.len()
+                    );
+                    assert!(pts.windows(2).all(|w| w[0].0 < w[1].0), "{d}: in order");
+                    reads += 1;
+                }
+            }
+            reads
+        })
+    };
+    for round in 1..5usize {
+        for (i, d) in devs.iter().enumerate() {
+            put(
+                &db,
+                d,
+                "temp",
+                &noisy(
+                    (round * 100 + i) as u64,
+                    PER,
+                    1000,
+                    T0 + (round * PER) as i64 * 1000,
+                ),
+            );
+        }
+        written.store((round + 1) * PER, std::sync::atomic::Ordering::SeqCst);
+        db.compact().expect("compact");
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let reads = reader.join().expect("the reader saw every point");
+    assert!(reads > 0);
+    for d in &devs {
+        assert_eq!(raw_all(&db, d, "temp", 0, i64::MAX, 1000).len(), 5 * PER);
+    }
+}
