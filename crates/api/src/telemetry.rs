@@ -75,6 +75,12 @@ pub fn metrics_text(state: &AppState, out: &mut String) {
             s.compactions,
         ),
         (
+            "compaction_peak_bytes",
+            "gauge",
+            "most data one compaction held in memory at once since start",
+            s.compaction_peak_bytes,
+        ),
+        (
             "partitions",
             "gauge",
             "time partitions on disk",
