@@ -27,7 +27,7 @@ use m2mhub_rules::{CompiledRule, Engine, Output, OutputKind, RuleOutput};
 use mqtt_codec::{PublishProperties, QoS};
 use parking_lot::Mutex;
 use serde_json::{json, Map, Value};
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -74,6 +74,12 @@ fn advance(last: i64, elapsed: Duration, wall: i64) -> i64 {
 /// What the service knows about one rule besides its compiled form.
 struct Meta {
     tenant: String,
+    /// As defined (whether it runs here also depends on the placement).
+    enabled: bool,
+    /// Its FROM filter, and whether that is an event source (`$events/…`:
+    /// events happen on one node each, so such rules run on every node).
+    source: String,
+    event_source: bool,
     /// The SQL reads `shadow.…`: messages get the device's shadow.
     reads_shadow: bool,
     actions: Vec<Action>,
@@ -151,6 +157,17 @@ struct Shared {
     meta: Mutex<HashMap<String, (std::time::Instant, Value)>>,
     /// Which security events raise alarms.
     security_alarms: SecurityAlarms,
+    /// In a cluster: which message-fed rules this node runs for everyone.
+    placement: Mutex<Option<Placement>>,
+}
+
+/// Rules over messages placed on one node each (see
+/// [`Automation::place_with`]).
+struct Placement {
+    /// The rules this node owns now.
+    owned: BTreeSet<String>,
+    /// Tells the cluster which rules want an owner.
+    want: Arc<dyn Fn(BTreeSet<String>) + Send + Sync>,
 }
 
 /// The running service; implements the API's [`RuleService`].
@@ -177,6 +194,7 @@ impl Automation {
             stats: AutomationStats::default(),
             events: ev_tx,
             security_alarms,
+            placement: Mutex::new(None),
         });
         let svc = Automation { shared };
         match fleet.list_rules(None) {
@@ -194,14 +212,103 @@ impl Automation {
     }
 
     /// Observe the union of the rules' filters: done before the API call
-    /// that changed a rule returns, so the rule sees the next message.
+    /// that changed a rule returns, so the rule sees the next message. In
+    /// a cluster, also say which rules want an owner, and ask the fabric
+    /// for every node's messages that the rules owned here read.
     fn refresh_filters(&self) {
         let f = self.shared.rules.lock().filters();
-        let mut cur = self.shared.filters.lock();
-        if *cur != f {
-            self.shared.broker.set_observed(self.shared.observer, &f);
-            *cur = f;
+        {
+            let mut cur = self.shared.filters.lock();
+            if *cur != f {
+                self.shared.broker.set_observed(self.shared.observer, &f);
+                *cur = f;
+            }
         }
+        // The placement's lock is not held with the rules' (reload takes
+        // them in the other order).
+        let (owned, want) = match self.shared.placement.lock().as_ref() {
+            Some(p) => (p.owned.clone(), p.want.clone()),
+            None => return,
+        };
+        let (wanted, remote) = {
+            let rules = self.shared.rules.lock();
+            let placed = rules
+                .meta
+                .iter()
+                .filter(|(_, m)| m.enabled && !m.event_source);
+            let wanted: BTreeSet<String> = placed.clone().map(|(id, _)| id.clone()).collect();
+            let remote: BTreeSet<String> = placed
+                .filter(|(id, _)| owned.contains(*id))
+                .map(|(_, m)| m.source.clone())
+                .collect();
+            (wanted, remote)
+        };
+        want(wanted);
+        let remote: Vec<String> = remote.into_iter().collect();
+        self.shared
+            .broker
+            .set_observed_remote(self.shared.observer, &remote);
+    }
+
+    /// Whether this node runs a message-fed rule: always on a single node;
+    /// in a cluster, when it holds the rule's lease.
+    fn owns_placed(&self, rule_id: &str) -> bool {
+        self.shared
+            .placement
+            .lock()
+            .as_ref()
+            .is_none_or(|p| p.owned.contains(rule_id))
+    }
+
+    /// Run each rule over messages on one node of the cluster: `want` is
+    /// told the ids of the rules that need an owner whenever they change
+    /// (the cluster's leases), and [`Automation::placed`] says which this
+    /// node owns. Until then it runs none of them (their windows would
+    /// otherwise count only this node's share of the messages). Rules over
+    /// `$events/…` keep running on every node: each event happens on one.
+    pub fn place_with(&self, want: impl Fn(BTreeSet<String>) + Send + Sync + 'static) {
+        *self.shared.placement.lock() = Some(Placement {
+            owned: BTreeSet::new(),
+            want: Arc::new(want),
+        });
+        self.apply_placement();
+    }
+
+    /// The rules this node now owns (see [`Automation::place_with`]). A
+    /// rule gained starts with empty windows; a rule lost forgets its own.
+    pub fn placed(&self, owned: BTreeSet<String>) {
+        {
+            let mut p = self.shared.placement.lock();
+            let Some(p) = p.as_mut() else { return };
+            if p.owned == owned {
+                return;
+            }
+            tracing::info!(rules = owned.len(), "rules placed on this node changed");
+            p.owned = owned;
+        }
+        self.apply_placement();
+    }
+
+    fn apply_placement(&self) {
+        {
+            let mut rules = self.shared.rules.lock();
+            let runs: Vec<(String, String, bool)> = rules
+                .meta
+                .iter()
+                .map(|(id, m)| {
+                    let runs = m.enabled && (m.event_source || self.owns_placed(id));
+                    (m.tenant.clone(), id.clone(), runs)
+                })
+                .collect();
+            for (tenant, id, runs) in runs {
+                if let Some(e) = rules.engines.get_mut(&tenant) {
+                    if e.is_enabled(&id) != Some(runs) {
+                        e.set_enabled(&id, runs);
+                    }
+                }
+            }
+        }
+        self.refresh_filters();
     }
 
     pub fn stats(&self) -> &AutomationStats {
@@ -238,16 +345,22 @@ impl Automation {
                 return;
             }
         };
-        let engine = rules.engines.entry(def.tenant.clone()).or_default();
-        engine.insert(rule_id, compiled);
-        engine.set_enabled(rule_id, def.enabled);
         let reads_shadow = def.sql.contains("shadow.");
         if reads_shadow {
             *rules.shadow_readers.entry(def.tenant.clone()).or_default() += 1;
         }
+        let event_source = compiled.source().is_event_source();
+        let source = compiled.source().as_str().to_string();
+        let engine = rules.engines.entry(def.tenant.clone()).or_default();
+        engine.insert(rule_id, compiled);
+        let runs_here = def.enabled && (event_source || self.owns_placed(rule_id));
+        engine.set_enabled(rule_id, runs_here);
         rules.meta.insert(
             rule_id.to_string(),
             Meta {
+                enabled: def.enabled,
+                source,
+                event_source,
                 tenant: def.tenant,
                 reads_shadow,
                 actions: acts,
@@ -305,7 +418,8 @@ impl RuleService for Automation {
             "last_error": c.last_error.as_ref().map(|e| json!({"ts_ms": e.ts_ms, "error": e.error.to_string()})),
             "action_failures": meta.action_failures,
             "last_action_error": meta.last_action_error.as_ref().map(|(t, e)| json!({"ts_ms": t, "error": e})),
-            "enabled": engine.is_enabled(rule_id),
+            "enabled": meta.enabled,
+            "runs_here": engine.is_enabled(rule_id),
         }))
     }
 

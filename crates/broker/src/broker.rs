@@ -72,12 +72,12 @@ pub(crate) struct Inner {
     event_bucket: Mutex<crate::limits::TokenBucket>,
     /// Platform subscriptions ([`Broker::subscribe_internal`]); the flag
     /// keeps the routing path to one atomic load while there are none.
-    internal: RwLock<Vec<InternalSub>>,
-    has_internal: AtomicBool,
+    pub(crate) internal: RwLock<Vec<InternalSub>>,
+    pub(crate) has_internal: AtomicBool,
 }
 
 /// One platform subscription: filters and a bounded channel.
-struct InternalSub {
+pub(crate) struct InternalSub {
     /// A message matching any of them is sent once.
     filters: Vec<String>,
     tx: mpsc::Sender<Arc<Message>>,
@@ -85,6 +85,10 @@ struct InternalSub {
     /// subscriber: it does not turn a PUBACK's "no matching subscribers"
     /// into success.
     observer: Option<ObserverId>,
+    /// An observer's filters for messages published on *other* nodes of a
+    /// cluster ([`Broker::set_observed_remote`]); announced to the fabric
+    /// as platform interest.
+    pub(crate) remote: Vec<String>,
 }
 
 /// Names an observer ([`Broker::observer`]) to change its filters.
@@ -535,6 +539,7 @@ impl Broker {
             filters: vec![filter.to_string()],
             tx,
             observer: None,
+            remote: Vec::new(),
         });
         self.inner.has_internal.store(true, Ordering::Release);
         rx
@@ -556,6 +561,7 @@ impl Broker {
             filters: Vec::new(),
             tx,
             observer: Some(id),
+            remote: Vec::new(),
         });
         self.inner.has_internal.store(true, Ordering::Release);
         (id, rx)
@@ -572,6 +578,42 @@ impl Broker {
         let mut subs = self.inner.internal.write();
         if let Some(s) = subs.iter_mut().find(|s| s.observer == Some(id)) {
             s.filters = filters;
+        }
+    }
+
+    /// Replace the filters an observer also wants matched against messages
+    /// published on other nodes of the cluster (a rule this node evaluates
+    /// for the whole cluster must see every node's messages). They become
+    /// this node's interest at the fabric, so the messages travel here;
+    /// [`Broker::route_remote`] hands them to the observer. A single node
+    /// keeps them and never uses them.
+    pub fn set_observed_remote(&self, id: ObserverId, filters: &[String]) {
+        let mut want: Vec<String> = filters
+            .iter()
+            .filter(|f| mqtt_codec::topic::validate_topic_filter(f).is_ok())
+            .cloned()
+            .collect();
+        want.sort();
+        want.dedup();
+        let mut subs = self.inner.internal.write();
+        let Some(s) = subs.iter_mut().find(|s| s.observer == Some(id)) else {
+            return;
+        };
+        let old = std::mem::replace(&mut s.remote, want.clone());
+        drop(subs);
+        if !self.inner.clustered.load(Ordering::Acquire) {
+            return;
+        }
+        // Under the index's write lock, like every interest change, so the
+        // link sees them in order with the clients' own.
+        let _tree = self.inner.tree.write();
+        if let Some(link) = self.inner.cluster.read().as_ref() {
+            for f in old.iter().filter(|f| !want.contains(f)) {
+                link.interest(&crate::cluster::Interest::platform(f), false);
+            }
+            for f in want.iter().filter(|f| !old.contains(f)) {
+                link.interest(&crate::cluster::Interest::platform(f), true);
+            }
         }
     }
 
@@ -887,6 +929,29 @@ impl Inner {
             self.has_internal.store(!subs.is_empty(), Ordering::Release);
         }
         n
+    }
+
+    /// Hand a message from another node to the observers whose remote
+    /// filters match it.
+    pub(crate) fn deliver_remote_observers(&self, msg: &Arc<Message>) {
+        let subs = self.internal.read();
+        for s in subs.iter().filter(|s| !s.remote.is_empty()) {
+            if !s
+                .remote
+                .iter()
+                .any(|f| mqtt_codec::topic::matches(f, &msg.topic))
+            {
+                continue;
+            }
+            match s.tx.try_send(msg.clone()) {
+                Ok(()) => Metrics::inc(&self.metrics.internal_messages_delivered),
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    Metrics::inc(&self.metrics.internal_messages_dropped)
+                }
+                // Removed by the next local delivery.
+                Err(mpsc::error::TrySendError::Closed(_)) => {}
+            }
+        }
     }
 
     pub fn next_id(&self) -> u64 {

@@ -24,7 +24,10 @@
 //!
 //! Platform subscriptions ([`crate::Broker::subscribe_internal`],
 //! observers) are not interest: the platform on each node processes what
-//! entered that node, so a reading is stored and evaluated once.
+//! entered that node, so a reading is stored once. The one exception is an
+//! observer's remote filters ([`crate::Broker::set_observed_remote`]):
+//! the rules a node evaluates for the whole cluster, announced as
+//! [`Interest::platform`].
 
 use crate::message::Message;
 use std::sync::Arc;
@@ -36,6 +39,10 @@ pub struct Interest {
     pub filter: String,
     /// The shared subscription's group, if any.
     pub group: Option<String>,
+    /// Wanted by the platform (an observer's remote filter), not by a
+    /// client: kept apart from a client's interest in the same filter, so
+    /// either can end without ending the other.
+    pub platform: bool,
 }
 
 impl Interest {
@@ -43,6 +50,16 @@ impl Interest {
         Interest {
             filter: filter.to_string(),
             group: group.map(str::to_string),
+            platform: false,
+        }
+    }
+
+    /// An observer's remote filter.
+    pub fn platform(filter: &str) -> Interest {
+        Interest {
+            filter: filter.to_string(),
+            group: None,
+            platform: true,
         }
     }
 
@@ -197,7 +214,10 @@ impl Broker {
     /// persistent sessions), for the link to announce.
     pub fn set_cluster_link(&self, link: Arc<dyn ClusterLink>) -> Vec<Interest> {
         let mut tree = self.inner.tree.write();
-        let current = tree.track_interest();
+        let mut current = tree.track_interest();
+        for s in self.inner.internal.read().iter() {
+            current.extend(s.remote.iter().map(|f| Interest::platform(f)));
+        }
         *self.inner.cluster.write() = Some(link);
         self.inner.clustered.store(true, Ordering::Release);
         current
@@ -208,7 +228,9 @@ impl Broker {
     /// node for a shared group: then one member of that group gets it and
     /// no one else. Platform subscriptions and the retained store are left
     /// alone (the platform handles a message on the node it entered;
-    /// retained messages arrive through [`Broker::set_retained_remote`]).
+    /// retained messages arrive through [`Broker::set_retained_remote`]),
+    /// except observers whose remote filters match
+    /// ([`Broker::set_observed_remote`]), which get it once.
     /// Returns the number of sessions it was queued for.
     pub fn route_remote(&self, msg: Arc<Message>, group: Option<&str>) -> usize {
         let inner = &self.inner;
@@ -232,6 +254,9 @@ impl Broker {
                         share: None,
                     };
                     queued += usize::from(inner.enqueue(&d.session, out, &mut ops, &mut stored));
+                }
+                if inner.has_internal.load(Ordering::Acquire) {
+                    inner.deliver_remote_observers(&msg);
                 }
             }
             Some(key) => {

@@ -43,6 +43,7 @@
 pub mod dedupe;
 pub mod frame;
 pub mod fuzz;
+pub mod leases;
 pub mod sessions;
 pub mod subject;
 
@@ -775,6 +776,21 @@ impl Cluster {
     /// hand blocking work to `spawn_blocking`).
     pub fn on_change(&self, listener: ChangeListener) {
         *self.on_change.lock() = Some(listener);
+    }
+
+    /// Leases on keys of one kind (`prefix`, e.g. `rule`): this node wants
+    /// some keys, and owns a share of them, each key owned by exactly one
+    /// live node (`leases.rs`). `None` before [`Cluster::join`] finished.
+    pub fn leases(&self, prefix: &str) -> Option<leases::Leases> {
+        let handle = self.runtime.lock().as_ref()?.handle().clone();
+        Some(leases::start(
+            &handle,
+            jetstream::new(self.plain.clone()),
+            format!("{}_leases", self.config.name),
+            self.nodes.clone(),
+            self.config.node_id.clone(),
+            prefix,
+        ))
     }
 
     fn info(&self, broker: &Broker) -> NodeInfo {

@@ -280,6 +280,22 @@ impl Server {
             ota.service.clone(),
             Duration::from_secs(1),
         ));
+        if let Some(leases) = cluster.as_ref().and_then(|c| c.leases("rule")) {
+            // Each rule over messages runs on one node, which the fabric
+            // sends every node's matching messages; the rest run none of
+            // it (its windows then see each message once, cluster-wide).
+            let leases = Arc::new(leases);
+            let mut owned = leases.owned();
+            let l = leases.clone();
+            automation.place_with(move |ids| l.want(ids));
+            let a = automation.clone();
+            tasks.push(tokio::spawn(async move {
+                while owned.changed().await.is_ok() {
+                    let set = owned.borrow_and_update().clone();
+                    a.placed(set);
+                }
+            }));
+        }
         if let Some(c) = &cluster {
             // Another node changed the shared metadata: read it again (the
             // registry, and the rules, which the rule service recompiles).

@@ -567,9 +567,19 @@ async fn metadata_shared_in_postgresql_takes_effect_on_every_node() {
     assert!(refused, "node 1 refuses the disabled device");
 }
 
-/// A rule keeps firing after the node its device was connected to is
-/// killed: the device reconnects through another node, which has the rule
-/// (shared in PostgreSQL) and evaluates its readings from then on.
+/// A rule's counters on one node; null while that node has not loaded it.
+async fn rule_counters(api: &Api, path: &str) -> Value {
+    let r = api.call("GET", path, None).await;
+    match r.status {
+        200 => r.json()["counters"].clone(),
+        404 => Value::Null,
+        s => panic!("GET {path}: {s}"),
+    }
+}
+
+/// A rule over messages runs on one node of the cluster, which the fabric
+/// sends every node's matching messages; when that node is killed, the
+/// rule's lease expires and a surviving node runs it from then on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs NATS and PostgreSQL: scripts/nats.sh, scripts/postgres.sh"]
 async fn a_rule_keeps_firing_after_its_node_is_killed() {
@@ -577,6 +587,12 @@ async fn a_rule_keeps_firing_after_its_node_is_killed() {
     let pg = db.url().expose().to_string();
     let name = cluster_name("rulekill");
     let url = nats_url();
+    // A rule id the victim is the preferred owner of.
+    let members = ["survivor".to_string(), "victim".to_string()];
+    let rule = (0..)
+        .map(|i| format!("overpressure-{i}"))
+        .find(|r| m2mhub_cluster::leases::preferred_owner(r, &members) == Some("victim"))
+        .expect("some id");
     let (pg2, name2, url2) = (pg.clone(), name.clone(), url.clone());
     let survivor = TestServer::with(move |s| {
         secure(s);
@@ -589,18 +605,6 @@ async fn a_rule_keeps_firing_after_its_node_is_killed() {
     .await;
     let admin = Api::admin(&survivor);
     let secret = registered_device(&admin, "press-7", None).await;
-    admin
-        .expect(
-            "POST",
-            "/rules",
-            Some(serde_json::json!({
-                "id": "overpressure",
-                "sql": "SELECT device, pressure FROM 'devices/+/telemetry' WHERE pressure > 8",
-                "actions": [{"type": "alarm", "alarm_type": "overpressure", "severity": "critical"}]
-            })),
-            201,
-        )
-        .await;
     let dir = tempfile::tempdir().expect("tempdir");
     let mut victim = BinServer::start_with(
         &dir.path().join("data"),
@@ -613,65 +617,214 @@ async fn a_rule_keeps_firing_after_its_node_is_killed() {
         ],
     )
     .await;
+    admin
+        .expect(
+            "POST",
+            "/rules",
+            Some(serde_json::json!({
+                "id": rule,
+                "sql": "SELECT device, pressure FROM 'devices/+/telemetry' WHERE pressure > 8",
+                "actions": [{"type": "alarm", "alarm_type": "overpressure", "severity": "critical"}]
+            })),
+            201,
+        )
+        .await;
+    let on_victim = Api {
+        addr: victim.http,
+        token: admin.token.clone(),
+    };
+    let counters = |api: &Api| {
+        let api = Api {
+            addr: api.addr,
+            token: api.token.clone(),
+        };
+        let path = format!("/rules/{rule}");
+        // Null until the node has loaded the rule.
+        async move { rule_counters(&api, &path).await }
+    };
+    // The victim takes the rule's lease; the survivor does not run it.
+    let mut placed = false;
+    for _ in 0..100 {
+        let (v, s) = (counters(&on_victim).await, counters(&admin).await);
+        if v["runs_here"] == true && s["runs_here"] == false {
+            placed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(placed, "the rule runs on its preferred node, the victim");
+    // The device is connected to the survivor; its readings reach the
+    // rule on the victim through the fabric.
     let mut c = v5("press-7");
     c.username = Some("press-7".into());
     c.password = Some(bytes::Bytes::from(secret));
-    let alarms = |admin: &Api| {
-        let admin = Api {
-            addr: admin.addr,
-            token: admin.token.clone(),
-        };
-        async move {
-            admin
-                .expect("GET", "/alarms?device=press-7&status=active", None, 200)
-                .await["items"]
-                .as_array()
-                .map_or(0, |a| a.len())
-        }
+    let (mut dev, _) = Raw::connect_ok(survivor.mqtt(), c.clone()).await;
+    let alarms = || async {
+        admin
+            .expect("GET", "/alarms?device=press-7&status=active", None, 200)
+            .await["items"]
+            .as_array()
+            .map_or(0, |a| a.len())
     };
-    // Fires on the victim node, where the device is connected.
-    let (mut dev, _) = Raw::connect_ok(victim.mqtt, c.clone()).await;
-    dev.publish(publish(
-        "devices/press-7/telemetry",
-        QoS::AtLeastOnce,
-        1,
-        r#"{"pressure": 9}"#,
-    ))
-    .await;
     let mut fired = false;
-    for _ in 0..50 {
-        if alarms(&admin).await > 0 {
+    for i in 0..50u16 {
+        dev.publish(publish(
+            "devices/press-7/telemetry",
+            QoS::AtLeastOnce,
+            i + 1,
+            r#"{"pressure": 9}"#,
+        ))
+        .await;
+        if alarms().await > 0 {
             fired = true;
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(fired, "the rule fired on the victim node");
-    // The survivor's own rule engine has not fired it: the readings went
-    // to the victim.
-    let fired_here = || async {
-        let r = admin.expect("GET", "/rules/overpressure", None, 200).await;
-        r["counters"]["fired"].as_u64().unwrap_or(0)
-    };
-    assert_eq!(fired_here().await, 0);
-    // Kill the node; the device reconnects through the survivor, whose
-    // engine fires the rule from then on.
+    assert!(counters(&on_victim).await["fired"].as_u64() > Some(0));
+    assert_eq!(
+        counters(&admin).await["fired"],
+        0,
+        "evaluated once, not on both"
+    );
+
+    // Kill the victim: its lease expires and the survivor runs the rule.
     victim.kill9().await;
-    let (mut dev, _) = Raw::connect_ok(survivor.mqtt(), c).await;
+    let t0 = std::time::Instant::now();
     let mut fired_again = false;
-    for i in 0..50u16 {
+    for i in 0..300u16 {
         dev.publish(publish(
             "devices/press-7/telemetry",
             QoS::AtLeastOnce,
-            i + 1,
+            100 + i,
             r#"{"pressure": 9.5}"#,
         ))
         .await;
-        if fired_here().await > 0 {
+        if counters(&admin).await["fired"].as_u64() > Some(0) {
             fired_again = true;
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(fired_again, "the rule keeps firing on the surviving node");
+    let took = t0.elapsed();
+    assert!(took < Duration::from_secs(20), "took over after {took:?}");
+    eprintln!("rule taken over {took:?} after kill -9");
+}
+
+/// A rule's group window (all devices together) counts every node's
+/// messages once: it runs on one node only, fed by all of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs NATS and PostgreSQL: scripts/nats.sh, scripts/postgres.sh"]
+async fn a_group_window_sees_every_nodes_messages_exactly_once() {
+    let db = m2mhub_pgstore::testing::TestDatabase::create().unwrap_or_else(|e| panic!("{e}"));
+    let pg = db.url().expose().to_string();
+    let name = cluster_name("rulewin");
+    let url = nats_url();
+    let mut n = Vec::new();
+    for i in 0..3 {
+        let (pg, name, url) = (pg.clone(), name.clone(), url.clone());
+        n.push(
+            TestServer::with(move |s| {
+                secure(s);
+                s.storage.postgres_url = pg;
+                s.cluster.enabled = true;
+                s.cluster.nats_url = url;
+                s.cluster.name = name;
+                s.cluster.node_id = format!("win-node-{i}");
+            })
+            .await,
+        );
+    }
+    let apis: Vec<Api> = n.iter().map(Api::admin).collect();
+    let mut devices = Vec::new();
+    for i in 0..3 {
+        let id = format!("meter-{i}");
+        let secret = registered_device(&apis[0], &id, None).await;
+        let mut c = v5(&id);
+        c.username = Some(id.clone());
+        c.password = Some(bytes::Bytes::from(secret));
+        devices.push(c);
+    }
+    apis[0]
+        .expect(
+            "POST",
+            "/rules",
+            Some(serde_json::json!({
+                "id": "fleet-load",
+                "sql": "SELECT count(*) AS n, sum(kw) AS kw FROM 'devices/+/telemetry' GROUP BY TUMBLING(1s)",
+                "actions": []
+            })),
+            201,
+        )
+        .await;
+    let counters = |api: &Api| {
+        let api = Api {
+            addr: api.addr,
+            token: api.token.clone(),
+        };
+        async move { rule_counters(&api, "/rules/fleet-load").await }
+    };
+    // Exactly one node runs it.
+    let mut owner = None;
+    for _ in 0..100 {
+        let mut running = Vec::new();
+        for (i, a) in apis.iter().enumerate() {
+            if counters(a).await["runs_here"] == true {
+                running.push(i);
+            }
+        }
+        if running.len() == 1 {
+            owner = Some(running[0]);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let owner = owner.expect("one node runs the rule");
+    // One device per node, each publishing 5 readings.
+    for (i, c) in devices.iter().enumerate() {
+        // Until the node has read the new device from the shared store.
+        let mut d = None;
+        for _ in 0..100 {
+            let (raw, ack) = Raw::connect(n[i].mqtt(), c.clone()).await;
+            if ack.reason_code == reason::SUCCESS {
+                d = Some(raw);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let mut d = d.expect("the device connects");
+        for k in 0..5u16 {
+            d.publish(publish(
+                &format!("devices/meter-{i}/telemetry"),
+                QoS::AtLeastOnce,
+                k + 1,
+                r#"{"kw": 1.5}"#,
+            ))
+            .await;
+        }
+    }
+    let mut received = Vec::new();
+    for _ in 0..100 {
+        received.clear();
+        for a in &apis {
+            received.push(counters(a).await["received"].as_u64().unwrap_or(0));
+        }
+        if received.iter().sum::<u64>() >= 15 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    received.clear();
+    for a in &apis {
+        received.push(counters(a).await["received"].as_u64().unwrap_or(0));
+    }
+    let mut want = vec![0, 0, 0];
+    want[owner] = 15;
+    assert_eq!(
+        received, want,
+        "every reading reached the owner once, and only it"
+    );
 }
