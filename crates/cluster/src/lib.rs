@@ -208,6 +208,20 @@ pub struct ClusterConfig {
     /// How long the cluster keeps QoS 1/2 messages for sessions resumed on
     /// another node (the stream's age limit).
     pub queue_retention: Duration,
+    /// TLS to the NATS servers; `None`: as the URL says (`tls://` needs
+    /// TLS, trusting the system's roots).
+    pub tls: Option<NatsTls>,
+}
+
+/// TLS to the NATS servers: always required when set.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct NatsTls {
+    /// PEM file of the CA(s) that signed the servers' certificates; `None`:
+    /// the system's roots.
+    pub ca: Option<std::path::PathBuf>,
+    /// This node's client certificate and key (PEM), for servers that
+    /// verify clients (`verify: true` in nats-server's `tls` block).
+    pub cert_key: Option<(std::path::PathBuf, std::path::PathBuf)>,
 }
 
 /// A node as the nodes bucket shows it.
@@ -513,12 +527,23 @@ impl Cluster {
             .enable_all()
             .build()
             .map_err(|e| ClusterError::Nats(format!("cannot start the fabric's thread: {e}")))?;
-        let cluster = rt
+        let joined = rt
             .spawn(Self::join_here(broker, config))
             .await
-            .map_err(|e| ClusterError::Nats(format!("joining failed: {e}")))??;
-        *cluster.runtime.lock() = Some(rt);
-        Ok(cluster)
+            .map_err(|e| ClusterError::Nats(format!("joining failed: {e}")))
+            .and_then(|r| r);
+        match joined {
+            Ok(cluster) => {
+                *cluster.runtime.lock() = Some(rt);
+                Ok(cluster)
+            }
+            Err(e) => {
+                // Dropping a runtime inside another one panics: let it go
+                // in the background, as `Cluster`'s own drop does.
+                rt.shutdown_background();
+                Err(e)
+            }
+        }
     }
 
     async fn join_here(
@@ -539,6 +564,15 @@ impl Cluster {
                 .client_capacity(65_536);
             if no_echo {
                 opts = opts.no_echo();
+            }
+            if let Some(tls) = &config.tls {
+                opts = opts.require_tls(true);
+                if let Some(ca) = &tls.ca {
+                    opts = opts.add_root_certificates(ca.clone());
+                }
+                if let Some((cert, key)) = &tls.cert_key {
+                    opts = opts.add_client_certificate(cert.clone(), key.clone());
+                }
             }
             let url = config.nats_url.clone();
             async move {

@@ -232,6 +232,7 @@ impl Server {
                         nats_url: join.nats_url.clone(),
                         name: join.name.clone(),
                         queue_retention: join.queue_retention,
+                        tls: join.tls.clone(),
                         node_id: node_id(&v.data_dir, join.node_id.as_deref())?,
                         mqtt_addr: mqtt_addr.to_string(),
                         http_addr: http_addr.to_string(),

@@ -281,6 +281,16 @@ name = "m2mhub"
 # How long the cluster keeps QoS 1/2 messages (a JetStream stream) so that a
 # persistent session resumes on another node with what it missed, hours.
 queue_retention_hours = 24
+# TLS to NATS (TLS 1.2+, rustls): required when nats_tls is true, when a
+# nats_ca is given, or with tls:// URLs. nats_ca: PEM file of the CA that
+# signed the NATS servers' certificates (empty: the system's roots);
+# nats_cert/nats_key: this node's client certificate and key (PEM), for
+# servers that verify clients.
+nats_tls = false
+nats_ca = ""
+nats_cert = ""
+nats_key = ""
+
 [console]
 # The operator console's map (at /). Tiles come from this server, in
 # Leaflet's URL form ({s} for a subdomain, {z}/{x}/{y} the tile); the
@@ -384,6 +394,10 @@ pub struct ClusterSettings {
     pub node_id: String,
     pub name: String,
     pub queue_retention_hours: u32,
+    pub nats_tls: bool,
+    pub nats_ca: String,
+    pub nats_cert: String,
+    pub nats_key: String,
 }
 
 impl Default for ClusterSettings {
@@ -394,6 +408,10 @@ impl Default for ClusterSettings {
             node_id: String::new(),
             name: "m2mhub".into(),
             queue_retention_hours: 24,
+            nats_tls: false,
+            nats_ca: String::new(),
+            nats_cert: String::new(),
+            nats_key: String::new(),
         }
     }
 }
@@ -460,6 +478,7 @@ pub struct ClusterJoin {
     pub nats_url: String,
     pub name: String,
     pub queue_retention: Duration,
+    pub tls: Option<m2mhub_cluster::NatsTls>,
     /// `None`: the one kept in the data folder (made on first start).
     pub node_id: Option<String>,
 }
@@ -1220,7 +1239,29 @@ impl Settings {
                     "invalid value for `cluster.queue_retention_hours`: 0; use at least 1 (hours)"
                 );
             }
+            let file = |key: &str, v: &str| -> Result<Option<PathBuf>> {
+                let v = v.trim();
+                if v.is_empty() {
+                    return Ok(None);
+                }
+                let p = PathBuf::from(v);
+                if !p.is_file() {
+                    bail!("invalid value for `cluster.{key}`: {v:?} is not a readable file (a PEM file, or \"\" for none)");
+                }
+                Ok(Some(p))
+            };
+            let ca = file("nats_ca", &cl.nats_ca)?;
+            let cert = file("nats_cert", &cl.nats_cert)?;
+            let key = file("nats_key", &cl.nats_key)?;
+            let cert_key = match (cert, key) {
+                (Some(c), Some(k)) => Some((c, k)),
+                (None, None) => None,
+                _ => bail!("`cluster.nats_cert` and `cluster.nats_key` go together: set both (a client certificate and its key) or neither"),
+            };
+            let tls = (cl.nats_tls || ca.is_some() || cert_key.is_some())
+                .then_some(m2mhub_cluster::NatsTls { ca, cert_key });
             Some(ClusterJoin {
+                tls,
                 queue_retention: Duration::from_secs(u64::from(cl.queue_retention_hours) * 3600),
                 name: name.to_string(),
                 nats_url: cl.nats_url.trim().to_string(),
@@ -1638,6 +1679,41 @@ mod tests {
             e.to_string().contains("diagnostics.upload_url_ttl_s"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn nats_tls_settings() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, "-----BEGIN CERTIFICATE-----\n").expect("write");
+        let mut s = Settings::default();
+        s.cluster.enabled = true;
+        let v = s.clone().validate().expect("valid");
+        assert_eq!(v.cluster.expect("cluster").tls, None, "plain by default");
+        s.cluster.nats_ca = ca.to_string_lossy().into_owned();
+        let tls = s
+            .clone()
+            .validate()
+            .expect("valid")
+            .cluster
+            .expect("cluster")
+            .tls;
+        assert_eq!(
+            tls.and_then(|t| t.ca),
+            Some(ca.clone()),
+            "a CA turns TLS on"
+        );
+        s.cluster.nats_cert = ca.to_string_lossy().into_owned();
+        let e = s
+            .clone()
+            .validate()
+            .expect_err("cert without key")
+            .to_string();
+        assert!(e.contains("cluster.nats_key"), "{e}");
+        s.cluster.nats_cert = String::new();
+        s.cluster.nats_ca = "/nowhere/ca.pem".into();
+        let e = s.validate().expect_err("missing file").to_string();
+        assert!(e.contains("cluster.nats_ca"), "{e}");
     }
 
     #[test]

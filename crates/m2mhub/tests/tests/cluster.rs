@@ -828,3 +828,78 @@ async fn a_group_window_sees_every_nodes_messages_exactly_once() {
         "every reading reached the owner once, and only it"
     );
 }
+
+/// The TLS NATS server `scripts/nats.sh start-tls` made: its URL and the
+/// folder with `ca.pem`, `client.pem` and `client-key.pem`.
+fn nats_tls() -> (String, std::path::PathBuf) {
+    let url = std::env::var("M2MHUB_TEST_NATS_TLS_URL").unwrap_or_else(|_| {
+        panic!("M2MHUB_TEST_NATS_TLS_URL is not set: run scripts/nats.sh start-tls (see .ci/run)")
+    });
+    let dir = std::env::var("M2MHUB_TEST_NATS_TLS_DIR")
+        .unwrap_or_else(|_| panic!("M2MHUB_TEST_NATS_TLS_DIR is not set"));
+    (url, dir.into())
+}
+
+/// Nodes talk to NATS over TLS (verifying the server against the given CA,
+/// presenting a client certificate); a node that does not trust the
+/// server, or has no client certificate, cannot join, and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a TLS NATS: scripts/nats.sh start-tls"]
+async fn nodes_join_over_tls_and_refuse_an_untrusted_server() {
+    let (url, dir) = nats_tls();
+    let name = cluster_name("tls");
+    let pem = |f: &str| dir.join(f).to_string_lossy().into_owned();
+    let mut n = Vec::new();
+    for i in 0..2 {
+        let (url, name) = (url.clone(), name.clone());
+        let (ca, cert, key) = (pem("ca.pem"), pem("client.pem"), pem("client-key.pem"));
+        n.push(
+            TestServer::with(move |s| {
+                s.cluster.enabled = true;
+                s.cluster.nats_url = url;
+                s.cluster.name = name;
+                s.cluster.node_id = format!("tls-node-{i}");
+                s.cluster.nats_ca = ca;
+                s.cluster.nats_cert = cert;
+                s.cluster.nats_key = key;
+            })
+            .await,
+        );
+    }
+    let (mut sub, _) = Raw::connect_ok(n[1].mqtt(), v5("tls-sub")).await;
+    sub.subscribe(1, "secure/+", QoS::AtLeastOnce).await;
+    let (mut publisher, _) = Raw::connect_ok(n[0].mqtt(), v5("tls-pub")).await;
+    publisher
+        .publish(publish("secure/1", QoS::AtLeastOnce, 1, "over tls"))
+        .await;
+    let got = drain(&mut sub, GAP).await;
+    assert_eq!(
+        got,
+        vec![("secure/1".into(), "over tls".into(), QoS::AtLeastOnce)]
+    );
+
+    // Not trusting the server's CA (the system's roots), or trusting it
+    // but without a client certificate: refused.
+    for (ca, with_cert) in [(None, true), (Some(pem("ca.pem")), false)] {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let mut s = test_settings(tmp.path());
+        s.cluster.enabled = true;
+        s.cluster.nats_url = url.clone();
+        s.cluster.name = name.clone();
+        s.cluster.node_id = "tls-outsider".into();
+        s.cluster.nats_tls = true;
+        s.cluster.nats_ca = ca.clone().unwrap_or_default();
+        if with_cert {
+            s.cluster.nats_cert = pem("client.pem");
+            s.cluster.nats_key = pem("client-key.pem");
+        }
+        let v = s.validate().expect("valid settings");
+        let r = within("a refused join", m2mhub::server::Server::start(&v)).await;
+        let e = match r {
+            Ok(_) => panic!("joined although ca={ca:?} client cert={with_cert}"),
+            Err(e) => format!("{e:#}"),
+        };
+        assert!(e.contains("cannot join the cluster"), "{e}");
+        eprintln!("refused as expected: {e}");
+    }
+}
