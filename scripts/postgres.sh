@@ -8,6 +8,11 @@
 #   scripts/postgres.sh start DIR PORT   prints postgres://m2mhub:PASS@127.0.0.1:PORT/m2mhub
 #   scripts/postgres.sh stop DIR
 #
+# The server also accepts TLS (ssl=on) with a certificate for 127.0.0.1
+# from a throwaway CA: DIR/ca.pem is what a client verifies it with
+# (`storage.postgres_ca`). Plain connections stay allowed, for the tests
+# that do not use TLS. Needs openssl (without it: plain TCP only).
+#
 # The user m2mhub is the server's superuser (the tests create a database
 # per test). Run as root, the server runs as the `postgres` user (PostgreSQL
 # refuses to run as root), with DIR handed to it. Debian's binaries are used
@@ -79,9 +84,28 @@ start() {
     --auth=scram-sha-256 -E UTF8 --locale=C >"$dir/initdb.log" 2>&1 ||
     { cat "$dir/initdb.log" >&2; die "initdb failed"; }
   rm -f "$work/pwfile"
+  local ssl=""
+  if command -v openssl >/dev/null; then
+    (
+      cd "$dir"
+      openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+        -subj "/CN=m2mhub test PostgreSQL CA" -keyout ca-key.pem -out ca.pem 2>/dev/null
+      openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=127.0.0.1" \
+        -keyout server-key.pem -out server.csr 2>/dev/null
+      printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n' >server.ext
+      openssl x509 -req -in server.csr -CA ca.pem -CAkey ca-key.pem -CAcreateserial -days 2 \
+        -extfile server.ext -out server.pem 2>/dev/null
+    )
+    if [[ $work != "$dir" ]]; then cp "$dir/server.pem" "$dir/server-key.pem" "$work/"; fi
+    chmod 600 "$work/server-key.pem"
+    if [[ $(id -u) -eq 0 ]]; then chown postgres: "$work/server.pem" "$work/server-key.pem"; fi
+    ssl="-c ssl=on -c ssl_cert_file=$work/server.pem -c ssl_key_file=$work/server-key.pem"
+  else
+    log "no openssl: the server accepts plain TCP only"
+  fi
   # TCP on loopback only; no Unix socket (none to clash with the system's).
   as_owner "$bin/pg_ctl" -D "$work/data" -l "$work/server.log" -w -t 60 \
-    -o "-c listen_addresses=127.0.0.1 -p $port -c unix_socket_directories=''" start >/dev/null ||
+    -o "-c listen_addresses=127.0.0.1 -p $port -c unix_socket_directories='' $ssl" start >/dev/null ||
     { cat "$work/server.log" >&2; die "the server did not start on 127.0.0.1:$port"; }
   PGPASSWORD=$pass "$bin/createdb" -h 127.0.0.1 -p "$port" -U m2mhub m2mhub ||
     die "createdb m2mhub failed"

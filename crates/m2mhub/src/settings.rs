@@ -309,9 +309,14 @@ tile_attribution = "© OpenStreetMap contributors"
 # server, e.g. "postgres://m2mhub:PASSWORD@db.example.com:5432/m2mhub",
 # which several m2mhub nodes can share (tables in the schemas `identity` and
 # `fleet`, created and migrated at start). Telemetry, retained messages and
-# sessions stay under data_dir. The password is never logged. No TLS to the
-# database yet: use a private network or a local tunnel.
+# sessions stay under data_dir. The password is never logged.
 postgres_url = ""
+# PEM file of the CA that signed the PostgreSQL server's certificate: set,
+# every connection is TLS (1.2+, rustls), the certificate is verified
+# against it and the URL's host, and nothing falls back to plain text
+# (sslmode=require in the URL needs it). Empty: plain TCP (a private
+# network or a local tunnel).
+postgres_ca = ""
 # Where telemetry points live: "embedded" (the time-series store under
 # <data_dir>/tsdb, this node's points only) or "postgres" (the server of
 # postgres_url, schema `telemetry`: tables partitioned by day, 1 min and 1 h
@@ -353,6 +358,7 @@ pub struct Settings {
 #[serde(deny_unknown_fields, default)]
 pub struct StorageSettings {
     pub postgres_url: String,
+    pub postgres_ca: String,
     /// `embedded` or `postgres`.
     pub telemetry: String,
 }
@@ -361,6 +367,7 @@ impl Default for StorageSettings {
     fn default() -> Self {
         StorageSettings {
             postgres_url: String::new(),
+            postgres_ca: String::new(),
             telemetry: "embedded".into(),
         }
     }
@@ -381,6 +388,7 @@ impl std::fmt::Debug for StorageSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StorageSettings")
             .field("postgres_url", &self.shown_url())
+            .field("postgres_ca", &self.postgres_ca)
             .field("telemetry", &self.telemetry)
             .finish()
     }
@@ -1282,10 +1290,31 @@ impl Settings {
         let postgres = match self.storage.postgres_url.trim() {
             "" => None,
             // The error never repeats the value: it holds a password.
-            url => Some(m2mhub_pgstore::PgUrl::parse(url).map_err(|e| {
-                anyhow!("invalid value for `storage.postgres_url`: {e} (or \"\" for SQLite under data_dir)")
-            })?),
+            url => {
+                let ca = self.storage.postgres_ca.trim();
+                // `sslmode=require` is accepted once a CA is given.
+                let plain = if ca.is_empty() {
+                    url.to_string()
+                } else {
+                    url.replace("sslmode=require", "sslmode=prefer")
+                };
+                let parsed = m2mhub_pgstore::PgUrl::parse(&plain).map_err(|e| {
+                    anyhow!("invalid value for `storage.postgres_url`: {e} (or \"\" for SQLite under data_dir)")
+                })?;
+                Some(if ca.is_empty() {
+                    parsed
+                } else {
+                    parsed.with_ca(std::path::Path::new(ca)).map_err(|e| {
+                        anyhow!("invalid value for `storage.postgres_ca`: {e} (a PEM file of the CA of the server's certificate, or \"\" for plain TCP)")
+                    })?
+                })
+            }
         };
+        if self.storage.postgres_url.trim().is_empty()
+            && !self.storage.postgres_ca.trim().is_empty()
+        {
+            bail!("`storage.postgres_ca` is set but `storage.postgres_url` is empty: name the PostgreSQL server too, or clear postgres_ca");
+        }
         let telemetry_store = match (self.storage.telemetry.as_str(), &postgres) {
             ("embedded", _) => TelemetryStore::Embedded,
             ("postgres", Some(url)) => TelemetryStore::Postgres(Box::new(url.clone())),

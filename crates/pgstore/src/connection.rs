@@ -15,7 +15,7 @@
 use crate::error::{PgError, PgResult};
 use crate::url::PgUrl;
 use m2mhub_identity::{RegistryError, Result};
-use postgres::{Client, NoTls};
+use postgres::Client;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -65,7 +65,7 @@ impl Link {
             config.keepalives_interval(Duration::from_secs(5));
             config.keepalives_retries(3);
             config.tcp_user_timeout(Duration::from_secs(30));
-            let mut client = config.connect(NoTls).map_err(|e| {
+            let mut client = self.url.connect_with(&config).map_err(|e| {
                 RegistryError::Storage(format!(
                     "cannot connect to PostgreSQL at {}: {}",
                     self.url.target(),

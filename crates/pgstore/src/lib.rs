@@ -34,6 +34,7 @@ mod registry;
 mod sql;
 mod telemetry;
 pub mod testing;
+mod tls;
 mod url;
 
 pub use fleet::PgFleetStore;

@@ -52,6 +52,28 @@ impl TestDatabase {
     pub fn url(&self) -> &PgUrl {
         &self.url
     }
+
+    /// How many sessions on this database use TLS, and how many do not (the
+    /// server's own view, `pg_stat_ssl`), read over the admin connection.
+    pub fn tls_sessions(&self) -> Result<(i64, i64)> {
+        let q = format!(
+            "SELECT count(*) FILTER (WHERE s.ssl), count(*) FILTER (WHERE NOT s.ssl) \
+             FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) WHERE a.datname = '{}'",
+            self.name
+        );
+        let admin = &self.admin;
+        std::thread::scope(|sc| {
+            sc.spawn(|| -> Result<(i64, i64)> {
+                let mut c = admin
+                    .connect_with(admin.config())
+                    .map_err(|e| RegistryError::Storage(PgError::from(e).to_string()))?;
+                let row = c.query_one(q.as_str(), &[]).map_err(PgError::from)?;
+                Ok((row.get(0), row.get(1)))
+            })
+            .join()
+            .map_err(|_| RegistryError::Storage("the test database thread panicked".into()))?
+        })
+    }
 }
 
 impl Drop for TestDatabase {
@@ -68,7 +90,7 @@ impl Drop for TestDatabase {
 fn admin_statements(url: &PgUrl, statements: &[String]) -> Result<()> {
     std::thread::scope(|s| {
         s.spawn(|| -> Result<()> {
-            let mut c = url.config().connect(postgres::NoTls).map_err(|e| {
+            let mut c = url.connect_with(url.config()).map_err(|e| {
                 RegistryError::Storage(format!(
                     "cannot connect to the test server at {url}: {}",
                     RegistryError::from(PgError::from(e))

@@ -11,6 +11,8 @@ use std::str::FromStr;
 pub struct PgUrl {
     text: String,
     config: postgres::Config,
+    /// TLS with a pinned CA ([`PgUrl::with_ca`]); `None`: plain TCP.
+    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
 impl PgUrl {
@@ -28,10 +30,41 @@ impl PgUrl {
                     .into(),
             ));
         }
+        if config.get_ssl_mode() == postgres::config::SslMode::Require {
+            return Err(RegistryError::Validation(
+                "sslmode=require needs the CA that signed the server's certificate: set storage.postgres_ca (the connection is then verified TLS)".into(),
+            ));
+        }
         Ok(PgUrl {
             text: text.trim().to_string(),
             config,
+            tls: None,
         })
+    }
+
+    /// Connect over TLS only, verifying the server's certificate against
+    /// the CA(s) in `ca_file` and the URL's host name (or address).
+    pub fn with_ca(mut self, ca_file: &std::path::Path) -> Result<PgUrl> {
+        let tls = crate::tls::client_config(ca_file).map_err(RegistryError::Validation)?;
+        self.config.ssl_mode(postgres::config::SslMode::Require);
+        self.tls = Some(tls);
+        Ok(self)
+    }
+
+    /// Whether connections use TLS.
+    pub fn tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// Open one blocking client (TLS when configured).
+    pub(crate) fn connect_with(
+        &self,
+        config: &postgres::Config,
+    ) -> std::result::Result<postgres::Client, postgres::Error> {
+        match &self.tls {
+            Some(tls) => config.connect(crate::tls::MakeRustls(tls.clone())),
+            None => config.connect(postgres::NoTls),
+        }
     }
 
     /// The connection string as written, password included: only for
@@ -55,7 +88,11 @@ impl PgUrl {
             }
             _ => format!("{} dbname={dbname}", self.text),
         };
-        PgUrl { text, config }
+        PgUrl {
+            text,
+            config,
+            tls: self.tls.clone(),
+        }
     }
 
     /// `user@host:port/dbname`: what logs and errors say.

@@ -164,3 +164,60 @@ async fn telemetry_in_postgres_is_read_by_every_node_and_survives_a_restart() {
     other.stop().await;
     srv.stop().await;
 }
+
+/// `storage.postgres_ca`: every connection to the server is TLS, verified
+/// against that CA (the server's own view says so); a CA that did not sign
+/// the server's certificate stops the start with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs PostgreSQL: scripts/postgres.sh (started with TLS)"]
+async fn connections_to_postgres_use_tls_verified_against_the_configured_ca() {
+    let Ok(ca) = std::env::var("M2MHUB_TEST_POSTGRES_CA") else {
+        panic!("M2MHUB_TEST_POSTGRES_CA is not set: scripts/postgres.sh writes DIR/ca.pem (see .ci/run)");
+    };
+    let db = TestDatabase::create().unwrap_or_else(|e| panic!("{e}"));
+    let url = db.url().expose().to_string();
+    let (u, c) = (url.clone(), ca.clone());
+    let srv = TestServer::with(move |s| {
+        s.storage.postgres_url = format!("{u}?sslmode=require");
+        s.storage.postgres_ca = c;
+        s.storage.telemetry = "postgres".into();
+    })
+    .await;
+    srv.get()
+        .registry
+        .create_device(m2mhub_identity::NewDevice {
+            id: Some("tls-dev".into()),
+            tenant: m2mhub_identity::DEFAULT_TENANT.into(),
+            ..Default::default()
+        })
+        .expect("a device stored over TLS");
+    let (tls, plain) = db.tls_sessions().expect("pg_stat_ssl");
+    assert!(
+        tls >= 2,
+        "the stores' sessions use TLS: {tls} TLS, {plain} plain"
+    );
+    assert_eq!(plain, 0, "no plain session to the database");
+
+    // Another CA: refused at start, saying why.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let other = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).expect("cert");
+    let other_ca = dir.path().join("other-ca.pem");
+    std::fs::write(&other_ca, other.cert.pem()).expect("write");
+    let mut s = crate::common::test_settings(dir.path());
+    s.storage.postgres_url = url.clone();
+    s.storage.postgres_ca = other_ca.to_string_lossy().into_owned();
+    let v = s.validate().expect("valid settings");
+    let e = match m2mhub::server::Server::start(&v).await {
+        Ok(_) => panic!("started although the server's certificate is not from that CA"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        e.contains("certificate") || e.contains("UnknownIssuer"),
+        "the refusal names the certificate: {e}"
+    );
+    // Without a CA, `sslmode=require` is refused before anything connects.
+    let mut s = crate::common::test_settings(dir.path());
+    s.storage.postgres_url = format!("{url}?sslmode=require");
+    let e = s.validate().expect_err("require without a CA").to_string();
+    assert!(e.contains("storage.postgres_ca"), "{e}");
+}
