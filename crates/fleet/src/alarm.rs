@@ -238,7 +238,7 @@ struct ActiveKey {
 /// background writer still has to write.
 #[derive(Debug, Default)]
 pub(crate) struct AlarmBook {
-    pub last_id: u64,
+    pub ids: crate::ids::IdBlock,
     active: HashMap<u64, Alarm>,
     /// Device id → its active alarms' keys (a device has few).
     by_device: HashMap<String, Vec<ActiveKey>>,
@@ -249,9 +249,9 @@ pub(crate) struct AlarmBook {
 }
 
 impl AlarmBook {
-    pub(crate) fn load(active: Vec<Alarm>, last_id: u64) -> AlarmBook {
+    pub(crate) fn load(active: Vec<Alarm>, ids: crate::ids::IdBlock) -> AlarmBook {
         let mut book = AlarmBook {
-            last_id,
+            ids,
             ..Default::default()
         };
         for a in active {
@@ -447,9 +447,9 @@ impl Fleet {
                 "{ACTIVE_LIMIT} alarms are active: clear some before raising new ones"
             )));
         }
-        book.last_id += 1;
+        let id = book.ids.take(&*s.store, crate::ids::IdKind::Alarm)?;
         let a = Alarm {
-            id: book.last_id,
+            id,
             tenant: tenant.into(),
             device_id: device_id.into(),
             alarm_type: alarm_type.into(),

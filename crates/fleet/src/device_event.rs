@@ -157,8 +157,14 @@ impl Shared {
                 dropped += 1;
                 continue;
             }
-            q.last_id += 1;
-            let id = q.last_id;
+            let id = match q.ids.take(&*self.store, crate::ids::IdKind::DeviceEvent) {
+                Ok(id) => id,
+                Err(e) => {
+                    tracing::warn!(error = %e, "no id for a device event; dropped");
+                    dropped += 1;
+                    continue;
+                }
+            };
             q.events.push(DeviceEvent {
                 id,
                 tenant: e.tenant,

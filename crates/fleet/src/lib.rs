@@ -33,6 +33,7 @@ pub mod command;
 pub mod dashboard;
 pub mod device_event;
 pub mod diagnostic;
+pub mod ids;
 pub mod ota;
 pub mod report;
 pub mod rule;
@@ -86,7 +87,7 @@ pub struct Fleet {
 /// Device events waiting for the background writer.
 #[derive(Default)]
 pub(crate) struct EventQueue {
-    pub last_id: u64,
+    pub ids: ids::IdBlock,
     pub events: Vec<DeviceEvent>,
 }
 
@@ -169,6 +170,9 @@ impl Fleet {
         let snap = store.load()?;
         let rules = snap.rules.into_iter().map(|r| (r.id.clone(), r)).collect();
         let shadows = shadow::ShadowBook::load(snap.shadows);
+        let event_ids =
+            ids::IdBlock::open(&*store, ids::IdKind::DeviceEvent, snap.device_event_seq)?;
+        let alarm_ids = ids::IdBlock::open(&*store, ids::IdKind::Alarm, snap.alarm_seq)?;
         let shared = Arc::new(Shared {
             store,
             identity: identity.clone(),
@@ -176,10 +180,10 @@ impl Fleet {
             write: Mutex::new(()),
             device_events: Mutex::new(device_event::DeviceEventGate::default()),
             queue: Mutex::new(EventQueue {
-                last_id: snap.device_event_seq,
+                ids: event_ids,
                 events: Vec::new(),
             }),
-            alarms: Mutex::new(alarm::AlarmBook::load(snap.active_alarms, snap.alarm_seq)),
+            alarms: Mutex::new(alarm::AlarmBook::load(snap.active_alarms, alarm_ids)),
             alarm_events: tokio::sync::broadcast::channel(alarm::EVENT_CAPACITY).0,
             commands: Mutex::new(command::CommandBook::load(snap.open_commands)),
             shadows: Mutex::new(shadows),

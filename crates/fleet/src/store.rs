@@ -86,6 +86,14 @@ pub trait FleetStore: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<DeviceEvent>>;
 
+    /// Reserve `n` ids of `kind` for this node alone and return the first
+    /// (see `ids.rs`); `None` (the default): this store has one writer, and
+    /// ids simply continue from the largest stored.
+    fn reserve_ids(&self, kind: crate::ids::IdKind, n: u64) -> Result<Option<u64>> {
+        let _ = (kind, n);
+        Ok(None)
+    }
+
     /// Insert or replace one alarm now (outside the batches).
     fn put_alarm(&self, a: &Alarm) -> Result<()>;
     fn get_alarm(&self, id: u64) -> Result<Option<Alarm>>;

@@ -29,6 +29,19 @@ use postgres::{Client, GenericClient, IsolationLevel, Row};
 
 const SCHEMA: &str = "fleet";
 
+/// Steps only PostgreSQL needs, recorded under the domain `postgres`.
+const POSTGRES_MIGRATIONS: &[m2mhub_identity::sql::Migration] =
+    &[m2mhub_identity::sql::Migration {
+        version: 1,
+        // The next free id of each kind that nodes number from in blocks
+        // (`fleet/src/ids.rs`): above everything stored so far.
+        sql: "CREATE TABLE IF NOT EXISTS id_blocks (kind TEXT PRIMARY KEY, next BIGINT NOT NULL);
+          INSERT INTO id_blocks (kind, next) VALUES
+            ('alarm', COALESCE((SELECT MAX(id) FROM alarms), 0) + 1),
+            ('device_event', COALESCE((SELECT MAX(id) FROM device_events), 0) + 1)
+          ON CONFLICT (kind) DO NOTHING;",
+    }];
+
 /// Insert an alarm or replace every field of the stored one (a retried
 /// batch writes the same row again harmlessly).
 const ALARM_UPSERT: &str = "INSERT INTO alarms (id, tenant, device_id, alarm_type, severity, status, acked, acked_by, acked_ms, \
@@ -69,10 +82,16 @@ impl PgFleetStore {
                 migrate(
                     c,
                     SCHEMA,
-                    &[Steps {
-                        domain: "fleet",
-                        migrations: MIGRATIONS,
-                    }],
+                    &[
+                        Steps {
+                            domain: "fleet",
+                            migrations: MIGRATIONS,
+                        },
+                        Steps {
+                            domain: "postgres",
+                            migrations: POSTGRES_MIGRATIONS,
+                        },
+                    ],
                 )
             },
             |c| use_schema(c, SCHEMA),
@@ -521,6 +540,19 @@ impl FleetStore for PgFleetStore {
                     })
                 },
             )
+        })
+    }
+
+    fn reserve_ids(&self, kind: m2mhub_fleet::ids::IdKind, n: u64) -> Result<Option<u64>> {
+        let n = i64::try_from(n.max(1)).unwrap_or(i64::MAX);
+        self.conn.with(kind.as_str(), move |c, kind| {
+            // One row update: concurrent reservations queue on the row lock
+            // and each gets its own range.
+            let row = c.query_one(
+                "UPDATE id_blocks SET next = next + $2 WHERE kind = $1 RETURNING next - $2",
+                &[&kind, &n],
+            )?;
+            Ok(Some(u64_of(row.try_get(0)?, "id block")?))
         })
     }
 
