@@ -336,6 +336,46 @@ impl AlarmBook {
         }
     }
 
+    /// See [`Fleet::reload_alarms`].
+    pub(crate) fn merge_stored(&mut self, stored: Vec<Alarm>) -> usize {
+        let mut changed = 0;
+        let stored: HashMap<u64, Alarm> = stored.into_iter().map(|a| (a.id, a)).collect();
+        // Cleared (or deleted) elsewhere: no longer active here.
+        let gone: Vec<u64> = self
+            .active
+            .keys()
+            .filter(|id| !self.dirty.contains(*id) && !stored.contains_key(*id))
+            .copied()
+            .collect();
+        for id in gone {
+            if let Some(a) = self.active.remove(&id) {
+                if let Some(keys) = self.by_device.get_mut(&a.device_id) {
+                    keys.retain(|k| k.id != id);
+                    if keys.is_empty() {
+                        self.by_device.remove(&a.device_id);
+                    }
+                }
+                changed += 1;
+            }
+        }
+        for (id, a) in stored {
+            if self.dirty.contains(&id) || self.closed.iter().any(|c| c.id == id) {
+                continue;
+            }
+            if let Some(cur) = self.active.get_mut(&id) {
+                if *cur != a {
+                    *cur = a;
+                    changed += 1;
+                }
+            } else if self.find(&a.tenant, &a.device_id, &a.alarm_type).is_none() {
+                // Raised on another node; one active alarm per key.
+                self.insert(a);
+                changed += 1;
+            }
+        }
+        changed
+    }
+
     /// Drop a deleted device's alarms, written or not.
     pub(crate) fn forget_device(&mut self, device_id: &str) {
         if let Some(keys) = self.by_device.remove(device_id) {
@@ -499,13 +539,38 @@ impl Fleet {
                 return Ok(a);
             }
         }
-        let a = self.get_alarm(id)?;
+        // Not active here: another node sharing the store may hold it
+        // active (its rule raised it). The store says; clearing it there
+        // reaches that node with the change notice (`reload_alarms`).
+        let _f = s.flush_lock.lock();
+        let a = self.get_alarm_unlocked(id)?;
+        if a.status == AlarmStatus::Active {
+            let mut a = a;
+            a.status = AlarmStatus::Cleared;
+            a.cleared_ms = Some(now_ms());
+            a.cleared_by = Some(by.label());
+            a.updated_ms = now_ms();
+            s.store.put_alarm(&a)?;
+            s.announce(AlarmChange::Cleared, &a);
+            return Ok(a);
+        }
         Err(RegistryError::Conflict(format!(
             "alarm {id} was already cleared{}",
             a.cleared_by
                 .map(|b| format!(" (by {b})"))
                 .unwrap_or_default()
         )))
+    }
+
+    /// Take the shared store's view of the active alarms, after another
+    /// node acknowledged, cleared or raised some (cluster change notice):
+    /// alarms changed here and not yet written keep this node's copy.
+    /// Returns how many alarms changed here.
+    pub fn reload_alarms(&self) -> Result<usize> {
+        let s = &*self.shared;
+        let stored = s.store.load()?.active_alarms;
+        let _f = s.flush_lock.lock();
+        Ok(s.alarms.lock().merge_stored(stored))
     }
 
     /// Acknowledge an alarm (active or cleared). Acknowledging it again
@@ -547,8 +612,13 @@ impl Fleet {
 
     /// One alarm, active or history.
     pub fn get_alarm(&self, id: u64) -> Result<Alarm> {
+        let _f = self.shared.flush_lock.lock();
+        self.get_alarm_unlocked(id)
+    }
+
+    /// [`Fleet::get_alarm`] with the flush lock already held.
+    fn get_alarm_unlocked(&self, id: u64) -> Result<Alarm> {
         let s = &*self.shared;
-        let _f = s.flush_lock.lock();
         {
             let book = s.alarms.lock();
             if let Some(a) = book.active.get(&id) {

@@ -308,6 +308,9 @@ impl Server {
                     if let Err(e) = r.reload() {
                         tracing::warn!(error = %e, "cannot reload the registry");
                     }
+                    if let Err(e) = f.reload_alarms() {
+                        tracing::warn!(error = %e, "cannot reload the alarms");
+                    }
                     match f.reload_rules() {
                         Ok(changed) => {
                             for id in changed {

@@ -903,3 +903,91 @@ async fn nodes_join_over_tls_and_refuse_an_untrusted_server() {
         eprintln!("refused as expected: {e}");
     }
 }
+
+/// An alarm raised on one node (where its rule runs) and acknowledged or
+/// cleared through another node's API changes on the raising node too: it
+/// neither keeps re-raising a stale copy nor writes it back over the
+/// operator's change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs NATS and PostgreSQL: scripts/nats.sh, scripts/postgres.sh"]
+async fn an_alarm_acknowledged_and_cleared_through_another_node_changes_everywhere() {
+    use m2mhub_fleet::{RaiseOutcome, Severity};
+    let db = m2mhub_pgstore::testing::TestDatabase::create().unwrap_or_else(|e| panic!("{e}"));
+    let pg = db.url().expose().to_string();
+    let name = cluster_name("alarms");
+    let url = nats_url();
+    let mut n = Vec::new();
+    for i in 0..2 {
+        let (pg, name, url) = (pg.clone(), name.clone(), url.clone());
+        n.push(
+            TestServer::with(move |s| {
+                secure(s);
+                s.storage.postgres_url = pg;
+                s.cluster.enabled = true;
+                s.cluster.nats_url = url;
+                s.cluster.name = name;
+                s.cluster.node_id = format!("alarm-node-{i}");
+            })
+            .await,
+        );
+    }
+    let f0 = n[0].get().fleet.clone();
+    let raise = || {
+        f0.raise_alarm(
+            "default",
+            "pump-1",
+            "dry_run",
+            Severity::Major,
+            serde_json::json!({}),
+            None,
+        )
+        .expect("raise")
+    };
+    let (a, _) = raise();
+    f0.flush().expect("flush");
+    let api1 = Api::admin(&n[1]);
+    api1.expect("POST", &format!("/alarms/{}/ack", a.id), None, 200)
+        .await;
+    let mut acked = false;
+    for _ in 0..50 {
+        if f0
+            .active_alarm("default", "pump-1", "dry_run")
+            .is_some_and(|a| a.acked)
+        {
+            acked = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(acked, "the raising node sees the acknowledgement");
+    // A repeat keeps the acknowledgement (it is not written back unacked).
+    let (again, outcome) = raise();
+    assert_eq!(
+        (again.id, outcome, again.acked),
+        (a.id, RaiseOutcome::Updated, true)
+    );
+    f0.flush().expect("flush");
+
+    let cleared = api1
+        .expect("POST", &format!("/alarms/{}/clear", a.id), None, 200)
+        .await;
+    assert_eq!(cleared["status"], "cleared", "{cleared}");
+    let mut gone = false;
+    for _ in 0..50 {
+        if f0.active_alarm("default", "pump-1", "dry_run").is_none() {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(gone, "the raising node no longer holds the cleared alarm");
+    // The next raise is a new alarm, not the cleared one brought back.
+    let (b, outcome) = raise();
+    assert_eq!(outcome, RaiseOutcome::Created);
+    assert_ne!(b.id, a.id);
+    f0.flush().expect("flush");
+    let old = api1
+        .expect("GET", &format!("/alarms/{}", a.id), None, 200)
+        .await;
+    assert_eq!(old["status"], "cleared", "{old}");
+}
