@@ -172,9 +172,15 @@ async fn spawn_notices(
 /// resumed session may receive twice).
 const FLOOR_SWEEP: Duration = Duration::from_secs(5);
 const FLOOR_STEP: Duration = Duration::from_secs(30);
-/// Messages waiting to be forwarded; beyond this they are dropped and
-/// counted (publishers never wait for the fabric).
-const FORWARD_QUEUE: usize = 65_536;
+/// QoS 0 messages waiting to be forwarded; beyond this they are dropped
+/// and counted (at most once: a QoS 0 publisher never waits for the
+/// fabric). QoS 1/2 messages are never dropped for a slow fabric: their
+/// PUBACK/PUBREC waits until JetStream has them, which holds each publisher
+/// to its Receive Maximum of messages in flight and then stops its reading
+/// — backpressure down to TCP. [`FORWARD_QUEUE_DURABLE`] only guards
+/// against a bug.
+pub const FORWARD_QUEUE: usize = 65_536;
+const FORWARD_QUEUE_DURABLE: usize = 4 * 1024 * 1024;
 
 /// Why the cluster could not be joined.
 #[derive(Debug, thiserror::Error)]
@@ -208,6 +214,9 @@ pub struct ClusterConfig {
     /// How long the cluster keeps QoS 1/2 messages for sessions resumed on
     /// another node (the stream's age limit).
     pub queue_retention: Duration,
+    /// QoS 0 messages waiting for the fabric before more are dropped
+    /// ([`FORWARD_QUEUE`] by default).
+    pub forward_queue: usize,
     /// TLS to the NATS servers; `None`: as the URL says (`tls://` needs
     /// TLS, trusting the system's roots).
     pub tls: Option<NatsTls>,
@@ -346,7 +355,11 @@ struct Link {
     /// When each client id last connected here (wall clock, ms), kept for
     /// [`CLAIM_WINDOW`]: a claim from another node older than that is stale.
     local_claims: Arc<Mutex<HashMap<String, u64>>>,
-    forward: mpsc::Sender<Forward>,
+    /// One queue for both paths, so a publisher's messages leave in order;
+    /// its length is bounded per QoS by the counters below.
+    forward: mpsc::UnboundedSender<Forward>,
+    queued: Arc<Queued>,
+    forward_limit: usize,
     control: mpsc::UnboundedSender<Control>,
     sessions: mpsc::UnboundedSender<SessionChange>,
     restore: Arc<RestoreParts>,
@@ -356,6 +369,13 @@ struct Link {
 /// A message to forward and, for QoS 1/2, where to say when JetStream has
 /// it.
 type Forward = (Arc<Message>, Option<oneshot::Sender<Result<(), u8>>>);
+
+/// Messages in the forward queue, by path.
+#[derive(Default)]
+struct Queued {
+    fast: std::sync::atomic::AtomicUsize,
+    durable: std::sync::atomic::AtomicUsize,
+}
 
 /// What resuming a session elsewhere needs.
 struct RestoreParts {
@@ -379,10 +399,17 @@ impl ClusterLink for Link {
             let (tx, rx) = oneshot::channel();
             (Some(tx), Some(rx))
         };
-        if self.forward.try_send((msg.clone(), tx)).is_err() {
+        let (count, limit) = if tx.is_none() {
+            (&self.queued.fast, self.forward_limit)
+        } else {
+            (&self.queued.durable, FORWARD_QUEUE_DURABLE)
+        };
+        let full = count.fetch_add(1, Ordering::AcqRel) >= limit;
+        if full || self.forward.send((msg.clone(), tx)).is_err() {
+            count.fetch_sub(1, Ordering::AcqRel);
             self.stats.forward_dropped.fetch_add(1, Ordering::Relaxed);
-            // The fabric is behind: a QoS 1/2 publisher hears "quota
-            // exceeded" and sends again.
+            // QoS 0 over its bound is dropped; a QoS 1/2 publisher hears
+            // "quota exceeded" only if the fabric is gone (or millions wait).
             return rx.map(|_| {
                 Box::pin(async { Err(mqtt_codec::reason::QUOTA_EXCEEDED) })
                     as m2mhub_broker::AckGate
@@ -699,7 +726,8 @@ impl Cluster {
             }));
         }
 
-        let (fwd_tx, fwd_rx) = mpsc::channel(FORWARD_QUEUE);
+        let (fwd_tx, fwd_rx) = mpsc::unbounded_channel();
+        let queued = Arc::new(Queued::default());
         let unsettled = Arc::new(AtomicU64::new(0));
         let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
         let (sess_tx, sess_rx) = mpsc::unbounded_channel();
@@ -718,6 +746,8 @@ impl Cluster {
                 durable_space: durable_space.clone(),
             }),
             forward: fwd_tx,
+            queued: queued.clone(),
+            forward_limit: config.forward_queue.max(1),
             control: ctl_tx.clone(),
             stats: stats.clone(),
             local_claims,
@@ -728,7 +758,7 @@ impl Cluster {
             let _ = ctl_tx.send(Control::Interest(i, true));
         }
         tasks.push(tokio::spawn(forward_loop(
-            fwd_rx,
+            (fwd_rx, queued),
             plain.clone(),
             js.clone(),
             (fast_space.clone(), durable_space.clone()),
@@ -979,7 +1009,7 @@ async fn watch_retained(broker: Broker, bucket: kv::Store, stats: Arc<Stats>) {
 /// Send this node's messages to the fabric, in order; retained changes go
 /// to the bucket too.
 async fn forward_loop(
-    mut rx: mpsc::Receiver<Forward>,
+    (mut rx, queued): (mpsc::UnboundedReceiver<Forward>, Arc<Queued>),
     nats: async_nats::Client,
     js: jetstream::Context,
     (fast_space, durable_space): (String, String),
@@ -1034,6 +1064,12 @@ async fn forward_loop(
     while rx.recv_many(&mut batch, 256).await > 0 {
         let now = Instant::now();
         for (msg, done) in batch.drain(..) {
+            let count = if done.is_none() {
+                &queued.fast
+            } else {
+                &queued.durable
+            };
+            count.fetch_sub(1, Ordering::AcqRel);
             seq += 1;
             let bytes = frame::encode(origin, seq, &msg, now);
             if msg.retain {

@@ -233,6 +233,7 @@ impl Server {
                         name: join.name.clone(),
                         queue_retention: join.queue_retention,
                         tls: join.tls.clone(),
+                        forward_queue: join.forward_queue,
                         node_id: node_id(&v.data_dir, join.node_id.as_deref())?,
                         mqtt_addr: mqtt_addr.to_string(),
                         http_addr: http_addr.to_string(),

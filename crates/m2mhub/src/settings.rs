@@ -281,6 +281,11 @@ name = "m2mhub"
 # How long the cluster keeps QoS 1/2 messages (a JetStream stream) so that a
 # persistent session resumes on another node with what it missed, hours.
 queue_retention_hours = 24
+# QoS 0 messages for other nodes waiting for NATS; beyond it they are
+# dropped (counted in m2mhub_cluster_forward_dropped). QoS 1/2 messages are
+# never dropped for a slow fabric: their PUBACK waits until JetStream has
+# them, which slows their publishers down (Receive Maximum, then TCP).
+forward_queue = 65536
 # TLS to NATS (TLS 1.2+, rustls): required when nats_tls is true, when a
 # nats_ca is given, or with tls:// URLs. nats_ca: PEM file of the CA that
 # signed the NATS servers' certificates (empty: the system's roots);
@@ -402,6 +407,7 @@ pub struct ClusterSettings {
     pub node_id: String,
     pub name: String,
     pub queue_retention_hours: u32,
+    pub forward_queue: usize,
     pub nats_tls: bool,
     pub nats_ca: String,
     pub nats_cert: String,
@@ -416,6 +422,7 @@ impl Default for ClusterSettings {
             node_id: String::new(),
             name: "m2mhub".into(),
             queue_retention_hours: 24,
+            forward_queue: m2mhub_cluster::FORWARD_QUEUE,
             nats_tls: false,
             nats_ca: String::new(),
             nats_cert: String::new(),
@@ -486,6 +493,7 @@ pub struct ClusterJoin {
     pub nats_url: String,
     pub name: String,
     pub queue_retention: Duration,
+    pub forward_queue: usize,
     pub tls: Option<m2mhub_cluster::NatsTls>,
     /// `None`: the one kept in the data folder (made on first start).
     pub node_id: Option<String>,
@@ -1268,7 +1276,11 @@ impl Settings {
             };
             let tls = (cl.nats_tls || ca.is_some() || cert_key.is_some())
                 .then_some(m2mhub_cluster::NatsTls { ca, cert_key });
+            if cl.forward_queue == 0 {
+                bail!("invalid value for `cluster.forward_queue`: 0; use at least 1 (messages)");
+            }
             Some(ClusterJoin {
+                forward_queue: cl.forward_queue,
                 tls,
                 queue_retention: Duration::from_secs(u64::from(cl.queue_retention_hours) * 3600),
                 name: name.to_string(),

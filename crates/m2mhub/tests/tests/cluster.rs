@@ -991,3 +991,89 @@ async fn an_alarm_acknowledged_and_cleared_through_another_node_changes_everywhe
         .await;
     assert_eq!(old["status"], "cleared", "{old}");
 }
+
+/// When the fabric falls behind, QoS 1 messages wait (their PUBACK comes
+/// once JetStream has them) instead of being dropped or refused, and
+/// every one arrives on the other node; QoS 0 beyond the forward queue is
+/// dropped and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs NATS: scripts/nats.sh"]
+async fn a_slow_fabric_slows_qos1_publishers_down_instead_of_dropping() {
+    let name = cluster_name("backpressure");
+    let url = nats_url();
+    let mut n = Vec::new();
+    for i in 0..2 {
+        let (name, url) = (name.clone(), url.clone());
+        n.push(
+            TestServer::with(move |s| {
+                s.cluster.enabled = true;
+                s.cluster.nats_url = url;
+                s.cluster.name = name;
+                s.cluster.node_id = format!("bp-node-{i}");
+                // A tiny queue: the fabric is "behind" all the time.
+                s.cluster.forward_queue = 1;
+            })
+            .await,
+        );
+    }
+    let (mut sub, _) = Raw::connect_ok(n[1].mqtt(), v5("bp-sub")).await;
+    sub.subscribe(1, "bp/#", QoS::AtLeastOnce).await;
+    let (mut publisher, _) = Raw::connect_ok(n[0].mqtt(), v5("bp-pub")).await;
+    // QoS 1 in windows of 50 unacknowledged (under Receive Maximum).
+    const TOTAL: u16 = 2000;
+    let mut codes = Vec::new();
+    let subscriber = tokio::spawn(async move {
+        let mut got = std::collections::HashSet::new();
+        loop {
+            match sub.next(Duration::from_secs(5)).await {
+                Next::Packet(Packet::Publish(p)) => {
+                    if let Some(id) = p.packet_id {
+                        sub.puback(id).await;
+                    }
+                    if p.topic == "bp/q1" {
+                        got.insert(p.payload.to_vec());
+                    }
+                }
+                _ => return got,
+            }
+        }
+    });
+    for start in (1..=TOTAL).step_by(50) {
+        let end = (start + 49).min(TOTAL);
+        for pid in start..=end {
+            publisher
+                .send(&Packet::Publish(publish(
+                    "bp/q1",
+                    QoS::AtLeastOnce,
+                    pid,
+                    pid.to_string(),
+                )))
+                .await;
+        }
+        for _ in start..=end {
+            match publisher.next(Duration::from_secs(10)).await {
+                Next::Packet(Packet::PubAck(a)) => codes.push(a.reason_code),
+                other => panic!("expected PUBACK, got {other:?}"),
+            }
+        }
+    }
+    assert!(
+        codes.iter().all(|c| *c == reason::SUCCESS),
+        "every QoS 1 PUBACK is a success: {:?}",
+        codes
+            .iter()
+            .filter(|c| **c != reason::SUCCESS)
+            .take(5)
+            .collect::<Vec<_>>()
+    );
+    let got = subscriber.await.expect("subscriber");
+    assert_eq!(got.len(), usize::from(TOTAL), "every QoS 1 message crossed");
+    // QoS 0 over the bound: dropped, and counted.
+    for _ in 0..5000 {
+        publisher
+            .send(&Packet::Publish(publish("bp/q0", QoS::AtMostOnce, 0, "x")))
+            .await;
+    }
+    publisher.ping().await;
+    assert!(cluster_counter(&n[0], "forward_dropped") > 0);
+}
