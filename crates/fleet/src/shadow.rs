@@ -629,12 +629,26 @@ impl Fleet {
         let s = &*self.shared;
         let mut shadows = s.shadows.lock();
         shadows.check_room(device_id, name)?;
-        let current = shadows.get(device_id, name);
-        let change = apply(current, tenant, device_id, name, update, writer, now_ms())?;
-        s.store.put_shadow(&change.current)?;
-        shadows.insert(change.current.clone());
-        s.tell_watcher(std::slice::from_ref(&change));
-        Ok(change)
+        // Nodes sharing a store each hold the shadows in memory: the write
+        // is conditional on the version this node applied the update to,
+        // and a lost race reads the stored shadow and applies it again.
+        for _ in 0..MAX_RACES {
+            let current = shadows.get(device_id, name);
+            let prev = current.map_or(0, |c| c.version);
+            let change = apply(current, tenant, device_id, name, update, writer, now_ms())?;
+            if s.store.put_shadow_if(&change.current, prev)? {
+                shadows.insert(change.current.clone());
+                s.tell_watcher(std::slice::from_ref(&change));
+                return Ok(change);
+            }
+            match s.store.stored_shadow(device_id, name)? {
+                Some(stored) => shadows.insert(stored),
+                None => shadows.remove(device_id, name),
+            }
+        }
+        Err(RegistryError::Conflict(format!(
+            "shadow {name:?} of device {device_id} kept changing on other nodes; try again"
+        )))
     }
 
     /// Delete a shadow; its version starts again from 1.
@@ -659,6 +673,9 @@ impl Fleet {
         Ok(existing)
     }
 }
+
+/// Writes lost to other nodes before an update gives up.
+const MAX_RACES: usize = 5;
 
 fn not_found(device_id: &str, name: &str) -> RegistryError {
     if name.is_empty() {

@@ -107,6 +107,22 @@ pub trait FleetStore: Send + Sync + 'static {
     /// Insert or replace many shadows in one transaction (a fleet-wide
     /// setting).
     fn put_shadows(&self, shadows: &[&Shadow]) -> Result<()>;
+
+    /// Write `s` only if the stored shadow is still at `prev_version` (0:
+    /// absent): false when another node sharing the store changed it
+    /// first. The default, for a store with one writer, always writes.
+    fn put_shadow_if(&self, s: &Shadow, prev_version: u64) -> Result<bool> {
+        let _ = prev_version;
+        self.put_shadow(s).map(|_| true)
+    }
+
+    /// The stored shadow, bypassing any node's memory (after
+    /// [`FleetStore::put_shadow_if`] lost); `None` where the store has one
+    /// writer and memory is the truth.
+    fn stored_shadow(&self, device_id: &str, name: &str) -> Result<Option<Shadow>> {
+        let _ = (device_id, name);
+        Ok(None)
+    }
     /// Record a fleet-wide setting, keeping only the newest `kept`.
     fn put_setting(&self, s: &FleetSetting, kept: usize) -> Result<()>;
     fn get_setting(&self, id: &str) -> Result<Option<FleetSetting>>;

@@ -253,6 +253,19 @@ fn put_shadow(c: &mut impl GenericClient, s: &Shadow) -> PgResult<()> {
     )
 }
 
+fn shadow_of(r: &Row) -> PgResult<Shadow> {
+    Ok(Shadow {
+        device_id: r.try_get(0)?,
+        name: r.try_get(1)?,
+        tenant: r.try_get(2)?,
+        desired: serde_json::from_str(r.try_get(3)?)?,
+        reported: serde_json::from_str(r.try_get(4)?)?,
+        metadata: serde_json::from_str(r.try_get(5)?)?,
+        version: u64_of(r.try_get(6)?, "shadow version")?,
+        updated_ms: r.try_get(7)?,
+    })
+}
+
 fn load(c: &mut Client) -> PgResult<FleetSnapshot> {
     // One consistent view of every table.
     let mut tx = c
@@ -285,18 +298,7 @@ fn load(c: &mut Client) -> PgResult<FleetSnapshot> {
             c,
             "SELECT device_id, name, tenant, desired, reported, metadata, version, updated_ms FROM shadows",
             &[],
-            |r| {
-                Ok(Shadow {
-                    device_id: r.try_get(0)?,
-                    name: r.try_get(1)?,
-                    tenant: r.try_get(2)?,
-                    desired: serde_json::from_str(r.try_get(3)?)?,
-                    reported: serde_json::from_str(r.try_get(4)?)?,
-                    metadata: serde_json::from_str(r.try_get(5)?)?,
-                    version: u64_of(r.try_get(6)?, "shadow version")?,
-                    updated_ms: r.try_get(7)?,
-                })
-            },
+            shadow_of,
         )?,
         artifacts: rows(c, "SELECT doc FROM ota_artifacts", &[], doc_of)?,
         campaigns: rows(c, "SELECT doc FROM ota_campaigns", &[], doc_of)?,
@@ -616,6 +618,44 @@ impl FleetStore for PgFleetStore {
 
     fn put_shadow(&self, s: &Shadow) -> Result<()> {
         self.conn.with(s.clone(), |c, s| put_shadow(c, &s))
+    }
+
+    fn put_shadow_if(&self, s: &Shadow, prev_version: u64) -> Result<bool> {
+        self.conn.with(s.clone(), move |c, s| {
+            let desired = serde_json::to_string(&s.desired)?;
+            let reported = serde_json::to_string(&s.reported)?;
+            let metadata = serde_json::to_string(&s.metadata)?;
+            let version = i64_of(s.version)?;
+            let n = if prev_version == 0 {
+                c.execute(
+                    "INSERT INTO shadows (device_id, name, tenant, desired, reported, metadata, version, updated_ms) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (device_id, name) DO NOTHING",
+                    &[&s.device_id, &s.name, &s.tenant, &desired, &reported, &metadata, &version, &s.updated_ms],
+                )?
+            } else {
+                c.execute(
+                    "UPDATE shadows SET tenant = $3, desired = $4, reported = $5, metadata = $6, \
+                     version = $7, updated_ms = $8 WHERE device_id = $1 AND name = $2 AND version = $9",
+                    &[
+                        &s.device_id, &s.name, &s.tenant, &desired, &reported, &metadata, &version,
+                        &s.updated_ms, &i64_of(prev_version)?,
+                    ],
+                )?
+            };
+            Ok(n == 1)
+        })
+    }
+
+    fn stored_shadow(&self, device_id: &str, name: &str) -> Result<Option<Shadow>> {
+        self.conn
+            .with((device_id.to_string(), name.to_string()), |c, (d, n)| {
+                let r = c.query_opt(
+                    "SELECT device_id, name, tenant, desired, reported, metadata, version, updated_ms \
+                     FROM shadows WHERE device_id = $1 AND name = $2",
+                    &[&d, &n],
+                )?;
+                r.map(|r| shadow_of(&r)).transpose()
+            })
     }
 
     fn delete_shadow(&self, device_id: &str, name: &str) -> Result<()> {

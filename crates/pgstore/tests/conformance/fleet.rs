@@ -24,6 +24,7 @@ crate::conformance!(
     dashboards_and_their_shares,
     reports_and_their_runs,
     nodes_sharing_the_store_number_alarms_and_events_apart,
+    nodes_sharing_the_store_never_overwrite_each_others_shadow_changes,
 );
 
 fn not_found(r: Result<(), RegistryError>) {
@@ -851,5 +852,96 @@ fn nodes_sharing_the_store_number_alarms_and_events_apart(b: &dyn Backend) {
         (all.len(), ids.len()),
         (2 * per_node, 2 * per_node),
         "every alarm of both nodes is stored under its own id"
+    );
+}
+
+/// Two fleets on one shared store (two nodes), each holding the shadows in
+/// memory, update the same shadow in turn from stale copies: no change is
+/// lost, versions go up by one each, and a client's expected version is
+/// still checked against the latest.
+fn nodes_sharing_the_store_never_overwrite_each_others_shadow_changes(b: &dyn Backend) {
+    use m2mhub_fleet::shadow::ShadowWriter;
+    use m2mhub_fleet::{Fleet, ShadowUpdate};
+    if !b.shared() {
+        assert!(b
+            .fleet()
+            .put_shadow_if(&shadow("s-0", "", 1), 7)
+            .expect("write"));
+        return;
+    }
+    let reg = m2mhub_identity::Registry::with_store(b.registry()).expect("registry");
+    reg.create_device(m2mhub_identity::NewDevice {
+        id: Some("sh-1".into()),
+        ..Default::default()
+    })
+    .expect("device");
+    // Both nodes start before the shadow exists.
+    let a = Fleet::with_store(b.fleet(), reg.clone()).expect("node a");
+    let bn = Fleet::with_store(b.fleet(), reg.clone()).expect("node b");
+    let upd = |v: serde_json::Value| -> ShadowUpdate { serde_json::from_value(v).expect("update") };
+    let v1 = a
+        .update_shadow(
+            "default",
+            "sh-1",
+            "",
+            &upd(json!({"state": {"desired": {"valve": "open"}}})),
+            ShadowWriter::Platform,
+        )
+        .expect("a writes");
+    assert_eq!(v1.current.version, 1);
+    let v2 = bn
+        .update_shadow(
+            "default",
+            "sh-1",
+            "",
+            &upd(json!({"state": {"reported": {"valve": "closed"}}})),
+            ShadowWriter::Device,
+        )
+        .expect("b writes over its stale (empty) copy");
+    assert_eq!(v2.current.version, 2);
+    assert_eq!(
+        json!(v2.current.desired),
+        json!({"valve": "open"}),
+        "a's change kept"
+    );
+    let v3 = a
+        .update_shadow(
+            "default",
+            "sh-1",
+            "",
+            &upd(json!({"state": {"desired": {"fan": 2}}})),
+            ShadowWriter::Platform,
+        )
+        .expect("a writes over its stale v1");
+    assert_eq!(v3.current.version, 3);
+    assert_eq!(
+        json!(v3.current.desired),
+        json!({"valve": "open", "fan": 2})
+    );
+    assert_eq!(
+        json!(v3.current.reported),
+        json!({"valve": "closed"}),
+        "b's change kept"
+    );
+    // A client that read version 2 is refused by the node whose memory
+    // still says 2 once it has seen the store's 3.
+    let e = bn
+        .update_shadow(
+            "default",
+            "sh-1",
+            "",
+            &upd(json!({"state": {"reported": {"fan": 2}}, "version": 2})),
+            ShadowWriter::Device,
+        )
+        .expect_err("stale client version");
+    assert!(matches!(e, RegistryError::Conflict(_)), "{e:?}");
+    let stored = b
+        .fleet()
+        .stored_shadow("sh-1", "")
+        .expect("read")
+        .expect("stored");
+    assert_eq!(
+        (stored.version, json!(stored.desired)),
+        (3, json!({"valve": "open", "fan": 2}))
     );
 }
