@@ -222,6 +222,16 @@ impl CommandBook {
         }
     }
 
+    /// Drop an open command another node finished (the store has it): not
+    /// written again from here.
+    fn forget_finished_elsewhere(&mut self, id: &str) {
+        self.order.remove(id);
+        if let Some(c) = self.open.remove(id) {
+            self.deadlines.remove(&(c.deadline_ms(), c.id.clone()));
+            self.dirty.remove(id);
+        }
+    }
+
     fn get(&self, id: &str) -> Option<&Command> {
         self.open
             .get(id)
@@ -374,13 +384,66 @@ impl Fleet {
                 return Ok(Some(c));
             }
         }
-        // Not open: finished (stale update) or unknown.
-        self.get_command(id).map(|_| None)
+        // Not open here. Another node sharing the store may have created
+        // it (the device answered through this node): move the stored one
+        // forward. Holding the flush lock, no batch is between this node's
+        // book and the store.
+        let _f = s.flush_lock.lock();
+        if s.commands.lock().get(id).is_some() {
+            // Finished here (a stale update).
+            return Ok(None);
+        }
+        let Some(mut c) = s.store.get_command(id)? else {
+            return Err(RegistryError::NotFound(format!("command {id}")));
+        };
+        if c.status.is_finished() || !c.status.can_become(u.status) {
+            return Ok(None);
+        }
+        c.status = u.status;
+        c.updated_ms = now_ms();
+        if u.response.is_some() {
+            c.response = u.response;
+        }
+        if u.error.is_some() {
+            c.error = u.error;
+        }
+        s.store.append(&crate::store::FleetBatch {
+            device_events: &[],
+            device_events_kept: crate::device_event::KEPT_PER_DEVICE,
+            alarms: &[],
+            alarms_kept: crate::alarm::CLEARED_KEPT_PER_DEVICE,
+            commands: std::slice::from_ref(&c),
+            commands_kept: KEPT_PER_DEVICE,
+        })?;
+        Ok(Some(c))
     }
 
     /// Time out every unfinished command whose deadline is at or before
     /// `now_ms`, and return them (as timed out).
     pub fn expire_commands(&self, now_ms: i64) -> Vec<Command> {
+        let s = &*self.shared;
+        // A command due here may have been answered through another node
+        // sharing the store: the stored copy says so, and is kept. (With a
+        // store of its own the book is ahead of the store, which then never
+        // holds a finished copy of a command open here.)
+        let due: Vec<String> = {
+            let book = s.commands.lock();
+            book.deadlines
+                .iter()
+                .take_while(|(d, _)| *d <= now_ms)
+                .map(|(_, id)| id.clone())
+                .collect()
+        };
+        if !due.is_empty() {
+            let _f = s.flush_lock.lock();
+            for id in due {
+                if let Ok(Some(stored)) = s.store.get_command(&id) {
+                    if stored.status.is_finished() {
+                        s.commands.lock().forget_finished_elsewhere(&id);
+                    }
+                }
+            }
+        }
         let mut book = self.shared.commands.lock();
         let mut out = Vec::new();
         while let Some((deadline, id)) = book.deadlines.first().cloned() {

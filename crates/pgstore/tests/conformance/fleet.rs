@@ -25,6 +25,7 @@ crate::conformance!(
     reports_and_their_runs,
     nodes_sharing_the_store_number_alarms_and_events_apart,
     nodes_sharing_the_store_never_overwrite_each_others_shadow_changes,
+    a_command_answered_through_another_node_is_answered_not_timed_out,
 );
 
 fn not_found(r: Result<(), RegistryError>) {
@@ -943,5 +944,50 @@ fn nodes_sharing_the_store_never_overwrite_each_others_shadow_changes(b: &dyn Ba
     assert_eq!(
         (stored.version, json!(stored.desired)),
         (3, json!({"valve": "open", "fan": 2}))
+    );
+}
+
+/// A command created on one node and answered through another (the device
+/// is connected there): the answer is stored, and the creating node does
+/// not time it out over the answer.
+fn a_command_answered_through_another_node_is_answered_not_timed_out(b: &dyn Backend) {
+    use m2mhub_fleet::{CommandUpdate, Fleet, NewCommand};
+    if !b.shared() {
+        return;
+    }
+    let reg = m2mhub_identity::Registry::with_store(b.registry()).expect("registry");
+    reg.create_device(m2mhub_identity::NewDevice {
+        id: Some("cmd-dev".into()),
+        ..Default::default()
+    })
+    .expect("device");
+    let a = Fleet::with_store(b.fleet(), reg.clone()).expect("node a");
+    let bn = Fleet::with_store(b.fleet(), reg.clone()).expect("node b");
+    let c = a
+        .create_command(NewCommand {
+            tenant: "default".into(),
+            device_id: "cmd-dev".into(),
+            name: "reboot".into(),
+            params: json!({}),
+            origin: "test".into(),
+            timeout_ms: 1000,
+        })
+        .expect("create");
+    a.flush().expect("flush");
+    let answered = bn
+        .update_command(&c.id, CommandUpdate::answer(json!({"ok": true})))
+        .expect("update")
+        .expect("a step forward on the stored command");
+    assert_eq!(answered.status, CommandStatus::Answered);
+    // Past its deadline on the creating node: answered, not timed out.
+    let expired = a.expire_commands(c.created_ms + 10_000);
+    assert!(expired.is_empty(), "{expired:?}");
+    a.flush().expect("flush");
+    let stored = b.fleet().get_command(&c.id).expect("read").expect("stored");
+    assert_eq!(stored.status, CommandStatus::Answered);
+    assert_eq!(stored.response, Some(json!({"ok": true})));
+    assert_eq!(
+        a.get_command(&c.id).expect("get").status,
+        CommandStatus::Answered
     );
 }
