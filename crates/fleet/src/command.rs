@@ -364,16 +364,8 @@ impl Fleet {
         {
             let mut book = s.commands.lock();
             if let Some(c) = book.open.get_mut(id) {
-                if !c.status.can_become(u.status) {
+                if !advance(c, u) {
                     return Ok(None);
-                }
-                c.status = u.status;
-                c.updated_ms = now_ms();
-                if u.response.is_some() {
-                    c.response = u.response;
-                }
-                if u.error.is_some() {
-                    c.error = u.error;
                 }
                 let c = c.clone();
                 if c.status.is_finished() {
@@ -396,16 +388,8 @@ impl Fleet {
         let Some(mut c) = s.store.get_command(id)? else {
             return Err(RegistryError::NotFound(format!("command {id}")));
         };
-        if c.status.is_finished() || !c.status.can_become(u.status) {
+        if c.status.is_finished() || !advance(&mut c, u) {
             return Ok(None);
-        }
-        c.status = u.status;
-        c.updated_ms = now_ms();
-        if u.response.is_some() {
-            c.response = u.response;
-        }
-        if u.error.is_some() {
-            c.error = u.error;
         }
         s.store.append(&crate::store::FleetBatch {
             device_events: &[],
@@ -523,6 +507,23 @@ impl Fleet {
     pub fn open_commands(&self) -> usize {
         self.shared.commands.lock().open.len()
     }
+}
+
+/// Apply `u` if it is a step forward for `c`; false (and `c` unchanged)
+/// when it is stale.
+fn advance(c: &mut Command, u: CommandUpdate) -> bool {
+    if !c.status.can_become(u.status) {
+        return false;
+    }
+    c.status = u.status;
+    c.updated_ms = now_ms();
+    if u.response.is_some() {
+        c.response = u.response;
+    }
+    if u.error.is_some() {
+        c.error = u.error;
+    }
+    true
 }
 
 #[cfg(test)]

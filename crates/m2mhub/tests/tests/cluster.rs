@@ -60,6 +60,36 @@ async fn nodes(test: &str, n: usize) -> Vec<TestServer> {
     out
 }
 
+/// `count` secure nodes of one cluster sharing a fresh PostgreSQL
+/// database (dropped with the returned handle), named `{prefix}-{i}`.
+async fn pg_nodes(
+    test: &str,
+    count: usize,
+    prefix: &str,
+) -> (m2mhub_pgstore::testing::TestDatabase, Vec<TestServer>) {
+    let db = m2mhub_pgstore::testing::TestDatabase::create().unwrap_or_else(|e| panic!("{e}"));
+    let pg = db.url().expose().to_string();
+    let name = cluster_name(test);
+    let url = nats_url();
+    let mut n = Vec::new();
+    for i in 0..count {
+        let (pg, name, url) = (pg.clone(), name.clone(), url.clone());
+        let node_id = format!("{prefix}-{i}");
+        n.push(
+            TestServer::with(move |s| {
+                secure(s);
+                s.storage.postgres_url = pg;
+                s.cluster.enabled = true;
+                s.cluster.nats_url = url;
+                s.cluster.name = name;
+                s.cluster.node_id = node_id;
+            })
+            .await,
+        );
+    }
+    (db, n)
+}
+
 fn cluster_counter(node: &TestServer, name: &str) -> u64 {
     let c = node.get().cluster.as_ref().expect("clustered");
     c.stats()
@@ -462,25 +492,7 @@ async fn kill_9_of_a_node_loses_no_acknowledged_message_of_its_sessions() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs NATS and PostgreSQL: scripts/nats.sh, scripts/postgres.sh"]
 async fn metadata_shared_in_postgresql_takes_effect_on_every_node() {
-    let db = m2mhub_pgstore::testing::TestDatabase::create().unwrap_or_else(|e| panic!("{e}"));
-    let pg = db.url().expose().to_string();
-    let name = cluster_name("pg");
-    let url = nats_url();
-    let mut n = Vec::new();
-    for i in 0..2 {
-        let (pg, name, url) = (pg.clone(), name.clone(), url.clone());
-        n.push(
-            TestServer::with(move |s| {
-                secure(s);
-                s.storage.postgres_url = pg;
-                s.cluster.enabled = true;
-                s.cluster.nats_url = url;
-                s.cluster.name = name;
-                s.cluster.node_id = format!("pg-node-{i}");
-            })
-            .await,
-        );
-    }
+    let (_db, n) = pg_nodes("pg", 2, "pg-node").await;
     let admin = Api::admin(&n[0]);
     let secret = registered_device(&admin, "shared-1", None).await;
     // Node 1 learns of the device (announced by node 0) and lets it in.
@@ -718,25 +730,7 @@ async fn a_rule_keeps_firing_after_its_node_is_killed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs NATS and PostgreSQL: scripts/nats.sh, scripts/postgres.sh"]
 async fn a_group_window_sees_every_nodes_messages_exactly_once() {
-    let db = m2mhub_pgstore::testing::TestDatabase::create().unwrap_or_else(|e| panic!("{e}"));
-    let pg = db.url().expose().to_string();
-    let name = cluster_name("rulewin");
-    let url = nats_url();
-    let mut n = Vec::new();
-    for i in 0..3 {
-        let (pg, name, url) = (pg.clone(), name.clone(), url.clone());
-        n.push(
-            TestServer::with(move |s| {
-                secure(s);
-                s.storage.postgres_url = pg;
-                s.cluster.enabled = true;
-                s.cluster.nats_url = url;
-                s.cluster.name = name;
-                s.cluster.node_id = format!("win-node-{i}");
-            })
-            .await,
-        );
-    }
+    let (_db, n) = pg_nodes("rulewin", 3, "win-node").await;
     let apis: Vec<Api> = n.iter().map(Api::admin).collect();
     let mut devices = Vec::new();
     for i in 0..3 {
@@ -912,25 +906,7 @@ async fn nodes_join_over_tls_and_refuse_an_untrusted_server() {
 #[ignore = "needs NATS and PostgreSQL: scripts/nats.sh, scripts/postgres.sh"]
 async fn an_alarm_acknowledged_and_cleared_through_another_node_changes_everywhere() {
     use m2mhub_fleet::{RaiseOutcome, Severity};
-    let db = m2mhub_pgstore::testing::TestDatabase::create().unwrap_or_else(|e| panic!("{e}"));
-    let pg = db.url().expose().to_string();
-    let name = cluster_name("alarms");
-    let url = nats_url();
-    let mut n = Vec::new();
-    for i in 0..2 {
-        let (pg, name, url) = (pg.clone(), name.clone(), url.clone());
-        n.push(
-            TestServer::with(move |s| {
-                secure(s);
-                s.storage.postgres_url = pg;
-                s.cluster.enabled = true;
-                s.cluster.nats_url = url;
-                s.cluster.name = name;
-                s.cluster.node_id = format!("alarm-node-{i}");
-            })
-            .await,
-        );
-    }
+    let (_db, n) = pg_nodes("alarms", 2, "alarm-node").await;
     let f0 = n[0].get().fleet.clone();
     let raise = || {
         f0.raise_alarm(
