@@ -154,11 +154,41 @@ impl Fleet {
                     Err(e) => failed.push((d.clone(), e.to_string())),
                 }
             }
-            let current: Vec<&Shadow> = changes.iter().map(|c| &c.current).collect();
-            s.store.put_shadows(&current)?;
-            for c in &changes {
-                shadows.insert(c.current.clone());
+            // One conditional write per shadow, in one transaction; the
+            // shadows another node changed meanwhile are read again and
+            // written one by one.
+            let written = {
+                let batch: Vec<(&Shadow, u64)> = changes
+                    .iter()
+                    .map(|c| (&c.current, c.current.version.saturating_sub(1)))
+                    .collect();
+                s.store.put_shadows_if(&batch)?
+            };
+            let mut done = Vec::with_capacity(changes.len());
+            for (c, ok) in changes.into_iter().zip(written) {
+                if ok {
+                    shadows.insert(c.current.clone());
+                    done.push(c);
+                    continue;
+                }
+                let d = c.current.device_id.clone();
+                let again = shadow::reread(s, &mut shadows, &d, shadow_name).and_then(|()| {
+                    shadow::write_shadow(
+                        s,
+                        &mut shadows,
+                        tenant,
+                        &d,
+                        shadow_name,
+                        &update,
+                        ShadowWriter::Platform,
+                    )
+                });
+                match again {
+                    Ok(c) => done.push(c),
+                    Err(e) => failed.push((d, e.to_string())),
+                }
             }
+            changes = done;
             s.tell_watcher(&changes);
         }
         let setting = FleetSetting {

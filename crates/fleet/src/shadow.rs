@@ -629,26 +629,9 @@ impl Fleet {
         let s = &*self.shared;
         let mut shadows = s.shadows.lock();
         shadows.check_room(device_id, name)?;
-        // Nodes sharing a store each hold the shadows in memory: the write
-        // is conditional on the version this node applied the update to,
-        // and a lost race reads the stored shadow and applies it again.
-        for _ in 0..MAX_RACES {
-            let current = shadows.get(device_id, name);
-            let prev = current.map_or(0, |c| c.version);
-            let change = apply(current, tenant, device_id, name, update, writer, now_ms())?;
-            if s.store.put_shadow_if(&change.current, prev)? {
-                shadows.insert(change.current.clone());
-                s.tell_watcher(std::slice::from_ref(&change));
-                return Ok(change);
-            }
-            match s.store.stored_shadow(device_id, name)? {
-                Some(stored) => shadows.insert(stored),
-                None => shadows.remove(device_id, name),
-            }
-        }
-        Err(RegistryError::Conflict(format!(
-            "shadow {name:?} of device {device_id} kept changing on other nodes; try again"
-        )))
+        let change = write_shadow(s, &mut shadows, tenant, device_id, name, update, writer)?;
+        s.tell_watcher(std::slice::from_ref(&change));
+        Ok(change)
     }
 
     /// Delete a shadow; its version starts again from 1.
@@ -676,6 +659,48 @@ impl Fleet {
 
 /// Writes lost to other nodes before an update gives up.
 const MAX_RACES: usize = 5;
+
+/// Apply `update` to the book's copy and write it. Nodes sharing a store
+/// each hold the shadows in memory: the write is conditional on the
+/// version this node applied the update to, and a lost race reads the
+/// stored shadow and applies the update again.
+pub(crate) fn write_shadow(
+    s: &crate::Shared,
+    shadows: &mut ShadowBook,
+    tenant: &str,
+    device_id: &str,
+    name: &str,
+    update: &ShadowUpdate,
+    writer: ShadowWriter,
+) -> Result<ShadowChange> {
+    for _ in 0..MAX_RACES {
+        let current = shadows.get(device_id, name);
+        let prev = current.map_or(0, |c| c.version);
+        let change = apply(current, tenant, device_id, name, update, writer, now_ms())?;
+        if s.store.put_shadow_if(&change.current, prev)? {
+            shadows.insert(change.current.clone());
+            return Ok(change);
+        }
+        reread(s, shadows, device_id, name)?;
+    }
+    Err(RegistryError::Conflict(format!(
+        "shadow {name:?} of device {device_id} kept changing on other nodes; try again"
+    )))
+}
+
+/// Replace the book's copy of a shadow with the stored one.
+pub(crate) fn reread(
+    s: &crate::Shared,
+    shadows: &mut ShadowBook,
+    device_id: &str,
+    name: &str,
+) -> Result<()> {
+    match s.store.stored_shadow(device_id, name)? {
+        Some(stored) => shadows.insert(stored),
+        None => shadows.remove(device_id, name),
+    }
+    Ok(())
+}
 
 fn not_found(device_id: &str, name: &str) -> RegistryError {
     if name.is_empty() {

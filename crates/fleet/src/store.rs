@@ -116,6 +116,14 @@ pub trait FleetStore: Send + Sync + 'static {
         self.put_shadow(s).map(|_| true)
     }
 
+    /// [`FleetStore::put_shadow_if`] for many shadows in one transaction:
+    /// which of them were written.
+    fn put_shadows_if(&self, shadows: &[(&Shadow, u64)]) -> Result<Vec<bool>> {
+        let all: Vec<&Shadow> = shadows.iter().map(|(s, _)| *s).collect();
+        self.put_shadows(&all)?;
+        Ok(vec![true; shadows.len()])
+    }
+
     /// The stored shadow, bypassing any node's memory (after
     /// [`FleetStore::put_shadow_if`] lost); `None` where the store has one
     /// writer and memory is the truth.

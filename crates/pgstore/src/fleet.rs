@@ -253,6 +253,39 @@ fn put_shadow(c: &mut impl GenericClient, s: &Shadow) -> PgResult<()> {
     )
 }
 
+/// Write a shadow only if the stored one is still at `prev_version` (0:
+/// absent); whether it was written.
+fn put_shadow_if(c: &mut impl GenericClient, s: &Shadow, prev_version: u64) -> PgResult<bool> {
+    let desired = serde_json::to_string(&s.desired)?;
+    let reported = serde_json::to_string(&s.reported)?;
+    let metadata = serde_json::to_string(&s.metadata)?;
+    let version = i64_of(s.version)?;
+    let n = if prev_version == 0 {
+        c.execute(
+            "INSERT INTO shadows (device_id, name, tenant, desired, reported, metadata, version, updated_ms) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (device_id, name) DO NOTHING",
+            &[&s.device_id, &s.name, &s.tenant, &desired, &reported, &metadata, &version, &s.updated_ms],
+        )?
+    } else {
+        c.execute(
+            "UPDATE shadows SET tenant = $3, desired = $4, reported = $5, metadata = $6, \
+             version = $7, updated_ms = $8 WHERE device_id = $1 AND name = $2 AND version = $9",
+            &[
+                &s.device_id,
+                &s.name,
+                &s.tenant,
+                &desired,
+                &reported,
+                &metadata,
+                &version,
+                &s.updated_ms,
+                &i64_of(prev_version)?,
+            ],
+        )?
+    };
+    Ok(n == 1)
+}
+
 fn shadow_of(r: &Row) -> PgResult<Shadow> {
     Ok(Shadow {
         device_id: r.try_get(0)?,
@@ -621,28 +654,20 @@ impl FleetStore for PgFleetStore {
     }
 
     fn put_shadow_if(&self, s: &Shadow, prev_version: u64) -> Result<bool> {
-        self.conn.with(s.clone(), move |c, s| {
-            let desired = serde_json::to_string(&s.desired)?;
-            let reported = serde_json::to_string(&s.reported)?;
-            let metadata = serde_json::to_string(&s.metadata)?;
-            let version = i64_of(s.version)?;
-            let n = if prev_version == 0 {
-                c.execute(
-                    "INSERT INTO shadows (device_id, name, tenant, desired, reported, metadata, version, updated_ms) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (device_id, name) DO NOTHING",
-                    &[&s.device_id, &s.name, &s.tenant, &desired, &reported, &metadata, &version, &s.updated_ms],
-                )?
-            } else {
-                c.execute(
-                    "UPDATE shadows SET tenant = $3, desired = $4, reported = $5, metadata = $6, \
-                     version = $7, updated_ms = $8 WHERE device_id = $1 AND name = $2 AND version = $9",
-                    &[
-                        &s.device_id, &s.name, &s.tenant, &desired, &reported, &metadata, &version,
-                        &s.updated_ms, &i64_of(prev_version)?,
-                    ],
-                )?
-            };
-            Ok(n == 1)
+        self.conn
+            .with(s.clone(), move |c, s| put_shadow_if(c, &s, prev_version))
+    }
+
+    fn put_shadows_if(&self, shadows: &[(&Shadow, u64)]) -> Result<Vec<bool>> {
+        let owned: Vec<(Shadow, u64)> = shadows.iter().map(|(s, v)| ((*s).clone(), *v)).collect();
+        self.conn.with(owned, |c, shadows| {
+            let mut tx = c.transaction()?;
+            let mut out = Vec::with_capacity(shadows.len());
+            for (s, prev) in &shadows {
+                out.push(put_shadow_if(&mut tx, s, *prev)?);
+            }
+            tx.commit()?;
+            Ok(out)
         })
     }
 

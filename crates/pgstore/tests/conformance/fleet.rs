@@ -945,6 +945,34 @@ fn nodes_sharing_the_store_never_overwrite_each_others_shadow_changes(b: &dyn Ba
         (stored.version, json!(stored.desired)),
         (3, json!({"valve": "open", "fan": 2}))
     );
+
+    // A fleet-wide setting from the stale node b (its copy is at 2, the
+    // store at 3): written over the stored shadow, not over b's copy.
+    let (setting, changes) = bn
+        .apply_setting(
+            "default",
+            m2mhub_fleet::Selector {
+                profile: Some("default".into()),
+                ..Default::default()
+            },
+            "",
+            json!({"mode": "eco"}).as_object().cloned().expect("object"),
+            "test",
+        )
+        .expect("setting");
+    assert!(setting.failed.is_empty(), "{:?}", setting.failed);
+    assert_eq!(changes.len(), 1);
+    let stored = b
+        .fleet()
+        .stored_shadow("sh-1", "")
+        .expect("read")
+        .expect("stored");
+    assert_eq!(stored.version, 4);
+    assert_eq!(
+        json!(stored.desired),
+        json!({"valve": "open", "fan": 2, "mode": "eco"}),
+        "every node's change kept"
+    );
 }
 
 /// A command created on one node and answered through another (the device
