@@ -776,7 +776,8 @@ async fn a_group_window_sees_every_nodes_messages_exactly_once() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let owner = owner.expect("one node runs the rule");
-    // One device per node, each publishing 5 readings.
+    // One device per node.
+    let mut conns = Vec::new();
     for (i, c) in devices.iter().enumerate() {
         // Until the node has read the new device from the shared store.
         let mut d = None;
@@ -788,7 +789,44 @@ async fn a_group_window_sees_every_nodes_messages_exactly_once() {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let mut d = d.expect("the device connects");
+        conns.push(d.expect("the device connects"));
+    }
+    let received = || async {
+        let mut r = Vec::new();
+        for a in &apis {
+            r.push(counters(a).await["received"].as_u64().unwrap_or(0));
+        }
+        r
+    };
+    // The owner's interest in the other nodes' readings takes effect at
+    // NATS shortly after it took the lease (readings before that are its
+    // own only): wait until one reading from each other node arrives.
+    let mut pid = 100u16;
+    for i in (0..3).filter(|i| *i != owner) {
+        let mut through = false;
+        for _ in 0..100 {
+            let before = received().await[owner];
+            pid += 1;
+            conns[i]
+                .publish(publish(
+                    &format!("devices/meter-{i}/telemetry"),
+                    QoS::AtLeastOnce,
+                    pid,
+                    r#"{"kw": 0}"#,
+                ))
+                .await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if received().await[owner] > before {
+                through = true;
+                break;
+            }
+        }
+        assert!(through, "node {i}'s readings reach the rule's node");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let base = received().await;
+    // Each device publishes 5 readings.
+    for (i, d) in conns.iter_mut().enumerate() {
         for k in 0..5u16 {
             d.publish(publish(
                 &format!("devices/meter-{i}/telemetry"),
@@ -799,22 +837,17 @@ async fn a_group_window_sees_every_nodes_messages_exactly_once() {
             .await;
         }
     }
-    let mut received = Vec::new();
     for _ in 0..100 {
-        received.clear();
-        for a in &apis {
-            received.push(counters(a).await["received"].as_u64().unwrap_or(0));
-        }
-        if received.iter().sum::<u64>() >= 15 {
+        let now = received().await;
+        if now.iter().zip(&base).map(|(a, b)| a - b).sum::<u64>() >= 15 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // Then a little longer: a copy too many would show up too.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    received.clear();
-    for a in &apis {
-        received.push(counters(a).await["received"].as_u64().unwrap_or(0));
-    }
+    let now = received().await;
+    let received: Vec<u64> = now.iter().zip(&base).map(|(a, b)| a - b).collect();
     let mut want = vec![0, 0, 0];
     want[owner] = 15;
     assert_eq!(
