@@ -34,6 +34,22 @@ server_bin() {
   echo "$VENV/bin/nats-server"
 }
 
+# Print <scheme>://127.0.0.1:<port> once the server accepts connections,
+# else its log, and fail.
+wait_ready() {
+  local dir=$1 port=$2 scheme=$3
+  for _ in $(seq 1 100); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+      echo "$scheme://127.0.0.1:$port"
+      exit 0
+    fi
+    sleep 0.1
+  done
+  echo "nats-server did not start on 127.0.0.1:$port; its log:" >&2
+  cat "$dir/nats.log" >&2 || true
+  exit 1
+}
+
 case "$cmd" in
   start)
     port=${3:?"usage: scripts/nats.sh start <dir> <port>"}
@@ -42,16 +58,7 @@ case "$cmd" in
     "$bin" -a 127.0.0.1 -p "$port" -js -sd "$dir/jetstream" -l "$dir/nats.log" \
       --http_port 0 >/dev/null 2>&1 &
     echo $! >"$dir/nats.pid"
-    for _ in $(seq 1 100); do
-      if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-        echo "nats://127.0.0.1:$port"
-        exit 0
-      fi
-      sleep 0.1
-    done
-    echo "nats-server did not start on 127.0.0.1:$port; its log:" >&2
-    cat "$dir/nats.log" >&2 || true
-    exit 1
+    wait_ready "$dir" "$port" nats
     ;;
   start-tls)
     port=${3:?"usage: scripts/nats.sh start-tls <dir> <port>"}
@@ -84,16 +91,7 @@ tls {
 CONF
     "$bin" -c "$dir/nats.conf" -l "$dir/nats.log" >/dev/null 2>&1 &
     echo $! >"$dir/nats.pid"
-    for _ in $(seq 1 100); do
-      if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-        echo "tls://127.0.0.1:$port"
-        exit 0
-      fi
-      sleep 0.1
-    done
-    echo "nats-server (TLS) did not start on 127.0.0.1:$port; its log:" >&2
-    cat "$dir/nats.log" >&2 || true
-    exit 1
+    wait_ready "$dir" "$port" tls
     ;;
   stop)
     if [[ -f "$dir/nats.pid" ]]; then
