@@ -56,6 +56,12 @@ pub(crate) struct Inner {
     ids: AtomicU64,
     seq: AtomicU64,
     pub connections: AtomicU64,
+    /// Connections parked without a task (`park.rs`).
+    pub(crate) parked: AtomicU64,
+    /// The runtime connections are served on, where a parked connection
+    /// resumes when a thread outside it (the cluster fabric's runtime, a
+    /// blocking thread) wakes it.
+    pub(crate) runtime: std::sync::OnceLock<tokio::runtime::Handle>,
     pub connections_closed: Notify,
     pub shutdown: watch::Sender<bool>,
     /// Set when shutdown begins; connections check it when signalled.
@@ -205,6 +211,8 @@ impl Broker {
             ids: AtomicU64::new(1),
             seq: AtomicU64::new(1),
             connections: AtomicU64::new(0),
+            parked: AtomicU64::new(0),
+            runtime: std::sync::OnceLock::new(),
             connections_closed: Notify::new(),
             shutdown,
             shutting_down: std::sync::atomic::AtomicBool::new(false),
@@ -966,6 +974,7 @@ impl Inner {
     pub fn gauges(&self) -> Gauges {
         Gauges {
             connections: self.connections.load(Ordering::Relaxed),
+            connections_parked: self.parked.load(Ordering::Relaxed),
             sessions: self.sessions.lock().len() as u64,
             subscriptions: self.tree.read().len() as u64,
             retained: self.retained.read().len() as u64,

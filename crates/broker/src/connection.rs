@@ -125,6 +125,15 @@ pub(crate) struct Connection<S: Transport> {
     /// those that see a new generation look their own address up (a word
     /// here instead of the address on every session).
     ban_epoch: u32,
+    /// Milliseconds since the broker started (wrapping) when this
+    /// connection last began to wait for work.
+    wait_began: u32,
+    /// Its last wait lasted at least [`crate::park::PARK_AFTER`] (or it
+    /// has just connected): the next time it is idle it parks.
+    quiet: bool,
+    /// When (as [`Self::wait_began`]) the last requested look at whether
+    /// it has gone quiet happens; none is requested before then.
+    park_check_at: u32,
     /// Publish rate limiter, allocated only when a rate is configured.
     publish_limit: Option<Box<PublishLimiter>>,
     /// This client's own publish-rate baseline, allocated on its first PUBLISH.
@@ -283,6 +292,8 @@ pub(crate) fn serve<S: Transport>(
     let (admit, ip_counted) = admission(&inner, peer.ip());
     let anonymous = inner.anonymous.clone();
     let inner_ban_epoch = inner.ip_ban_epoch.load(Ordering::Acquire);
+    // Where parked connections resume (see `park.rs`).
+    inner.runtime.get_or_init(tokio::runtime::Handle::current);
     let conn = Box::new(Connection {
         conn_id: inner.next_id(),
         inner,
@@ -302,6 +313,9 @@ pub(crate) fn serve<S: Transport>(
         ip_counted,
         flap_counted: false,
         ban_epoch: inner_ban_epoch,
+        wait_began: 0,
+        quiet: true,
+        park_check_at: 0,
         publish_limit: None,
         baseline: None,
         acks: None,
@@ -310,9 +324,51 @@ pub(crate) fn serve<S: Transport>(
     conn.serve()
 }
 
+/// Why [`Connection::run`] returned.
+enum Stop {
+    End(End),
+    /// Quiet and idle: the caller may park the connection.
+    Idle,
+}
+
 impl<S: Transport> Connection<S> {
-    async fn serve(mut self: Box<Self>) {
-        let end = self.run().await;
+    async fn serve(self: Box<Self>) {
+        self.drive(true).await
+    }
+
+    /// Continue a parked connection (`park.rs`) in a new task.
+    pub(crate) fn resume(self: Box<Self>) -> impl std::future::Future<Output = ()> + Send {
+        self.drive(false)
+    }
+
+    pub(crate) fn inner(&self) -> &Arc<Inner> {
+        &self.inner
+    }
+
+    pub(crate) fn signal(&self) -> &Arc<Signal> {
+        &self.waker
+    }
+
+    /// See [`Transport::poll_idle`].
+    pub(crate) fn poll_idle(&self, cx: &mut std::task::Context<'_>) -> Option<std::task::Poll<()>> {
+        self.stream.poll_idle(cx)
+    }
+
+    /// `fresh`: a new connection, from its CONNECT on; otherwise one that
+    /// was parked or tried to park, from its packet loop.
+    async fn drive(mut self: Box<Self>, mut fresh: bool) {
+        let end = loop {
+            match self.run(fresh).await {
+                Stop::End(end) => break end,
+                Stop::Idle => match crate::park::park(self) {
+                    None => return,
+                    Some(conn) => {
+                        self = conn;
+                        fresh = false;
+                    }
+                },
+            }
+        };
         let linger = matches!(end, End::Server(_));
         Box::pin(self.finish(end)).await;
         if linger {
@@ -365,38 +421,73 @@ impl<S: Transport> Connection<S> {
         }
     }
 
-    async fn run(&mut self) -> End {
+    /// Admission, CONNECT and what the client sent right behind it.
+    async fn open(&mut self) -> Result<(), End> {
         match self.admit {
             ADMIT_OK => {}
-            ADMIT_CLOSE => return End::Lost,
-            _ => return Box::pin(self.refuse_admission()).await,
+            ADMIT_CLOSE => return Err(End::Lost),
+            _ => return Err(Box::pin(self.refuse_admission()).await),
         }
         // The CONNECT phase runs once: its futures live on the heap only
         // while it lasts, keeping the per-connection task small.
         let deadline = Instant::now() + self.inner.config.connect_timeout;
-        let connect = match Box::pin(self.read_connect(deadline)).await {
-            Ok(c) => c,
-            Err(end) => return end,
-        };
-        if let Err(end) = Box::pin(self.accept_connect(connect)).await {
-            return end;
-        }
+        let connect = Box::pin(self.read_connect(deadline)).await?;
+        Box::pin(self.accept_connect(connect)).await?;
         // Packets the client sent right behind its CONNECT (without waiting
         // for CONNACK) may already be in the read buffer: handle them now.
         // Waiting for the socket to be readable again would leave a
         // SUBSCRIBE or UNSUBSCRIBE unapplied while other clients' messages
         // are routed, for as long as this client stays quiet.
         if !self.rbuf.is_empty() {
-            if let Err(end) = Box::pin(self.process_input()).await {
-                return end;
-            }
+            Box::pin(self.process_input()).await?;
         }
+        Ok(())
+    }
+
+    /// Milliseconds since the broker started, wrapping (for [`Self::quiet`]).
+    fn now_ms(&self) -> u32 {
+        self.inner.started.elapsed().as_millis() as u32
+    }
+
+    /// A wait ended: remember whether it was a long one.
+    fn woke(&mut self) {
+        let waited = self.now_ms().wrapping_sub(self.wait_began);
+        self.quiet = u128::from(waited) >= crate::park::PARK_AFTER.as_millis();
+    }
+
+    /// Not quiet yet: have the broker's timer wake the connection once it
+    /// could have been waiting long enough to park (at most one such
+    /// request per [`crate::park::PARK_AFTER`], so a busy connection pays
+    /// one extra wake-up a second, not one per message).
+    fn ask_to_look_again(&mut self) {
+        if (self.wait_began.wrapping_sub(self.park_check_at) as i32) < 0 {
+            return;
+        }
+        let after = crate::park::PARK_AFTER + crate::deadlines::TICK;
+        self.park_check_at = self.wait_began.wrapping_add(after.as_millis() as u32);
+        self.inner
+            .deadlines
+            .wake_at(Instant::now() + after, &self.waker);
+    }
+
+    async fn run(&mut self, fresh: bool) -> Stop {
+        if fresh {
+            if let Err(end) = Box::pin(self.open()).await {
+                return Stop::End(end);
+            }
+        } else {
+            // Back from parking (or an attempt that found work): what woke
+            // it is handled before it may park again.
+            self.woke();
+        }
+        // A resumed connection first handles what woke it.
+        let mut may_park = fresh;
         loop {
             if self.inner.shutting_down.load(Ordering::SeqCst) {
-                return End::Shutdown;
+                return Stop::End(End::Shutdown);
             }
             if let Err(end) = Box::pin(self.flush()).await {
-                return end;
+                return Stop::End(end);
             }
             if self.rbuf.is_empty() && self.rbuf.capacity() > 0 {
                 // Idle connections hold no read buffer...
@@ -407,6 +498,26 @@ impl<S: Transport> Connection<S> {
                 self.wbuf = BytesMut::new();
             }
             let more = self.more_pending;
+            self.wait_began = self.now_ms();
+            if S::PARKS
+                && !more
+                && self.acks.is_none()
+                && self.rbuf.is_empty()
+                && self.wbuf.is_empty()
+            {
+                if self.quiet {
+                    if may_park {
+                        return Stop::Idle;
+                    }
+                } else {
+                    self.ask_to_look_again();
+                }
+            }
+            // The first wait after parking is not measured: what woke the
+            // connection is usually there at once, which says nothing
+            // about how busy it is.
+            let measure = may_park;
+            may_park = true;
             let signal = self.waker.clone();
             let acks_waiting = self.acks.is_some();
             // Backpressure: a full acknowledgement queue stops the reading.
@@ -414,15 +525,18 @@ impl<S: Transport> Connection<S> {
             tokio::select! {
                 biased;
                 _ = std::future::poll_fn(|cx| signal.poll_wait(cx)) => {
+                    if measure {
+                        self.woke();
+                    }
                     if let Some(end) = self.check_kicked() {
-                        return end;
+                        return Stop::End(end);
                     }
                     if self.waker.take_timer() {
                         // Not reading (waiting for the platform) is no
                         // fault of the client's.
                         if let Err(Close(code)) = self.core.handle_timeout(Instant::now(), reading) {
                             Metrics::inc(&self.inner.metrics.keepalive_timeouts);
-                            return End::Server(code);
+                            return Stop::End(End::Server(code));
                         }
                         if let Some(next) = self.core.poll_timeout() {
                             self.inner.deadlines.arm(next, &self.waker);
@@ -433,22 +547,28 @@ impl<S: Transport> Connection<S> {
                     Some(q) => q.poll_head(cx),
                     None => std::task::Poll::Pending,
                 }), if acks_waiting => {
+                    if measure {
+                        self.woke();
+                    }
                     self.release_acks();
                     if !self.rbuf.is_empty() {
                         // Packets left unhandled while the queue was full.
                         if let Err(end) = Box::pin(self.process_input()).await {
-                            return end;
+                            return Stop::End(end);
                         }
                     }
                 }
                 r = self.stream.read_some(&mut self.rbuf, READ_CHUNK), if reading => match r {
-                    Ok(0) | Err(_) => return End::Lost,
+                    Ok(0) | Err(_) => return Stop::End(End::Lost),
                     Ok(n) => {
+                        if measure {
+                        self.woke();
+                    }
                         Metrics::add(&self.inner.metrics.bytes_received, n as u64);
                         self.core.on_receive(Instant::now());
                         let drops = self.inner.metrics.messages_dropped_queue_full.load(Ordering::Relaxed);
                         if let Err(end) = Box::pin(self.process_input()).await {
-                            return end;
+                            return Stop::End(end);
                         }
                         if self.inner.metrics.messages_dropped_queue_full.load(Ordering::Relaxed) != drops {
                             // Subscribers are falling behind: give the worker

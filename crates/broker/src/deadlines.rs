@@ -11,6 +11,11 @@
 //! a packet only moves the core's deadline, and a connection has at most
 //! one entry, re-armed once per keep-alive period. A deadline is seen up
 //! to one tick late, well inside the 1.5 × keep-alive grace of MQTT.
+//!
+//! The same ticks carry plain wake-ups ([`Deadlines::wake_at`]): a
+//! connection that became active waits in its task, and asks to be woken
+//! once a little later to see whether it has gone quiet and can park
+//! (`park.rs`); those entries do not set the timer flag.
 
 use crate::signal::Signal;
 use parking_lot::Mutex;
@@ -26,6 +31,8 @@ pub(crate) const TICK: Duration = Duration::from_millis(100);
 pub(crate) struct Deadlines {
     /// Tick number (since `epoch`) → the connections due at its end.
     slots: Mutex<BTreeMap<u64, Vec<Weak<Signal>>>>,
+    /// The same for plain wake-ups.
+    wakes: Mutex<BTreeMap<u64, Vec<Weak<Signal>>>>,
     epoch: Instant,
     /// The ticking task has been started (lazily, on a runtime).
     ticking: AtomicBool,
@@ -35,6 +42,7 @@ impl Deadlines {
     pub(crate) fn new() -> Arc<Deadlines> {
         Arc::new(Deadlines {
             slots: Mutex::new(BTreeMap::new()),
+            wakes: Mutex::new(BTreeMap::new()),
             epoch: Instant::now(),
             ticking: AtomicBool::new(false),
         })
@@ -49,12 +57,25 @@ impl Deadlines {
 
     /// Signal `signal` (with its timer flag set) once `at` has passed.
     pub(crate) fn arm(self: &Arc<Self>, at: Instant, signal: &Arc<Signal>) {
+        self.insert(&self.slots, at, signal);
+    }
+
+    /// Notify `signal` (without the timer flag) once `at` has passed.
+    pub(crate) fn wake_at(self: &Arc<Self>, at: Instant, signal: &Arc<Signal>) {
+        self.insert(&self.wakes, at, signal);
+    }
+
+    fn insert(
+        self: &Arc<Self>,
+        map: &Mutex<BTreeMap<u64, Vec<Weak<Signal>>>>,
+        at: Instant,
+        signal: &Arc<Signal>,
+    ) {
         if !self.ticking.load(Ordering::Relaxed) && !self.ticking.swap(true, Ordering::AcqRel) {
             self.start();
         }
         let slot = self.slot_after(at);
-        self.slots
-            .lock()
+        map.lock()
             .entry(slot)
             .or_default()
             .push(Arc::downgrade(signal));
@@ -82,25 +103,22 @@ impl Deadlines {
 
     /// Signal every connection whose deadline has passed by `now`; how
     /// many were signalled.
+    /// (Plain wake-ups are not counted.)
     pub(crate) fn fire(&self, now: Instant) -> usize {
         let current = {
             let d = now.saturating_duration_since(self.epoch);
             u64::try_from(d.as_nanos() / TICK.as_nanos()).unwrap_or(u64::MAX)
         };
-        let due = {
-            let mut slots = self.slots.lock();
-            match slots.first_key_value() {
-                Some((first, _)) if *first <= current => {}
-                _ => return 0,
-            }
-            let later = slots.split_off(&current.saturating_add(1));
-            std::mem::replace(&mut *slots, later)
-        };
         let mut n = 0;
-        for signal in due.into_values().flatten() {
+        for signal in take_due(&self.slots, current) {
             if let Some(s) = signal.upgrade() {
                 s.notify_timer();
                 n += 1;
+            }
+        }
+        for signal in take_due(&self.wakes, current) {
+            if let Some(s) = signal.upgrade() {
+                s.notify();
             }
         }
         n
@@ -111,6 +129,20 @@ impl Deadlines {
     pub(crate) fn len(&self) -> usize {
         self.slots.lock().values().map(Vec::len).sum()
     }
+}
+
+/// The entries of every tick up to and including `current`.
+fn take_due(map: &Mutex<BTreeMap<u64, Vec<Weak<Signal>>>>, current: u64) -> Vec<Weak<Signal>> {
+    let due = {
+        let mut slots = map.lock();
+        match slots.first_key_value() {
+            Some((first, _)) if *first <= current => {}
+            _ => return Vec::new(),
+        }
+        let later = slots.split_off(&current.saturating_add(1));
+        std::mem::replace(&mut *slots, later)
+    };
+    due.into_values().flatten().collect()
 }
 
 #[cfg(test)]
@@ -143,6 +175,20 @@ mod tests {
         // The ticking task does the same by itself.
         tokio::time::sleep(Duration::from_secs(6)).await;
         assert!(b.take_timer());
+        assert_eq!(d.len(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_plain_wake_up_notifies_without_the_timer_flag() {
+        let d = Deadlines::new();
+        let t0 = Instant::now();
+        let a = Arc::new(Signal::default());
+        d.wake_at(t0 + Duration::from_millis(250), &a);
+        assert_eq!(d.fire(t0 + Duration::from_millis(300)), 0, "not a deadline");
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        assert!(a.poll_wait(&mut cx).is_ready(), "notified");
+        assert!(!a.take_timer(), "without the timer flag");
         assert_eq!(d.len(), 0);
     }
 

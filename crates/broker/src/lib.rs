@@ -32,6 +32,7 @@ mod listener;
 pub mod message;
 pub mod metrics;
 mod outbound;
+mod park;
 mod persist;
 mod protocol;
 mod rate_baseline;

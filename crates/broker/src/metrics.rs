@@ -61,6 +61,8 @@ counters! {
 /// Current values that are not counters.
 pub struct Gauges {
     pub connections: u64,
+    /// Idle connections parked without a task (`park.rs`).
+    pub connections_parked: u64,
     pub sessions: u64,
     pub subscriptions: u64,
     pub retained: u64,
@@ -86,6 +88,11 @@ impl Metrics {
         }
         for (name, help, v) in [
             ("connections", "open MQTT connections", g.connections),
+            (
+                "connections_parked",
+                "idle connections parked without a task of their own",
+                g.connections_parked,
+            ),
             ("sessions", "sessions, online and offline", g.sessions),
             ("subscriptions", "subscriptions", g.subscriptions),
             ("retained_messages", "retained messages", g.retained),

@@ -57,6 +57,8 @@ mod live;
 mod login;
 #[path = "tests/ota.rs"]
 mod ota;
+#[path = "tests/parking.rs"]
+mod parking;
 #[path = "tests/persistence.rs"]
 mod persistence;
 #[path = "tests/postgres.rs"]
