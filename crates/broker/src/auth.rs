@@ -52,6 +52,27 @@ pub struct ClientIdentity {
     pub internal: bool,
 }
 
+impl ClientIdentity {
+    /// Nothing known about the client: no user, device, tenant, group or
+    /// claim, and not the platform itself.
+    pub fn is_anonymous(&self) -> bool {
+        let ClientIdentity {
+            username,
+            device_id,
+            tenant,
+            group,
+            claim,
+            internal,
+        } = self;
+        username.is_none()
+            && device_id.is_none()
+            && tenant.is_none()
+            && group.is_none()
+            && claim.is_none()
+            && !internal
+    }
+}
+
 #[derive(Debug)]
 pub enum AuthDecision {
     Allow(ClientIdentity),

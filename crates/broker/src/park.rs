@@ -19,18 +19,18 @@
 //! subscriber or publisher stays in its task — except right after its
 //! CONNECT, when most connections of a fleet go quiet at once.
 //!
-//! The hand-over is a three-state atomic so a wake-up that races the
-//! parking is never lost: the parking side stores the connection, then
-//! moves `PARKING → PARKED`; a waker that finds `PARKING` marks `WOKEN`
-//! and leaves the connection to the parking side, which sees its compare
-//! fail and carries on in its own task.
+//! The connection waits inside its own [`Signal`], which is also the
+//! waker it leaves with its socket: a notification and the socket
+//! becoming readable are the same event, and the signal's lock decides
+//! the race between a notification and the parking (see
+//! [`Signal::park`]).
 
 use crate::connection::Connection;
+use crate::signal::{Resume, Signal};
 use crate::transport::Transport;
-use parking_lot::Mutex;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::task::{Context, Poll, Wake, Waker};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 /// How long a connection must have been waiting in its task before it
@@ -39,72 +39,42 @@ use std::time::Duration;
 /// few hundred milliseconds or faster) never pays a spawn per message.
 pub(crate) const PARK_AFTER: Duration = Duration::from_secs(1);
 
-const PARKING: u8 = 0;
-const PARKED: u8 = 1;
-const WOKEN: u8 = 2;
-
-/// A parked connection, owned by the wakers that point at it.
-struct Parked<S: Transport> {
-    state: AtomicU8,
-    conn: Mutex<Option<Box<Connection<S>>>>,
-}
-
 /// Park `conn` if neither its socket nor its signal has work for it now.
 /// `None`: parked (the task should end). `Some(conn)`: something is ready
-/// (or the transport cannot park): carry on in this task; a consumed
-/// signal has been raised again so the caller's wait sees it.
+/// (or the transport cannot park): carry on in this task.
 pub(crate) fn park<S: Transport>(conn: Box<Connection<S>>) -> Option<Box<Connection<S>>> {
-    let parked = Arc::new(Parked {
-        state: AtomicU8::new(PARKING),
-        conn: Mutex::new(None),
-    });
-    let waker = Waker::from(parked.clone());
+    let signal: Arc<Signal> = conn.signal().clone();
+    let waker = Waker::from(signal.clone());
     let mut cx = Context::from_waker(&waker);
     match conn.poll_idle(&mut cx) {
         Some(Poll::Pending) => {}
         // Readable, failed (the read reports it) or not parkable.
         Some(Poll::Ready(())) | None => return Some(conn),
     }
-    if conn.signal().poll_wait(&mut cx).is_ready() {
-        conn.signal().notify();
-        return Some(conn);
-    }
     let inner = conn.inner().clone();
-    *parked.conn.lock() = Some(conn);
-    if parked
-        .state
-        .compare_exchange(PARKING, PARKED, Ordering::AcqRel, Ordering::Acquire)
-        .is_err()
-    {
-        // Woken while parking: the waker left the connection to us.
-        return parked.conn.lock().take();
-    }
+    // Counted before the hand-over: a resume on another thread at once
+    // must not count down first.
     inner.parked.fetch_add(1, Ordering::Relaxed);
-    None
+    let back = signal.park(conn);
+    if back.is_some() {
+        inner.parked.fetch_sub(1, Ordering::Relaxed);
+    }
+    back
 }
 
-impl<S: Transport> Wake for Parked<S> {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        if self.state.swap(WOKEN, Ordering::AcqRel) != PARKED {
-            return; // Still parking (it carries on), or already resumed.
-        }
-        let Some(conn) = self.conn.lock().take() else {
-            return;
-        };
-        conn.inner().parked.fetch_sub(1, Ordering::Relaxed);
-        // The connection's own runtime, even when the waker runs on
-        // another one (the cluster fabric's) or on a plain thread.
-        match conn.inner().runtime.get().cloned() {
+impl<S: Transport> Resume for Connection<S> {
+    fn resume(self: Box<Self>) {
+        let inner = self.inner().clone();
+        inner.parked.fetch_sub(1, Ordering::Relaxed);
+        // The connection's own runtime, even when the notification comes
+        // from another one (the cluster fabric's) or from a plain thread.
+        match inner.runtime.get() {
             Some(rt) => {
-                rt.spawn(conn.resume());
+                rt.spawn(self.continued());
             }
             // Never parked without one; should it happen, dropping the
             // connection closes its socket rather than leaking it.
-            None => drop(conn),
+            None => drop(self),
         }
     }
 }

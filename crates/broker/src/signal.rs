@@ -4,10 +4,31 @@
 //! already set (one atomic swap, no lock), and the waiting side must cost no
 //! per-connection future state while idle — unlike `tokio::sync::Notify`,
 //! whose waiter node lives inside every idle connection's task.
+//!
+//! It is also where a parked connection waits (`park.rs`): instead of a
+//! task's waker it then holds the connection itself, and a notification
+//! resumes it in a new task. The signal is the waker the parked
+//! connection leaves with its socket too, so one object per connection
+//! serves both.
 
 use parking_lot::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::{Context, Poll, Waker};
+use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
+
+/// A parked connection: continues in a new task when notified.
+pub(crate) trait Resume: Send {
+    fn resume(self: Box<Self>);
+}
+
+/// Who waits for the signal.
+#[derive(Default)]
+enum Waiter {
+    #[default]
+    Nobody,
+    Task(Waker),
+    Parked(Box<dyn Resume>),
+}
 
 #[derive(Default)]
 pub(crate) struct Signal {
@@ -15,18 +36,46 @@ pub(crate) struct Signal {
     /// Set by the broker's keep-alive timer (`deadlines.rs`) before it
     /// notifies: the connection's deadline has passed.
     timer: AtomicBool,
-    waker: Mutex<Option<Waker>>,
+    waiter: Mutex<Waiter>,
+}
+
+impl Wake for Signal {
+    fn wake(self: Arc<Self>) {
+        self.notify();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.notify();
+    }
 }
 
 impl Signal {
-    /// Wake the waiting task (or make its next wait return at once).
+    /// Wake the waiting task, or resume the parked connection (or make the
+    /// next wait return at once).
     pub fn notify(&self) {
         if self.set.swap(true, Ordering::AcqRel) {
             return; // Already pending: the task will see it.
         }
-        if let Some(w) = self.waker.lock().take() {
-            w.wake();
+        let waiter = std::mem::take(&mut *self.waiter.lock());
+        match waiter {
+            Waiter::Nobody => {}
+            Waiter::Task(w) => w.wake(),
+            Waiter::Parked(conn) => conn.resume(),
         }
+    }
+
+    /// Leave `conn` here until the next notification, unless one is
+    /// pending already (then it is handed back, the notification still
+    /// pending for its next wait).
+    pub(crate) fn park<C: Resume + 'static>(&self, conn: Box<C>) -> Option<Box<C>> {
+        let mut waiter = self.waiter.lock();
+        // Under the lock: a notify that set the flag before this check
+        // finds nothing to resume, and one after it finds the connection.
+        if self.set.load(Ordering::Acquire) {
+            return Some(conn);
+        }
+        *waiter = Waiter::Parked(conn);
+        None
     }
 
     /// Notify, saying that the keep-alive deadline passed.
@@ -47,10 +96,11 @@ impl Signal {
             return Poll::Ready(());
         }
         {
-            let mut slot = self.waker.lock();
+            let mut slot = self.waiter.lock();
             match &*slot {
-                Some(w) if w.will_wake(cx.waker()) => {}
-                _ => *slot = Some(cx.waker().clone()),
+                Waiter::Task(w) if w.will_wake(cx.waker()) => {}
+                // A task polls only while its connection is not parked.
+                _ => *slot = Waiter::Task(cx.waker().clone()),
             }
         }
         // A notify between the first check and the registration took no
