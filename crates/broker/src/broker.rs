@@ -1254,7 +1254,7 @@ impl Inner {
             let filters: Vec<String> = std::mem::take(&mut st.subscriptions).into_keys().collect();
             let mut handover: Vec<Outgoing> =
                 st.queue.drain(..).filter(|o| o.share.is_some()).collect();
-            let inflight = std::mem::take(&mut st.inflight);
+            let inflight = st.inflight.take();
             handover.extend(
                 inflight
                     .into_values()

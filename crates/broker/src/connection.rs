@@ -1684,5 +1684,7 @@ mod tests {
         // 320 is an allocator size class (mimalloc: 256, 320, 384): a
         // parked connection is this box and little else.
         assert!(conn <= 320, "Connection is {conn} bytes");
+        // Behind an `Arc` (16 bytes more): the 224-byte class.
+        assert!(session <= 208, "Session is {session} bytes");
     }
 }
