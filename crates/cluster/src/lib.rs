@@ -38,12 +38,17 @@
 //!   acknowledged once it holds them), persistent sessions' records live in
 //!   the bucket `{cluster}_sessions`, and a node resuming a session it does
 //!   not hold rebuilds it from both.
+//! - **OTA**: firmware images in the object store `{cluster}_ota`
+//!   ([`Cluster::put_image`]), and which devices are connected anywhere
+//!   ([`presence`]), for the node driving a campaign.
 #![forbid(unsafe_code)]
 
 pub mod dedupe;
 pub mod frame;
 pub mod fuzz;
+mod images;
 pub mod leases;
+pub mod presence;
 pub mod sessions;
 pub mod subject;
 
@@ -505,6 +510,7 @@ pub struct Cluster {
     tasks: Mutex<Vec<JoinHandle<()>>>,
     /// The fabric's runtime (see [`Cluster::join`]).
     runtime: Mutex<Option<tokio::runtime::Runtime>>,
+    images: images::Images,
 }
 
 impl Drop for Cluster {
@@ -784,7 +790,9 @@ impl Cluster {
 
         let on_change: Arc<Mutex<Option<ChangeListener>>> = Arc::new(Mutex::new(None));
         tasks.push(spawn_notices(&plain, &name, broker.clone(), on_change.clone()).await?);
+        tasks.push(presence::answer(&plain, &name, broker.clone()).await?);
         let cluster = Arc::new(Cluster {
+            images: images::Images::new(js.clone(), format!("{name}_ota")),
             on_change,
             started_ms: now_ms(),
             config,
@@ -855,6 +863,39 @@ impl Cluster {
             self.config.node_id.clone(),
             prefix,
         ))
+    }
+
+    /// Which of `ids` are connected to another node (this node's own are
+    /// the broker's to say). Nodes that do not answer within
+    /// [`presence::PRESENCE_WAIT`] count as holding none.
+    pub async fn online_elsewhere(&self, ids: &[String]) -> Result<HashSet<String>, ClusterError> {
+        let others = self
+            .nodes()
+            .await?
+            .iter()
+            .filter(|n| n.node_id != self.config.node_id)
+            .count();
+        presence::ask(&self.plain, &self.config.name, others, ids).await
+    }
+
+    /// Store a firmware image (the file at `path`) for every node, under
+    /// `name` (the artifact's id).
+    pub async fn put_image(&self, name: &str, path: &std::path::Path) -> Result<(), ClusterError> {
+        self.images.put(name, path).await
+    }
+
+    /// Copy the image `name` into `dest`; `false` when there is none.
+    pub async fn fetch_image(
+        &self,
+        name: &str,
+        dest: &std::path::Path,
+    ) -> Result<bool, ClusterError> {
+        self.images.get(name, dest).await
+    }
+
+    /// Delete the image `name` (gone already is fine).
+    pub async fn delete_image(&self, name: &str) -> Result<(), ClusterError> {
+        self.images.delete(name).await
     }
 
     fn info(&self, broker: &Broker) -> NodeInfo {
