@@ -276,7 +276,21 @@ impl Server {
 
         let automation =
             Automation::start(broker.clone(), fleet.clone(), v.security_alarms.clone());
-        let ota = Arc::new(ota_service(v, &master, &broker, &fleet, http_addr)?);
+        let ota_cluster: Option<Arc<dyn m2mhub_ingest::ota_topics::OtaCluster>> = match &cluster {
+            Some(c) => Some(Arc::new(
+                crate::ota_cluster::ClusterOta::new(c.clone())
+                    .context("the cluster's runtime is not running")?,
+            )),
+            None => None,
+        };
+        let ota = Arc::new(ota_service(
+            v,
+            &master,
+            &broker,
+            &fleet,
+            http_addr,
+            ota_cluster,
+        )?);
         let psk_keys = m2mhub_pki::PskKeys::new(master);
         tasks.push(m2mhub_ingest::ota_topics::serve(
             ota.service.clone(),
@@ -299,12 +313,34 @@ impl Server {
             }));
         }
         if let Some(c) = &cluster {
+            // Every OTA change written here (a campaign, a job, an
+            // artifact) is announced, so the other nodes read OTA again.
+            let (announce, rt) = (c.clone(), tokio::runtime::Handle::current());
+            fleet.on_ota_change(Arc::new(move || {
+                let _in = rt.enter();
+                announce.changed("ota");
+            }));
             // Another node changed the shared metadata: read it again (the
             // registry, and the rules, which the rule service recompiles).
             let (r, f, a) = (registry.clone(), fleet.clone(), automation.clone());
+            let files = ota.service.files.clone();
             c.on_change(Arc::new(move |what| {
                 tracing::debug!(what, "metadata changed on another node; reloading");
                 let (r, f, a) = (r.clone(), f.clone(), a.clone());
+                if what == "ota" {
+                    // Campaigns, jobs and artifacts only; images of deleted
+                    // artifacts leave this node's cache.
+                    let files = files.clone();
+                    tokio::task::spawn_blocking(move || match f.reload_ota() {
+                        Ok(gone) => {
+                            for id in gone {
+                                let _ = std::fs::remove_file(files.path(&id));
+                            }
+                        }
+                        Err(e) => tracing::warn!(error = %e, "cannot reload the OTA campaigns"),
+                    });
+                    return;
+                }
                 tokio::task::spawn_blocking(move || {
                     if let Err(e) = r.reload() {
                         tracing::warn!(error = %e, "cannot reload the registry");
@@ -727,6 +763,7 @@ fn ota_service(
     broker: &m2mhub_broker::Broker,
     fleet: &Fleet,
     http_addr: std::net::SocketAddr,
+    cluster: Option<Arc<dyn m2mhub_ingest::ota_topics::OtaCluster>>,
 ) -> anyhow::Result<m2mhub_api::ota::OtaApi> {
     let files = m2mhub_fleet::ArtifactFiles::new(&v.data_dir)
         .with_context(|| format!("cannot create {}", v.data_dir.join("ota").display()))?;
@@ -744,6 +781,8 @@ fn ota_service(
             files,
             urls: m2mhub_ingest::ota_topics::DownloadUrls::new(&secret, &base, v.ota.url_ttl),
             max_chunk: v.ota.chunk_bytes,
+            cluster,
+            fetching: Arc::new(tokio::sync::Mutex::new(())),
         },
         signer: Arc::new(signer),
         max_artifact_bytes: v.ota.max_artifact_bytes,
