@@ -1609,6 +1609,82 @@ mod tests {
         v
     }
 
+    /// Two nodes over one store (SQLite standing in for the cluster's
+    /// PostgreSQL): a device's report through one node is what the other,
+    /// driving node's tick sees (no timeout of a device that reported), and
+    /// a job the driving node timed out is not brought back by a report
+    /// through a node whose copy still says it runs.
+    #[test]
+    fn nodes_sharing_the_store_neither_lose_nor_resurrect_a_job() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = m2mhub_identity::Registry::open(dir.path()).expect("registry");
+        let node = || {
+            let store = crate::sqlite::SqliteFleetStore::open(&dir.path().join("registry.db"))
+                .expect("store")
+                .shared();
+            Fleet::with_store(Box::new(store), reg.clone()).expect("fleet")
+        };
+        let (driver, other) = (node(), node());
+        for d in ["d1", "d2"] {
+            device(&driver, d);
+        }
+        let a = artifact(&driver);
+        let c = driver
+            .create_campaign(
+                "default",
+                NewCampaign {
+                    artifact: a.id.clone(),
+                    devices: Some(vec!["d1".into(), "d2".into()]),
+                    job_timeout_s: Some(10),
+                    failure_threshold: Some(1.0),
+                    ..Default::default()
+                },
+                "ops",
+                1_000,
+            )
+            .expect("campaign");
+        other.reload_ota().expect("reload");
+        assert_eq!(other.get_campaign(None, &c.id).expect("seen").1.len(), 2);
+
+        // The driving node tells both devices.
+        let n = driver.ota_tick(1_000, &|_| true).expect("tick");
+        assert_eq!(told(&n), vec!["d1", "d2"]);
+        // d1 reports through the other node, whose copy still says
+        // pending: the report applies to the stored job.
+        let j = report(&other, "d1", &c.id, JobState::Downloading, 8_000);
+        assert_eq!((j.state, j.updated_ms), (JobState::Downloading, 8_000));
+        // At 12 s the driving node's copy of d1 is silent for 11 s, but it
+        // ticks from the store: only d2, really silent, fails.
+        driver.ota_tick(12_000, &|_| true).expect("tick");
+        let (_, jobs) = driver.get_campaign(None, &c.id).expect("campaign");
+        let state = |d: &str| jobs.iter().find(|j| j.device_id == d).map(|j| j.state);
+        assert_eq!(state("d1"), Some(JobState::Downloading));
+        assert_eq!(state("d2"), Some(JobState::Failed));
+        // d2 reports late through the other node, whose copy says notified:
+        // refused, and the stored job stays failed.
+        let late = other.ota_report(
+            "d2",
+            &StatusReport {
+                job_id: c.id.clone(),
+                state: JobState::Downloading,
+                progress: Some(10),
+                reason: None,
+                version: None,
+            },
+            12_500,
+        );
+        assert!(matches!(late, Err(RegistryError::Conflict(_))), "{late:?}");
+        other.reload_ota().expect("reload");
+        let (_, jobs) = other.get_campaign(None, &c.id).expect("campaign");
+        let d2 = jobs.iter().find(|j| j.device_id == "d2").expect("d2");
+        assert_eq!(d2.state, JobState::Failed);
+        // d1 finishes through the other node; the driver completes it.
+        report(&other, "d1", &c.id, JobState::Succeeded, 13_000);
+        driver.ota_tick(14_000, &|_| true).expect("tick");
+        let (c, _) = driver.get_campaign(None, &c.id).expect("campaign");
+        assert_eq!(c.status, CampaignStatus::Completed);
+    }
+
     #[test]
     fn waves_are_planned_with_the_rest_in_the_last() {
         assert_eq!(plan_waves(10, &[]).unwrap(), vec![10]);

@@ -245,6 +245,8 @@ pub const RULE_COLUMNS: &str =
 /// serializes writes anyway and reads come mostly from its caches.
 pub struct SqliteFleetStore {
     conn: Mutex<Connection>,
+    /// Other writers share the file (tests only; see `shared`).
+    shared: bool,
 }
 
 impl SqliteFleetStore {
@@ -254,7 +256,17 @@ impl SqliteFleetStore {
         migrate(&mut conn, "fleet", MIGRATIONS)?;
         Ok(SqliteFleetStore {
             conn: Mutex::new(conn),
+            shared: false,
         })
+    }
+
+    /// Say other fleets write this file too: the unit tests' stand-in for
+    /// cluster nodes sharing PostgreSQL (two fleets, two connections, one
+    /// file), to drive the shared-store paths without a server.
+    #[cfg(test)]
+    pub(crate) fn shared(mut self) -> SqliteFleetStore {
+        self.shared = true;
+        self
     }
 
     fn exec(&self, sql: &str, p: impl rusqlite::Params) -> Result<usize> {
@@ -875,6 +887,10 @@ impl FleetStore for SqliteFleetStore {
         }
         tx.commit()?;
         Ok(())
+    }
+
+    fn is_shared(&self) -> bool {
+        self.shared
     }
 
     fn load_ota(&self) -> Result<(Vec<Artifact>, Vec<Campaign>, Vec<Job>)> {
