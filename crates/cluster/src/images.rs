@@ -94,6 +94,15 @@ impl Images {
         Ok(true)
     }
 
+    pub(crate) async fn has(&self, name: &str) -> Result<bool, ClusterError> {
+        let store = self.store().await?;
+        match store.info(name).await {
+            Ok(info) => Ok(!info.deleted),
+            Err(e) if e.kind() == object_store::InfoErrorKind::NotFound => Ok(false),
+            Err(e) => Err(nats("cannot look the image up in JetStream", e)),
+        }
+    }
+
     pub(crate) async fn delete(&self, name: &str) -> Result<(), ClusterError> {
         let store = self.store().await?;
         match store.delete(name).await {

@@ -893,6 +893,11 @@ impl Cluster {
         self.images.get(name, dest).await
     }
 
+    /// Whether the cluster's store holds the image `name`.
+    pub async fn has_image(&self, name: &str) -> Result<bool, ClusterError> {
+        self.images.has(name).await
+    }
+
     /// Delete the image `name` (gone already is fine).
     pub async fn delete_image(&self, name: &str) -> Result<(), ClusterError> {
         self.images.delete(name).await

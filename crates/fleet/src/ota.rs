@@ -1132,10 +1132,8 @@ impl Fleet {
     /// for downloads: only a device told of a job may fetch its image.
     pub fn ota_artifact_for(&self, device_id: &str, job_id: &str) -> Result<Artifact> {
         let mut ota = self.shared.ota.lock();
-        if self.shared.store.is_shared() && ota.runs.contains_key(job_id) {
-            if let Some(j) = self.shared.store.stored_job(job_id, device_id)? {
-                ota.refresh_job(j);
-            }
+        if self.shared.store.is_shared() {
+            self.refresh_stored_job(&mut ota, job_id, device_id)?;
         }
         let run = ota
             .runs
@@ -1176,10 +1174,8 @@ impl Fleet {
         for _ in 0..RACE_RETRIES {
             let mut book = self.shared.ota.lock();
             let ota = &mut *book;
-            if shared && ota.runs.contains_key(&r.job_id) {
-                if let Some(j) = self.shared.store.stored_job(&r.job_id, device_id)? {
-                    ota.refresh_job(j);
-                }
+            if shared {
+                self.refresh_stored_job(ota, &r.job_id, device_id)?;
             }
             let run = ota
                 .runs
@@ -1217,6 +1213,26 @@ impl Fleet {
             return Ok((j, artifact));
         }
         Err(lost_race(&r.job_id))
+    }
+
+    /// Bring one device's job up to date from a shared store. A campaign
+    /// this node has not heard of yet (made on another node an instant
+    /// ago; the driving node may tell its devices before this node's
+    /// reload) is read whole.
+    fn refresh_stored_job(
+        &self,
+        ota: &mut OtaBook,
+        campaign_id: &str,
+        device_id: &str,
+    ) -> Result<()> {
+        if ota.runs.contains_key(campaign_id) {
+            if let Some(j) = self.shared.store.stored_job(campaign_id, device_id)? {
+                ota.refresh_job(j);
+            }
+        } else if let Some((c, jobs)) = self.shared.store.stored_campaign(campaign_id)? {
+            ota.refresh_run(c, jobs);
+        }
+        Ok(())
     }
 
     /// Read everything OTA again from the store: another node changed a

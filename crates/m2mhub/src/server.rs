@@ -313,6 +313,14 @@ impl Server {
             }));
         }
         if let Some(c) = &cluster {
+            // Images uploaded while this node ran alone (or before the
+            // cluster kept images) go to the cluster's store, so every
+            // node can serve them.
+            tasks.push(tokio::spawn(share_local_images(
+                c.clone(),
+                fleet.clone(),
+                ota.service.files.clone(),
+            )));
             // Every OTA change written here (a campaign, a job, an
             // artifact) is announced, so the other nodes read OTA again.
             let (announce, rt) = (c.clone(), tokio::runtime::Handle::current());
@@ -757,6 +765,36 @@ fn public_base(v: &Validated, http_addr: std::net::SocketAddr) -> String {
 /// The OTA parts: image files under `<data_dir>/ota`, the firmware signing
 /// key and the URL token secret (both sealed under the master key), and the
 /// base URL devices download from.
+/// Put the images of this node's data folder the cluster's object store
+/// lacks into it (once, at start).
+async fn share_local_images(
+    cluster: Arc<m2mhub_cluster::Cluster>,
+    fleet: Fleet,
+    files: m2mhub_fleet::ArtifactFiles,
+) {
+    for a in fleet.list_artifacts(None) {
+        let path = files.path(&a.id);
+        if !tokio::fs::try_exists(&path).await.unwrap_or(false) {
+            continue;
+        }
+        match cluster.has_image(&a.id).await {
+            Ok(true) => {}
+            Ok(false) => match cluster.put_image(&a.id, &path).await {
+                Ok(()) => {
+                    tracing::info!(artifact = %a.id, "firmware image shared with the cluster")
+                }
+                Err(e) => {
+                    tracing::warn!(artifact = %a.id, error = %e, "cannot share a firmware image with the cluster")
+                }
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot reach the cluster's image store; local images not shared");
+                return;
+            }
+        }
+    }
+}
+
 fn ota_service(
     v: &Validated,
     master: &MasterKey,

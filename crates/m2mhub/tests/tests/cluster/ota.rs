@@ -394,3 +394,42 @@ async fn a_campaign_goes_on_after_its_driving_node_is_killed() {
     assert!(took < Duration::from_secs(30), "taken over after {took:?}");
     eprintln!("campaign taken over {took:?} after kill -9");
 }
+
+/// An image only on one node's disk (uploaded before the cluster kept
+/// images) is put in the cluster's store when that node starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs NATS and PostgreSQL: scripts/nats.sh, scripts/postgres.sh"]
+async fn images_only_on_a_nodes_disk_are_shared_when_it_starts() {
+    let (_db, mut n) = pg_nodes("otaimg", 2, "img-node").await;
+    let admin = Api::admin(&n[0]);
+    let img = image(70_000, 5);
+    let r = upload(n[0].http(), &admin.token, "name=old-fw&version=1.0.0", &img).await;
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let art_id = r.json()["id"].as_str().expect("id").to_string();
+    let cluster = |s: &TestServer| s.get().cluster.clone().expect("clustered");
+    cluster(&n[1])
+        .delete_image(&art_id)
+        .await
+        .expect("delete the shared copy");
+    assert!(!cluster(&n[1]).has_image(&art_id).await.expect("ask"));
+
+    n[0].restart().await;
+    let t0 = Instant::now();
+    while !cluster(&n[1]).has_image(&art_id).await.expect("ask") {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the image is shared again"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dest = tmp.path().join("img");
+    assert!(cluster(&n[1])
+        .fetch_image(&art_id, &dest)
+        .await
+        .expect("fetch"));
+    assert_eq!(
+        sha256_hex(&std::fs::read(&dest).expect("read")),
+        sha256_hex(&img)
+    );
+}
