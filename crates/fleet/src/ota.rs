@@ -1701,6 +1701,54 @@ mod tests {
         assert_eq!(c.status, CampaignStatus::Completed);
     }
 
+    /// An operator pauses a campaign through a node that does not drive
+    /// it: the driving node, whose copy still says running, ticks from the
+    /// store and tells no one until it is resumed.
+    #[test]
+    fn a_pause_through_another_node_holds_the_driving_node() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = m2mhub_identity::Registry::open(dir.path()).expect("registry");
+        let node = || {
+            let store = crate::sqlite::SqliteFleetStore::open(&dir.path().join("registry.db"))
+                .expect("store")
+                .shared();
+            Fleet::with_store(Box::new(store), reg.clone()).expect("fleet")
+        };
+        let (driver, other) = (node(), node());
+        device(&driver, "d1");
+        let a = artifact(&driver);
+        let c = driver
+            .create_campaign(
+                "default",
+                NewCampaign {
+                    artifact: a.id.clone(),
+                    devices: Some(vec!["d1".into()]),
+                    ..Default::default()
+                },
+                "ops",
+                1_000,
+            )
+            .expect("campaign");
+        other.reload_ota().expect("reload");
+        other
+            .pause_campaign(None, &c.id, true, 1_500)
+            .expect("pause");
+        assert!(told(&driver.ota_tick(2_000, &|_| true).expect("tick")).is_empty());
+        assert_eq!(
+            driver.get_campaign(None, &c.id).expect("campaign").0.status,
+            CampaignStatus::Paused
+        );
+        // Resumed through the other node (which decides from the stored
+        // campaign too): the driver tells the device on its next tick.
+        other
+            .pause_campaign(None, &c.id, false, 2_500)
+            .expect("resume");
+        assert_eq!(
+            told(&driver.ota_tick(3_000, &|_| true).expect("tick")),
+            vec!["d1"]
+        );
+    }
+
     #[test]
     fn waves_are_planned_with_the_rest_in_the_last() {
         assert_eq!(plan_waves(10, &[]).unwrap(), vec![10]);
