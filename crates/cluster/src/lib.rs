@@ -893,6 +893,50 @@ impl Cluster {
         self.images.get(name, dest).await
     }
 
+    /// One 32-byte key every node uses under `name` (`ota-url`: the key
+    /// firmware download URLs are signed with, so a URL issued by one node
+    /// works on any, as behind a load balancer): the first node to ask
+    /// stores its `candidate` in the bucket `{cluster}_keys`, created only
+    /// if absent; everyone gets the stored one. Whoever can read NATS can
+    /// read it — and the firmware images it guards, in `{cluster}_ota`,
+    /// too: nothing more is exposed.
+    pub async fn shared_key(
+        &self,
+        name: &str,
+        candidate: [u8; 32],
+    ) -> Result<[u8; 32], ClusterError> {
+        let bucket = format!("{}_keys", self.config.name);
+        let kv = jetstream::new(self.plain.clone())
+            .create_or_update_key_value(kv::Config {
+                bucket: bucket.clone(),
+                description: "m2mhub: keys every node shares".into(),
+                history: 1,
+                storage: jetstream::stream::StorageType::File,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| ClusterError::Bucket {
+                bucket,
+                detail: e.to_string(),
+            })?;
+        match kv.create(name, Bytes::copy_from_slice(&candidate)).await {
+            Ok(_) => return Ok(candidate),
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
+            Err(e) => {
+                return Err(ClusterError::Nats(format!(
+                    "cannot store the key {name}: {e}"
+                )))
+            }
+        }
+        let stored = kv
+            .get(name)
+            .await
+            .map_err(|e| ClusterError::Nats(format!("cannot read the key {name}: {e}")))?
+            .ok_or_else(|| ClusterError::Nats(format!("the key {name} vanished")))?;
+        <[u8; 32]>::try_from(&stored[..])
+            .map_err(|_| ClusterError::Nats(format!("the key {name} is not 32 bytes")))
+    }
+
     /// Whether the cluster's store holds the image `name`.
     pub async fn has_image(&self, name: &str) -> Result<bool, ClusterError> {
         self.images.has(name).await

@@ -283,13 +283,24 @@ impl Server {
             )),
             None => None,
         };
+        // Download URLs signed with one key cluster-wide: a URL from any
+        // node works on every node (devices may reach HTTP through a
+        // balancer); alone, the node's own key.
+        let own_url_key = m2mhub_pki::url_token_key(&v.data_dir, &master)?;
+        let url_key = match &cluster {
+            Some(c) => c
+                .shared_key("ota-url", own_url_key)
+                .await
+                .context("cannot read the cluster's download URL key from NATS")?,
+            None => own_url_key,
+        };
         let ota = Arc::new(ota_service(
             v,
             &master,
             &broker,
             &fleet,
             http_addr,
-            ota_cluster,
+            (ota_cluster, url_key),
         )?);
         let psk_keys = m2mhub_pki::PskKeys::new(master);
         tasks.push(m2mhub_ingest::ota_topics::serve(
@@ -801,7 +812,10 @@ fn ota_service(
     broker: &m2mhub_broker::Broker,
     fleet: &Fleet,
     http_addr: std::net::SocketAddr,
-    cluster: Option<Arc<dyn m2mhub_ingest::ota_topics::OtaCluster>>,
+    (cluster, secret): (
+        Option<Arc<dyn m2mhub_ingest::ota_topics::OtaCluster>>,
+        [u8; 32],
+    ),
 ) -> anyhow::Result<m2mhub_api::ota::OtaApi> {
     let files = m2mhub_fleet::ArtifactFiles::new(&v.data_dir)
         .with_context(|| format!("cannot create {}", v.data_dir.join("ota").display()))?;
@@ -810,7 +824,6 @@ fn ota_service(
     if created {
         tracing::info!(public_key = %signer.public_key_base64(), "created the firmware signing key: devices pin this public key");
     }
-    let secret = m2mhub_pki::url_token_key(&v.data_dir, master)?;
     let base = public_base(v, http_addr);
     Ok(m2mhub_api::ota::OtaApi {
         service: m2mhub_ingest::ota_topics::OtaService {

@@ -189,6 +189,12 @@ async fn a_campaign_made_on_one_node_updates_a_device_connected_to_another() {
     );
     assert_eq!(&tail.body[..], &img[100_000..]);
     assert!(cached_on_1.exists(), "node 1 keeps its copy");
+    // Signed with the cluster's one URL key: the same URL works through
+    // node 0 (devices may reach HTTP through a balancer).
+    let via_0 = url.replace(&n[1].http().to_string(), &n[0].http().to_string());
+    let head = fetch(&via_0, Some("bytes=0-99")).await;
+    assert_eq!(head.status, 206, "{}", String::from_utf8_lossy(&head.body));
+    assert_eq!(&head.body[..], &img[..100]);
     // A chunk over MQTT through node 1 too.
     pid += 1;
     send(
