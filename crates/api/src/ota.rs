@@ -259,6 +259,21 @@ pub async fn upload(
         .await
         .map_err(|e| internal("upload", e))?
         .map_err(|e| internal("cannot store the image", e))?;
+    // In a cluster the image goes to the shared store before the record
+    // exists, so no node ever sees an artifact whose image it cannot get.
+    if let Some(cluster) = &o.service.cluster {
+        if let Err(e) = cluster
+            .put_image(artifact.id.clone(), files.path(&artifact.id))
+            .await
+        {
+            let _ = tokio::fs::remove_file(files.path(&artifact.id)).await;
+            return Err(Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "cluster-unavailable",
+                format!("cannot store the image for the cluster's other nodes: {e}"),
+            ));
+        }
+    }
     let fleet = state.fleet.clone();
     let a = artifact.clone();
     let added = tokio::task::spawn_blocking(move || fleet.add_artifact(a))
@@ -268,6 +283,9 @@ pub async fn upload(
         Ok(a) => a,
         Err(e) => {
             let _ = tokio::fs::remove_file(files.path(&artifact.id)).await;
+            if let Some(cluster) = &o.service.cluster {
+                let _ = cluster.delete_image(artifact.id.clone()).await;
+            }
             return Err(e.into());
         }
     };
@@ -327,7 +345,15 @@ pub async fn delete_artifact(
     let o = ota(&state)?;
     let a = state.fleet.delete_artifact(caller.tenant.as_deref(), &id)?;
     if let Err(e) = tokio::fs::remove_file(o.service.files.path(&a.id)).await {
-        tracing::warn!(artifact = %a.id, error = %e, "cannot remove the image file");
+        if o.service.cluster.is_none() || e.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!(artifact = %a.id, error = %e, "cannot remove the image file");
+        }
+    }
+    // The other nodes drop their copies when they reload the artifacts.
+    if let Some(cluster) = &o.service.cluster {
+        if let Err(e) = cluster.delete_image(a.id.clone()).await {
+            tracing::warn!(artifact = %a.id, error = %e, "cannot delete the image from the cluster's store");
+        }
     }
     audit(
         &state,
@@ -339,8 +365,22 @@ pub async fn delete_artifact(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Whether this node drives the campaign: always alone; in a cluster,
+/// while it holds the campaign's lease.
+fn driven_here(o: &OtaApi, campaign_id: &str) -> bool {
+    o.service
+        .cluster
+        .as_ref()
+        .is_none_or(|c| c.drives(campaign_id))
+}
+
 /// A campaign with its progress: jobs by state, per wave, and the failures.
-fn campaign_json(c: &Campaign, jobs: &[Job], artifact: Option<&Artifact>) -> Value {
+fn campaign_json(
+    c: &Campaign,
+    jobs: &[Job],
+    artifact: Option<&Artifact>,
+    driven_here: bool,
+) -> Value {
     let waves: Vec<Value> = c
         .waves
         .iter()
@@ -379,6 +419,7 @@ fn campaign_json(c: &Campaign, jobs: &[Job], artifact: Option<&Artifact>) -> Val
         "jobs": tally(jobs),
         "waves": waves,
         "failures": failures,
+        "driven_here": driven_here,
     })
 }
 
@@ -388,7 +429,7 @@ pub async fn create_campaign(
     body: Result<Json<NewCampaign>, JsonRejection>,
 ) -> Result<(StatusCode, Json<Value>), Problem> {
     caller.require(Role::Operator)?;
-    ota(&state)?;
+    let o = ota(&state)?;
     let Json(new) = body.map_err(bad_json)?;
     let tenant = caller
         .scope(new.tenant.as_deref())?
@@ -411,7 +452,12 @@ pub async fn create_campaign(
     );
     Ok((
         StatusCode::CREATED,
-        Json(campaign_json(&c, &jobs, artifact.as_ref())),
+        Json(campaign_json(
+            &c,
+            &jobs,
+            artifact.as_ref(),
+            driven_here(o, &c.id),
+        )),
     ))
 }
 
@@ -442,10 +488,15 @@ pub async fn show_campaign(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, Problem> {
     caller.require(Role::Viewer)?;
-    ota(&state)?;
+    let o = ota(&state)?;
     let (c, jobs) = state.fleet.get_campaign(caller.tenant.as_deref(), &id)?;
     let artifact = state.fleet.get_artifact(None, &c.artifact_id).ok();
-    Ok(Json(campaign_json(&c, &jobs, artifact.as_ref())))
+    Ok(Json(campaign_json(
+        &c,
+        &jobs,
+        artifact.as_ref(),
+        driven_here(o, &c.id),
+    )))
 }
 
 #[derive(Deserialize)]
@@ -503,7 +554,7 @@ async fn pause_or_resume(
     pause: bool,
 ) -> Result<Json<Value>, Problem> {
     caller.require(Role::Operator)?;
-    ota(&state)?;
+    let o = ota(&state)?;
     state
         .fleet
         .pause_campaign(caller.tenant.as_deref(), &id, pause, now_ms())?;
@@ -523,6 +574,7 @@ async fn pause_or_resume(
         &c,
         &jobs,
         state.fleet.get_artifact(None, &c.artifact_id).ok().as_ref(),
+        driven_here(o, &c.id),
     )))
 }
 
@@ -554,6 +606,7 @@ pub async fn cancel(
         &c,
         &jobs,
         state.fleet.get_artifact(None, &c.artifact_id).ok().as_ref(),
+        driven_here(o, &c.id),
     )))
 }
 
@@ -653,8 +706,15 @@ pub async fn download(
         }
     };
     let len = last + 1 - first;
-    let file = std::fs::File::open(o.service.files.path(&a.id))
-        .map_err(|e| internal("cannot open the image", e))?;
+    let path = o.service.image_path(&a).await.map_err(|e| {
+        tracing::warn!(artifact = %a.id, error = %e, "cannot get a firmware image from the cluster");
+        Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "image-unavailable",
+            "the image cannot be read now: try again",
+        )
+    })?;
+    let file = std::fs::File::open(path).map_err(|e| internal("cannot open the image", e))?;
     let file = Arc::new(file);
     let budget = Arc::clone(&o.download_budget);
     let reads = Arc::clone(&o.read_slots);

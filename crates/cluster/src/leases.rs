@@ -24,7 +24,8 @@
 //!
 //! What the owner does with a key is its own business: the rule service
 //! evaluates a rule only on its owner, which the fabric sends every node's
-//! matching messages (`Broker::set_observed_remote`).
+//! matching messages (`Broker::set_observed_remote`); the OTA service
+//! ticks a campaign (`ota.{campaign}`) only on its owner.
 
 use async_nats::jetstream::{self, kv};
 use futures_util::StreamExt;

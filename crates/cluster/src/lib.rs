@@ -38,12 +38,17 @@
 //!   acknowledged once it holds them), persistent sessions' records live in
 //!   the bucket `{cluster}_sessions`, and a node resuming a session it does
 //!   not hold rebuilds it from both.
+//! - **OTA**: firmware images in the object store `{cluster}_ota`
+//!   ([`Cluster::put_image`]), and which devices are connected anywhere
+//!   ([`presence`]), for the node driving a campaign.
 #![forbid(unsafe_code)]
 
 pub mod dedupe;
 pub mod frame;
 pub mod fuzz;
+mod images;
 pub mod leases;
+pub mod presence;
 pub mod sessions;
 pub mod subject;
 
@@ -505,6 +510,7 @@ pub struct Cluster {
     tasks: Mutex<Vec<JoinHandle<()>>>,
     /// The fabric's runtime (see [`Cluster::join`]).
     runtime: Mutex<Option<tokio::runtime::Runtime>>,
+    images: images::Images,
 }
 
 impl Drop for Cluster {
@@ -784,7 +790,9 @@ impl Cluster {
 
         let on_change: Arc<Mutex<Option<ChangeListener>>> = Arc::new(Mutex::new(None));
         tasks.push(spawn_notices(&plain, &name, broker.clone(), on_change.clone()).await?);
+        tasks.push(presence::answer(&plain, &name, broker.clone()).await?);
         let cluster = Arc::new(Cluster {
+            images: images::Images::new(js.clone(), format!("{name}_ota")),
             on_change,
             started_ms: now_ms(),
             config,
@@ -855,6 +863,88 @@ impl Cluster {
             self.config.node_id.clone(),
             prefix,
         ))
+    }
+
+    /// Which of `ids` are connected to another node (this node's own are
+    /// the broker's to say). Nodes that do not answer within
+    /// [`presence::PRESENCE_WAIT`] count as holding none.
+    pub async fn online_elsewhere(&self, ids: &[String]) -> Result<HashSet<String>, ClusterError> {
+        let others = self
+            .nodes()
+            .await?
+            .iter()
+            .filter(|n| n.node_id != self.config.node_id)
+            .count();
+        presence::ask(&self.plain, &self.config.name, others, ids).await
+    }
+
+    /// Store a firmware image (the file at `path`) for every node, under
+    /// `name` (the artifact's id).
+    pub async fn put_image(&self, name: &str, path: &std::path::Path) -> Result<(), ClusterError> {
+        self.images.put(name, path).await
+    }
+
+    /// Copy the image `name` into `dest`; `false` when there is none.
+    pub async fn fetch_image(
+        &self,
+        name: &str,
+        dest: &std::path::Path,
+    ) -> Result<bool, ClusterError> {
+        self.images.get(name, dest).await
+    }
+
+    /// One 32-byte key every node uses under `name` (`ota-url`: the key
+    /// firmware download URLs are signed with, so a URL issued by one node
+    /// works on any, as behind a load balancer): the first node to ask
+    /// stores its `candidate` in the bucket `{cluster}_keys`, created only
+    /// if absent; everyone gets the stored one. Whoever can read NATS can
+    /// read it — and the firmware images it guards, in `{cluster}_ota`,
+    /// too: nothing more is exposed.
+    pub async fn shared_key(
+        &self,
+        name: &str,
+        candidate: [u8; 32],
+    ) -> Result<[u8; 32], ClusterError> {
+        let bucket = format!("{}_keys", self.config.name);
+        let kv = jetstream::new(self.plain.clone())
+            .create_or_update_key_value(kv::Config {
+                bucket: bucket.clone(),
+                description: "m2mhub: keys every node shares".into(),
+                history: 1,
+                storage: jetstream::stream::StorageType::File,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| ClusterError::Bucket {
+                bucket,
+                detail: e.to_string(),
+            })?;
+        match kv.create(name, Bytes::copy_from_slice(&candidate)).await {
+            Ok(_) => return Ok(candidate),
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
+            Err(e) => {
+                return Err(ClusterError::Nats(format!(
+                    "cannot store the key {name}: {e}"
+                )))
+            }
+        }
+        let stored = kv
+            .get(name)
+            .await
+            .map_err(|e| ClusterError::Nats(format!("cannot read the key {name}: {e}")))?
+            .ok_or_else(|| ClusterError::Nats(format!("the key {name} vanished")))?;
+        <[u8; 32]>::try_from(&stored[..])
+            .map_err(|_| ClusterError::Nats(format!("the key {name} is not 32 bytes")))
+    }
+
+    /// Whether the cluster's store holds the image `name`.
+    pub async fn has_image(&self, name: &str) -> Result<bool, ClusterError> {
+        self.images.has(name).await
+    }
+
+    /// Delete the image `name` (gone already is fine).
+    pub async fn delete_image(&self, name: &str) -> Result<(), ClusterError> {
+        self.images.delete(name).await
     }
 
     fn info(&self, broker: &Broker) -> NodeInfo {

@@ -115,6 +115,8 @@ pub(crate) struct Shared {
     /// Firmware artifacts, campaigns and their jobs; changes are written
     /// through to the store under this lock.
     pub ota: Mutex<ota::OtaBook>,
+    /// Told after every OTA change this node wrote (a cluster's notice).
+    pub ota_watch: RwLock<Option<Arc<dyn Fn() + Send + Sync>>>,
     /// Diagnostics configuration and the uploads under way; serializes
     /// every diagnostics change.
     pub diagnostics: Mutex<diagnostic::DiagnosticBook>,
@@ -193,6 +195,7 @@ impl Fleet {
                 snap.campaigns,
                 snap.jobs,
             )),
+            ota_watch: RwLock::new(None),
             diagnostics: Mutex::new(diagnostic::DiagnosticBook::default()),
             wake: Condvar::new(),
             flush_lock: Mutex::new(()),

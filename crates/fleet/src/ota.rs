@@ -41,13 +41,33 @@
 //!
 //! Every job and campaign change is written to the store before it takes
 //! effect in memory, so a restart resumes where the campaign stood.
+//!
+//! # Several nodes, one store
+//!
+//! When other nodes write the store too ([`FleetStore::is_shared`]: the
+//! cluster's PostgreSQL), memory is only a cache. A device's request is
+//! answered from its job as stored, a tick (of the campaigns this node
+//! drives, [`Fleet::ota_tick_owned`]) and an operator's change from the
+//! campaign as stored, and every write is conditional on the stored rows
+//! still being what was read ([`FleetStore::put_campaign_if`]): the loser
+//! of a race (a timeout decided while the device's report went in through
+//! another node) writes and tells nothing, reads again and decides again.
+//! Progress reports are then written too (the driving node needs them to
+//! see a device is alive), and the start rate counts the jobs'
+//! `notified_ms`, which every node reads alike. [`Fleet::reload_ota`]
+//! refreshes the cache when another node announces a change
+//! ([`Fleet::on_ota_change`]).
+//!
+//! [`FleetStore::is_shared`]: crate::store::FleetStore::is_shared
+//! [`FleetStore::put_campaign_if`]: crate::store::FleetStore::put_campaign_if
 
 use crate::setting::Selector;
 use crate::{random_id, Fleet, RegistryError, Result};
 use m2mhub_identity::DeviceFilter;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Devices one campaign may target at most.
 pub const MAX_TARGETS: usize = 100_000;
@@ -322,15 +342,35 @@ impl Run {
             .count()
     }
 
-    /// Starts left under the rate limit at `now`.
-    fn start_room(&mut self, now: i64) -> usize {
+    /// Starts left under the rate limit at `now`. With a shared store
+    /// (`shared`), devices are told by several nodes (the ticking one and
+    /// those devices ask through), so the count is the jobs' own
+    /// `notified_ms` within the last minute, which every node reads alike.
+    fn start_room(&mut self, now: i64, shared: bool) -> usize {
         while self.starts.front().is_some_and(|t| *t <= now - 60_000) {
             self.starts.pop_front();
         }
-        match self.campaign.max_starts_per_minute {
-            Some(max) => (max as usize).saturating_sub(self.starts.len()),
-            None => usize::MAX,
-        }
+        let Some(max) = self.campaign.max_starts_per_minute else {
+            return usize::MAX;
+        };
+        let recent = if shared {
+            self.jobs
+                .iter()
+                .filter(|j| j.notified_ms.is_some_and(|t| t > now - 60_000))
+                .count()
+        } else {
+            self.starts.len()
+        };
+        (max as usize).saturating_sub(recent)
+    }
+
+    fn index_devices(&mut self) {
+        self.by_device = self
+            .jobs
+            .iter()
+            .enumerate()
+            .map(|(i, j)| (j.device_id.clone(), i))
+            .collect();
     }
 }
 
@@ -367,6 +407,70 @@ impl OtaBook {
             book.runs.insert(c.id.clone(), Run::new(c, jobs));
         }
         book
+    }
+
+    /// Replace one campaign and its jobs with what the store holds (another
+    /// node may have changed them), keeping this node's start times.
+    fn refresh_run(&mut self, campaign: Campaign, mut jobs: Vec<Job>) {
+        jobs.sort_by(|a, b| (a.wave, &a.device_id).cmp(&(b.wave, &b.device_id)));
+        let id = campaign.id.clone();
+        for j in &jobs {
+            if j.state.is_over() {
+                if self.active.get(&j.device_id) == Some(&id) {
+                    self.active.remove(&j.device_id);
+                }
+            } else {
+                self.active.insert(j.device_id.clone(), id.clone());
+            }
+        }
+        match self.runs.get_mut(&id) {
+            Some(run) => {
+                run.campaign = campaign;
+                run.jobs = jobs;
+                run.index_devices();
+            }
+            None => {
+                self.runs.insert(id, Run::new(campaign, jobs));
+            }
+        }
+    }
+
+    /// Replace one job with the stored one.
+    fn refresh_job(&mut self, job: Job) {
+        let Some(run) = self.runs.get_mut(&job.campaign_id) else {
+            return;
+        };
+        let Some(&i) = run.by_device.get(&job.device_id) else {
+            return;
+        };
+        if job.state.is_over() && self.active.get(&job.device_id) == Some(&job.campaign_id) {
+            self.active.remove(&job.device_id);
+        }
+        run.jobs[i] = job;
+    }
+
+    /// Everything again from the store (another node changed it), keeping
+    /// this node's start times. Returns the artifacts that are gone.
+    fn reload(
+        &mut self,
+        artifacts: Vec<Artifact>,
+        campaigns: Vec<Campaign>,
+        jobs: Vec<Job>,
+    ) -> Vec<String> {
+        let mut fresh = OtaBook::load(artifacts, campaigns, jobs);
+        for (id, run) in &mut self.runs {
+            if let Some(new) = fresh.runs.get_mut(id) {
+                new.starts = std::mem::take(&mut run.starts);
+            }
+        }
+        let gone = self
+            .artifacts
+            .keys()
+            .filter(|id| !fresh.artifacts.contains_key(*id))
+            .cloned()
+            .collect();
+        *self = fresh;
+        gone
     }
 
     pub fn forget_device(&mut self, device_id: &str) {
@@ -513,6 +617,8 @@ impl Fleet {
         }
         self.shared.store.put_artifact(&a)?;
         ota.artifacts.insert(a.id.clone(), a.clone());
+        drop(ota);
+        self.ota_changed();
         Ok(a)
     }
 
@@ -568,6 +674,8 @@ impl Fleet {
         }
         self.shared.store.delete_artifact(id)?;
         ota.artifacts.remove(id);
+        drop(ota);
+        self.ota_changed();
         Ok(a)
     }
 
@@ -690,6 +798,8 @@ impl Fleet {
             ota.active.insert(j.device_id.clone(), id.clone());
         }
         ota.runs.insert(id, Run::new(campaign.clone(), jobs));
+        drop(ota);
+        self.ota_changed();
         Ok(campaign)
     }
 
@@ -787,29 +897,24 @@ impl Fleet {
         pause: bool,
         now: i64,
     ) -> Result<Campaign> {
-        let mut ota = self.shared.ota.lock();
-        let run = ota
-            .runs
-            .get_mut(id)
-            .filter(|r| tenant.is_none_or(|t| r.campaign.tenant == t))
-            .ok_or_else(|| RegistryError::NotFound(format!("campaign {id}")))?;
         let (from, to) = if pause {
             (CampaignStatus::Running, CampaignStatus::Paused)
         } else {
             (CampaignStatus::Paused, CampaignStatus::Running)
         };
-        if run.campaign.status != from {
-            return Err(RegistryError::Conflict(format!(
-                "campaign {id} is {:?}, not {:?}",
-                run.campaign.status, from
-            )));
-        }
-        let mut c = run.campaign.clone();
-        c.status = to;
-        c.updated_ms = now;
-        self.shared.store.put_campaign(&c, &[])?;
-        run.campaign = c.clone();
-        Ok(c)
+        let c = self.change_campaign(tenant, id, |run| {
+            if run.campaign.status != from {
+                return Err(RegistryError::Conflict(format!(
+                    "campaign {id} is {:?}, not {:?}",
+                    run.campaign.status, from
+                )));
+            }
+            let mut c = run.campaign.clone();
+            c.status = to;
+            c.updated_ms = now;
+            Ok((c, Vec::new(), Vec::new()))
+        })?;
+        Ok(c.0)
     }
 
     /// Cancel a campaign: jobs not begun are cancelled (devices already told
@@ -821,28 +926,68 @@ impl Fleet {
         reason: &str,
         now: i64,
     ) -> Result<(Campaign, Vec<Notice>)> {
-        let mut ota = self.shared.ota.lock();
-        let ota = &mut *ota;
-        let run = ota
-            .runs
-            .get_mut(id)
-            .filter(|r| tenant.is_none_or(|t| r.campaign.tenant == t))
-            .ok_or_else(|| RegistryError::NotFound(format!("campaign {id}")))?;
-        if run.campaign.status.is_over() {
-            return Err(RegistryError::Conflict(format!(
-                "campaign {id} is already {:?}",
-                run.campaign.status
-            )));
+        self.change_campaign(tenant, id, |run| {
+            if run.campaign.status.is_over() {
+                return Err(RegistryError::Conflict(format!(
+                    "campaign {id} is already {:?}",
+                    run.campaign.status
+                )));
+            }
+            let mut c = run.campaign.clone();
+            c.status = CampaignStatus::Cancelled;
+            c.reason = Some(reason.into());
+            c.updated_ms = now;
+            let (changed, notices) = stop_waiting(run, now, reason);
+            Ok((c, changed, notices))
+        })
+    }
+
+    /// An operator's change of a campaign: `decide` gives the new record,
+    /// the changed jobs and the notices from the campaign as it stands.
+    /// With a shared store it stands as stored, and the write is
+    /// conditional: when the ticking node (or another operator) changed it
+    /// meanwhile, read again and decide again.
+    fn change_campaign(
+        &self,
+        tenant: Option<&str>,
+        id: &str,
+        decide: impl Fn(&Run) -> Result<(Campaign, Vec<Job>, Vec<Notice>)>,
+    ) -> Result<(Campaign, Vec<Notice>)> {
+        let shared = self.shared.store.is_shared();
+        for _ in 0..RACE_RETRIES {
+            let mut book = self.shared.ota.lock();
+            let ota = &mut *book;
+            if shared {
+                if let Some((c, jobs)) = self.shared.store.stored_campaign(id)? {
+                    ota.refresh_run(c, jobs);
+                }
+            }
+            let run = ota
+                .runs
+                .get_mut(id)
+                .filter(|r| tenant.is_none_or(|t| r.campaign.tenant == t))
+                .ok_or_else(|| RegistryError::NotFound(format!("campaign {id}")))?;
+            let (c, changed, notices) = decide(run)?;
+            if shared {
+                let pairs = read_pairs(run, &changed);
+                let prev = run.campaign.updated_ms;
+                if !self
+                    .shared
+                    .store
+                    .put_campaign_if(Some((&c, prev)), &pairs)?
+                {
+                    continue;
+                }
+            } else {
+                self.shared.store.put_campaign(&c, &changed)?;
+            }
+            apply_jobs(run, &mut ota.active, changed);
+            run.campaign = c.clone();
+            drop(book);
+            self.ota_changed();
+            return Ok((c, notices));
         }
-        let mut c = run.campaign.clone();
-        c.status = CampaignStatus::Cancelled;
-        c.reason = Some(reason.into());
-        c.updated_ms = now;
-        let (changed, notices) = stop_waiting(run, now, reason);
-        self.shared.store.put_campaign(&c, &changed)?;
-        apply_jobs(run, &mut ota.active, changed);
-        run.campaign = c.clone();
-        Ok((c, notices))
+        Err(lost_race(id))
     }
 
     // ---- the engine ----
@@ -850,77 +995,146 @@ impl Fleet {
     /// Advance every unfinished campaign to `now` (see the module docs).
     /// Returns what to tell devices.
     pub fn ota_tick(&self, now: i64, online: &dyn Fn(&str) -> bool) -> Result<Vec<Notice>> {
+        self.ota_tick_owned(now, online, &|_| true)
+    }
+
+    /// [`Fleet::ota_tick`] for the campaigns `drives` says this node
+    /// drives (in a cluster, those whose lease it holds). With a shared
+    /// store each campaign is read from the store first and written
+    /// conditionally: a tick that lost a race to another node's write (a
+    /// device's report through another node) writes and tells nothing, and
+    /// the next tick decides from what is stored.
+    pub fn ota_tick_owned(
+        &self,
+        now: i64,
+        online: &dyn Fn(&str) -> bool,
+        drives: &dyn Fn(&str) -> bool,
+    ) -> Result<Vec<Notice>> {
+        let shared = self.shared.store.is_shared();
+        let mut notices = Vec::new();
+        let mut wrote = false;
         let mut ota = self.shared.ota.lock();
         let ota = &mut *ota;
-        let mut notices = Vec::new();
-        for run in ota.runs.values_mut() {
+        let ids: Vec<String> = ota
+            .runs
+            .iter()
+            .filter(|(id, r)| !r.campaign.status.is_over() && drives(id))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in ids {
+            if shared {
+                match self.shared.store.stored_campaign(&id)? {
+                    Some((c, jobs)) => ota.refresh_run(c, jobs),
+                    None => continue,
+                }
+            }
+            let Some(run) = ota.runs.get_mut(&id) else {
+                continue;
+            };
             if run.campaign.status.is_over() {
                 continue;
             }
-            let (c, jobs, mut n) = step(run, &ota.artifacts, now, online);
+            let starts = run.starts.len();
+            let (c, jobs, mut n) = step(run, &ota.artifacts, now, online, shared);
             if c.is_none() && jobs.is_empty() {
                 continue;
             }
-            let campaign = c.clone().unwrap_or_else(|| run.campaign.clone());
-            self.shared.store.put_campaign(&campaign, &jobs)?;
+            if shared {
+                let pairs = read_pairs(run, &jobs);
+                let prev = c.as_ref().map(|c| (c, run.campaign.updated_ms));
+                if !self.shared.store.put_campaign_if(prev, &pairs)? {
+                    run.starts.truncate(starts);
+                    tracing::debug!(campaign = %id, "another node changed the campaign during the tick; deciding again on the next");
+                    continue;
+                }
+            } else {
+                let campaign = c.clone().unwrap_or_else(|| run.campaign.clone());
+                self.shared.store.put_campaign(&campaign, &jobs)?;
+            }
+            wrote = true;
             apply_jobs(run, &mut ota.active, jobs);
             if let Some(c) = c {
                 run.campaign = c;
             }
             notices.append(&mut n);
         }
+        if wrote {
+            self.ota_changed();
+        }
         Ok(notices)
     }
 
     /// A device asks for its job (`devices/{id}/ota/job/get`): its current
     /// job if its wave has started (a pending job is started now, within
-    /// the rate limit), else `None`.
+    /// the rate limit), else `None`. With a shared store, the job is read
+    /// from it first (the ticking node may be another).
     pub fn ota_job_for(&self, device_id: &str, now: i64) -> Result<Option<Notice>> {
-        let mut ota = self.shared.ota.lock();
-        let ota = &mut *ota;
-        let Some(cid) = ota.active.get(device_id).cloned() else {
-            return Ok(None);
-        };
-        let Some(run) = ota.runs.get_mut(&cid) else {
-            return Ok(None);
-        };
-        let Some(&i) = run.by_device.get(device_id) else {
-            return Ok(None);
-        };
-        let Some(artifact) = ota.artifacts.get(&run.campaign.artifact_id).cloned() else {
-            return Ok(None);
-        };
-        let job = run.jobs[i].clone();
-        match job.state {
-            s if s.in_progress() => Ok(Some(Notice::Job {
-                job,
-                artifact: Box::new(artifact),
-            })),
-            JobState::Pending
-                if run.campaign.status == CampaignStatus::Running && run.start_room(now) > 0 =>
-            {
-                let mut j = job;
-                j.state = JobState::Notified;
-                j.notified_ms = Some(now);
-                j.updated_ms = now;
-                self.shared
-                    .store
-                    .put_campaign(&run.campaign, std::slice::from_ref(&j))?;
-                run.starts.push_back(now);
-                run.jobs[i] = j.clone();
-                Ok(Some(Notice::Job {
-                    job: j,
-                    artifact: Box::new(artifact),
-                }))
+        let shared = self.shared.store.is_shared();
+        for _ in 0..RACE_RETRIES {
+            let mut book = self.shared.ota.lock();
+            let ota = &mut *book;
+            let Some(cid) = ota.active.get(device_id).cloned() else {
+                return Ok(None);
+            };
+            if shared {
+                if let Some(j) = self.shared.store.stored_job(&cid, device_id)? {
+                    ota.refresh_job(j);
+                }
             }
-            _ => Ok(None),
+            let Some(run) = ota.runs.get_mut(&cid) else {
+                return Ok(None);
+            };
+            let Some(&i) = run.by_device.get(device_id) else {
+                return Ok(None);
+            };
+            let Some(artifact) = ota.artifacts.get(&run.campaign.artifact_id).cloned() else {
+                return Ok(None);
+            };
+            let job = run.jobs[i].clone();
+            return match job.state {
+                s if s.in_progress() => Ok(Some(Notice::Job {
+                    job,
+                    artifact: Box::new(artifact),
+                })),
+                JobState::Pending
+                    if run.campaign.status == CampaignStatus::Running
+                        && run.start_room(now, shared) > 0 =>
+                {
+                    let mut j = job.clone();
+                    j.state = JobState::Notified;
+                    j.notified_ms = Some(now);
+                    j.updated_ms = now;
+                    if shared {
+                        if !self.shared.store.put_campaign_if(None, &[(&j, &job)])? {
+                            continue;
+                        }
+                    } else {
+                        self.shared
+                            .store
+                            .put_campaign(&run.campaign, std::slice::from_ref(&j))?;
+                    }
+                    run.starts.push_back(now);
+                    run.jobs[i] = j.clone();
+                    drop(book);
+                    self.ota_changed();
+                    Ok(Some(Notice::Job {
+                        job: j,
+                        artifact: Box::new(artifact),
+                    }))
+                }
+                _ => Ok(None),
+            };
         }
+        Err(lost_race(device_id))
     }
 
     /// The artifact of a device's job in progress (`job_id`: its campaign),
     /// for downloads: only a device told of a job may fetch its image.
     pub fn ota_artifact_for(&self, device_id: &str, job_id: &str) -> Result<Artifact> {
-        let ota = self.shared.ota.lock();
+        let mut ota = self.shared.ota.lock();
+        if self.shared.store.is_shared() {
+            self.refresh_stored_job(&mut ota, job_id, device_id)?;
+        }
         let run = ota
             .runs
             .get(job_id)
@@ -945,84 +1159,201 @@ impl Fleet {
     }
 
     /// A device's report on its job. Returns the job as it now stands and
-    /// the artifact (to record the version it runs).
+    /// the artifact (to record the version it runs). With a shared store
+    /// the report applies to the stored job and is written conditionally
+    /// (re-read and applied again when the ticking node wrote the job
+    /// first), every report, so the ticking node sees the device's
+    /// progress and does not time it out.
     pub fn ota_report(
         &self,
         device_id: &str,
         r: &StatusReport,
         now: i64,
     ) -> Result<(Job, Artifact)> {
-        let mut ota = self.shared.ota.lock();
-        let ota = &mut *ota;
-        let run = ota
-            .runs
-            .get_mut(&r.job_id)
-            .ok_or_else(|| RegistryError::NotFound(format!("job {}", r.job_id)))?;
-        let i = *run
-            .by_device
-            .get(device_id)
-            .ok_or_else(|| RegistryError::NotFound(format!("job {} of {device_id}", r.job_id)))?;
-        let artifact = ota
-            .artifacts
-            .get(&run.campaign.artifact_id)
-            .cloned()
-            .ok_or_else(|| {
-                RegistryError::NotFound(format!("artifact {}", run.campaign.artifact_id))
-            })?;
-        let job = &run.jobs[i];
-        if !job.state.in_progress() {
-            return Err(RegistryError::Conflict(format!(
-                "job {} is {}: no report is expected",
-                r.job_id,
-                job.state.as_str()
-            )));
-        }
-        if matches!(
-            r.state,
-            JobState::Queued
-                | JobState::Pending
-                | JobState::Notified
-                | JobState::Cancelled
-                | JobState::Expired
-        ) {
-            return Err(RegistryError::Validation(format!(
-                "`state` must be downloading, verifying, installing, succeeded, failed or rejected, not {}",
-                r.state.as_str()
-            )));
-        }
-        let mut j = job.clone();
-        j.state = r.state;
-        j.updated_ms = now;
-        if let Some(p) = r.progress {
-            j.progress = p.min(100);
-        }
-        j.reason = r.reason.as_ref().map(|s| s.chars().take(256).collect());
-        if r.state == JobState::Succeeded {
-            j.progress = 100;
-            match &r.version {
-                Some(v) if *v != artifact.version => {
-                    j.state = JobState::Failed;
-                    j.reason = Some(format!(
-                        "reported version {v} after the install, expected {}",
-                        artifact.version
-                    ));
-                }
-                _ => {}
+        let shared = self.shared.store.is_shared();
+        for _ in 0..RACE_RETRIES {
+            let mut book = self.shared.ota.lock();
+            let ota = &mut *book;
+            if shared {
+                self.refresh_stored_job(ota, &r.job_id, device_id)?;
             }
+            let run = ota
+                .runs
+                .get_mut(&r.job_id)
+                .ok_or_else(|| RegistryError::NotFound(format!("job {}", r.job_id)))?;
+            let i = *run.by_device.get(device_id).ok_or_else(|| {
+                RegistryError::NotFound(format!("job {} of {device_id}", r.job_id))
+            })?;
+            let artifact = ota
+                .artifacts
+                .get(&run.campaign.artifact_id)
+                .cloned()
+                .ok_or_else(|| {
+                    RegistryError::NotFound(format!("artifact {}", run.campaign.artifact_id))
+                })?;
+            let job = run.jobs[i].clone();
+            let j = apply_report(&job, r, &artifact, now)?;
+            if shared {
+                if !self.shared.store.put_campaign_if(None, &[(&j, &job)])? {
+                    continue;
+                }
+            } else if j.state != job.state {
+                // A progress report within a state is kept in memory only:
+                // the store is written on state changes.
+                self.shared
+                    .store
+                    .put_campaign(&run.campaign, std::slice::from_ref(&j))?;
+            }
+            apply_jobs(run, &mut ota.active, vec![j.clone()]);
+            let changed = shared || j.state != job.state;
+            drop(book);
+            if changed {
+                self.ota_changed();
+            }
+            return Ok((j, artifact));
         }
-        if j.state.is_failure() && j.reason.is_none() {
-            j.reason = Some("no reason given".into());
-        }
-        // A progress report within a state is kept in memory only: the
-        // store is written on state changes.
-        if j.state != job.state {
-            self.shared
-                .store
-                .put_campaign(&run.campaign, std::slice::from_ref(&j))?;
-        }
-        apply_jobs(run, &mut ota.active, vec![j.clone()]);
-        Ok((j, artifact))
+        Err(lost_race(&r.job_id))
     }
+
+    /// Bring one device's job up to date from a shared store. A campaign
+    /// this node has not heard of yet (made on another node an instant
+    /// ago; the driving node may tell its devices before this node's
+    /// reload) is read whole.
+    fn refresh_stored_job(
+        &self,
+        ota: &mut OtaBook,
+        campaign_id: &str,
+        device_id: &str,
+    ) -> Result<()> {
+        if ota.runs.contains_key(campaign_id) {
+            if let Some(j) = self.shared.store.stored_job(campaign_id, device_id)? {
+                ota.refresh_job(j);
+            }
+        } else if let Some((c, jobs)) = self.shared.store.stored_campaign(campaign_id)? {
+            ota.refresh_run(c, jobs);
+        }
+        Ok(())
+    }
+
+    /// Read everything OTA again from the store: another node changed a
+    /// campaign, a job or an artifact. Returns the artifacts that are gone
+    /// (their cached images can go too).
+    pub fn reload_ota(&self) -> Result<Vec<String>> {
+        let (artifacts, campaigns, jobs) = self.shared.store.load_ota()?;
+        Ok(self.shared.ota.lock().reload(artifacts, campaigns, jobs))
+    }
+
+    /// The campaigns not finished, which a cluster node wants a lease on.
+    pub fn ota_unfinished(&self) -> BTreeSet<String> {
+        self.shared
+            .ota
+            .lock()
+            .runs
+            .values()
+            .filter(|r| !r.campaign.status.is_over())
+            .map(|r| r.campaign.id.clone())
+            .collect()
+    }
+
+    /// Devices a tick of the campaigns `drives` picks may tell (their jobs
+    /// wait), at most `limit`: in a cluster, whether they are online is
+    /// asked of every node before the tick.
+    pub fn ota_waiting_devices(&self, drives: &dyn Fn(&str) -> bool, limit: usize) -> Vec<String> {
+        let ota = self.shared.ota.lock();
+        ota.runs
+            .values()
+            .filter(|r| r.campaign.status == CampaignStatus::Running && drives(&r.campaign.id))
+            .flat_map(|r| {
+                // Pending jobs, and those of the wave a tick may start.
+                let next = r.started_waves();
+                r.jobs.iter().filter(move |j| {
+                    j.state == JobState::Pending || (j.state == JobState::Queued && j.wave == next)
+                })
+            })
+            .take(limit)
+            .map(|j| j.device_id.clone())
+            .collect()
+    }
+
+    /// Called after every OTA change this node wrote (a cluster tells the
+    /// other nodes, which reload): one listener, a later call replaces it.
+    pub fn on_ota_change(&self, f: Arc<dyn Fn() + Send + Sync>) {
+        *self.shared.ota_watch.write() = Some(f);
+    }
+
+    fn ota_changed(&self) {
+        let f = self.shared.ota_watch.read().clone();
+        if let Some(f) = f {
+            f();
+        }
+    }
+}
+
+/// Conditional writes lost to another node in a row before giving up
+/// (each retry reads again; losing this often means heavy contention).
+const RACE_RETRIES: usize = 4;
+
+fn lost_race(what: &str) -> RegistryError {
+    RegistryError::Conflict(format!(
+        "{what} changed on another node meanwhile, several times: try again"
+    ))
+}
+
+/// Each changed job with the job as this node read it, for a conditional
+/// write.
+fn read_pairs<'a>(run: &'a Run, changed: &'a [Job]) -> Vec<(&'a Job, &'a Job)> {
+    changed
+        .iter()
+        .filter_map(|j| run.by_device.get(&j.device_id).map(|&i| (j, &run.jobs[i])))
+        .collect()
+}
+
+/// A device's report applied to its job as it stands.
+fn apply_report(job: &Job, r: &StatusReport, artifact: &Artifact, now: i64) -> Result<Job> {
+    if !job.state.in_progress() {
+        return Err(RegistryError::Conflict(format!(
+            "job {} is {}: no report is expected",
+            r.job_id,
+            job.state.as_str()
+        )));
+    }
+    if matches!(
+        r.state,
+        JobState::Queued
+            | JobState::Pending
+            | JobState::Notified
+            | JobState::Cancelled
+            | JobState::Expired
+    ) {
+        return Err(RegistryError::Validation(format!(
+            "`state` must be downloading, verifying, installing, succeeded, failed or rejected, not {}",
+            r.state.as_str()
+        )));
+    }
+    let mut j = job.clone();
+    j.state = r.state;
+    j.updated_ms = now;
+    if let Some(p) = r.progress {
+        j.progress = p.min(100);
+    }
+    j.reason = r.reason.as_ref().map(|s| s.chars().take(256).collect());
+    if r.state == JobState::Succeeded {
+        j.progress = 100;
+        match &r.version {
+            Some(v) if *v != artifact.version => {
+                j.state = JobState::Failed;
+                j.reason = Some(format!(
+                    "reported version {v} after the install, expected {}",
+                    artifact.version
+                ));
+            }
+            _ => {}
+        }
+    }
+    if j.state.is_failure() && j.reason.is_none() {
+        j.reason = Some("no reason given".into());
+    }
+    Ok(j)
 }
 
 /// Put changed jobs in place and keep the device index in step.
@@ -1067,8 +1398,9 @@ fn step(
     artifacts: &BTreeMap<String, Artifact>,
     now: i64,
     online: &dyn Fn(&str) -> bool,
+    shared: bool,
 ) -> (Option<Campaign>, Vec<Job>, Vec<Notice>) {
-    let mut room = run.start_room(now);
+    let mut room = run.start_room(now, shared);
     let mut started_now = 0;
     let mut c = run.campaign.clone();
     let mut changed: HashMap<usize, Job> = HashMap::new();
@@ -1291,6 +1623,130 @@ mod tests {
             .collect();
         v.sort();
         v
+    }
+
+    /// Two nodes over one store (SQLite standing in for the cluster's
+    /// PostgreSQL): a device's report through one node is what the other,
+    /// driving node's tick sees (no timeout of a device that reported), and
+    /// a job the driving node timed out is not brought back by a report
+    /// through a node whose copy still says it runs.
+    #[test]
+    fn nodes_sharing_the_store_neither_lose_nor_resurrect_a_job() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = m2mhub_identity::Registry::open(dir.path()).expect("registry");
+        let node = || {
+            let store = crate::sqlite::SqliteFleetStore::open(&dir.path().join("registry.db"))
+                .expect("store")
+                .shared();
+            Fleet::with_store(Box::new(store), reg.clone()).expect("fleet")
+        };
+        let (driver, other) = (node(), node());
+        for d in ["d1", "d2"] {
+            device(&driver, d);
+        }
+        let a = artifact(&driver);
+        let c = driver
+            .create_campaign(
+                "default",
+                NewCampaign {
+                    artifact: a.id.clone(),
+                    devices: Some(vec!["d1".into(), "d2".into()]),
+                    job_timeout_s: Some(10),
+                    failure_threshold: Some(1.0),
+                    ..Default::default()
+                },
+                "ops",
+                1_000,
+            )
+            .expect("campaign");
+        other.reload_ota().expect("reload");
+        assert_eq!(other.get_campaign(None, &c.id).expect("seen").1.len(), 2);
+
+        // The driving node tells both devices.
+        let n = driver.ota_tick(1_000, &|_| true).expect("tick");
+        assert_eq!(told(&n), vec!["d1", "d2"]);
+        // d1 reports through the other node, whose copy still says
+        // pending: the report applies to the stored job.
+        let j = report(&other, "d1", &c.id, JobState::Downloading, 8_000);
+        assert_eq!((j.state, j.updated_ms), (JobState::Downloading, 8_000));
+        // At 12 s the driving node's copy of d1 is silent for 11 s, but it
+        // ticks from the store: only d2, really silent, fails.
+        driver.ota_tick(12_000, &|_| true).expect("tick");
+        let (_, jobs) = driver.get_campaign(None, &c.id).expect("campaign");
+        let state = |d: &str| jobs.iter().find(|j| j.device_id == d).map(|j| j.state);
+        assert_eq!(state("d1"), Some(JobState::Downloading));
+        assert_eq!(state("d2"), Some(JobState::Failed));
+        // d2 reports late through the other node, whose copy says notified:
+        // refused, and the stored job stays failed.
+        let late = other.ota_report(
+            "d2",
+            &StatusReport {
+                job_id: c.id.clone(),
+                state: JobState::Downloading,
+                progress: Some(10),
+                reason: None,
+                version: None,
+            },
+            12_500,
+        );
+        assert!(matches!(late, Err(RegistryError::Conflict(_))), "{late:?}");
+        other.reload_ota().expect("reload");
+        let (_, jobs) = other.get_campaign(None, &c.id).expect("campaign");
+        let d2 = jobs.iter().find(|j| j.device_id == "d2").expect("d2");
+        assert_eq!(d2.state, JobState::Failed);
+        // d1 finishes through the other node; the driver completes it.
+        report(&other, "d1", &c.id, JobState::Succeeded, 13_000);
+        driver.ota_tick(14_000, &|_| true).expect("tick");
+        let (c, _) = driver.get_campaign(None, &c.id).expect("campaign");
+        assert_eq!(c.status, CampaignStatus::Completed);
+    }
+
+    /// An operator pauses a campaign through a node that does not drive
+    /// it: the driving node, whose copy still says running, ticks from the
+    /// store and tells no one until it is resumed.
+    #[test]
+    fn a_pause_through_another_node_holds_the_driving_node() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = m2mhub_identity::Registry::open(dir.path()).expect("registry");
+        let node = || {
+            let store = crate::sqlite::SqliteFleetStore::open(&dir.path().join("registry.db"))
+                .expect("store")
+                .shared();
+            Fleet::with_store(Box::new(store), reg.clone()).expect("fleet")
+        };
+        let (driver, other) = (node(), node());
+        device(&driver, "d1");
+        let a = artifact(&driver);
+        let c = driver
+            .create_campaign(
+                "default",
+                NewCampaign {
+                    artifact: a.id.clone(),
+                    devices: Some(vec!["d1".into()]),
+                    ..Default::default()
+                },
+                "ops",
+                1_000,
+            )
+            .expect("campaign");
+        other.reload_ota().expect("reload");
+        other
+            .pause_campaign(None, &c.id, true, 1_500)
+            .expect("pause");
+        assert!(told(&driver.ota_tick(2_000, &|_| true).expect("tick")).is_empty());
+        assert_eq!(
+            driver.get_campaign(None, &c.id).expect("campaign").0.status,
+            CampaignStatus::Paused
+        );
+        // Resumed through the other node (which decides from the stored
+        // campaign too): the driver tells the device on its next tick.
+        other
+            .pause_campaign(None, &c.id, false, 2_500)
+            .expect("resume");
+        assert_eq!(
+            told(&driver.ota_tick(3_000, &|_| true).expect("tick")),
+            vec!["d1"]
+        );
     }
 
     #[test]

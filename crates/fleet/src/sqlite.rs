@@ -245,6 +245,8 @@ pub const RULE_COLUMNS: &str =
 /// serializes writes anyway and reads come mostly from its caches.
 pub struct SqliteFleetStore {
     conn: Mutex<Connection>,
+    /// Other writers share the file (tests only; see `shared`).
+    shared: bool,
 }
 
 impl SqliteFleetStore {
@@ -254,7 +256,17 @@ impl SqliteFleetStore {
         migrate(&mut conn, "fleet", MIGRATIONS)?;
         Ok(SqliteFleetStore {
             conn: Mutex::new(conn),
+            shared: false,
         })
+    }
+
+    /// Say other fleets write this file too: the unit tests' stand-in for
+    /// cluster nodes sharing PostgreSQL (two fleets, two connections, one
+    /// file), to drive the shared-store paths without a server.
+    #[cfg(test)]
+    pub(crate) fn shared(mut self) -> SqliteFleetStore {
+        self.shared = true;
+        self
     }
 
     fn exec(&self, sql: &str, p: impl rusqlite::Params) -> Result<usize> {
@@ -875,6 +887,96 @@ impl FleetStore for SqliteFleetStore {
         }
         tx.commit()?;
         Ok(())
+    }
+
+    fn is_shared(&self) -> bool {
+        self.shared
+    }
+
+    fn load_ota(&self) -> Result<(Vec<Artifact>, Vec<Campaign>, Vec<Job>)> {
+        let mut c = self.conn.lock();
+        let tx = c.transaction()?;
+        let out = (
+            docs(&tx, "SELECT doc FROM ota_artifacts")?,
+            docs(&tx, "SELECT doc FROM ota_campaigns")?,
+            docs(&tx, "SELECT doc FROM ota_jobs")?,
+        );
+        tx.commit()?;
+        Ok(out)
+    }
+
+    fn stored_campaign(&self, id: &str) -> Result<Option<(Campaign, Vec<Job>)>> {
+        let c = self.conn.lock();
+        let doc: Option<String> = c
+            .query_row(
+                "SELECT doc FROM ota_campaigns WHERE id = ?",
+                params![id],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let Some(doc) = doc else {
+            return Ok(None);
+        };
+        let mut st = c.prepare_cached("SELECT doc FROM ota_jobs WHERE campaign_id = ?")?;
+        let rows = st.query_map(params![id], |r| r.get::<_, String>(0))?;
+        let mut jobs = Vec::new();
+        for j in rows {
+            jobs.push(serde_json::from_str(&j?)?);
+        }
+        Ok(Some((serde_json::from_str(&doc)?, jobs)))
+    }
+
+    fn stored_job(&self, campaign_id: &str, device_id: &str) -> Result<Option<Job>> {
+        let doc: Option<String> = self
+            .conn
+            .lock()
+            .query_row(
+                "SELECT doc FROM ota_jobs WHERE campaign_id = ? AND device_id = ?",
+                params![campaign_id, device_id],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(doc.map(|d| serde_json::from_str(&d)).transpose()?)
+    }
+
+    fn put_campaign_if(
+        &self,
+        campaign: Option<(&Campaign, i64)>,
+        jobs: &[(&Job, &Job)],
+    ) -> Result<bool> {
+        let mut c = self.conn.lock();
+        let tx = c.transaction()?;
+        if let Some((camp, prev_ms)) = campaign {
+            let n = tx
+                .prepare_cached(
+                    "UPDATE ota_campaigns SET doc = ? WHERE id = ? \
+                     AND json_extract(doc, '$.updated_ms') = ?",
+                )?
+                .execute(params![serde_json::to_string(camp)?, camp.id, prev_ms])?;
+            if n != 1 {
+                return Ok(false); // dropped: rolled back
+            }
+        }
+        {
+            let mut st = tx.prepare_cached(
+                "UPDATE ota_jobs SET state = ?, doc = ? \
+                 WHERE campaign_id = ? AND device_id = ? AND doc = ?",
+            )?;
+            for (j, read) in jobs {
+                let n = st.execute(params![
+                    j.state.as_str(),
+                    serde_json::to_string(j)?,
+                    j.campaign_id,
+                    j.device_id,
+                    serde_json::to_string(read)?
+                ])?;
+                if n != 1 {
+                    return Ok(false);
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(true)
     }
 
     fn delete_shadow(&self, device_id: &str, name: &str) -> Result<()> {

@@ -141,6 +141,37 @@ pub trait FleetStore: Send + Sync + 'static {
     /// Insert or replace a campaign and some of its jobs in one
     /// transaction.
     fn put_campaign(&self, c: &Campaign, jobs: &[Job]) -> Result<()>;
+
+    /// Whether other processes (cluster nodes) write this store too. Then
+    /// OTA reads a campaign's current state from the store before acting
+    /// on it and writes with [`FleetStore::put_campaign_if`]; with one
+    /// writer (the default) memory is the truth.
+    fn is_shared(&self) -> bool {
+        false
+    }
+
+    /// Every artifact, campaign and job as stored (another node changed
+    /// them).
+    fn load_ota(&self) -> Result<(Vec<Artifact>, Vec<Campaign>, Vec<Job>)>;
+
+    /// One campaign and all its jobs as stored; `None` when it is gone.
+    fn stored_campaign(&self, id: &str) -> Result<Option<(Campaign, Vec<Job>)>>;
+
+    /// One device's job in a campaign, as stored.
+    fn stored_job(&self, campaign_id: &str, device_id: &str) -> Result<Option<Job>>;
+
+    /// Write only what is still as this node read it, all or nothing, in
+    /// one transaction: the campaign (if given) only if the stored one's
+    /// `updated_ms` is the given one, and each job `(new, read)` only if
+    /// the stored job is exactly `read`. `false`, with nothing written,
+    /// when another node changed any of them first (a device's report on
+    /// one node and a timeout on the ticking node: neither overwrites the
+    /// other; the loser reads again and decides again).
+    fn put_campaign_if(
+        &self,
+        campaign: Option<(&Campaign, i64)>,
+        jobs: &[(&Job, &Job)],
+    ) -> Result<bool>;
     /// A device's commands, newest (by creation, then id) first: of
     /// `tenant` if given, older than the command `before` if given.
     fn list_commands(

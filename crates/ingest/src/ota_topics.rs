@@ -18,6 +18,13 @@
 //!
 //! A device may only fetch the image of a job it has been told of and not
 //! yet finished.
+//!
+//! In a cluster ([`OtaCluster`]) every node answers its own devices'
+//! requests from the shared store (fleet reads the job as stored and writes
+//! conditionally), only the node holding a campaign's lease ticks it, asking
+//! the other nodes which waiting devices they hold first, and images come
+//! from the cluster's shared store into a cache file under this node's data
+//! folder, checked against the artifact's SHA-256 before use.
 
 use base64::Engine;
 use m2mhub_broker::message::Message;
@@ -27,8 +34,37 @@ use m2mhub_fleet::{Artifact, Fleet, JobState, RegistryError, ShadowUpdate, Shado
 use m2mhub_identity::now_ms;
 use mqtt_codec::{PublishProperties, QoS};
 use serde_json::{json, Value};
+use std::collections::{BTreeSet, HashSet};
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
+
+/// A future the cluster adapter returns.
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// What a cluster gives the OTA service (the binary adapts
+/// `m2mhub_cluster::Cluster` and its leases to it; this crate knows no
+/// NATS).
+pub trait OtaCluster: Send + Sync {
+    /// Whether this node drives the campaign (holds its lease) now.
+    fn drives(&self, campaign_id: &str) -> bool;
+    /// The campaigns not finished: this node wants a lease on each (and
+    /// gets a share of them).
+    fn want(&self, campaigns: BTreeSet<String>);
+    /// Which of these devices are connected to another node.
+    fn online_elsewhere(&self, ids: Vec<String>) -> BoxFuture<HashSet<String>>;
+    /// Store an uploaded image for every node.
+    fn put_image(&self, artifact_id: String, path: PathBuf) -> BoxFuture<Result<(), String>>;
+    /// Copy an image into `dest`: `Ok(false)` when the store has none.
+    fn fetch_image(&self, artifact_id: String, dest: PathBuf) -> BoxFuture<Result<bool, String>>;
+    fn delete_image(&self, artifact_id: String) -> BoxFuture<Result<(), String>>;
+}
+
+/// Waiting devices a tick asks the other nodes about at most (one NATS
+/// message of their ids).
+const PRESENCE_LIMIT: usize = 4_000;
 
 /// OTA requests queued at most; past this the broker drops them and counts.
 const QUEUE: usize = 16_384;
@@ -125,6 +161,94 @@ pub struct OtaService {
     pub urls: DownloadUrls,
     /// Largest chunk served over MQTT (a device may ask for less).
     pub max_chunk: usize,
+    /// In a cluster: leases, presence and the shared images. `None`: one
+    /// node, everything local, as it always was.
+    pub cluster: Option<Arc<dyn OtaCluster>>,
+    /// One image copied from the cluster at a time (two requests for an
+    /// image not yet here wait for one copy).
+    pub fetching: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl OtaService {
+    /// The file of an artifact's image on this node. In a cluster an image
+    /// uploaded elsewhere is copied from the shared store on first use and
+    /// its size and SHA-256 checked against the artifact's before it is
+    /// put in place; alone, the file is where the upload put it.
+    pub async fn image_path(&self, a: &Artifact) -> Result<PathBuf, String> {
+        let path = self.files.path(&a.id);
+        let Some(cluster) = &self.cluster else {
+            return Ok(path);
+        };
+        if tokio::fs::try_exists(&path).await.unwrap_or(false) {
+            return Ok(path);
+        }
+        let _one = self.fetching.lock().await;
+        if tokio::fs::try_exists(&path).await.unwrap_or(false) {
+            return Ok(path);
+        }
+        let tmp = self.files.incoming();
+        let fetched = cluster.fetch_image(a.id.clone(), tmp.clone()).await;
+        let checked = match fetched {
+            Ok(true) => {
+                let (t, size, sha) = (tmp.clone(), a.size, a.sha256.clone());
+                tokio::task::spawn_blocking(move || check_image(&t, size, &sha))
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r)
+            }
+            Ok(false) => Err(format!("the cluster's image store has no image {}", a.id)),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = checked {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            return Err(e);
+        }
+        let (f, t, id) = (self.files.clone(), tmp.clone(), a.id.clone());
+        tokio::task::spawn_blocking(move || f.commit(&t, &id))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("cannot put the image in place: {e}"))?;
+        tracing::info!(artifact = %a.id, size = a.size, "firmware image copied from the cluster");
+        Ok(path)
+    }
+
+    /// [`OtaService::image_path`] from a blocking thread of the runtime.
+    fn image_path_blocking(&self, a: &Artifact) -> Result<PathBuf, String> {
+        if self.cluster.is_none() {
+            return Ok(self.files.path(&a.id));
+        }
+        tokio::runtime::Handle::current().block_on(self.image_path(a))
+    }
+}
+
+/// Whether the file at `path` is the image: `size` bytes whose SHA-256 is
+/// `sha256` (hex).
+fn check_image(path: &Path, size: u64, sha256: &str) -> Result<(), String> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let mut hash = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut n_total: u64 = 0;
+    loop {
+        let n = f.read(&mut buf).map_err(|e| e.to_string())?;
+        if n == 0 {
+            break;
+        }
+        n_total += n as u64;
+        hash.update(&buf[..n]);
+    }
+    let got: String = hash
+        .finish()
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    if n_total != size || got != sha256 {
+        return Err(format!(
+            "the image from the cluster is {n_total} bytes with SHA-256 {got}, not the artifact's {size} bytes with {sha256}: not used"
+        ));
+    }
+    Ok(())
 }
 
 /// What a device asked for.
@@ -164,12 +288,17 @@ pub fn serve(svc: OtaService, tick: Duration) -> tokio::task::JoinHandle<()> {
                     handle(&svc, &msg).await;
                 }
                 _ = timer.tick() => {
-                    let s = Arc::clone(&svc);
-                    let notices = tokio::task::spawn_blocking(move || {
-                        let broker = s.broker.clone();
-                        s.fleet.ota_tick(now_ms(), &|d| broker.is_online(d))
-                    })
-                    .await;
+                    let notices = match svc.cluster.clone() {
+                        None => {
+                            let s = Arc::clone(&svc);
+                            tokio::task::spawn_blocking(move || {
+                                let broker = s.broker.clone();
+                                s.fleet.ota_tick(now_ms(), &|d| broker.is_online(d))
+                            })
+                            .await
+                        }
+                        Some(c) => cluster_tick(&svc, c).await,
+                    };
                     match notices {
                         Ok(Ok(n)) => notify(&svc, n).await,
                         Ok(Err(e)) => tracing::warn!(error = %e, "OTA tick failed; will retry"),
@@ -179,6 +308,32 @@ pub fn serve(svc: OtaService, tick: Duration) -> tokio::task::JoinHandle<()> {
             }
         }
     })
+}
+
+/// A tick in a cluster: the campaigns whose lease this node holds, with
+/// the waiting devices' presence asked of every node first.
+async fn cluster_tick(
+    svc: &Arc<OtaService>,
+    c: Arc<dyn OtaCluster>,
+) -> Result<Result<Vec<Notice>, RegistryError>, tokio::task::JoinError> {
+    c.want(svc.fleet.ota_unfinished());
+    let waiting = svc
+        .fleet
+        .ota_waiting_devices(&|id| c.drives(id), PRESENCE_LIMIT);
+    let (mut online, elsewhere): (HashSet<String>, Vec<String>) = {
+        let (here, there): (Vec<String>, Vec<String>) =
+            waiting.into_iter().partition(|d| svc.broker.is_online(d));
+        (here.into_iter().collect(), there)
+    };
+    if !elsewhere.is_empty() {
+        online.extend(c.online_elsewhere(elsewhere).await);
+    }
+    let s = Arc::clone(svc);
+    tokio::task::spawn_blocking(move || {
+        s.fleet
+            .ota_tick_owned(now_ms(), &|d| online.contains(d), &|id| c.drives(id))
+    })
+    .await
 }
 
 /// Publish what a tick or an operator action decided.
@@ -343,7 +498,8 @@ pub fn job_image(
             limit,
         });
     }
-    std::fs::read(svc.files.path(&a.id)).map_err(|e| ImageRefusal::Io(e.to_string()))
+    let path = svc.image_path_blocking(&a).map_err(ImageRefusal::Io)?;
+    std::fs::read(path).map_err(|e| ImageRefusal::Io(e.to_string()))
 }
 
 enum Body {
@@ -477,7 +633,11 @@ fn chunk(svc: &OtaService, device: &str, payload: &[u8]) -> Vec<Answer> {
         )];
     }
     let len = (artifact.size - offset).min(size as u64) as usize;
-    match read_at(&svc.files.path(&artifact.id), offset, len) {
+    let read = svc
+        .image_path_blocking(&artifact)
+        .map_err(std::io::Error::other)
+        .and_then(|p| read_at(&p, offset, len));
+    match read {
         Ok(b) => vec![(
             format!("devices/{device}/ota/chunk/{}", req.chunk),
             Body::Bytes(b.into()),

@@ -7,5 +7,6 @@ pub mod broker_auth;
 pub mod client;
 pub mod coaps;
 pub mod fd_limit;
+pub mod ota_cluster;
 pub mod server;
 pub mod settings;

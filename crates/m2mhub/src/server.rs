@@ -276,7 +276,32 @@ impl Server {
 
         let automation =
             Automation::start(broker.clone(), fleet.clone(), v.security_alarms.clone());
-        let ota = Arc::new(ota_service(v, &master, &broker, &fleet, http_addr)?);
+        let ota_cluster: Option<Arc<dyn m2mhub_ingest::ota_topics::OtaCluster>> = match &cluster {
+            Some(c) => Some(Arc::new(
+                crate::ota_cluster::ClusterOta::new(c.clone())
+                    .context("the cluster's runtime is not running")?,
+            )),
+            None => None,
+        };
+        // Download URLs signed with one key cluster-wide: a URL from any
+        // node works on every node (devices may reach HTTP through a
+        // balancer); alone, the node's own key.
+        let own_url_key = m2mhub_pki::url_token_key(&v.data_dir, &master)?;
+        let url_key = match &cluster {
+            Some(c) => c
+                .shared_key("ota-url", own_url_key)
+                .await
+                .context("cannot read the cluster's download URL key from NATS")?,
+            None => own_url_key,
+        };
+        let ota = Arc::new(ota_service(
+            v,
+            &master,
+            &broker,
+            &fleet,
+            http_addr,
+            (ota_cluster, url_key),
+        )?);
         let psk_keys = m2mhub_pki::PskKeys::new(master);
         tasks.push(m2mhub_ingest::ota_topics::serve(
             ota.service.clone(),
@@ -299,12 +324,42 @@ impl Server {
             }));
         }
         if let Some(c) = &cluster {
+            // Images uploaded while this node ran alone (or before the
+            // cluster kept images) go to the cluster's store, so every
+            // node can serve them.
+            tasks.push(tokio::spawn(share_local_images(
+                c.clone(),
+                fleet.clone(),
+                ota.service.files.clone(),
+            )));
+            // Every OTA change written here (a campaign, a job, an
+            // artifact) is announced, so the other nodes read OTA again.
+            let (announce, rt) = (c.clone(), tokio::runtime::Handle::current());
+            fleet.on_ota_change(Arc::new(move || {
+                let _in = rt.enter();
+                announce.changed("ota");
+            }));
             // Another node changed the shared metadata: read it again (the
             // registry, and the rules, which the rule service recompiles).
             let (r, f, a) = (registry.clone(), fleet.clone(), automation.clone());
+            let files = ota.service.files.clone();
             c.on_change(Arc::new(move |what| {
                 tracing::debug!(what, "metadata changed on another node; reloading");
                 let (r, f, a) = (r.clone(), f.clone(), a.clone());
+                if what == "ota" {
+                    // Campaigns, jobs and artifacts only; images of deleted
+                    // artifacts leave this node's cache.
+                    let files = files.clone();
+                    tokio::task::spawn_blocking(move || match f.reload_ota() {
+                        Ok(gone) => {
+                            for id in gone {
+                                let _ = std::fs::remove_file(files.path(&id));
+                            }
+                        }
+                        Err(e) => tracing::warn!(error = %e, "cannot reload the OTA campaigns"),
+                    });
+                    return;
+                }
                 tokio::task::spawn_blocking(move || {
                     if let Err(e) = r.reload() {
                         tracing::warn!(error = %e, "cannot reload the registry");
@@ -721,12 +776,46 @@ fn public_base(v: &Validated, http_addr: std::net::SocketAddr) -> String {
 /// The OTA parts: image files under `<data_dir>/ota`, the firmware signing
 /// key and the URL token secret (both sealed under the master key), and the
 /// base URL devices download from.
+/// Put the images of this node's data folder the cluster's object store
+/// lacks into it (once, at start).
+async fn share_local_images(
+    cluster: Arc<m2mhub_cluster::Cluster>,
+    fleet: Fleet,
+    files: m2mhub_fleet::ArtifactFiles,
+) {
+    for a in fleet.list_artifacts(None) {
+        let path = files.path(&a.id);
+        if !tokio::fs::try_exists(&path).await.unwrap_or(false) {
+            continue;
+        }
+        match cluster.has_image(&a.id).await {
+            Ok(true) => {}
+            Ok(false) => match cluster.put_image(&a.id, &path).await {
+                Ok(()) => {
+                    tracing::info!(artifact = %a.id, "firmware image shared with the cluster")
+                }
+                Err(e) => {
+                    tracing::warn!(artifact = %a.id, error = %e, "cannot share a firmware image with the cluster")
+                }
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot reach the cluster's image store; local images not shared");
+                return;
+            }
+        }
+    }
+}
+
 fn ota_service(
     v: &Validated,
     master: &MasterKey,
     broker: &m2mhub_broker::Broker,
     fleet: &Fleet,
     http_addr: std::net::SocketAddr,
+    (cluster, secret): (
+        Option<Arc<dyn m2mhub_ingest::ota_topics::OtaCluster>>,
+        [u8; 32],
+    ),
 ) -> anyhow::Result<m2mhub_api::ota::OtaApi> {
     let files = m2mhub_fleet::ArtifactFiles::new(&v.data_dir)
         .with_context(|| format!("cannot create {}", v.data_dir.join("ota").display()))?;
@@ -735,7 +824,6 @@ fn ota_service(
     if created {
         tracing::info!(public_key = %signer.public_key_base64(), "created the firmware signing key: devices pin this public key");
     }
-    let secret = m2mhub_pki::url_token_key(&v.data_dir, master)?;
     let base = public_base(v, http_addr);
     Ok(m2mhub_api::ota::OtaApi {
         service: m2mhub_ingest::ota_topics::OtaService {
@@ -744,6 +832,8 @@ fn ota_service(
             files,
             urls: m2mhub_ingest::ota_topics::DownloadUrls::new(&secret, &base, v.ota.url_ttl),
             max_chunk: v.ota.chunk_bytes,
+            cluster,
+            fetching: Arc::new(tokio::sync::Mutex::new(())),
         },
         signer: Arc::new(signer),
         max_artifact_bytes: v.ota.max_artifact_bytes,

@@ -810,6 +810,120 @@ impl FleetStore for PgFleetStore {
         )
     }
 
+    fn is_shared(&self) -> bool {
+        true
+    }
+
+    fn load_ota(&self) -> Result<(Vec<Artifact>, Vec<Campaign>, Vec<Job>)> {
+        self.conn.run(|c| {
+            // One snapshot: no job without its campaign.
+            let mut tx = c
+                .build_transaction()
+                .isolation_level(IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start()?;
+            let out = (
+                rows(&mut tx, "SELECT doc FROM ota_artifacts", &[], doc_of)?,
+                rows(&mut tx, "SELECT doc FROM ota_campaigns", &[], doc_of)?,
+                rows(&mut tx, "SELECT doc FROM ota_jobs", &[], doc_of)?,
+            );
+            tx.commit()?;
+            Ok(out)
+        })
+    }
+
+    fn stored_campaign(&self, id: &str) -> Result<Option<(Campaign, Vec<Job>)>> {
+        self.conn.with(id.to_string(), |c, id| {
+            let mut tx = c
+                .build_transaction()
+                .isolation_level(IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start()?;
+            let Some(row) = tx.query_opt("SELECT doc FROM ota_campaigns WHERE id = $1", &[&id])?
+            else {
+                return Ok(None);
+            };
+            let campaign: Campaign = doc_of(&row)?;
+            let jobs = rows(
+                &mut tx,
+                "SELECT doc FROM ota_jobs WHERE campaign_id = $1",
+                &[&id],
+                doc_of,
+            )?;
+            tx.commit()?;
+            Ok(Some((campaign, jobs)))
+        })
+    }
+
+    fn stored_job(&self, campaign_id: &str, device_id: &str) -> Result<Option<Job>> {
+        self.conn.with(
+            (campaign_id.to_string(), device_id.to_string()),
+            |c, (campaign, device)| {
+                c.query_opt(
+                    "SELECT doc FROM ota_jobs WHERE campaign_id = $1 AND device_id = $2",
+                    &[&campaign, &device],
+                )?
+                .map(|r| doc_of(&r))
+                .transpose()
+            },
+        )
+    }
+
+    fn put_campaign_if(
+        &self,
+        campaign: Option<(&Campaign, i64)>,
+        jobs: &[(&Job, &Job)],
+    ) -> Result<bool> {
+        let campaign = campaign
+            .map(|(c, prev)| {
+                Ok::<_, m2mhub_fleet::RegistryError>((
+                    c.id.clone(),
+                    serde_json::to_string(c)?,
+                    prev,
+                ))
+            })
+            .transpose()?;
+        let jobs = jobs
+            .iter()
+            .map(|(j, read)| {
+                Ok((
+                    j.campaign_id.clone(),
+                    j.device_id.clone(),
+                    j.state.as_str(),
+                    serde_json::to_string(j)?,
+                    serde_json::to_string(read)?,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.conn.with((campaign, jobs), |c, (campaign, jobs)| {
+            let mut tx = c.transaction()?;
+            if let Some((id, doc, prev)) = &campaign {
+                // The documents are TEXT: the condition reads the field.
+                let n = tx.execute(
+                    "UPDATE ota_campaigns SET doc = $2 WHERE id = $1 \
+                     AND (doc::jsonb ->> 'updated_ms')::BIGINT = $3",
+                    &[id, doc, prev],
+                )?;
+                if n != 1 {
+                    return Ok(false); // dropped: rolled back
+                }
+            }
+            if !jobs.is_empty() {
+                let st = tx.prepare(
+                    "UPDATE ota_jobs SET state = $3, doc = $4 \
+                     WHERE campaign_id = $1 AND device_id = $2 AND doc = $5",
+                )?;
+                for (campaign_id, device_id, state, doc, read) in &jobs {
+                    if tx.execute(&st, &[campaign_id, device_id, state, doc, read])? != 1 {
+                        return Ok(false);
+                    }
+                }
+            }
+            tx.commit()?;
+            Ok(true)
+        })
+    }
+
     fn list_commands(
         &self,
         tenant: Option<&str>,

@@ -10,6 +10,9 @@
 //! Each test names its own cluster, so tests running at once on one NATS
 //! server never see each other's subjects, buckets or nodes.
 
+#[path = "cluster/ota.rs"]
+mod ota;
+
 use crate::common::*;
 use mqtt_codec::{reason, Packet, PubResponse, QoS};
 use serde_json::Value;

@@ -20,21 +20,21 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// Raw HTTP: status, headers, body bytes.
-struct Resp {
-    status: u16,
+pub(crate) struct Resp {
+    pub(crate) status: u16,
     headers: Vec<(String, String)>,
-    body: Vec<u8>,
+    pub(crate) body: Vec<u8>,
 }
 
 impl Resp {
-    fn header(&self, k: &str) -> Option<&str> {
+    pub(crate) fn header(&self, k: &str) -> Option<&str> {
         self.headers
             .iter()
             .find(|(n, _)| n.eq_ignore_ascii_case(k))
             .map(|(_, v)| v.as_str())
     }
 
-    fn json(&self) -> Value {
+    pub(crate) fn json(&self) -> Value {
         serde_json::from_slice(&self.body)
             .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
     }
@@ -72,7 +72,7 @@ async fn raw_http(addr: SocketAddr, head: String, body: &[u8]) -> Resp {
 }
 
 /// Upload `image` as an artifact.
-async fn upload(addr: SocketAddr, token: &str, query: &str, image: &[u8]) -> Resp {
+pub(crate) async fn upload(addr: SocketAddr, token: &str, query: &str, image: &[u8]) -> Resp {
     let head = format!(
         "POST /api/v1/ota/artifacts?{query} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
          Authorization: Bearer {token}\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
@@ -82,7 +82,7 @@ async fn upload(addr: SocketAddr, token: &str, query: &str, image: &[u8]) -> Res
 }
 
 /// GET a download URL (`http://host:port/path`), optionally with a Range.
-async fn fetch(url: &str, range: Option<&str>) -> Resp {
+pub(crate) async fn fetch(url: &str, range: Option<&str>) -> Resp {
     let rest = url.strip_prefix("http://").expect("http URL");
     let (host, path) = rest.split_at(rest.find('/').expect("path"));
     let mut head = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
@@ -93,13 +93,13 @@ async fn fetch(url: &str, range: Option<&str>) -> Resp {
     raw_http(host.parse().expect("addr"), head, &[]).await
 }
 
-fn image(len: usize, seed: u8) -> Vec<u8> {
+pub(crate) fn image(len: usize, seed: u8) -> Vec<u8> {
     (0..len)
         .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[1] ^ seed)
         .collect()
 }
 
-fn sha256_hex(b: &[u8]) -> String {
+pub(crate) fn sha256_hex(b: &[u8]) -> String {
     ring::digest::digest(&ring::digest::SHA256, b)
         .as_ref()
         .iter()
@@ -112,13 +112,13 @@ async fn device(admin: &Api, id: &str) -> String {
     registered_device(admin, id, None).await
 }
 
-fn creds(mut c: Connect, id: &str, secret: &str) -> Connect {
+pub(crate) fn creds(mut c: Connect, id: &str, secret: &str) -> Connect {
     c.username = Some(id.into());
     c.password = Some(Bytes::copy_from_slice(secret.as_bytes()));
     c
 }
 
-async fn next_on(raw: &mut Raw, topic: &str) -> Publish {
+pub(crate) async fn next_on(raw: &mut Raw, topic: &str) -> Publish {
     let p: Publish = raw
         .recv_where(topic, |p| match p {
             Packet::Publish(p) if p.topic == topic => Some(p.clone()),
@@ -131,7 +131,7 @@ async fn next_on(raw: &mut Raw, topic: &str) -> Publish {
     p
 }
 
-async fn send(raw: &mut Raw, pid: u16, topic: &str, body: Value) {
+pub(crate) async fn send(raw: &mut Raw, pid: u16, topic: &str, body: Value) {
     let code = raw
         .publish(publish(topic, QoS::AtLeastOnce, pid, body.to_string()))
         .await;

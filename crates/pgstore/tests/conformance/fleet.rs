@@ -26,6 +26,7 @@ crate::conformance!(
     nodes_sharing_the_store_number_alarms_and_events_apart,
     nodes_sharing_the_store_never_overwrite_each_others_shadow_changes,
     a_command_answered_through_another_node_is_answered_not_timed_out,
+    ota_writes_are_conditional_on_what_each_node_read,
 );
 
 fn not_found(r: Result<(), RegistryError>) {
@@ -468,6 +469,91 @@ fn ota_artifacts_campaigns_and_jobs(b: &dyn Backend) {
     let mut jobs = snap.jobs;
     jobs.sort_by(|a, b| a.device_id.cmp(&b.device_id));
     assert_eq!(jobs, vec![job("d1", "succeeded"), job("d2", "queued")]);
+}
+
+/// Two nodes share the store: the node ticking a campaign times a job out
+/// while the device's node records its report. Whichever writes second
+/// finds the job not as it read it, writes nothing (not even the rest of
+/// its change) and reads again.
+fn ota_writes_are_conditional_on_what_each_node_read(b: &dyn Backend) {
+    let (ticker, device_node) = (b.fleet(), b.fleet());
+    ticker.put_artifact(&artifact("art-1")).expect("artifact");
+    let notified = job("d1", "notified");
+    ticker
+        .put_campaign(
+            &campaign("running"),
+            &[notified.clone(), job("d2", "pending")],
+        )
+        .expect("campaign");
+
+    // Every backend reads back what is stored.
+    let (c, mut jobs) = device_node
+        .stored_campaign("camp-1")
+        .expect("read")
+        .expect("stored");
+    assert_eq!(c, campaign("running"));
+    jobs.sort_by(|a, b| a.device_id.cmp(&b.device_id));
+    assert_eq!(jobs, vec![notified.clone(), job("d2", "pending")]);
+    assert_eq!(device_node.stored_campaign("camp-9").expect("read"), None);
+    assert_eq!(
+        device_node.stored_job("camp-1", "d1").expect("read"),
+        Some(notified.clone())
+    );
+    assert_eq!(device_node.stored_job("camp-1", "d9").expect("read"), None);
+    let (arts, camps, all) = device_node.load_ota().expect("load");
+    assert_eq!((arts.len(), camps.len(), all.len()), (1, 1, 2));
+
+    // The device's node records the report first.
+    let mut downloading = notified.clone();
+    downloading.state = m2mhub_fleet::JobState::Downloading;
+    downloading.progress = 40;
+    downloading.updated_ms = 9;
+    assert!(device_node
+        .put_campaign_if(None, &[(&downloading, &notified)])
+        .expect("report"));
+    // The ticker decided from the job as it was: its timeout (and the
+    // campaign change riding with it) is not written.
+    let mut timed_out = notified.clone();
+    timed_out.state = m2mhub_fleet::JobState::Failed;
+    timed_out.reason = Some("no report".into());
+    let mut aborted = campaign("aborted");
+    aborted.updated_ms = 10;
+    assert!(!ticker
+        .put_campaign_if(Some((&aborted, 4)), &[(&timed_out, &notified)])
+        .expect("tick"));
+    assert_eq!(
+        ticker.stored_job("camp-1", "d1").expect("read"),
+        Some(downloading.clone()),
+        "the device's report stands"
+    );
+    assert_eq!(
+        ticker
+            .stored_campaign("camp-1")
+            .expect("read")
+            .expect("stored")
+            .0,
+        campaign("running"),
+        "all or nothing: the campaign is unchanged"
+    );
+    // Read again, decided again: now it is written.
+    let mut pending2 = job("d2", "notified");
+    pending2.updated_ms = 11;
+    assert!(ticker
+        .put_campaign_if(Some((&aborted, 4)), &[(&pending2, &job("d2", "pending"))])
+        .expect("tick"));
+    // A campaign change from a stale copy (updated_ms 4) loses.
+    assert!(!device_node
+        .put_campaign_if(Some((&campaign("paused"), 4)), &[])
+        .expect("pause"));
+    let (c, _) = ticker
+        .stored_campaign("camp-1")
+        .expect("read")
+        .expect("stored");
+    assert_eq!(c, aborted);
+    assert_eq!(
+        ticker.stored_job("camp-1", "d2").expect("read"),
+        Some(pending2)
+    );
 }
 
 fn bundle(id: &str, device: &str, requested_ms: i64, token: &str) -> DiagnosticBundle {
