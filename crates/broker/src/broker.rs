@@ -85,7 +85,7 @@ pub(crate) struct Inner {
 /// One platform subscription: filters and a bounded channel.
 pub(crate) struct InternalSub {
     /// A message matching any of them is sent once.
-    filters: Vec<String>,
+    filters: Vec<PlatformFilter>,
     tx: mpsc::Sender<Arc<Message>>,
     /// An observer (the rule engine) watches traffic without being a
     /// subscriber: it does not turn a PUBACK's "no matching subscribers"
@@ -95,6 +95,32 @@ pub(crate) struct InternalSub {
     /// cluster ([`Broker::set_observed_remote`]); announced to the fabric
     /// as platform interest.
     pub(crate) remote: Vec<String>,
+}
+
+/// A platform subscription's filter with its first level read once, when
+/// it is set: every PUBLISH is checked against every platform filter, and
+/// most are rejected by comparing that level (`devices`, `$provision`…)
+/// alone, without splitting the filter again per message.
+pub(crate) struct PlatformFilter {
+    filter: String,
+    /// The first level when it is literal.
+    first: Option<Box<str>>,
+}
+
+impl PlatformFilter {
+    fn new(filter: String) -> PlatformFilter {
+        let first = filter.split('/').next().unwrap_or("");
+        let first = (first != "+" && first != "#").then(|| first.into());
+        PlatformFilter { filter, first }
+    }
+
+    /// `topic_first`: the topic's first level.
+    fn matches(&self, topic: &str, topic_first: &str) -> bool {
+        match &self.first {
+            Some(first) if **first != *topic_first => false,
+            _ => mqtt_codec::topic::matches(&self.filter, topic),
+        }
+    }
 }
 
 /// Names an observer ([`Broker::observer`]) to change its filters.
@@ -544,7 +570,7 @@ impl Broker {
         let (tx, rx) = mpsc::channel(capacity.max(1));
         let mut subs = self.inner.internal.write();
         subs.push(InternalSub {
-            filters: vec![filter.to_string()],
+            filters: vec![PlatformFilter::new(filter.to_string())],
             tx,
             observer: None,
             remote: Vec::new(),
@@ -578,10 +604,10 @@ impl Broker {
     /// Replace an observer's filters (invalid ones are left out). Messages
     /// routed after this returns are matched against the new set.
     pub fn set_observed(&self, id: ObserverId, filters: &[String]) {
-        let filters: Vec<String> = filters
+        let filters: Vec<PlatformFilter> = filters
             .iter()
             .filter(|f| mqtt_codec::topic::validate_topic_filter(f).is_ok())
-            .cloned()
+            .map(|f| PlatformFilter::new(f.clone()))
             .collect();
         let mut subs = self.inner.internal.write();
         if let Some(s) = subs.iter_mut().find(|s| s.observer == Some(id)) {
@@ -907,11 +933,7 @@ impl Inner {
             // traffic they do not cover costs no full match.
             let first = msg.topic.split('/').next().unwrap_or("");
             for s in subs.iter() {
-                let hit = s.filters.iter().any(|f| {
-                    let f_first = f.split('/').next().unwrap_or("");
-                    let literal = f_first != "+" && f_first != "#";
-                    (!literal || f_first == first) && mqtt_codec::topic::matches(f, &msg.topic)
-                });
+                let hit = s.filters.iter().any(|f| f.matches(&msg.topic, first));
                 if !hit {
                     continue;
                 }
