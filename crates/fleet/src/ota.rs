@@ -1625,6 +1625,19 @@ mod tests {
         v
     }
 
+    /// Two fleets over one store marked shared, as two nodes of a cluster
+    /// see theirs (SQLite standing in for PostgreSQL).
+    fn two_nodes(dir: &std::path::Path) -> (Fleet, Fleet) {
+        let reg = m2mhub_identity::Registry::open(dir).expect("registry");
+        let node = || {
+            let store = crate::sqlite::SqliteFleetStore::open(&dir.join("registry.db"))
+                .expect("store")
+                .shared();
+            Fleet::with_store(Box::new(store), reg.clone()).expect("fleet")
+        };
+        (node(), node())
+    }
+
     /// Two nodes over one store (SQLite standing in for the cluster's
     /// PostgreSQL): a device's report through one node is what the other,
     /// driving node's tick sees (no timeout of a device that reported), and
@@ -1633,14 +1646,7 @@ mod tests {
     #[test]
     fn nodes_sharing_the_store_neither_lose_nor_resurrect_a_job() {
         let dir = tempfile::tempdir().unwrap();
-        let reg = m2mhub_identity::Registry::open(dir.path()).expect("registry");
-        let node = || {
-            let store = crate::sqlite::SqliteFleetStore::open(&dir.path().join("registry.db"))
-                .expect("store")
-                .shared();
-            Fleet::with_store(Box::new(store), reg.clone()).expect("fleet")
-        };
-        let (driver, other) = (node(), node());
+        let (driver, other) = two_nodes(dir.path());
         for d in ["d1", "d2"] {
             device(&driver, d);
         }
@@ -1707,14 +1713,7 @@ mod tests {
     #[test]
     fn a_pause_through_another_node_holds_the_driving_node() {
         let dir = tempfile::tempdir().unwrap();
-        let reg = m2mhub_identity::Registry::open(dir.path()).expect("registry");
-        let node = || {
-            let store = crate::sqlite::SqliteFleetStore::open(&dir.path().join("registry.db"))
-                .expect("store")
-                .shared();
-            Fleet::with_store(Box::new(store), reg.clone()).expect("fleet")
-        };
-        let (driver, other) = (node(), node());
+        let (driver, other) = two_nodes(dir.path());
         device(&driver, "d1");
         let a = artifact(&driver);
         let c = driver
