@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Side-by-side broker benchmark: m2mhub against Mosquitto, in one run.
+"""Side-by-side broker benchmark: m2mhub against Mosquitto (and FlashMQ), in one run.
 
 Both brokers are pinned to core 0 (`taskset -c 0`), the load generator
 (`m2mhub bench`, which speaks plain MQTT) to core 1. For each scenario the
@@ -10,7 +10,12 @@ With `--baseline OLD_BINARY`, an earlier m2mhub build runs in the same
 session as a third broker (same pinning, same scenarios), so a change is
 measured against what it replaced.
 
-Usage: scripts/bench_compare.py [--bin target/release/m2mhub] [--baseline BIN] [--quick]
+With `--flashmq BINARY`, FlashMQ runs as a further peer with one worker
+thread (`thread_count 1`) on the same pinned core. FlashMQ has no package in
+the registries this project installs from: build it from its source
+(`cmake -DCMAKE_BUILD_TYPE=Release .. && make`) and pass the binary.
+
+Usage: scripts/bench_compare.py [--bin target/release/m2mhub] [--baseline BIN] [--flashmq BIN] [--quick]
 Needs: mosquitto (Debian package), taskset (util-linux), ulimit -n >= 20000.
 """
 
@@ -70,6 +75,8 @@ def main():
     ap.add_argument("--bin", default="target/release/m2mhub")
     ap.add_argument("--quick", action="store_true", help="shorter runs")
     ap.add_argument("--baseline", help="an earlier m2mhub binary to measure in the same run")
+    ap.add_argument("--flashmq", help="a FlashMQ binary to measure in the same run")
+    ap.add_argument("--skip-memory", action="store_true", help="leave out the idle-memory row")
     a = ap.parse_args()
     binary = os.path.abspath(a.bin)
     dur = 3 if a.quick else 5
@@ -94,16 +101,27 @@ def main():
                       "127.0.0.1:18943"], env=env)
         procs.append(base)
         brokers.append(("m2mhub (baseline)", 18942, base.pid))
+    if a.flashmq:
+        fconf = os.path.join(work, "flashmq.conf")
+        with open(fconf, "w") as f:
+            f.write("thread_count 1\nallow_anonymous true\nlog_level error\nrlimit_nofile 40000\n"
+                    f"log_file {os.path.join(work, 'flashmq.log')}\n"
+                    "listen {\n  protocol mqtt\n  inet_protocol ip4\n  inet4_bind_address 127.0.0.1\n"
+                    "  port 18951\n}\n")
+        fmq = start(["taskset", "-c", "0", os.path.abspath(a.flashmq), "--config-file", fconf])
+        procs.append(fmq)
+        brokers.append(("FlashMQ", 18951, fmq.pid))
     time.sleep(1.5)
     rows = []
     try:
         # Memory first, on fresh brokers: later runs grow their heaps.
         res = {}
-        for name, port, pid in brokers:
+        for name, port, pid in ([] if a.skip_memory else brokers):
             r = bench(binary, port, 6, "--scenario", "idle", "--connections", 19000, "--broker-pid", pid)
             res[name] = r
             print(f"  idle {name}: {r.get('bytes_per_connection')}", file=sys.stderr)
-        rows.append(("memory per idle connection (19,000 connections)", res))
+        if not a.skip_memory:
+            rows.append(("memory per idle connection (19,000 connections)", res))
 
         q0 = [100_000, 200_000, 250_000, 300_000, 350_000, 400_000, 500_000, 650_000, 800_000, 1_000_000, 1_200_000, 1_400_000, 1_600_000]
         res = {}
@@ -124,6 +142,14 @@ def main():
             res[name] = bench(binary, port, dur, "--scenario", "fan-in", "--publishers", 10, "--qos", 1)
             print(f"  {summary(res[name])}", file=sys.stderr)
         rows.append(("QoS 1 fan-in, 10 → 1, unpaced (in-flight window 64)", res))
+
+        fan100 = [1000, 2000, 3000, 4000, 5000, 6000, 8000, 10000, 12000, 15000]
+        res = {}
+        for name, port, _ in brokers:
+            print(f"fan-out QoS 0 1 → 100, {name}", file=sys.stderr)
+            res[name] = ladder(binary, port, dur, fan100, "--scenario", "fan-out", "--publishers", 1,
+                               "--subscribers", 100, "--qos", 0)
+        rows.append(("QoS 0 fan-out, 1 → 100, max deliveries/s with no loss and p99 < 50 ms", res))
 
         fan = [50, 100, 150, 200, 300, 400, 500, 600, 800]
         res = {}
@@ -149,8 +175,9 @@ def main():
         shutil.rmtree(work, ignore_errors=True)
 
     names = [n for n, _, _ in brokers]
-    print("| scenario | " + " | ".join(names) + " | m2mhub ÷ Mosquitto |" + (" m2mhub ÷ baseline |" if a.baseline else ""))
-    print("|---" * (len(names) + 2 + (1 if a.baseline else 0)) + "|")
+    print("| scenario | " + " | ".join(names) + " | m2mhub ÷ Mosquitto |" + (" m2mhub ÷ baseline |" if a.baseline else "")
+          + (" m2mhub ÷ FlashMQ |" if a.flashmq else ""))
+    print("|---" * (len(names) + 2 + (1 if a.baseline else 0) + (1 if a.flashmq else 0)) + "|")
 
     def cell(title, r):
         if r is None:
@@ -182,6 +209,8 @@ def main():
         line = f"| {title} | " + " | ".join(cells) + f" | {ratio(hub_v, value(title, res.get('Mosquitto')))} |"
         if a.baseline:
             line += f" {ratio(hub_v, value(title, res.get('m2mhub (baseline)')))} |"
+        if a.flashmq:
+            line += f" {ratio(hub_v, value(title, res.get('FlashMQ')))} |"
         print(line)
 
 if __name__ == "__main__":

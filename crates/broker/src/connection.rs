@@ -367,9 +367,9 @@ impl<S: Transport> Connection<S> {
         &self.waker
     }
 
-    /// See [`Transport::poll_idle`].
-    pub(crate) fn poll_idle(&self, cx: &mut std::task::Context<'_>) -> Option<std::task::Poll<()>> {
-        self.stream.poll_idle(cx)
+    /// See [`Transport::park_io`].
+    pub(crate) fn park_io(&mut self, waker: &std::task::Waker) -> Option<std::task::Poll<()>> {
+        self.stream.park_io(waker)
     }
 
     /// `fresh`: a new connection, from its CONNECT on; otherwise one that
@@ -490,6 +490,10 @@ impl<S: Transport> Connection<S> {
     }
 
     async fn run(&mut self, fresh: bool) -> Stop {
+        // A socket handed to the parking reactor comes back first.
+        if self.stream.unpark_io().is_err() {
+            return Stop::End(End::Lost);
+        }
         if fresh {
             if let Err(end) = Box::pin(self.open()).await {
                 return Stop::End(end);
@@ -1677,7 +1681,7 @@ mod tests {
         );
         let size = std::mem::size_of_val(&fut);
         drop(fut);
-        let conn = std::mem::size_of::<Connection<tokio::net::TcpStream>>();
+        let conn = std::mem::size_of::<Connection<crate::transport::Tcp>>();
         let session = std::mem::size_of::<Session>();
         println!("serve future {size} B, Connection {conn} B, Session {session} B");
         assert!(size <= 256, "serve future is {size} bytes");

@@ -36,7 +36,12 @@ impl Broker {
             match accepted {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
-                    tokio::spawn(self.serve_connection(stream, peer, "tcp", None));
+                    tokio::spawn(self.serve_connection(
+                        crate::transport::Tcp::from(stream),
+                        peer,
+                        "tcp",
+                        None,
+                    ));
                 }
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
