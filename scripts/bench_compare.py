@@ -37,6 +37,9 @@ def start(cmd, **kw):
 
 
 def bench(binary, port, duration, *args):
+    # A pause first: a broker still draining the previous run's backlog
+    # would be measured on two runs at once.
+    time.sleep(2)
     cmd = ["taskset", "-c", "1", binary, "bench", "--host", f"127.0.0.1:{port}",
            "--duration", str(duration), "--warmup", "1", "--json", *map(str, args)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 120)
@@ -123,7 +126,7 @@ def main():
         if not a.skip_memory:
             rows.append(("memory per idle connection (19,000 connections)", res))
 
-        q0 = [100_000, 200_000, 250_000, 300_000, 350_000, 400_000, 500_000, 650_000, 800_000, 1_000_000, 1_200_000, 1_400_000, 1_600_000]
+        q0 = [100_000, 200_000, 250_000, 300_000, 350_000, 400_000, 500_000, 650_000, 800_000, 1_000_000, 1_200_000, 1_400_000, 1_600_000, 1_800_000, 2_000_000]
         res = {}
         for name, port, _ in brokers:
             print(f"fan-in QoS 0, {name}", file=sys.stderr)
@@ -143,7 +146,7 @@ def main():
             print(f"  {summary(res[name])}", file=sys.stderr)
         rows.append(("QoS 1 fan-in, 10 → 1, unpaced (in-flight window 64)", res))
 
-        fan100 = [1000, 2000, 3000, 4000, 5000, 6000, 8000, 10000, 12000, 15000]
+        fan100 = [1000, 2000, 3000, 4000, 5000, 6000, 8000, 10000, 12000, 15000, 18000, 21000]
         res = {}
         for name, port, _ in brokers:
             print(f"fan-out QoS 0 1 → 100, {name}", file=sys.stderr)
