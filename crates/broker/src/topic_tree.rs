@@ -246,20 +246,23 @@ impl TopicTree {
             many = topic.split('/').collect();
             &many
         };
+        // Filters that added plain deliveries: from the second on, a
+        // session may have been listed twice.
+        let mut plain = 0u32;
         stack.push((&self.root, 0));
         while let Some((node, depth)) = stack.pop() {
             if depth == levels.len() {
-                collect(node, publisher, shared, out);
+                plain += u32::from(collect(node, publisher, shared, out));
                 // `a/#` also matches `a`.
                 if let Some(hash) = &node.hash {
-                    collect(hash, publisher, shared, out);
+                    plain += u32::from(collect(hash, publisher, shared, out));
                 }
                 continue;
             }
             let wild_ok = !(dollar && depth == 0);
             if wild_ok {
                 if let Some(hash) = &node.hash {
-                    collect(hash, publisher, shared, out);
+                    plain += u32::from(collect(hash, publisher, shared, out));
                 }
                 if let Some(plus) = &node.plus {
                     stack.push((plus, depth + 1));
@@ -270,6 +273,9 @@ impl TopicTree {
             if let Some(child) = node.children.get(levels[depth]) {
                 stack.push((child, depth + 1));
             }
+        }
+        if plain > 1 {
+            merge_duplicates(out);
         }
     }
 }
@@ -344,20 +350,16 @@ fn interests_rec<'a>(node: &'a Node, path: &mut Vec<&'a str>, out: &mut Vec<Inte
     }
 }
 
-fn collect(node: &Node, publisher: u64, shared: bool, out: &mut Vec<Delivery>) {
+/// Add `node`'s subscribers to `out`; whether it added any plain (not
+/// shared) delivery. A session has at most one subscription per filter,
+/// so one node never lists a session twice: duplicates come only from
+/// several matching filters, and [`merge_duplicates`] folds them once at
+/// the end instead of a search per subscriber (which made a 1 → 1,000
+/// fan-out quadratic).
+fn collect(node: &Node, publisher: u64, shared: bool, out: &mut Vec<Delivery>) -> bool {
+    let before = out.len();
     for s in &node.subscribers {
         if s.options.no_local && s.session.id == publisher {
-            continue;
-        }
-        if let Some(d) = out
-            .iter_mut()
-            .find(|d| d.share.is_none() && d.session.id == s.session.id)
-        {
-            d.qos = d.qos.max(s.options.qos);
-            d.retain_as_published |= s.options.retain_as_published;
-            if let Some(id) = s.sub_id {
-                d.sub_ids.push(id);
-            }
             continue;
         }
         out.push(Delivery {
@@ -368,8 +370,9 @@ fn collect(node: &Node, publisher: u64, shared: bool, out: &mut Vec<Delivery>) {
             share: None,
         });
     }
+    let plain = out.len() > before;
     if !shared {
-        return;
+        return plain;
     }
     for g in &node.shared {
         let n = g.members.len();
@@ -389,6 +392,25 @@ fn collect(node: &Node, publisher: u64, shared: bool, out: &mut Vec<Delivery>) {
             share: Some(g.name.clone()),
         });
     }
+    plain
+}
+
+/// One delivery per session for its plain subscriptions: the highest QoS
+/// of those that matched, Retain As Published if any asked for it, and
+/// every Subscription Identifier (MQTT 5.0, 3.3.4). Deliveries through
+/// shared subscriptions stay separate. Sorts by session, stably: the
+/// identifiers keep their order.
+fn merge_duplicates(out: &mut Vec<Delivery>) {
+    out.sort_by_key(|d| (d.share.is_some(), d.session.id));
+    out.dedup_by(|later, kept| {
+        if later.share.is_some() || kept.share.is_some() || later.session.id != kept.session.id {
+            return false;
+        }
+        kept.qos = kept.qos.max(later.qos);
+        kept.retain_as_published |= later.retain_as_published;
+        kept.sub_ids.append(&mut later.sub_ids);
+        true
+    });
 }
 
 impl TopicTree {
@@ -501,6 +523,54 @@ mod tests {
         assert!(t.unsubscribe("x/#", 1));
         assert!(!t.unsubscribe("x/#", 1));
         assert_eq!(matched(&t, "x/y/z", 9)[0], (1, QoS::AtMostOnce, vec![1]));
+    }
+
+    /// Many sessions over several overlapping filters, with a shared
+    /// group among them: one plain delivery per session (highest QoS,
+    /// every identifier), the shared one apart.
+    #[test]
+    fn overlapping_filters_give_one_delivery_per_session() {
+        let filters = ["a/b/c", "a/+/c", "a/#", "#"];
+        let qos = [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce];
+        let mut t = TopicTree::default();
+        let mut expected = Vec::new();
+        let sessions: Vec<_> = (1..=300u64).map(session).collect();
+        for (i, s) in sessions.iter().enumerate() {
+            // Which filters this session holds: a varying subset.
+            let mask = (i * 7 + 3) % 16;
+            let mut best = None;
+            let mut ids = Vec::new();
+            for (f, filter) in filters.iter().enumerate() {
+                if mask & (1 << f) == 0 {
+                    continue;
+                }
+                let q = qos[(i + f) % 3];
+                let id = (i * 10 + f) as u32 + 1;
+                t.subscribe(filter, sub(s, q, Some(id), false));
+                best = best.max(Some(q));
+                ids.push(id);
+            }
+            if let Some(q) = best {
+                expected.push((s.id, q, ids));
+            }
+        }
+        let member = session(1_000);
+        t.subscribe("$share/g/a/#", sub(&member, QoS::AtLeastOnce, None, false));
+        let mut out = Vec::new();
+        t.matches("a/b/c", 9, true, &mut out);
+        let shared: Vec<_> = out.iter().filter(|d| d.share.is_some()).collect();
+        assert_eq!(shared.len(), 1);
+        assert_eq!(shared[0].session.id, 1_000);
+        let mut plain: Vec<_> = out
+            .into_iter()
+            .filter(|d| d.share.is_none())
+            .map(|mut d| {
+                d.sub_ids.sort_unstable();
+                (d.session.id, d.qos, d.sub_ids)
+            })
+            .collect();
+        plain.sort_by_key(|x| x.0);
+        assert_eq!(plain, expected);
     }
 
     #[test]
