@@ -27,6 +27,7 @@ pub mod config;
 mod connection;
 mod deadlines;
 pub mod events;
+mod lazy_buf;
 mod limits;
 mod listener;
 pub mod message;

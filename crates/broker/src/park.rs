@@ -218,12 +218,21 @@ impl Reactor {
 
 /// A socket watched by the parking [`Reactor`] instead of tokio's.
 pub(crate) struct ParkedSocket {
-    /// Always `Some` until [`ParkedSocket::unpark`] takes it.
+    /// `Some` until [`ParkedSocket::unpark`] takes it; `None` in a
+    /// placeholder ([`ParkedSocket::gone`]).
     socket: Option<std::net::TcpStream>,
     slot: u32,
 }
 
 impl ParkedSocket {
+    /// A placeholder holding no socket (and no slot).
+    pub(crate) fn gone() -> ParkedSocket {
+        ParkedSocket {
+            socket: None,
+            slot: u32::MAX,
+        }
+    }
+
     /// Stop watching the socket and hand it back, to be registered with
     /// tokio again.
     pub(crate) fn unpark(mut self) -> Option<std::net::TcpStream> {

@@ -104,10 +104,11 @@ pub struct Tcp(TcpState);
 
 enum TcpState {
     Live(TcpStream),
+    /// Parked, or — holding no socket — during a hand-over or after one
+    /// failed: every operation then fails and the connection ends. (Two
+    /// variants, not a third for "gone": this one fits in the live one's
+    /// spare bits, which keeps the connection in a smaller allocation.)
     Parked(crate::park::ParkedSocket),
-    /// During a hand-over, or after one failed: every operation fails and
-    /// the connection ends.
-    Gone,
 }
 
 impl From<TcpStream> for Tcp {
@@ -202,7 +203,10 @@ impl Transport for Tcp {
                 _ => Some(Poll::Ready(())),
             };
         };
-        let TcpState::Live(stream) = std::mem::replace(&mut self.0, TcpState::Gone) else {
+        let TcpState::Live(stream) = std::mem::replace(
+            &mut self.0,
+            TcpState::Parked(crate::park::ParkedSocket::gone()),
+        ) else {
             return Some(Poll::Ready(()));
         };
         // Leaves tokio's reactor (its registration is freed).
@@ -236,7 +240,10 @@ impl Transport for Tcp {
         if !matches!(self.0, TcpState::Parked(_)) {
             return Ok(());
         }
-        let TcpState::Parked(parked) = std::mem::replace(&mut self.0, TcpState::Gone) else {
+        let TcpState::Parked(parked) = std::mem::replace(
+            &mut self.0,
+            TcpState::Parked(crate::park::ParkedSocket::gone()),
+        ) else {
             return Ok(());
         };
         let socket = parked.unpark().ok_or_else(not_live)?;
