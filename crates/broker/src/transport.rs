@@ -16,7 +16,7 @@ use tokio::net::TcpStream;
 pub(crate) const READ_CHUNK: usize = 16 * 1024;
 
 pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {
-    /// [`Transport::poll_idle`] works: idle connections over it park.
+    /// [`Transport::park_io`] works: idle connections over it park.
     const PARKS: bool = false;
 
     /// Read at least one byte into `buf` (0 means end of stream), making
@@ -104,10 +104,9 @@ pub struct Tcp(TcpState);
 
 enum TcpState {
     Live(TcpStream),
-    /// Parked, or — holding no socket — during a hand-over or after one
-    /// failed: every operation then fails and the connection ends. (Two
-    /// variants, not a third for "gone": this one fits in the live one's
-    /// spare bits, which keeps the connection in a smaller allocation.)
+    /// Parked, or — holding no socket ([`crate::park::ParkedSocket::gone`])
+    /// — during a hand-over or after one failed: every operation then
+    /// fails and the connection ends.
     Parked(crate::park::ParkedSocket),
 }
 
