@@ -12,6 +12,7 @@ use crate::message::Message;
 use crate::metrics::{Gauges, Metrics};
 use crate::persist;
 use crate::retained::RetainedStore;
+use crate::route_cache::{RouteCache, SubscriptionIndex};
 use crate::session::{ConnLink, Outgoing, Session, SubscriptionRecord};
 use crate::topic_tree::{Delivery, Subscriber, TopicTree};
 use bytes::Bytes;
@@ -44,7 +45,7 @@ pub(crate) struct Inner {
     pub(crate) cluster: RwLock<Option<Arc<dyn ClusterLink>>>,
     /// `cluster.is_some()`, read on the publish path without the lock.
     pub(crate) clustered: AtomicBool,
-    pub tree: RwLock<TopicTree>,
+    pub tree: SubscriptionIndex,
     pub retained: RwLock<RetainedStore>,
     pub sessions: Mutex<HashMap<Arc<str>, Arc<Session>>>,
     pub store: Option<Store>,
@@ -226,7 +227,7 @@ impl Broker {
             internal: RwLock::new(Vec::new()),
             has_internal: AtomicBool::new(false),
             config: parts.config,
-            tree: RwLock::new(TopicTree::default()),
+            tree: SubscriptionIndex::default(),
             retained: RwLock::new(RetainedStore::default()),
             sessions: Mutex::new(HashMap::new()),
             store,
@@ -404,7 +405,7 @@ impl Broker {
             payload,
             qos,
             retain,
-            properties,
+            properties: properties.into(),
             expires_at: None,
             publisher: 0,
         });
@@ -1014,15 +1015,21 @@ impl Inner {
         scratch: &mut Vec<Delivery>,
         ops: &mut Vec<Op>,
     ) -> usize {
-        self.publish_gated(msg, scratch, ops).0
+        self.publish_gated(msg, None, scratch, ops).0
     }
 
     /// [`Inner::publish`], and in a cluster the gate that resolves once
     /// the fabric holds the message durably (QoS 1/2): a publisher's
     /// acknowledgement waits for it.
+    ///
+    /// `routes`, a publishing connection's [`RouteCache`], spares the walk
+    /// of the subscription trie when the topic's route is known;
+    /// `scratch` holds the deliveries otherwise (and is left for the
+    /// caller to clear).
     pub fn publish_gated(
         &self,
         msg: &Arc<Message>,
+        routes: Option<&mut RouteCache>,
         scratch: &mut Vec<Delivery>,
         ops: &mut Vec<Op>,
     ) -> (usize, Option<crate::events::AckGate>) {
@@ -1062,19 +1069,24 @@ impl Inner {
             0
         };
         let clustered = self.clustered.load(Ordering::Acquire);
-        self.tree
-            .read()
-            .matches(&msg.topic, msg.publisher, !clustered, scratch);
-        let n = scratch.len() + internal;
-        for d in scratch.drain(..) {
-            let qos = d.qos.min(msg.qos);
+        let deliveries: &[Delivery] = match routes {
+            Some(routes) if !clustered => routes.route(&self.tree, &msg.topic, msg.publisher),
+            _ => {
+                self.tree
+                    .read()
+                    .matches(&msg.topic, msg.publisher, !clustered, scratch);
+                scratch
+            }
+        };
+        let n = deliveries.len() + internal;
+        for d in deliveries {
             let out = Outgoing {
                 msg: msg.clone(),
-                qos,
+                qos: d.qos.min(msg.qos),
                 retain: d.retain_as_published && msg.retain,
-                sub_ids: d.sub_ids,
+                sub_ids: d.sub_ids.clone(),
                 seq: None,
-                share: d.share,
+                share: d.share.clone(),
             };
             self.enqueue(&d.session, out, ops, &mut stored);
         }

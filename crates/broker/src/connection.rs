@@ -30,6 +30,7 @@ use crate::message::Message;
 use crate::metrics::Metrics;
 use crate::protocol::lifetime::{self, SessionTimers, TimerEvent};
 use crate::protocol::{Close, ConnState, Granted, Input, Params, Qos2};
+use crate::route_cache::RouteCache;
 use crate::session::{Outgoing, Session, Stage};
 use crate::signal::Signal;
 use crate::topic_tree::Delivery;
@@ -154,6 +155,8 @@ struct Publisher {
     /// atomic load instead of a lock and a reference count every core
     /// shares.
     hook: Option<(u64, Arc<dyn PublishHook>)>,
+    /// The routes of its recent topics (emptied when the connection parks).
+    routes: RouteCache,
 }
 
 /// `mqtt.max_publish_rate` for one connection.
@@ -533,6 +536,10 @@ impl<S: Transport> Connection<S> {
             {
                 if self.quiet {
                     if may_park {
+                        // ...no routes either (they hold other sessions).
+                        if let Some(p) = self.publisher.as_mut() {
+                            p.routes.clear();
+                        }
                         return Stop::Idle;
                     }
                 } else {
@@ -699,11 +706,11 @@ impl<S: Transport> Connection<S> {
     }
 
     async fn refuse_connect(&mut self, code: u8) {
-        let p = Packet::ConnAck(ConnAck {
+        let p = Packet::ConnAck(Box::new(ConnAck {
             session_present: false,
             reason_code: code,
             properties: ConnAckProperties::default(),
-        });
+        }));
         self.send(&p);
         let _ = self.write_out().await;
     }
@@ -905,11 +912,11 @@ impl<S: Transport> Connection<S> {
                 props.session_expiry_interval = Some(expiry);
             }
         }
-        self.send(&Packet::ConnAck(ConnAck {
+        self.send(&Packet::ConnAck(Box::new(ConnAck {
             session_present: present,
             reason_code: reason::SUCCESS,
             properties: props,
-        }));
+        })));
         if present {
             // What was in flight goes out again first, within the client's
             // window.
@@ -1003,22 +1010,34 @@ impl<S: Transport> Connection<S> {
         let max = self.inner.config.max_packet_size as usize;
         // One clock read per batch of packets, not per packet.
         let now = Instant::now();
-        loop {
+        // PUBLISHes received, counted before validation (invalid ones
+        // too) and added to the metric once per batch, not per message.
+        let mut publishes = 0;
+        let r = loop {
             if self.acks_full() {
                 // The rest waits in the read buffer until acknowledgements
                 // go out (see `run`).
-                return Ok(());
+                break Ok(());
             }
             match decode(&mut self.rbuf, self.core.params.protocol, max) {
-                Ok(Some(p)) => self.handle(p, now).await?,
-                Ok(None) => return Ok(()),
+                Ok(Some(p)) => {
+                    publishes += u64::from(matches!(p, Packet::Publish(_)));
+                    if let Err(end) = self.handle(p, now).await {
+                        break Err(end);
+                    }
+                }
+                Ok(None) => break Ok(()),
                 Err(e) => {
                     Metrics::inc(&self.inner.metrics.malformed_packets);
                     tracing::debug!(client_id = %self.client_id, error = %e, "closing connection");
-                    return Err(End::Server(e.reason_code()));
+                    break Err(End::Server(e.reason_code()));
                 }
             }
+        };
+        if publishes > 0 {
+            Metrics::add(&self.inner.metrics.messages_received, publishes);
         }
+        r
     }
 
     async fn handle(&mut self, packet: Packet, now: Instant) -> Result<(), End> {
@@ -1027,8 +1046,6 @@ impl<S: Transport> Connection<S> {
         // routing (no trip of the packet through the core's `Input`).
         let packet = match packet {
             Packet::Publish(mut p) => {
-                // Counted before validation, invalid ones too.
-                Metrics::inc(&self.inner.metrics.messages_received);
                 let r = match self.core.accept_publish(now, &mut p) {
                     Ok(()) => self.on_publish(p, now).await,
                     Err(Close(code)) => Err(End::Server(code)),
@@ -1152,6 +1169,7 @@ impl<S: Transport> Connection<S> {
                 baseline: crate::rate_baseline::RateBaseline::new(now),
                 acks: None,
                 hook: None,
+                routes: RouteCache::default(),
             })
         });
         if let Some(a) = publisher.baseline.record(now) {
@@ -1201,12 +1219,15 @@ impl<S: Transport> Connection<S> {
                 }
             }
         }
-        let session = self.session.clone().ok_or(End::Lost)?;
+        // Borrowed, not cloned: a reference count is two atomic operations
+        // per message.
+        let session = self.session.as_deref().ok_or(End::Lost)?;
+        let session_id = session.id;
         if p.qos == QoS::ExactlyOnce {
             let id = p.packet_id.unwrap_or(0);
             let verdict = self
                 .core
-                .accept_qos2(&session, id)
+                .accept_qos2(session, id)
                 .map_err(|Close(code)| End::Server(code))?;
             if verdict == Qos2::Duplicate {
                 // A retransmission of a message we already have; if its
@@ -1228,9 +1249,9 @@ impl<S: Transport> Connection<S> {
         if !allowed {
             Metrics::inc(&self.inner.metrics.authz_denials);
             tracing::debug!(client_id = %self.client_id, topic = %p.topic, "publish not authorized");
-            if p.qos == QoS::ExactlyOnce && v5 {
+            if let (QoS::ExactlyOnce, true, Some(session)) = (p.qos, v5, self.session.as_deref()) {
                 // A refused QoS 2 message ends its flow at PUBREC.
-                self.core.forget_qos2(&session, [p.packet_id.unwrap_or(0)]);
+                self.core.forget_qos2(session, [p.packet_id.unwrap_or(0)]);
             }
             self.ack(p.qos, p.packet_id, reason::NOT_AUTHORIZED);
             return Ok(());
@@ -1248,14 +1269,17 @@ impl<S: Transport> Connection<S> {
             retain: p.retain,
             properties: p.properties,
             expires_at,
-            publisher: session.id,
+            publisher: session_id,
         });
         let mut ops = Vec::new();
         // The routing scratch is per worker thread, not per connection: an
         // idle connection holds none (publish does not await).
         let (matched, cluster_gate) = ROUTE_SCRATCH.with(|scratch| {
             let mut scratch = scratch.borrow_mut();
-            let routed = self.inner.publish_gated(&msg, &mut scratch, &mut ops);
+            let routes = self.publisher.as_mut().map(|p| &mut p.routes);
+            let routed = self
+                .inner
+                .publish_gated(&msg, routes, &mut scratch, &mut ops);
             scratch.clear();
             routed
         });
@@ -1627,7 +1651,8 @@ fn will_message(will: LastWill, publisher: u64) -> Arc<Message> {
             user_properties: p.user_properties,
             subscription_identifiers: Vec::new(),
             content_type: p.content_type,
-        },
+        }
+        .into(),
         publisher,
     })
 }

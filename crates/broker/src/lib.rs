@@ -38,6 +38,7 @@ mod persist;
 mod protocol;
 mod rate_baseline;
 mod retained;
+mod route_cache;
 pub mod session;
 mod signal;
 mod sys;

@@ -2,7 +2,7 @@
 //! every subscriber through an `Arc`, never copied on the routing path.
 
 use bytes::Bytes;
-use mqtt_codec::{PublishProperties, QoS};
+use mqtt_codec::{BoxedProperties, QoS};
 use tokio::time::Instant;
 
 #[derive(Debug)]
@@ -15,7 +15,7 @@ pub struct Message {
     pub retain: bool,
     /// Properties passed through unchanged (topic alias and subscription
     /// identifiers are per-delivery and never stored here).
-    pub properties: PublishProperties,
+    pub properties: BoxedProperties,
     /// From Message Expiry Interval: the message is dropped after this.
     pub expires_at: Option<Instant>,
     /// Session id of the publisher, for No Local; 0 for internal messages.

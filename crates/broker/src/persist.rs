@@ -65,7 +65,8 @@ pub(crate) fn from_stored(s: &StoredMessage, now: Instant, now_ms: u64) -> Messa
             correlation_data: s.correlation_data.clone(),
             user_properties: s.user_properties.clone(),
             ..Default::default()
-        },
+        }
+        .into(),
         expires_at: s
             .expires_at_ms
             .map(|ms| unix_ms_to_instant(ms, now, now_ms)),

@@ -181,7 +181,7 @@ pub fn decode(buf: Bytes, now: Instant) -> Result<Frame, FrameError> {
             payload,
             qos,
             retain,
-            properties,
+            properties: properties.into(),
             expires_at: (expiry > 0).then(|| now + Duration::from_secs(u64::from(expiry))),
             publisher: 0,
         },
@@ -223,7 +223,8 @@ mod tests {
                 user_properties: ups,
                 message_expiry_interval: expiry,
                 ..Default::default()
-            },
+            }
+            .into(),
             expires_at: expiry.map(|s| now + Duration::from_secs(u64::from(s))),
             publisher: 7,
         }

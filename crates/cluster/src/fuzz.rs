@@ -108,8 +108,13 @@ mod tests {
             ),
             (
                 "qos2-properties",
-                frame::encode(3, 7, &msg("cmd/x", b"", QoS::ExactlyOnce, false, full), now)
-                    .to_vec(),
+                frame::encode(
+                    3,
+                    7,
+                    &msg("cmd/x", b"", QoS::ExactlyOnce, false, full.into()),
+                    now,
+                )
+                .to_vec(),
             ),
             (
                 "truncated",

@@ -134,7 +134,7 @@ mod tests {
                 retain: false,
                 topic: "dev/1/temp".into(),
                 packet_id: (qos != QoS::AtMostOnce).then_some(42),
-                properties: props,
+                properties: props.into(),
                 payload: Bytes::from_static(b"21.5"),
             })
         };
@@ -193,7 +193,7 @@ mod tests {
             user_properties: vec![],
             filters: vec!["dev/+/temp".into(), "#".into()],
         });
-        let connack_v5 = Packet::ConnAck(ConnAck {
+        let connack_v5 = Packet::ConnAck(Box::new(ConnAck {
             session_present: false,
             reason_code: 0,
             properties: ConnAckProperties {
@@ -205,28 +205,28 @@ mod tests {
                 server_keep_alive: Some(30),
                 ..Default::default()
             },
-        });
-        let connack_311 = Packet::ConnAck(ConnAck {
+        }));
+        let connack_311 = Packet::ConnAck(Box::new(ConnAck {
             session_present: true,
             reason_code: 0,
             properties: Default::default(),
-        });
-        let disconnect_v5 = Packet::Disconnect(Disconnect {
+        }));
+        let disconnect_v5 = Packet::Disconnect(Box::new(Disconnect {
             reason_code: reason::SERVER_SHUTTING_DOWN,
             properties: DisconnectProperties {
                 reason_string: Some("bye".into()),
                 server_reference: Some("other:1883".into()),
                 ..Default::default()
             },
-        });
-        let auth = Packet::Auth(Auth {
+        }));
+        let auth = Packet::Auth(Box::new(Auth {
             reason_code: reason::CONTINUE_AUTHENTICATION,
             properties: AuthProperties {
                 authentication_method: Some("SCRAM-SHA-1".into()),
                 authentication_data: Some(Bytes::from_static(b"nonce")),
                 ..Default::default()
             },
-        });
+        }));
         let puback_v5 = Packet::PubAck(PubResponse {
             packet_id: 42,
             reason_code: reason::NO_MATCHING_SUBSCRIBERS,
@@ -306,7 +306,7 @@ mod tests {
             ("pingresp", enc(&Packet::PingResp, V311)),
             (
                 "v311-disconnect",
-                enc(&Packet::Disconnect(Disconnect::default()), V311),
+                enc(&Packet::Disconnect(Box::default()), V311),
             ),
             ("v5-disconnect-props", enc(&disconnect_v5, V5)),
             ("v5-auth", enc(&auth, V5)),

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use mqtt_codec::{Packet, Protocol, PubResponse, Publish, PublishProperties, QoS};
+use mqtt_codec::{Packet, Protocol, PubResponse, Publish, QoS};
 use serde::Serialize;
 use tokio::io::Interest;
 use tokio::sync::watch;
@@ -1012,7 +1012,7 @@ fn publish_template_with(
         retain: false,
         topic: topic.to_string(),
         packet_id: (qos != QoS::AtMostOnce).then_some(1),
-        properties: PublishProperties::default(),
+        properties: Default::default(),
         payload,
     };
     let mut buf = BytesMut::new();

@@ -20,8 +20,7 @@ use std::time::Duration;
 use bytes::{Buf, Bytes, BytesMut};
 use mqtt_codec::{
     ConnAck, Connect, ConnectProperties, Disconnect, DisconnectProperties, Packet, Protocol,
-    PubResponse, Publish, PublishProperties, QoS, Subscribe, SubscribeProperties,
-    SubscriptionOptions,
+    PubResponse, Publish, QoS, Subscribe, SubscribeProperties, SubscriptionOptions,
 };
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest, ReadBuf, Ready};
@@ -266,7 +265,7 @@ impl Conn {
         conn.flush().await?;
         match conn.recv().await? {
             Packet::ConnAck(ack) if ack.reason_code == 0 => {
-                conn.connack = ack;
+                conn.connack = *ack;
                 Ok(conn)
             }
             Packet::ConnAck(ack) => Err(BenchError::Refused {
@@ -358,7 +357,7 @@ impl Conn {
             retain,
             topic: topic.to_string(),
             packet_id,
-            properties: PublishProperties::default(),
+            properties: Default::default(),
             payload,
         }))?;
         self.flush().await?;
@@ -389,10 +388,10 @@ impl Conn {
 
     /// Send DISCONNECT (best effort) and close the write side.
     pub async fn disconnect(&mut self) {
-        let d = Packet::Disconnect(Disconnect {
+        let d = Packet::Disconnect(Box::new(Disconnect {
             reason_code: 0,
             properties: DisconnectProperties::default(),
-        });
+        }));
         if self.queue(&d).is_ok() {
             let _ = self.flush().await;
         }

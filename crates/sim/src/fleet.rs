@@ -738,7 +738,7 @@ fn queue_pub(conn: &mut Conn, topic: &str, payload: Vec<u8>) -> Result<(), Bench
         retain: false,
         topic: topic.to_string(),
         packet_id: Some(pid),
-        properties: PublishProperties::default(),
+        properties: Default::default(),
         payload: Bytes::from(payload),
     }))
 }
@@ -858,7 +858,7 @@ async fn session(
         retain: false,
         topic: format!("devices/{id}/shadow/get"),
         packet_id: Some(pid),
-        properties: PublishProperties::default(),
+        properties: Default::default(),
         payload: Bytes::from_static(b"{}"),
     }))?;
     // (Publishes only after the last SUBACK: no ack is expected before.)
@@ -992,7 +992,7 @@ async fn session(
                         retain: false,
                         topic: telemetry.clone(),
                         packet_id: Some(pid),
-                        properties: PublishProperties::default(),
+                        properties: Default::default(),
                         payload: Bytes::from(reading.to_string()),
                     }))?;
                     stats.published.fetch_add(1, Ordering::Relaxed);
@@ -1033,7 +1033,7 @@ pub fn report_shadow(p: &Publish, update_topic: &str) -> Option<Publish> {
         retain: false,
         topic: update_topic.to_string(),
         packet_id: None,
-        properties: PublishProperties::default(),
+        properties: Default::default(),
         payload: Bytes::from(report.to_string()),
     })
 }
@@ -1072,7 +1072,8 @@ fn answer_with(p: &Publish, answer: Value, response_topic: &str) -> Publish {
         properties: PublishProperties {
             correlation_data: p.properties.correlation_data.clone(),
             ..Default::default()
-        },
+        }
+        .into(),
         payload: Bytes::from(answer.to_string()),
     }
 }
@@ -1278,7 +1279,7 @@ mod tests {
             retain: false,
             topic: "devices/d1/shadow/update/delta".into(),
             packet_id: Some(3),
-            properties: PublishProperties::default(),
+            properties: Default::default(),
             payload: Bytes::from(
                 r#"{"state": {"setpoint": 18.5}, "version": 4, "clientToken": "set-1"}"#,
             ),
@@ -1322,7 +1323,8 @@ mod tests {
             properties: PublishProperties {
                 correlation_data: Some(Bytes::from_static(b"cmd-1")),
                 ..Default::default()
-            },
+            }
+            .into(),
             payload: Bytes::from(r#"{"id":"cmd-1","name":"shutdown","params":{}}"#),
         };
         let a = answer_command(&cmd, &mut m, "devices/d1/commands/response").unwrap();

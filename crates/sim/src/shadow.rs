@@ -24,7 +24,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use mqtt_codec::{Packet, Protocol, PubResponse, Publish, PublishProperties, QoS};
+use mqtt_codec::{Packet, Protocol, PubResponse, Publish, QoS};
 
 use crate::bench::{BenchError, BenchOptions, BenchReport, Scenario};
 use crate::client::{ClientConfig, Conn};
@@ -227,7 +227,7 @@ async fn device(
                 retain: false,
                 topic: topic.clone(),
                 packet_id,
-                properties: PublishProperties::default(),
+                properties: Default::default(),
                 payload: Bytes::from(body),
             }))?;
             unanswered.insert(seq, now);

@@ -389,7 +389,10 @@ impl ConnState {
             if !p.properties.subscription_identifiers.is_empty() {
                 return Err(Close(reason::PROTOCOL_ERROR));
             }
-            if let Some(a) = p.properties.topic_alias.take() {
+            // Read before written: writing through `DerefMut` would
+            // allocate properties for every message that has none.
+            if let Some(a) = p.properties.topic_alias {
+                p.properties.topic_alias = None;
                 self.aliases
                     .get_or_insert_with(Default::default)
                     .resolve_inbound(a, &mut p.topic, self.params.topic_alias_maximum)
@@ -546,13 +549,13 @@ impl ConnState {
     /// spelled out; MQTT 3.1.1 has no server DISCONNECT (`None`).
     pub fn disconnect(&self, code: u8) -> Option<Packet> {
         self.v5().then(|| {
-            Packet::Disconnect(Disconnect {
+            Packet::Disconnect(Box::new(Disconnect {
                 reason_code: code,
                 properties: DisconnectProperties {
                     reason_string: Some(reason::name(code).to_string()),
                     ..Default::default()
                 },
-            })
+            }))
         })
     }
 

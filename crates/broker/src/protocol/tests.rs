@@ -6,7 +6,7 @@ use super::*;
 use crate::message::Message;
 use crate::session::ConnLink;
 use crate::signal::Signal;
-use mqtt_codec::{decode, DisconnectProperties, PublishProperties};
+use mqtt_codec::{decode, DisconnectProperties};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -43,7 +43,7 @@ fn publish(topic: &str, qos: QoS, packet_id: Option<u16>) -> Packet {
         retain: false,
         topic: topic.into(),
         packet_id,
-        properties: PublishProperties::default(),
+        properties: Default::default(),
         payload: bytes::Bytes::from_static(b"x"),
     })
 }
@@ -54,7 +54,7 @@ fn enqueue(s: &Session, topic: &str, qos: QoS) {
         payload: bytes::Bytes::from_static(b"m"),
         qos,
         retain: false,
-        properties: PublishProperties::default(),
+        properties: Default::default(),
         expires_at: None,
         publisher: 0,
     });
@@ -505,13 +505,13 @@ fn disconnect_may_not_set_an_expiry_when_connect_had_none() {
     let t0 = Instant::now();
     let s = session();
     let disconnect = |expiry| {
-        Packet::Disconnect(Disconnect {
+        Packet::Disconnect(Box::new(Disconnect {
             reason_code: reason::DISCONNECT_WITH_WILL,
             properties: DisconnectProperties {
                 session_expiry_interval: Some(expiry),
                 ..Default::default()
             },
-        })
+        }))
     };
     let mut p = params(Protocol::V5);
     p.session_expiry = 0;

@@ -6,8 +6,8 @@ use bytes::{Bytes, BytesMut};
 use m2mhub_broker::auth::{AllowAll, StaticAuth};
 use m2mhub_broker::{Broker, BrokerConfig, BrokerParts};
 use mqtt_codec::{
-    decode, encode, Connect, ConnectProperties, Packet, Protocol, PubResponse, Publish,
-    PublishProperties, QoS, Subscribe, SubscribeProperties, SubscriptionOptions,
+    decode, encode, Connect, ConnectProperties, Packet, Protocol, PubResponse, Publish, QoS,
+    Subscribe, SubscribeProperties, SubscriptionOptions,
 };
 use std::future::Future;
 use std::net::SocketAddr;
@@ -299,7 +299,7 @@ pub fn publish(topic: &str, qos: QoS, pid: u16, payload: &str) -> Packet {
         retain: false,
         topic: topic.to_string(),
         packet_id: (qos != QoS::AtMostOnce).then_some(pid),
-        properties: PublishProperties::default(),
+        properties: Default::default(),
         payload: Bytes::copy_from_slice(payload.as_bytes()),
     })
 }

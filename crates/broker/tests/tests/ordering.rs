@@ -431,3 +431,95 @@ async fn unsubscribe_keeps_queued_messages_another_subscription_wants() {
     );
     assert_eq!(b.counter("messages_dropped_unsubscribed"), 0);
 }
+
+/// A publisher that keeps publishing on one topic has its route cached
+/// (see `route_cache.rs`): an UNSUBSCRIBE, a new SUBSCRIBE and a switch to
+/// No Local must each reach the very next message on that topic all the
+/// same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publishers_cached_route_follows_every_subscription_change() {
+    let b = broker().await;
+    let mut other = Raw::connect(b.addr, v5("other")).await;
+    other.subscribe(1, "sync/#", QoS::AtMostOnce).await;
+    let mut sub = Raw::connect(b.addr, v5("changer")).await;
+    sub.subscribe(1, "warm/t", QoS::AtLeastOnce).await;
+    sub.subscribe(2, "mark", QoS::AtLeastOnce).await;
+    // Warm the route: the same topic, again and again.
+    for i in 0..5u16 {
+        other
+            .send(&publish("warm/t", QoS::AtLeastOnce, 100 + i, "warm"))
+            .await;
+        assert_eq!(other.expect_puback(100 + i).await, reason::SUCCESS);
+    }
+    other
+        .send(&publish("mark", QoS::AtLeastOnce, 110, "m0"))
+        .await;
+    other.expect_puback(110).await;
+    assert_eq!(
+        publishes(&read_until_marker(&mut sub, "m0").await).len(),
+        6,
+        "five warm-up messages and the marker"
+    );
+
+    // Gone: the next message on the warm topic reaches nobody.
+    sub.send_all(&[
+        unsubscribe(3, "warm/t"),
+        publish("sync/changer", QoS::AtMostOnce, 0, "left"),
+    ])
+    .await;
+    await_sync(&mut other, "left").await;
+    other
+        .send(&publish("warm/t", QoS::AtLeastOnce, 120, "after-leave"))
+        .await;
+    assert_eq!(
+        other.expect_puback(120).await,
+        reason::NO_MATCHING_SUBSCRIBERS
+    );
+
+    // Back: the next one reaches it again.
+    sub.send_all(&[
+        subscribe(4, &["warm/+"], QoS::AtLeastOnce, false),
+        publish("sync/changer", QoS::AtMostOnce, 0, "back"),
+    ])
+    .await;
+    await_sync(&mut other, "back").await;
+    other
+        .send(&publish("warm/t", QoS::AtLeastOnce, 121, "after-return"))
+        .await;
+    assert_eq!(other.expect_puback(121).await, reason::SUCCESS);
+    other
+        .send(&publish("mark", QoS::AtLeastOnce, 122, "m1"))
+        .await;
+    other.expect_puback(122).await;
+    let seen = read_until_marker(&mut sub, "m1").await;
+    assert_eq!(
+        publishes(&seen),
+        [
+            ("warm/t".to_string(), "after-return".to_string()),
+            ("mark".to_string(), "m1".to_string())
+        ],
+        "{seen:?}"
+    );
+
+    // Its own messages on a warm route, then No Local on the same filter.
+    for _ in 0..3 {
+        sub.send(&publish("warm/t", QoS::AtMostOnce, 0, "own"))
+            .await;
+    }
+    sub.send(&publish("mark", QoS::AtMostOnce, 0, "m2")).await;
+    let own = publishes(&read_until_marker(&mut sub, "m2").await);
+    assert_eq!(own.iter().filter(|(_, p)| p == "own").count(), 3, "{own:?}");
+    sub.send_all(&[
+        subscribe(5, &["warm/+"], QoS::AtLeastOnce, true),
+        publish("warm/t", QoS::AtMostOnce, 0, "own-after-no-local"),
+        publish("mark", QoS::AtMostOnce, 0, "m3"),
+    ])
+    .await;
+    let seen = read_until_marker(&mut sub, "m3").await;
+    assert!(
+        !publishes(&seen)
+            .iter()
+            .any(|(_, p)| p == "own-after-no-local"),
+        "No Local applies to the next message on a warm route: {seen:?}"
+    );
+}

@@ -4,8 +4,7 @@
 
 use crate::common::{publish, v3, v5, Raw, TestBroker};
 use mqtt_codec::{
-    reason, Connect, Disconnect, Packet, Protocol, QoS, Subscribe, SubscribeProperties,
-    SubscriptionOptions,
+    reason, Connect, Packet, Protocol, QoS, Subscribe, SubscribeProperties, SubscriptionOptions,
 };
 
 /// One SUBSCRIBE with several filters; returns the SUBACK's codes.
@@ -97,7 +96,7 @@ async fn clean_disconnects_do_not_count_as_connect_flapping() {
         for i in 0..30 {
             let (mut c, code) = try_connect(b.addr, connect()).await;
             assert_eq!(code, 0, "clean reconnect {i} refused");
-            c.send(&Packet::Disconnect(Disconnect::default())).await;
+            c.send(&Packet::Disconnect(Box::default())).await;
             let (_, end) = c.read_until_closed().await;
             end.expect("orderly close after DISCONNECT");
         }

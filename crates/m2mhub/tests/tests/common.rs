@@ -9,8 +9,8 @@ use m2mhub::server::Server;
 use m2mhub::settings::Settings;
 use mqtt_codec::{
     decode, encode, AckProperties, ConnAck, Connect, ConnectProperties, Disconnect, LastWill,
-    Packet, Protocol, PubResponse, Publish, PublishProperties, QoS, SubAck, Subscribe,
-    SubscribeProperties, SubscriptionOptions,
+    Packet, Protocol, PubResponse, Publish, QoS, SubAck, Subscribe, SubscribeProperties,
+    SubscriptionOptions,
 };
 use std::future::Future;
 use std::net::SocketAddr;
@@ -288,7 +288,7 @@ impl Raw {
         self.protocol = c.protocol;
         self.send(&Packet::Connect(Box::new(c))).await;
         match self.recv().await {
-            Packet::ConnAck(a) => a,
+            Packet::ConnAck(a) => *a,
             other => panic!("expected CONNACK, got {other:?}"),
         }
     }
@@ -495,7 +495,7 @@ impl Raw {
     }
 
     pub async fn disconnect(mut self) {
-        self.send(&Packet::Disconnect(Disconnect::default())).await;
+        self.send(&Packet::Disconnect(Box::default())).await;
         let _ = self.expect_close(WAIT).await;
     }
 
@@ -562,7 +562,7 @@ pub fn publish(topic: &str, qos: QoS, pid: u16, payload: impl AsRef<[u8]>) -> Pu
         retain: false,
         topic: topic.to_string(),
         packet_id: (qos != QoS::AtMostOnce).then_some(pid),
-        properties: PublishProperties::default(),
+        properties: Default::default(),
         payload: Bytes::copy_from_slice(payload.as_ref()),
     }
 }
@@ -575,10 +575,10 @@ pub fn retained(topic: &str, qos: QoS, pid: u16, payload: impl AsRef<[u8]>) -> P
 }
 
 pub fn disconnect_with(code: u8) -> Packet {
-    Packet::Disconnect(Disconnect {
+    Packet::Disconnect(Box::new(Disconnect {
         reason_code: code,
         properties: Default::default(),
-    })
+    }))
 }
 
 pub fn ack_props() -> AckProperties {

@@ -13,7 +13,8 @@ async fn retained_messages_survive_a_restart() {
         content_type: Some("text/plain".into()),
         user_properties: vec![("u".into(), "1".into())],
         ..Default::default()
-    };
+    }
+    .into();
     p.publish(a).await;
     p.publish(retained("keep/b", QoS::AtMostOnce, 0, "B")).await;
     p.publish(retained("keep/c", QoS::AtLeastOnce, 2, "C"))

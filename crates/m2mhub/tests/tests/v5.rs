@@ -407,17 +407,17 @@ async fn v5_publish_properties_pass_through_unchanged() {
         ..Default::default()
     };
     let mut m = publish("props/t", QoS::AtLeastOnce, 1, "{\"v\":1}");
-    m.properties = props.clone();
+    m.properties = props.clone().into();
     p.publish(m).await;
     let got = sub.recv_publish().await;
-    assert_eq!(got.properties, props);
+    assert_eq!(*got.properties, props);
     assert_eq!(&got.payload[..], b"{\"v\":1}");
 
     // And to a rumqttc client.
     let (mut r, _) = V5::connect(V5::options(srv.mqtt(), "props-rumqttc")).await;
     r.subscribe("props/t", Q5::AtLeastOnce).await;
     let mut m = publish("props/t", QoS::AtLeastOnce, 2, "{}");
-    m.properties = props.clone();
+    m.properties = props.clone().into();
     p.publish(m).await;
     let got = r.recv_publish().await;
     let rp = got.properties.expect("properties");
@@ -560,13 +560,13 @@ async fn v5_disconnect_can_end_the_session_but_not_create_one() {
     // Expiry set at CONNECT, cleared by DISCONNECT: the session ends.
     let (mut c, _) = Raw::connect_ok(srv.mqtt(), v5_persistent("dx-clear", true, 60)).await;
     c.subscribe(1, "dx/t", QoS::AtLeastOnce).await;
-    c.send(&Packet::Disconnect(mqtt_codec::Disconnect {
+    c.send(&Packet::Disconnect(Box::new(mqtt_codec::Disconnect {
         reason_code: 0,
         properties: mqtt_codec::DisconnectProperties {
             session_expiry_interval: Some(0),
             ..Default::default()
         },
-    }))
+    })))
     .await;
     assert!(c.expect_close(WAIT).await.is_empty());
     let broker = srv.get().broker.clone();
@@ -576,13 +576,13 @@ async fn v5_disconnect_can_end_the_session_but_not_create_one() {
 
     // Expiry 0 at CONNECT cannot be raised by DISCONNECT: protocol error.
     let (mut c, _) = Raw::connect_ok(srv.mqtt(), v5("dx-raise")).await;
-    c.send(&Packet::Disconnect(mqtt_codec::Disconnect {
+    c.send(&Packet::Disconnect(Box::new(mqtt_codec::Disconnect {
         reason_code: 0,
         properties: mqtt_codec::DisconnectProperties {
             session_expiry_interval: Some(30),
             ..Default::default()
         },
-    }))
+    })))
     .await;
     c.expect_disconnect(reason::PROTOCOL_ERROR).await;
 }

@@ -248,11 +248,11 @@ fn connack(v5: bool) -> BoxedStrategy<Packet> {
     };
     (any::<bool>(), select(codes), connack_props())
         .prop_map(move |(session_present, reason_code, props)| {
-            Packet::ConnAck(ConnAck {
+            Packet::ConnAck(Box::new(ConnAck {
                 session_present,
                 reason_code,
                 properties: if v5 { props } else { Default::default() },
-            })
+            }))
         })
         .boxed()
 }
@@ -305,7 +305,7 @@ fn publish(v5: bool) -> BoxedStrategy<Packet> {
                     retain,
                     topic,
                     packet_id: (qos != QoS::AtMostOnce).then_some(id),
-                    properties: if v5 { props } else { Default::default() },
+                    properties: if v5 { props.into() } else { Default::default() },
                     payload,
                 })
             },
@@ -476,7 +476,7 @@ fn disconnect(v5: bool) -> BoxedStrategy<Packet> {
         prop::option::of(string()),
     )
         .prop_map(move |(reason_code, sei, rs, user, sr)| {
-            Packet::Disconnect(if v5 {
+            Packet::Disconnect(Box::new(if v5 {
                 Disconnect {
                     reason_code,
                     properties: DisconnectProperties {
@@ -488,7 +488,7 @@ fn disconnect(v5: bool) -> BoxedStrategy<Packet> {
                 }
             } else {
                 Disconnect::default()
-            })
+            }))
         })
         .boxed()
 }
@@ -502,7 +502,7 @@ fn auth() -> BoxedStrategy<Packet> {
         user_props(),
     )
         .prop_map(|(reason_code, am, ad, rs, user)| {
-            Packet::Auth(Auth {
+            Packet::Auth(Box::new(Auth {
                 reason_code,
                 properties: AuthProperties {
                     authentication_method: am,
@@ -510,7 +510,7 @@ fn auth() -> BoxedStrategy<Packet> {
                     reason_string: rs,
                     user_properties: user,
                 },
-            })
+            }))
         })
         .boxed()
 }
@@ -665,14 +665,14 @@ fn v311_drops_v5_fields() {
         &[0x40, 0x02, 0x00, 0x07]
     );
 
-    let connack = Packet::ConnAck(ConnAck {
+    let connack = Packet::ConnAck(Box::new(ConnAck {
         session_present: true,
         reason_code: reason::BAD_AUTHENTICATION_METHOD,
         properties: ConnAckProperties {
             reason_string: Some("nope".into()),
             ..Default::default()
         },
-    });
+    }));
     assert_eq!(
         &encode_vec(&connack, Protocol::V311)[..],
         &[0x20, 0x02, 0x01, 0x04]
@@ -698,15 +698,15 @@ fn v311_drops_v5_fields() {
         &[0xB0, 0x02, 0x00, 0x03]
     );
 
-    let disconnect = Packet::Disconnect(Disconnect {
+    let disconnect = Packet::Disconnect(Box::new(Disconnect {
         reason_code: reason::DISCONNECT_WITH_WILL,
         properties: Default::default(),
-    });
+    }));
     assert_eq!(&encode_vec(&disconnect, Protocol::V311)[..], &[0xE0, 0x00]);
 
     let mut out = BytesMut::from(&b"keep"[..]);
     assert_eq!(
-        encode(&Packet::Auth(Auth::default()), Protocol::V311, &mut out),
+        encode(&Packet::Auth(Box::default()), Protocol::V311, &mut out),
         Err(EncodeError::NotInProtocol("AUTH"))
     );
     assert_eq!(&out[..], b"keep");
@@ -725,16 +725,16 @@ fn v5_short_forms() {
         &[0x62, 0x03, 0x00, 0x07, 0x92]
     );
     assert_eq!(
-        &encode_vec(&Packet::Disconnect(Disconnect::default()), Protocol::V5)[..],
+        &encode_vec(&Packet::Disconnect(Box::default()), Protocol::V5)[..],
         &[0xE0, 0x00]
     );
-    let d = Packet::Disconnect(Disconnect {
+    let d = Packet::Disconnect(Box::new(Disconnect {
         reason_code: reason::SESSION_TAKEN_OVER,
         properties: Default::default(),
-    });
+    }));
     assert_eq!(&encode_vec(&d, Protocol::V5)[..], &[0xE0, 0x01, 0x8E]);
     assert_eq!(
-        &encode_vec(&Packet::Auth(Auth::default()), Protocol::V5)[..],
+        &encode_vec(&Packet::Auth(Box::default()), Protocol::V5)[..],
         &[0xF0, 0x00]
     );
     let ack = Packet::PubAck(PubResponse {
@@ -763,7 +763,8 @@ fn publish_v5_bytes() {
             topic_alias: Some(3),
             subscription_identifiers: vec![200],
             ..Default::default()
-        },
+        }
+        .into(),
         payload: Bytes::from_static(b"hi"),
     });
     assert_eq!(
