@@ -79,6 +79,8 @@ pub(crate) struct Inner {
     event_bucket: Mutex<crate::limits::TokenBucket>,
     /// Platform subscriptions ([`Broker::subscribe_internal`]); the flag
     /// keeps the routing path to one atomic load while there are none.
+    /// Changed only through [`Inner::internal_write`], which makes cached
+    /// routes stale.
     pub(crate) internal: RwLock<Vec<InternalSub>>,
     pub(crate) has_internal: AtomicBool,
 }
@@ -569,7 +571,7 @@ impl Broker {
             tracing::warn!(filter, error = ?e, "internal subscription with an invalid filter matches nothing");
         }
         let (tx, rx) = mpsc::channel(capacity.max(1));
-        let mut subs = self.inner.internal.write();
+        let mut subs = self.inner.internal_write();
         subs.push(InternalSub {
             filters: vec![PlatformFilter::new(filter.to_string())],
             tx,
@@ -591,7 +593,7 @@ impl Broker {
     pub fn observer(&self, capacity: usize) -> (ObserverId, mpsc::Receiver<Arc<Message>>) {
         let (tx, rx) = mpsc::channel(capacity.max(1));
         let id = ObserverId(self.inner.next_id());
-        let mut subs = self.inner.internal.write();
+        let mut subs = self.inner.internal_write();
         subs.push(InternalSub {
             filters: Vec::new(),
             tx,
@@ -610,7 +612,7 @@ impl Broker {
             .filter(|f| mqtt_codec::topic::validate_topic_filter(f).is_ok())
             .map(|f| PlatformFilter::new(f.clone()))
             .collect();
-        let mut subs = self.inner.internal.write();
+        let mut subs = self.inner.internal_write();
         if let Some(s) = subs.iter_mut().find(|s| s.observer == Some(id)) {
             s.filters = filters;
         }
@@ -630,7 +632,7 @@ impl Broker {
             .collect();
         want.sort();
         want.dedup();
-        let mut subs = self.inner.internal.write();
+        let mut subs = self.inner.internal_write();
         let Some(s) = subs.iter_mut().find(|s| s.observer == Some(id)) else {
             return;
         };
@@ -924,6 +926,27 @@ impl Inner {
 
     /// Hand a routed message to the platform subscriptions it matches;
     /// returns how many matched.
+    /// Whether any internal subscription (or observer) matches `topic`
+    /// (for [`RouteCache`], which remembers it with the route).
+    fn internal_matches(&self, topic: &str) -> bool {
+        if !self.has_internal.load(Ordering::Acquire) {
+            return false;
+        }
+        let first = topic.split('/').next().unwrap_or("");
+        self.internal
+            .read()
+            .iter()
+            .any(|s| s.filters.iter().any(|f| f.matches(topic, first)))
+    }
+
+    /// The internal subscriptions for changing: cached routes made before
+    /// are stale from now on (see [`RouteCache`]).
+    fn internal_write(&self) -> parking_lot::RwLockWriteGuard<'_, Vec<InternalSub>> {
+        let subs = self.internal.write();
+        self.tree.invalidate_routes();
+        subs
+    }
+
     fn deliver_internal(&self, msg: &Arc<Message>) -> usize {
         let mut n = 0;
         let mut closed = false;
@@ -955,7 +978,7 @@ impl Inner {
             }
         }
         if closed {
-            let mut subs = self.internal.write();
+            let mut subs = self.internal_write();
             subs.retain(|s| !s.tx.is_closed());
             self.has_internal.store(!subs.is_empty(), Ordering::Release);
         }
@@ -1063,20 +1086,25 @@ impl Inner {
                 self.retained.write().set(&msg.topic, Some(kept));
             }
         }
-        let internal = if self.has_internal.load(Ordering::Acquire) {
-            self.deliver_internal(msg)
-        } else {
-            0
-        };
         let clustered = self.clustered.load(Ordering::Acquire);
-        let deliveries: &[Delivery] = match routes {
-            Some(routes) if !clustered => routes.route(&self.tree, &msg.topic, msg.publisher),
+        let (deliveries, internal_may_match): (&[Delivery], bool) = match routes {
+            Some(routes) if !clustered => {
+                let r = routes.route(&self.tree, &msg.topic, msg.publisher, |topic| {
+                    self.internal_matches(topic)
+                });
+                (r.deliveries, r.internal)
+            }
             _ => {
                 self.tree
                     .read()
                     .matches(&msg.topic, msg.publisher, !clustered, scratch);
-                scratch
+                (scratch, true)
             }
+        };
+        let internal = if internal_may_match && self.has_internal.load(Ordering::Acquire) {
+            self.deliver_internal(msg)
+        } else {
+            0
         };
         let n = deliveries.len() + internal;
         for d in deliveries {

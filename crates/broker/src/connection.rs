@@ -1274,15 +1274,24 @@ impl<S: Transport> Connection<S> {
         let mut ops = Vec::new();
         // The routing scratch is per worker thread, not per connection: an
         // idle connection holds none (publish does not await).
-        let (matched, cluster_gate) = ROUTE_SCRATCH.with(|scratch| {
-            let mut scratch = scratch.borrow_mut();
-            let routes = self.publisher.as_mut().map(|p| &mut p.routes);
-            let routed = self
-                .inner
-                .publish_gated(&msg, routes, &mut scratch, &mut ops);
-            scratch.clear();
-            routed
-        });
+        let routes = self.publisher.as_mut().map(|p| &mut p.routes);
+        let (matched, cluster_gate) = if self.inner.clustered.load(Ordering::Acquire) {
+            // A clustered node walks the trie for every message (its
+            // routes are not cached) into the worker's scratch.
+            ROUTE_SCRATCH.with(|scratch| {
+                let mut scratch = scratch.borrow_mut();
+                let routed = self
+                    .inner
+                    .publish_gated(&msg, routes, &mut scratch, &mut ops);
+                scratch.clear();
+                routed
+            })
+        } else {
+            // Routed through the connection's route cache: the scratch
+            // stays empty (and unallocated).
+            self.inner
+                .publish_gated(&msg, routes, &mut Vec::new(), &mut ops)
+        };
         // Before our own commit, so the platform's write overlaps it.
         let gate = match (self.run_publish_hook(&msg), cluster_gate) {
             (g, None) | (None, g) => g,

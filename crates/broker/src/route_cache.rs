@@ -45,6 +45,20 @@ impl SubscriptionIndex {
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::SeqCst)
     }
+
+    /// Something else a route depends on is changing (the platform's
+    /// internal subscriptions): call it holding that thing's write lock,
+    /// before the change, as [`SubscriptionIndex::write`] does.
+    pub fn invalidate_routes(&self) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// The route of a message: its deliveries to sessions, and whether any of
+/// the platform's internal subscriptions may want it.
+pub(crate) struct Route<'a> {
+    pub deliveries: &'a [Delivery],
+    pub internal: bool,
 }
 
 /// Topics remembered per publisher: a device that alternates between a
@@ -58,6 +72,8 @@ struct Entry {
     topic: Box<str>,
     generation: u64,
     deliveries: Vec<Delivery>,
+    /// An internal subscription matched when the route was made.
+    internal: bool,
 }
 
 #[derive(Default)]
@@ -68,10 +84,17 @@ pub(crate) struct RouteCache {
 }
 
 impl RouteCache {
-    /// The deliveries for a message on `topic` published by `publisher`:
-    /// the cached ones if the index is still at their generation, else a
-    /// fresh walk of the trie, remembered when it can be reused.
-    pub fn route(&mut self, index: &SubscriptionIndex, topic: &str, publisher: u64) -> &[Delivery] {
+    /// The route of a message on `topic` published by `publisher`: the
+    /// cached one if the index is still at its generation, else a fresh
+    /// walk of the trie (and `internal`, which says whether an internal
+    /// subscription matches the topic), remembered when it can be reused.
+    pub fn route(
+        &mut self,
+        index: &SubscriptionIndex,
+        topic: &str,
+        publisher: u64,
+        internal: impl FnOnce(&str) -> bool,
+    ) -> Route<'_> {
         let now = index.generation();
         let hit = self
             .entries
@@ -79,12 +102,22 @@ impl RouteCache {
             .position(|e| e.generation == now && *e.topic == *topic);
         let i = match hit {
             Some(i) => i,
-            None => self.refill(index, topic, publisher),
+            None => self.refill(index, topic, publisher, internal),
         };
-        &self.entries[i].deliveries
+        let e = &self.entries[i];
+        Route {
+            deliveries: &e.deliveries,
+            internal: e.internal,
+        }
     }
 
-    fn refill(&mut self, index: &SubscriptionIndex, topic: &str, publisher: u64) -> usize {
+    fn refill(
+        &mut self,
+        index: &SubscriptionIndex,
+        topic: &str,
+        publisher: u64,
+        internal: impl FnOnce(&str) -> bool,
+    ) -> usize {
         // The same topic at an older generation is refreshed in place,
         // so a topic never holds two entries.
         let i = match self.entries.iter().position(|e| *e.topic == *topic) {
@@ -94,6 +127,7 @@ impl RouteCache {
                     topic: topic.into(),
                     generation: STALE,
                     deliveries: Vec::new(),
+                    internal: true,
                 });
                 self.entries.len() - 1
             }
@@ -111,6 +145,9 @@ impl RouteCache {
         let generation = index.generation();
         tree.matches(topic, publisher, true, &mut e.deliveries);
         drop(tree);
+        // After the generation was read: a change to the internal
+        // subscriptions from then on makes this entry stale at once.
+        e.internal = internal(topic);
         let shared = e.deliveries.iter().any(|d| d.share.is_some());
         e.generation = if shared { STALE } else { generation };
         i
@@ -161,19 +198,34 @@ mod tests {
         let (a, b) = (session(1), session(2));
         index.write().subscribe("t/+", sub(&a, false));
         let mut cache = RouteCache::default();
-        assert_eq!(ids(cache.route(&index, "t/1", 9)), vec![1]);
+        assert_eq!(
+            ids(cache.route(&index, "t/1", 9, |_| false).deliveries),
+            vec![1]
+        );
         // A hit: nothing walked, same answer.
         let g = index.generation();
-        assert_eq!(ids(cache.route(&index, "t/1", 9)), vec![1]);
+        assert_eq!(
+            ids(cache.route(&index, "t/1", 9, |_| false).deliveries),
+            vec![1]
+        );
         assert_eq!(index.generation(), g);
         // A new subscriber is seen at once...
         index.write().subscribe("t/1", sub(&b, false));
-        assert_eq!(ids(cache.route(&index, "t/1", 9)), vec![1, 2]);
+        assert_eq!(
+            ids(cache.route(&index, "t/1", 9, |_| false).deliveries),
+            vec![1, 2]
+        );
         // ...and so is one that left.
         index.write().unsubscribe("t/+", 1);
-        assert_eq!(ids(cache.route(&index, "t/1", 9)), vec![2]);
+        assert_eq!(
+            ids(cache.route(&index, "t/1", 9, |_| false).deliveries),
+            vec![2]
+        );
         index.write().unsubscribe("t/1", 2);
-        assert!(cache.route(&index, "t/1", 9).is_empty());
+        assert!(cache
+            .route(&index, "t/1", 9, |_| false)
+            .deliveries
+            .is_empty());
     }
 
     #[test]
@@ -183,8 +235,11 @@ mod tests {
         index.write().subscribe("t/#", sub(&a, true));
         let mut own = RouteCache::default();
         let mut other = RouteCache::default();
-        assert!(own.route(&index, "t/x", 1).is_empty());
-        assert_eq!(ids(other.route(&index, "t/x", 2)), vec![1]);
+        assert!(own.route(&index, "t/x", 1, |_| false).deliveries.is_empty());
+        assert_eq!(
+            ids(other.route(&index, "t/x", 2, |_| false).deliveries),
+            vec![1]
+        );
         // More topics than ways: each still gets its own answer.
         index.write().subscribe("u/3", sub(&a, false));
         for round in 0..3 {
@@ -194,12 +249,37 @@ mod tests {
                 } else {
                     vec![]
                 };
-                assert_eq!(ids(other.route(&index, t, 2)), want, "{t} in round {round}");
+                assert_eq!(
+                    ids(other.route(&index, t, 2, |_| false).deliveries),
+                    want,
+                    "{t} in round {round}"
+                );
             }
         }
         assert!(other.entries.len() <= WAYS);
         other.clear();
         assert!(other.entries.is_empty());
+    }
+
+    #[test]
+    fn the_internal_verdict_is_cached_and_invalidated_with_the_route() {
+        let index = SubscriptionIndex::default();
+        let mut cache = RouteCache::default();
+        let mut asked = 0;
+        let mut route = |cache: &mut RouteCache, want: bool| {
+            cache
+                .route(&index, "devices/1/up", 9, |_| {
+                    asked += 1;
+                    want
+                })
+                .internal
+        };
+        assert!(route(&mut cache, true));
+        // Cached: not asked again, whatever it would say now.
+        assert!(route(&mut cache, false));
+        index.invalidate_routes();
+        assert!(!route(&mut cache, false));
+        assert_eq!(asked, 2);
     }
 
     #[test]
@@ -210,7 +290,7 @@ mod tests {
         index.write().subscribe("$share/g/t", sub(&b, false));
         let mut cache = RouteCache::default();
         let picks: Vec<u64> = (0..4)
-            .map(|_| ids(cache.route(&index, "t", 9))[0])
+            .map(|_| ids(cache.route(&index, "t", 9, |_| false).deliveries)[0])
             .collect();
         assert!(picks.contains(&1) && picks.contains(&2), "{picks:?}");
     }

@@ -523,3 +523,42 @@ async fn a_publishers_cached_route_follows_every_subscription_change() {
         "No Local applies to the next message on a warm route: {seen:?}"
     );
 }
+
+/// The platform's own subscriptions (ingest, the rule engine's observer)
+/// are part of a cached route too: one that starts, or an observer whose
+/// filters change, gets the very next message on a warm topic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warm_route_reaches_platform_subscriptions_made_after_it() {
+    let b = broker().await;
+    let mut device = Raw::connect(b.addr, v5("device")).await;
+    for i in 0..5u16 {
+        device
+            .send(&publish("dev/1/up", QoS::AtLeastOnce, 1 + i, "warm"))
+            .await;
+        assert_eq!(
+            device.expect_puback(1 + i).await,
+            reason::NO_MATCHING_SUBSCRIBERS
+        );
+    }
+    let mut ingest = b.broker.subscribe_internal("dev/+/up", 16);
+    device
+        .send(&publish("dev/1/up", QoS::AtLeastOnce, 10, "seen"))
+        .await;
+    assert_eq!(device.expect_puback(10).await, reason::SUCCESS);
+    let m = ingest.try_recv().expect("delivered before the PUBACK");
+    assert_eq!(&m.payload[..], b"seen");
+
+    let (id, mut rules) = b.broker.observer(16);
+    device
+        .send(&publish("dev/1/up", QoS::AtLeastOnce, 11, "before-rule"))
+        .await;
+    device.expect_puback(11).await;
+    assert!(rules.try_recv().is_err(), "no filters yet");
+    b.broker.set_observed(id, &["dev/#".to_string()]);
+    device
+        .send(&publish("dev/1/up", QoS::AtLeastOnce, 12, "after-rule"))
+        .await;
+    device.expect_puback(12).await;
+    let m = rules.try_recv().expect("the new filter applies at once");
+    assert_eq!(&m.payload[..], b"after-rule");
+}
