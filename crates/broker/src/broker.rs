@@ -290,8 +290,12 @@ impl Broker {
         self.inner.shutting_down.store(true, Ordering::SeqCst);
         let _ = self.inner.shutdown.send(true);
         // Wake every connected client's task; each sees the flag and leaves.
+        // (`notify`, not the queued-message shortcut: the flag they must
+        // see is not under the session lock.)
         for s in self.inner.sessions.lock().values() {
-            s.state.lock().wake();
+            if let Some(c) = &s.state.lock().conn {
+                c.waker.notify();
+            }
         }
         let deadline = Instant::now() + grace;
         while self.inner.connections.load(Ordering::SeqCst) > 0 {

@@ -57,6 +57,16 @@ const CLUSTER_RESTORE_WAIT: Duration = Duration::from_secs(5);
 
 /// Messages moved from the session queue per batch.
 const BATCH: usize = 512;
+
+/// A subscriber whose last flush carried at least this many messages waits
+/// one turn of the scheduler before its next flush, so that every
+/// publisher with input ready routes first and one write carries all of
+/// it. Without it, a subscriber fed by many publishers wrote once per
+/// publisher's read: QoS 0 fan-in at 1 M msg/s made 14 times the `sendto`
+/// calls FlashMQ made, and the broker's kernel time was half its CPU. A
+/// subscriber sent one message at a time (fan-out) never waits: there is
+/// nothing to coalesce, and its latency stays as it was.
+const COALESCE_AT: u16 = 16;
 /// Output buffers above this size are released once written.
 const KEEP_WBUF: usize = 64 * 1024;
 /// `Connection::admit`: serve normally.
@@ -137,6 +147,10 @@ pub(crate) struct Connection<S: Transport> {
     /// requested look at whether it has gone quiet happens; none is
     /// requested before then. 16 bits: every connection holds it.
     park_check_at: u16,
+    /// Messages the last flush took from the session queue (saturating):
+    /// a subscriber that gets them in batches this big is busy, and lets
+    /// its writes coalesce (see [`COALESCE_AT`]).
+    last_batch: u16,
     /// What only a client that publishes needs, allocated on its first
     /// PUBLISH: one pointer on every connection that never does.
     publisher: Option<Box<Publisher>>,
@@ -327,6 +341,7 @@ pub(crate) fn serve<S: Transport>(
         wait_began: 0,
         quiet: true,
         park_check_at: 0,
+        last_batch: 0,
         publisher: None,
     });
     conn.serve()
@@ -563,6 +578,9 @@ impl<S: Transport> Connection<S> {
                     }
                     if let Some(end) = self.check_kicked() {
                         return Stop::End(end);
+                    }
+                    if self.last_batch >= COALESCE_AT {
+                        tokio::task::yield_now().await;
                     }
                     if self.waker.take_timer() {
                         // Not reading (waiting for the platform) is no
@@ -971,6 +989,7 @@ impl<S: Transport> Connection<S> {
             self.core.fill(now, &mut st, &mut batch, BATCH, &mut forget)
         };
         self.more_pending = stats.more;
+        self.last_batch = u16::try_from(batch.len()).unwrap_or(u16::MAX);
         let m = &self.inner.metrics;
         if stats.expired > 0 {
             Metrics::add(&m.messages_expired, stats.expired);

@@ -237,10 +237,11 @@ impl SessionState {
         }
     }
 
-    /// Wake the owning connection, if any.
+    /// Wake the owning connection, if any, for a message queued (the
+    /// guard of this state is held: see [`crate::signal::Signal::notify_queued`]).
     pub fn wake(&self) {
         if let Some(c) = &self.conn {
-            c.waker.notify();
+            c.waker.notify_queued();
         }
     }
 }

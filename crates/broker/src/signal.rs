@@ -56,6 +56,24 @@ impl Signal {
         if self.set.swap(true, Ordering::AcqRel) {
             return; // Already pending: the task will see it.
         }
+        self.wake_waiter();
+    }
+
+    /// [`Signal::notify`] for a message just queued, called holding the
+    /// session's lock. A busy subscriber is notified once per message
+    /// queued for it and most of those find a notification pending: a
+    /// plain load then spares the atomic swap. That is safe only here:
+    /// whoever clears the flag drains the queue afterwards, under the same
+    /// lock, so it sees the message. (A flag with no lock behind it, like
+    /// the timer's, needs the swap's ordering.)
+    pub fn notify_queued(&self) {
+        if self.set.load(Ordering::Acquire) || self.set.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.wake_waiter();
+    }
+
+    fn wake_waiter(&self) {
         let waiter = std::mem::take(&mut *self.waiter.lock());
         match waiter {
             Waiter::Nobody => {}

@@ -64,9 +64,27 @@ impl Transport for TcpStream {
             // so waiting stores no future state in the connection's task.
             std::future::poll_fn(|cx| self.poll_read_ready(cx)).await?;
             buf.reserve(chunk);
-            match self.try_read_buf(buf) {
+            // A read that did not fill the space it had drained the
+            // socket: its readiness is cleared now (as tokio's own
+            // `poll_read` does), so the next read waits for new data
+            // instead of first failing with `WouldBlock`. A busy publisher
+            // made one such wasted `recvfrom` per read before.
+            let space = buf.capacity() - buf.len();
+            let mut short = None;
+            let read = self.try_io(tokio::io::Interest::READABLE, || {
+                let n = self.try_read_buf(buf)?;
+                if n > 0 && n < space {
+                    short = Some(n);
+                    return Err(io::ErrorKind::WouldBlock.into());
+                }
+                Ok(n)
+            });
+            match read {
                 Ok(n) => return Ok(n),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if let Some(n) = short {
+                        return Ok(n);
+                    }
                     // Readiness was stale: give the buffer back before
                     // waiting, or every idle connection would hold one.
                     if buf.is_empty() {
