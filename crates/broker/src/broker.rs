@@ -85,6 +85,21 @@ pub(crate) struct Inner {
     pub(crate) has_internal: AtomicBool,
 }
 
+thread_local! {
+    /// Set when this thread queued a message for a session whose queue is
+    /// an eighth full: the publishing connection then lets the subscriber
+    /// run before it reads more (see [`take_queue_backlog`]).
+    static QUEUE_BACKLOG: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether a session queue filled up behind this thread's routing since
+/// the last call. A subscriber that coalesces its writes waits a turn of
+/// the scheduler, which lasts as long as publishers keep finding input:
+/// the publishers yield, or they would route past the queue limit first.
+pub(crate) fn take_queue_backlog() -> bool {
+    QUEUE_BACKLOG.replace(false)
+}
+
 /// One platform subscription: filters and a bounded channel.
 pub(crate) struct InternalSub {
     /// A message matching any of them is sent once.
@@ -1182,6 +1197,9 @@ impl Inner {
             out.seq = Some(seq);
         }
         st.queue.push_back(out);
+        if st.queue.len() >= (self.config.max_queued_messages / 8).max(64) {
+            QUEUE_BACKLOG.set(true);
+        }
         st.wake();
         true
     }

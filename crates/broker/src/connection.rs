@@ -65,7 +65,11 @@ const BATCH: usize = 512;
 /// publisher's read: QoS 0 fan-in at 1 M msg/s made 14 times the `sendto`
 /// calls FlashMQ made, and the broker's kernel time was half its CPU. A
 /// subscriber sent one message at a time (fan-out) never waits: there is
-/// nothing to coalesce, and its latency stays as it was.
+/// nothing to coalesce, and its latency stays as it was. Nor does one that
+/// is behind: waiting a turn per flush, it fell further behind, and the
+/// broker dropped messages at its queue limit. A turn lasts while
+/// publishers keep finding input, so a publisher that fills a queue to an
+/// eighth of its limit yields too (`broker::take_queue_backlog`).
 const COALESCE_AT: u16 = 16;
 /// Output buffers above this size are released once written.
 const KEEP_WBUF: usize = 64 * 1024;
@@ -579,7 +583,9 @@ impl<S: Transport> Connection<S> {
                     if let Some(end) = self.check_kicked() {
                         return Stop::End(end);
                     }
-                    if self.last_batch >= COALESCE_AT {
+                    // Not when behind (the last flush left messages
+                    // queued): a subscriber catching up writes at once.
+                    if self.last_batch >= COALESCE_AT && !self.more_pending {
                         tokio::task::yield_now().await;
                     }
                     if self.waker.take_timer() {
@@ -618,13 +624,18 @@ impl<S: Transport> Connection<S> {
                         Metrics::add(&self.inner.metrics.bytes_received, n as u64);
                         self.core.on_receive(Instant::now());
                         let drops = self.inner.metrics.messages_dropped_queue_full.load(Ordering::Relaxed);
+                        // Only this batch's routing counts.
+                        crate::broker::take_queue_backlog();
                         if let Err(end) = Box::pin(self.process_input()).await {
                             return Stop::End(end);
                         }
-                        if self.inner.metrics.messages_dropped_queue_full.load(Ordering::Relaxed) != drops {
-                            // Subscribers are falling behind: give the worker
-                            // thread to them (and to I/O polling) before
-                            // reading more, instead of reading only to drop.
+                        let backlog = crate::broker::take_queue_backlog();
+                        if backlog || self.inner.metrics.messages_dropped_queue_full.load(Ordering::Relaxed) != drops {
+                            // Subscribers are falling behind (or a queue is
+                            // filling while its subscriber coalesces): give
+                            // the worker thread to them (and to I/O polling)
+                            // before reading more, instead of reading only
+                            // to drop.
                             tokio::task::yield_now().await;
                         }
                     }
