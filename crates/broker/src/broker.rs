@@ -100,6 +100,12 @@ pub(crate) fn take_queue_backlog() -> bool {
     QUEUE_BACKLOG.replace(false)
 }
 
+/// A topic's first level: platform filters mostly start with a literal
+/// one, compared first (see [`InternalSub::wants`]).
+fn first_level(topic: &str) -> &str {
+    topic.split('/').next().unwrap_or("")
+}
+
 /// One platform subscription: filters and a bounded channel.
 pub(crate) struct InternalSub {
     /// A message matching any of them is sent once.
@@ -113,6 +119,14 @@ pub(crate) struct InternalSub {
     /// cluster ([`Broker::set_observed_remote`]); announced to the fabric
     /// as platform interest.
     pub(crate) remote: Vec<String>,
+}
+
+impl InternalSub {
+    /// Whether one of its filters matches `topic` (whose first level is
+    /// `first`).
+    fn wants(&self, topic: &str, first: &str) -> bool {
+        self.filters.iter().any(|f| f.matches(topic, first))
+    }
 }
 
 /// A platform subscription's filter with its first level read once, when
@@ -951,11 +965,8 @@ impl Inner {
         if !self.has_internal.load(Ordering::Acquire) {
             return false;
         }
-        let first = topic.split('/').next().unwrap_or("");
-        self.internal
-            .read()
-            .iter()
-            .any(|s| s.filters.iter().any(|f| f.matches(topic, first)))
+        let first = first_level(topic);
+        self.internal.read().iter().any(|s| s.wants(topic, first))
     }
 
     /// The internal subscriptions for changing: cached routes made before
@@ -974,10 +985,9 @@ impl Inner {
             // Platform filters mostly start with a literal level
             // (`$provision/…`, `devices/…`): compare that first, so the
             // traffic they do not cover costs no full match.
-            let first = msg.topic.split('/').next().unwrap_or("");
+            let first = first_level(&msg.topic);
             for s in subs.iter() {
-                let hit = s.filters.iter().any(|f| f.matches(&msg.topic, first));
-                if !hit {
+                if !s.wants(&msg.topic, first) {
                     continue;
                 }
                 // Counted as matched even when dropped, like a full session
